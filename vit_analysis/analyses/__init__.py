@@ -1,0 +1,44 @@
+"""Analyses by name. Each entry is `module:function` with `function(config, ctx) -> AnalysisResult`.
+
+Modules are imported on first use, so a config that runs one analysis pays for one import.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Callable
+
+from vit_analysis.analyses.base import AnalysisResult, Context, LoadedModel
+
+# name -> "module:function" (relative to this package). Paper figures in the comments.
+_REGISTRY: dict[str, str] = {
+    "cka_intra": "similarity:run_intra",             # Figs 1, B.1, H.1
+    "cka_cross": "similarity:run_cross",             # Figs 2, B.1, G.2, H.2
+    "head_subsets": "head_subsets:run",              # Fig 5
+    "localization": "localization:run",              # Figs 9, 10, D.1-D.3
+    "dataset_scale": "dataset_scale:run",            # Figs 12, G.1
+    "attention_distance": "attention_distance:run",  # Figs 3, 4, C.5, C.6
+    "receptive_field": "receptive_field:run",        # Figs 6, C.1-C.4
+    "skip_norms": "skip_norms:run",                  # Figs 7, E.1, E.2
+    "skip_removal": "skip_removal:run",              # Fig 8
+    "probe": "probes:run",                           # Figs 11, 13, D.4, F.1-F.3
+}
+
+NAMES = tuple(_REGISTRY)
+
+
+def get(name: str) -> Callable[..., AnalysisResult]:
+  """The analysis function registered as `name`.
+
+  Raises:
+    KeyError: naming the unknown analysis and the closest known names.
+  """
+  if name not in _REGISTRY:
+    close = difflib.get_close_matches(name, NAMES, n=3, cutoff=0.4)
+    raise KeyError(f"unknown analysis {name!r}; did you mean {close}? known: {list(NAMES)}")
+  module_name, fn_name = _REGISTRY[name].split(":")
+  module = importlib.import_module(f"vit_analysis.analyses.{module_name}")
+  return getattr(module, fn_name)
+
+
+__all__ = ["AnalysisResult", "Context", "LoadedModel", "NAMES", "get"]
