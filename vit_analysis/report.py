@@ -25,7 +25,7 @@ td,th{border:1px solid #ddd;padding:.25em .6em;text-align:left;vertical-align:to
 th{background:#f4f4f4}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 .caption{color:#333;margin:.4em 0 .8em 0}
-.figs img{max-width:100%;border:1px solid #eee;margin:.3em 0}
+.figs img{max-width:min(100%,760px);border:1px solid #eee;margin:.3em 0}
 pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.8em}
 details{margin:.6em 0}
 """
@@ -115,6 +115,10 @@ def render_report(config: Mapping[str, Any], results: Sequence[AnalysisResult],
            f"methods of Raghu et al. (2021), <i>Do Vision Transformers See Like Convolutional "
            f"Neural Networks?</i></p>"]
 
+  toc = ["<a href='#models'>Models</a>"] + [
+      f"<a href='#{html.escape(r.name)}'>{html.escape(r.title)}</a>" for r in results] + [
+          "<a href='#timings'>Timings</a>", "<a href='#config'>Config</a>"]
+  parts.append("<p class='meta'>" + " · ".join(toc) + "</p>")
   parts.append("<h2 id='models'>Models</h2>")
   model_cols = ["key", "name", "params", "image_size", "test_accuracy", "train_seconds", "source"]
   rows = []
