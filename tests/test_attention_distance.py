@@ -1,0 +1,60 @@
+"""Attention distance: closed forms, a float64 reference, the analysis end to end."""
+import numpy as np
+import pytest
+
+from vit_analysis.analyses import attention_distance as ad
+
+
+def _uniform(b, h, n, cls):
+  t = n + int(cls)
+  return np.full((b, h, t, t), 1.0 / t, np.float32)
+
+
+@pytest.mark.parametrize("g,p,expected", [(7, 32, 115.503), (14, 16, 116.492), (16, 14, 116.565)])
+def test_uniform_attention_matches_paper_reference(g, p, expected):
+  # paper.md §5: uniform attention over the patch grid, CLS excluded, self-pairs included.
+  a = _uniform(1, 2, g * g, cls=False)
+  d = np.asarray(ad.mean_attention_distance(a, (g, g), p, has_cls=False))
+  assert d.shape == (1, 2)
+  np.testing.assert_allclose(d, expected, atol=2e-3)
+
+
+def test_uniform_with_cls_renormalised_equals_patch_uniform():
+  a = _uniform(2, 3, 49, cls=True)
+  d = np.asarray(ad.mean_attention_distance(a, (7, 7), 32, has_cls=True, renormalize=True))
+  np.testing.assert_allclose(d, 115.503, atol=2e-3)
+  # Without renormalisation the CLS mass (1/50) is simply lost.
+  d = np.asarray(ad.mean_attention_distance(a, (7, 7), 32, has_cls=True))
+  np.testing.assert_allclose(d, 115.503 * 49 / 50, atol=2e-3)
+
+
+def test_self_attention_only_is_zero():
+  a = np.broadcast_to(np.eye(17, dtype=np.float32), (2, 4, 17, 17))
+  d = np.asarray(ad.mean_attention_distance(a, (4, 4), 16, has_cls=True))
+  np.testing.assert_array_equal(d, 0.0)
+
+
+def test_random_weights_match_float64_reference():
+  rng = np.random.default_rng(0)
+  gh, gw, p = 3, 5, 8
+  logits = rng.normal(size=(2, 3, gh * gw + 1, gh * gw + 1))
+  a = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  ref = np.zeros((2, 3))
+  for b in range(2):
+    for h in range(3):
+      for q in range(gh * gw):
+        for k in range(gh * gw):
+          dq = np.array(divmod(q, gw)) - np.array(divmod(k, gw))  # Row-major (row, col).
+          ref[b, h] += a[b, h, q + 1, k + 1] * p * np.sqrt((dq ** 2).sum())
+  ref /= gh * gw
+  d = np.asarray(ad.mean_attention_distance(a.astype(np.float32), (gh, gw), p, has_cls=True))
+  np.testing.assert_allclose(d, ref, rtol=1e-5)
+
+
+def test_shape_errors():
+  with pytest.raises(ValueError, match="needs 17"):
+    ad.mean_attention_distance(np.zeros((1, 1, 16, 16)), (4, 4), 8, has_cls=True)
+  with pytest.raises(ValueError, match=r"\[b, H, T, T\]"):
+    ad.mean_attention_distance(np.zeros((1, 16, 16)), (4, 4), 8, has_cls=False)
+  with pytest.raises(KeyError, match="attn_weights"):
+    ad.block_attention_distances({"block00/sa": np.zeros(1)}, (4, 4), 8, has_cls=False)
