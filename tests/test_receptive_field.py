@@ -1,0 +1,61 @@
+"""Effective receptive fields: a 3x3 conv's exact support and values, summaries, a ViT's reach."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_analysis.analyses import receptive_field as rf
+
+
+def _conv(kernel):
+  def fn(x):
+    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return rf.centre_activations(y)
+  return fn
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_single_conv_erf_is_its_kernel_on_a_3x3_support(per_channel):
+  rng = np.random.default_rng(0)
+  kernel = rng.uniform(0.5, 1.5, size=(3, 3, 3, 5)) * rng.choice([-1, 1], size=(3, 3, 3, 5))
+  images = jnp.asarray(rng.normal(size=(4, 9, 9, 3)), jnp.float32)
+  mask = jnp.asarray([1, 1, 1, 0], jnp.float32)  # The padded 4th image must not count.
+  erf = np.asarray(jax.jit(lambda x, m: rf.erf_sum(
+      _conv(jnp.asarray(kernel, jnp.float32)), x, m, per_channel=per_channel,
+      channel_chunk=2))(images, mask))
+  assert erf.shape == (9, 9)
+  support = np.zeros((9, 9), bool)
+  support[3:6, 3:6] = True  # Centre (4, 4) +- 1.
+  np.testing.assert_array_equal(erf != 0, support)
+  # dy[4,4,c]/dx[u,v,i] = K[u-3, v-3, i, c] (cross-correlation), the same for every image.
+  if per_channel:
+    ref = np.abs(kernel).mean(axis=(2, 3))
+  else:
+    ref = np.abs(kernel.mean(axis=3)).mean(axis=2)
+  np.testing.assert_allclose(erf[3:6, 3:6], 3 * ref, rtol=1e-5)
+
+
+def test_centre_of_tokens_and_maps():
+  tokens = jnp.arange(2 * 17 * 1, dtype=jnp.float32).reshape(2, 17, 1)
+  # 4x4 grid with CLS: centre (2, 2) is patch 10, token 11.
+  np.testing.assert_array_equal(rf.centre_activations(tokens, has_cls=True)[:, 0], [11, 28])
+  np.testing.assert_array_equal(
+      rf.centre_activations(tokens[:, 1:], grid=(2, 8))[:, 0], [13, 30])  # (1, 4): patch 12 = token 13.
+  fmap = jnp.zeros((1, 5, 6, 2)).at[0, 2, 3].set(1.0)
+  np.testing.assert_array_equal(rf.centre_activations(fmap), [[1.0, 1.0]])
+  with pytest.raises(ValueError, match="square"):
+    rf.centre_activations(tokens[:, :15])
+  with pytest.raises(ValueError, match="does not match"):
+    rf.centre_activations(tokens, grid=(3, 3), has_cls=True)
+
+
+def test_mass_summaries():
+  local = np.zeros((32, 32))
+  local[15:18, 15:18] = 1.0
+  assert rf.mass_area_fraction(local, 0.5) == 5 / 1024  # 4.5 of 9 equal pixels -> 5 pixels.
+  assert rf.mass_area_fraction(np.ones((32, 32)), 0.5) == 0.5
+  assert rf.mass_radius(local, 0.5) == pytest.approx(1.0)
+  assert rf.mass_radius(np.ones((31, 31)), 0.5) > 8
+  with pytest.raises(ValueError, match="NaN"):
+    rf.mass_area_fraction(np.full((2, 2), np.nan))
