@@ -1,0 +1,63 @@
+"""Skip/branch norm ratios and cosines: closed forms, float64 reference, pairing, end to end."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_analysis.analyses import skip_norms as sn
+
+
+def test_identity_branch_is_one_and_zero_branch_is_flagged_infinite():
+  rng = np.random.default_rng(0)
+  z = jnp.asarray(rng.normal(size=(3, 5, 8)), jnp.float32)
+  np.testing.assert_allclose(sn.norm_ratio(z, z), 1.0, rtol=1e-6)
+  r = np.asarray(sn.norm_ratio(z, jnp.zeros_like(z)))
+  assert np.all(np.isposinf(r)) and not np.any(np.isnan(r))
+  # Through the streaming statistics: a dead branch is +inf and counted, never NaN.
+  out = {"z": z, "id": z, "dead": jnp.zeros_like(z)}
+  mask = jnp.asarray([1.0, 1.0, 0.0])
+  sums = sn.pair_statistics(out, [("id", "z", "id"), ("dead", "z", "dead")], mask)
+  res = sn.finalize({k: np.asarray(v) for k, v in sums.items()})
+  np.testing.assert_allclose(res["ratio"][0], 1.0, rtol=1e-6)
+  np.testing.assert_allclose(res["cos_out"][0], 1.0, rtol=1e-6)  # cos(z, 2z) = 1.
+  assert np.all(np.isposinf(res["ratio"][1]))
+  np.testing.assert_array_equal(res["num_infinite"], [[0] * 5, [2] * 5])  # Padding not counted.
+  np.testing.assert_array_equal(res["cos_branch"][1], 0.0)
+  assert np.all(np.isposinf(sn.finalize({k: np.asarray(v) for k, v in sums.items()},
+                                        "ratio_of_means")["ratio"][1]))
+
+
+def test_statistics_match_float64_reference():
+  rng = np.random.default_rng(1)
+  z, f = rng.normal(size=(2, 4, 3, 3, 6)) * np.array([1.0, 0.3])[:, None, None, None, None]
+  out = {"z": jnp.asarray(z, jnp.float32), "f": jnp.asarray(f, jnp.float32)}
+  sums = sn.pair_statistics(out, [("u", "z", "f")], jnp.ones((4,)))
+  res = sn.finalize({k: np.asarray(v) for k, v in sums.items()})
+  zf, ff = z.reshape(4, -1), f.reshape(4, -1)
+  ratio = np.linalg.norm(zf, axis=1) / np.linalg.norm(ff, axis=1)
+  np.testing.assert_allclose(res["ratio"], [[ratio.mean()]], rtol=1e-5)
+  cos = lambda a, b: (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+  np.testing.assert_allclose(res["cos_out"], [[cos(zf, zf + ff).mean()]], rtol=1e-5)
+  np.testing.assert_allclose(res["cos_branch"], [[cos(zf, ff).mean()]], rtol=1e-4, atol=1e-6)
+  rom = sn.finalize({k: np.asarray(v) for k, v in sums.items()}, "ratio_of_means")["ratio"]
+  np.testing.assert_allclose(rom, [[np.linalg.norm(zf, axis=1).mean()
+                                    / np.linalg.norm(ff, axis=1).mean()]], rtol=1e-5)
+
+
+def test_skip_pairs_from_names():
+  vit = ["embedding", "block00/ln0", "block00/attn_weights", "block00/sa", "block00/+sa",
+         "block00/ln2", "block00/mlp", "block00", "block01/sa", "block01/+sa", "block01/mlp",
+         "block01", "encoder_norm"]
+  assert sn.skip_pairs(vit) == [
+      ("block00/sa", "embedding", "block00/sa"), ("block00/mlp", "block00/+sa", "block00/mlp"),
+      ("block01/sa", "block00", "block01/sa"), ("block01/mlp", "block01/+sa", "block01/mlp")]
+  resnet = ["root/conv", "root", "block1/unit01/preact_a", "block1/unit01/proj",
+            "block1/unit01/conv_c", "block1/unit01", "block1/unit02/conv_c", "block1/unit02",
+            "block2/unit01/proj", "block2/unit01/conv_c", "block2/unit01", "head_norm"]
+  assert sn.skip_pairs(resnet) == [
+      ("block1/unit01", "block1/unit01/proj", "block1/unit01/conv_c"),
+      ("block1/unit02", "block1/unit01", "block1/unit02/conv_c"),
+      ("block2/unit01", "block2/unit01/proj", "block2/unit01/conv_c")]
+  with pytest.raises(KeyError, match="skip/branch"):
+    sn.skip_pairs(["embedding", "encoder_norm"])
+  with pytest.raises(ValueError, match="average"):
+    sn.finalize({"count": 1}, "median")

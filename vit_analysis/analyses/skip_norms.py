@@ -1,0 +1,158 @@
+"""Skip-connection norm ratios and cosines (paper Figs 7, E.1, E.2).
+
+For sublayer s (attention or MLP) of block i, z is the residual stream entering it (the skip path)
+and f(z) the branch output; per token t, r_t = ||z_t|| / ||f(z)_t|| (norm over channels), averaged
+over images (paper.md §1.6, §6 row 11). A large ratio means the skip dominates the token. The
+ResNet equivalent takes, per unit, z = the shortcut (the projection '.../proj' where the unit has
+one, else the unit input) and f = the residual branch '.../conv_c', norms over the flattened
+h*w*c tensor. Fig E.2's cosine is cos(z, z + f(z)) (option: cos(z, f(z))).
+
+A branch that outputs exactly zero has an infinite ratio: it is kept as +inf and counted in
+`num_infinite` (never NaN), so a dead branch is visible in the results instead of silently
+poisoning a mean.
+"""
+from __future__ import annotations
+
+import re
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_analysis.analyses import base
+
+
+def _norm(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return jnp.sqrt(jnp.sum(x * x, axis=axes))
+
+
+def norm_ratio(z: jax.Array, fz: jax.Array, axes: tuple[int, ...] = (-1,)) -> jax.Array:
+  """||z|| / ||f(z)|| over `axes` (channels for tokens, (1, 2, 3) for a feature map).
+
+  Returns:
+    The ratio with `axes` reduced; +inf where ||f(z)|| == 0 (dead branch).
+  """
+  if z.shape != fz.shape:
+    raise ValueError(f"skip {z.shape} and branch {fz.shape} shapes differ")
+  zn, fn = _norm(z, axes), _norm(fz, axes)
+  return jnp.where(fn > 0, zn / jnp.where(fn > 0, fn, 1.0), jnp.inf)
+
+
+def cosine(a: jax.Array, b: jax.Array, axes: tuple[int, ...] = (-1,)) -> jax.Array:
+  """cos(a, b) over `axes`; 0 where either vector is zero (the angle is undefined)."""
+  if a.shape != b.shape:
+    raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
+  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  den = _norm(a, axes) * _norm(b, axes)
+  return jnp.where(den > 0, jnp.sum(a * b, axis=axes) / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+def skip_pairs(names: Sequence[str]) -> list[tuple[str, str, str]]:
+  """(label, skip name, branch name) for every residual sublayer, in forward order.
+
+  Inferred from a model's `out` names (vit_analysis.capture.layer_names):
+    ViT: 'block{i}/sa' with skip = the previous block output (or 'embedding'), then
+      'block{i}/mlp' with skip = 'block{i}/+sa'.
+    Mixer: 'block{i}/token_mixing' (skip = previous block or 'stem'), 'block{i}/channel_mixing'
+      (skip = 'block{i}/+token').
+    ResNet: 'block{s}/unit{u}' with skip = '.../proj' if present else the previous unit output
+      (or 'root'), branch = '.../conv_c'.
+
+  Raises:
+    KeyError: if no residual sublayer is recognised.
+  """
+  names = list(names)
+  present = set(names)
+  pairs = []
+  prev = None
+  for name in names:
+    if re.fullmatch(r"block\d+", name):  # ViT/Mixer block output.
+      prev = name
+    if name in ("embedding", "stem", "root"):
+      prev = name
+    m = re.fullmatch(r"(block\d+)/(sa|token_mixing)", name)
+    if m:
+      pairs.append((name, prev, name))
+      continue
+    m = re.fullmatch(r"(block\d+)/(mlp|channel_mixing)", name)
+    if m:
+      skip = f"{m[1]}/+sa" if m[2] == "mlp" else f"{m[1]}/+token"
+      pairs.append((name, skip, name))
+      continue
+    m = re.fullmatch(r"block\d+/unit\d+", name)
+    if m:
+      skip = f"{name}/proj" if f"{name}/proj" in present else prev
+      pairs.append((name, skip, f"{name}/conv_c"))
+      prev = name
+  if not pairs or any(p[1] is None or p[1] not in present or p[2] not in present for p in pairs):
+    raise KeyError(f"cannot find skip/branch pairs in layer names {names[:12]}...: {pairs[:4]}")
+  return pairs
+
+
+def pair_statistics(out: dict[str, jax.Array], pairs: Sequence[tuple[str, str, str]],
+                    mask: jax.Array) -> dict[str, jax.Array]:
+  """Per-batch sums of the per-token statistics of every pair (for streaming over images).
+
+  Token tensors [b, T, D] give per-token values [b, T]; feature maps [b, h, w, c] give one value
+  per image ([b, 1]). Pairs must all have the same number of tokens (true within one model).
+
+  Args:
+    out: captured activations holding every skip and branch name.
+    pairs: from `skip_pairs`.
+    mask: [b] 1 for real images, 0 for padding.
+
+  Returns:
+    {'ratio', 'skip_norm', 'branch_norm', 'cos_out', 'cos_branch', 'num_infinite'}: each [P, T]
+    summed over the (unmasked) images, plus 'count' (scalar, number of images).
+  """
+  stats = {k: [] for k in ("ratio", "skip_norm", "branch_norm", "cos_out", "cos_branch",
+                           "num_infinite")}
+  w = mask.astype(jnp.float32)[:, None]  # [b, 1]
+  for _, skip_name, branch_name in pairs:
+    z, f = out[skip_name], out[branch_name]
+    axes = (-1,) if z.ndim == 3 else tuple(range(1, z.ndim))
+    ratio = norm_ratio(z, f, axes)
+    ratio = ratio if ratio.ndim == 2 else ratio[:, None]
+    finite = jnp.isfinite(ratio)
+
+    def tok(x):
+      return x if x.ndim == 2 else x[:, None]
+
+    # Padded images get weight 0; where(...) keeps 0 * inf from becoming NaN.
+    stats["ratio"].append(jnp.where(w > 0, ratio, 0.0).sum(0) * 1.0)
+    stats["num_infinite"].append(jnp.where(w > 0, ~finite, False).sum(0).astype(jnp.float32))
+    stats["skip_norm"].append((tok(_norm(z, axes)) * w).sum(0))
+    stats["branch_norm"].append((tok(_norm(f, axes)) * w).sum(0))
+    stats["cos_out"].append((tok(cosine(z, z + f, axes)) * w).sum(0))
+    stats["cos_branch"].append((tok(cosine(z, f, axes)) * w).sum(0))
+  result = {k: jnp.stack(v) for k, v in stats.items()}
+  result["count"] = w.sum()
+  return result
+
+
+def finalize(sums: dict[str, np.ndarray], average: str = "per_image") -> dict[str, np.ndarray]:
+  """Means over images from streamed `pair_statistics` sums.
+
+  Args:
+    sums: host copies of the summed statistics.
+    average: 'per_image' (mean of per-image ratios, paper default) or 'ratio_of_means'.
+
+  Returns:
+    {'ratio', 'cos_out', 'cos_branch', 'num_infinite'}: float64 [P, T].
+  """
+  if average not in ("per_image", "ratio_of_means"):
+    raise ValueError(f"average must be 'per_image' or 'ratio_of_means', got {average!r}")
+  n = float(sums["count"])
+  if n <= 0:
+    raise ValueError("no images were accumulated")
+  get = lambda k: np.asarray(sums[k], np.float64)
+  if average == "per_image":
+    ratio = get("ratio") / n
+  else:
+    b = get("branch_norm")
+    ratio = np.where(b > 0, get("skip_norm") / np.where(b > 0, b, 1.0), np.inf)
+  return {"ratio": ratio, "cos_out": get("cos_out") / n, "cos_branch": get("cos_branch") / n,
+          "num_infinite": get("num_infinite")}
