@@ -1,0 +1,185 @@
+"""Builders shared by every file in configs/: flags, the digits data, trained-on-digits models.
+
+A config file typically reads
+
+  def get_config(arg=None):
+    config = config_lib.base_config(arg)          # seed, data, models {vit, resnet}, train, ...
+    config.analyses = ('cka_intra',)
+    config.cka_intra = ml_collections.ConfigDict({...})
+    return config
+
+Models trained on the digits are cached under `config.model_cache` (default '<workdir>/models')
+by a content hash of everything that determines their parameters (model, effective train
+config, data, seed), so several configs, or the tests, share one trained model. This module
+imports no JAX, so loading a config stays cheap.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+# Full-size CPU demo model -> its tiny twin for smoke runs (trains in seconds, tests and `:smoke`).
+SMOKE_NAMES = {
+    "ViT-demo_4": "ViT-smoke_8",
+    "ViT-demo_4-gap": "ViT-smoke_8-gap",
+    "ViT-Ti_4": "ViT-smoke_8",
+    "ViT-Ti_4-gap": "ViT-smoke_8-gap",
+    "R-demo": "R-smoke",
+    "R26x1-small": "R-smoke",
+    "Mixer-demo_4": "Mixer-smoke_8",
+}
+
+# Keys a model entry of `config.models` may have.
+MODEL_KEYS = ("name", "num_classes", "checkpoint", "train", "overrides")
+
+# Top-level keys every experiment config may have (besides one sub-config per analysis name).
+TOP_LEVEL_KEYS = ("seed", "data", "models", "train", "analyses", "model_cache", "overwrite",
+                  "distributed", "description")
+
+# Per-family recipes on the digits (measured: see configs/train_digits.py).
+_DIGITS_RECIPES = {
+    "ViT": dict(optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, num_epochs=12,
+                augment_shift=2, label_smoothing=0.0),
+    "R": dict(optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, num_epochs=6,
+              augment_shift=2, label_smoothing=0.0),
+    "Mixer": dict(optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, num_epochs=12,
+                  augment_shift=2, label_smoothing=0.0),
+}
+
+
+def train_defaults(smoke: bool = False) -> ml_collections.ConfigDict:
+  """Every key the training loop reads (vit_analysis.train), with defaults.
+
+  A model's `train` entry only lists keys that differ from `config.train`; unknown keys are
+  an error.
+  """
+  c = ml_collections.ConfigDict()
+  c.optimizer = "adamw"         # 'adamw' | 'sgd' (SGD with Nesterov-free momentum)
+  c.learning_rate = 1e-3        # peak, after linear warmup; cosine decay to 0 at the last step
+  c.warmup_steps = 100
+  c.weight_decay = 1e-4         # decoupled (AdamW; added to the SGD update likewise)
+  c.momentum = 0.9              # SGD momentum / Adam b1
+  c.b2 = 0.999
+  c.grad_clip_norm = 1.0        # global-norm clipping; 0 disables
+  c.label_smoothing = 0.0
+  c.augment_shift = 0           # random translation by up to this many pixels (0: none)
+  c.batch_size = 128            # global
+  c.num_epochs = 10.0           # used when num_steps is 0
+  c.num_steps = 0
+  c.eval_every_steps = 0        # 0: at the end of every epoch (and always at the end)
+  c.eval_batch_size = 256       # global; the last batch is padded and masked
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 2
+  if smoke:
+    c.num_steps = 12
+    c.batch_size = 32
+    c.warmup_steps = 2
+    c.log_every_steps = 4
+    c.checkpoint_every_steps = 6
+    c.eval_batch_size = 200
+  return c
+
+
+def parse_arg(arg: str | None) -> ml_collections.ConfigDict:
+  """'smoke,model=vit,steps=10' -> ConfigDict(smoke=True, model='vit', steps=10).
+
+  Bare words are True; values that parse as int/float/bool become those types. `smoke` is
+  always present (False unless given).
+  """
+  flags = {"smoke": False}
+  for part in filter(None, (p.strip() for p in (arg or "").split(","))):
+    key, sep, value = part.partition("=")
+    flags[key.strip()] = _parse_value(value.strip()) if sep else True
+  return ml_collections.ConfigDict(flags)
+
+
+def _parse_value(v: str):
+  if v.lower() in ("true", "false"):
+    return v.lower() == "true"
+  for cast in (int, float):
+    try:
+      return cast(v)
+    except ValueError:
+      pass
+  return v
+
+
+def digits_data(image_size: int = 32) -> ml_collections.ConfigDict:
+  """The embedded offline 5,000 MNIST digits (4,000 train / 1,000 test)."""
+  return ml_collections.ConfigDict(dict(
+      name="digits", image_size=image_size, train_split="train", test_split="test"))
+
+
+def tfds_data(name: str, image_size: int, *, train_split: str = "train",
+              test_split: str = "test", data_dir: str = "") -> ml_collections.ConfigDict:
+  """A TFDS dataset read with tfds.data_source (e.g. 'cifar10', 'imagenet2012')."""
+  return ml_collections.ConfigDict(dict(
+      name=f"tfds:{name}", image_size=image_size, train_split=train_split,
+      test_split=test_split, data_dir=data_dir))
+
+
+def model_family(name: str) -> str:
+  """'ViT', 'R' or 'Mixer' from a registry name."""
+  for family in ("ViT", "Mixer", "R"):
+    if name.startswith(family):
+      return family
+  raise KeyError(f"cannot tell the family of model {name!r}")
+
+
+def digits_model(key: str, name: str, *, smoke: bool = False, train_steps: int | None = None,
+                 overrides: dict | None = None, **train) -> ml_collections.ConfigDict:
+  """A `config.models[key]` entry: `name` trained on the digits through vit_analysis.train.
+
+  Args:
+    key: the entry's key in config.models (for messages only).
+    name: registry name of the full demo model ('ViT-demo_4', 'R-demo', ...); with smoke=True
+      its tiny twin from SMOKE_NAMES is used instead.
+    smoke: tiny model and a few training steps.
+    train_steps: fixed number of steps (default: the family's recipe in epochs).
+    overrides: create_model overrides, e.g. {'skip_removed': (1,)}.
+    **train: further train-config keys for this model (see train_defaults()).
+  """
+  if not key:
+    raise ValueError("model key must be non-empty")
+  recipe = {} if smoke else dict(_DIGITS_RECIPES[model_family(name)])
+  if train_steps is not None:
+    recipe["num_steps"] = train_steps
+  recipe.update(train)
+  unknown = sorted(set(recipe) - set(train_defaults()))
+  if unknown:
+    raise KeyError(f"unknown train keys {unknown} for model {key!r}")
+  return ml_collections.ConfigDict(dict(
+      name=SMOKE_NAMES.get(name, name) if smoke else name,
+      num_classes=10,
+      checkpoint="",
+      train=ml_collections.ConfigDict(recipe),
+      overrides=dict(overrides or {}),
+  ))
+
+
+def official_model(name: str, checkpoint: str, num_classes: int,
+                   overrides: dict | None = None) -> ml_collections.ConfigDict:
+  """A model entry loaded from an official npz checkpoint, without training."""
+  return ml_collections.ConfigDict(dict(
+      name=name, num_classes=num_classes, checkpoint=checkpoint, train=None,
+      overrides=dict(overrides or {})))
+
+
+def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Seed, digits data, a ViT ('vit': ViT-demo_4) and a ResNet ('resnet': R-demo) trained on
+  the digits, train defaults, no analyses. Smoke: 'ViT-smoke_8' / 'R-smoke', a few steps.
+  """
+  flags = parse_arg(arg)
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.data = digits_data()
+  config.models = ml_collections.ConfigDict()
+  config.models.vit = digits_model("vit", "ViT-demo_4", smoke=flags.smoke)
+  config.models.resnet = digits_model("resnet", "R-demo", smoke=flags.smoke)
+  config.train = train_defaults(flags.smoke)
+  config.analyses = ()
+  config.model_cache = ""   # '' -> <workdir>/models
+  config.overwrite = False  # True: allow a different config in a workdir that has results
+  config.distributed = "auto"  # 'auto' (environment decides) | 'yes' | 'no'
+  config.description = ""
+  return config
