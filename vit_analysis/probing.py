@@ -1,0 +1,400 @@
+"""Linear probes on frozen features: pooling, few-shot closed-form ridge, full logistic regression.
+
+Maths follow big_vision's `fewshot_lsr` evaluator (paper.md §1.6): features are z-scored with the
+fitting set's mean and std (+1e-5), a constant bias feature of 100 is appended (so the bias is almost
+unregularised), and ridge regression onto {-1, +1} one-vs-all targets is solved in closed form. One
+eigendecomposition serves the whole regulariser grid:
+
+  primal (n >= d):  W(l) = (XᵀX + l I)⁻¹ XᵀY = Q diag(1/(e + l)) Qᵀ XᵀY,   XᵀX = Q diag(e) Qᵀ
+  dual   (d >  n):  W(l) = Xᵀ (XXᵀ + l I)⁻¹ Y = (XᵀQ) diag(1/(e + l)) QᵀY,  XXᵀ = Q diag(e) Qᵀ
+
+so every W(l) is `lhs · diag(1/(e + l)) · rhs` with lhs/rhs computed once. Every function here works
+on one layer; `jax.vmap` stacks layers of equal width (and seeds, and regularisers) into one call.
+
+A fitted probe is `(mean [1, d], std [1, d], w [d, C], b [1, C])` with scores ((x - mean)/std) w + b,
+whatever trained it, so prediction is shared (and can run inside the feature-extraction jit).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+BIAS_CONSTANT = 100.0  # big_vision: large, so the bias weight is effectively unregularised.
+STD_EPS = 1e-5
+HIGHEST = jax.lax.Precision.HIGHEST  # No TF32/bf16 passes in Grams: eigenvalues span ~10 decades.
+
+# ------------------------------------------------------------------------------------------------
+# Pooling: one layer's activation -> probe features.
+
+# aggregated: [b, d]; per-token: [b, tokens, d] (one probe per position).
+AGGREGATED = ("cls", "first", "mean", "mean_no_cls", "token", "gap", "s2d", "identity")
+PER_TOKEN = ("tokens", "s2d_tokens")
+METHODS = AGGREGATED + PER_TOKEN
+
+
+@dataclasses.dataclass(frozen=True)
+class Pooling:
+  """How to turn one activation into probe features.
+
+  Attributes:
+    method: 'cls'/'first' (token 0 of [b, T, d]; 'cls' is for models with a CLS token), 'mean'
+      (all tokens), 'mean_no_cls' (tokens 1:), 'token' (position `token`), 'tokens' (every
+      position: one probe each); ResNet maps [b, h, w, c]: 'gap' (spatial mean), 's2d' (Appendix
+      A: space-to-depth by `block`, average-pool to `grid`, then mean over positions), 's2d_tokens'
+      (same, one probe per grid cell), 'token'/'tokens' (single / every spatial location);
+      'identity' for [b, d] (e.g. pre_logits).
+    token: position for 'token' (row-major over h, w for maps).
+    block: space-to-depth block size s (1 = none).
+    grid: (gh, gw) to average-pool maps to before 's2d'/'s2d_tokens'; None keeps the map's grid.
+  """
+  method: str
+  token: int = 0
+  block: int = 1
+  grid: tuple[int, int] | None = None
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(f"unknown pooling {self.method!r}; known: {METHODS}")
+
+  @property
+  def per_token(self) -> bool:
+    return self.method in PER_TOKEN
+
+
+def resnet_pooling(shape: tuple[int, ...], final_shape: tuple[int, ...],
+                   per_token: bool = False) -> Pooling:
+  """Appendix A pooling of a [b, h, w, c] map given the final stage's [b, gh, gw, c_final].
+
+  Picks the largest power-of-two s with c·s² <= c_final such that s divides h and w and the
+  space-to-depth map (h/s, w/s) is a multiple of the final grid, then average-pools to that grid.
+  """
+  (_, h, w, c), (_, gh, gw, c_final) = shape, final_shape
+  if h % gh or w % gw:
+    raise ValueError(f"map {shape} cannot be average-pooled to the final grid {final_shape}")
+  s = 1
+  while (c * (2 * s) ** 2 <= c_final and (h // gh) % (2 * s) == 0 and (w // gw) % (2 * s) == 0):
+    s *= 2
+  return Pooling("s2d_tokens" if per_token else "s2d", block=s, grid=(gh, gw))
+
+
+def _space_to_depth(x: jax.Array, s: int) -> jax.Array:
+  """[b, h, w, c] -> [b, h/s, w/s, s·s·c]: each s×s patch becomes channels."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // s, s, w // s, s, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h // s, w // s, s * s * c)
+
+
+def _avg_pool_to(x: jax.Array, grid: tuple[int, int]) -> jax.Array:
+  b, h, w, c = x.shape
+  gh, gw = grid
+  return x.reshape(b, gh, h // gh, gw, w // gw, c).mean(axis=(2, 4))
+
+
+def pool(x: jax.Array, pooling: Pooling) -> jax.Array:
+  """Pools an activation (jit-friendly; shapes are static).
+
+  Args:
+    x: [b, T, d] tokens, [b, h, w, c] map, or [b, d] vector.
+    pooling: see `Pooling`.
+
+  Returns:
+    [b, d'] for aggregated methods, [b, positions, d'] for per-token methods.
+  """
+  m = pooling.method
+  if x.ndim == 2:
+    if m != "identity":
+      raise ValueError(f"pooling {m!r} needs tokens or a map, got a vector of shape {x.shape}")
+    return x
+  if m == "identity":
+    raise ValueError(f"'identity' pooling needs [b, d], got shape {x.shape}")
+  if x.ndim == 4:
+    if m in ("s2d", "s2d_tokens"):
+      x = _space_to_depth(x, pooling.block) if pooling.block > 1 else x
+      x = _avg_pool_to(x, pooling.grid) if pooling.grid is not None else x
+      m = "mean" if m == "s2d" else "tokens"
+    elif m == "gap":
+      m = "mean"
+    x = x.reshape(x.shape[0], -1, x.shape[-1])  # row-major positions, like ViT tokens.
+  if x.ndim != 3:
+    raise ValueError(f"cannot pool an activation of shape {x.shape}")
+  if m in ("cls", "first"):
+    return x[:, 0]
+  if m == "mean":
+    return x.mean(axis=1)
+  if m == "mean_no_cls":
+    return x[:, 1:].mean(axis=1)
+  if m == "token":
+    if not 0 <= pooling.token < x.shape[1]:
+      raise ValueError(f"token {pooling.token} out of range for {x.shape[1]} positions")
+    return x[:, pooling.token]
+  if m == "tokens":
+    return x
+  raise ValueError(f"pooling {m!r} does not apply to an activation of shape {x.shape}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Closed-form ridge (big_vision fewshot_lsr), one layer; vmap for many.
+
+
+class Probe(NamedTuple):
+  """A linear probe: scores = ((x - mean) / std) @ w + b.  mean, std: [1, d]; w: [d, C]; b: [1, C]."""
+  mean: jax.Array
+  std: jax.Array
+  w: jax.Array
+  b: jax.Array
+
+
+class RidgeCache(NamedTuple):
+  """Everything `ridge_weights` needs for any l: W(l) = lhs · diag(1/(eigs + l)) · rhs."""
+  mean: jax.Array  # [1, d]
+  std: jax.Array   # [1, d]
+  eigs: jax.Array  # [r]
+  lhs: jax.Array   # [d + 1, r]
+  rhs: jax.Array   # [r, C]
+
+
+def standardize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Train-set statistics of x: [n, d] -> (mean [1, d], std + 1e-5 [1, d]) (population std)."""
+  return x.mean(axis=0, keepdims=True), x.std(axis=0, keepdims=True) + STD_EPS
+
+
+def augment(x: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
+  """z-scores x: [n, d] and appends the bias feature: -> [n, d + 1]."""
+  z = (x - mean) / std
+  return jnp.concatenate([z, jnp.full((z.shape[0], 1), BIAS_CONSTANT, z.dtype)], axis=1)
+
+
+def pm1_targets(labels: jax.Array, num_classes: int, dtype=jnp.float32) -> jax.Array:
+  """labels: [n] ints -> [n, C] one-vs-all targets in {-1, +1}."""
+  return 2.0 * jax.nn.one_hot(labels, num_classes, dtype=dtype) - 1.0
+
+
+def ridge_cache(x: jax.Array, labels: jax.Array, num_classes: int) -> RidgeCache:
+  """Eigendecomposition shared by every regulariser. x: [n, d], labels: [n]."""
+  mean, std = standardize(x)
+  xa = augment(x, mean, std)
+  y = pm1_targets(labels, num_classes, xa.dtype)
+  n, d1 = xa.shape
+  if n >= d1:  # primal: (d+1) x (d+1) system.
+    eigs, q = jnp.linalg.eigh(jnp.matmul(xa.T, xa, precision=HIGHEST))
+    lhs, rhs = q, jnp.matmul(q.T, jnp.matmul(xa.T, y, precision=HIGHEST), precision=HIGHEST)
+  else:  # dual: n x n system (few-shot with wide features).
+    eigs, q = jnp.linalg.eigh(jnp.matmul(xa, xa.T, precision=HIGHEST))
+    lhs, rhs = jnp.matmul(xa.T, q, precision=HIGHEST), jnp.matmul(q.T, y, precision=HIGHEST)
+  return RidgeCache(mean, std, eigs, lhs, rhs)
+
+
+def ridge_weights(cache: RidgeCache, l2: jax.Array) -> jax.Array:
+  """W(l2): [d + 1, C] in the augmented feature space (last row multiplies the bias feature)."""
+  scale = 1.0 / (cache.eigs + l2)
+  return jnp.matmul(cache.lhs * scale[None, :], cache.rhs, precision=HIGHEST)
+
+
+def ridge_probe(cache: RidgeCache, l2: jax.Array) -> Probe:
+  w = ridge_weights(cache, l2)
+  return Probe(cache.mean, cache.std, w[:-1], BIAS_CONSTANT * w[-1:])
+
+
+def scores(probe: Probe, x: jax.Array) -> jax.Array:
+  """x: [n, d] -> class scores [n, C]."""
+  return jnp.matmul((x - probe.mean) / probe.std, probe.w, precision=HIGHEST) + probe.b
+
+
+def accuracy(probe: Probe, x: jax.Array, labels: jax.Array) -> jax.Array:
+  return jnp.mean(jnp.argmax(scores(probe, x), axis=-1) == labels)
+
+
+def _select(val_acc: jax.Array) -> jax.Array:
+  """Index of the best regulariser; ties go to the strongest one (grids are ascending)."""
+  return val_acc.shape[0] - 1 - jnp.argmax(val_acc[::-1])
+
+
+def ridge_select(x_fit: jax.Array, y_fit: jax.Array, x_val: jax.Array, y_val: jax.Array,
+                 l2_grid: jax.Array, num_classes: int) -> tuple[jax.Array, jax.Array, Probe]:
+  """Fits the ridge probe for every l2 in the grid, keeps the best on held-out data.
+
+  Args:
+    x_fit: [n, d], y_fit: [n]; x_val: [m, d], y_val: [m]; l2_grid: [K] ascending.
+
+  Returns:
+    (val_acc [K], best index [], probe at the best l2).
+  """
+  cache = ridge_cache(x_fit, y_fit, num_classes)
+  # Validation scores for all l2 through the eigenbasis: x_val W(l) = (x_val lhs) diag(.) rhs.
+  proj = jnp.matmul(augment(x_val, cache.mean, cache.std), cache.lhs, precision=HIGHEST)
+
+  def val_acc(l2):
+    s = jnp.matmul(proj / (cache.eigs + l2)[None, :], cache.rhs, precision=HIGHEST)
+    return jnp.mean(jnp.argmax(s, axis=-1) == y_val)
+
+  acc = jax.lax.map(val_acc, l2_grid)  # sequential over l2: memory of one [m, C] block.
+  best = _select(acc)
+  return acc, best, ridge_probe(cache, l2_grid[best])
+
+
+# ------------------------------------------------------------------------------------------------
+# Multinomial logistic regression with full-batch L-BFGS (optax), one layer; vmap for many.
+#
+# Why L-BFGS, full batch: the features are cached and small next to the model, the objective
+# (cross-entropy + L2 on z-scored features) is smooth and strongly convex, so a quasi-Newton method
+# reaches the optimum in a few hundred deterministic steps with no learning rate or schedule to tune
+# per layer and per weight decay, and its optimum is the same problem scikit-learn's lbfgs solver
+# solves. Minibatch Adam would add a learning-rate/epoch search whose noise confounds the
+# weight-decay selection; it only wins when the features do not fit in memory.
+
+
+def logistic_fit(x: jax.Array, labels: jax.Array, weight_decay: jax.Array, num_classes: int,
+                 num_steps: int = 300, tol: float = 1e-6) -> Probe:
+  """Minimises mean CE + (wd/2)·‖w‖² (bias unregularised) on z-scored x: [n, d], labels: [n].
+
+  Equals scikit-learn's `LogisticRegression(C=1/(wd·n))` on the same z-scored features.
+  """
+  mean, std = standardize(x)
+  z = (x - mean) / std
+
+  def loss(params):
+    logits = jnp.matmul(z, params["w"], precision=HIGHEST) + params["b"]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return ce + 0.5 * weight_decay * jnp.sum(jnp.square(params["w"]))
+
+  # Backtracking (Armijo) line search: L-BFGS's unit step is almost always accepted on this
+  # problem, and it compiles ~2x faster than the default zoom search (which matters under vmap).
+  opt = optax.lbfgs(linesearch=optax.scale_by_backtracking_linesearch(
+      max_backtracking_steps=20, store_grad=True))
+  value_and_grad = optax.value_and_grad_from_state(loss)
+  params = {"w": jnp.zeros((x.shape[1], num_classes), x.dtype),
+            "b": jnp.zeros((1, num_classes), x.dtype)}
+
+  def step(carry, _):
+    params, state, done = carry
+    value, grad = value_and_grad(params, state=state)
+    updates, new_state = opt.update(grad, state, params, value=value, grad=grad, value_fn=loss)
+    new_params = optax.apply_updates(params, updates)
+    # Freeze once converged: L-BFGS curvature pairs degenerate (s·y -> 0) at the optimum.
+    done = done | (optax.tree.norm(grad) < tol)  # FREEZE
+    keep = lambda old, new: jax.tree.map(lambda o, n: jnp.where(done, o, n), old, new)
+    return (keep(params, new_params), keep(state, new_state), done), None
+
+  (params, _, _), _ = jax.lax.scan(step, (params, opt.init(params), jnp.asarray(False)), None,
+                                   length=num_steps)
+  return Probe(mean, std, params["w"], params["b"])
+
+
+def logistic_select(x_fit, y_fit, x_val, y_val, wd_grid: jax.Array, num_classes: int,
+                    num_steps: int = 300) -> tuple[jax.Array, jax.Array, Probe]:
+  """Fits one logistic probe per weight decay (vmapped), keeps the best on held-out data.
+
+  Returns (val_acc [K], best index [], probe at the best weight decay).
+  """
+  probes = jax.vmap(lambda wd: logistic_fit(x_fit, y_fit, wd, num_classes, num_steps))(wd_grid)
+  acc = jax.vmap(lambda p: accuracy(p, x_val, y_val))(probes)
+  best = _select(acc)
+  return acc, best, jax.tree.map(lambda a: a[best], probes)
+
+
+# ------------------------------------------------------------------------------------------------
+# All layers of equal width, all seeds, all regularisers: one compiled call per width group.
+
+
+def check_features(feats: np.ndarray | jax.Array, labels: np.ndarray | jax.Array,
+                   num_classes: int, what: str = "features") -> None:
+  """Raises ValueError on NaN/Inf features, labels outside [0, C), or mismatched shapes.
+
+  Args:
+    feats: [..., n, d]; labels: [n].
+  """
+  feats, labels = np.asarray(feats), np.asarray(labels)
+  if feats.ndim < 2 or labels.ndim != 1 or feats.shape[-2] != labels.shape[0]:
+    raise ValueError(f"{what}: shape mismatch, need [..., n, d] features and [n] labels, got {feats.shape} and "
+                     f"{labels.shape}")
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"{what}: labels must be integers, got dtype {labels.dtype}")
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise ValueError(f"{what}: labels must lie in [0, {num_classes}), got range "
+                     f"[{labels.min()}, {labels.max()}]")
+  bad = ~np.isfinite(feats)
+  if bad.any():
+    where = np.argwhere(bad)[0]
+    raise ValueError(f"{what}: {int(bad.sum())} non-finite values (NaN/Inf) in features of shape "
+                     f"{feats.shape}, first at index {tuple(int(i) for i in where)}")
+
+
+def fewshot_split(labels: np.ndarray, num_classes: int, shots: int, holdout: int,
+                  seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """Samples `shots` fitting and `holdout` validation examples per class, without overlap.
+
+  Args:
+    labels: [n] labels of the candidate pool (a subset of the training split).
+
+  Returns:
+    (fit_idx [C·shots], val_idx [C·holdout]) into `labels`, grouped by class.
+
+  Raises:
+    ValueError: if a class has fewer than shots + holdout examples.
+  """
+  labels = np.asarray(labels)
+  if shots < 1 or holdout < 0:
+    raise ValueError(f"need shots >= 1 and holdout >= 0, got {shots}, {holdout}")
+  rng = np.random.default_rng(seed)
+  fit, val = [], []
+  for c in range(num_classes):
+    idx = np.flatnonzero(labels == c)
+    if idx.size < shots + holdout:
+      raise ValueError(f"class {c} has {idx.size} examples, fewer than shots + holdout = "
+                       f"{shots} + {holdout}")
+    idx = rng.permutation(idx)
+    fit.append(idx[:shots])
+    val.append(idx[shots:shots + holdout])
+  return np.concatenate(fit), np.concatenate(val)
+
+
+@jax.jit(static_argnames=("num_classes",))
+def fewshot_all(feats: jax.Array, labels: jax.Array, fit_idx: jax.Array, val_idx: jax.Array,
+                l2_grid: jax.Array, num_classes: int) -> tuple[jax.Array, jax.Array, Probe]:
+  """Ridge probes for every (seed, layer, l2) of one width group in one call.
+
+  Args:
+    feats: [G, n, d] pooled features of G layers (or token positions) on the candidate pool.
+    labels: [n]; fit_idx: [S, n_fit], val_idx: [S, n_val] per seed (from `fewshot_split`).
+    l2_grid: [K] ascending.
+
+  Returns:
+    val_acc [S, G, K], best l2 index [S, G], probes with leading axes [S, G].
+  """
+  def one(x, fi, vi):
+    return ridge_select(x[fi], labels[fi], x[vi], labels[vi], l2_grid, num_classes)
+  per_layer = jax.vmap(one, in_axes=(0, None, None))
+  return jax.vmap(per_layer, in_axes=(None, 0, 0))(feats, fit_idx, val_idx)
+
+
+@jax.jit(static_argnames=("num_classes", "num_steps"))
+def logistic_all(feats: jax.Array, labels: jax.Array, val_feats: jax.Array, val_labels: jax.Array,
+                 wd_grid: jax.Array, num_classes: int, num_steps: int = 300
+                 ) -> tuple[jax.Array, jax.Array, Probe]:
+  """Logistic probes for every (layer, weight decay) of one width group in one call.
+
+  Args:
+    feats: [G, n, d], labels [n] (fitting set); val_feats: [G, m, d], val_labels: [m].
+
+  Returns:
+    val_acc [G, K], best index [G], probes with leading axis [G].
+  """
+  return jax.vmap(lambda x, xv: logistic_select(x, labels, xv, val_labels, wd_grid, num_classes,
+                                                num_steps))(feats, val_feats)
+
+
+@jax.jit
+def predict_all(probes: Probe, feats: jax.Array) -> jax.Array:
+  """Predicted classes of stacked probes: probes [..., G] (leading axes), feats [G, n, d] -> [..., G, n]."""
+  lead = probes.w.ndim - 3  # axes before G.
+  fn = lambda p, x: jnp.argmax(scores(p, x), axis=-1)
+  fn = jax.vmap(fn)
+  for _ in range(lead):
+    fn = jax.vmap(fn, in_axes=(0, None))
+  return fn(probes, feats)
