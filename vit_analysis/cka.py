@@ -1,0 +1,532 @@
+"""Linear CKA: HSIC estimators and an exact, device-sharded minibatch CKA accumulator.
+
+The only place CKA maths lives (paper.md §1.1-1.3). Notation: m examples per minibatch, k
+minibatches, A and B layers on the two sides, p features of one layer (everything after the
+example axis, flattened as in the official code).
+
+Minibatch CKA (Nguyen et al. 2021) sums the unbiased HSIC_1 of every minibatch separately for the
+cross term and both self terms, and divides once:
+  CKA_ab = sum_i HSIC_1(K_ai, L_bi) / sqrt(sum_i HSIC_1(K_ai, K_ai) * sum_i HSIC_1(L_bi, L_bi)).
+HSIC_1 is not additive over parts of one minibatch, so a minibatch always lives whole on one device.
+
+Two halves:
+* On device, pure and jittable: `minibatch_terms(feats_a, feats_b, mask=...)` maps a global step of
+  `[k, m, ...]` features (axis 0 may be sharded over a mesh; vmap over it keeps every minibatch on
+  its device) to per-minibatch HSIC values `[k, A, B]`, `[k, A]`, `[k, B]` -- a few kB. Call it
+  inside the jit that captures the activations, so activations never leave the device.
+* On the host, float64: `accumulate(state, terms)` adds them to a fixed-size `CKAState` (sums and
+  second moments; size independent of the number of examples), `merge` adds two states
+  (associative), `result` divides once and returns a `CKAResult` with a jackknife standard error.
+`update(state, feats_a, feats_b)` does both for features you already hold.
+
+Numerics: features are centred per minibatch in float32 before the Gram (HSIC is invariant to
+column offsets, and a 1e4 offset would otherwise cancel catastrophically inside the Gram). Grams use
+precision=HIGHEST; ratios and sums over minibatches are float64 on the host.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import zlib
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence, Union
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Features = Union[Sequence[jax.typing.ArrayLike], Mapping[str, jax.typing.ArrayLike]]
+_HIGHEST = jax.lax.Precision.HIGHEST
+# A layer whose self-HSIC is below this fraction of (trace of its centred Gram)^2 is constant up
+# to float32 rounding (a constant layer gives ~eps^2 = 1e-14; real layers with p features >= 1/p).
+_CONSTANT_RTOL = 1e-10
+# |CKA| <= 1 by Cauchy-Schwarz; anything beyond rounding is a bug or corrupted input.
+_RANGE_ATOL = 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels and HSIC estimators (pure jnp, any float dtype).
+
+
+def _centred_features(x: jax.Array) -> jax.Array:
+  """[m, ...] -> [m, p] float32 (float64 stays), each column minus its mean over the minibatch."""
+  x = jnp.reshape(x, (x.shape[0], -1))
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  return x - jnp.mean(x, axis=0, keepdims=True)
+
+
+@jax.jit
+def gram_linear(x: jax.Array) -> jax.Array:
+  """Linear Gram of column-centred features.
+
+  Centring changes no HSIC estimator (they annihilate row/column offsets) but keeps large feature
+  offsets (residual streams, post-ReLU maps) from cancelling catastrophically in float32.
+
+  Args:
+    x: [n, ...] features (flattened per example); float16/bfloat16/int are computed in float32.
+
+  Returns:
+    [n, n] Gram C X X^T C, C = I - 11^T/n, at full float32 matmul precision.
+  """
+  xc = _centred_features(jnp.asarray(x))
+  return jnp.dot(xc, xc.T, precision=_HIGHEST)
+
+
+def _u_centre(k: jax.Array) -> jax.Array:
+  """U-centring (Szekely & Rizzo 2014): <U(K), U(L)> = n(n-3) HSIC_1(K, L) exactly."""
+  n = k.shape[-1]
+  off = ~jnp.eye(n, dtype=bool)
+  k = jnp.where(off, k, 0)
+  s = jnp.sum(k, axis=0)
+  mean = s / (n - 2) - jnp.sum(s) / (2 * (n - 1) * (n - 2))
+  return jnp.where(off, k - mean[:, None] - mean[None, :], 0)
+
+
+def _check_grams(k: jax.Array, l: jax.Array, min_n: int) -> int:
+  if k.ndim != 2 or k.shape[0] != k.shape[1] or k.shape != l.shape:
+    raise ValueError(f"Grams must be square and of equal shape, got {k.shape} and {l.shape}")
+  if k.shape[0] < min_n:
+    raise ValueError(f"HSIC needs n >= {min_n} examples, got Grams of shape {k.shape}")
+  return k.shape[0]
+
+
+@jax.jit
+def hsic_unbiased(k: jax.Array, l: jax.Array) -> jax.Array:
+  """Unbiased HSIC_1 (Song et al. 2012) via U-centring. k, l: [n, n] Grams, n >= 4. Can be < 0."""
+  n = _check_grams(k, l, 4)
+  return jnp.sum(_u_centre(k) * _u_centre(l)) / (n * (n - 3))
+
+
+@jax.jit
+def hsic_biased(k: jax.Array, l: jax.Array) -> jax.Array:
+  """Biased HSIC_0 = <CKC, CLC> / (n-1)^2 (Gretton et al. 2005). k, l: [n, n] Grams."""
+  n = _check_grams(k, l, 2)
+
+  def centre(g):
+    return (g - jnp.mean(g, 0, keepdims=True) - jnp.mean(g, 1, keepdims=True) + jnp.mean(g))
+
+  return jnp.sum(centre(k) * centre(l)) / (n - 1) ** 2
+
+
+@jax.jit
+def _full_batch_terms(x, y):
+  """Both estimators in one program (one compilation per shape): [2 (biased, unbiased), 3], [2]."""
+  kx, ky = gram_linear(x), gram_linear(y)
+  h = [jnp.stack([f(kx, ky), f(kx, kx), f(ky, ky)]) for f in (hsic_biased, hsic_unbiased)]
+  return jnp.stack(h), jnp.stack([jnp.trace(kx), jnp.trace(ky)])
+
+
+def linear_cka(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike, *,
+               debiased: bool = False) -> float:
+  """Full-batch linear CKA (Kornblith et al. 2019) of two representations of the same n examples.
+
+  Args:
+    x: [n, ...] features; flattened per example.
+    y: [n, ...] features of the same examples.
+    debiased: False: biased HSIC_0 in all three terms (the classic estimator, in [0, 1]);
+      True: unbiased HSIC_1 in all three (can be slightly negative). Both need n >= 4.
+
+  Returns:
+    CKA as a Python float.
+  """
+  _check_features([x], [y], stacked=False)
+  n = np.shape(x)[0]
+  h, t = jax.tree.map(lambda v: np.asarray(v, np.float64), _full_batch_terms(x, y))
+  h = h[int(debiased)]
+  scale = t ** 2 / (n * (n - 3) if debiased else (n - 1) ** 2)
+  return float(_ratio(h[0], h[1:2], h[2:3], scale[:1], scale[1:], ("x",), ("y",),
+                      lower=-1.0 if debiased else 0.0)[0, 0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Device half: per-minibatch HSIC terms of a global step.
+
+
+class HSICTerms(NamedTuple):
+  """Per-minibatch HSIC_1 values of one global step (k minibatches), as left on device.
+
+  Leaves may carry extra leading axes (pmap); `accumulate` flattens everything before [A, B].
+  """
+  cross: jax.Array    # [k, A, B] HSIC_1(K_a, L_b)
+  self_a: jax.Array   # [k, A]    HSIC_1(K_a, K_a) >= 0
+  self_b: jax.Array   # [k, B]
+  scale_a: jax.Array  # [k, A]    tr(K_a)^2 / (m(m-3)): yardstick for constant layers / overflow
+  scale_b: jax.Array  # [k, B]
+  count: jax.Array    # [k] examples per minibatch (m), 0 for masked-out minibatches
+
+
+def _u_grams(feats: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """One minibatch: A arrays [m, ...] -> U-centred Grams [A, m, m] and Gram traces [A]."""
+  grams = [gram_linear(x) for x in feats]
+  return (jnp.stack([_u_centre(g) for g in grams]), jnp.stack([jnp.trace(g) for g in grams]))
+
+
+def _one_minibatch(feats_a, feats_b):
+  m = feats_a[0].shape[0]
+  norm = m * (m - 3)
+  ua, ta = _u_grams(feats_a)
+  if feats_b is None:  # intra-model: each Gram once; self terms are the diagonal.
+    cross = jnp.einsum("aij,bij->ab", ua, ua, precision=_HIGHEST) / norm
+    self_a = self_b = jnp.diagonal(cross)
+    tb = ta
+  else:
+    ub, tb = _u_grams(feats_b)
+    cross = jnp.einsum("aij,bij->ab", ua, ub, precision=_HIGHEST) / norm
+    self_a = jnp.einsum("aij,aij->a", ua, ua, precision=_HIGHEST) / norm
+    self_b = jnp.einsum("aij,aij->a", ub, ub, precision=_HIGHEST) / norm
+  return cross, self_a, self_b, ta * ta / norm, tb * tb / norm
+
+
+def minibatch_terms(feats_a: Features, feats_b: Features | None = None, *,
+                    mask: jax.typing.ArrayLike | None = None) -> HSICTerms:
+  """Per-minibatch HSIC terms of one global step; pure, call it inside your own jit.
+
+  Each minibatch's Grams and HSIC are computed whole where that minibatch lives (vmap over axis 0,
+  so a mesh-sharded axis 0 stays sharded and needs no collectives).
+
+  Args:
+    feats_a: A arrays [k, m, ...] (sequence, or dict in the order of the state's names).
+    feats_b: B arrays [k, m, ...] of the same examples, or None for intra-model CKA (each Gram
+      computed once, cross matrix [A, A] symmetric).
+    mask: optional [k]; minibatches with mask 0 (padding) are skipped by `accumulate`.
+
+  Returns:
+    HSICTerms with leading axis k.
+  """
+  xs, ys = _values(feats_a), None if feats_b is None else _values(feats_b)
+  k, m = _check_features(xs, ys, stacked=True)
+  cross, sa, sb, ca, cb = jax.vmap(_one_minibatch)(xs, ys)
+  count = jnp.full((k,), m, jnp.int32)
+  if mask is not None:
+    if jnp.shape(mask) != (k,):
+      raise ValueError(f"mask must have shape ({k},), got {jnp.shape(mask)}")
+    count = jnp.where(jnp.asarray(mask) > 0, count, 0)
+  return HSICTerms(cross, sa, sb, ca, cb, count)
+
+
+def _values(feats: Features) -> list[jax.Array]:
+  return list(feats.values()) if isinstance(feats, Mapping) else list(feats)
+
+
+def _check_features(xs, ys, *, stacked: bool, min_m: int = 4) -> tuple[int, int]:
+  """Static shape checks (also at trace time): returns (k, m)."""
+  lead = 2 if stacked else 1
+  what = "[k, m, ...]" if stacked else "[m, ...]"
+  arrays = [("a", i, x) for i, x in enumerate(xs)] + [("b", i, y) for i, y in enumerate(ys or ())]
+  if not xs or (ys is not None and not ys):
+    raise ValueError("need at least one layer on each side")
+  first = np.shape(arrays[0][2])[:lead]
+  for side, i, x in arrays:
+    shape, dtype = np.shape(x), jnp.result_type(x)
+    if len(shape) < lead:
+      raise ValueError(f"layer {side}[{i}] must be {what}, got shape {shape}")
+    if shape[:lead] != first:
+      raise ValueError(f"all layers must share the leading axes of {what} (same examples): layer "
+                       f"{side}[{i}] has shape {shape}, layer {arrays[0][0]}[0] has "
+                       f"{np.shape(arrays[0][2])}")
+    if int(np.prod(shape[lead:], dtype=np.int64)) == 0 or 0 in shape[:lead]:
+      raise ValueError(f"layer {side}[{i}] is empty: shape {shape}")
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+      raise ValueError(f"layer {side}[{i}] has unsupported dtype {dtype}")
+  k, m = (first[0], first[1]) if stacked else (1, first[0])
+  if m < min_m:
+    raise ValueError(f"unbiased HSIC needs minibatches of m >= {min_m} examples, got m = {m}")
+  return k, m
+
+
+# ---------------------------------------------------------------------------------------------
+# Host half: float64 accumulator state (clu Metric protocol: init = empty, merge, result).
+
+
+_DATA_FIELDS = ("cross", "self_a", "self_b", "cross_sq", "cross_self_a", "cross_self_b",
+                "self_ab", "self_a_sq", "self_b_sq", "scale_a", "scale_b", "num_minibatches",
+                "num_examples", "fingerprint")
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=list(_DATA_FIELDS),
+                   meta_fields=["names_a", "names_b", "intra"])
+@dataclasses.dataclass(frozen=True)
+class CKAState:
+  """Sums over minibatches i of h_ab = HSIC_1(K_ai, L_bi), h_aa, h_bb and their products.
+
+  Fixed size (independent of the number of examples); float64 NumPy leaves, so orbax saves it as
+  is. The second moments give the jackknife error without storing per-minibatch values.
+  """
+  cross: np.ndarray            # [A, B] sum h_ab
+  self_a: np.ndarray           # [A]    sum h_aa
+  self_b: np.ndarray           # [B]    sum h_bb
+  cross_sq: np.ndarray         # [A, B] sum h_ab^2
+  cross_self_a: np.ndarray     # [A, B] sum h_ab h_aa
+  cross_self_b: np.ndarray     # [A, B] sum h_ab h_bb
+  self_ab: np.ndarray          # [A, B] sum h_aa h_bb
+  self_a_sq: np.ndarray        # [A]    sum h_aa^2
+  self_b_sq: np.ndarray        # [B]    sum h_bb^2
+  scale_a: np.ndarray          # [A]    sum tr(K_a)^2/(m(m-3))
+  scale_b: np.ndarray          # [B]
+  num_minibatches: np.ndarray  # []     int64
+  num_examples: np.ndarray     # []     int64
+  fingerprint: np.ndarray      # []     int64 CRC of the layer names: catches restoring into the
+                               #        wrong template (orbax saves arrays, not names)
+  names_a: tuple[str, ...] | None = None
+  names_b: tuple[str, ...] | None = None
+  intra: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class CKAResult:
+  """Minibatch CKA between every layer of side a (rows) and side b (columns)."""
+  cka: np.ndarray          # [A, B] float64
+  stderr: np.ndarray       # [A, B] float64 jackknife-over-minibatches standard error (NaN if k < 2)
+  names_a: tuple[str, ...]
+  names_b: tuple[str, ...]
+  num_minibatches: int
+  num_examples: int
+
+
+def _fingerprint(names_a, names_b, intra, a, b) -> np.ndarray:
+  return np.asarray(zlib.crc32(repr((names_a, names_b, intra, a, b)).encode()), np.int64)
+
+
+def init(num_a: int | Sequence[str], num_b: int | Sequence[str] | None = None) -> CKAState:
+  """An empty state.
+
+  Args:
+    num_a: number of layers on side a, or their names (then dict features are matched by name).
+      With a number, the first dict `update` adopts the dict's keys as names.
+    num_b: the same for side b; None means intra-model CKA (side b is side a).
+  """
+  names_a = None if isinstance(num_a, (int, np.integer)) else tuple(map(str, num_a))
+  a = len(names_a) if names_a is not None else int(num_a)
+  intra = num_b is None
+  if intra:
+    names_b, b = names_a, a
+  else:
+    names_b = None if isinstance(num_b, (int, np.integer)) else tuple(map(str, num_b))
+    b = len(names_b) if names_b is not None else int(num_b)
+  if a < 1 or b < 1:
+    raise ValueError(f"need at least one layer per side, got {a} and {b}")
+  for names in (names_a, names_b):
+    if names is not None and len(set(names)) != len(names):
+      raise ValueError(f"layer names must be unique, got {names}")
+  z = lambda *s: np.zeros(s, np.float64)
+  return CKAState(z(a, b), z(a), z(b), z(a, b), z(a, b), z(a, b), z(a, b), z(a), z(b), z(a),
+                  z(b), np.asarray(0, np.int64), np.asarray(0, np.int64),
+                  _fingerprint(names_a, names_b, intra, a, b), names_a, names_b, intra)
+
+
+def _check_fingerprint(state: CKAState) -> None:
+  a, b = state.cross.shape
+  if int(state.fingerprint) != int(_fingerprint(state.names_a, state.names_b, state.intra, a, b)):
+    raise ValueError(
+        "CKA state does not match its layer names (restored into a template made with other "
+        f"names? template names: {state.names_a}, {state.names_b}); restore into "
+        "init(<the names used when saving>)")
+
+
+def _host(x: Any) -> np.ndarray:
+  """A (possibly multi-process sharded) array as a float64 host array."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(x, np.float64)
+
+
+def accumulate(state: CKAState, terms: HSICTerms) -> CKAState:
+  """Adds the per-minibatch terms of one step (from `minibatch_terms`) in float64.
+
+  With several processes every process must call it (it gathers the tiny sharded terms).
+
+  Raises:
+    ValueError: non-finite terms (NaN/Inf in the features, or float32 overflow), naming the
+      layers; shape mismatch with the state. Nothing is accumulated then.
+  """
+  _check_fingerprint(state)
+  a, b = state.cross.shape
+  t = HSICTerms(*map(_host, terms))
+  if t.cross.shape[-2:] != (a, b) or t.self_a.shape[-1:] != (a,) or t.self_b.shape[-1:] != (b,):
+    raise ValueError(f"terms for a {t.cross.shape[-2:]} layer grid, the state is [{a}, {b}]")
+  valid = t.count.reshape(-1) > 0
+  cross = t.cross.reshape(-1, a, b)[valid]
+  sa, ca = t.self_a.reshape(-1, a)[valid], t.scale_a.reshape(-1, a)[valid]
+  sb, cb = t.self_b.reshape(-1, b)[valid], t.scale_b.reshape(-1, b)[valid]
+  bad_a = ~(np.isfinite(sa).all(0) & np.isfinite(ca).all(0) & np.isfinite(cross).all((0, 2)))
+  bad_b = ~(np.isfinite(sb).all(0) & np.isfinite(cb).all(0) & np.isfinite(cross).all((0, 1)))
+  if bad_a.any() or bad_b.any():
+    na, nb = _names(state)
+    raise ValueError(
+        "non-finite HSIC (NaN/Inf in the features, or float32 overflow); nothing accumulated. "
+        f"Layers a: {[na[i] for i in np.flatnonzero(bad_a)]}, "
+        f"layers b: {[nb[i] for i in np.flatnonzero(bad_b)]}")
+  ein = lambda s, *x: np.einsum(s, *x)
+  return dataclasses.replace(
+      state,
+      cross=state.cross + cross.sum(0),
+      self_a=state.self_a + sa.sum(0),
+      self_b=state.self_b + sb.sum(0),
+      cross_sq=state.cross_sq + ein("kab,kab->ab", cross, cross),
+      cross_self_a=state.cross_self_a + ein("kab,ka->ab", cross, sa),
+      cross_self_b=state.cross_self_b + ein("kab,kb->ab", cross, sb),
+      self_ab=state.self_ab + ein("ka,kb->ab", sa, sb),
+      self_a_sq=state.self_a_sq + (sa * sa).sum(0),
+      self_b_sq=state.self_b_sq + (sb * sb).sum(0),
+      scale_a=state.scale_a + ca.sum(0),
+      scale_b=state.scale_b + cb.sum(0),
+      num_minibatches=state.num_minibatches + int(valid.sum()),
+      num_examples=state.num_examples + int(t.count.reshape(-1)[valid].sum()))
+
+
+def merge(s1: CKAState, s2: CKAState) -> CKAState:
+  """Combines two states of disjoint minibatches (devices, hosts, resumed runs). Associative."""
+  _check_fingerprint(s1)
+  _check_fingerprint(s2)
+  if (s1.names_a, s1.names_b, s1.intra, s1.cross.shape) != (
+      s2.names_a, s2.names_b, s2.intra, s2.cross.shape):
+    raise ValueError(f"cannot merge CKA states over different layers: {s1.names_a} x "
+                     f"{s1.names_b} vs {s2.names_a} x {s2.names_b}")
+  return dataclasses.replace(s1, **{f: getattr(s1, f) + getattr(s2, f)
+                                    for f in _DATA_FIELDS if f != "fingerprint"})
+
+
+def _names(state: CKAState) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  a, b = state.cross.shape
+  return (state.names_a or tuple(map(str, range(a))), state.names_b or tuple(map(str, range(b))))
+
+
+def _ratio(cross, self_a, self_b, scale_a, scale_b, names_a, names_b, lower):
+  """cross / sqrt(self_a self_b) in float64, refusing constant layers, NaN and |CKA| > 1."""
+  self_a, self_b = np.asarray(self_a, np.float64), np.asarray(self_b, np.float64)
+  for side, s, c, names in (("a", self_a, scale_a, names_a), ("b", self_b, scale_b, names_b)):
+    const = ~(s > _CONSTANT_RTOL * np.asarray(c))
+    if const.any():
+      raise ValueError(f"constant layer(s) on side {side} (self-HSIC ~ 0, CKA undefined): "
+                       f"{[names[i] for i in np.flatnonzero(const)]}")
+  cka = np.reshape(cross, (self_a.size, self_b.size)) / np.sqrt(np.outer(self_a, self_b))
+  bad = ~((cka >= lower - _RANGE_ATOL) & (cka <= 1 + _RANGE_ATOL))  # also catches NaN
+  if bad.any():
+    i, j = np.argwhere(bad)[0]
+    raise ValueError(f"CKA out of [{lower}, 1] (or NaN) at {bad.sum()} cell(s), e.g. "
+                     f"({names_a[i]}, {names_b[j]}) = {cka[i, j]}")
+  return np.clip(cka, lower, 1.0)
+
+
+def result(state: CKAState) -> CKAResult:
+  """Divides once: CKA_ab = sum h_ab / sqrt(sum h_aa sum h_bb), plus its jackknife error.
+
+  The error is the first-order (delta-method) jackknife over minibatches: with per-minibatch
+  means a, b of h_aa, h_bb and theta = CKA, the leave-one-minibatch-out values linearise to
+  theta - g.(h_i - mean)/(k-1), g = (1/sqrt(ab), -theta/(2a), -theta/(2b)), and g.mean = 0, so
+  SE^2 = sum_i (g.h_i)^2 / (k(k-1)), a quadratic form in the stored second moments.
+
+  Raises:
+    ValueError: nothing accumulated, a constant layer (named), CKA NaN or outside [-1, 1].
+  """
+  _check_fingerprint(state)
+  k = int(state.num_minibatches)
+  if k == 0:
+    raise ValueError("no minibatches accumulated")
+  names_a, names_b = _names(state)
+  sym = (lambda x: (x + x.T) / 2) if state.intra else (lambda x: x)
+  cka = sym(_ratio(state.cross, state.self_a, state.self_b, state.scale_a, state.scale_b,
+                   names_a, names_b, lower=-1.0))
+  if k < 2:
+    stderr = np.full_like(cka, np.nan)
+  else:
+    a, b = state.self_a[:, None] / k, state.self_b[None, :] / k
+    q = (sym(state.cross_sq) / (a * b)
+         + cka ** 2 * (state.self_a_sq[:, None] / (4 * a * a) + state.self_b_sq[None, :]
+                       / (4 * b * b) + sym(state.self_ab) / (2 * a * b))
+         - cka / np.sqrt(a * b) * (sym(state.cross_self_a) / a + sym(state.cross_self_b) / b))
+    stderr = np.sqrt(np.maximum(q, 0) / (k * (k - 1)))
+  return CKAResult(cka, stderr, names_a, names_b, k, int(state.num_examples))
+
+
+# ---------------------------------------------------------------------------------------------
+# Conveniences for features already in hand.
+
+
+@functools.partial(jax.jit, static_argnames="stacked")
+def _update_terms(xs, ys, stacked):
+  if not stacked:
+    xs = [x[None] for x in xs]
+    ys = None if ys is None else [y[None] for y in ys]
+  return minibatch_terms(xs, ys)
+
+
+def _ordered(feats: Features, names: tuple[str, ...] | None, n: int, side: str):
+  """Feature list in state order, and the names to keep in the state."""
+  if isinstance(feats, Mapping):
+    keys = tuple(map(str, feats))
+    if names is None:
+      names = keys
+    missing = [k for k in names if k not in feats]
+    extra = [k for k in keys if k not in names]
+    if missing or extra:
+      raise KeyError(f"side {side}: layers {missing} missing, unexpected layers {extra}")
+    xs = [feats[k] for k in names]
+  else:
+    xs = list(feats)
+  if len(xs) != n:
+    raise ValueError(f"side {side}: the state has {n} layers, got {len(xs)} feature arrays")
+  return xs, names
+
+
+def update(state: CKAState, feats_a: Features, feats_b: Features | None = None, *,
+           stacked: bool = False) -> CKAState:
+  """Adds minibatches: on-device HSIC terms (jitted), float64 host sums.
+
+  Args:
+    state: from `init` (intra-model iff `init` got no `num_b`).
+    feats_a: A arrays, a sequence or a dict by layer name; each `[m, ...]` (one minibatch) or,
+      with `stacked=True`, `[k, m, ...]` (k minibatches, axis 0 may be sharded over a mesh).
+    feats_b: B arrays of the same examples; None for an intra-model state.
+    stacked: whether axis 0 is the minibatch axis. Shapes alone cannot tell `[k, m, p]` from
+      `[m, h, w]`, hence the flag.
+
+  Raises:
+    ValueError/KeyError: m < 4, different m or k across layers, empty layer, layer count or
+      names not matching the state, NaN/Inf; the state is then unchanged (a new one is returned).
+  """
+  if state.intra != (feats_b is None):
+    raise ValueError("an intra-model state (init(num_a)) takes feats_b=None; a cross-model state "
+                     "(init(num_a, num_b)) needs feats_b")
+  a, b = state.cross.shape
+  xs, names_a = _ordered(feats_a, state.names_a, a, "a")
+  ys, names_b = (None, names_a) if state.intra else _ordered(feats_b, state.names_b, b, "b")
+  if (names_a, names_b) != (state.names_a, state.names_b):  # adopt the first dict's names
+    state = dataclasses.replace(state, names_a=names_a, names_b=names_b,
+                                fingerprint=_fingerprint(names_a, names_b, state.intra, a, b))
+  _check_features(xs, ys, stacked=stacked)
+  return accumulate(state, _update_terms(xs, ys, stacked))
+
+
+def result_from_terms(terms: Iterable[HSICTerms], *, names_a: Sequence[str] | None = None,
+                      names_b: Sequence[str] | None = None,
+                      valid: int | None = None) -> CKAResult:
+  """`result` of the terms of several steps (e.g. one repeat); `valid`: expected minibatches."""
+  state = None
+  for t in terms:
+    if state is None:
+      a, b = np.shape(t.cross)[-2:]
+      state = init(names_a or a, names_b or b)
+    state = accumulate(state, t)
+  if state is None:
+    raise ValueError("no terms given")
+  if valid is not None and int(state.num_minibatches) != valid:
+    raise ValueError(f"expected {valid} valid minibatches, accumulated {state.num_minibatches}")
+  return result(state)
+
+
+def minibatch_cka(batches: Iterable[Any], *, stacked: bool = False) -> np.ndarray:
+  """Minibatch CKA matrix [A, B] (float64) over an iterable of `(feats_a, feats_b)` pairs.
+
+  `feats_b` None is intra-model (the same for every pair); see `update` for the shapes.
+  """
+  state = None
+  for fa, fb in batches:
+    if state is None:
+      na = len(fa)
+      state = init(na) if fb is None else init(na, len(fb))
+    state = update(state, fa, fb, stacked=stacked)
+  if state is None:
+    raise ValueError("no minibatches given")
+  return result(state).cka
