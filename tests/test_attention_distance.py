@@ -58,3 +58,46 @@ def test_shape_errors():
     ad.mean_attention_distance(np.zeros((1, 16, 16)), (4, 4), 8, has_cls=False)
   with pytest.raises(KeyError, match="attn_weights"):
     ad.block_attention_distances({"block00/sa": np.zeros(1)}, (4, 4), 8, has_cls=False)
+
+
+def _context(tmp_path, names=("ViT-smoke_8", "ViT-smoke_8-gap")):
+  import jax
+  from vit_analysis import data, models, sharding
+  from vit_analysis.analyses import base
+  loaded = {}
+  for i, name in enumerate(names):
+    module = models.create_model(name, 10)
+    variables = jax.jit(module.init)(jax.random.key(i), np.zeros((1, 32, 32, 3), np.float32))
+    loaded[f"m{i}"] = base.LoadedModel(f"m{i}", name, module, variables, 32)
+  rng = np.random.default_rng(0)
+  src = data.ArraySource(rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8),
+                         np.arange(10) % 10, 10)
+  return base.Context(str(tmp_path), loaded, {"test": src}, sharding.make_mesh())
+
+
+def test_run_matches_direct_computation_on_all_images(tmp_path):
+  import ml_collections
+  import jax
+  from vit_analysis import data
+  from vit_analysis.analyses import get
+  ctx = _context(tmp_path)
+  config = ml_collections.ConfigDict({"attention_distance": {
+      "split": "test", "num_images": 7, "batch_size": 4, "seed": 3}})  # 7 = 4 + 3 padded.
+  result = get("attention_distance")(config, ctx)
+  saved = np.load(tmp_path / "results" / "attention_distance.npz")
+  assert sorted(saved.files) == ["m0", "m1"]
+  for key, has_cls in (("m0", True), ("m1", False)):
+    m = ctx.models[key]
+    idx = np.random.default_rng(3).permutation(10)[:7]
+    images = data.preprocess(np.stack([ctx.sources["test"][int(i)]["image"] for i in idx]), 32)
+    _, out = m.module.apply(m.variables, images, train=False)
+    direct = np.stack([np.asarray(ad.mean_attention_distance(
+        out[f"block{b:02d}/attn_weights"], (4, 4), 8, has_cls=has_cls)).mean(0)
+        for b in range(2)])
+    assert saved[key].shape == (2, 2)
+    np.testing.assert_allclose(saved[key], direct, rtol=1e-4)
+    # Random init attends almost uniformly: close to uniform attention's distance (CLS mass lost).
+    assert 0.5 * 8 * 1.8 < saved[key].mean() < 8 * 2.5
+  assert result.metrics["m0"]["num_images"] == 7
+  assert all((tmp_path / f).exists() for f in result.figures)
+  assert (tmp_path / "results" / "attention_distance.json").exists()

@@ -59,3 +59,20 @@ def test_mass_summaries():
   assert rf.mass_radius(np.ones((31, 31)), 0.5) > 8
   with pytest.raises(ValueError, match="NaN"):
     rf.mass_area_fraction(np.full((2, 2), np.nan))
+
+
+def test_several_layers_in_one_pass_equal_separate_passes():
+  rng = np.random.default_rng(1)
+  k1 = jnp.asarray(rng.normal(size=(3, 3, 3, 3)), jnp.float32)
+  k2 = jnp.asarray(rng.normal(size=(3, 3, 3, 2)), jnp.float32)
+  conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  both = lambda x: {"a": rf.centre_activations(conv(x, k1)),
+                    "b": rf.centre_activations(conv(jnp.tanh(conv(x, k1)), k2))}
+  images = jnp.asarray(rng.normal(size=(2, 7, 7, 3)), jnp.float32)
+  for per_channel in (True, False):
+    together = rf.erf_sum(both, images, per_channel=per_channel, channel_chunk=2)
+    for name in ("a", "b"):
+      alone = rf.erf_sum(lambda x: both(x)[name], images, per_channel=per_channel)
+      np.testing.assert_allclose(together[name], alone, rtol=1e-5, atol=1e-7)
+    assert np.count_nonzero(together["b"]) == 25  # Two stacked 3x3 convs: a 5x5 support.

@@ -93,3 +93,157 @@ def block_attention_distances(out: dict[str, jax.Array], grid: tuple[int, int],
   return jnp.stack([
       mean_attention_distance(out[n], grid, patch_size, has_cls=has_cls, renormalize=renormalize)
       for n in names], axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming over images (shared by the mechanism analyses: attention distance, ERFs, skip norms).
+
+
+class _Subset:
+  """The first `n` examples of a seeded permutation of a source (random access)."""
+
+  def __init__(self, src, n: int, seed: int):
+    self.src, self.num_classes = src, getattr(src, "num_classes", None)
+    self.indices = np.random.default_rng(seed).permutation(len(src))[:n]
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i: int):
+    return self.src[int(self.indices[i])]
+
+
+def stream_sums(step_fn, variables: Any, source, *, num_images: int, batch_size: int,
+                image_size: int, mesh: jax.sharding.Mesh, seed: int = 0,
+                desc: str = "") -> tuple[Any, dict[str, float]]:
+  """Sums `step_fn(variables, images, mask)` over `num_images` images streamed in batches.
+
+  The images are a seeded sample of `source`, preprocessed to `image_size`, cut into global
+  batches split over the mesh (the last batch padded and masked), so memory is bounded by one
+  batch whatever `num_images` is. `step_fn` must be jitted and return per-batch SUMS weighted by
+  `mask` ([b] float32, 0 on padding); the sums stay on device until the end.
+
+  Returns:
+    (host NumPy pytree of the sums, {'num_images', 'seconds', 'examples_per_s'}).
+  """
+  from vit_analysis import data  # pylint: disable=g-import-not-at-top
+
+  num_images = min(int(num_images), len(source))
+  if num_images <= 0:
+    raise ValueError(f"num_images must be positive (source has {len(source)} images)")
+  per = jax.device_count()
+  batch_size = -(-max(1, min(int(batch_size), num_images)) // per) * per
+  subset = _Subset(source, num_images, seed)
+  it = data.batches(subset, batch_size, seed=seed, shuffle=False, drop_remainder=False,
+                    image_size=image_size)
+  params = sharding.replicate(variables, mesh)
+  total, done, start, last_log = None, 0, time.time(), time.time()
+  for batch in it:
+    images, mask = sharding.shard_batch(
+        (batch["image"], np.asarray(batch["mask"], np.float32)), mesh)
+    sums = step_fn(params, images, mask)
+    total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+    done += int(np.asarray(batch["mask"]).sum()) * jax.process_count()
+    if time.time() - last_log > 10:
+      jax.block_until_ready(total)
+      rate = done / (time.time() - start)
+      logging.info("%s: %d/%d images, %.1f examples/s, ETA %.0f s", desc, done, num_images,
+                   rate, (num_images - done) / max(rate, 1e-9))
+      last_log = time.time()
+  total = jax.tree.map(np.asarray, jax.device_get(total))
+  seconds = time.time() - start
+  stats = {"num_images": float(done), "seconds": seconds,
+           "examples_per_s": done / max(seconds, 1e-9)}
+  logging.info("%s: %d images in %.1f s (%.1f examples/s)", desc, done, seconds,
+               stats["examples_per_s"])
+  return total, stats
+
+
+def is_vit(module) -> bool:
+  """ViTs expose `num_heads` and `patch_size` (contracts.md)."""
+  return hasattr(module, "num_heads") and hasattr(module, "patch_size")
+
+
+def model_distances(model: base.LoadedModel, source, mesh, *, num_images: int, batch_size: int,
+                    seed: int = 0, renormalize: bool = False,
+                    unit: str = "pixels") -> tuple[np.ndarray, dict[str, float]]:
+  """Mean attention distance of every head of every block of a ViT, averaged over images.
+
+  Returns:
+    ([L, H] float64 distances, streaming stats).
+  """
+  from vit_analysis import capture  # pylint: disable=g-import-not-at-top
+
+  module = model.module
+  if not is_vit(module):
+    raise ValueError(f"model {model.key!r} ({model.name}) is not a ViT (no num_heads/patch_size)")
+  if unit not in ("pixels", "patches"):
+    raise ValueError(f"unit must be 'pixels' or 'patches', got {unit!r}")
+  side = model.image_size // module.patch_size
+  grid, has_cls = (side, side), module.classifier == "token"
+  step = 1.0 if unit == "patches" else float(module.patch_size)
+  fn = capture.make_capture_fn(module, "block*/attn_weights")
+
+  @jax.jit
+  def step_fn(variables, images, mask):
+    d = block_attention_distances(fn(variables, images), grid, step, has_cls=has_cls,
+                                  renormalize=renormalize)  # [b, L, H]
+    return {"sum": jnp.einsum("blh,b->lh", d, mask), "count": mask.sum()}
+
+  sums, stats = stream_sums(step_fn, model.variables, source, num_images=num_images,
+                            batch_size=batch_size, image_size=model.image_size, mesh=mesh,
+                            seed=seed, desc=f"attention distance {model.key}")
+  return np.asarray(sums["sum"], np.float64) / float(sums["count"]), stats
+
+
+def run(config, ctx: base.Context) -> base.AnalysisResult:
+  """Attention distances of every ViT in `ctx.models` (Figs 3, 4, C.5, C.6).
+
+  Sub-config `config.attention_distance`: split, num_images (paper 5000), batch_size, seed,
+  models (keys; empty = every ViT), renormalize, unit ('pixels' | 'patches'), blocks (for the
+  sorted-heads figure; empty = first two and last two).
+  """
+  from vit_analysis import plotting  # pylint: disable=g-import-not-at-top
+  from vit_analysis.plotting import mechanisms  # pylint: disable=g-import-not-at-top
+
+  cfg = config.attention_distance
+  start = time.time()
+  keys = list(cfg.get("models", ()) or [k for k, m in ctx.models.items() if is_vit(m.module)])
+  if not keys:
+    raise ValueError(f"attention_distance needs a ViT; models are {list(ctx.models)}")
+  source = ctx.sources[cfg.get("split", "test")]
+  distances, metrics = {}, {}
+  for key in keys:
+    if key not in ctx.models:
+      raise KeyError(f"attention_distance: unknown model {key!r}; known: {list(ctx.models)}")
+    d, stats = model_distances(
+        ctx.models[key], source, ctx.mesh, num_images=cfg.get("num_images", 5000),
+        batch_size=cfg.get("batch_size", 64), seed=cfg.get("seed", 0),
+        renormalize=cfg.get("renormalize", False), unit=cfg.get("unit", "pixels"))
+    distances[key] = d
+    metrics[key] = {
+        "block0_min_head": float(d[0].min()), "block0_max_head": float(d[0].max()),
+        "last_block_mean": float(d[-1].mean()), "per_block_mean": d.mean(1).round(3).tolist(),
+        "num_images": stats["num_images"], "examples_per_s": round(stats["examples_per_s"], 2)}
+  figures = []
+  if sharding.is_main_process():
+    np.savez(ctx.path("results", "attention_distance.npz"), **distances)
+    unit = cfg.get("unit", "pixels")
+    labels = {k: f"{k} ({ctx.models[k].name})" for k in keys}
+    fig = mechanisms.attention_distance_scatter({labels[k]: distances[k] for k in keys}, unit=unit)
+    figures.append(plotting.save_figure(fig, ctx.path("figures", "attention_distance")))
+    fig = mechanisms.attention_distance_sorted({labels[k]: distances[k] for k in keys},
+                                               blocks=tuple(cfg.get("blocks", ()) or ()), unit=unit)
+    figures.append(plotting.save_figure(fig, ctx.path("figures", "attention_distance_sorted")))
+    figures = [f[len(ctx.workdir):].lstrip("/") if f.startswith(ctx.workdir) else f
+               for f in figures]
+  result = base.AnalysisResult(
+      name="attention_distance", title="Mean attention distance per head (Figs 3, 4, C.5, C.6)",
+      caption=("Each point is one head: the attention-weighted mean distance between query and "
+               "key patches, averaged over queries and images. The paper finds both local and "
+               "global heads in the lowest blocks of large-data ViTs (none local when trained on "
+               "ImageNet only for L/H), and only global heads at the top."),
+      figures=figures, metrics=metrics, seconds=time.time() - start)
+  if sharding.is_main_process():
+    base.save_result(ctx, result)
+  return result

@@ -55,16 +55,18 @@ def centre_activations(features: jax.Array, *, grid: tuple[int, int] | None = No
   return features[:, index, :]
 
 
-def erf_sum(centre_fn: Callable[[jax.Array], jax.Array], images: jax.Array,
+def erf_sum(centre_fn: Callable[[jax.Array], Any], images: jax.Array,
             mask: jax.Array | None = None, *, per_channel: bool = True,
-            channel_chunk: int = 16, rgb_reduce: str = "mean") -> jax.Array:
-  """Sum over the images of a batch of each image's ERF.
+            channel_chunk: int = 16, rgb_reduce: str = "mean") -> Any:
+  """Sum over the images of a batch of each image's ERF, for one or several layers at once.
 
   Images must not interact in `centre_fn` (true for eval-mode ViT/ResNet/Mixer: LayerNorm and
   GroupNorm are per example), so the gradient of sum_b F[b, c] w.r.t. x[b] is image b's own.
+  Several layers share one forward pass: their centre channels are concatenated, pulled back in
+  chunks, and each channel's |gradient| is added to its own layer's map.
 
   Args:
-    centre_fn: images [b, H, W, C] -> centre activations [b, c].
+    centre_fn: images [b, H, W, C] -> centre activations [b, c], or a dict name -> [b, c_name].
     images: [b, H, W, C].
     mask: [b] 1 for real images, 0 for padding (padded images contribute nothing).
     per_channel: mean over c of |dF_c/dx| (paper default); else |d(mean_c F_c)/dx|.
@@ -72,36 +74,60 @@ def erf_sum(centre_fn: Callable[[jax.Array], jax.Array], images: jax.Array,
     rgb_reduce: 'mean' or 'sum' over the input colour channels.
 
   Returns:
-    [H, W] float32, sum over the (unmasked) images.
+    [H, W] float32 sum over the (unmasked) images; a dict of them if `centre_fn` returns one.
   """
   if images.ndim != 4:
     raise ValueError(f"images must be [b, H, W, C], got shape {images.shape}")
   if rgb_reduce not in ("mean", "sum"):
     raise ValueError(f"rgb_reduce must be 'mean' or 'sum', got {rgb_reduce!r}")
   reduce_rgb = jnp.mean if rgb_reduce == "mean" else jnp.sum
-  centre, vjp_fn = jax.vjp(centre_fn, images)
-  if centre.ndim != 2:
-    raise ValueError(f"centre_fn must return [b, c], got shape {centre.shape}")
-  b, c = centre.shape
+  shapes = jax.eval_shape(centre_fn, images)
+  single = not isinstance(shapes, dict)
+  names = ["_"] if single else sorted(shapes)
+  shapes = {"_": shapes} if single else shapes
+  for n in names:
+    if len(shapes[n].shape) != 2:
+      raise ValueError(f"centre_fn must return [b, c], got {n}: {shapes[n].shape}")
+  widths = [shapes[n].shape[1] for n in names]
+  num_layers, c = len(names), sum(widths)
+
+  def flat_fn(x):
+    out = centre_fn(x)
+    return jnp.concatenate([out if single else out[n] for n in names], axis=1)
+
+  centre, vjp_fn = jax.vjp(flat_fn, images)  # centre: [b, c], all layers' channels.
+  b = centre.shape[0]
   weight = jnp.ones((b,), centre.dtype) if mask is None else mask.astype(centre.dtype)
+  layer_of = np.repeat(np.arange(num_layers), widths)  # [c] layer id of each channel.
+  inv_width = jnp.asarray(1.0 / np.asarray(widths, np.float64), jnp.float32)  # [L]
 
   if not per_channel:
-    (grad,) = vjp_fn(jnp.broadcast_to(weight[:, None] / c, (b, c)))
-    return reduce_rgb(jnp.abs(grad), axis=-1).sum(0)
+    # One pull-back per layer of the channel mean: cotangent 1/c_l on layer l's channels.
+    cot = jax.nn.one_hot(layer_of, num_layers, dtype=centre.dtype).T * inv_width[:, None]
+    (grads,) = jax.vmap(vjp_fn)(cot[:, None, :] * weight[None, :, None])  # [L, b, H, W, C]
+    total = reduce_rgb(jnp.abs(grads), axis=-1).sum(1)
+  else:
+    chunk = max(1, min(int(channel_chunk), c))
+    num_chunks = -(-c // chunk)
+    # Padded channel ids are -1: one_hot gives a zero cotangent and a zero layer assignment.
+    ids = np.full((num_chunks * chunk,), -1, np.int32)
+    ids[:c] = np.arange(c)
+    lids = np.full((num_chunks * chunk,), -1, np.int32)
+    lids[:c] = layer_of
 
-  chunk = max(1, min(int(channel_chunk), c))
-  num_chunks = -(-c // chunk)
-  # Padded channel ids are -1: one_hot gives a zero cotangent, hence a zero gradient.
-  ids = jnp.full((num_chunks * chunk,), -1, jnp.int32).at[:c].set(jnp.arange(c, dtype=jnp.int32))
+    def body(total, xs):
+      chunk_ids, chunk_layers = xs
+      cot = jax.nn.one_hot(chunk_ids, c, dtype=centre.dtype)[:, None, :] * weight[None, :, None]
+      (grads,) = jax.vmap(vjp_fn)(cot)  # [chunk, b, H, W, C]
+      per_channel_map = reduce_rgb(jnp.abs(grads), axis=-1).sum(1)  # [chunk, H, W]
+      to_layer = jax.nn.one_hot(chunk_layers, num_layers, dtype=jnp.float32)  # [chunk, L]
+      return total + jnp.einsum("khw,kl->lhw", per_channel_map, to_layer), None
 
-  def body(total, chunk_ids):
-    cot = jax.nn.one_hot(chunk_ids, c, dtype=centre.dtype)[:, None, :] * weight[None, :, None]
-    (grads,) = jax.vmap(vjp_fn)(cot)  # [chunk, b, H, W, C]
-    return total + reduce_rgb(jnp.abs(grads), axis=-1).sum((0, 1)), None
-
-  total = jnp.zeros(images.shape[1:3], jnp.float32)
-  total, _ = jax.lax.scan(body, total, ids.reshape(num_chunks, chunk))
-  return total / c
+    total = jnp.zeros((num_layers,) + images.shape[1:3], jnp.float32)
+    xs = (jnp.asarray(ids.reshape(num_chunks, chunk)), jnp.asarray(lids.reshape(num_chunks, chunk)))
+    total, _ = jax.lax.scan(body, total, xs)
+    total = total * inv_width[:, None, None]
+  return total[0] if single else {n: total[i] for i, n in enumerate(names)}
 
 
 def mass_area_fraction(erf: np.ndarray, fraction: float = 0.5) -> float:
