@@ -1,0 +1,322 @@
+"""Data-parallel training and fine-tuning with optax, resumable through orbax.
+
+One loop trains every model of the package (ViT, ResNet, Mixer, skip-removed ViTs) and
+fine-tunes official checkpoints. The train state (step, params, optimizer state) and the input
+iterator's position are saved together by an orbax CheckpointManager, and the per-step
+randomness is `fold_in(key, step)`, so a run that is killed and restarted with the same workdir
+continues from its last checkpoint and ends at the same parameters as an uninterrupted run.
+Metrics go to the absl log and to `workdir/metrics.jsonl` (clu's writers import TensorFlow).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from vit_analysis import config_lib
+from vit_analysis import data as data_lib
+from vit_analysis import sharding
+
+
+@dataclasses.dataclass
+class TrainOutcome:
+  """What `train` returns.
+
+  Attributes:
+    params: the final (or, when interrupted, current) parameters, replicated on the mesh.
+    step: steps done. finished: step == total steps.
+    test_accuracy: top-1 on the test source at the end (None if interrupted).
+    seconds: wall time of this call.
+  """
+  params: Any
+  step: int
+  total_steps: int
+  finished: bool
+  test_accuracy: float | None
+  seconds: float
+
+
+def effective_config(defaults: ml_collections.ConfigDict | None,
+                     overrides: Any = None) -> ml_collections.ConfigDict:
+  """`config_lib.train_defaults()` updated by `defaults` then `overrides`; unknown keys → KeyError."""
+  merged = config_lib.train_defaults().to_dict()
+  for layer, label in ((defaults, "config.train"), (overrides, "model train")):
+    layer = {} if layer is None else dict(layer)
+    unknown = sorted(set(layer) - set(merged))
+    if unknown:
+      raise KeyError(f"unknown train keys {unknown} in {label}; known: {sorted(merged)}")
+    merged.update(layer)
+  if merged["optimizer"] not in ("adamw", "sgd"):
+    raise ValueError(f"unknown optimizer {merged['optimizer']!r}; use 'adamw' or 'sgd'")
+  return ml_collections.ConfigDict(merged)
+
+
+def total_steps(cfg: ml_collections.ConfigDict, num_train: int) -> int:
+  """num_steps, or num_epochs passes over `num_train` examples."""
+  if cfg.num_steps:
+    return int(cfg.num_steps)
+  return max(1, int(round(cfg.num_epochs * num_train / cfg.batch_size)))
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, steps: int) -> optax.GradientTransformation:
+  """Clip → AdamW or SGD-momentum (+ decoupled weight decay on kernels only), warmup + cosine."""
+  warmup = min(int(cfg.warmup_steps), max(steps - 1, 0))
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, cfg.learning_rate, warmup, max(steps, warmup + 1), end_value=0.0)
+  # Decay only matrices/kernels, not biases, norm scales, position embeddings' 1-D parts.
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  if cfg.optimizer == "adamw":
+    opt = optax.adamw(schedule, b1=cfg.momentum, b2=cfg.b2, weight_decay=cfg.weight_decay,
+                      mask=decay_mask)
+  else:
+    opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay, decay_mask),
+                      optax.sgd(schedule, momentum=cfg.momentum))
+  clip = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm else []
+  return optax.chain(*clip, opt), schedule
+
+
+def random_shift(images: jax.Array, key: jax.Array, max_shift: int) -> jax.Array:
+  """Translates each image by up to ±max_shift pixels, filling with -1 (black).
+
+  images: [b, h, w, c] in [-1, 1].
+  """
+  b, h, w, c = images.shape
+  padded = jnp.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)),
+                   constant_values=-1.0)
+  offsets = jax.random.randint(key, (b, 2), 0, 2 * max_shift + 1)
+  crop = lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c))
+  return jax.vmap(crop)(padded, offsets)
+
+
+def _loss(logits, labels, num_classes, label_smoothing):
+  onehot = jax.nn.one_hot(labels, num_classes)
+  targets = onehot * (1.0 - label_smoothing) + label_smoothing / num_classes
+  return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+def _key(seed: int, stream: int) -> jax.Array:
+  # RBG keys (XLA's RngBitGenerator) compile several times faster than threefry on XLA:CPU,
+  # which dominates the start-up of small models; they are deterministic on a given backend.
+  return jax.random.fold_in(jax.random.key(seed, impl="rbg"), stream)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_train_step(module, cfg_json, num_classes, steps, seed, mesh):
+  cfg = ml_collections.ConfigDict(json.loads(cfg_json))
+  tx, _ = make_optimizer(cfg, steps)
+  return make_train_step(module, tx, cfg, num_classes, _key(seed, 1), mesh)
+
+
+def make_train_step(module: nn.Module, tx: optax.GradientTransformation,
+                    cfg: ml_collections.ConfigDict, num_classes: int, key: jax.Array,
+                    mesh: jax.sharding.Mesh):
+  """Jitted `(state, batch) -> (state, metrics)`; state = {'step', 'params', 'opt_state'}.
+
+  The randomness of step s (augmentation, dropout) is `fold_in(key, s)`, so a resumed run
+  draws exactly what an uninterrupted one would.
+  """
+
+  def step_fn(state, batch):
+    step_key = jax.random.fold_in(key, state["step"])
+    aug_key, dropout_key = jax.random.split(step_key)
+    images = batch["image"]
+    if cfg.augment_shift:
+      images = random_shift(images, aug_key, int(cfg.augment_shift))
+
+    def loss_fn(params):
+      logits, _ = module.apply({"params": params}, images, train=True,
+                               rngs={"dropout": dropout_key})
+      return _loss(logits, batch["label"], num_classes, cfg.label_smoothing), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+               "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+  rep = sharding.replicated(mesh)
+  return jax.jit(step_fn, out_shardings=(rep, rep), donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=16)
+def _eval_counts(module):
+
+  @jax.jit
+  def counts(params, batch):
+    logits, _ = module.apply({"params": params}, batch["image"], train=False)
+    hit = (jnp.argmax(logits, -1) == batch["label"]) & batch["mask"]
+    return hit.sum(), batch["mask"].sum()
+
+  return counts
+
+
+def evaluate(module: nn.Module, params: Any, src, *, image_size: int, batch_size: int,
+             mesh: jax.sharding.Mesh) -> float:
+  """Top-1 accuracy of `module` on every example of `src` (last batch padded and masked)."""
+  counts = _eval_counts(module)
+  correct = seen = 0
+  for batch in data_lib.batches(src, batch_size, seed=0, shuffle=False, num_epochs=1,
+                                drop_remainder=False, image_size=image_size):
+    c, n = counts(params, sharding.shard_batch(batch, mesh))
+    correct, seen = correct + int(c), seen + int(n)
+  if seen != len(src):
+    raise RuntimeError(f"evaluated {seen} examples of {len(src)}")
+  return correct / seen
+
+
+def init_params(module: nn.Module, image_size: int, seed: int) -> Any:
+  """Fresh parameters, deterministic in `seed`."""
+  return _cached_init(module, image_size)(_key(seed, 0))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_init(module, image_size):
+  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  return jax.jit(lambda k: module.init({"params": k}, images, train=False)["params"])
+
+
+class _MetricsLog:
+  """Appends JSON lines to `path` (process 0 only); on resume drops lines past the restored step."""
+
+  def __init__(self, path: str, resume_step: int):
+    self.path = path
+    self.enabled = sharding.is_main_process()
+    if self.enabled and os.path.exists(path):
+      with open(path) as f:
+        kept = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+      with open(path, "w") as f:
+        f.writelines(kept)
+
+  def write(self, record: dict[str, Any]) -> None:
+    if self.enabled:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _format_seconds(s: float) -> str:
+  s = int(s)
+  return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def train(module: nn.Module, train_config: ml_collections.ConfigDict, *, train_source,
+          test_source, image_size: int, mesh: jax.sharding.Mesh, workdir: str, seed: int,
+          params: Any = None, name: str = "model",
+          interrupt_at_step: int | None = None) -> TrainOutcome:
+  """Trains (or resumes, or just restores) `module` in `workdir`.
+
+  Args:
+    module: a Flax module with `apply(variables, images, train) -> (logits, out)`.
+    train_config: an effective train config (`effective_config`).
+    train_source, test_source: data sources (test is evaluated each epoch and at the end).
+    image_size: side of the preprocessed images.
+    mesh: 1-D data mesh; the global batch is split over its devices.
+    workdir: holds `ckpt/` (orbax), `metrics.jsonl` and, once finished, `summary.json`.
+    seed: fixes initialisation, data order, augmentation and dropout.
+    params: initial parameters (fine-tuning); default a fresh init from `seed`.
+    name: label for the log lines.
+    interrupt_at_step: test hook that simulates a kill: stop right after this step, with no
+      checkpoint beyond the periodic ones.
+  Returns:
+    TrainOutcome; when `workdir` already holds the final checkpoint, nothing is trained.
+  """
+  start_time = time.time()
+  cfg = train_config
+  num_classes = int(train_source.num_classes)
+  steps = total_steps(cfg, len(train_source))
+  steps_per_epoch = max(1, len(train_source) // cfg.batch_size)
+  eval_every = cfg.eval_every_steps or steps_per_epoch
+  tx, schedule = make_optimizer(cfg, steps)
+  if params is None:
+    params = init_params(module, image_size, seed)
+  rep = sharding.replicated(mesh)
+  state = jax.device_put({"step": jnp.zeros((), jnp.int32), "params": params,
+                          "opt_state": tx.init(params)}, rep)
+
+  os.makedirs(workdir, exist_ok=True)
+  manager = ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "ckpt")),
+      options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True))
+  it = data_lib.batches(train_source, cfg.batch_size, seed=seed, shuffle=True, num_epochs=None,
+                        image_size=image_size)
+  latest = manager.latest_step()
+  if latest is not None:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), state)
+    restored = manager.restore(latest, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+    state = restored["state"]
+    it.set_state(restored["data"])
+    logging.info("[%s] resumed from step %d of %d in %s", name, latest, steps, workdir)
+  step = int(state["step"])
+  summary_path = os.path.join(workdir, "summary.json")
+  if step >= steps:  # finished earlier: only restore
+    manager.close()
+    if os.path.exists(summary_path):
+      with open(summary_path) as f:
+        acc = json.load(f)["test_accuracy"]
+    else:  # e.g. killed between the last save and the summary
+      acc = evaluate(module, state["params"], test_source, image_size=image_size,
+                     batch_size=cfg.eval_batch_size, mesh=mesh)
+    return TrainOutcome(state["params"], step, steps, True, acc, time.time() - start_time)
+
+  log = _MetricsLog(os.path.join(workdir, "metrics.jsonl"), step)
+  train_step = _cached_train_step(module, json.dumps(cfg.to_dict(), sort_keys=True),
+                                  num_classes, steps, seed, mesh)
+
+  def save(step):
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(it.get_state())))
+
+  def run_eval(step):
+    acc = evaluate(module, state["params"], test_source, image_size=image_size,
+                   batch_size=cfg.eval_batch_size, mesh=mesh)
+    log.write({"step": step, "epoch": step / steps_per_epoch, "test_accuracy": acc})
+    logging.info("[%s] step %d (epoch %.2f): test accuracy %.4f", name, step,
+                 step / steps_per_epoch, acc)
+    return acc
+
+  first_step, tick, tick_step, acc = step, time.time(), step, None
+  while step < steps:
+    state, metrics = train_step(state, sharding.shard_batch(next(it), mesh))
+    step += 1
+    if step % cfg.log_every_steps == 0 or step == steps:
+      metrics = jax.tree.map(float, jax.device_get(metrics))
+      now = time.time()
+      rate = (step - tick_step) * cfg.batch_size / max(now - tick, 1e-9)
+      eta = (steps - step) * cfg.batch_size / max(rate, 1e-9)
+      tick, tick_step = now, step
+      log.write({"step": step, "lr": float(schedule(step - 1)), "examples_per_sec": rate,
+                 **{f"train_{k}": v for k, v in metrics.items()}})
+      logging.info("[%s] step %d/%d loss %.4f acc %.3f lr %.2e | %.0f ex/s | ETA %s", name, step,
+                   steps, metrics["loss"], metrics["accuracy"], float(schedule(step - 1)), rate,
+                   _format_seconds(eta))
+    if step % cfg.checkpoint_every_steps == 0 and step < steps:
+      save(step)
+    if interrupt_at_step is not None and step >= interrupt_at_step and step < steps:
+      manager.wait_until_finished()
+      manager.close()
+      return TrainOutcome(state["params"], step, steps, False, None, time.time() - start_time)
+    if step % eval_every == 0 or step == steps:
+      acc = run_eval(step)
+  save(step)
+  manager.wait_until_finished()
+  manager.close()
+  seconds = time.time() - start_time
+  if sharding.is_main_process():
+    with open(summary_path, "w") as f:
+      json.dump({"test_accuracy": acc, "steps": steps, "seconds_last_run": seconds,
+                 "steps_last_run": step - first_step}, f)
+  logging.info("[%s] done: %d steps, test accuracy %.4f, %.1f s", name, steps, acc, seconds)
+  return TrainOutcome(state["params"], step, steps, True, acc, seconds)
