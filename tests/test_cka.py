@@ -1,4 +1,6 @@
 """vit_analysis.cka against float64 NumPy references written from the equations (paper.md §1)."""
+import dataclasses
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -166,3 +168,157 @@ def test_invariances():
     assert abs(cka.linear_cka(x @ q, y, debiased=debiased) - base) < TOL
     assert abs(cka.linear_cka(x + 5.0, y, debiased=debiased) - base) < TOL
     assert abs(cka.linear_cka(x @ a, y, debiased=debiased) - base) > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# The accumulator. One feature layout for every test below keeps compilations few.
+
+K, M = 6, 8
+
+
+def _layers(seed, k=K):
+  """Side a: two layers [k, m, 6] and [k, m, 3, 4]; side b: one layer [k, m, 5]."""
+  rng = np.random.default_rng(seed)
+  z = rng.normal(size=(k, M, 3))
+  a0 = z @ rng.normal(size=(3, 6)) + rng.normal(size=(k, M, 6)) + 10.0
+  a1 = (np.tanh(z @ rng.normal(size=(3, 12))) + 0.3 * rng.normal(size=(k, M, 12)))
+  b0 = z[..., :2] @ rng.normal(size=(2, 5)) + rng.normal(size=(k, M, 5))
+  a1 = a1.reshape(k, M, 3, 4)
+  return [v.astype(np.float32) for v in (a0, a1, b0)]
+
+
+def _ref_cells(feats_a, feats_b):
+  """Reference minibatch CKA [A, B] and per-minibatch HSIC [k, A, B, 3] of stacked features."""
+  cells = [[ref_minibatch_cka(list(x.astype(np.float64)), list(y.astype(np.float64)))
+            for y in feats_b] for x in feats_a]
+  return (np.array([[c[0] for c in row] for row in cells]),
+          np.array([[c[1] for c in row] for row in cells]).transpose(2, 0, 1, 3))
+
+
+def test_accumulator_dicts_stacked_intra_against_reference():
+  a0, a1, b0 = _layers(0)
+  ref, _ = _ref_cells([a0, a1], [b0])
+  # One minibatch at a time, dict keys in another order than the state's names.
+  state = cka.init(["a0", "a1"], ["b0"])
+  for i in range(K):
+    state = cka.update(state, {"a1": a1[i], "a0": a0[i]}, {"b0": b0[i]})
+  res = cka.result(state)
+  assert (res.names_a, res.names_b) == (("a0", "a1"), ("b0",))
+  assert (res.num_minibatches, res.num_examples) == (K, K * M)
+  np.testing.assert_allclose(res.cka, ref, rtol=0, atol=TOL)
+  # A stacked global step [k, m, ...] gives the same.
+  stacked = cka.result(cka.update(cka.init(2, 1), [a0, a1], [b0], stacked=True))
+  np.testing.assert_allclose(stacked.cka, ref, rtol=0, atol=TOL)
+  # Intra-model: symmetric, unit diagonal, off-diagonal = reference(a0, a1).
+  intra = cka.result(cka.update(cka.init(["a0", "a1"]), [a0, a1], stacked=True))
+  ref_intra, _ = _ref_cells([a0], [a1])
+  assert intra.cka.shape == (2, 2) and intra.names_b == ("a0", "a1")
+  np.testing.assert_allclose(np.diag(intra.cka), 1.0, rtol=0, atol=TOL)
+  assert intra.cka[0, 1] == intra.cka[1, 0]
+  assert abs(intra.cka[0, 1] - ref_intra[0, 0]) < TOL
+  # A state made with a count adopts the names of the first dict.
+  named = cka.update(cka.init(2), {"x": a0[0], "y": a1[0]})
+  assert cka.result(named).names_a == ("x", "y")
+
+
+def test_terms_in_user_jit_mask_and_merge():
+  a0, a1, b0 = _layers(0)
+  step = jax.jit(lambda fa, fb, mask: cka.minibatch_terms(fa, fb, mask=mask))
+  mask = np.array([1, 1, 1, 0, 0, 0], np.float32)
+  terms = step([a0, a1], [b0], mask)
+  assert terms.cross.shape == (K, 2, 1) and terms.self_a.shape == (K, 2)
+  first3 = cka.update(cka.init(2, 1), [a0[:3], a1[:3]], [b0[:3]], stacked=True)
+  masked = cka.accumulate(cka.init(2, 1), terms)
+  assert int(masked.num_minibatches) == 3 and int(masked.num_examples) == 3 * M
+  np.testing.assert_allclose(cka.result(masked).cka, cka.result(first3).cka, rtol=0, atol=1e-12)
+  # merge is associative and equals one pass.
+  full = cka.accumulate(cka.init(2, 1), step([a0, a1], [b0], np.ones(K, np.float32)))
+  parts = [cka.accumulate(cka.init(2, 1), step([a0, a1], [b0], (np.arange(K) // 2 == j) * 1.0))
+           for j in range(3)]
+  left = cka.merge(cka.merge(parts[0], parts[1]), parts[2])
+  right = cka.merge(parts[0], cka.merge(parts[1], parts[2]))
+  for f in cka._DATA_FIELDS:
+    np.testing.assert_allclose(getattr(left, f), getattr(full, f), rtol=1e-12, atol=0)
+    np.testing.assert_allclose(getattr(right, f), getattr(full, f), rtol=1e-12, atol=0)
+  # result_from_terms: the similarity analysis' entry point.
+  got = cka.result_from_terms([terms, terms], names_a=["a0", "a1"], names_b=["b0"], valid=6)
+  np.testing.assert_allclose(got.cka, cka.result(first3).cka, rtol=0, atol=1e-12)
+  with pytest.raises(ValueError, match="expected 5 valid"):
+    cka.result_from_terms([terms, terms], valid=5)
+  with pytest.raises(ValueError, match="different layers"):
+    cka.merge(full, cka.init(2))
+
+
+def test_200_minibatches_and_jackknife():
+  k = 200
+  a0, a1, b0 = _layers(3, k=k)
+  ref, hs = _ref_cells([a0, a1], [b0])
+  res = cka.result(cka.update(cka.init(2, 1), [a0, a1], [b0], stacked=True))
+  np.testing.assert_allclose(res.cka, ref, rtol=0, atol=TOL)
+  # Exact leave-one-minibatch-out jackknife from the float64 reference terms.
+  loo = hs.sum(0, keepdims=True) - hs  # [k, A, B, 3]
+  theta = loo[..., 0] / np.sqrt(loo[..., 1] * loo[..., 2])
+  se = np.sqrt((k - 1) / k * ((theta - theta.mean(0)) ** 2).sum(0))
+  np.testing.assert_allclose(res.stderr, se, rtol=0.02)
+  assert (res.stderr > 0).all()
+  # Identical layers: CKA 1 and (up to rounding) zero error.
+  same = cka.result(cka.update(cka.init(1, 1), [b0], [b0 * 2.0], stacked=True))
+  assert abs(same.cka[0, 0] - 1) < TOL and same.stderr[0, 0] < 1e-5
+
+
+def test_bad_input_raises_and_accumulates_nothing():
+  a0, a1, b0 = _layers(0)
+  state = cka.update(cka.init(["a0", "a1"], ["b0"]), [a0[0], a1[0]], [b0[0]])
+  before = cka.result(state)
+  bad_nan, bad_inf = a0[0].copy(), a1[0].copy()
+  bad_nan[2, 3] = np.nan
+  bad_inf[1, 0, 0] = np.inf
+  cases = [
+      (ValueError, "m >= 4", [a0[0, :3], a1[0, :3]], [b0[0, :3]]),
+      (ValueError, "same examples", [a0[0], a1[0, :7]], [b0[0]]),
+      (ValueError, "empty", [a0[0], np.zeros((M, 0), np.float32)], [b0[0]]),
+      (ValueError, r"non-finite.*\['a0'\]", [bad_nan, a1[0]], [b0[0]]),
+      (ValueError, r"non-finite.*\['a1'\]", [a0[0], bad_inf], [b0[0]]),
+      (ValueError, "2 layers, got 1", [a0[0]], [b0[0]]),
+      (KeyError, "missing", {"a0": a0[0], "zz": a1[0]}, [b0[0]]),
+      (ValueError, "intra-model", [a0[0], a1[0]], None),
+  ]
+  for err, msg, fa, fb in cases:
+    with pytest.raises(err, match=msg):
+      cka.update(state, fa, fb)
+  after = cka.result(state)  # the state is untouched
+  np.testing.assert_array_equal(after.cka, before.cka)
+  assert after.num_minibatches == 1
+  # A constant layer (also one whose float32 mean rounds) is named instead of dividing by zero.
+  for value in (3.0, 0.1, 1e4 + 0.3):
+    const = cka.update(cka.init(["ok", "flat"], ["b0"]), [a0[0], np.full((M, 6), value)],
+                       [b0[0]])
+    with pytest.raises(ValueError, match=r"constant.*\['flat'\]"):
+      cka.result(const)
+  with pytest.raises(ValueError, match="constant"):
+    cka.linear_cka(np.ones((M, 6)), b0[0])
+  with pytest.raises(ValueError, match="NaN|non-finite"):
+    cka.linear_cka(bad_nan, b0[0])
+  with pytest.raises(ValueError, match="no minibatches"):
+    cka.result(cka.init(1, 1))
+  # A corrupted state never yields CKA outside [-1, 1] silently.
+  broken = dataclasses.replace(state, cross=state.cross * 3)
+  with pytest.raises(ValueError, match=r"out of \[-1.0, 1\]"):
+    cka.result(broken)
+
+
+def test_resume_with_orbax_equals_one_pass(tmp_path):
+  a0, a1, b0 = _layers(0)
+  one_pass = cka.update(cka.init(["a0", "a1"], ["b0"]), [a0, a1], [b0], stacked=True)
+  half = cka.update(cka.init(["a0", "a1"], ["b0"]), [a0[:3], a1[:3]], [b0[:3]], stacked=True)
+  mngr = ocp.CheckpointManager(tmp_path / "ckpt")
+  mngr.save(3, args=ocp.args.StandardSave(half))
+  mngr.wait_until_finished()
+  restored = mngr.restore(3, args=ocp.args.StandardRestore(cka.init(["a0", "a1"], ["b0"])))
+  resumed = cka.update(restored, [a0[3:], a1[3:]], [b0[3:]], stacked=True)
+  for f in cka._DATA_FIELDS:
+    np.testing.assert_allclose(getattr(resumed, f), getattr(one_pass, f), rtol=1e-12, atol=0)
+  assert cka.result(resumed).num_minibatches == K
+  wrong = mngr.restore(3, args=ocp.args.StandardRestore(cka.init(["a0", "zz"], ["b0"])))
+  with pytest.raises(ValueError, match="does not match its layer names"):
+    cka.result(wrong)

@@ -396,6 +396,11 @@ def _ratio(cross, self_a, self_b, scale_a, scale_b, names_a, names_b, lower):
   """cross / sqrt(self_a self_b) in float64, refusing constant layers, NaN and |CKA| > 1."""
   self_a, self_b = np.asarray(self_a, np.float64), np.asarray(self_b, np.float64)
   for side, s, c, names in (("a", self_a, scale_a, names_a), ("b", self_b, scale_b, names_b)):
+    bad = ~(np.isfinite(s) & np.isfinite(c))
+    if bad.any():
+      raise ValueError(f"non-finite HSIC on side {side} (NaN/Inf in the features, or float32 "
+                       f"overflow): {[names[i] for i in np.flatnonzero(bad)]}")
+  for side, s, c, names in (("a", self_a, scale_a, names_a), ("b", self_b, scale_b, names_b)):
     const = ~(s > _CONSTANT_RTOL * np.asarray(c))
     if const.any():
       raise ValueError(f"constant layer(s) on side {side} (self-HSIC ~ 0, CKA undefined): "
