@@ -217,7 +217,7 @@ class Stage(nn.Module):
 
 class _ResNetBody(nn.Module):
   """The `resnet/` scope of the official files; see `ResNetV2` for the attributes."""
-  num_classes: int
+  num_classes: int | None
   block_units: tuple[int, ...]
   width: int
   width_factor: int
@@ -243,7 +243,9 @@ class _ResNetBody(nn.Module):
       out.update({f'block{s}/{k}': v for k, v in stage_out.items()})
     x = out['head_norm'] = nn.relu(GroupNorm(self.num_groups, name='group_norm')(x))
     x = out['pre_logits'] = jnp.mean(x, axis=(1, 2))
-    x = out['logits'] = _Head(self.num_classes, name='head')(x)
+    if self.num_classes:
+      x = _Head(self.num_classes, name='head')(x)
+    out['logits'] = x
     return x, out
 
 
@@ -251,7 +253,7 @@ class ResNetV2(nn.Module):
   """BiT ResNet-v2 classifier; all parameters live under the `resnet/` scope.
 
   Attributes:
-    num_classes: head size.
+    num_classes: head size; 0/None gives no head (logits = pre_logits).
     block_units: bottleneck units per stage, e.g. (3, 4, 6, 3) for R50.
     width_factor: the `x` of R50x3; root width is `width * width_factor`.
     width: base width (64 in every BiT model; smaller for the CPU variants).
@@ -259,7 +261,7 @@ class ResNetV2(nn.Module):
     num_groups: GroupNorm groups (32 in BiT).
     image_size: default input size, used only to build param shapes (checkpoint loading).
   """
-  num_classes: int
+  num_classes: int | None
   block_units: tuple[int, ...] = (3, 4, 6, 3)
   width_factor: int = 1
   width: int = 64
@@ -268,7 +270,7 @@ class ResNetV2(nn.Module):
   image_size: int = 224
 
   @nn.compact
-  def __call__(self, images: Array, train: bool = False) -> tuple[Array, dict[str, Any]]:
+  def __call__(self, images: Array, *, train: bool = False) -> tuple[Array, dict[str, Any]]:
     """Classifies images.
 
     Args:
@@ -281,8 +283,8 @@ class ResNetV2(nn.Module):
     del train
     if images.ndim != 4:
       raise ValueError(f'ResNetV2 expects NHWC images [b, h, w, c], got shape {images.shape}.')
-    if self.num_classes < 1:
-      raise ValueError(f'num_classes must be >= 1, got {self.num_classes}.')
+    if self.num_classes is not None and self.num_classes < 0:
+      raise ValueError(f'num_classes must be >= 0 or None, got {self.num_classes}.')
     return _ResNetBody(self.num_classes, tuple(self.block_units), self.width,
                        self.width_factor, self.small_stem, self.num_groups, name='resnet')(images)
 
@@ -310,3 +312,4 @@ VARIANTS: dict[str, dict[str, Any]] = {
     'R-smoke': dict(block_units=(1, 1, 1, 1), width=8, num_groups=4, small_stem=True,
                     image_size=32),
 }
+MODEL_CLASS = ResNetV2

@@ -1,0 +1,289 @@
+"""Official `.npz` checkpoints (vit_jax ViT, BiT ResNet-v2, MLP-Mixer) <-> Flax param trees.
+
+The files are flat dicts with '/'-joined keys (paper.md §4). The models in vit_analysis.models use
+the files' module names (pre-linen `MultiHeadDotProductAttention_1`, `LayerNorm_2`, `MlpBlock_3`;
+BiT's `resnet/block1/unit01/a/...`), so loading is a name-by-name match against the param tree the
+model would create (built with `jax.eval_shape`, no weights are initialised). Every missing key,
+unexpected key and shape mismatch is reported at once, with hints for the usual causes.
+
+Handled on the way (all visible in `load_npz`'s arguments):
+  * an `opt/target/` prefix (big_vision exports) is stripped;
+  * old GroupNorm scale/bias of shape (1, 1, 1, C) are squeezed to (C,) (vit_jax `_fix_groupnorm`);
+  * the position embedding is resized when the token grid differs (vit_jax
+    `interpolate_posembed`: CLS kept, square grid, `scipy.ndimage.zoom(order=1)`, corner-aligned);
+  * `fresh_head=True` replaces the file's head by a zero head of the model's width;
+  * `drop_pre_logits=True` ignores an ImageNet-21k `pre_logits` layer the model does not have.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+from typing import Any, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.ndimage
+
+PREFIX = 'opt/target/'
+POSEMB_KEY = 'Transformer/posembed_input/pos_embedding'
+_HEAD_PREFIXES = ('head/', 'resnet/head/')
+_NORM_LEAF = re.compile(r'(.*/)?(group_norm|gn_?\w*|\w*[Nn]orm\w*)/(gamma|beta|scale|bias)$')
+
+NpzSource = str | os.PathLike | Mapping[str, Any]
+
+
+def read_npz(source: NpzSource) -> dict[str, np.ndarray]:
+  """Reads an npz file (or takes a mapping) into {key: array}, stripping 'opt/target/'.
+
+  Args:
+    source: path of an `.npz` file, or a mapping of '/'-joined keys to arrays.
+
+  Returns:
+    {key: np.ndarray} with the prefix removed from every key that has it.
+  """
+  if isinstance(source, Mapping):
+    flat = {k: np.asarray(v) for k, v in source.items()}
+  else:
+    with np.load(os.fspath(source), allow_pickle=False) as f:
+      flat = {k: f[k] for k in f.files}
+  out = {}
+  for k, v in flat.items():
+    key = k[len(PREFIX):] if k.startswith(PREFIX) else k
+    if key in out:
+      raise ValueError(f'checkpoint has {key!r} both with and without the {PREFIX!r} prefix')
+    out[key] = v
+  return out
+
+
+def resize_posemb(posemb: np.ndarray, num_tokens: int, num_prefix_tokens: int) -> np.ndarray:
+  """vit_jax's `interpolate_posembed`: bilinear, corner-aligned resize of a square grid.
+
+  Output cell i reads input coordinate i * (g_old - 1) / (g_new - 1) (scipy `zoom`, order 1,
+  grid_mode=False); prefix (CLS) entries are kept unchanged.
+
+  Args:
+    posemb: [1, T_old, D], the first `num_prefix_tokens` entries not on the grid.
+    num_tokens: T_new, including the prefix tokens.
+    num_prefix_tokens: 1 for a CLS model, 0 for GAP.
+
+  Returns:
+    [1, T_new, D] in posemb's dtype.
+
+  Raises:
+    ValueError: when either grid is not square or shapes are not [1, T, D].
+  """
+  posemb = np.asarray(posemb)
+  if posemb.ndim != 3 or posemb.shape[0] != 1:
+    raise ValueError(f'position embedding must be [1, T, D], got shape {posemb.shape}')
+  prefix, grid = posemb[:, :num_prefix_tokens], posemb[0, num_prefix_tokens:]
+  g_old, g_new = math.isqrt(len(grid)), math.isqrt(num_tokens - num_prefix_tokens)
+  if g_old**2 != len(grid) or g_new**2 != num_tokens - num_prefix_tokens:
+    raise ValueError(
+        f'position embeddings resize only square grids: {len(grid)} -> '
+        f'{num_tokens - num_prefix_tokens} grid tokens (after {num_prefix_tokens} prefix tokens)')
+  grid = grid.reshape(g_old, g_old, -1).astype(np.float64)
+  zoom = (g_new / g_old, g_new / g_old, 1)
+  grid = scipy.ndimage.zoom(grid, zoom, order=1).reshape(1, g_new * g_new, -1)
+  return np.concatenate([prefix, grid.astype(posemb.dtype)], axis=1)
+
+
+def param_shapes(model: nn.Module, image_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+  """{flat '/'-joined key: ShapeDtypeStruct} of `model`'s params at `image_size` (no init)."""
+  size = image_size or getattr(model, 'image_size', None)
+  if not size:
+    raise ValueError(f'{type(model).__name__} has no image_size attribute: pass image_size=')
+  variables = jax.eval_shape(
+      lambda x: model.init(jax.random.key(0), x, train=False), jnp.zeros((1, size, size, 3)))
+  return flax.traverse_util.flatten_dict(variables['params'], sep='/')
+
+
+def load_npz(source: NpzSource, model: nn.Module, *, image_size: int | None = None,
+             fresh_head: bool = False, drop_pre_logits: bool = False,
+             resize_posemb_ok: bool = True) -> dict[str, Any]:
+  """Loads an official checkpoint into `model`'s param tree.
+
+  Args:
+    source: `.npz` path or a mapping of '/'-joined keys to arrays.
+    model: an unbound vit_analysis model (from `create_model`).
+    image_size: input size the params are built for (default: `model.image_size`). A ViT
+      position embedding of another grid size is resized to it.
+    fresh_head: ignore the file's head and use a zero head of the model's `num_classes`
+      (fine-tuning, or a model created with num_classes=0/None).
+    drop_pre_logits: ignore a `pre_logits` (Dense + tanh) layer the model does not have. This
+      changes the network's function: only sensible with `fresh_head=True`.
+    resize_posemb_ok: allow the position-embedding resize; otherwise a grid change is an error.
+
+  Returns:
+    {'params': nested dict of jax arrays} for `model.apply`.
+
+  Raises:
+    ValueError: listing every missing key, unexpected key, shape mismatch and non-finite array,
+      with hints (classifier, pre_logits, head width, resolution).
+  """
+  flat = read_npz(source)
+  expected = param_shapes(model, image_size)
+  hints = []
+
+  # Old (1, 1, 1, C) GroupNorm scale/bias (vit_jax `_fix_groupnorm`).
+  for k, v in flat.items():
+    e = expected.get(k)
+    if (e is not None and len(e.shape) == 1 and v.shape != e.shape and _NORM_LEAF.match(k)
+        and v.shape == (1,) * (v.ndim - 1) + e.shape):
+      flat[k] = v.reshape(e.shape)
+
+  file_cls, model_cls = 'cls' in flat, 'cls' in expected
+  if file_cls != model_cls and (POSEMB_KEY in flat or POSEMB_KEY in expected):
+    hints.append(
+        "the file is a CLS-token model ('cls' present) but the model has classifier='gap'"
+        if file_cls else
+        "the file has no 'cls': it is a GAP model (vit_jax '-gap-norep'); create the model with "
+        "classifier='gap' (e.g. 'ViT-B_32-gap')")
+  elif POSEMB_KEY in flat and POSEMB_KEY in expected:
+    old, new = flat[POSEMB_KEY].shape, expected[POSEMB_KEY].shape
+    if old != new and len(old) == len(new) == 3 and old[2] == new[2]:
+      if resize_posemb_ok:
+        flat[POSEMB_KEY] = resize_posemb(flat[POSEMB_KEY], new[1], int(model_cls))
+      else:
+        hints.append(f'position embedding has {old[1]} tokens in the file and {new[1]} in the '
+                     'model (another image size): pass resize_posemb_ok=True or set image_size')
+
+  file_rep = sorted(k for k in flat if k.startswith('pre_logits/'))
+  if file_rep and not any(k.startswith('pre_logits/') for k in expected):
+    if drop_pre_logits:
+      for k in file_rep:
+        del flat[k]
+    else:
+      hints.append(
+          f"the file has a pre_logits layer (ImageNet-21k upstream) of size "
+          f"{flat[file_rep[0]].shape[-1]}: create the model with representation_size="
+          f"{flat[file_rep[0]].shape[-1]}, or pass drop_pre_logits=True (with fresh_head=True)")
+  elif not file_rep and any(k.startswith('pre_logits/') for k in expected):
+    hints.append('the model has a pre_logits layer but the file has none (AugReg / fine-tuned '
+                 'files): create the model with representation_size=None')
+
+  if fresh_head:
+    for k in [k for k in flat if k.startswith(_HEAD_PREFIXES)]:
+      del flat[k]
+    for k, e in expected.items():
+      if k.startswith(_HEAD_PREFIXES):
+        flat[k] = np.zeros(e.shape, e.dtype)
+  else:
+    head = [k for k in flat if k.startswith(_HEAD_PREFIXES) and k.endswith('bias')]
+    for k in head:
+      if k in expected and flat[k].shape != expected[k].shape:
+        hints.append(f'{k}: the file has {flat[k].shape[-1]} classes and the model '
+                     f'{expected[k].shape[-1]}: create the model with num_classes='
+                     f'{flat[k].shape[-1]} or pass fresh_head=True')
+    if head and not any(k.startswith(_HEAD_PREFIXES) for k in expected):
+      hints.append('the model has no head (num_classes=0/None): pass fresh_head=True to drop '
+                   "the file's head")
+
+  missing = sorted(set(expected) - set(flat))
+  unexpected = sorted(set(flat) - set(expected))
+  common = set(flat) & set(expected)
+  mismatched = sorted(k for k in common if flat[k].shape != expected[k].shape)
+  if any('/token_mixing/' in k for k in mismatched):
+    hints.append('Mixer token-mixing shapes differ: the token count (image size / patch) is '
+                 'fixed by the checkpoint; use its image size')
+  bad_values = sorted(k for k in common - set(mismatched)
+                      if flat[k].dtype.kind not in 'fiu' or not np.all(np.isfinite(flat[k])))
+  if missing or unexpected or mismatched or bad_values or hints:
+    lines = [f'checkpoint does not fit {type(model).__name__} '
+             f'({len(expected)} model params, {len(flat)} file arrays):']
+    lines += [f'  hint: {h}' for h in hints]
+    lines += [f'  missing in file ({len(missing)}): {k}' for k in missing]
+    lines += [f'  unexpected in file ({len(unexpected)}): {k}' for k in unexpected]
+    lines += [f'  shape mismatch ({len(mismatched)}): {k}: file {tuple(flat[k].shape)} vs '
+              f'model {tuple(expected[k].shape)}' for k in mismatched]
+    lines += [f'  non-numeric or non-finite values: {k} ({flat[k].dtype})' for k in bad_values]
+    raise ValueError('\n'.join(lines))
+
+  params = {k: jnp.asarray(flat[k], dtype=e.dtype) for k, e in expected.items()}
+  return {'params': flax.traverse_util.unflatten_dict(params, sep='/')}
+
+
+def save_npz(params: Mapping[str, Any], path: str | os.PathLike) -> None:
+  """Writes params as a flat '/'-keyed npz (the official layout), atomically.
+
+  Args:
+    params: a nested param dict, or variables {'params': ...}.
+    path: destination; written to a temporary file in the same folder, then renamed, so an error
+      never leaves a half-written file behind.
+  """
+  if set(params) == {'params'}:
+    params = params['params']
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/')
+  arrays = {k: np.asarray(jax.device_get(v)) for k, v in flat.items()}
+  for k, v in arrays.items():
+    if v.dtype.kind not in 'fiu':
+      raise ValueError(f'param {k!r} has non-numeric dtype {v.dtype}')
+  path = os.fspath(path)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix='.npz.tmp')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      np.savez(f, **arrays)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+_VIT_SIZES = {(192, 12): 'Ti', (384, 12): 'S', (768, 12): 'B', (1024, 24): 'L', (1280, 32): 'H'}
+_MIXER_SIZES = {(512, 8): 'S', (768, 12): 'B', (1024, 24): 'L', (1280, 32): 'H'}
+_BIT_DEPTHS = {(2, 2, 2, 2): 'R26', (3, 4, 6, 3): 'R50', (3, 4, 23, 3): 'R101',
+               (3, 8, 36, 3): 'R152'}
+
+
+def inspect_npz(source: NpzSource) -> dict[str, Any]:
+  """Describes an official checkpoint from its keys and shapes.
+
+  Returns:
+    {'name': registry name (vit_jax spelling, e.g. 'ViT-B_16', 'ViT-B_32-gap', 'R50x1',
+     'Mixer-B_16'), 'num_classes': head width or None, 'representation_size': pre_logits width
+     or None, 'image_size': the resolution the file was trained at (None for BiT: any)}.
+    Pass them to `create_model(name, num_classes, representation_size=...)` (ViT only).
+
+  Raises:
+    ValueError: a layout that is none of the three families, or a size the registry lacks.
+  """
+  flat = read_npz(source)
+  head = flat.get('head/kernel', flat.get('resnet/head/conv2d/kernel'))
+  info = {'num_classes': None if head is None else int(head.shape[-1]),
+          'representation_size': None, 'image_size': None}
+  if 'embedding/kernel' in flat and POSEMB_KEY in flat:
+    p, d = flat['embedding/kernel'].shape[0], flat['embedding/kernel'].shape[-1]
+    depth = len({k.split('/')[1] for k in flat if k.startswith('Transformer/encoderblock_')})
+    if 'conv_root/kernel' in flat:
+      raise ValueError('hybrid (ResNet + ViT) checkpoints are not supported by inspect_npz')
+    size = _VIT_SIZES.get((d, depth))
+    if size is None:
+      raise ValueError(f'no registered ViT has width {d} and {depth} blocks')
+    grid = flat[POSEMB_KEY].shape[1] - int('cls' in flat)
+    info.update(name=f'ViT-{size}_{p}' + ('' if 'cls' in flat else '-gap'),
+                image_size=math.isqrt(grid) * p)
+    if 'pre_logits/kernel' in flat:
+      info['representation_size'] = int(flat['pre_logits/kernel'].shape[-1])
+  elif 'stem/kernel' in flat:
+    p, d = flat['stem/kernel'].shape[0], flat['stem/kernel'].shape[-1]
+    depth = len({k.split('/')[0] for k in flat if k.startswith('MixerBlock_')})
+    size = _MIXER_SIZES.get((d, depth))
+    if size is None:
+      raise ValueError(f'no registered Mixer has width {d} and {depth} blocks')
+    tokens = flat['MixerBlock_0/token_mixing/Dense_0/kernel'].shape[0]
+    info.update(name=f'Mixer-{size}_{p}', image_size=math.isqrt(tokens) * p)
+  elif 'resnet/root_block/standardized_conv2d/kernel' in flat:
+    width = flat['resnet/root_block/standardized_conv2d/kernel'].shape[-1]
+    units = tuple(len({k.split('/')[2] for k in flat if k.startswith(f'resnet/block{s}/')})
+                  for s in range(1, 5))
+    if units not in _BIT_DEPTHS or width % 64:
+      raise ValueError(f'no registered BiT ResNet has units {units} and root width {width}')
+    info.update(name=f'{_BIT_DEPTHS[units]}x{width // 64}')
+  else:
+    raise ValueError(f'unknown checkpoint layout; first keys: {sorted(flat)[:8]}')
+  return info
