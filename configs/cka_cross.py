@@ -1,0 +1,44 @@
+r"""Cross-model CKA heatmaps (paper Figs 2, B.1; G.2 ViT vs ViT; H.2 Mixer vs ViT/ResNet).
+
+Offline (digits):
+  python -m vit_analysis.main --config=configs/cka_cross.py --workdir=/tmp/cka_cross
+  python -m vit_analysis.main --config=configs/cka_cross.py:smoke --workdir=/tmp/cka_cross_smoke
+Full size (official checkpoints + TFDS imagenet2012 validation, 10,240 x 20 repeats, m=1,024):
+  python -m vit_analysis.main --config=configs/cka_cross.py:full,ckpt_dir=$CKPT --workdir=$WORKDIR
+  (flags vit=ViT-H_14, resnet=R101x1 change the models; --config.cka_cross.layers=coarse for G.2)
+"""
+import ml_collections
+
+from vit_analysis import config_lib
+
+_FILES = {"ViT-B_32": "ViT-B_32.npz", "ViT-L_16": "ViT-L_16.npz", "ViT-H_14": "ViT-H_14.npz",
+          "R50x1": "BiT-M-R50x1.npz", "R101x1": "BiT-M-R101x1.npz",
+          "Mixer-L_16": "Mixer-L_16.npz"}
+
+
+def full_models(flags, defaults):
+  """Official ImageNet-21k checkpoints (21,843-class heads) for `defaults` (key -> name)."""
+  models = ml_collections.ConfigDict()
+  for key, name in defaults.items():
+    name = flags.get(key, name)
+    models[key] = config_lib.official_model(
+        name, f"{flags.get('ckpt_dir', 'checkpoints')}/{_FILES.get(name, name + '.npz')}", 21843)
+  return models
+
+
+def get_config(arg=None):
+  flags = config_lib.parse_arg(arg)
+  config = config_lib.base_config(arg)
+  config.analyses = ("cka_cross",)
+  config.cka_cross = ml_collections.ConfigDict(dict(
+      pairs=(("vit", "resnet"),),  # (row model, column model) keys of config.models
+      layers="fine", layers_per_model={}, tokens="all", split="test",
+      num_examples=768, minibatch_size=128, repeats=5, minibatches_per_step=0,
+  ))
+  if flags.smoke:
+    config.cka_cross.update(dict(num_examples=64, minibatch_size=16, repeats=2))
+  if flags.get("full", False):
+    config.data = config_lib.tfds_data("imagenet2012", 224, test_split="validation")
+    config.models = full_models(flags, {"vit": "ViT-L_16", "resnet": "R50x1"})
+    config.cka_cross.update(dict(num_examples=10240, minibatch_size=1024, repeats=20))
+  return config

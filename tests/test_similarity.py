@@ -1,0 +1,229 @@
+"""CKA heatmap analyses: known transforms, repeat statistics vs float64 NumPy, end to end, figures."""
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from vit_analysis import data as data_lib
+from vit_analysis import models
+from vit_analysis import sharding
+from vit_analysis.analyses import base
+from vit_analysis.analyses import head_subsets
+from vit_analysis.analyses import similarity
+from vit_analysis.plotting import similarity as plots
+
+_RNG = np.random.default_rng(0)
+_Q, _ = np.linalg.qr(_RNG.normal(size=(48, 48)))       # orthogonal
+_R = _RNG.normal(size=(48, 48)).astype(np.float32)     # mixing for the noise layer
+
+
+class Transforms(nn.Module):
+  """Layers that are known transforms of the (4x4x3) input; returns (logits, out) like the models."""
+
+  @nn.compact
+  def __call__(self, images, train=False):
+    del train
+    # Resize-free: any input size is average-pooled to 4x4 so both sides share the "same" input.
+    b, h = images.shape[0], images.shape[1]
+    x = images.reshape(b, 4, h // 4, 4, h // 4, 3).mean((2, 4)).reshape(b, 48)
+    out = {}
+    out["identity"] = x
+    out["rotated"] = x @ jnp.asarray(_Q, jnp.float32)
+    out["scaled"] = 3.7 * x.reshape(b, 16, 3) + 50.0  # isotropic scale and a feature offset
+    # A fast-oscillating function of the input: statistically independent of its linear structure.
+    out["noise"] = jnp.sin(30.0 * (x @ jnp.asarray(_R)))
+    return x.sum(-1), out
+
+
+def _source(n=128, size=8, seed=1):
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+  return data_lib.ArraySource(images, np.zeros(n, np.int64), 1)
+
+
+def random_variables(module, size, seed=0):
+  """Parameters of the right shapes without compiling `init` (slow on a loaded 2-core machine):
+  normal / sqrt(fan_in) kernels, unit scales, zero biases."""
+  shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, s):
+    name = jax.tree_util.keystr(path)
+    if "scale" in name or "gamma" in name:
+      return np.ones(s.shape, s.dtype)
+    if "bias" in name or "beta" in name:
+      return np.zeros(s.shape, s.dtype)
+    return (rng.normal(size=s.shape) / np.sqrt(max(np.prod(s.shape[:-1]), 1))).astype(s.dtype)
+
+  return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+def _loaded(module, size, key="m"):
+  return base.LoadedModel(key=key, name=type(module).__name__, module=module,
+                          variables=random_variables(module, size), image_size=size)
+
+
+# ---- float64 NumPy reference, straight from paper.md §1.1/§1.3 ----
+
+def _hsic1(k, l):
+  n = k.shape[0]
+  k, l = k.copy(), l.copy()
+  np.fill_diagonal(k, 0)
+  np.fill_diagonal(l, 0)
+  one = np.ones(n)
+  return (np.trace(k @ l) + (one @ k @ one) * (one @ l @ one) / ((n - 1) * (n - 2))
+          - 2 / (n - 2) * (one @ k @ l @ one)) / (n * (n - 3))
+
+
+def _reference(feats_a, feats_b, indices, repeats):
+  """feats_*: list of float64 [num_source, p] -> [R, A, B] minibatch CKA per repeat."""
+  k = indices.shape[0] // repeats
+  out = np.zeros((repeats, len(feats_a), len(feats_b)))
+  for r in range(repeats):
+    for i, fa in enumerate(feats_a):
+      for j, fb in enumerate(feats_b):
+        xy = xx = yy = 0.0
+        for row in indices[r * k:(r + 1) * k]:
+          ka, kb = fa[row] @ fa[row].T, fb[row] @ fb[row].T
+          xy, xx, yy = xy + _hsic1(ka, kb), xx + _hsic1(ka, ka), yy + _hsic1(kb, kb)
+        out[r, i, j] = xy / np.sqrt(xx * yy)
+  return out
+
+
+def _side(model, layers):
+  return similarity.Side(similarity.model_feature_fn(model, layers), model.variables,
+                         model.image_size, tuple(layers))
+
+
+LAYERS = ["identity", "rotated", "scaled", "noise"]
+
+
+def test_known_transforms_and_repeat_statistics_match_numpy():
+  src = _source()
+  model = _loaded(Transforms(), 8)
+  # 6 minibatches per repeat on 4 devices: the second step is padded and masked.
+  rep = similarity.cka_over_repeats(_side(model, LAYERS), None, src, num_examples=96,
+                                    minibatch_size=16, repeats=3, seed=5,
+                                    mesh=sharding.make_mesh())
+  assert rep.values.shape == (3, 4, 4)
+  mean = rep.mean
+  np.testing.assert_allclose(np.diag(mean), 1.0, atol=1e-5)
+  np.testing.assert_allclose(mean[0, 1], 1.0, atol=1e-5)  # orthogonal rotation
+  np.testing.assert_allclose(mean[0, 2], 1.0, atol=1e-5)  # isotropic scaling + offset
+  assert abs(mean[0, 3]) < 0.15                           # independent noise
+  np.testing.assert_allclose(mean, mean.T, atol=1e-6)
+
+  # Independent float64 computation on the same sample.
+  images = data_lib.preprocess(src.images, 8)
+  _, out = model.module.apply(model.variables, images)
+  feats = [np.asarray(out[n], np.float64).reshape(len(images), -1) for n in LAYERS]
+  indices = data_lib.cka_minibatch_indices(len(src), 96, 16, 3, 5)
+  ref = _reference(feats, feats, indices, 3)
+  np.testing.assert_allclose(rep.values, ref, atol=2e-5)
+  np.testing.assert_allclose(rep.mean, ref.mean(0), atol=2e-5)
+  np.testing.assert_allclose(rep.std, ref.std(0, ddof=1), atol=2e-5)
+  assert np.all(rep.stderr >= 0)
+
+
+def test_cross_model_each_side_own_resolution():
+  src = _source(size=12)
+  a, b = _loaded(Transforms(), 8), _loaded(Transforms(), 16)
+  rep = similarity.cka_over_repeats(_side(a, ["identity", "noise"]), _side(b, LAYERS[:3]), src,
+                                    num_examples=64, minibatch_size=16, repeats=2, seed=0,
+                                    mesh=sharding.make_mesh())
+  feats = {}
+  for m in (a, b):
+    _, out = m.module.apply(m.variables, data_lib.preprocess(src.images, m.image_size))
+    feats[m.image_size] = {n: np.asarray(v, np.float64).reshape(len(src), -1)
+                           for n, v in out.items()}
+  indices = data_lib.cka_minibatch_indices(len(src), 64, 16, 2, 0)
+  ref = _reference([feats[8]["identity"], feats[8]["noise"]],
+                   [feats[16][n] for n in LAYERS[:3]], indices, 2)
+  np.testing.assert_allclose(rep.values, ref, atol=2e-5)
+  assert rep.values.shape == (2, 2, 3)
+
+
+def test_presets_select_paper_granularity():
+  vit = _loaded(models.create_model("ViT-smoke_8", 10), 32)
+  fine = similarity.resolve_layers(vit, "fine")
+  assert len(fine) == 2 + 6 * vit.module.num_layers
+  assert fine[:3] == ["embedding", "block00/ln0", "block00/sa"] and fine[-1] == "encoder_norm"
+  assert len(similarity.resolve_layers(vit, "coarse")) == 2 + 4 * vit.module.num_layers
+  assert similarity.resolve_layers(vit, "blocks") == [
+      f"block{i:02d}" for i in range(vit.module.num_layers)]
+  with pytest.raises(KeyError):
+    similarity.resolve_layers(vit, "medium")
+  with pytest.raises(KeyError):
+    similarity.resolve_layers(vit, ["block*/nonexistent"])
+
+
+def test_token_modes():
+  x = jnp.arange(2 * 5 * 3, dtype=jnp.float32).reshape(2, 5, 3)
+  np.testing.assert_array_equal(similarity.token_features(x, "cls_only", True), x[:, 0])
+  np.testing.assert_array_equal(similarity.token_features(x, "exclude_cls", True), x[:, 1:])
+  np.testing.assert_allclose(similarity.token_features(x, "token_mean", False), x.mean(1))
+  with pytest.raises(ValueError):
+    similarity.token_features(x, "cls_only", False)
+
+
+def test_head_subsets_windows_and_cumulative():
+  dist = np.array([50.0, 10.0, 90.0, 30.0])
+  assert head_subsets.head_subsets(dist) == [(1, 3), (3, 0), (0, 2)]
+  assert head_subsets.head_subsets(dist, "cumulative", 3) == [(1, 3, 0), (1, 3, 0, 2)]
+  with pytest.raises(ValueError):
+    head_subsets.head_subsets(dist, "window", 5)
+  assert head_subsets.spearman(np.arange(4.0), -np.arange(4.0) ** 2) == pytest.approx(-1.0)
+
+
+def test_end_to_end_intra_cross_and_head_subsets(tmp_path):
+  from vit_analysis import analyses
+  ms = {"vit": _loaded(models.create_model("ViT-smoke_8", 10), 32, "vit"),
+        "resnet": _loaded(models.create_model("R-smoke", 10), 32, "resnet")}
+  src = _source(n=64, size=28, seed=3)
+  ctx = base.Context(workdir=str(tmp_path), models=ms, sources={"test": src, "train": src},
+                     mesh=sharding.make_mesh())
+  settings = dict(num_examples=32, minibatch_size=8, repeats=2, split="test")
+  config = ml_collections.ConfigDict(dict(
+      seed=0, analyses=("cka_intra", "cka_cross", "head_subsets"),
+      cka_intra=dict(models=("vit",), layers="fine", **settings),
+      cka_cross=dict(pairs=(("vit", "resnet"),), layers="blocks", **settings),
+      # Fig 5 compares with a ResNet; a second ViT keeps this test to one ResNet compile.
+      head_subsets=dict(pairs=(("vit", "vit"),), blocks=(0,), distance_examples=16,
+                        num_units=2, **settings)))
+  for name in config.analyses:
+    result = analyses.get(name)(config, ctx)
+    assert result.figures, name
+    for fig in result.figures:
+      assert os.path.exists(os.path.join(ctx.workdir, fig))
+      assert os.path.exists(os.path.join(ctx.workdir, fig[:-4] + ".pdf"))
+    with open(os.path.join(ctx.workdir, "results", f"{name}.json")) as f:
+      assert json.load(f)["name"] == name
+  stem = os.path.join(ctx.workdir, "results", "cka_intra_vit")
+  rep = similarity.RepeatedCKA.load(stem)
+  np.testing.assert_allclose(np.diag(rep.mean), 1.0, atol=1e-4)
+  assert rep.values.shape[0] == 2 and len(rep.names_a) == 2 + 6 * 2
+  # Redrawing from the saved arrays needs no model.
+  assert os.path.exists(similarity.draw(stem, "redrawn", "ViT", "ViT"))
+  cross = similarity.RepeatedCKA.load(os.path.join(ctx.workdir, "results",
+                                                   "cka_cross_vit_vs_resnet"))
+  assert cross.mean.shape == (2, 4) and cross.names_b[0] == "block1/unit01"
+  assert np.all(np.abs(cross.mean) <= 1.0 + 1e-5)
+  heads = result.metrics["vit_block00_vs_vit"]
+  assert heads["subsets"] == [[int(np.argmin(heads["head_distance"]))],
+                              [int(np.argmax(heads["head_distance"]))]]
+
+
+def test_plot_ticks_and_shapes():
+  names = ["embedding"] + [f"block{i:02d}/{s}" for i in range(3) for s in ("ln0", "+sa")]
+  positions, labels = plots.layer_ticks(names)
+  assert positions == [0, 1, 3, 5] and labels == ["emb", "B0", "B1", "B2"]
+  assert plots.layer_group("block3/unit02/conv_a") == "b3u2"
+  fig = plots.cka_heatmap(np.eye(7), row_names=names, col_names=names, spread=np.zeros((7, 7)))
+  assert len(fig.axes) == 4  # two panels, two colour bars
+  with pytest.raises(ValueError):
+    plots.cka_heatmap(np.eye(7), row_names=names[:3])

@@ -1,0 +1,202 @@
+"""Figures of the representation-similarity analyses (Figs 1, 2, 5, 9, 10, 12, B.1, D.x, G.x, H.x).
+
+Pure functions: arrays and layer names in, a matplotlib Figure out (`save_figure` writes it). Every
+CKA colour scale is fixed to [0, 1] so that panels of different models compare by colour.
+"""
+from __future__ import annotations
+
+import re
+from typing import Mapping, Sequence
+
+import matplotlib.figure
+import matplotlib.pyplot as plt
+import numpy as np
+
+from vit_analysis.plotting import PANEL_INCHES, heatmap
+
+# Layer name -> the group its tick is labelled with: ViT/Mixer 'block03/...' -> 'B3',
+# ResNet 'block2/unit01/...' -> 'b2u1'. Names outside any group (embedding, root, norms) label
+# themselves.
+_VIT_BLOCK = re.compile(r"^block(\d{2,})(/|$)")
+_RESNET_UNIT = re.compile(r"^block(\d)/unit(\d+)(/|$)")
+_SHORT = {"embedding": "emb", "encoder_norm": "norm", "stem": "stem", "root/conv": "root",
+          "root": "root", "pre_head_layer_norm": "norm", "head_norm": "norm",
+          "pre_logits": "pre", "logits": "logits"}
+
+
+def layer_group(name: str) -> str:
+  """Short label of the block/unit a layer belongs to ('B3', 'b2u1', 'emb', ...)."""
+  m = _RESNET_UNIT.match(name)
+  if m:
+    return f"b{int(m.group(1))}u{int(m.group(2))}"
+  m = _VIT_BLOCK.match(name)
+  if m:
+    return f"B{int(m.group(1))}"
+  return _SHORT.get(name, name.split("/")[0])
+
+
+def layer_ticks(names: Sequence[str], max_labels: int = 14) -> tuple[list[int], list[str]]:
+  """Tick positions (first layer of each block/unit) and their labels, thinned to `max_labels`.
+
+  Returns:
+    (positions, labels): layer indices into `names` and the group labels drawn there.
+  """
+  positions, labels = [], []
+  previous = None
+  for i, name in enumerate(names):
+    group = layer_group(name)
+    if group != previous:
+      positions.append(i)
+      labels.append(group)
+      previous = group
+  if len(positions) > max_labels:
+    step = int(np.ceil(len(positions) / max_labels))
+    keep = list(range(0, len(positions), step))
+    positions = [positions[k] for k in keep]
+    labels = [labels[k] for k in keep]
+  return positions, labels
+
+
+def _label_axis(ax, names: Sequence[str] | None, axis: str, title: str) -> None:
+  if names is None:
+    return
+  positions, labels = layer_ticks(names)
+  if axis == "x":
+    ax.set_xticks(positions, labels, rotation=90)
+    ax.set_xlabel(f"{title} layer ({len(names)})")
+  else:
+    ax.set_yticks(positions, labels)
+    ax.set_ylabel(f"{title} layer ({len(names)})")
+
+
+def cka_heatmap(matrix: np.ndarray, *, row_names: Sequence[str] | None = None,
+                col_names: Sequence[str] | None = None, row_model: str = "",
+                col_model: str = "", title: str = "",
+                spread: np.ndarray | None = None) -> matplotlib.figure.Figure:
+  """CKA heatmap between the layers of two models (or one model with itself).
+
+  Args:
+    matrix: [rows, cols] CKA (mean over repeats); rows are the y-axis from the input (bottom) up.
+    row_names, col_names: layer names for the tick labels (blocks/units), or None for plain indices.
+    row_model, col_model: model names written on the axes.
+    title: figure title.
+    spread: optional [rows, cols] spread (std over repeats): drawn as a second panel whose colour
+      range is [0, max spread].
+
+  Returns:
+    The figure (one or two panels).
+  """
+  matrix = np.asarray(matrix, np.float64)
+  if matrix.ndim != 2:
+    raise ValueError(f"CKA matrix must be 2-D, got shape {matrix.shape}")
+  if row_names is not None and len(row_names) != matrix.shape[0]:
+    raise ValueError(f"{len(row_names)} row names for a matrix of shape {matrix.shape}")
+  if col_names is not None and len(col_names) != matrix.shape[1]:
+    raise ValueError(f"{len(col_names)} column names for a matrix of shape {matrix.shape}")
+  panels = 1 if spread is None else 2
+  fig, axes = plt.subplots(1, panels, figsize=(1.15 * PANEL_INCHES * panels, PANEL_INCHES),
+                           squeeze=False)
+  ax = axes[0, 0]
+  heatmap(ax, matrix, title=title or "CKA")
+  _label_axis(ax, col_names, "x", col_model)
+  _label_axis(ax, row_names, "y", row_model)
+  if spread is not None:
+    spread = np.asarray(spread, np.float64)
+    if spread.shape != matrix.shape:
+      raise ValueError(f"spread shape {spread.shape} != matrix shape {matrix.shape}")
+    ax = axes[0, 1]
+    heatmap(ax, spread, vmin=0.0, vmax=max(float(np.nanmax(spread)), 1e-6), cmap="viridis",
+            title="std over repeats")
+    _label_axis(ax, col_names, "x", col_model)
+    _label_axis(ax, row_names, "y", row_model)
+  fig.tight_layout()
+  return fig
+
+
+def head_subset_lines(mean_distance: np.ndarray, cka: np.ndarray, *,
+                      layer_names: Sequence[str], title: str = "",
+                      error: np.ndarray | None = None) -> matplotlib.figure.Figure:
+  """Fig 5: CKA of head subsets (x = the subset's mean attention distance) vs ResNet layers.
+
+  Args:
+    mean_distance: [subsets] mean attention distance (pixels) of each head subset, ascending.
+    cka: [layers, subsets] CKA of each ResNet layer with each subset.
+    layer_names: the ResNet layer of each row (one line each).
+    title: panel title.
+    error: optional [layers, subsets] spread drawn as error bars.
+  """
+  mean_distance = np.asarray(mean_distance, np.float64)
+  cka = np.asarray(cka, np.float64)
+  if cka.shape != (len(layer_names), mean_distance.shape[0]):
+    raise ValueError(f"cka shape {cka.shape} != (layers {len(layer_names)}, "
+                     f"subsets {mean_distance.shape[0]})")
+  fig, ax = plt.subplots(figsize=(1.2 * PANEL_INCHES, PANEL_INCHES))
+  for i, name in enumerate(layer_names):
+    yerr = None if error is None else np.asarray(error)[i]
+    ax.errorbar(mean_distance, cka[i], yerr=yerr, marker="o", markersize=3, capsize=2,
+                label=name)
+  ax.set_xlabel("mean attention distance of head subset (px)")
+  ax.set_ylabel("CKA")
+  ax.set_title(title)
+  ax.legend(fontsize=6)
+  fig.tight_layout()
+  return fig
+
+
+def localization_maps(maps: np.ndarray, tokens: Sequence[tuple[int, int]], *, title: str = "",
+                      vmin: float = 0.0, vmax: float | None = 1.0) -> matplotlib.figure.Figure:
+  """Figs 9, 10, D.x: CKA of one output token with the input patch at every grid position.
+
+  Args:
+    maps: [num_tokens, rows, cols] CKA per input patch position for each chosen token.
+    tokens: the (row, col) grid position of each chosen token (marked with a cross).
+    title: figure title (model and layer).
+    vmin, vmax: colour range shared by all panels; vmax=None uses the largest value.
+  """
+  maps = np.asarray(maps, np.float64)
+  if maps.ndim != 3 or maps.shape[0] != len(tokens):
+    raise ValueError(f"maps must be [num_tokens={len(tokens)}, rows, cols], got {maps.shape}")
+  vmax = float(np.nanmax(maps)) if vmax is None else vmax
+  n = len(tokens)
+  fig, axes = plt.subplots(1, n, figsize=(0.8 * PANEL_INCHES * n, 0.85 * PANEL_INCHES),
+                           squeeze=False)
+  for ax, m, (r, c) in zip(axes[0], maps, tokens):
+    heatmap(ax, m, vmin=vmin, vmax=vmax, origin="upper", colorbar=True,
+            title=f"token ({r}, {c})", cmap="viridis")
+    ax.plot([c], [r], marker="x", color="red", markersize=5)
+    ax.set_xticks([])
+    ax.set_yticks([])
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  return fig
+
+
+def per_block_lines(curves: Mapping[str, np.ndarray], *, block_labels: Sequence[str] | None = None,
+                    title: str = "", ylabel: str = "CKA",
+                    errors: Mapping[str, np.ndarray] | None = None,
+                    ylim: tuple[float, float] = (0.0, 1.0)) -> matplotlib.figure.Figure:
+  """Figs 12, G.1: one line per model (data fraction / fine-tuning task), x = block index.
+
+  Args:
+    curves: label -> [blocks] CKA with the reference model at each block.
+    block_labels: tick labels of the blocks (default 0..blocks-1).
+    title, ylabel: text.
+    errors: optional label -> [blocks] spread for error bars.
+    ylim: y range (CKA: [0, 1]).
+  """
+  fig, ax = plt.subplots(figsize=(1.2 * PANEL_INCHES, PANEL_INCHES))
+  for label, y in curves.items():
+    y = np.asarray(y, np.float64)
+    yerr = None if errors is None or label not in errors else np.asarray(errors[label])
+    ax.errorbar(np.arange(y.shape[0]), y, yerr=yerr, marker="o", markersize=3, capsize=2,
+                label=label)
+  if block_labels is not None:
+    ax.set_xticks(np.arange(len(block_labels)), block_labels, rotation=90)
+  ax.set_xlabel("block")
+  ax.set_ylabel(ylabel)
+  ax.set_ylim(*ylim)
+  ax.set_title(title)
+  ax.legend(fontsize=6)
+  fig.tight_layout()
+  return fig
