@@ -1,0 +1,95 @@
+"""Minibatch CKA is the same on 1, 2 and 4 devices and on 2 processes (paper.md §1.3, design.md §2).
+
+conftest.py gives this process 4 simulated CPU devices; meshes over the first 1, 2 and 4 of them
+are three device counts without a subprocess each. The 2-process run (jax.distributed, gloo CPU
+collectives) needs subprocesses: tests/cka_distributed_worker.py.
+"""
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from vit_analysis import cka
+from vit_analysis import sharding
+
+from cka_distributed_worker import make_features
+from test_cka import ref_minibatch_cka
+
+TOL = 1e-6
+
+
+def _reference():
+  feats_a, feats_b = make_features()
+  cells = [[ref_minibatch_cka(list(x.astype(np.float64)), list(y.astype(np.float64)))[0]
+            for y in feats_b] for x in feats_a]
+  return np.array(cells)
+
+
+def test_same_result_on_1_2_4_devices_without_collectives():
+  feats_a, feats_b = make_features()
+  ref = _reference()
+  assert len(jax.devices()) == 4
+  results = []
+  for n in (1, 2, 4):
+    mesh = sharding.make_mesh(jax.devices()[:n])
+    fa, fb = jax.device_put((feats_a, feats_b), sharding.data_sharding(mesh))
+    # `update` in two visible halves: the jitted device step, then the float64 host sums.
+    compiled = cka._update_terms.lower(fa, fb, True).compile()
+    # Each minibatch's terms stay on its device: the step has no cross-device communication.
+    assert not re.search(r"all-gather|all-reduce|collective-permute|all-to-all",
+                         compiled.as_text())
+    terms = compiled(fa, fb)
+    assert terms.cross.sharding.is_equivalent_to(sharding.data_sharding(mesh), 3)
+    res = cka.result(cka.accumulate(cka.init(["a0", "a1"], ["b0"]), terms))
+    np.testing.assert_allclose(res.cka, ref, rtol=0, atol=TOL)
+    results.append(res.cka)
+  # Features computed inside the user's jit (activations never leave the device), intra-model.
+  step = jax.jit(lambda x, w, mask: cka.minibatch_terms([x, jnp.tanh(x @ w - 100.0)], mask=mask))
+  intra = cka.result_from_terms([step(fa[0], np.eye(6, dtype=np.float32), np.ones(4))])
+  feats = [feats_a[0], np.tanh(feats_a[0] - np.float32(100))]
+  np.testing.assert_allclose(
+      intra.cka[0, 1], ref_minibatch_cka(*(list(v.astype(np.float64)) for v in feats))[0],
+      rtol=0, atol=TOL)
+  np.testing.assert_allclose(results[0], results[1], rtol=0, atol=1e-7)
+  np.testing.assert_allclose(results[0], results[2], rtol=0, atol=1e-7)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_jax_distributed(tmp_path):
+  ref = _reference()
+  here = os.path.dirname(os.path.abspath(__file__))
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  prefix = str(tmp_path / "out")
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, os.path.join(here, "cka_distributed_worker.py"),
+                             str(port), str(i), prefix], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  logs = []
+  for p in procs:
+    try:
+      logs.append(p.communicate(timeout=240)[0])
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      pytest.fail("distributed workers timed out")
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  outs = [np.load(f"{prefix}{i}.npz") for i in range(2)]
+  for out in outs:
+    assert int(out["num_minibatches"]) == 4
+    np.testing.assert_allclose(out["cka"], ref, rtol=0, atol=TOL)
+  np.testing.assert_array_equal(outs[0]["cka"], outs[1]["cka"])
+  np.testing.assert_array_equal(outs[0]["stderr"], outs[1]["stderr"])
