@@ -76,3 +76,30 @@ def test_several_layers_in_one_pass_equal_separate_passes():
       alone = rf.erf_sum(lambda x: both(x)[name], images, per_channel=per_channel)
       np.testing.assert_allclose(together[name], alone, rtol=1e-5, atol=1e-7)
     assert np.count_nonzero(together["b"]) == 25  # Two stacked 3x3 convs: a 5x5 support.
+
+
+def test_run_vit_first_block_is_global_and_resnet_stem_is_local(tmp_path):
+  import ml_collections
+  from test_attention_distance import make_context
+  from vit_analysis.analyses import get
+  ctx = make_context(tmp_path, {"vit": "ViT-smoke_8", "resnet": "R-smoke"}, num_images=6)
+  config = ml_collections.ConfigDict({"receptive_field": {
+      "num_images": 3, "batch_size": 4, "channel_chunk": 16,
+      "layers": {"vit": ["embedding", "block00/+sa"], "resnet": ["root/conv"]}}})
+  result = get("receptive_field")(config, ctx)
+  erfs = np.load(tmp_path / "results" / "receptive_field.npz")
+  centre_patch = np.zeros((32, 32), bool)
+  centre_patch[16:24, 16:24] = True  # 4x4 grid of 8 px patches: centre token (2, 2).
+  # The patch embedding only sees its own patch; after one attention layer every pixel matters.
+  np.testing.assert_array_equal(erfs["vit/post/embedding"] > 0, centre_patch)
+  assert np.mean(erfs["vit/post/block00/+sa"][~centre_patch] > 0) > 0.99
+  # ... but the skip connection keeps a peak on the centre patch.
+  sa = erfs["vit/post/block00/+sa"]
+  assert sa[centre_patch].mean() > 3 * sa[~centre_patch].mean()
+  stem = np.zeros((32, 32), bool)
+  stem[15:18, 15:18] = True  # R-smoke's small stem is one 3x3 conv; centre (16, 16).
+  np.testing.assert_array_equal(erfs["resnet/post/root/conv"] > 0, stem)
+  m = result.metrics["vit/post"]
+  assert m["layers"] == ["embedding", "block00/+sa"] and m["centre_patch_mass"][0] == pytest.approx(1.0)
+  assert m["area_fraction"][0] <= 64 / 1024 < m["area_fraction"][1]
+  assert len(result.figures) == 2 and all((tmp_path / f).exists() for f in result.figures)
