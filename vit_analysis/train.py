@@ -239,11 +239,9 @@ def train(module: nn.Module, train_config: ml_collections.ConfigDict, *, train_s
   steps_per_epoch = max(1, len(train_source) // cfg.batch_size)
   eval_every = cfg.eval_every_steps or steps_per_epoch
   tx, schedule = make_optimizer(cfg, steps)
-  if params is None:
-    params = init_params(module, image_size, seed)
   rep = sharding.replicated(mesh)
-  state = jax.device_put({"step": jnp.zeros((), jnp.int32), "params": params,
-                          "opt_state": tx.init(params)}, rep)
+  new_state = lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p)}
+  fresh = lambda: new_state(init_params(module, image_size, seed) if params is None else params)
 
   os.makedirs(workdir, exist_ok=True)
   manager = ocp.CheckpointManager(
@@ -252,8 +250,11 @@ def train(module: nn.Module, train_config: ml_collections.ConfigDict, *, train_s
   it = data_lib.batches(train_source, cfg.batch_size, seed=seed, shuffle=True, num_epochs=None,
                         image_size=image_size)
   latest = manager.latest_step()
-  if latest is not None:
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), state)
+  if latest is None:
+    state = jax.device_put(fresh(), rep)
+  else:  # the restore target's shapes come from eval_shape: restoring compiles nothing
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                            jax.eval_shape(fresh))
     restored = manager.restore(latest, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
     state = restored["state"]
