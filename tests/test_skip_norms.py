@@ -61,3 +61,38 @@ def test_skip_pairs_from_names():
     sn.skip_pairs(["embedding", "encoder_norm"])
   with pytest.raises(ValueError, match="average"):
     sn.finalize({"count": 1}, "median")
+
+
+def test_run_vit_with_dead_mlp_and_resnet_units(tmp_path):
+  import jax
+  import ml_collections
+  from test_attention_distance import make_context
+  from vit_analysis import data
+  from vit_analysis.analyses import get
+  ctx = make_context(tmp_path, {"vit": "ViT-smoke_8", "resnet": "R-smoke"}, num_images=6)
+  block = ctx.models["vit"].variables["params"]["Transformer"]["encoderblock_1"]["MlpBlock_3"]
+  block["Dense_1"] = jax.tree.map(np.zeros_like, block["Dense_1"])  # Block 1's MLP outputs 0.
+  config = ml_collections.ConfigDict({"skip_norms": {"num_images": 5, "batch_size": 4}})
+  result = get("skip_norms")(config, ctx)
+  res = np.load(tmp_path / "results" / "skip_norms.npz")
+  assert list(res["vit/labels"]) == ["block00/sa", "block00/mlp", "block01/sa", "block01/mlp"]
+  ratio = res["vit/ratio"]
+  assert ratio.shape == (4, 17) and not np.isnan(ratio).any()
+  assert np.all(np.isposinf(ratio[3])) and np.all(np.isfinite(ratio[:3]))
+  np.testing.assert_array_equal(res["vit/num_infinite"][3], 5)  # Every image flagged, once.
+  assert result.metrics["vit"]["num_infinite"] == 5 * 17
+  assert result.metrics["vit"]["mlp"]["ratio_per_block"][1] == "inf"
+  # ResNet units against a direct float64 computation on the same 5 images.
+  m = ctx.models["resnet"]
+  idx = np.random.default_rng(0).permutation(6)[:5]
+  images = data.preprocess(np.stack([ctx.sources["test"][int(i)]["image"] for i in idx]), 32)
+  _, out = jax.jit(lambda v, x: m.module.apply(v, x, train=False))(m.variables, images)
+  labels = list(res["resnet/labels"])
+  assert labels == ["block1/unit01", "block2/unit01", "block3/unit01", "block4/unit01"]
+  for i, unit in enumerate(labels):
+    skip = out[f"{unit}/proj"] if f"{unit}/proj" in out else out[labels[i - 1]]
+    z = np.asarray(skip, np.float64).reshape(5, -1)
+    f = np.asarray(out[f"{unit}/conv_c"], np.float64).reshape(5, -1)
+    expected = (np.linalg.norm(z, axis=1) / np.linalg.norm(f, axis=1)).mean()
+    np.testing.assert_allclose(res["resnet/ratio"][i, 0], expected, rtol=1e-4)
+  assert all((tmp_path / f).exists() for f in result.figures) and len(result.figures) == 4

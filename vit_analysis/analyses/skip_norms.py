@@ -13,6 +13,7 @@ poisoning a mean.
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 from typing import Any, Sequence
@@ -156,3 +157,121 @@ def finalize(sums: dict[str, np.ndarray], average: str = "per_image") -> dict[st
     ratio = np.where(b > 0, get("skip_norm") / np.where(b > 0, b, 1.0), np.inf)
   return {"ratio": ratio, "cos_out": get("cos_out") / n, "cos_branch": get("cos_branch") / n,
           "num_infinite": get("num_infinite")}
+
+
+def model_skip_statistics(model: base.LoadedModel, source, mesh, *, num_images: int,
+                          batch_size: int, seed: int = 0, average: str = "per_image"
+                          ) -> tuple[list[str], dict[str, np.ndarray], dict[str, float]]:
+  """Norm ratios and cosines of every residual sublayer of one model, averaged over images.
+
+  Returns:
+    (pair labels in forward order, `finalize` output ([P, T]; T = 1 for ResNets), stats).
+  """
+  from vit_analysis import capture  # pylint: disable=g-import-not-at-top
+  from vit_analysis.analyses import attention_distance  # pylint: disable=g-import-not-at-top
+
+  names = capture.layer_names(model.module, (model.image_size, model.image_size, 3))
+  pairs = skip_pairs(names)
+  needed = sorted({n for _, skip, branch in pairs for n in (skip, branch)})
+  fn = capture.make_capture_fn(model.module, tuple(re.sub(r"([\[\]*?])", r"[\1]", n)
+                                                   for n in needed))
+
+  @jax.jit
+  def step_fn(variables, images, mask):
+    return pair_statistics(fn(variables, images), pairs, mask)
+
+  sums, stats = attention_distance.stream_sums(
+      step_fn, model.variables, source, num_images=num_images, batch_size=batch_size,
+      image_size=model.image_size, mesh=mesh, seed=seed, desc=f"skip norms {model.key}")
+  return [p[0] for p in pairs], finalize(sums, average), stats
+
+
+def _json_number(x: float):
+  """JSON has no inf/NaN: a dead branch's ratio is reported as the string 'inf'."""
+  x = float(x)
+  return x if np.isfinite(x) else ("inf" if x > 0 else str(x))
+
+
+def run(config, ctx: base.Context) -> base.AnalysisResult:
+  """Skip/branch norm ratios and cosines of every model in `ctx.models` (Figs 7, E.1, E.2).
+
+  Sub-config `config.skip_norms`: split, num_images, batch_size, seed, models (keys; empty = all),
+  average ('per_image' | 'ratio_of_means'), cosine ('out': cos(z, z + f) | 'branch': cos(z, f)),
+  heatmap_tokens (tokens shown in the Fig 7 heatmap; E.1 shows all).
+  """
+  from vit_analysis import plotting, sharding  # pylint: disable=g-import-not-at-top
+  from vit_analysis.plotting import mechanisms  # pylint: disable=g-import-not-at-top
+
+  cfg = config.skip_norms
+  start = time.time()
+  keys = list(cfg.get("models", ()) or ctx.models)
+  source = ctx.sources[cfg.get("split", "test")]
+  cos_key = {"out": "cos_out", "branch": "cos_branch"}[cfg.get("cosine", "out")]
+  metrics, arrays, ratio_lines, cos_lines, figures = {}, {}, {}, {}, []
+  main = sharding.is_main_process()
+  for key in keys:
+    if key not in ctx.models:
+      raise KeyError(f"skip_norms: unknown model {key!r}; known: {list(ctx.models)}")
+    model = ctx.models[key]
+    labels, res, stats = model_skip_statistics(
+        model, source, ctx.mesh, num_images=cfg.get("num_images", 1000),
+        batch_size=cfg.get("batch_size", 64), seed=cfg.get("seed", 0),
+        average=cfg.get("average", "per_image"))
+    for k, v in res.items():
+      arrays[f"{key}/{k}"] = v
+    arrays[f"{key}/labels"] = np.asarray(labels)
+    ratio, cos, num_inf = res["ratio"], res[cos_key], res["num_infinite"]
+    m = {"num_images": stats["num_images"], "examples_per_s": round(stats["examples_per_s"], 2),
+         "num_infinite": int(num_inf.sum())}
+    # Branches of residual sublayers: ViT 'sa'/'mlp', Mixer mixing, ResNet units (T = 1).
+    kinds = {}
+    for i, label in enumerate(labels):
+      kind = label.split("/")[-1] if ratio.shape[1] > 1 else "unit"
+      kinds.setdefault(kind, []).append(i)
+    family = model.name
+    for kind, idx in kinds.items():
+      r, c = ratio[idx], cos[idx]
+      if r.shape[1] > 1:  # Tokens: CLS (token 0, when the model has one) vs spatial tokens.
+        has_cls = getattr(model.module, "classifier", None) == "token"
+        spatial = slice(1, None) if has_cls else slice(None)
+        ratio_lines[f"{key} {kind.upper()}"] = r[:, spatial].mean(1)
+        cos_lines[f"{key} {kind.upper()}"] = c[:, spatial].mean(1)
+        if has_cls:
+          ratio_lines[f"{key} {kind.upper()}-CLS"] = r[:, 0]
+          cos_lines[f"{key} {kind.upper()}-CLS"] = c[:, 0]
+      else:
+        ratio_lines[f"{key} ({family})"] = r[:, 0]
+        cos_lines[f"{key} ({family})"] = c[:, 0]
+      m[kind] = {"ratio_mean": _json_number(np.mean(r)),
+                 "ratio_per_block": [_json_number(x) for x in r.mean(1)],
+                 "cosine_per_block": [round(float(x), 4) for x in c.mean(1)]}
+      if r.shape[1] > 1 and getattr(model.module, "classifier", None) == "token":
+        m[kind]["ratio_cls_per_block"] = [_json_number(x) for x in r[:, 0]]
+    metrics[key] = m
+    if main and ratio.shape[1] > 1:
+      panels = {f"identity / {kind}": ratio[idx] for kind, idx in kinds.items()}
+      fig = mechanisms.token_block_heatmaps(panels, max_tokens=cfg.get("heatmap_tokens", 10),
+                                            title=f"{key} ({family}): norm ratio, first tokens")
+      figures.append(plotting.save_figure(fig, ctx.path("figures", f"skip_norms_{key}_tokens")))
+      fig = mechanisms.token_block_heatmaps(panels, title=f"{key} ({family}): all tokens")
+      figures.append(plotting.save_figure(fig, ctx.path("figures", f"skip_norms_{key}_all")))
+  if main:
+    fig = mechanisms.depth_lines(ratio_lines, "||z|| / ||f(z)||", log=True,
+                                 title="skip / branch norm ratio")
+    figures.insert(0, plotting.save_figure(fig, ctx.path("figures", "skip_norms_ratio")))
+    fig = mechanisms.depth_lines(cos_lines, "cos(z, z + f(z))" if cos_key == "cos_out"
+                                 else "cos(z, f(z))", title="skip vs sublayer output")
+    figures.insert(1, plotting.save_figure(fig, ctx.path("figures", "skip_norms_cosine")))
+    figures = [os.path.relpath(f, ctx.workdir) for f in figures]
+    np.savez(ctx.path("results", "skip_norms.npz"), **arrays)
+  result = base.AnalysisResult(
+      name="skip_norms", title="Skip-connection norm ratios and cosines (Figs 7, E.1, E.2)",
+      caption=("Ratio of the norm of the residual stream entering each sublayer to the norm of "
+               "the sublayer's branch output, per token and block (CLS vs spatial tokens) and "
+               "per ResNet unit. The paper finds ViT ratios far above ResNet's, with a phase "
+               "change at mid-depth: early blocks leave CLS mostly untouched, late blocks change "
+               "CLS and leave spatial tokens to the skip path."),
+      figures=figures, metrics=metrics, seconds=time.time() - start)
+  if main:
+    base.save_result(ctx, result)
+  return result
