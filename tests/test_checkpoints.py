@@ -12,6 +12,7 @@ from vit_analysis.models.resnet import VARIANTS as RESNET_VARIANTS
 from vit_analysis.models.resnet import ResNetV2
 # float64 NumPy BiT forward and the BiT key list (tests/ is on sys.path under pytest).
 from test_models_resnet import _official_keys as bit_keys
+from test_models_resnet import fast_jit
 from test_models_resnet import np_resnet
 
 
@@ -78,9 +79,9 @@ def images(size, seed=1, n=2):
   return np.random.default_rng(seed).uniform(-1, 1, (n, size, size, 3)).astype(np.float32)
 
 
-def logits_fn(model):
-  """One jitted forward (compiled once per model; eager op-by-op is slower on loaded CPUs)."""
-  return jax.jit(lambda variables, x: model.apply(variables, x, train=False)[0])
+def logits_fn(model, variables, x):
+  """One compiled forward, reused for both param sets (same shapes, same executable)."""
+  return fast_jit(lambda v, x: model.apply(v, x, train=False)[0], variables, x)
 
 
 def unflatten(arrays):
@@ -92,16 +93,17 @@ SMOKE_VIT = dict(patch=8, width=32, depth=2, mlp=64, heads=2)
 
 
 @pytest.mark.parametrize('name,cls,rep,prefix', [
-    ('ViT-smoke_8', True, None, 'opt/target/'),  # big_vision export prefix
-    ('ViT-smoke_8', True, 16, ''),               # ImageNet-21k style pre_logits layer
-    ('ViT-smoke_8-gap', False, None, ''),        # GAP: no 'cls', 16 tokens
+    # ImageNet-21k style pre_logits layer, big_vision export prefix.
+    ('ViT-smoke_8', True, 16, 'opt/target/'),
+    ('ViT-smoke_8-gap', False, None, ''),  # GAP: no 'cls', 16 tokens
 ])
 def test_vit_official_layout_loads(tmp_path, name, cls, rep, prefix):
   arrays = random_file(vit_keys(**SMOKE_VIT, grid=4, num_classes=7, cls=cls, rep=rep))
   path = write(tmp_path, 'vit.npz', arrays, prefix)
   model = create_model(name, 7, representation_size=rep)
   variables = checkpoints.load_npz(path, model)
-  x, forward = images(32), logits_fn(model)
+  x = images(32)
+  forward = logits_fn(model, variables, x)
   logits = forward(variables, x)
   np.testing.assert_array_equal(logits, forward(unflatten(arrays), x))
   assert np.abs(logits).max() > 1e-2
@@ -115,7 +117,8 @@ def test_mixer_official_layout_loads(tmp_path):
   arrays = random_file(mixer_keys(8, 32, 2, 16, 64, tokens=16, num_classes=5))
   model = create_model('Mixer-smoke_8', 5)
   variables = checkpoints.load_npz(write(tmp_path, 'mixer.npz', arrays), model)
-  x, forward = images(32), logits_fn(model)
+  x = images(32)
+  forward = logits_fn(model, variables, x)
   logits = forward(variables, x)
   np.testing.assert_array_equal(logits, forward(unflatten(arrays), x))
   assert np.abs(logits).max() > 1e-2
@@ -134,7 +137,7 @@ def test_bit_official_layout_matches_float64_numpy_and_squeezes_groupnorm(tmp_pa
   model = ResNetV2(**kw, num_classes=5)
   variables = checkpoints.load_npz(write(tmp_path, 'bit.npz', old), model, image_size=16)
   x = images(16)
-  logits = jax.jit(model.apply)(variables, x)[0]
+  logits = fast_jit(model.apply, variables, x)(variables, x)[0]
   ref, _ = np_resnet({k: v.astype(np.float64) for k, v in arrays.items()}, x,
                      kw['block_units'], kw['num_groups'], small_stem=True)
   np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

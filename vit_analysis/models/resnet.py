@@ -38,6 +38,13 @@ def standardize(x: Array, axis: Sequence[int], eps: float) -> Array:
   return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=axis, keepdims=True) + eps)
 
 
+def _fan_in_normal(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
+  """N(0, 1/fan_in). The scale is immaterial to the forward pass (the kernel is standardized);
+  a plain normal traces ~2x faster than the truncated-normal initialisers (eval_shape of R152)."""
+  fan_in = shape[0] * shape[1] * shape[2]
+  return jax.random.normal(key, shape, dtype) * (1.0 / fan_in)**0.5
+
+
 class StdConv(nn.Module):
   """Bias-free conv whose kernel is standardized per output channel over (H, W, C_in).
 
@@ -61,7 +68,7 @@ class StdConv(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """x: [b, h, w, c_in] -> [b, h', w', features]."""
-    kernel = self.param('kernel', nn.initializers.he_normal(),
+    kernel = self.param('kernel', _fan_in_normal,
                         (*self.kernel_size, x.shape[-1], self.features), jnp.float32)
     kernel = standardize(kernel, axis=(0, 1, 2), eps=self.eps)
     return jax.lax.conv_general_dilated(
