@@ -104,9 +104,26 @@ def model_feature_fn(model: base.LoadedModel, layers: Sequence[str],
   """Pure `(variables, images) -> {layer: [b, ...]}` capturing only `layers` (traced in a jit)."""
   if tokens not in TOKEN_MODES:
     raise ValueError(f"tokens must be one of {TOKEN_MODES}, got {tokens!r}")
-  fn = capture.make_capture_fn(model.module, list(layers))
-  family = model_family(model.module)
-  has_cls = family == "vit" and getattr(model.module, "classifier", "token") == "token"
+  # One function object per (module, layers, tokens), so that models of one architecture (data
+  # subsets, fine-tuned copies) share one compiled step.
+  key = (model.module, tuple(layers), tokens)
+  try:
+    cached = _FEATURE_FNS.get(key)
+  except TypeError:  # an unhashable module field
+    return _feature_fn(model.module, layers, tokens)
+  if cached is None:
+    cached = _FEATURE_FNS[key] = _feature_fn(model.module, layers, tokens)
+  return cached
+
+
+_FEATURE_FNS: dict[Any, FeatureFn] = {}
+_STEPS: dict[Any, Callable[..., Any]] = {}
+
+
+def _feature_fn(module: Any, layers: Sequence[str], tokens: str) -> FeatureFn:
+  fn = capture.make_capture_fn(module, list(layers))
+  family = model_family(module)
+  has_cls = family == "vit" and getattr(module, "classifier", "token") == "token"
 
   def features(variables, images):
     out = fn(variables, images)
@@ -191,13 +208,22 @@ def _step_images(side: Side, images: list[np.ndarray], shape: tuple[int, int]) -
 
 
 def make_step(side_a: Side, side_b: Side | None) -> Callable[..., Any]:
-  """The jitted per-step function: images of `s` minibatches -> summed HSIC terms.
+  """The jitted per-step function: images of `s` minibatches -> per-minibatch HSIC terms.
+
+  Cached per (feature functions, names), so repeated comparisons of one architecture compile once.
 
   Returns:
-    `step(vars_a, images_a, vars_b, images_b, mask) -> terms`, images `[s, m, h, w, 3]` sharded
-    on axis 0, `mask: [s]` (0 for padding minibatches); `terms` is the cka module's per-step
-    state increment (summed over the valid minibatches) plus per-minibatch values.
+    `step(vars_a, images_a, vars_b, images_b, mask) -> cka.HSICTerms` ([s, ...] leaves, a few kB),
+    images `[s, m, h, w, 3]` sharded on axis 0, `mask: [s]` (0 for padding minibatches).
   """
+  key = (side_a.features, side_a.names) + (
+      () if side_b is None else (side_b.features, side_b.names))
+  if key not in _STEPS:
+    _STEPS[key] = _make_step(side_a, side_b)
+  return _STEPS[key]
+
+
+def _make_step(side_a: Side, side_b: Side | None) -> Callable[..., Any]:
 
   def features(side, variables, images):
     s, m = images.shape[:2]

@@ -1,0 +1,113 @@
+"""Localisation: synthetic tokens equal to their own input patch peak on the diagonal; end to end."""
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from vit_analysis import data as data_lib
+from vit_analysis import models
+from vit_analysis import sharding
+from vit_analysis.analyses import base
+from vit_analysis.analyses import localization
+from vit_analysis.analyses import similarity
+
+
+class PatchTokens(nn.Module):
+  """Layers built from the input patches: 'tokens' = each grid position's own patch (after a
+  CLS-like token), 'shifted' = the patch one column to the right (cyclically), 'map' = an affine
+  map of the own patch laid out as a [b, g, g, c] feature map."""
+  patch: int = 4
+  classifier: str = "token"  # token 0 is a CLS token, as in a ViT
+
+  @nn.compact
+  def __call__(self, images, train=False):
+    del train
+    grid = localization.input_patches(images, self.patch)  # [b, g, g, P*P*3]
+    b, g = grid.shape[:2]
+    cls = jnp.zeros_like(grid[:, 0, :1])
+    tokens = lambda x: jnp.concatenate([cls, x.reshape(b, g * g, -1)], 1)  # noqa: E731
+    out = {"tokens": tokens(grid), "shifted": tokens(jnp.roll(grid, -1, axis=2)),
+           "map": 2.0 * grid + 1.0}
+    return grid.sum((1, 2, 3)), out
+
+
+def _source(n=64, size=16, seed=0):
+  rng = np.random.default_rng(seed)
+  return data_lib.ArraySource(rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+                              np.zeros(n, np.int64), 1)
+
+
+def _loaded(module, size, key="m"):
+  shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
+  rng = np.random.default_rng(0)
+  # Random parameters of the right shapes; compiling `init` is slow on the loaded test machine.
+  variables = jax.tree.map(
+      lambda s: (rng.normal(size=s.shape) / np.sqrt(max(np.prod(s.shape[:-1]), 1)))
+      .astype(s.dtype), shapes)
+  return base.LoadedModel(key, type(module).__name__, module, variables, size)
+
+
+def test_input_patches_row_major():
+  x = jnp.arange(2 * 4 * 4 * 1, dtype=jnp.float32).reshape(2, 4, 4, 1)
+  p = localization.input_patches(x, 2)
+  assert p.shape == (2, 2, 2, 4)
+  np.testing.assert_array_equal(p[0, 0, 1], [2, 3, 6, 7])
+  np.testing.assert_array_equal(p[1, 1, 0], 16 + np.array([8, 9, 12, 13]))
+  with pytest.raises(ValueError):
+    localization.input_patches(x, 3)
+
+
+def test_synthetic_tokens_peak_at_their_own_patch():
+  model = _loaded(PatchTokens(), 12)
+  layers = ("tokens", "shifted", "map")
+  sides = {layer: localization.sides(model, layer) for layer in layers}
+  assert all(g == 3 and len(t.names) == 9 for t, _, g in sides.values())
+  # All three layers in one pass (one compile): rows layer-major, 9 positions each.
+  combined = similarity.Side(
+      lambda v, x: {f"{l}/{n}": a for l in layers
+                    for n, a in sides[l][0].features(v, x).items()},
+      model.variables, 12, tuple(f"{l}/{n}" for l in layers for n in sides[l][0].names))
+  rep = similarity.cka_over_repeats(combined, sides["tokens"][1], _source(size=12),
+                                    num_examples=64, minibatch_size=16, repeats=1, seed=0,
+                                    mesh=sharding.make_mesh())
+  own, shifted, feature_map = rep.mean[:9], rep.mean[9:18], rep.mean[18:]
+  for m in (own, feature_map):  # tokens equal (up to an affine map) to their own patch
+    np.testing.assert_allclose(np.diag(m), 1.0, atol=1e-5)
+    assert np.abs(m[~np.eye(9, dtype=bool)]).max() < 0.5
+    s = localization.scores(m)
+    assert s["own_is_best"] == 1.0 and s["own_rank"] == 0.0 and s["own_margin"] > 0.5
+  s = localization.scores(shifted)
+  assert s["own_is_best"] == 0.0 and s["own_margin"] < -0.5
+  assert shifted[0, 1] == pytest.approx(1.0, abs=1e-5)  # token (0,0) is patch (0,1)
+
+
+def test_scores_closed_form():
+  m = np.array([[0.9, 0.1, 0.2], [0.5, 0.4, 0.0], [0.1, 0.1, 0.3]])
+  s = localization.scores(m)
+  assert s["own_is_best"] == pytest.approx(2 / 3)
+  assert s["own_rank"] == pytest.approx(1 / 3)
+  assert s["own_margin"] == pytest.approx(((0.9 - 0.2) + (0.4 - 0.5) + (0.3 - 0.1)) / 3)
+  assert s["own_contrast"] == pytest.approx(((0.9 - 0.15) + (0.4 - 0.25) + (0.3 - 0.1)) / 3)
+  assert localization.default_tokens(7) == [(0, 0), (2, 1), (4, 2), (4, 4)]
+
+
+def test_end_to_end(tmp_path):
+  ms = {"vit": _loaded(models.create_model("ViT-smoke_8", 10), 32, "vit")}
+  src = _source(n=48, size=32, seed=2)
+  ctx = base.Context(str(tmp_path), ms, {"test": src, "train": src}, sharding.make_mesh())
+  config = ml_collections.ConfigDict(dict(seed=0, localization=dict(
+      models=("vit",), num_examples=32, minibatch_size=8, repeats=1, tokens=((0, 0), (1, 2)))))
+  result = localization.run(config, ctx)
+  assert len(result.figures) == 1
+  assert os.path.exists(os.path.join(str(tmp_path), result.figures[0]))
+  metrics = result.metrics["vit/block01"]
+  assert metrics["grid"] == 4 and 0.0 <= metrics["own_is_best"] <= 1.0
+  saved = similarity.RepeatedCKA.load(os.path.join(str(tmp_path), "results",
+                                                   "localization_vit_block01"))
+  assert saved.mean.shape == (16, 16) and saved.names_a[6] == "token1_2"
+  np.testing.assert_allclose(localization.scores(saved.mean)["own_is_best"],
+                             metrics["own_is_best"])
