@@ -1,0 +1,155 @@
+"""Removing the skip connections of one block (paper Fig 8).
+
+For each chosen block i, a copy of a ViT's model entry with `skip_removed=(i,)` (BOTH residual
+adds of block i removed, 0-based; paper.md §6 row 21) is trained through the same training loop
+as every other model (`ctx.train_fn`, cached by content hash). The analysis reports test accuracy
+against the unmodified model and draws each model's intra-model CKA heatmap (the similarity
+analysis' minibatch CKA, paper.md §1.3). The paper sees the heatmap split into two blocks, before
+and after block i, and about 4% lower accuracy for a middle block.
+
+The split is summarised by `split_contrast`: mean CKA within the two diagonal blocks (layers
+before block i, layers from block i on) minus mean CKA across them, computed at the same cut for
+the unmodified model.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from typing import Any, Sequence
+
+import ml_collections
+import numpy as np
+
+from vit_analysis import sharding
+from vit_analysis.analyses import base
+
+
+def split_index(names: Sequence[str], block: int) -> int:
+  """Position of the first layer of block `block` (e.g. 'block03/ln0') in `names`.
+
+  Raises:
+    KeyError: if no layer belongs to that block.
+  """
+  prefix = f"block{block:02d}"
+  for i, n in enumerate(names):
+    if n == prefix or n.startswith(prefix + "/"):
+      return i
+  raise KeyError(f"no layer of block {block} ({prefix}*) among {list(names)[:8]}...")
+
+
+def split_contrast(cka: np.ndarray, cut: int) -> dict[str, float]:
+  """Within-block minus across-block mean CKA for a cut of a square matrix before row `cut`.
+
+  Args:
+    cka: [L, L] intra-model CKA.
+    cut: layers [0, cut) form the first block, [cut, L) the second; 0 < cut < L.
+
+  Returns:
+    {'within': mean of the two diagonal blocks (off-diagonal entries only, equally weighted),
+     'across': mean of the off-diagonal block, 'contrast': within - across}.
+  """
+  cka = np.asarray(cka, np.float64)
+  size = cka.shape[0]
+  if cka.ndim != 2 or cka.shape[1] != size:
+    raise ValueError(f"cka must be square, got shape {cka.shape}")
+  if not 0 < cut < size:
+    raise ValueError(f"cut {cut} must split {size} layers into two non-empty blocks")
+
+  def mean_off_diagonal(m):
+    k = m.shape[0]
+    return float((m.sum() - np.trace(m)) / (k * k - k)) if k > 1 else float("nan")
+
+  blocks = [mean_off_diagonal(cka[:cut, :cut]), mean_off_diagonal(cka[cut:, cut:])]
+  within = float(np.nanmean(blocks)) if not all(np.isnan(blocks)) else float("nan")
+  across = float(cka[:cut, cut:].mean())
+  return {"within": within, "across": across, "contrast": within - across}
+
+
+def removed_entry(entry: Any, block: int) -> ml_collections.ConfigDict:
+  """A copy of a `config.models` entry with both residual adds of `block` removed."""
+  entry = copy.deepcopy(entry if isinstance(entry, ml_collections.ConfigDict)
+                        else ml_collections.ConfigDict(dict(entry)))
+  overrides = dict(entry.get("overrides", None) or {})
+  previous = tuple(overrides.get("skip_removed", ()) or ())
+  overrides["skip_removed"] = tuple(sorted(set(previous) | {int(block)}))
+  with entry.unlocked():
+    entry.overrides = overrides
+  return entry
+
+
+def run(config, ctx: base.Context) -> base.AnalysisResult:
+  """Trains ViTs without the skips of one block and compares them (Fig 8).
+
+  Sub-config `config.skip_removal`: base_model (key in config.models, a ViT), blocks (0-based
+  indices, one model each), layers (CKA capture preset or globs; paper: 'coarse'), tokens, split,
+  num_examples, minibatch_size, repeats, minibatches_per_step.
+  """
+  from vit_analysis import plotting  # pylint: disable=g-import-not-at-top
+  from vit_analysis.analyses import similarity  # pylint: disable=g-import-not-at-top
+  from vit_analysis.plotting import mechanisms  # pylint: disable=g-import-not-at-top
+
+  cfg = config.skip_removal
+  start = time.time()
+  base_key = cfg.get("base_model", "vit")
+  if base_key not in ctx.models or base_key not in config.models:
+    raise KeyError(f"skip_removal: base_model {base_key!r} is not among {list(ctx.models)}")
+  base_model = ctx.models[base_key]
+  num_layers = getattr(base_model.module, "num_layers", None)
+  if num_layers is None:
+    raise ValueError(f"skip_removal needs a ViT base model, got {base_model.name}")
+  blocks = [int(b) for b in cfg.get("blocks", (1,))]
+  bad = [b for b in blocks if not 0 <= b < num_layers]
+  if bad:
+    raise ValueError(f"blocks {bad} out of range for {base_model.name} ({num_layers} blocks)")
+  if ctx.train_fn is None:
+    raise ValueError("skip_removal trains models: the context has no train_fn")
+
+  models = {base_key: base_model}
+  for b in blocks:
+    key = f"{base_key}_noskip{b:02d}"
+    models[key] = ctx.train_fn(key, removed_entry(config.models[base_key], b))
+
+  source = ctx.sources[cfg.get("split", "test")]
+  settings = similarity.protocol(cfg)
+  layers = cfg.get("layers", "coarse")
+  layers = layers if isinstance(layers, str) else tuple(layers)
+  matrices, metrics, accuracies = {}, {}, {}
+  for key, model in models.items():
+    side = similarity.model_side(model, layers, cfg.get("tokens", "all"))
+    rep = similarity.cka_over_repeats(side, None, source, seed=int(config.get("seed", 0)),
+                                      mesh=ctx.mesh, desc=f"skip_removal/{key}", **settings)
+    matrices[key] = rep.mean
+    accuracies[key] = model.test_accuracy
+    metrics[key] = {"name": model.name, "test_accuracy": model.test_accuracy,
+                    "skip_removed": list(getattr(model.module, "skip_removed", ()) or ()),
+                    "num_layers": len(rep.names_a)}
+    if sharding.is_main_process():
+      rep.save(ctx.path("results", f"skip_removal_{key}"))
+    names = rep.names_a
+  for b in blocks:
+    cut = split_index(names, b)
+    key = f"{base_key}_noskip{b:02d}"
+    if cut > 0:
+      metrics[key]["split"] = split_contrast(matrices[key], cut)
+      metrics[key]["split_unmodified"] = split_contrast(matrices[base_key], cut)
+    if accuracies[key] is not None and accuracies[base_key] is not None:
+      metrics[key]["accuracy_drop"] = accuracies[base_key] - accuracies[key]
+  figures = []
+  if sharding.is_main_process():
+    labels = {k: (f"{k}: unmodified" if k == base_key else f"{k}: block {k[-2:]} skips removed")
+              for k in models}
+    fig = mechanisms.skip_removal_heatmaps({labels[k]: m for k, m in matrices.items()},
+                                           {labels[k]: a for k, a in accuracies.items()})
+    png = plotting.save_figure(fig, ctx.path("figures", "skip_removal"))
+    figures.append(os.path.relpath(png, ctx.workdir))
+  result = base.AnalysisResult(
+      name="skip_removal", title="Removing the skip connections of one block (Fig 8)",
+      caption=("Intra-model CKA of ViTs trained with both residual adds of one block removed, "
+               "next to the unmodified model, with test accuracy. The paper finds the heatmap "
+               "splits into layers before and after that block, and ~4% lower accuracy when a "
+               "middle block loses its skips."),
+      figures=figures, metrics=dict(settings, **metrics), seconds=time.time() - start)
+  if sharding.is_main_process():
+    base.save_result(ctx, result)
+  return result
