@@ -16,10 +16,14 @@ SHAPE = (2, 32, 32, 3)
 def vit():
   model = create_model('ViT-smoke_8', 10)
   x = jax.random.uniform(jax.random.key(0), SHAPE, minval=-1, maxval=1)
-  params = jax.jit(model.init)(jax.random.key(1), x)['params']
-  # Perturb so that no representation is trivially constant (zero head, unit LayerNorm).
-  params = jax.tree.map(lambda p: p + 0.1 * jnp.cos(jnp.arange(p.size).reshape(p.shape)), params)
-  return model, {'params': params}, x
+  return model, _random_variables(model, x), x
+
+
+def _random_variables(model, x):
+  """Random values in the model's param structure: no init compile, nothing trivially constant."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+  rng = np.random.default_rng(0)
+  return jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.2, s.shape), jnp.float32), shapes)
 
 
 def _expected_vit_names(depth):
@@ -129,7 +133,7 @@ def test_mixer_capture(vit):
   del vit
   model = create_model('Mixer-smoke_8', 10)
   x = jnp.linspace(-1, 1, math.prod(SHAPE)).reshape(SHAPE)
-  variables = jax.jit(model.init)(jax.random.key(0), x)
+  variables = _random_variables(model, x)
   got = capture.capture(model, variables, x, layers=['block*/+token', 'stem'])
   assert list(got) == ['stem', 'block00/+token', 'block01/+token']
   assert got['block01/+token'].shape == (2, 16, 32)
