@@ -236,6 +236,7 @@ def save_npz(params: Mapping[str, Any], path: str | os.PathLike) -> None:
 
 _VIT_SIZES = {(192, 12): 'Ti', (384, 12): 'S', (768, 12): 'B', (1024, 24): 'L', (1280, 32): 'H'}
 _MIXER_SIZES = {(512, 8): 'S', (768, 12): 'B', (1024, 24): 'L', (1280, 32): 'H'}
+_HYBRID_DEPTHS = {(3, 4, 9): 'R50', (2, 2, 2, 2): 'R26', (3, 4, 6, 3): 'R50'}
 _BIT_DEPTHS = {(2, 2, 2, 2): 'R26', (3, 4, 6, 3): 'R50', (3, 4, 23, 3): 'R101',
                (3, 8, 36, 3): 'R152'}
 
@@ -244,8 +245,8 @@ def inspect_npz(source: NpzSource) -> dict[str, Any]:
   """Describes an official checkpoint from its keys and shapes.
 
   Returns:
-    {'name': registry name (vit_jax spelling, e.g. 'ViT-B_16', 'ViT-B_32-gap', 'R50x1',
-     'Mixer-B_16'), 'num_classes': head width or None, 'representation_size': pre_logits width
+    {'name': registry name (vit_jax spelling, e.g. 'ViT-B_16', 'ViT-B_32-gap', 'R50+ViT-B_16',
+     'R50x1', 'Mixer-B_16'), 'num_classes': head width or None, 'representation_size': pre_logits width
      or None, 'image_size': the resolution the file was trained at (None for BiT: any)}.
     Pass them to `create_model(name, num_classes, representation_size=...)` (ViT only).
 
@@ -259,13 +260,20 @@ def inspect_npz(source: NpzSource) -> dict[str, Any]:
   if 'embedding/kernel' in flat and POSEMB_KEY in flat:
     p, d = flat['embedding/kernel'].shape[0], flat['embedding/kernel'].shape[-1]
     depth = len({k.split('/')[1] for k in flat if k.startswith('Transformer/encoderblock_')})
-    if 'conv_root/kernel' in flat:
-      raise ValueError('hybrid (ResNet + ViT) checkpoints are not supported by inspect_npz')
     size = _VIT_SIZES.get((d, depth))
     if size is None:
       raise ValueError(f'no registered ViT has width {d} and {depth} blocks')
+    prefix = ''
+    if 'conv_root/kernel' in flat:  # hybrid: the patch is counted in input pixels
+      units = tuple(len({k.split('/')[1] for k in flat if k.startswith(f'block{s}/')})
+                    for s in range(1, 5))
+      units = tuple(u for u in units if u)
+      if units not in _HYBRID_DEPTHS:
+        raise ValueError(f'no registered hybrid has backbone units {units}')
+      prefix = _HYBRID_DEPTHS[units] + '+'
+      p *= 4 * 2**(len(units) - 1)
     grid = flat[POSEMB_KEY].shape[1] - int('cls' in flat)
-    info.update(name=f'ViT-{size}_{p}' + ('' if 'cls' in flat else '-gap'),
+    info.update(name=f'{prefix}ViT-{size}_{p}' + ('' if 'cls' in flat else '-gap'),
                 image_size=math.isqrt(grid) * p)
     if 'pre_logits/kernel' in flat:
       info['representation_size'] = int(flat['pre_logits/kernel'].shape[-1])
