@@ -84,7 +84,7 @@ def np_backbone(p, x, units):
                   (0, 0)), constant_values=-np.inf)
   x = np.max([xp[:, a:a + 2 * (o - 1) + 1:2, b:b + 2 * (o - 1) + 1:2]
               for a in range(3) for b in range(3)], axis=0)
-  acts = {'root': x}
+  acts = {'resnet/root': x}
   for s, n in enumerate(units, start=1):
     for u in range(1, n + 1):
       q, stride = f'block{s}/unit{u}', 2 if (u == 1 and s > 1) else 1
@@ -94,7 +94,7 @@ def np_backbone(p, x, units):
       y = relu(gn(np_same_conv(x, np_std(p[f'{q}/conv1/kernel']), 1), f'{q}/gn1'))
       y = relu(gn(np_same_conv(y, np_std(p[f'{q}/conv2/kernel']), stride), f'{q}/gn2'))
       y = gn(np_same_conv(y, np_std(p[f'{q}/conv3/kernel']), 1), f'{q}/gn3')
-      x = acts[f'block{s}/unit{u:02d}'] = relu(res + y)
+      x = acts[f'resnet/block{s}/unit{u:02d}'] = relu(res + y)
   return acts
 
 
@@ -115,7 +115,9 @@ def test_tiny_hybrid_npz_loads_and_matches_float64_numpy(tmp_path):
   assert logits.shape == (2, 3) and np.abs(logits).max() > 1e-3
   ref = np_backbone({k: v.astype(np.float64) for k, v in arrays.items()}, x.astype(np.float64),
                     units)
-  assert out['root'].shape == (2, 4, 4, 64) and out['block2/unit01'].shape == (2, 2, 2, 512)
+  assert out['resnet/root'].shape == (2, 4, 4, 64)
+  assert out['resnet/block2/unit01'].shape == (2, 2, 2, 512)
+  assert out['embedding'].shape == (2, 5, 32) and 'block00/ln0' in out
   for k, r in ref.items():
     np.testing.assert_allclose(out[k], r, rtol=1e-4, atol=1e-4 * np.abs(r).max(), err_msg=k)
   with pytest.raises(ValueError, match='no registered'):  # tiny sizes are not registry names

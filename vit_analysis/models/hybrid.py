@@ -10,8 +10,9 @@ Names equal the hybrid npz keys (paper.md §4.1): `conv_root`, `gn_root`, `block
 (units numbered `unit1`, not `unit01`), then `embedding` (a 1x1 conv for R50+ViT-B_16), `cls`,
 `Transformer/...`, `pre_logits`, `head` as in the plain ViT.
 
-`out` names: 'root/conv', 'root', 'block{s}/unit{uu}' (2-digit, as resnet.py), then the ViT
-names ('embedding', 'block00/ln0', ..., 'encoder_norm', 'pre_logits', 'logits').
+`out` names: 'resnet/root/conv', 'resnet/root', 'resnet/block{s}/unit{uu}' (2-digit, as resnet.py;
+prefixed so that a 'block*' glob selects only the transformer blocks), then the ViT names
+('embedding', 'block00/ln0', ..., 'encoder_norm', 'pre_logits', 'logits').
 """
 from __future__ import annotations
 
@@ -127,13 +128,13 @@ class HybridViT(nn.Module):
     out = {}
     width = 64 * self.resnet_width_factor
     x = StdConv(width, (7, 7), (2, 2), use_bias=False, name='conv_root')(images)
-    out['root/conv'] = x
+    out['resnet/root/conv'] = x
     x = nn.relu(nn.GroupNorm(self.resnet_num_groups, epsilon=1e-6, name='gn_root')(x))
-    x = out['root'] = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+    x = out['resnet/root'] = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
     for s, units in enumerate(self.resnet_units, start=1):
       x, stage_out = ResNetStage(units, width * 2**(s - 1), 1 if s == 1 else 2,
                                  self.resnet_num_groups, name=f'block{s}')(x)
-      out.update({f'block{s}/{k}': v for k, v in stage_out.items()})
+      out.update({f'resnet/block{s}/{k}': v for k, v in stage_out.items()})
     p = self.patch_size // self.backbone_stride
     x = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding='VALID',
                 precision=self.precision, name='embedding')(x)
