@@ -1,0 +1,53 @@
+r"""Mean attention distance per head (paper Figs 3, 4, C.5, C.6).
+
+Offline (digits; ViT-demo_4 trained on the fly and cached, 1,000 test digits at 32 px, patch 4):
+  python -m vit_analysis.main --config=configs/attention_distance.py --workdir=/tmp/attn_dist
+  python -m vit_analysis.main --config=configs/attention_distance.py:gap --workdir=/tmp/attn_dist
+  python -m vit_analysis.main --config=configs/attention_distance.py:smoke --workdir=/tmp/ad_smoke
+('gap' adds a GAP-head ViT side by side.)
+Full size (TPU VM; official checkpoints at 224 px + TFDS imagenet2012 validation, 5,000 images):
+  gsutil cp gs://vit_models/imagenet21k/ViT-{B_32,L_16,H_14}.npz $CKPT/
+  python -m vit_analysis.main --config=configs/attention_distance.py:full,ckpt_dir=$CKPT \
+      --workdir=$WORKDIR
+  Fig 4 / C.5 (ImageNet-1k-only training): add `i1k_ckpt=$CKPT/<AugReg i1k npz>,i1k_name=ViT-B_16`
+  to put an ImageNet-only model next to the large-data ones.
+"""
+import ml_collections
+
+from vit_analysis import config_lib
+
+_FILES = {"ViT-B_32": "ViT-B_32.npz", "ViT-B_16": "ViT-B_16.npz", "ViT-L_16": "ViT-L_16.npz",
+          "ViT-H_14": "ViT-H_14.npz"}
+
+
+def get_config(arg=None):
+  flags = config_lib.parse_arg(arg)
+  config = config_lib.base_config(arg)
+  del config.models["resnet"]  # Attention distance is a ViT measurement.
+  if flags.get("gap", False):
+    config.models.vit_gap = config_lib.digits_model("vit_gap", "ViT-demo_4-gap",
+                                                    smoke=flags.smoke)
+  config.analyses = ("attention_distance",)
+  config.attention_distance = ml_collections.ConfigDict(dict(
+      split="test",
+      num_images=1000,      # paper: 5,000 ImageNet validation images
+      batch_size=100,
+      seed=0,
+      models=(),            # model keys; empty = every ViT
+      renormalize=False,    # paper.md §6 row 6: CLS dropped as query and key, no renormalisation
+      unit="pixels",        # 'pixels' (grid step x patch size) | 'patches'
+      blocks=(),            # blocks of the sorted-heads plot; empty = first two and last two
+  ))
+  if flags.smoke:
+    config.attention_distance.update(dict(num_images=16, batch_size=8))
+  if flags.get("full", False):
+    config.data = config_lib.tfds_data("imagenet2012", 224, test_split="validation")
+    ckpt = flags.get("ckpt_dir", "checkpoints")
+    config.models = ml_collections.ConfigDict()
+    for key, name in (("vit_b32", "ViT-B_32"), ("vit_l16", "ViT-L_16"), ("vit_h14", "ViT-H_14")):
+      config.models[key] = config_lib.official_model(name, f"{ckpt}/{_FILES[name]}", 21843)
+    if flags.get("i1k_ckpt", ""):
+      config.models.vit_i1k = config_lib.official_model(
+          flags.get("i1k_name", "ViT-B_16"), flags.i1k_ckpt, 1000)
+    config.attention_distance.update(dict(num_images=5000, batch_size=256))
+  return config

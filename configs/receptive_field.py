@@ -1,0 +1,47 @@
+r"""Effective receptive fields, post-residual and branch-only (paper Figs 6, C.1-C.4).
+
+Offline (digits; ViT-demo_4 and R-demo trained on the fly and cached, 32 test digits):
+  python -m vit_analysis.main --config=configs/receptive_field.py --workdir=/tmp/erf
+  python -m vit_analysis.main --config=configs/receptive_field.py:smoke --workdir=/tmp/erf_smoke
+Full size (TPU VM; official ViT-B/32 and BiT-M R50x1 at 224 px + TFDS imagenet2012 validation,
+32 images, per-channel gradients of every layer, post-residual and branch-only):
+  gsutil cp gs://vit_models/imagenet21k/ViT-B_32.npz gs://bit_models/BiT-M-R50x1.npz $CKPT/
+  python -m vit_analysis.main --config=configs/receptive_field.py:full,ckpt_dir=$CKPT \
+      --workdir=$WORKDIR    # vit=ViT-L_16 for Fig C.3
+Cheap option: --config.receptive_field.per_channel=False (abs of the gradient of the channel mean).
+"""
+import ml_collections
+
+from vit_analysis import config_lib
+
+_FILES = {"ViT-B_32": "ViT-B_32.npz", "ViT-L_16": "ViT-L_16.npz", "R50x1": "BiT-M-R50x1.npz"}
+
+
+def get_config(arg=None):
+  flags = config_lib.parse_arg(arg)
+  config = config_lib.base_config(arg)
+  config.analyses = ("receptive_field",)
+  config.receptive_field = ml_collections.ConfigDict(dict(
+      split="test",
+      num_images=32,          # paper: 32 images
+      batch_size=8,
+      seed=0,
+      models=(),              # model keys; empty = all
+      modes=("post", "branch"),  # after the skip add (Figs 6, C.1-C.3) / long branch (Fig C.4)
+      layers={},              # model key -> globs, replaces the default layers of every mode
+      per_channel=True,       # paper.md §6 row 9: mean over channels of |per-channel gradient|
+      channel_chunk=32,       # channels pulled back at once (memory vs speed)
+      rgb_reduce="mean",      # over the 3 input colour channels ('mean' | 'sum')
+      mass_fraction=0.5,      # summary: fraction of the image holding this share of the mass
+  ))
+  if flags.smoke:
+    config.receptive_field.update(dict(num_images=4, batch_size=4, modes=("post",),
+                                       channel_chunk=16))
+  if flags.get("full", False):
+    config.data = config_lib.tfds_data("imagenet2012", 224, test_split="validation")
+    ckpt = flags.get("ckpt_dir", "checkpoints")
+    config.models = ml_collections.ConfigDict()
+    for key, name in (("vit", flags.get("vit", "ViT-B_32")), ("resnet", "R50x1")):
+      config.models[key] = config_lib.official_model(name, f"{ckpt}/{_FILES[name]}", 21843)
+    config.receptive_field.update(dict(batch_size=8, channel_chunk=64))
+  return config
