@@ -90,14 +90,14 @@ def test_registry_names_and_errors():
   assert create_model('Mixer-B_32', 3).patch_size == 32
 
 
-def test_resnet_names_registered_when_present():
-  try:
-    from vit_analysis.models import resnet  # pylint: disable=g-import-not-at-top
-  except ModuleNotFoundError:
-    pytest.fail('vit_analysis/models/resnet.py is missing')
+def test_resnet_and_hybrid_families_merged():
+  from vit_analysis.models import resnet  # pylint: disable=g-import-not-at-top
   for n in resnet.VARIANTS:
     assert n in models.model_names()
   assert isinstance(create_model('R50x1', 10), resnet.ResNetV2)
+  assert 'R26x1-small' in models.model_names()
+  if hasattr(models, 'hybrid'):  # R50+ViT hybrids (optional module).
+    assert 'R50+ViT-B_16' in models.model_names()
 
 
 def test_param_names_match_official_npz_keys():
@@ -194,8 +194,18 @@ def _random_params(model, x, seed=0):
                             jnp.float32), shapes)
 
 
-_apply = jax.jit(lambda model, variables, x, train=False, rngs=None: model.apply(
-    variables, x, train=train, rngs=rngs), static_argnums=(0, 3))
+_COMPILED = {}
+
+
+def _apply(model, variables, x, train=False, rngs=None):
+  """Jitted apply, compiled once per (model, train) at XLA opt level 0 (tiny models: compile
+  time dominates; the float64 comparisons below do not depend on the optimisation level)."""
+  key = (model, train, x.shape)
+  if key not in _COMPILED:
+    fn = jax.jit(lambda v, x, r: model.apply(v, x, train=train, rngs=r))
+    _COMPILED[key] = fn.lower(variables, x, rngs).compile(
+        {'xla_backend_optimization_level': 0})
+  return _COMPILED[key](variables, x, rngs)
 
 
 def _np(tree):

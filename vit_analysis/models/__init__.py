@@ -30,14 +30,17 @@ def _register(cls: type[nn.Module], variants: dict[str, dict[str, Any]]) -> None
 
 _register(VisionTransformer, vit.VARIANTS)
 _register(MlpMixer, mixer.VARIANTS)
-try:  # BiT ResNet-v2 lives in its own module (owned separately); merge it when present.
-  resnet = importlib.import_module('vit_analysis.models.resnet')
-except ModuleNotFoundError as e:
-  if e.name != 'vit_analysis.models.resnet':
-    raise
-  resnet = None
-else:
-  _register(resnet.ResNetV2, resnet.VARIANTS)
+# Families in their own modules (owned separately), merged when present: module -> class name.
+_OPTIONAL = {'resnet': 'ResNetV2', 'hybrid': 'HybridViT'}
+for _module, _cls in _OPTIONAL.items():
+  try:
+    _mod = importlib.import_module(f'vit_analysis.models.{_module}')
+  except ModuleNotFoundError as e:
+    if e.name != f'vit_analysis.models.{_module}':
+      raise
+    continue
+  globals()[_module] = _mod
+  _register(getattr(_mod, 'MODEL_CLASS', None) or getattr(_mod, _cls), _mod.VARIANTS)
 
 
 def model_names() -> list[str]:
