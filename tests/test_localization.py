@@ -113,3 +113,19 @@ def test_end_to_end(tmp_path):
   assert saved.mean.shape == (9, 9) and saved.names_a[5] == "token1_2"
   assert saved.mean[5, 3] == pytest.approx(1.0, abs=1e-5)  # token (1,2) is patch (1,0)
   assert saved.values.shape[0] == 2
+
+
+def test_constant_patches_left_out_and_scores_ignore_nan():
+  images = np.random.default_rng(0).integers(0, 256, (20, 12, 12, 3), dtype=np.uint8)
+  images[:, :4, :4] = 7  # patch (0, 0) constant
+  src = data_lib.ArraySource(images, np.zeros(20, np.int64), 1)
+  positions = localization.varying_positions(src, np.arange(20), 12, 3)
+  assert len(positions) == 8 and (0, 0) not in positions
+  rep = similarity.RepeatedCKA(["t0", "t1"], ["patch0_1", "patch1_1"], np.ones((1, 2, 2)),
+                               np.zeros((1, 2, 2)), 8, 4)
+  full = localization.expand_columns(rep, 2)
+  assert np.isnan(full.values[0, :, 0]).all() and full.values[0, 0, 1] == 1.0
+  m = np.array([[np.nan, 0.2, 0.1], [np.nan, 0.5, 0.6], [np.nan, 0.1, 0.9]])
+  s = localization.scores(m)
+  assert s["tokens_scored"] == 2 and s["own_is_best"] == pytest.approx(0.5)
+  assert s["own_margin"] == pytest.approx(((0.5 - 0.6) + (0.9 - 0.1)) / 2)

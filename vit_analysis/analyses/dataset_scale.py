@@ -23,7 +23,6 @@ import ml_collections
 import numpy as np
 
 from vit_analysis import data as data_lib
-from vit_analysis import models as models_lib
 from vit_analysis import sharding
 from vit_analysis.analyses import base
 from vit_analysis.analyses import similarity
@@ -101,9 +100,9 @@ def _train(config: Any, ctx: base.Context, ref_key: str, tag: str, train_source:
   from vit_analysis import train as train_lib  # pylint: disable=g-import-not-at-top
   sub = config.dataset_scale
   entry = config.models[ref_key]
-  overrides = dict(entry.get("overrides", None) or {})
-  module = models_lib.create_model(entry.name, int(train_source.num_classes), **overrides)
   ref = ctx.models[ref_key]
+  # The reference's architecture (overrides, resolution) with a head for this data.
+  module = ref.module.clone(num_classes=int(train_source.num_classes))
   cfg = train_lib.effective_config(config.get("train", None), entry.get("train", None))
   extra = dict(sub.get("finetune_train" if init_from else "subset_train", None) or {})
   if not init_from and sub.get("same_steps", True) and not extra.get("num_steps"):
@@ -122,7 +121,7 @@ def _train(config: Any, ctx: base.Context, ref_key: str, tag: str, train_source:
                             image_size=ref.image_size, mesh=ctx.mesh,
                             workdir=os.path.join(ctx.workdir, "dataset_scale", tag),
                             seed=int(config.seed), params=params, name=tag)
-  return base.LoadedModel(key=tag, name=entry.name, module=module,
+  return base.LoadedModel(key=tag, name=ref.name, module=module,
                           variables={"params": jax.device_get(outcome.params)},
                           image_size=ref.image_size, test_accuracy=outcome.test_accuracy)
 

@@ -17,10 +17,12 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
+from absl import logging
 import jax
 import numpy as np
 
 from vit_analysis import capture
+from vit_analysis import data as data_lib
 from vit_analysis import sharding
 from vit_analysis.analyses import base
 from vit_analysis.analyses import similarity
@@ -56,8 +58,11 @@ def default_tokens(grid: int) -> list[tuple[int, int]]:
   return [(0, 0)] + [(grid * r // 7, grid * c // 7) for r, c in ((2, 1), (4, 2), (4, 4))]
 
 
-def sides(model: base.LoadedModel, layer: str) -> tuple[similarity.Side, similarity.Side, int]:
-  """The token side (one feature per grid position) and the input-patch side; and the grid size."""
+def sides(model: base.LoadedModel, layer: str,
+          patch_positions: Sequence[tuple[int, int]] | None = None,
+          ) -> tuple[similarity.Side, similarity.Side, int]:
+  """The token side (one feature per grid position), the input-patch side (the positions in
+  `patch_positions`, default all) and the grid size."""
   has_cls = getattr(model.module, "classifier", None) == "token"  # ViT CLS models
   (layer,) = capture.select(
       capture.layer_names(model.module, (model.image_size,) * 2 + (3,)), [layer])
@@ -74,29 +79,65 @@ def sides(model: base.LoadedModel, layer: str) -> tuple[similarity.Side, similar
     grid = token_grid(capture_fn(variables, images)[layer], has_cls)
     return {f"token{r}_{c}": grid[:, r, c] for r, c in positions}
 
+  patch_positions = positions if patch_positions is None else [tuple(p) for p in patch_positions]
+
   def patches(_, images):
     grid = input_patches(images, patch)
-    return {f"patch{r}_{c}": grid[:, r, c] for r, c in positions}
+    return {f"patch{r}_{c}": grid[:, r, c] for r, c in patch_positions}
 
-  names = lambda prefix: tuple(f"{prefix}{r}_{c}" for r, c in positions)  # noqa: E731
-  return (similarity.Side(tokens, model.variables, model.image_size, names("token")),
-          similarity.Side(patches, {}, model.image_size, names("patch")), g)
+  names = lambda prefix, ps: tuple(f"{prefix}{r}_{c}" for r, c in ps)  # noqa: E731
+  return (similarity.Side(tokens, model.variables, model.image_size, names("token", positions)),
+          similarity.Side(patches, {}, model.image_size, names("patch", patch_positions)), g)
+
+
+def varying_positions(source: Any, indices: np.ndarray, image_size: int,
+                      grid: int) -> list[tuple[int, int]]:
+  """Grid positions whose input patch is not constant over the images at `indices`.
+
+  A constant patch (the empty border of every digit, a letterbox) has no CKA: it is left out of
+  the comparison and drawn blank.
+  """
+  images = data_lib.preprocess(np.stack([source[int(i)]["image"] for i in indices]), image_size)
+  patches = np.asarray(input_patches(images, image_size // grid))  # [n, g, g, P*P*3]
+  varies = (patches.max(0) > patches.min(0)).any(-1)
+  return [(r, c) for r in range(grid) for c in range(grid) if varies[r, c]]
+
+
+def expand_columns(rep: similarity.RepeatedCKA, grid: int) -> similarity.RepeatedCKA:
+  """[R, N, valid] -> [R, N, g*g] with NaN in the columns of left-out (constant) patches."""
+  full = [f"patch{r}_{c}" for r in range(grid) for c in range(grid)]
+  cols = [full.index(n) for n in rep.names_b]
+  values = np.full(rep.values.shape[:2] + (len(full),), np.nan)
+  stderr = np.full_like(values, np.nan)
+  values[..., cols], stderr[..., cols] = rep.values, rep.stderr
+  return similarity.RepeatedCKA(rep.names_a, full, values, stderr, rep.num_examples,
+                                rep.minibatch_size)
 
 
 def scores(matrix: np.ndarray) -> dict[str, float]:
-  """Summary scores of a [N, N] token-by-patch CKA matrix (row i's own patch is column i)."""
+  """Summary scores of a [N, N] token-by-patch CKA matrix (row i's own patch is column i).
+
+  NaN cells (constant patches) are ignored; tokens whose own patch is NaN are left out.
+  """
   matrix = np.asarray(matrix, np.float64)
   n = matrix.shape[0]
   if matrix.shape != (n, n):
     raise ValueError(f"localisation matrix must be square, got {matrix.shape}")
   own = np.diag(matrix)
-  others = np.where(np.eye(n, dtype=bool), -np.inf, matrix)
-  rank = (matrix > own[:, None]).sum(1)
-  return dict(own_is_best=float((matrix.argmax(1) == np.arange(n)).mean()),
-              own_rank=float(rank.mean()),
-              own_margin=float((own - others.max(1)).mean()),
-              own_contrast=float((own - (matrix.sum(1) - own) / max(n - 1, 1)).mean()),
-              own_cka=float(own.mean()))
+  keep = np.isfinite(own)
+  if not keep.any():
+    raise ValueError("no token has a finite CKA with its own patch")
+  m, own = matrix[keep], own[keep]
+  eye = np.eye(n, dtype=bool)[keep]
+  valid_other = np.isfinite(m) & ~eye
+  best = np.where(np.isfinite(m), m, -np.inf).argmax(1)
+  other_max = np.where(valid_other, m, -np.inf).max(1)
+  other_mean = np.where(valid_other, m, 0).sum(1) / np.maximum(valid_other.sum(1), 1)
+  return dict(own_is_best=float((best == np.flatnonzero(keep)).mean()),
+              own_rank=float((np.where(valid_other, m, -np.inf) > own[:, None]).sum(1).mean()),
+              own_margin=float((own - other_max).mean()),
+              own_contrast=float((own - other_mean).mean()),
+              own_cka=float(own.mean()), tokens_scored=int(keep.sum()))
 
 
 def _layers(sub: Any, key: str, model: base.LoadedModel) -> Sequence[str]:
@@ -130,6 +171,15 @@ def run(config: Any, ctx: base.Context) -> base.AnalysisResult:
     model = ctx.models[key]
     for layer in _layers(sub, key, model):
       token_side, patch_side, g = sides(model, layer)
+      # The images of the first repeat (up to 2048) decide which patches are constant.
+      check = data_lib.cka_minibatch_indices(
+          len(source), settings["num_examples"], settings["minibatch_size"], 1,
+          int(config.get("seed", 0))).reshape(-1)[:2048]
+      positions = varying_positions(source, check, model.image_size, g)
+      if len(positions) < g * g:
+        logging.info("localization/%s: %d of %d input patches are constant and left out", key,
+                     g * g - len(positions), g * g)
+        token_side, patch_side, g = sides(model, layer, positions)
       tokens = [tuple(int(v) for v in t) for t in (sub.get("tokens", None) or default_tokens(g))]
       bad = [t for t in tokens if not (0 <= t[0] < g and 0 <= t[1] < g)]
       if bad:
@@ -137,6 +187,7 @@ def run(config: Any, ctx: base.Context) -> base.AnalysisResult:
       rep = similarity.cka_over_repeats(token_side, patch_side, source,
                                         seed=int(config.get("seed", 0)), mesh=ctx.mesh,
                                         desc=f"localization/{key}/{layer}", **settings)
+      rep = expand_columns(rep, g)
       tag = f"{key}_{layer.replace('/', '-')}"
       metrics[f"{key}/{layer}"] = dict(scores(rep.mean), grid=g, model=model.name)
       if sharding.is_main_process():
