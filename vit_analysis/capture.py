@@ -140,16 +140,20 @@ def make_capture_fn(model: nn.Module, layers: Patterns,
 
 
 _JIT_CACHE: dict[Any, Callable[..., dict[str, Array]]] = {}
+# Bounded, oldest evicted first: a `reduce` written as an inline lambda is a new key on every call.
+_JIT_CACHE_SIZE = 32
 
 
 def _jitted(model: nn.Module, names: tuple[str, ...], reduce: Reduce):
-  """One compiled capture per (model, selection, reduce); jit caches shapes/dtypes itself."""
+  """One jitted capture per (model, selection, reduce); jit caches per shape/dtype itself."""
   key = (model, names, reduce)
   try:
     fn = _JIT_CACHE.get(key)
-  except TypeError:
+  except TypeError:  # An unhashable module field: no caching.
     return jax.jit(make_capture_fn(model, names, reduce))
   if fn is None:
+    if len(_JIT_CACHE) >= _JIT_CACHE_SIZE:
+      del _JIT_CACHE[next(iter(_JIT_CACHE))]
     fn = _JIT_CACHE[key] = jax.jit(make_capture_fn(model, names, reduce))
   return fn
 
@@ -163,7 +167,8 @@ def capture(model: nn.Module, variables: Any, images: Array, layers: Patterns = 
     variables: {'params': ...}.
     images: [b, h, w, c] float32 in [-1, 1].
     layers: glob(s) over `layer_names(model, images.shape)`.
-    reduce: optional per-array callable applied inside the same jit.
+    reduce: optional per-array callable applied inside the same jit. Pass a named function, not
+      a fresh lambda per call: compiled functions are cached per (model, selection, reduce).
 
   Returns:
     {name: jax.Array} in forward order.
@@ -175,7 +180,7 @@ def capture(model: nn.Module, variables: Any, images: Array, layers: Patterns = 
   images = jnp.asarray(images)
   if images.ndim != 4:
     raise ValueError(f'images must be [b, h, w, c], got shape {images.shape}')
-  names = tuple(select(layer_names(model, images.shape), layers))
+  names = tuple(select(layer_names(model, images.shape[1:]), layers))
   result = _jitted(model, names, reduce)(variables, images)
   return {n: result[n] for n in names}
 
