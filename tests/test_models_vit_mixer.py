@@ -314,7 +314,7 @@ def test_mixer_block_matches_float64_numpy():
   h = stem
   for i, skip in ((0, True), (1, False)):
     b = p[f'MixerBlock_{i}']
-    mlp = lambda z, q: _dense(_gelu_tanh(_dense(z, q['Dense_0'])), q['Dense_1'])  # noqa: E731
+    mlp = lambda z, q: _dense(_gelu_tanh(_dense(z, q['Dense_0'])), q['Dense_1'])
     tok = mlp(_ln(h, b['LayerNorm_0']).transpose(0, 2, 1), b['token_mixing']).transpose(0, 2, 1)
     np.testing.assert_allclose(out[f'block{i:02d}/token_mixing'], tok, atol=1e-4, rtol=1e-4)
     h = h + tok if skip else tok

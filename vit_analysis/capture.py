@@ -11,12 +11,12 @@ before they are returned.
 
   names = layer_names(model, (32, 32, 3))
   feats = capture(model, variables, images, layers=['block*/+sa', 'encoder_norm'])
-  gram_fn = make_capture_fn(model, 'block??', reduce=lambda x: gram(x))  # inside your jit
+  gram_fn = make_capture_fn(model, 'block??', reduce=gram)  # call inside your own jit
 """
-from collections.abc import Callable, Sequence
 import difflib
 import fnmatch
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn

@@ -12,8 +12,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from vit_analysis.models import mixer
-from vit_analysis.models import vit
+from vit_analysis.models import mixer, vit
 from vit_analysis.models.mixer import MlpMixer
 from vit_analysis.models.vit import VisionTransformer
 
@@ -79,4 +78,4 @@ def create_model(name: str, num_classes: int | None, **overrides: Any) -> nn.Mod
   return cls(**{**kwargs, 'num_classes': num_classes, **overrides})
 
 
-__all__ = ['create_model', 'model_names', 'VisionTransformer', 'MlpMixer']
+__all__ = ['MlpMixer', 'VisionTransformer', 'create_model', 'model_names']

@@ -119,8 +119,8 @@ class MlpMixer(nn.Module):
 
 
 def _mixer(patch: int, width: int, depth: int, tok: int, ch: int, image_size: int = 224):
-  return dict(patch_size=patch, hidden_dim=width, num_blocks=depth, tokens_mlp_dim=tok,
-              channels_mlp_dim=ch, image_size=image_size)
+  return {'patch_size': patch, 'hidden_dim': width, 'num_blocks': depth,
+          'tokens_mlp_dim': tok, 'channels_mlp_dim': ch, 'image_size': image_size}
 
 
 # (width, blocks, tokens MLP, channels MLP) from the Mixer paper / vit_jax configs.

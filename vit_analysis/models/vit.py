@@ -41,7 +41,7 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, deterministic: bool) -> tuple[Array, Array]:
     """x: [b, T, D] -> (output [b, T, D], hidden after GELU [b, T, mlp_dim])."""
-    dense = lambda features, name: nn.Dense(  # noqa: E731
+    dense = lambda features, name: nn.Dense(
         features, kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(stddev=1e-6), precision=self.precision, name=name)
     hidden = nn.gelu(dense(self.mlp_dim, 'Dense_0')(x))  # approximate=True is Flax's default.
@@ -81,7 +81,7 @@ class SelfAttention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
     head_dim = width // self.num_heads
-    proj = lambda name: nn.DenseGeneral(  # noqa: E731
+    proj = lambda name: nn.DenseGeneral(
         features=(self.num_heads, head_dim), axis=-1,
         kernel_init=nn.initializers.xavier_uniform(), precision=self.precision, name=name)
     q, k, v = proj('query')(x), proj('key')(x), proj('value')(x)  # [b, T, H, d_h]
