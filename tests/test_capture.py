@@ -46,6 +46,10 @@ def test_layer_names_forward_order():
   fine = capture.select(names, ['embedding', 'block??/ln0', 'block??/sa', 'block??/+sa',
                                 'block??/ln2', 'block??/mlp_hidden', 'block??', 'encoder_norm'])
   assert len(fine) == 74 and fine[0] == 'embedding' and fine[-1] == 'encoder_norm'
+  shapes = capture.layer_shapes(model, (4, 32, 32, 3))
+  assert list(shapes) == _expected_vit_names(2)
+  assert shapes['block01/attn_heads'].shape == (4, 17, 2, 16)
+  assert capture.layer_shapes(model, (32, 32, 3))['pre_logits'].shape == (1, 32)
   with pytest.raises(ValueError, match='image_shape'):
     capture.layer_names(model, (32, 32))
 

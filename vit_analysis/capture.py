@@ -87,6 +87,17 @@ def layer_names(model: nn.Module, image_shape: Sequence[int]) -> list[str]:
   return list(_shapes(model, _image_struct(image_shape)))
 
 
+def layer_shapes(model: nn.Module, image_shape: Sequence[int]
+                 ) -> dict[str, jax.ShapeDtypeStruct]:
+  """{name: ShapeDtypeStruct} of every representation, in forward order (no compute).
+
+  Args:
+    model: a registry model.
+    image_shape: (h, w, c) (batch 1) or (b, h, w, c).
+  """
+  return dict(_shapes(model, _image_struct(image_shape)))
+
+
 def select(names: Sequence[str], patterns: Patterns) -> list[str]:
   """Names matching any of the glob patterns, in the order of `names` (forward order).
 
