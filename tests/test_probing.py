@@ -150,3 +150,41 @@ def test_pooling_against_numpy():
                    ((1, 14, 14, 1024), 1), ((1, 7, 7, 2048), 1)]:
     p = probing.resnet_pooling(shape, final)
     assert (p.block, p.grid) == (s, (7, 7)), shape
+
+
+def test_run_end_to_end(tmp_path):
+  """run(config, ctx) on two tiny random models: files, shapes, and per-token == CLS consistency."""
+  import ml_collections
+  from vit_analysis import data, models, sharding
+  from vit_analysis.analyses import Context, LoadedModel, get
+
+  loaded = {}
+  for key, name in [("vit", "ViT-smoke_8"), ("resnet", "R-smoke")]:
+    module = models.create_model(name, 10)
+    variables = module.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    loaded[key] = LoadedModel(key=key, name=name, module=module, variables=variables,
+                              image_size=32)
+  ctx = Context(workdir=str(tmp_path), models=loaded, mesh=sharding.make_mesh(),
+                sources={"train": data.digits_source("train"), "test": data.digits_source("test")})
+  config = ml_collections.ConfigDict(dict(seed=0, probe=dict(
+      shots=2, holdout_per_class=1, seeds=2, num_test=48, batch_size=16, l2_exponents=(-2, 6),
+      layers={"ViT": ("block??", "pre_logits"), "R": ("block?/unit??",), "Mixer": ("block??",)},
+      token_layers={"ViT": ("block01",), "R": ("block4/unit01",)},
+      max_cached_mb=0.5)))  # ViT test features (0.15 MB) are cached, ResNet's (0.9 MB) streamed.
+  result = get("probe")(config, ctx)
+  npz = np.load(tmp_path / "results" / "probe.npz")
+  assert (tmp_path / "results" / "probe.json").exists()
+  assert all((tmp_path / f).exists() for f in result.figures) and len(result.figures) == 3
+  units = list(npz["vit/units"])
+  # CLS model: 2 blocks x 3 poolings + pre_logits + 17 token positions of block01.
+  assert len(units) == 2 * 3 + 1 + 17 and npz["vit/acc"].shape == (2, len(units))
+  assert len(npz["resnet/units"]) == 4 + 16 and np.all(npz["resnet/acc"] <= 1)
+  acc = npz["vit/acc"]
+  assert np.all((acc >= 0) & (acc <= 1))
+  # Token 0 of the CLS model is the CLS token: same features, same splits -> same test accuracy.
+  np.testing.assert_array_equal(acc[:, units.index("block01:tokens@0")],
+                                acc[:, units.index("block01:cls")])
+  m = result.metrics["vit"]["aggregated"]
+  assert set(m) == {"cls", "mean_no_cls", "mean"} and m["cls"]["layers"] == ["block00", "block01",
+                                                                             "pre_logits"]
+  assert set(result.metrics["resnet"]["aggregated"]) == {"s2d"}

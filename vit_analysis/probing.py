@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Any, NamedTuple
 
 import jax
@@ -391,10 +392,191 @@ def logistic_all(feats: jax.Array, labels: jax.Array, val_feats: jax.Array, val_
 
 @jax.jit
 def predict_all(probes: Probe, feats: jax.Array) -> jax.Array:
-  """Predicted classes of stacked probes: probes [..., G] (leading axes), feats [G, n, d] -> [..., G, n]."""
-  lead = probes.w.ndim - 3  # axes before G.
-  fn = lambda p, x: jnp.argmax(scores(p, x), axis=-1)
-  fn = jax.vmap(fn)
-  for _ in range(lead):
-    fn = jax.vmap(fn, in_axes=(0, None))
-  return fn(probes, feats)
+  """Predicted classes of stacked probes.
+
+  Args:
+    probes: leading axes [S, G] (or [G]): mean/std [.., 1, d], w [.., d, C], b [.., 1, C].
+    feats: [G, n, d].
+
+  Returns:
+    [S, G, n] (or [G, n]) argmax class per example.
+  """
+  squeeze = probes.w.ndim == 3
+  if squeeze:
+    probes = jax.tree.map(lambda a: a[None], probes)
+  z = (feats[None] - probes.mean) / probes.std  # [S, G, n, d]
+  s = jnp.einsum("sgnd,sgdc->sgnc", z, probes.w, precision=HIGHEST) + probes.b
+  preds = jnp.argmax(s, axis=-1)
+  return preds[0] if squeeze else preds
+
+
+# ------------------------------------------------------------------------------------------------
+# Features of every selected layer in one streamed pass (capture + pooling inside one jit).
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSpec:
+  """One probe input: a captured layer and how it is pooled. `key` names it in results."""
+  layer: str
+  pooling: Pooling
+
+  @property
+  def key(self) -> str:
+    p = self.pooling
+    suffix = f"{p.method}{p.token}" if p.method == "token" else p.method
+    return f"{self.layer}:{suffix}"
+
+
+Unit = tuple[str, int | None]  # (spec key, token position or None): one probe per unit.
+
+
+def make_feature_fn(module: Any, specs: list[FeatureSpec]):
+  """(variables, images [b, h, w, 3]) -> {spec.key: [b, d] or [b, positions, d]}, pure (for jit)."""
+  from vit_analysis import capture  # pylint: disable=g-import-not-at-top
+  layers = sorted({s.layer for s in specs})
+  cap = capture.make_capture_fn(module, layers)
+
+  def fn(variables, images):
+    out = cap(variables, images)
+    return {s.key: pool(out[s.layer], s.pooling) for s in specs}
+
+  return fn
+
+
+_STEPS: dict[Any, Any] = {}
+
+
+def _feature_step(module: Any, specs: list[FeatureSpec]):
+  """Jitted (variables, images, _) -> features, cached so train and test passes compile once."""
+  key = (module, tuple(specs))
+  try:
+    step = _STEPS.get(key)
+  except TypeError:  # unhashable module field
+    key, step = None, None
+  if step is None:
+    fn = make_feature_fn(module, specs)
+    step = jax.jit(lambda v, x, _: fn(v, x))
+    if key is not None:
+      _STEPS[key] = step
+  return step
+
+
+def feature_shapes(module: Any, variables: Any, specs: list[FeatureSpec],
+                   image_size: int) -> dict[str, tuple]:
+  """Per-example pooled shapes {key: (d,) or (positions, d)} from an abstract pass (no FLOPs)."""
+  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  out = jax.eval_shape(make_feature_fn(module, specs), variables, images)
+  return {k: tuple(v.shape[1:]) for k, v in out.items()}
+
+
+def group_units(shapes: dict[str, tuple]) -> dict[int, list[Unit]]:
+  """Units (one per aggregated feature, one per position of per-token features) by width."""
+  groups: dict[int, list[Unit]] = {}
+  for key, shape in shapes.items():
+    units = [(key, None)] if len(shape) == 1 else [(key, t) for t in range(shape[0])]
+    groups.setdefault(shape[-1], []).extend(units)
+  return groups
+
+
+def stack_units(feats: dict[str, Any], units: list[Unit]):
+  """{key: [n, d] | [n, positions, d]} -> [G, n, d] for the units of one width group."""
+  xp = jnp if any(isinstance(v, jax.Array) for v in feats.values()) else np
+  return xp.stack([feats[k] if t is None else feats[k][:, t] for k, t in units])
+
+
+def stream(module: Any, variables: Any, source: Any, indices: np.ndarray, step_fn, *,
+           image_size: int, batch_size: int, mesh: jax.sharding.Mesh, extra: Any = None,
+           desc: str = "features"):
+  """Runs the jitted `step_fn(variables, images, extra)` over `source[indices]`, batch by batch.
+
+  Batches have one fixed global size (the last one is padded and its padding dropped), images are
+  loaded and preprocessed on the host with grain worker threads, sharded over the mesh's data
+  axis, and each output leaf (leading axis = batch) comes back to the host trimmed to the real
+  examples. Yields (numpy outputs, labels [m]) per batch.
+  """
+  import grain  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from vit_analysis import data, sharding  # pylint: disable=g-import-not-at-top
+  indices = np.asarray(indices, np.int64)
+  if batch_size % mesh.devices.size:
+    raise ValueError(f"batch_size {batch_size} must be divisible by {jax.device_count()} devices")
+  host = slice(jax.process_index() * batch_size // jax.process_count(),
+               (jax.process_index() + 1) * batch_size // jax.process_count())
+  num_batches = math.ceil(len(indices) / batch_size)
+
+  def load(b):
+    real = indices[b * batch_size:(b + 1) * batch_size]
+    padded = np.concatenate([real, np.full(batch_size - len(real), real[0])])[host]
+    examples = [source[int(i)] for i in padded]
+    images = np.stack([data.preprocess(ex["image"][None], image_size)[0] for ex in examples])
+    return images.astype(np.float32), np.asarray([ex["label"] for ex in examples]), len(real)
+
+  ds = grain.MapDataset.range(num_batches).map(load).to_iter_dataset(
+      grain.ReadOptions(num_threads=4, prefetch_buffer_size=4))
+  variables = sharding.replicate(variables, mesh)
+  extra = sharding.replicate(extra, mesh) if extra is not None else None
+  tic, done = time.time(), 0
+  for b, (images, labels, real) in enumerate(ds):
+    out = step_fn(variables, sharding.shard_batch(images, mesh), extra)
+    if jax.process_count() > 1:
+      out = multihost_utils.process_allgather(out, tiled=True)
+      labels = multihost_utils.process_allgather(labels, tiled=True)
+    done += real
+    if b % 20 == 0 or b == num_batches - 1:
+      rate = done / max(time.time() - tic, 1e-9)
+      logging.info("%s: %d/%d examples, %.1f ex/s, ETA %.0f s", desc, done, len(indices), rate,
+                   (len(indices) - done) / rate)
+    yield jax.tree.map(lambda a: np.asarray(a)[:real], out), labels[:real]
+
+
+def extract(module, variables, source, indices, specs: list[FeatureSpec], *, image_size: int,
+            batch_size: int, mesh, dtype=np.float32) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """Pooled features of every spec for `source[indices]`, in one pass.
+
+  Host memory is bounded by the planned size, n · Σ_spec prod(shape) · itemsize (preallocated).
+
+  Returns:
+    ({key: [n, d] or [n, positions, d]}, labels [n]).
+  """
+  shapes = feature_shapes(module, variables, specs, image_size)
+  n = len(indices)
+  feats = {k: np.zeros((n,) + s, dtype) for k, s in shapes.items()}
+  labels = np.zeros(n, np.int64)
+  start = 0
+  for out, lab in stream(module, variables, source, indices, _feature_step(module, specs),
+                         image_size=image_size, batch_size=batch_size, mesh=mesh):
+    for k, v in out.items():
+      feats[k][start:start + len(lab)] = v
+    labels[start:start + len(lab)] = lab
+    start += len(lab)
+  return feats, labels
+
+
+def evaluate(module, variables, source, indices, specs: list[FeatureSpec],
+             groups: dict[int, list[Unit]], probes: dict[int, Probe], *, image_size: int,
+             batch_size: int, mesh) -> dict[int, np.ndarray]:
+  """Test accuracy of stacked probes without storing test features (bounded memory).
+
+  Args:
+    groups: width -> units; probes: width -> Probe with leading axes [S, G] (G = len(units)).
+
+  Returns:
+    width -> accuracy [S, G].
+  """
+  fn = make_feature_fn(module, specs)
+
+  def step(v, x, probes):
+    feats = fn(v, x)
+    return {str(d): jnp.moveaxis(predict_all(probes[str(d)], stack_units(feats, units)), -1, 0)
+            for d, units in groups.items()}  # [b, S, G]: batch first so padding is trimmed.
+
+  probes = {str(d): p for d, p in probes.items()}
+  correct = {d: 0 for d in groups}
+  n = 0
+  for out, labels in stream(module, variables, source, indices, jax.jit(step), image_size=image_size,
+                            batch_size=batch_size, mesh=mesh, extra=probes, desc="test"):
+    for d in groups:
+      correct[d] = correct[d] + (out[str(d)] == labels[:, None, None]).sum(0)
+    n += len(labels)
+  return {d: c / n for d, c in correct.items()}

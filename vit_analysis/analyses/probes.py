@@ -1,0 +1,304 @@
+"""Linear probes on every layer (Figs 11, 13, D.4, F.1-F.3): `run(config, ctx)`.
+
+For each model: pool every selected layer in the configured ways (CLS, token means, single
+tokens, every token position, ResNet space-to-depth as in Appendix A), extract all of them in one
+streamed pass over the training examples the probes need, solve the probes of all layers x all
+regularisers (x all seeds) per width group in one compiled call, and measure test accuracy in a
+second streamed pass that never stores test features.
+
+Sub-config `config.probe` (defaults in `default_config()`):
+  kind: 'fewshot' (k-shot closed-form ridge, the paper), 'ridge' (closed form on all training
+    examples, CIFAR F.x), or 'logistic' (multinomial logistic regression, L-BFGS).
+  layers: {family: globs} over capture names (family 'ViT', 'R', 'Mixer'); layers_by_model
+    overrides per model key.
+  poolings: {model_key: methods}; default: CLS ViT ('cls', 'mean_no_cls', 'mean'), GAP ViT
+    ('first', 'mean'), ResNet ('s2d',), Mixer ('mean',).
+  token_layers: {family: globs} whose every token position gets its own probe (Fig 11a, D.4).
+  shots, holdout_per_class, seeds, l2_exponents (grid 2^k, k in [lo, hi]).
+  num_train, num_val (full probes: fit on the first num_train - num_val, validate on the rest),
+  weight_decays, num_steps (logistic), num_test (0: whole test split), batch_size.
+"""
+from __future__ import annotations
+
+import fnmatch
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vit_analysis import capture, probing, sharding
+from vit_analysis.analyses.base import AnalysisResult, Context, LoadedModel, save_result
+
+NAME = "probe"
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.kind = "fewshot"
+  c.layers = {"ViT": ("embedding", "block??"), "R": ("root", "block?/unit??"),
+              "Mixer": ("stem", "block??")}
+  c.layers_by_model = {}
+  c.poolings = {}
+  c.token_layers = {}  # {family: globs}, e.g. {'ViT': ('block??',), 'R': ('block?/unit01',)}
+  c.grid_layers = ()  # token_layers shown as D.4 grids; () = up to 5 spread over token_layers.
+  c.shots = 10
+  c.holdout_per_class = 10
+  c.seeds = 3
+  c.l2_exponents = (-10, 20)
+  c.num_train = 0
+  c.num_val = 0
+  c.weight_decays = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+  c.num_steps = 300
+  c.num_test = 0
+  c.batch_size = 64
+  # Test features up to this size are cached on the host (one compiled feature step serves train
+  # and test); larger test sets are streamed through the probes without being stored.
+  c.max_cached_mb = 512.0
+  return c
+
+
+def _family(lm: LoadedModel) -> str:
+  for family in ("ViT", "Mixer", "R"):
+    if lm.name.startswith(family):
+      return family
+  raise KeyError(f"cannot tell the family of model {lm.name!r}")
+
+
+def _has_cls(lm: LoadedModel) -> bool:
+  return _family(lm) == "ViT" and getattr(lm.module, "classifier", "token") == "token"
+
+
+def _specs(lm: LoadedModel, sub) -> tuple[list[probing.FeatureSpec], dict, dict]:
+  """Feature specs of one model, plus {method: [spec key per layer]} and {token layer: spec key}."""
+  names = capture.layer_names(lm.module, (lm.image_size, lm.image_size, 3))
+  family = _family(lm)
+  layers = capture.select(names, sub.layers_by_model.get(lm.key, sub.layers[family]))
+  shapes = capture._shapes(lm.module, capture._image_struct((lm.image_size,) * 2 + (3,)))  # pylint: disable=protected-access
+  if family == "R":
+    final = shapes[[n for n in names if fnmatch.fnmatchcase(n, "block?/unit??")][-1]].shape
+  default = {"ViT": ("cls", "mean_no_cls", "mean") if _has_cls(lm) else ("first", "mean"),
+             "R": ("s2d",), "Mixer": ("mean",)}[family]
+  methods = tuple(sub.poolings.get(lm.key, default))
+  if "cls" in methods and not _has_cls(lm):
+    raise ValueError(f"pooling 'cls' asked for model {lm.key!r} ({lm.name}), which has no CLS token")
+
+  def pooling(layer, method):
+    shape = shapes[layer].shape
+    if len(shape) == 2:
+      return probing.Pooling("identity")
+    if len(shape) == 4 and method in ("s2d", "s2d_tokens"):
+      return probing.resnet_pooling(shape, final, per_token=method == "s2d_tokens")
+    return probing.Pooling(method)
+
+  agg = {m: [probing.FeatureSpec(l, pooling(l, m)) for l in layers] for m in methods}
+  token_globs = sub.token_layers.get(family, ())
+  token_layers = capture.select(names, token_globs) if token_globs else []
+  token_method = "s2d_tokens" if family == "R" else "tokens"
+  tokens = {l: probing.FeatureSpec(l, pooling(l, token_method)) for l in token_layers
+            if len(shapes[l].shape) > 2}
+  specs = {s.key: s for s in [s for v in agg.values() for s in v] + list(tokens.values())}
+  return (list(specs.values()), {m: [s.key for s in v] for m, v in agg.items()},
+          {l: s.key for l, s in tokens.items()})
+
+
+def _label_pool(src, num_classes: int, per_class: int, seed: int) -> np.ndarray:
+  """Indices of up to `per_class` examples per class (all of them if the source lists labels)."""
+  labels = getattr(src, "labels", None)
+  if labels is not None:
+    return np.arange(len(src))
+  # Sources without a label array (TFDS, folders): read a random order until every class is full.
+  order, counts, keep = np.random.default_rng(seed).permutation(len(src)), np.zeros(num_classes), []
+  for i in order:
+    c = int(src[int(i)]["label"])
+    if counts[c] < per_class:
+      counts[c] += 1
+      keep.append(i)
+      if counts.min() >= per_class:
+        break
+  return np.sort(np.asarray(keep, np.int64))
+
+
+def _labels_of(src, indices: np.ndarray) -> np.ndarray:
+  labels = getattr(src, "labels", None)
+  if labels is not None:
+    return np.asarray(labels)[indices]
+  return np.asarray([src[int(i)]["label"] for i in indices])
+
+
+def probe_model(lm: LoadedModel, sub, ctx: Context, seed: int) -> dict:
+  """Every probe of one model; returns per-unit arrays (see `run`)."""
+  train, test = ctx.sources["train"], ctx.sources["test"]
+  num_classes = train.num_classes
+  specs, agg, tokens = _specs(lm, sub)
+  common = dict(image_size=lm.image_size, batch_size=sub.batch_size, mesh=ctx.mesh)
+  t0 = time.time()
+  if sub.kind == "fewshot":
+    per_class = sub.shots + sub.holdout_per_class
+    pool = _label_pool(train, num_classes, 3 * per_class, seed)
+    splits = [probing.fewshot_split(_labels_of(train, pool), num_classes, sub.shots,
+                                    sub.holdout_per_class, seed * 1000 + s)
+              for s in range(sub.seeds)]
+    needed = np.unique(np.concatenate([np.concatenate(sp) for sp in splits]))  # pool positions
+    row = np.zeros(len(pool), np.int64)
+    row[needed] = np.arange(len(needed))  # pool position -> row of the extracted features
+    fit_idx = np.stack([row[f] for f, _ in splits])
+    val_idx = np.stack([row[v] for _, v in splits])
+    feats, labels = probing.extract(lm.module, lm.variables, train, pool[needed], specs, **common)
+  else:
+    n = sub.num_train or len(train)
+    if not 0 < sub.num_val < n:
+      raise ValueError(f"probe.num_val={sub.num_val} must be in (0, num_train={n})")
+    feats, labels = probing.extract(lm.module, lm.variables, train, np.arange(n), specs, **common)
+    fit_idx, val_idx = np.arange(n - sub.num_val)[None], np.arange(n - sub.num_val, n)[None]
+  t_extract = time.time() - t0
+  for k, v in feats.items():
+    probing.check_features(v.reshape(v.shape[0], -1), labels, num_classes, what=f"{lm.key}/{k}")
+  groups = probing.group_units({k: v.shape[1:] for k, v in feats.items()})
+  l2_grid = 2.0 ** np.arange(sub.l2_exponents[0], sub.l2_exponents[1] + 1)
+  probes, val_acc, best = {}, {}, {}
+  t0 = time.time()
+  for d, units in groups.items():
+    x = jnp.asarray(probing.stack_units(feats, units))
+    if sub.kind == "logistic":
+      grid = np.asarray(sub.weight_decays, np.float32)
+      va, b, p = probing.logistic_all(x[:, fit_idx[0]], jnp.asarray(labels[fit_idx[0]]),
+                                      x[:, val_idx[0]], jnp.asarray(labels[val_idx[0]]),
+                                      jnp.asarray(grid), num_classes=num_classes,
+                                      num_steps=sub.num_steps)
+      va, b, p = va[None], b[None], jax.tree.map(lambda a: a[None], p)
+    else:
+      grid = l2_grid
+      va, b, p = probing.fewshot_all(x, jnp.asarray(labels), jnp.asarray(fit_idx),
+                                     jnp.asarray(val_idx), jnp.asarray(grid, x.dtype),
+                                     num_classes=num_classes)
+    probes[d], val_acc[d], best[d] = p, np.asarray(va), np.asarray(b)
+  jax.block_until_ready(probes)
+  t_solve = time.time() - t0
+  test_idx = np.arange(len(test))
+  if sub.num_test:
+    test_idx = np.sort(np.random.default_rng(seed).permutation(len(test))[:sub.num_test])
+  t0 = time.time()
+  per_example = sum(v[0].size * v.itemsize for v in feats.values())
+  if len(test_idx) * per_example <= sub.max_cached_mb * 2**20:
+    test_feats, test_labels = probing.extract(lm.module, lm.variables, test, test_idx, specs,
+                                              **common)
+    acc = {d: (np.asarray(probing.predict_all(probes[d], jnp.asarray(probing.stack_units(
+        test_feats, units)))) == test_labels).mean(-1) for d, units in groups.items()}
+  else:
+    acc = probing.evaluate(lm.module, lm.variables, test, test_idx, specs, groups, probes,
+                           **common)
+  t_test = time.time() - t0
+  units = [u for d in groups for u in groups[d]]
+  return dict(
+      units=[f"{k}" if t is None else f"{k}@{t}" for k, t in units],
+      acc=np.concatenate([acc[d] for d in groups], axis=1),            # [S, U]
+      val_acc=np.concatenate([val_acc[d] for d in groups], axis=1),    # [S, U, K]
+      best_reg=np.concatenate([np.asarray(grid)[best[d]] for d in groups], axis=1),  # [S, U]
+      grid=np.asarray(grid), agg=agg, tokens=tokens, has_cls=_has_cls(lm), family=_family(lm),
+      seconds=dict(extract=t_extract, solve=t_solve, test=t_test),
+      num_fit=int(fit_idx.shape[1]), num_test=int(len(test_idx)))
+
+
+def _summaries(r: dict) -> dict:
+  """Per-layer curves (mean ± std over seeds) and per-token grids from one model's unit arrays."""
+  col = {u: i for i, u in enumerate(r["units"])}
+  out = {"aggregated": {}, "tokens": {}, "grids": {}}
+  for method, keys in r["agg"].items():
+    a = r["acc"][:, [col[k] for k in keys]]  # [S, L]
+    out["aggregated"][method] = dict(layers=[k.split(":")[0] for k in keys],
+                                     acc_mean=a.mean(0), acc_std=a.std(0),
+                                     best_reg=np.median(r["best_reg"][:, [col[k] for k in keys]], 0))
+  for layer, key in r["tokens"].items():
+    positions = sorted(int(u.split("@")[1]) for u in r["units"] if u.startswith(key + "@"))
+    if r["has_cls"]:
+      positions = positions[1:]  # CLS excluded from per-token averages and grids (Fig 11a).
+    a = r["acc"][:, [col[f"{key}@{t}"] for t in positions]]  # [S, P]
+    out["tokens"][layer] = dict(acc_mean=float(a.mean(1).mean()), acc_std=float(a.mean(1).std()))
+    side = int(round(np.sqrt(len(positions))))
+    if side * side == len(positions):
+      out["grids"][layer] = a.mean(0).reshape(side, side)
+  return out
+
+
+def run(config: ml_collections.ConfigDict, ctx: Context) -> AnalysisResult:
+  """Probes every configured layer of every model.
+
+  Writes results/probe.npz (per model: 'units' names '<layer>:<pooling>[@token]', 'acc' [S, U]
+  test accuracy per seed, 'val_acc' [S, U, K] held-out accuracy per regulariser, 'best_reg'
+  [S, U], 'grid' [K]), results/probe.json (the summary below) and figures/probe_*.png.
+  """
+  from vit_analysis.plotting import probes as plots  # pylint: disable=g-import-not-at-top
+  from vit_analysis.plotting import save_figure  # pylint: disable=g-import-not-at-top
+  t0 = time.time()
+  sub = default_config()
+  sub.update(config.get(NAME, ml_collections.ConfigDict()))
+  if sub.kind not in ("fewshot", "ridge", "logistic"):
+    raise ValueError(f"probe.kind must be 'fewshot', 'ridge' or 'logistic', got {sub.kind!r}")
+  raw, summary, arrays = {}, {}, {}
+  for key, lm in ctx.models.items():
+    logging.info("probe: model %s (%s)", key, lm.name)
+    r = raw[key] = probe_model(lm, sub, ctx, config.get("seed", 0))
+    summary[key] = _summaries(r)
+    for field in ("units", "acc", "val_acc", "best_reg", "grid"):
+      arrays[f"{key}/{field}"] = np.asarray(r[field])
+  metrics = {}
+  for key, s in summary.items():
+    r = raw[key]
+    metrics[key] = dict(
+        name=ctx.models[key].name, kind=sub.kind, num_fit=r["num_fit"], num_test=r["num_test"],
+        seconds={k: round(v, 2) for k, v in r["seconds"].items()},
+        aggregated={m: dict(layers=c["layers"], acc_mean=np.round(c["acc_mean"], 4).tolist(),
+                            acc_std=np.round(c["acc_std"], 4).tolist(),
+                            best_reg=c["best_reg"].tolist())
+                    for m, c in s["aggregated"].items()},
+        tokens={l: {k: round(v, 4) for k, v in c.items()} for l, c in s["tokens"].items()})
+  figures = []
+  if sharding.is_main_process():
+    np.savez(ctx.path("results", f"{NAME}.npz"), **arrays)
+    curves = [dict(label=f"{key} ({_head(raw[key])}); {m}", layers=c["layers"],
+                   mean=c["acc_mean"], std=c["acc_std"])
+              for key, s in summary.items() for m, c in s["aggregated"].items()]
+    shots = f"{sub.shots}-shot " if sub.kind == "fewshot" else ""
+    fig = plots.layer_curves(curves, title=f"{shots}{sub.kind} probes, aggregated representations")
+    figures.append(save_figure(fig, ctx.path("figures", f"{NAME}_layers")))
+    token_curves = [dict(label=f"{key} ({_head(raw[key])})", layers=list(s["tokens"]),
+                         mean=np.array([c["acc_mean"] for c in s["tokens"].values()]),
+                         std=np.array([c["acc_std"] for c in s["tokens"].values()]))
+                    for key, s in summary.items() if s["tokens"]]
+    if token_curves:
+      fig = plots.layer_curves(token_curves, title=f"{shots}per-token probes (mean over tokens)")
+      figures.append(save_figure(fig, ctx.path("figures", f"{NAME}_tokens")))
+      rows = [(f"{key} ({_head(raw[key])})", _pick(s["grids"], sub.grid_layers))
+              for key, s in summary.items() if s["grids"]]
+      if rows:
+        figures.append(save_figure(plots.token_grids(rows),
+                                   ctx.path("figures", f"{NAME}_token_grids")))
+  figures = [f[len(ctx.workdir):].lstrip("/") if f.startswith(ctx.workdir) else f
+             for f in figures]
+  result = AnalysisResult(
+      name=NAME, title="Linear probes per layer (Figs 11, 13, D.4, F.1-F.3)",
+      caption=("Test accuracy of linear probes on each layer's pooled features (mean ± std over "
+               "seeds), and of one probe per token position. The paper finds CLS-model tokens "
+               "stay poor while GAP-model and ResNet tokens become good in top layers, and large "
+               "ViTs have stronger intermediate layers than ResNets."),
+      figures=figures, metrics=metrics, seconds=time.time() - t0)
+  if sharding.is_main_process():
+    save_result(ctx, result)
+  return result
+
+
+def _head(r: dict) -> str:
+  return {"ViT": "CLS" if r["has_cls"] else "GAP", "R": "ResNet", "Mixer": "Mixer"}[r["family"]]
+
+
+def _pick(grids: dict, patterns) -> list:
+  """(layer, grid) for layers matching `patterns`, else up to 5 spread over all grid layers."""
+  layers = list(grids)
+  if patterns:
+    layers = [l for l in layers if any(fnmatch.fnmatchcase(l, p) for p in patterns)]
+  elif len(layers) > 5:
+    layers = [layers[i] for i in np.linspace(0, len(layers) - 1, 5).round().astype(int)]
+  return [(l, grids[l]) for l in layers]
