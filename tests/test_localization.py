@@ -1,4 +1,4 @@
-"""Localisation: synthetic tokens equal to their own input patch peak on the diagonal; end to end."""
+"""Localisation: tokens equal to their own input patch peak on the diagonal; end to end."""
 import os
 
 import flax.linen as nn
@@ -67,9 +67,9 @@ def test_synthetic_tokens_peak_at_their_own_patch():
   assert all(g == 3 and len(t.names) == 9 for t, _, g in sides.values())
   # All three layers in one pass (one compile): rows layer-major, 9 positions each.
   combined = similarity.Side(
-      lambda v, x: {f"{l}/{n}": a for l in layers
-                    for n, a in sides[l][0].features(v, x).items()},
-      model.variables, 12, tuple(f"{l}/{n}" for l in layers for n in sides[l][0].names))
+      lambda v, x: {f"{ly}/{n}": a for ly in layers
+                    for n, a in sides[ly][0].features(v, x).items()},
+      model.variables, 12, tuple(f"{ly}/{n}" for ly in layers for n in sides[ly][0].names))
   rep = similarity.cka_over_repeats(combined, sides["tokens"][1], _source(size=12),
                                     num_examples=64, minibatch_size=16, repeats=1, seed=0,
                                     mesh=sharding.make_mesh())

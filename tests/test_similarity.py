@@ -1,4 +1,4 @@
-"""CKA heatmap analyses: known transforms, repeat statistics vs float64 NumPy, end to end, figures."""
+"""CKA heatmaps: known transforms, repeat statistics vs float64 NumPy, end to end, figures."""
 import json
 import os
 
@@ -23,7 +23,7 @@ _R = _RNG.normal(size=(48, 48)).astype(np.float32)     # mixing for the noise la
 
 
 class Transforms(nn.Module):
-  """Layers that are known transforms of the (4x4x3) input; returns (logits, out) like the models."""
+  """Layers that are known transforms of the (4x4x3) input; returns (logits, out) as models do."""
 
   @nn.compact
   def __call__(self, images, train=False):
@@ -70,14 +70,14 @@ def _loaded(module, size, key="m"):
 
 # ---- float64 NumPy reference, straight from paper.md §1.1/§1.3 ----
 
-def _hsic1(k, l):
+def _hsic1(k, g):
   n = k.shape[0]
-  k, l = k.copy(), l.copy()
+  k, g = k.copy(), g.copy()
   np.fill_diagonal(k, 0)
-  np.fill_diagonal(l, 0)
+  np.fill_diagonal(g, 0)
   one = np.ones(n)
-  return (np.trace(k @ l) + (one @ k @ one) * (one @ l @ one) / ((n - 1) * (n - 2))
-          - 2 / (n - 2) * (one @ k @ l @ one)) / (n * (n - 3))
+  return (np.trace(k @ g) + (one @ k @ one) * (one @ g @ one) / ((n - 1) * (n - 2))
+          - 2 / (n - 2) * (one @ k @ g @ one)) / (n * (n - 3))
 
 
 def _reference(feats_a, feats_b, indices, repeats):

@@ -49,7 +49,8 @@ class IndexedSource:
     return {"image": image, "label": int(label)}
 
 
-def nested_subsets(labels: np.ndarray, fractions: list[float], seed: int) -> dict[float, np.ndarray]:
+def nested_subsets(labels: np.ndarray, fractions: list[float],
+                   seed: int) -> dict[float, np.ndarray]:
   """Nested class-balanced subsets: each class's examples in one fixed random order, and the
   fraction f keeps the first round(f * n_c) (at least 1) of class c; smaller fractions are
   prefixes of larger ones."""

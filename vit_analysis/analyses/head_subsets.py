@@ -1,10 +1,11 @@
 """Subsets of early ViT attention heads vs the lower ResNet layers (Fig 5).
 
 Heads of one ViT block are ordered by their mean attention distance (the shared measure of
-`analyses.attention_distance`), then grouped into subsets (default paper.md §6 row 8: sliding windows
-of H/2 heads, stride 1). A subset's representation is its heads' attention outputs before the output
-projection, `[b, T, |S| * d_h]` flattened ('block{i}/attn_heads' restricted to the subset); option
-`post_projection` uses the subset's contribution after the projection, `sum_{h in S} heads_h W_out[h]`.
+`analyses.attention_distance`), then grouped into subsets (default paper.md §6 row 8: sliding
+windows of H/2 heads, stride 1). A subset's representation is its heads' attention outputs before
+the output projection, `[b, T, |S| * d_h]` flattened ('block{i}/attn_heads' restricted to the
+subset); option `post_projection` uses the subset's contribution after the projection,
+`sum_{h in S} heads_h W_out[h]`.
 Each subset is compared by minibatch CKA with lower ResNet unit outputs. The paper finds CKA falling
 monotonically as the subset's mean distance grows, for every ResNet layer.
 """

@@ -1,10 +1,10 @@
 """Spatial localisation of output tokens (Figs 9, 10, D.1–D.3).
 
 For a token at grid position (r, c) of some layer and the raw input patch at every position
-(r', c'), compute minibatch CKA(token(r, c) features, preprocessed pixels of patch (r', c')) over the
-same images. A well-localised token peaks at its own patch. ViT tokens are the patch tokens (CLS
-excluded, index = row * grid + col); a ResNet "token" is all channels at one spatial position of a
-feature map, whose input patch is image_size / map_size pixels wide.
+(r', c'), compute minibatch CKA(token(r, c) features, preprocessed pixels of patch (r', c'))
+over the same images. A well-localised token peaks at its own patch. ViT tokens are the patch
+tokens (CLS excluded, index = row * grid + col); a ResNet "token" is all channels at one spatial
+position of a feature map, whose input patch is image_size / map_size pixels wide.
 
 Summary scores over every token position (not only the drawn ones):
   own_is_best  fraction of tokens whose most similar input patch is their own;

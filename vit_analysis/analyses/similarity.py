@@ -1,9 +1,10 @@
-"""Layer-by-layer CKA heatmaps within one model (Figs 1, B.1, H.1) and across two (Figs 2, G.2, H.2).
+"""Layer-by-layer CKA heatmaps: within one model (Figs 1, B.1, H.1), across two (Figs 2, G.2, H.2).
 
 Protocol (paper.md §1.3): draw N examples without replacement, split them into N/m minibatches of m,
-sum the per-minibatch unbiased HSIC terms of every layer pair over the minibatches, divide once; do it
-R times with a fresh sample and report the mean and spread of the R CKA values per cell. Both models
-see the same images in the same minibatches, each with its own preprocessing and resolution.
+sum the per-minibatch unbiased HSIC terms of every layer pair over the minibatches, divide once;
+do it R times with a fresh sample and report the mean and spread of the R CKA values per cell.
+Both models see the same images in the same minibatches, each with its own preprocessing and
+resolution.
 
 Everything per minibatch happens inside one jitted step: the forward pass captures only the selected
 layers, the Grams and HSIC terms are computed where the activations live, and only the small
@@ -20,7 +21,6 @@ from typing import Any, Callable, Sequence
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from vit_analysis import capture

@@ -1,0 +1,60 @@
+r"""Pre-training data scale (paper Fig 12) and fine-tuning (Fig G.1): per-block CKA.
+
+Offline (digits): ViT-demo_4 trained on all 4,000 training digits is the reference; copies are
+trained on nested class-balanced 3/10/30 % subsets with the same number of steps, and fine-tuned
+on two digit tasks (inverted images; parity labels with a new 2-way head). All training runs go
+through vit_analysis.train and are cached under <workdir>/dataset_scale/.
+  python -m vit_analysis.main --config=configs/dataset_scale.py --workdir=/tmp/dataset_scale
+  python -m vit_analysis.main --config=configs/dataset_scale.py:smoke --workdir=/tmp/ds_smoke
+Full size (TPU VM; Fig G.1 with the official ViT-B/16 ImageNet-21k checkpoint fine-tuned on TFDS
+tasks at 224 px; Fig 12 additionally needs from-scratch training on subsets: add
+fractions=(0.03, 0.1, 0.3) and a from-scratch reference, paper.md §6 row 22):
+  python -m vit_analysis.main --config=configs/dataset_scale.py:full,ckpt_dir=$CKPT \
+      --workdir=$WORKDIR
+"""
+import ml_collections
+
+from vit_analysis import config_lib
+
+
+def get_config(arg=None):
+  flags = config_lib.parse_arg(arg)
+  config = config_lib.base_config(arg)
+  del config.models["resnet"]
+  config.analyses = ("dataset_scale",)
+  config.dataset_scale = ml_collections.ConfigDict(dict(
+      reference="vit",            # key in config.models: the model trained on all the data
+      fractions=(0.03, 0.1, 0.3),  # nested class-balanced subsets of the training split
+      same_steps=True,            # subset models get the reference's number of steps
+      subset_train={},            # train-config overrides for the subset models
+      finetune={                  # label -> task; 'digits:<same|inverted|parity>' or a data name
+          "inverted": dict(data="digits:inverted"),
+          "parity": dict(data="digits:parity"),
+      },
+      finetune_train=dict(num_steps=150, learning_rate=3e-4, warmup_steps=10),
+      layers="blocks",            # per-block CKA (the diagonal of the block-by-block matrix)
+      tokens="all",
+      split="test",               # Fig 12 images; fine-tuning uses each task's test images
+      num_examples=768, minibatch_size=128, repeats=3, minibatches_per_step=0,
+  ))
+  if flags.smoke:
+    config.dataset_scale.update(dict(
+        fractions=(0.1,), finetune={"parity": dict(data="digits:parity")},
+        finetune_train=dict(num_steps=4, warmup_steps=1), num_examples=64, minibatch_size=16,
+        repeats=1))
+  if flags.get("full", False):
+    ckpt = flags.get("ckpt_dir", "checkpoints")
+    config.data = config_lib.tfds_data("imagenet2012", 224, test_split="validation")
+    config.models = ml_collections.ConfigDict(dict(
+        vit=config_lib.official_model("ViT-B_16", f"{ckpt}/ViT-B_16.npz", 21843)))
+    tasks = {name: dict(data=f"tfds:{name}", test_split=split) for name, split in (
+        ("cifar10", "test"), ("cifar100", "test"), ("oxford_iiit_pet", "test"),
+        ("oxford_flowers102", "test"), ("resisc45", "train[90%:]"),
+        ("diabetic_retinopathy_detection/btgraham-300", "validation"))}
+    tasks["retinopathy"] = tasks.pop("diabetic_retinopathy_detection/btgraham-300")
+    config.dataset_scale.update(dict(
+        fractions=(), finetune=tasks,
+        finetune_train=dict(optimizer="sgd", learning_rate=0.01, num_steps=10_000,
+                            warmup_steps=500, batch_size=512, grad_clip_norm=1.0),
+        num_examples=10240, minibatch_size=1024, repeats=20))
+  return config

@@ -1,0 +1,51 @@
+r"""Subsets of early ViT attention heads vs lower ResNet layers (paper Fig 5).
+
+Heads of block 0 sorted by mean attention distance, sliding windows of H/2 heads (stride 1),
+pre-output-projection outputs, CKA with the first five ResNet unit outputs.
+
+Offline (digits; ViT-demo_4 has 4 heads -> 3 windows of 2):
+  python -m vit_analysis.main --config=configs/head_subsets.py --workdir=/tmp/head_subsets
+  python -m vit_analysis.main --config=configs/head_subsets.py:smoke --workdir=/tmp/hs_smoke
+Full size (official checkpoints + TFDS imagenet2012 validation, 224 px; 16 heads -> 9 windows):
+  gsutil cp gs://vit_models/imagenet21k/ViT-L_16.npz gs://bit_models/BiT-M-R50x1.npz $CKPT/
+  python -m vit_analysis.main --config=configs/head_subsets.py:full,ckpt_dir=$CKPT \
+      --workdir=$WORKDIR   # vit=ViT-H_14 for the second panel, resnet=R101x1 for the third
+"""
+import ml_collections
+
+from vit_analysis import config_lib
+
+_FILES = {"ViT-L_16": "ViT-L_16.npz", "ViT-H_14": "ViT-H_14.npz", "ViT-B_32": "ViT-B_32.npz",
+          "R50x1": "BiT-M-R50x1.npz", "R101x1": "BiT-M-R101x1.npz"}
+
+
+def get_config(arg=None):
+  flags = config_lib.parse_arg(arg)
+  config = config_lib.base_config(arg)
+  config.analyses = ("head_subsets",)
+  config.head_subsets = ml_collections.ConfigDict(dict(
+      pairs=(("vit", "resnet"),),  # (ViT key, comparison model key)
+      blocks=(0,),                 # ViT blocks whose heads are subset (paper: block 0)
+      mode="window",               # 'window' (sliding, stride 1) | 'cumulative'
+      size=0,                      # heads per window; 0 = H // 2
+      post_projection=False,       # paper.md §6 row 8 alternative
+      distance_examples=1000,      # images for the attention distances (paper: 5,000)
+      layers=(),                   # comparison-model globs; () = first `num_units` unit outputs
+      num_units=5,                 # paper: block1 unit1..3, block2 unit1..2
+      split="test",
+      num_examples=768, minibatch_size=128, repeats=5, minibatches_per_step=0,
+  ))
+  if flags.smoke:
+    config.head_subsets.update(dict(distance_examples=32, num_examples=64, minibatch_size=16,
+                                    repeats=2))
+  if flags.get("full", False):
+    config.data = config_lib.tfds_data("imagenet2012", 224, test_split="validation")
+    config.models = ml_collections.ConfigDict()
+    for key, name in (("vit", flags.get("vit", "ViT-L_16")),
+                      ("resnet", flags.get("resnet", "R50x1"))):
+      config.models[key] = config_lib.official_model(
+          name, f"{flags.get('ckpt_dir', 'checkpoints')}/{_FILES.get(name, name + '.npz')}",
+          21843)
+    config.head_subsets.update(dict(distance_examples=5000, num_examples=10240,
+                                    minibatch_size=1024, repeats=20))
+  return config
