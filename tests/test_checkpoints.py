@@ -1,4 +1,4 @@
-"""Official npz checkpoints: layouts written from independent key lists, traps, resize, round trip."""
+"""Official npz checkpoints: layouts from independent key lists, traps, resize, round trip."""
 import os
 
 import flax
@@ -6,14 +6,14 @@ import jax
 import numpy as np
 import pytest
 
+# float64 NumPy BiT forward and the BiT key list (tests/ is on sys.path under pytest).
+from test_models_resnet import _official_keys as bit_keys
+from test_models_resnet import fast_jit, np_resnet
+
 from vit_analysis import checkpoints
 from vit_analysis.models import create_model
 from vit_analysis.models.resnet import VARIANTS as RESNET_VARIANTS
 from vit_analysis.models.resnet import ResNetV2
-# float64 NumPy BiT forward and the BiT key list (tests/ is on sys.path under pytest).
-from test_models_resnet import _official_keys as bit_keys
-from test_models_resnet import fast_jit
-from test_models_resnet import np_resnet
 
 
 def vit_keys(patch, width, depth, mlp, heads, grid, num_classes, cls=True, rep=None):

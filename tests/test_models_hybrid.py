@@ -8,11 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_analysis import checkpoints
-from vit_analysis.models.hybrid import VARIANTS, HybridViT
 # tests/ is on sys.path under pytest.
 from test_checkpoints import random_file, vit_keys
 from test_models_resnet import fast_jit
+
+from vit_analysis import checkpoints
+from vit_analysis.models.hybrid import VARIANTS, HybridViT
 
 
 @pytest.mark.parametrize('name,expected', [('R50+ViT-B_16', 98_659_112),

@@ -145,11 +145,16 @@ def np_max_pool_3x3_s2_zero_pad(x):
 
 def np_unit(p, prefix, x, stride, groups):
   """One BiT-v2 bottleneck from the flat official keys; returns (output, conv_c, shortcut)."""
-  relu = lambda z: np.maximum(z, 0)
-  gn = lambda z, s: np_group_norm(z, p[f'{prefix}/{s}/group_norm/gamma'],
-                                  p[f'{prefix}/{s}/group_norm/beta'], groups)
-  conv = lambda z, s, st, pad: np_conv(z, np_std_weight(p[f'{prefix}/{s}/standardized_conv2d/kernel']),
-                                       st, pad)
+  def relu(z):
+    return np.maximum(z, 0)
+
+  def gn(z, s):
+    return np_group_norm(z, p[f'{prefix}/{s}/group_norm/gamma'],
+                         p[f'{prefix}/{s}/group_norm/beta'], groups)
+
+  def conv(z, s, stride, pad):
+    return np_conv(z, np_std_weight(p[f'{prefix}/{s}/standardized_conv2d/kernel']), stride, pad)
+
   y = relu(gn(x, 'a'))
   proj_key = f'{prefix}/a/proj/standardized_conv2d/kernel'
   shortcut = np_conv(y, np_std_weight(p[proj_key]), stride, 0) if proj_key in p else x

@@ -92,7 +92,8 @@ def resize_posemb(posemb: np.ndarray, num_tokens: int, num_prefix_tokens: int) -
   return np.concatenate([prefix, grid.astype(posemb.dtype)], axis=1)
 
 
-def param_shapes(model: nn.Module, image_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+def param_shapes(model: nn.Module,
+                 image_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
   """{flat '/'-joined key: ShapeDtypeStruct} of `model`'s params at `image_size` (no init)."""
   size = image_size or getattr(model, 'image_size', None)
   if not size:
@@ -246,8 +247,9 @@ def inspect_npz(source: NpzSource) -> dict[str, Any]:
 
   Returns:
     {'name': registry name (vit_jax spelling, e.g. 'ViT-B_16', 'ViT-B_32-gap', 'R50+ViT-B_16',
-     'R50x1', 'Mixer-B_16'), 'num_classes': head width or None, 'representation_size': pre_logits width
-     or None, 'image_size': the resolution the file was trained at (None for BiT: any)}.
+     'R50x1', 'Mixer-B_16'), 'num_classes': head width or None, 'representation_size':
+     pre_logits width or None, 'image_size': the resolution the file was trained at (None for
+     BiT: any)}.
     Pass them to `create_model(name, num_classes, representation_size=...)` (ViT only).
 
   Raises:
