@@ -66,7 +66,8 @@ def _small_sources():
 
 def test_kill_and_resume_ends_at_same_params(tmp_path):
   train_src, test_src = _small_sources()
-  module = create_model("ViT-smoke_8", 10, dropout_rate=0.1)  # exercises the dropout rng
+  # Dropout exercises the per-step rng; skip removal trains through the same loop.
+  module = create_model("ViT-smoke_8", 10, dropout_rate=0.1, skip_removed=(0,))
   cfg = train.effective_config(config_lib.train_defaults(smoke=True), dict(
       num_steps=8, checkpoint_every_steps=3, augment_shift=1, eval_batch_size=40))
   mesh = sharding.make_mesh()
@@ -92,6 +93,8 @@ def test_kill_and_resume_ends_at_same_params(tmp_path):
                jax.device_get(again.params))
   # The reported accuracy is an independent argmax count on the test images.
   x = data.preprocess(test_src.images, 32)
-  logits, _ = module.apply({"params": full.params}, x, train=False)
+  logits, out = module.apply({"params": full.params}, x, train=False)
+  np.testing.assert_array_equal(out["block00/+sa"], out["block00/sa"])  # no skip in block 0
+  assert not np.array_equal(out["block01/+sa"], out["block01/sa"])
   np.testing.assert_allclose(full.test_accuracy,
                              np.mean(np.argmax(np.asarray(logits), -1) == test_src.labels))

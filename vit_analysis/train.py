@@ -106,6 +106,15 @@ def _loss(logits, labels, num_classes, label_smoothing):
   return optax.softmax_cross_entropy(logits, targets).mean()
 
 
+# XLA:CPU spends most of a small model's compile time in LLVM's optimisation passes; level 0
+# halves it. Used for one-off programs (init) and, with `fast_compile`, for smoke runs.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def _compiler_options(fast: bool) -> dict[str, Any] | None:
+  return dict(FAST_COMPILE) if fast and jax.default_backend() == "cpu" else None
+
+
 def _key(seed: int, stream: int) -> jax.Array:
   # RBG keys (XLA's RngBitGenerator) compile several times faster than threefry on XLA:CPU,
   # which dominates the start-up of small models; they are deterministic on a given backend.
@@ -148,25 +157,25 @@ def make_train_step(module: nn.Module, tx: optax.GradientTransformation,
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
   rep = sharding.replicated(mesh)
-  return jax.jit(step_fn, out_shardings=(rep, rep), donate_argnums=0)
+  return jax.jit(step_fn, out_shardings=(rep, rep), donate_argnums=0,
+                 compiler_options=_compiler_options(cfg.fast_compile))
 
 
 @functools.lru_cache(maxsize=16)
-def _eval_counts(module):
+def _eval_counts(module, fast_compile=False):
 
-  @jax.jit
   def counts(params, batch):
     logits, _ = module.apply({"params": params}, batch["image"], train=False)
     hit = (jnp.argmax(logits, -1) == batch["label"]) & batch["mask"]
     return hit.sum(), batch["mask"].sum()
 
-  return counts
+  return jax.jit(counts, compiler_options=_compiler_options(fast_compile))
 
 
 def evaluate(module: nn.Module, params: Any, src, *, image_size: int, batch_size: int,
-             mesh: jax.sharding.Mesh) -> float:
+             mesh: jax.sharding.Mesh, fast_compile: bool = False) -> float:
   """Top-1 accuracy of `module` on every example of `src` (last batch padded and masked)."""
-  counts = _eval_counts(module)
+  counts = _eval_counts(module, fast_compile)
   correct = seen = 0
   for batch in data_lib.batches(src, batch_size, seed=0, shuffle=False, num_epochs=1,
                                 drop_remainder=False, image_size=image_size):
@@ -185,7 +194,8 @@ def init_params(module: nn.Module, image_size: int, seed: int) -> Any:
 @functools.lru_cache(maxsize=16)
 def _cached_init(module, image_size):
   images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  return jax.jit(lambda k: module.init({"params": k}, images, train=False)["params"])
+  return jax.jit(lambda k: module.init({"params": k}, images, train=False)["params"],
+                 compiler_options=_compiler_options(True))
 
 
 class _MetricsLog:
@@ -242,6 +252,9 @@ def train(module: nn.Module, train_config: ml_collections.ConfigDict, *, train_s
   rep = sharding.replicated(mesh)
   new_state = lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p)}
   fresh = lambda: new_state(init_params(module, image_size, seed) if params is None else params)
+  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  shapes_only = lambda: new_state(params if params is not None else module.init(
+      {"params": _key(seed, 0)}, images, train=False)["params"])
 
   os.makedirs(workdir, exist_ok=True)
   manager = ocp.CheckpointManager(
@@ -254,7 +267,7 @@ def train(module: nn.Module, train_config: ml_collections.ConfigDict, *, train_s
     state = jax.device_put(fresh(), rep)
   else:  # the restore target's shapes come from eval_shape: restoring compiles nothing
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-                            jax.eval_shape(fresh))
+                            jax.eval_shape(shapes_only))
     restored = manager.restore(latest, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
     state = restored["state"]
@@ -269,7 +282,7 @@ def train(module: nn.Module, train_config: ml_collections.ConfigDict, *, train_s
         acc = json.load(f)["test_accuracy"]
     else:  # e.g. killed between the last save and the summary
       acc = evaluate(module, state["params"], test_source, image_size=image_size,
-                     batch_size=cfg.eval_batch_size, mesh=mesh)
+                     batch_size=cfg.eval_batch_size, mesh=mesh, fast_compile=cfg.fast_compile)
     return TrainOutcome(state["params"], step, steps, True, acc, time.time() - start_time)
 
   log = _MetricsLog(os.path.join(workdir, "metrics.jsonl"), step)
@@ -282,7 +295,7 @@ def train(module: nn.Module, train_config: ml_collections.ConfigDict, *, train_s
 
   def run_eval(step):
     acc = evaluate(module, state["params"], test_source, image_size=image_size,
-                   batch_size=cfg.eval_batch_size, mesh=mesh)
+                   batch_size=cfg.eval_batch_size, mesh=mesh, fast_compile=cfg.fast_compile)
     log.write({"step": step, "epoch": step / steps_per_epoch, "test_accuracy": acc})
     logging.info("[%s] step %d (epoch %.2f): test accuracy %.4f", name, step,
                  step / steps_per_epoch, acc)

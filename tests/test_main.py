@@ -1,0 +1,141 @@
+"""Entry point: config validation, model cache, analysis dispatch, workdir guard, CLI."""
+import json
+import os
+import subprocess
+import sys
+
+from absl import flags
+import jax
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+import pytest
+
+from vit_analysis import analyses as analyses_lib
+from vit_analysis import config_lib
+from vit_analysis import main
+from vit_analysis.analyses import base
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def model_cache(tmp_path_factory):
+  """One cache for the whole session (test_configs.py uses the same folder), so the smoke
+  models train once."""
+  path = tmp_path_factory.getbasetemp() / "shared_model_cache"
+  path.mkdir(exist_ok=True)
+  return str(path)
+
+
+def _smoke_config(model_cache, **changes):
+  config = config_lib.base_config("smoke")
+  config.model_cache = model_cache
+  config.update(changes)
+  return config
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: setattr(c, "analysis", ("cka_intra",)), "'analysis'"),
+    (lambda c: setattr(c, "analyses", ("cka_intr",)), "cka_intr"),
+    (lambda c: setattr(c.data, "img_size", 3), "data.img_size"),
+    (lambda c: setattr(c.models.vit, "overides", {}), "models.vit.overides"),
+    (lambda c: setattr(c.models.vit.train, "lr", 0.1), "lr"),
+    (lambda c: setattr(c.train, "batchsize", 4), "batchsize"),
+])
+def test_validate_config_names_the_bad_key(mutate, message):
+  config = config_lib.base_config("smoke")
+  main.validate_config(config)
+  mutate(config)
+  with pytest.raises(KeyError, match=message):
+    main.validate_config(config)
+
+
+def test_command_line_override_of_unknown_key_is_an_error(monkeypatch):
+  path = os.path.join(REPO, "configs", "train_digits.py")
+
+  def parse(override):
+    argv = ["prog", f"--config={path}:smoke", override]
+    monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the overrides from sys.argv
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
+    fv(argv)
+    return fv.config
+
+  config = parse("--config.train.batch_size=64")
+  assert config.train.batch_size == 64 and config.models.vit.name == "ViT-smoke_8"
+  with pytest.raises(Exception, match="batch_sze"):
+    parse("--config.train.batch_sze=64")
+
+
+def test_model_hash_is_content_based():
+  config = config_lib.base_config("smoke")
+  same = main.model_hash(config, config_lib.digits_model("other_key", "ViT-demo_4", smoke=True))
+  assert same == main.model_hash(config, config.models.vit)
+  assert main.model_hash(config, config.models.vit) != main.model_hash(config, config.models.resnet)
+  config.train.learning_rate = 0.5
+  assert main.model_hash(config, config.models.vit) != same
+  config.train.learning_rate = config_lib.train_defaults(True).learning_rate
+  config.seed = 1
+  assert main.model_hash(config, config.models.vit) != same
+
+
+def test_run_dispatches_analyses_trains_skip_removed_and_guards_workdir(
+    tmp_path, model_cache, monkeypatch):
+  seen = {}
+
+  def fake_analysis(config, ctx):
+    assert sorted(ctx.models) == ["resnet", "vit"] and config.cka_intra.flag == 7
+    assert len(ctx.sources["train"]) == 4000 and len(ctx.sources["test"]) == 1000
+    for m in ctx.models.values():
+      assert 0 <= m.test_accuracy <= 1 and m.image_size == 32
+    # train_fn (extra models for skip removal, dataset scale) goes through the same cache:
+    # the same content under another key is restored, not retrained.
+    again = ctx.train_fn("again", config.models.vit.to_dict())
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(again.variables),
+                 jax.device_get(ctx.models["vit"].variables))
+    seen["again_acc"] = again.test_accuracy
+    return base.AnalysisResult(name="cka_intra", title="t", caption="c", figures=[],
+                               metrics={"n": 1})
+
+  real_get = analyses_lib.get
+  monkeypatch.setattr(analyses_lib, "get",
+                      lambda n: fake_analysis if n == "cka_intra" else real_get(n))
+  config = _smoke_config(model_cache, analyses=("cka_intra",))
+  config.cka_intra = ml_collections.ConfigDict({"flag": 7})
+  workdir = str(tmp_path / "run")
+  results = main.run(config, workdir)
+  assert [r.name for r in results] == ["cka_intra"] and results[0].seconds > 0
+  saved = json.load(open(os.path.join(workdir, "results", "cka_intra.json")))
+  assert saved["metrics"] == {"n": 1}
+  summaries = json.load(open(os.path.join(workdir, "models.json")))
+  assert [s["key"] for s in summaries] == ["resnet", "vit", "again"]
+  assert seen["again_acc"] == summaries[1]["test_accuracy"]
+  assert len(os.listdir(model_cache)) >= 2
+  assert os.path.exists(os.path.join(workdir, "report.html"))
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["cka_intra"] == {"flag": 7}
+  # Same config again: reuses the cached models; a different one is refused.
+  main.run(config, workdir)
+  other = _smoke_config(model_cache, analyses=("cka_intra",), seed=5)
+  other.cka_intra = ml_collections.ConfigDict({"flag": 7})
+  with pytest.raises(ValueError, match="seed"):
+    main.run(other, workdir)
+  other.models = ml_collections.ConfigDict()  # keeps the allowed overwrite below cheap
+  other.analyses = ()
+  other.overwrite = True
+  assert main.run(other, workdir) == []
+  assert json.load(open(os.path.join(workdir, "config.json")))["seed"] == 5
+
+
+def test_cli_smoke_run(tmp_path, model_cache):
+  workdir = tmp_path / "cli"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, "-m", "vit_analysis.main", "--config=configs/train_digits.py:smoke,model=vit",
+       f"--workdir={workdir}", f"--config.model_cache={model_cache}"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summaries = json.load(open(workdir / "models.json"))
+  assert [s["name"] for s in summaries] == ["ViT-smoke_8"]
+  assert os.path.exists(workdir / "report.html")
