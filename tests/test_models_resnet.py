@@ -278,3 +278,21 @@ def test_bad_inputs():
   bad_groups = ResNetV2(**dict(VARIANTS['R-smoke'], num_groups=5), num_classes=3)
   with pytest.raises(ValueError, match='divisible'):
     jax.eval_shape(bad_groups.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+def test_epsilons_where_they_matter():
+  # Tiny kernels / activations make the epsilons visible: BiT's weight standardization adds
+  # 1e-10 inside the sqrt (vit_jax's hybrid adds 1e-5 to the std instead), GroupNorm 1e-5.
+  rng = np.random.default_rng(4)
+  x = rng.standard_normal((1, 3, 3, 4)).astype(np.float32)
+  w = (1e-6 * rng.standard_normal((1, 1, 4, 2))).astype(np.float32)  # var ~1e-12 << 1e-10
+  y = resnet.StdConv(2).apply({'params': {'kernel': w}}, x)
+  np.testing.assert_allclose(y, np_conv(x.astype(np.float64), np_std_weight(w), 1, 0),
+                             rtol=1e-4, atol=1e-5)
+  assert np.abs(y).max() < 1.0  # eps 1e-10 keeps it ~0.36; without eps it would be ~4.4
+  small = (1e-3 * rng.standard_normal((1, 4, 4, 8))).astype(np.float32)  # var ~1e-6 << 1e-5
+  gamma, beta = np.ones(8, np.float32), np.zeros(8, np.float32)
+  z = resnet.GroupNorm(2).apply({'params': {'gamma': gamma, 'beta': beta}}, small)
+  np.testing.assert_allclose(z, np_group_norm(small.astype(np.float64), gamma, beta, 2),
+                             rtol=1e-4, atol=1e-6)
+  assert np.abs(z).max() < 1.2  # eps 1e-5 gives ~0.9; eps 1e-6 would give ~2.1
