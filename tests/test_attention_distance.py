@@ -95,12 +95,13 @@ def make_context(tmp_path, names, num_images=10, **kwargs):
 
 def test_run_matches_direct_computation_on_all_images(tmp_path):
   import ml_collections
-  import jax
+
   from vit_analysis import data
   from vit_analysis.analyses import get
   ctx = make_context(tmp_path, {"m0": "ViT-smoke_8", "m1": "ViT-smoke_8-gap"})
   config = ml_collections.ConfigDict({"attention_distance": {
-      "split": "test", "num_images": 7, "batch_size": 4, "seed": 3}})  # 7 = 4 + 3 padded.
+      "split": "test", "num_images": 7, "batch_size": 4, "seed": 3,
+      "figure_formats": ("png",)}})  # 7 = 4 + 3 padded.
   result = get("attention_distance")(config, ctx)
   saved = np.load(tmp_path / "results" / "attention_distance.npz")
   assert sorted(saved.files) == ["m0", "m1"]

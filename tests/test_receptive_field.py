@@ -38,10 +38,10 @@ def test_single_conv_erf_is_its_kernel_on_a_3x3_support(per_channel):
 
 def test_centre_of_tokens_and_maps():
   tokens = jnp.arange(2 * 17 * 1, dtype=jnp.float32).reshape(2, 17, 1)
-  # 4x4 grid with CLS: centre (2, 2) is patch 10, token 11.
+  # 4x4 grid with CLS; on a 2x8 grid, centre (1, 4) is patch 12 = token 13.: centre (2, 2) is patch 10, token 11.
   np.testing.assert_array_equal(rf.centre_activations(tokens, has_cls=True)[:, 0], [11, 28])
   np.testing.assert_array_equal(
-      rf.centre_activations(tokens[:, 1:], grid=(2, 8))[:, 0], [13, 30])  # (1, 4): patch 12 = token 13.
+      rf.centre_activations(tokens[:, 1:], grid=(2, 8))[:, 0], [13, 30])
   fmap = jnp.zeros((1, 5, 6, 2)).at[0, 2, 3].set(1.0)
   np.testing.assert_array_equal(rf.centre_activations(fmap), [[1.0, 1.0]])
   with pytest.raises(ValueError, match="square"):
@@ -73,7 +73,7 @@ def test_several_layers_in_one_pass_equal_separate_passes():
   for per_channel in (True, False):
     together = rf.erf_sum(both, images, per_channel=per_channel, channel_chunk=2)
     for name in ("a", "b"):
-      alone = rf.erf_sum(lambda x: both(x)[name], images, per_channel=per_channel)
+      alone = rf.erf_sum(lambda x, name=name: both(x)[name], images, per_channel=per_channel)
       np.testing.assert_allclose(together[name], alone, rtol=1e-5, atol=1e-7)
     assert np.count_nonzero(together["b"]) == 25  # Two stacked 3x3 convs: a 5x5 support.
 
@@ -81,10 +81,11 @@ def test_several_layers_in_one_pass_equal_separate_passes():
 def test_run_vit_first_block_is_global_and_resnet_stem_is_local(tmp_path):
   import ml_collections
   from test_attention_distance import make_context
+
   from vit_analysis.analyses import get
   ctx = make_context(tmp_path, {"vit": "ViT-smoke_8", "resnet": "R-smoke"}, num_images=6)
   config = ml_collections.ConfigDict({"receptive_field": {
-      "num_images": 3, "batch_size": 4, "channel_chunk": 16,
+      "num_images": 3, "batch_size": 4, "channel_chunk": 16, "figure_formats": ("png",),
       "layers": {"vit": ["embedding", "block00/+sa"], "resnet": ["root/conv"]}}})
   result = get("receptive_field")(config, ctx)
   erfs = np.load(tmp_path / "results" / "receptive_field.npz")
@@ -100,6 +101,7 @@ def test_run_vit_first_block_is_global_and_resnet_stem_is_local(tmp_path):
   stem[15:18, 15:18] = True  # R-smoke's small stem is one 3x3 conv; centre (16, 16).
   np.testing.assert_array_equal(erfs["resnet/post/root/conv"] > 0, stem)
   m = result.metrics["vit/post"]
-  assert m["layers"] == ["embedding", "block00/+sa"] and m["centre_patch_mass"][0] == pytest.approx(1.0)
+  assert m["layers"] == ["embedding", "block00/+sa"]
+  assert m["centre_patch_mass"][0] == pytest.approx(1.0)
   assert m["area_fraction"][0] <= 64 / 1024 < m["area_fraction"][1]
   assert len(result.figures) == 2 and all((tmp_path / f).exists() for f in result.figures)

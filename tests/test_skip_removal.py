@@ -32,6 +32,7 @@ def test_removed_entry_adds_the_block_and_leaves_the_original():
 
 def test_run_trains_through_train_fn_and_draws_heatmaps(tmp_path):
   from test_attention_distance import make_context, random_variables
+
   from vit_analysis import models
   from vit_analysis.analyses import base, get
   calls = []
@@ -48,7 +49,8 @@ def test_run_trains_through_train_fn_and_draws_heatmaps(tmp_path):
       "models": {"vit": dict(name="ViT-smoke_8", num_classes=10, checkpoint="",
                              train={"num_steps": 3}, overrides={})},
       "skip_removal": {"base_model": "vit", "blocks": (1,), "layers": "coarse",
-                       "num_examples": 32, "minibatch_size": 8, "repeats": 1}})
+                       "num_examples": 32, "minibatch_size": 8, "repeats": 1,
+                       "figure_formats": ("png",)}})
   result = get("skip_removal")(config, ctx)
   assert calls == [("vit_noskip01", {"skip_removed": (1,)})]
   m = result.metrics["vit_noskip01"]

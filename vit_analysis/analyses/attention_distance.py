@@ -1,9 +1,9 @@
 """Mean attention distance per head (paper Figs 3, 4, C.5, C.6).
 
 For head h, query patch q and key patch k with attention weight a_hqk (softmax over all keys, CLS
-included) and pixel distance d(q, k) = P * ||grid(q) - grid(k)||_2, a head's distance on one image
-is mean_q sum_k a_hqk d(q, k) (paper.md §1.6). By default the CLS token is dropped as both query and
-key and the remaining patch weights are NOT renormalised, so a head that puts mass on CLS looks
+included) and pixel distance d(q, k) = P * ||grid(q) - grid(k)||_2, a head's distance on one
+image is mean_q sum_k a_hqk d(q, k) (paper.md §1.6). By default the CLS token is dropped as both
+query and key and the remaining patch weights are NOT renormalised, so a head that puts mass on CLS looks
 more local; `renormalize=True` divides by the patch mass instead.
 
 `mean_attention_distance` is the one shared implementation: the head-subset analysis (Fig 5)
@@ -12,12 +12,12 @@ imports it to order heads from local to global. Keep its name and signature stab
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from vit_analysis import sharding
 from vit_analysis.analyses import base
@@ -138,12 +138,16 @@ def stream_sums(step_fn, variables: Any, source, *, num_images: int, batch_size:
                     image_size=image_size)
   params = sharding.replicate(variables, mesh)
   total, done, start, last_log = None, 0, time.time(), time.time()
+  first_done, first_end = 0, None  # The first batch pays for compilation; rates exclude it.
   for batch in it:
     images, mask = sharding.shard_batch(
         (batch["image"], np.asarray(batch["mask"], np.float32)), mesh)
     sums = step_fn(params, images, mask)
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     done += int(np.asarray(batch["mask"]).sum()) * jax.process_count()
+    if first_end is None:
+      jax.block_until_ready(total)
+      first_done, first_end = done, time.time()
     if time.time() - last_log > 10:
       jax.block_until_ready(total)
       rate = done / (time.time() - start)
@@ -152,10 +156,14 @@ def stream_sums(step_fn, variables: Any, source, *, num_images: int, batch_size:
       last_log = time.time()
   total = jax.tree.map(np.asarray, jax.device_get(total))
   seconds = time.time() - start
-  stats = {"num_images": float(done), "seconds": seconds,
-           "examples_per_s": done / max(seconds, 1e-9)}
-  logging.info("%s: %d images in %.1f s (%.1f examples/s)", desc, done, seconds,
-               stats["examples_per_s"])
+  if done > first_done:  # Steady state, after the first (compiling) batch.
+    rate = (done - first_done) / max(time.time() - first_end, 1e-9)
+  else:
+    rate = done / max(seconds, 1e-9)
+  stats = {"num_images": float(done), "seconds": seconds, "examples_per_s": rate,
+           "first_batch_seconds": first_end - start}
+  logging.info("%s: %d images in %.1f s (first batch incl. compilation %.1f s; then %.1f "
+               "examples/s)", desc, done, seconds, first_end - start, rate)
   return total, stats
 
 
@@ -207,6 +215,7 @@ def run(config, ctx: base.Context) -> base.AnalysisResult:
   from vit_analysis.plotting import mechanisms  # pylint: disable=g-import-not-at-top
 
   cfg = config.attention_distance
+  formats = tuple(cfg.get("figure_formats", ("png", "pdf")))
   start = time.time()
   keys = list(cfg.get("models", ()) or [k for k, m in ctx.models.items() if is_vit(m.module)])
   if not keys:
@@ -231,10 +240,11 @@ def run(config, ctx: base.Context) -> base.AnalysisResult:
     unit = cfg.get("unit", "pixels")
     labels = {k: f"{k} ({ctx.models[k].name})" for k in keys}
     fig = mechanisms.attention_distance_scatter({labels[k]: distances[k] for k in keys}, unit=unit)
-    figures.append(plotting.save_figure(fig, ctx.path("figures", "attention_distance")))
+    figures.append(plotting.save_figure(fig, ctx.path("figures", "attention_distance"), formats))
     fig = mechanisms.attention_distance_sorted({labels[k]: distances[k] for k in keys},
                                                blocks=tuple(cfg.get("blocks", ()) or ()), unit=unit)
-    figures.append(plotting.save_figure(fig, ctx.path("figures", "attention_distance_sorted")))
+    figures.append(plotting.save_figure(
+        fig, ctx.path("figures", "attention_distance_sorted"), formats))
     figures = [f[len(ctx.workdir):].lstrip("/") if f.startswith(ctx.workdir) else f
                for f in figures]
   result = base.AnalysisResult(

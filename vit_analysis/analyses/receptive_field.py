@@ -16,9 +16,9 @@ import math
 import os
 import re
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -243,6 +243,7 @@ def run(config, ctx: base.Context) -> base.AnalysisResult:
   from vit_analysis.plotting import mechanisms  # pylint: disable=g-import-not-at-top
 
   cfg = config.receptive_field
+  formats = tuple(cfg.get("figure_formats", ("png", "pdf")))
   start = time.time()
   keys = list(cfg.get("models", ()) or ctx.models)
   source = ctx.sources[cfg.get("split", "test")]
@@ -275,7 +276,8 @@ def run(config, ctx: base.Context) -> base.AnalysisResult:
         fig = mechanisms.receptive_fields(
             {n: erfs[n] for n in layers}, summaries=area,
             title=f"{key} ({model.name}): {mode}-residual ERFs, {int(stats['num_images'])} images")
-        png = plotting.save_figure(fig, ctx.path("figures", f"receptive_field_{key}_{mode}"))
+        png = plotting.save_figure(
+            fig, ctx.path("figures", f"receptive_field_{key}_{mode}"), formats)
         figures.append(os.path.relpath(png, ctx.workdir))
   if sharding.is_main_process():
     np.savez(ctx.path("results", "receptive_field.npz"), **arrays)
@@ -284,7 +286,8 @@ def run(config, ctx: base.Context) -> base.AnalysisResult:
       caption=(f"Mean |d centre activation / d input pixel| per layer, each panel scaled to its "
                f"maximum; the number is the fraction of the image holding {fraction:.0%} of the "
                "mass. The paper finds ResNet ERFs small and growing gradually, while ViT ERFs "
-               "become global by mid-depth yet keep a peak at the centre patch (skip connections)."),
+               "become global by mid-depth yet keep a peak at the centre patch (skip "
+               "connections)."),
       figures=figures, metrics=metrics, seconds=time.time() - start)
   if sharding.is_main_process():
     base.save_result(ctx, result)

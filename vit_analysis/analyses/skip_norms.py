@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -203,6 +203,7 @@ def run(config, ctx: base.Context) -> base.AnalysisResult:
   from vit_analysis.plotting import mechanisms  # pylint: disable=g-import-not-at-top
 
   cfg = config.skip_norms
+  formats = tuple(cfg.get("figure_formats", ("png", "pdf")))
   start = time.time()
   keys = list(cfg.get("models", ()) or ctx.models)
   source = ctx.sources[cfg.get("split", "test")]
@@ -252,16 +253,18 @@ def run(config, ctx: base.Context) -> base.AnalysisResult:
       panels = {f"identity / {kind}": ratio[idx] for kind, idx in kinds.items()}
       fig = mechanisms.token_block_heatmaps(panels, max_tokens=cfg.get("heatmap_tokens", 10),
                                             title=f"{key} ({family}): norm ratio, first tokens")
-      figures.append(plotting.save_figure(fig, ctx.path("figures", f"skip_norms_{key}_tokens")))
+      figures.append(plotting.save_figure(
+          fig, ctx.path("figures", f"skip_norms_{key}_tokens"), formats))
       fig = mechanisms.token_block_heatmaps(panels, title=f"{key} ({family}): all tokens")
-      figures.append(plotting.save_figure(fig, ctx.path("figures", f"skip_norms_{key}_all")))
+      figures.append(plotting.save_figure(
+          fig, ctx.path("figures", f"skip_norms_{key}_all"), formats))
   if main:
     fig = mechanisms.depth_lines(ratio_lines, "||z|| / ||f(z)||", log=True,
                                  title="skip / branch norm ratio")
-    figures.insert(0, plotting.save_figure(fig, ctx.path("figures", "skip_norms_ratio")))
+    figures.insert(0, plotting.save_figure(fig, ctx.path("figures", "skip_norms_ratio"), formats))
     fig = mechanisms.depth_lines(cos_lines, "cos(z, z + f(z))" if cos_key == "cos_out"
                                  else "cos(z, f(z))", title="skip vs sublayer output")
-    figures.insert(1, plotting.save_figure(fig, ctx.path("figures", "skip_norms_cosine")))
+    figures.insert(1, plotting.save_figure(fig, ctx.path("figures", "skip_norms_cosine"), formats))
     figures = [os.path.relpath(f, ctx.workdir) for f in figures]
     np.savez(ctx.path("results", "skip_norms.npz"), **arrays)
   result = base.AnalysisResult(

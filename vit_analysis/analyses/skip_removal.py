@@ -16,7 +16,8 @@ from __future__ import annotations
 import copy
 import os
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -90,6 +91,7 @@ def run(config, ctx: base.Context) -> base.AnalysisResult:
   from vit_analysis.plotting import mechanisms  # pylint: disable=g-import-not-at-top
 
   cfg = config.skip_removal
+  formats = tuple(cfg.get("figure_formats", ("png", "pdf")))
   start = time.time()
   base_key = cfg.get("base_model", "vit")
   if base_key not in ctx.models or base_key not in config.models:
@@ -141,7 +143,7 @@ def run(config, ctx: base.Context) -> base.AnalysisResult:
               for k in models}
     fig = mechanisms.skip_removal_heatmaps({labels[k]: m for k, m in matrices.items()},
                                            {labels[k]: a for k, a in accuracies.items()})
-    png = plotting.save_figure(fig, ctx.path("figures", "skip_removal"))
+    png = plotting.save_figure(fig, ctx.path("figures", "skip_removal"), formats)
     figures.append(os.path.relpath(png, ctx.workdir))
   result = base.AnalysisResult(
       name="skip_removal", title="Removing the skip connections of one block (Fig 8)",

@@ -4,10 +4,11 @@ Pure functions: arrays in, a matplotlib Figure out (save with `plotting.save_fig
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from vit_analysis.plotting import PANEL_INCHES, heatmap
 
@@ -115,6 +116,8 @@ def token_block_heatmaps(panels: Mapping[str, np.ndarray], max_tokens: int | Non
     lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
     heatmap(ax, shown, vmin=lo, vmax=max(hi, lo + 1e-6), cmap="viridis", xlabel="token (0 = CLS)",
             ylabel="block", title=f"{label}{' (log10)' if log else ''}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
   if title:
     fig.suptitle(title)
   fig.tight_layout()
@@ -139,6 +142,7 @@ def depth_lines(lines: Mapping[str, np.ndarray], ylabel: str, log: bool = False,
   if log:
     ax.set_yscale("log")
   ax.set_xlabel("block / unit index")
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   ax.set_ylabel(ylabel)
   if title:
     ax.set_title(title)
