@@ -151,8 +151,9 @@ def test_v1_std_conv_and_group_norm_epsilons():
       jax.eval_shape(unit.init, jax.random.key(0), small)['params'], sep='/')
   p = {k: rng.uniform(0.5, 1.5, s.shape) if k.endswith('scale') else
        0.3 * rng.standard_normal(s.shape) for k, s in shapes.items()}
-  got = unit.apply({'params': flax.traverse_util.unflatten_dict(
-      {k: v.astype(np.float32) for k, v in p.items()}, sep='/')}, small)
+  variables = {'params': flax.traverse_util.unflatten_dict(
+      {k: v.astype(np.float32) for k, v in p.items()}, sep='/')}
+  got = fast_jit(unit.apply, variables, small)(variables, small)
 
   def gn(z, k):
     return np_gn(z, p[f'{k}/scale'], p[f'{k}/bias'], groups=8)
