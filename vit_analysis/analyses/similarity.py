@@ -207,6 +207,23 @@ def _step_images(side: Side, images: list[np.ndarray], shape: tuple[int, int]) -
   return x.reshape(shape + x.shape[1:])
 
 
+def _host_step(side_a: Side, side_b: Side | None, source: Any, chunk: np.ndarray, s: int,
+               s_local: int, m: int) -> dict[str, np.ndarray]:
+  """This process's part of one global step: `chunk` [<= s, m] example indices -> images.
+
+  A short last step is padded with copies of its first minibatch, masked out on device.
+  """
+  mask = np.zeros((s,), np.float32)
+  mask[:len(chunk)] = 1.0
+  chunk = np.concatenate([chunk, np.repeat(chunk[:1], s - len(chunk), 0)], 0)
+  local = slice(jax.process_index() * s_local, (jax.process_index() + 1) * s_local)
+  images = _load_images(source, chunk[local].reshape(-1))
+  batch = dict(a=_step_images(side_a, images, (s_local, m)), mask=mask[local])
+  if side_b is not None:
+    batch["b"] = _step_images(side_b, images, (s_local, m))
+  return batch
+
+
 def make_step(side_a: Side, side_b: Side | None) -> Callable[..., Any]:
   """The jitted per-step function: images of `s` minibatches -> per-minibatch HSIC terms.
 
@@ -283,20 +300,17 @@ def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_exam
   for r in range(repeats):
     idx = all_indices[r * k:(r + 1) * k]
     state = cka.init(side_a.names, None if side_b is None else side_b.names)
+    pending = None
     for start in range(0, k, s):
-      chunk = idx[start:start + s]
-      mask = np.zeros((s,), np.float32)
-      mask[:len(chunk)] = 1.0
-      # Pad with copies of the first minibatch; their terms are masked out on device.
-      chunk = np.concatenate([chunk, np.repeat(chunk[:1], s - len(chunk), 0)], 0)
-      local = slice(jax.process_index() * s_local, (jax.process_index() + 1) * s_local)
-      images = _load_images(source, chunk[local].reshape(-1))
-      batch = dict(a=_step_images(side_a, images, (s_local, m)), mask=mask[local])
-      if side_b is not None:
-        batch["b"] = _step_images(side_b, images, (s_local, m))
+      batch = _host_step(side_a, side_b, source, idx[start:start + s], s, s_local, m)
       batch = sharding.shard_batch(batch, mesh)
-      state = cka.accumulate(state, step(vars_a, batch["a"], vars_b, batch.get("b"),
-                                         batch["mask"]))
+      # Dispatch is asynchronous: the device computes this step while the host pulls the
+      # previous step's terms and then loads the next step's images.
+      terms = step(vars_a, batch["a"], vars_b, batch.get("b"), batch["mask"])
+      if pending is not None:
+        state = cka.accumulate(state, pending)
+      pending = terms
+    state = cka.accumulate(state, pending)
     res = cka.result(state)
     values.append(np.asarray(res.cka, np.float64))
     errors.append(np.asarray(res.stderr, np.float64))
@@ -320,8 +334,15 @@ def protocol(sub: Any) -> dict[str, Any]:
 
 
 def model_side(model: base.LoadedModel, layers: str | Sequence[str],
-               tokens: str = "all") -> Side:
+               tokens: str = "all", minibatch_size: int = 0) -> Side:
+  """The Side of `model` at the layers of a preset or glob list (see `resolve_layers`)."""
   names = resolve_layers(model, layers)
+  if minibatch_size:  # memory plan (eval_shape, no compute): activations one minibatch keeps
+    plan = capture.plan_bytes(model.module, (model.image_size,) * 2 + (3,), minibatch_size,
+                              names)
+    logging.info("%s: %d layers, %.1f MiB of captured activations per minibatch of %d, "
+                 "largest %s", model.key, len(names), sum(plan.values()) / 2**20,
+                 minibatch_size, max(plan, key=plan.get))
   return Side(model_feature_fn(model, names, tokens), model.variables, model.image_size,
               tuple(names))
 
@@ -363,10 +384,11 @@ def _run(config: Any, ctx: base.Context, name: str, pairs: list[tuple[str, str |
       if key is not None and key not in ctx.models:
         raise KeyError(f"{name}: unknown model key {key!r}; models: {list(ctx.models)}")
     model_a = ctx.models[key_a]
-    side_a = model_side(model_a, _layers_for(sub, key_a), tokens)
+    m = settings["minibatch_size"]
+    side_a = model_side(model_a, _layers_for(sub, key_a), tokens, m)
     side_b = None
     if key_b is not None:
-      side_b = model_side(ctx.models[key_b], _layers_for(sub, key_b), tokens)
+      side_b = model_side(ctx.models[key_b], _layers_for(sub, key_b), tokens, m)
     tag = key_a if key_b is None else f"{key_a}_vs_{key_b}"
     rep = cka_over_repeats(side_a, side_b, source, seed=int(config.get("seed", 0)),
                            mesh=ctx.mesh, desc=f"{name}/{tag}", **settings)
