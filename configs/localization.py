@@ -27,6 +27,7 @@ def get_config(arg=None):
       layers_per_model={},   # key -> layer name(s); default the final block / final unit
       tokens=(),             # (row, col) positions drawn; () = the paper's B/32 positions, scaled
       vmax=1.0,              # colour range [0, vmax]; None: the largest value
+      min_patch_variation=0.1,  # leave out input patches that differ in < 10% of images
       split="test",
       num_examples=768, minibatch_size=128, repeats=3, minibatches_per_step=0,
   ))

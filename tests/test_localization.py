@@ -118,9 +118,12 @@ def test_end_to_end(tmp_path):
 def test_constant_patches_left_out_and_scores_ignore_nan():
   images = np.random.default_rng(0).integers(0, 256, (20, 12, 12, 3), dtype=np.uint8)
   images[:, :4, :4] = 7  # patch (0, 0) constant
+  images[:, 4:8, 4:8] = 0  # patch (1, 1) differs in one image of 20 only
+  images[3, 5, 5] = 1
   src = data_lib.ArraySource(images, np.zeros(20, np.int64), 1)
   positions = localization.varying_positions(src, np.arange(20), 12, 3)
-  assert len(positions) == 8 and (0, 0) not in positions
+  assert len(positions) == 7 and (0, 0) not in positions and (1, 1) not in positions
+  assert len(localization.varying_positions(src, np.arange(20), 12, 3, min_fraction=0.05)) == 8
   rep = similarity.RepeatedCKA(["t0", "t1"], ["patch0_1", "patch1_1"], np.ones((1, 2, 2)),
                                np.zeros((1, 2, 2)), 8, 4)
   full = localization.expand_columns(rep, 2)

@@ -90,17 +90,19 @@ def sides(model: base.LoadedModel, layer: str,
           similarity.Side(patches, {}, model.image_size, names("patch", patch_positions)), g)
 
 
-def varying_positions(source: Any, indices: np.ndarray, image_size: int,
-                      grid: int) -> list[tuple[int, int]]:
-  """Grid positions whose input patch is not constant over the images at `indices`.
+def varying_positions(source: Any, indices: np.ndarray, image_size: int, grid: int,
+                      min_fraction: float = 0.1) -> list[tuple[int, int]]:
+  """Grid positions whose input patch varies: differs from its median over the images at
+  `indices` in at least `min_fraction` of them.
 
-  A constant patch (the empty border of every digit, a letterbox) has no CKA: it is left out of
-  the comparison and drawn blank.
+  A (nearly) constant patch (the empty border of every digit, a letterbox) has no meaningful CKA:
+  a patch that differs in only one image of a minibatch has unbiased self-HSIC ~ 0. Such
+  positions are left out of the comparison and drawn blank.
   """
   images = data_lib.preprocess(np.stack([source[int(i)]["image"] for i in indices]), image_size)
   patches = np.asarray(input_patches(images, image_size // grid))  # [n, g, g, P*P*3]
-  varies = (patches.max(0) > patches.min(0)).any(-1)
-  return [(r, c) for r in range(grid) for c in range(grid) if varies[r, c]]
+  differs = (patches != np.median(patches, axis=0)).any(-1).mean(0)  # [g, g]
+  return [(r, c) for r in range(grid) for c in range(grid) if differs[r, c] >= min_fraction]
 
 
 def expand_columns(rep: similarity.RepeatedCKA, grid: int) -> similarity.RepeatedCKA:
@@ -175,7 +177,8 @@ def run(config: Any, ctx: base.Context) -> base.AnalysisResult:
       check = data_lib.cka_minibatch_indices(
           len(source), settings["num_examples"], settings["minibatch_size"], 1,
           int(config.get("seed", 0))).reshape(-1)[:2048]
-      positions = varying_positions(source, check, model.image_size, g)
+      positions = varying_positions(source, check, model.image_size, g,
+                                    float(sub.get("min_patch_variation", 0.1)))
       if len(positions) < g * g:
         logging.info("localization/%s: %d of %d input patches are constant and left out", key,
                      g * g - len(positions), g * g)
