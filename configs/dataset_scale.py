@@ -38,10 +38,13 @@ def get_config(arg=None):
       num_examples=768, minibatch_size=128, repeats=3, minibatches_per_step=0,
   ))
   if flags.smoke:
-    config.dataset_scale.update(dict(
-        fractions=(0.1,), finetune={"parity": dict(data="digits:parity")},
-        finetune_train=dict(num_steps=4, warmup_steps=1), num_examples=64, minibatch_size=16,
-        repeats=1))
+    # Nested dicts are replaced, not merged (ConfigDict.update would merge them).
+    config.dataset_scale.finetune = ml_collections.ConfigDict(
+        {"parity": dict(data="digits:parity")})
+    config.dataset_scale.finetune_train = ml_collections.ConfigDict(
+        dict(num_steps=4, warmup_steps=1))
+    config.dataset_scale.update(dict(fractions=(0.1,), num_examples=64, minibatch_size=16,
+                                     repeats=1))
   if flags.get("full", False):
     ckpt = flags.get("ckpt_dir", "checkpoints")
     config.data = config_lib.tfds_data("imagenet2012", 224, test_split="validation")
@@ -52,9 +55,11 @@ def get_config(arg=None):
         ("oxford_flowers102", "test"), ("resisc45", "train[90%:]"),
         ("diabetic_retinopathy_detection/btgraham-300", "validation"))}
     tasks["retinopathy"] = tasks.pop("diabetic_retinopathy_detection/btgraham-300")
-    config.dataset_scale.update(dict(
-        fractions=(), finetune=tasks,
-        finetune_train=dict(optimizer="sgd", learning_rate=0.01, num_steps=10_000,
-                            warmup_steps=500, batch_size=512, grad_clip_norm=1.0),
-        num_examples=10240, minibatch_size=1024, repeats=20))
+    tasks["resisc45"]["train_split"] = "train[:90%]"  # resisc45 has a train split only
+    config.dataset_scale.finetune = ml_collections.ConfigDict(tasks)
+    config.dataset_scale.finetune_train = ml_collections.ConfigDict(dict(
+        optimizer="sgd", learning_rate=0.01, num_steps=10_000, warmup_steps=500,
+        batch_size=512, grad_clip_norm=1.0))
+    config.dataset_scale.update(dict(fractions=(), num_examples=10240, minibatch_size=1024,
+                                     repeats=20))
   return config

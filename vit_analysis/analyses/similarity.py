@@ -314,8 +314,10 @@ def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_exam
     res = cka.result(state)
     values.append(np.asarray(res.cka, np.float64))
     errors.append(np.asarray(res.stderr, np.float64))
-    logging.info("%s: repeat %d/%d, %d examples, %.1f examples/s", desc, r + 1, repeats,
-                 num_examples, (r + 1) * num_examples / (time.time() - t0))
+    elapsed = time.time() - t0
+    logging.info("%s: repeat %d/%d, %d examples, %.1f examples/s, ETA %.0f s", desc, r + 1,
+                 repeats, num_examples, (r + 1) * num_examples / elapsed,
+                 elapsed / (r + 1) * (repeats - r - 1))
   names_b = list(side_a.names if side_b is None else side_b.names)
   return RepeatedCKA(list(side_a.names), names_b, np.stack(values), np.stack(errors),
                      num_examples, minibatch_size)
