@@ -6,10 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_analysis import config_lib
-from vit_analysis import data
-from vit_analysis import sharding
-from vit_analysis import train
+from vit_analysis import config_lib, data, sharding, train
 from vit_analysis.models import create_model
 
 
@@ -24,8 +21,8 @@ def test_effective_config_merges_and_rejects_unknown_keys():
 
 
 def test_schedule_warmup_cosine_and_sgd_weight_decay():
-  cfg = train.effective_config(None, dict(learning_rate=2.0, warmup_steps=4, optimizer="sgd",
-                                          momentum=0.0, weight_decay=0.1, grad_clip_norm=0))
+  cfg = train.effective_config(None, {"learning_rate": 2.0, "warmup_steps": 4, "optimizer": "sgd",
+                                          "momentum": 0.0, "weight_decay": 0.1, "grad_clip_norm": 0})
   tx, schedule = train.make_optimizer(cfg, 20)
   for s in (0, 2, 4, 10, 19, 20):
     ref = 2.0 * s / 4 if s < 4 else 2.0 * 0.5 * (1 + np.cos(np.pi * (s - 4) / 16))
@@ -68,10 +65,10 @@ def test_kill_and_resume_ends_at_same_params(tmp_path):
   train_src, test_src = _small_sources()
   # Dropout exercises the per-step rng; skip removal trains through the same loop.
   module = create_model("ViT-smoke_8", 10, dropout_rate=0.1, skip_removed=(0,))
-  cfg = train.effective_config(config_lib.train_defaults(smoke=True), dict(
-      num_steps=8, checkpoint_every_steps=3, augment_shift=1, eval_batch_size=40))
+  cfg = train.effective_config(config_lib.train_defaults(smoke=True), {
+      "num_steps": 8, "checkpoint_every_steps": 3, "augment_shift": 1, "eval_batch_size": 40})
   mesh = sharding.make_mesh()
-  kwargs = dict(train_source=train_src, test_source=test_src, image_size=32, mesh=mesh, seed=3)
+  kwargs = {"train_source": train_src, "test_source": test_src, "image_size": 32, "mesh": mesh, "seed": 3}
   # 96 examples / batch 32: 3 steps per epoch, so the run crosses two epoch boundaries.
   full = train.train(module, cfg, workdir=str(tmp_path / "a"), **kwargs)
   assert full.finished and full.step == 8 and 0 <= full.test_accuracy <= 1
@@ -83,7 +80,8 @@ def test_kill_and_resume_ends_at_same_params(tmp_path):
                jax.device_get(resumed.params))
   assert resumed.test_accuracy == full.test_accuracy
   # Evaluations at epoch ends (steps 3, 6) and the end; resumed log has each step once.
-  lines = [json.loads(l) for l in open(tmp_path / "b" / "metrics.jsonl")]
+  with open(tmp_path / "b" / "metrics.jsonl") as f:
+    lines = [json.loads(line) for line in f]
   evals = [l["step"] for l in lines if "test_accuracy" in l]
   assert evals == [3, 6, 8]
   # A finished workdir only restores.

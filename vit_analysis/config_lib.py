@@ -29,7 +29,8 @@ SMOKE_NAMES = {
 }
 
 # Keys a model entry of `config.models` may have.
-MODEL_KEYS = ("name", "num_classes", "checkpoint", "train", "overrides")
+# `checkpoint_options` are keyword arguments of `checkpoints.load_npz` (fresh_head, ...).
+MODEL_KEYS = ("name", "num_classes", "checkpoint", "checkpoint_options", "train", "overrides")
 
 # Top-level keys every experiment config may have (besides one sub-config per analysis name).
 TOP_LEVEL_KEYS = ("seed", "data", "models", "train", "analyses", "model_cache", "overwrite",
@@ -37,12 +38,12 @@ TOP_LEVEL_KEYS = ("seed", "data", "models", "train", "analyses", "model_cache", 
 
 # Per-family recipes on the digits (measured: see configs/train_digits.py).
 _DIGITS_RECIPES = {
-    "ViT": dict(optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, num_epochs=12,
-                augment_shift=2, label_smoothing=0.0),
-    "R": dict(optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, num_epochs=6,
-              augment_shift=2, label_smoothing=0.0),
-    "Mixer": dict(optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, num_epochs=12,
-                  augment_shift=2, label_smoothing=0.0),
+    "ViT": {"optimizer": "adamw", "learning_rate": 1e-3, "weight_decay": 1e-4, "num_epochs": 12,
+                "augment_shift": 2, "label_smoothing": 0.0},
+    "R": {"optimizer": "adamw", "learning_rate": 1e-3, "weight_decay": 1e-4, "num_epochs": 6,
+              "augment_shift": 2, "label_smoothing": 0.0},
+    "Mixer": {"optimizer": "adamw", "learning_rate": 1e-3, "weight_decay": 1e-4, "num_epochs": 12,
+                  "augment_shift": 2, "label_smoothing": 0.0},
 }
 
 
@@ -62,6 +63,7 @@ def train_defaults(smoke: bool = False) -> ml_collections.ConfigDict:
   c.grad_clip_norm = 1.0        # global-norm clipping; 0 disables
   c.label_smoothing = 0.0
   c.augment_shift = 0           # random translation by up to this many pixels (0: none)
+  c.augment_flip = False        # random left-right flips (natural images; not for digits)
   c.batch_size = 128            # global
   c.num_epochs = 10.0           # used when num_steps is 0
   c.num_steps = 0
@@ -108,16 +110,16 @@ def _parse_value(v: str):
 
 def digits_data(image_size: int = 32) -> ml_collections.ConfigDict:
   """The embedded offline 5,000 MNIST digits (4,000 train / 1,000 test)."""
-  return ml_collections.ConfigDict(dict(
-      name="digits", image_size=image_size, train_split="train", test_split="test"))
+  return ml_collections.ConfigDict({
+      "name": "digits", "image_size": image_size, "train_split": "train", "test_split": "test"})
 
 
 def tfds_data(name: str, image_size: int, *, train_split: str = "train",
               test_split: str = "test", data_dir: str = "") -> ml_collections.ConfigDict:
   """A TFDS dataset read with tfds.data_source (e.g. 'cifar10', 'imagenet2012')."""
-  return ml_collections.ConfigDict(dict(
-      name=f"tfds:{name}", image_size=image_size, train_split=train_split,
-      test_split=test_split, data_dir=data_dir))
+  return ml_collections.ConfigDict({
+      "name": f"tfds:{name}", "image_size": image_size, "train_split": train_split,
+      "test_split": test_split, "data_dir": data_dir})
 
 
 def model_family(name: str) -> str:
@@ -150,21 +152,39 @@ def digits_model(key: str, name: str, *, smoke: bool = False, train_steps: int |
   unknown = sorted(set(recipe) - set(train_defaults()))
   if unknown:
     raise KeyError(f"unknown train keys {unknown} for model {key!r}")
-  return ml_collections.ConfigDict(dict(
-      name=SMOKE_NAMES.get(name, name) if smoke else name,
-      num_classes=10,
-      checkpoint="",
-      train=ml_collections.ConfigDict(recipe),
-      overrides=dict(overrides or {}),
-  ))
+  return ml_collections.ConfigDict({
+      "name": SMOKE_NAMES.get(name, name) if smoke else name,
+      "num_classes": 10,
+      "checkpoint": "",
+      "train": ml_collections.ConfigDict(recipe),
+      "overrides": dict(overrides or {}),
+  })
 
 
 def official_model(name: str, checkpoint: str, num_classes: int,
-                   overrides: dict | None = None) -> ml_collections.ConfigDict:
-  """A model entry loaded from an official npz checkpoint, without training."""
-  return ml_collections.ConfigDict(dict(
-      name=name, num_classes=num_classes, checkpoint=checkpoint, train=None,
-      overrides=dict(overrides or {})))
+                   overrides: dict | None = None, **load_options) -> ml_collections.ConfigDict:
+  """A model entry loaded from an official npz checkpoint, without training.
+
+  `load_options` go to `checkpoints.load_npz` (e.g. fresh_head=True, drop_pre_logits=True).
+  """
+  return ml_collections.ConfigDict({
+      "name": name, "num_classes": num_classes, "checkpoint": checkpoint,
+      "checkpoint_options": dict(load_options), "train": None, "overrides": dict(overrides or {})})
+
+
+def finetune_model(name: str, checkpoint: str, num_classes: int, *,
+                   overrides: dict | None = None, **train) -> ml_collections.ConfigDict:
+  """An official checkpoint fine-tuned through vit_analysis.train: a fresh zero head of
+  `num_classes`, the ImageNet-21k pre_logits layer dropped (as vit_jax fine-tuning), the
+  position embedding resized to the data's image size.
+  """
+  unknown = sorted(set(train) - set(train_defaults()))
+  if unknown:
+    raise KeyError(f"unknown train keys {unknown}")
+  return ml_collections.ConfigDict({
+      "name": name, "num_classes": num_classes, "checkpoint": checkpoint,
+      "checkpoint_options": {"fresh_head": True, "drop_pre_logits": True},
+      "train": ml_collections.ConfigDict(train), "overrides": dict(overrides or {})})
 
 
 def base_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -15,25 +15,20 @@ summary saved; `vit_analysis.report` then writes `report.html`. Only process 0 w
 from __future__ import annotations
 
 import hashlib
-import importlib
-import inspect
 import json
 import os
 import time
 from typing import Any
 
-from absl import app
-from absl import flags
-from absl import logging
 import jax
 import ml_collections
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vit_analysis import analyses as analyses_lib
-from vit_analysis import config_lib
+from vit_analysis import config_lib, sharding
 from vit_analysis import data as data_lib
 from vit_analysis import train as train_lib
-from vit_analysis import sharding
 from vit_analysis.analyses import base
 from vit_analysis.models import create_model
 
@@ -50,14 +45,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     ValueError: for a malformed value (e.g. `analyses` not a sequence of names).
   """
   allowed = set(config_lib.TOP_LEVEL_KEYS) | set(analyses_lib.NAMES)
-  for key in config.keys():
+  for key in config:
     if key not in allowed:
       raise KeyError(f"unknown config key {key!r}; allowed: {sorted(config_lib.TOP_LEVEL_KEYS)}"
                      f" or an analysis name {list(analyses_lib.NAMES)}")
   for key in ("data", "models"):
     if key not in config:
       raise KeyError(f"config has no {key!r}")
-  for key in config.data.keys():
+  for key in config.data:
     if key not in _DATA_KEYS:
       raise KeyError(f"unknown config key 'data.{key}'; allowed: {list(_DATA_KEYS)}")
   names = config.get("analyses", ())
@@ -97,7 +92,7 @@ def model_hash(config: ml_collections.ConfigDict, entry: Any) -> str:
   train = entry.get("train")
   content = {
       "model": {k: _plain(entry.get(k)) for k in ("name", "num_classes", "checkpoint",
-                                                  "overrides")},
+                                                  "checkpoint_options", "overrides")},
       "train": None if train is None else train_lib.effective_config(
           config.get("train"), train).to_dict(),
       "data": _plain(config.data),
@@ -150,7 +145,9 @@ class ModelBuilder:
       module = module.clone(image_size=image_size)
     params, source = None, "random init"
     if entry.get("checkpoint"):
-      params, source = self._load_checkpoint(entry.checkpoint, module, image_size), "checkpoint"
+      options = dict(_plain(entry.get("checkpoint_options")) or {})
+      params = self._load_checkpoint(entry.checkpoint, module, image_size, options)
+      source = f"checkpoint {entry.checkpoint}"
     seed = int(self.config.get("seed", 0))
     if entry.get("train") is not None:
       cfg = train_lib.effective_config(self.config.get("train"), entry.train)
@@ -169,10 +166,10 @@ class ModelBuilder:
       accuracy = train_lib.evaluate(module, params, self.sources["test"], image_size=image_size,
                                     batch_size=self._eval_batch_size(), mesh=self.mesh)
     logging.info("model %s (%s): test accuracy %.4f (%s)", key, entry.name, accuracy, source)
-    self.summaries.append(dict(
-        key=key, name=entry.name, params=int(sum(x.size for x in jax.tree.leaves(params))),
-        image_size=image_size, test_accuracy=accuracy, train_seconds=time.time() - t0,
-        source=source))
+    self.summaries.append({
+        "key": key, "name": entry.name, "params": int(sum(x.size for x in jax.tree.leaves(params))),
+        "image_size": image_size, "test_accuracy": accuracy, "train_seconds": time.time() - t0,
+        "source": source})
     return base.LoadedModel(key=key, name=entry.name, module=module,
                             variables={"params": params}, image_size=image_size,
                             test_accuracy=accuracy)
@@ -180,13 +177,9 @@ class ModelBuilder:
   def _eval_batch_size(self) -> int:
     return int(train_lib.effective_config(self.config.get("train")).eval_batch_size)
 
-  def _load_checkpoint(self, path: str, module, image_size: int):
-    checkpoints = importlib.import_module("vit_analysis.checkpoints")
-    kwargs = {}
-    accepted = inspect.signature(checkpoints.load_npz).parameters
-    if "image_size" in accepted:
-      kwargs["image_size"] = image_size
-    return checkpoints.load_npz(path, module, **kwargs)
+  def _load_checkpoint(self, path: str, module, image_size: int, options: dict[str, Any]):
+    from vit_analysis import checkpoints  # pylint: disable=g-import-not-at-top
+    return checkpoints.load_npz(path, module, image_size=image_size, **options)["params"]
 
   def write_summaries(self, path: str) -> None:
     with open(path + ".tmp", "w") as f:

@@ -16,18 +16,16 @@ import os
 import time
 from typing import Any
 
-from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from absl import logging
 
-from vit_analysis import config_lib
+from vit_analysis import config_lib, sharding
 from vit_analysis import data as data_lib
-from vit_analysis import sharding
 
 
 @dataclasses.dataclass
@@ -67,7 +65,7 @@ def total_steps(cfg: ml_collections.ConfigDict, num_train: int) -> int:
   """num_steps, or num_epochs passes over `num_train` examples."""
   if cfg.num_steps:
     return int(cfg.num_steps)
-  return max(1, int(round(cfg.num_epochs * num_train / cfg.batch_size)))
+  return max(1, round(cfg.num_epochs * num_train / cfg.batch_size))
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, steps: int) -> optax.GradientTransformation:
@@ -142,7 +140,10 @@ def make_train_step(module: nn.Module, tx: optax.GradientTransformation,
     aug_key, dropout_key = jax.random.split(step_key)
     images = batch["image"]
     if cfg.augment_shift:
-      images = random_shift(images, aug_key, int(cfg.augment_shift))
+      images = random_shift(images, jax.random.fold_in(aug_key, 0), int(cfg.augment_shift))
+    if cfg.augment_flip:  # left-right, each image with probability 1/2
+      flip = jax.random.bernoulli(jax.random.fold_in(aug_key, 1), 0.5, (images.shape[0],))
+      images = jnp.where(flip[:, None, None, None], images[:, :, ::-1], images)
 
     def loss_fn(params):
       logits, _ = module.apply({"params": params}, images, train=True,

@@ -1,0 +1,67 @@
+"""Every configs/*.py: the full config validates, and the `:smoke` variant runs end to end.
+
+Config files are discovered by glob, so a new config is tested as soon as it exists. All smoke
+runs share one model cache (the folder test_main.py uses too): the tiny models train once.
+"""
+import glob
+import importlib.util
+import json
+import os
+
+import pytest
+
+from vit_analysis import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
+
+
+def _read_json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def load_config_module(path):
+  spec = importlib.util.spec_from_file_location(
+      f"_config_{os.path.basename(path)[:-3]}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture
+def model_cache(tmp_path_factory):
+  path = tmp_path_factory.getbasetemp() / "shared_model_cache"
+  path.mkdir(exist_ok=True)
+  return str(path)
+
+
+def test_configs_exist():
+  names = [os.path.basename(p) for p in CONFIGS]
+  assert "train_digits.py" in names and "finetune.py" in names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
+def test_full_config_validates(path):
+  config = load_config_module(path).get_config(None)
+  main.validate_config(config)
+  assert not any(m.name.startswith(("ViT-smoke", "R-smoke", "Mixer-smoke"))
+                 for m in config.models.values()), "the full config must not use smoke models"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
+def test_smoke_config_runs(path, tmp_path, model_cache):
+  config = load_config_module(path).get_config("smoke")
+  main.validate_config(config)
+  config.model_cache = model_cache
+  workdir = str(tmp_path / "work")
+  results = main.run(config, workdir)
+  assert [r.name for r in results] == list(config.analyses)
+  for r in results:
+    assert os.path.exists(os.path.join(workdir, "results", f"{r.name}.json"))
+    for fig in r.figures:
+      assert os.path.exists(os.path.join(workdir, fig)), fig
+  summaries = _read_json(os.path.join(workdir, "models.json"))
+  assert {s["key"] for s in summaries} >= set(config.models)
+  for s in summaries:
+    assert s["test_accuracy"] is None or 0 <= s["test_accuracy"] <= 1
