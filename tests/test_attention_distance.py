@@ -4,6 +4,8 @@ import pytest
 
 from vit_analysis.analyses import attention_distance as ad
 
+FAST = {"xla_backend_optimization_level": 0}  # Tiny models: compile time dominates on CPU.
+
 
 def _uniform(b, h, n, cls):
   t = n + int(cls)
@@ -94,6 +96,7 @@ def make_context(tmp_path, names, num_images=10, **kwargs):
 
 
 def test_run_matches_direct_computation_on_all_images(tmp_path):
+  import jax
   import ml_collections
 
   from vit_analysis import data
@@ -101,7 +104,7 @@ def test_run_matches_direct_computation_on_all_images(tmp_path):
   ctx = make_context(tmp_path, {"m0": "ViT-smoke_8", "m1": "ViT-smoke_8-gap"})
   config = ml_collections.ConfigDict({"attention_distance": {
       "split": "test", "num_images": 7, "batch_size": 4, "seed": 3,
-      "figure_formats": ("png",)}})  # 7 = 4 + 3 padded.
+      "figure_formats": ("png",), "fast_compile": True}})  # 7 = 4 + 3 padded.
   result = get("attention_distance")(config, ctx)
   saved = np.load(tmp_path / "results" / "attention_distance.npz")
   assert sorted(saved.files) == ["m0", "m1"]
@@ -109,7 +112,8 @@ def test_run_matches_direct_computation_on_all_images(tmp_path):
     m = ctx.models[key]
     idx = np.random.default_rng(3).permutation(10)[:7]
     images = data.preprocess(np.stack([ctx.sources["test"][int(i)]["image"] for i in idx]), 32)
-    _, out = m.module.apply(m.variables, images, train=False)
+    _, out = jax.jit(lambda v, x, m=m: m.module.apply(v, x, train=False)).lower(
+        m.variables, images).compile(FAST)(m.variables, images)
     direct = np.stack([np.asarray(ad.mean_attention_distance(
         out[f"block{b:02d}/attn_weights"], (4, 4), 8, has_cls=has_cls)).mean(0)
         for b in range(2)])

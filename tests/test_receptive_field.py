@@ -70,12 +70,15 @@ def test_several_layers_in_one_pass_equal_separate_passes():
   both = lambda x: {"a": rf.centre_activations(conv(x, k1)),
                     "b": rf.centre_activations(conv(jnp.tanh(conv(x, k1)), k2))}
   images = jnp.asarray(rng.normal(size=(2, 7, 7, 3)), jnp.float32)
-  for per_channel in (True, False):
-    together = rf.erf_sum(both, images, per_channel=per_channel, channel_chunk=2)
-    for name in ("a", "b"):
-      alone = rf.erf_sum(lambda x, name=name: both(x)[name], images, per_channel=per_channel)
-      np.testing.assert_allclose(together[name], alone, rtol=1e-5, atol=1e-7)
-    assert np.count_nonzero(together["b"]) == 25  # Two stacked 3x3 convs: a 5x5 support.
+
+  def all_variants(x):  # One program: both modes, together and one layer at a time.
+    return {(pc, name): (rf.erf_sum(both, x, per_channel=pc, channel_chunk=2)[name],
+                         rf.erf_sum(lambda y, name=name: both(y)[name], x, per_channel=pc))
+            for pc in (True, False) for name in ("a", "b")}
+
+  for (_, name), (together, alone) in jax.jit(all_variants)(images).items():
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-7)
+    assert np.count_nonzero(together) == (9 if name == "a" else 25)  # 3x3, then 5x5 support.
 
 
 def test_run_vit_first_block_is_global_and_resnet_stem_is_local(tmp_path):

@@ -113,15 +113,29 @@ class _Subset:
     return self.src[int(self.indices[i])]
 
 
+# XLA:CPU spends most of a small model's compile time in LLVM's optimisation passes; level 0
+# halves it (smoke runs, tests). Ignored on other backends.
+_FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def fast_compile(config, cfg) -> bool:
+  """The sub-config's `fast_compile`, else the training defaults' (True in smoke configs)."""
+  if "fast_compile" in cfg:
+    return bool(cfg.fast_compile)
+  train = config.get("train", None)
+  return bool(train.get("fast_compile", False)) if train is not None else False
+
+
 def stream_sums(step_fn, variables: Any, source, *, num_images: int, batch_size: int,
                 image_size: int, mesh: jax.sharding.Mesh, seed: int = 0,
-                desc: str = "") -> tuple[Any, dict[str, float]]:
+                desc: str = "", fast: bool = False) -> tuple[Any, dict[str, float]]:
   """Sums `step_fn(variables, images, mask)` over `num_images` images streamed in batches.
 
   The images are a seeded sample of `source`, preprocessed to `image_size`, cut into global
   batches split over the mesh (the last batch padded and masked), so memory is bounded by one
-  batch whatever `num_images` is. `step_fn` must be jitted and return per-batch SUMS weighted by
-  `mask` ([b] float32, 0 on padding); the sums stay on device until the end.
+  batch whatever `num_images` is. `step_fn(variables, images, mask)` is jitted here (`fast`: XLA
+  optimisation level 0 on CPU) and must return per-batch SUMS weighted by `mask` ([b] float32,
+  0 on padding); the sums stay on device until the end.
 
   Returns:
     (host NumPy pytree of the sums, {'num_images', 'seconds', 'examples_per_s'}).
@@ -136,6 +150,8 @@ def stream_sums(step_fn, variables: Any, source, *, num_images: int, batch_size:
   subset = _Subset(source, num_images, seed)
   it = data.batches(subset, batch_size, seed=seed, shuffle=False, drop_remainder=False,
                     image_size=image_size)
+  options = dict(_FAST_COMPILE) if fast and jax.default_backend() == "cpu" else None
+  step_fn = jax.jit(step_fn, compiler_options=options)
   params = sharding.replicate(variables, mesh)
   total, done, start, last_log = None, 0, time.time(), time.time()
   first_done, first_end = 0, None  # The first batch pays for compilation; rates exclude it.
@@ -174,7 +190,8 @@ def is_vit(module) -> bool:
 
 def model_distances(model: base.LoadedModel, source, mesh, *, num_images: int, batch_size: int,
                     seed: int = 0, renormalize: bool = False,
-                    unit: str = "pixels") -> tuple[np.ndarray, dict[str, float]]:
+                    unit: str = "pixels", fast: bool = False
+                    ) -> tuple[np.ndarray, dict[str, float]]:
   """Mean attention distance of every head of every block of a ViT, averaged over images.
 
   Returns:
@@ -192,7 +209,6 @@ def model_distances(model: base.LoadedModel, source, mesh, *, num_images: int, b
   step = 1.0 if unit == "patches" else float(module.patch_size)
   fn = capture.make_capture_fn(module, "block*/attn_weights")
 
-  @jax.jit
   def step_fn(variables, images, mask):
     d = block_attention_distances(fn(variables, images), grid, step, has_cls=has_cls,
                                   renormalize=renormalize)  # [b, L, H]
@@ -200,7 +216,7 @@ def model_distances(model: base.LoadedModel, source, mesh, *, num_images: int, b
 
   sums, stats = stream_sums(step_fn, model.variables, source, num_images=num_images,
                             batch_size=batch_size, image_size=model.image_size, mesh=mesh,
-                            seed=seed, desc=f"attention distance {model.key}")
+                            seed=seed, desc=f"attention distance {model.key}", fast=fast)
   return np.asarray(sums["sum"], np.float64) / float(sums["count"]), stats
 
 
@@ -228,7 +244,8 @@ def run(config, ctx: base.Context) -> base.AnalysisResult:
     d, stats = model_distances(
         ctx.models[key], source, ctx.mesh, num_images=cfg.get("num_images", 5000),
         batch_size=cfg.get("batch_size", 64), seed=cfg.get("seed", 0),
-        renormalize=cfg.get("renormalize", False), unit=cfg.get("unit", "pixels"))
+        renormalize=cfg.get("renormalize", False), unit=cfg.get("unit", "pixels"),
+        fast=fast_compile(config, cfg))
     distances[key] = d
     metrics[key] = {
         "block0_min_head": float(d[0].min()), "block0_max_head": float(d[0].max()),

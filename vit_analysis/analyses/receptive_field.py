@@ -191,7 +191,7 @@ def default_layers(names: list[str], mode: str) -> list[str]:
 
 def model_erfs(model: base.LoadedModel, layers: list[str], source, mesh, *, num_images: int,
                batch_size: int, seed: int = 0, per_channel: bool = True,
-               channel_chunk: int = 16, rgb_reduce: str = "mean"
+               channel_chunk: int = 16, rgb_reduce: str = "mean", fast: bool = False
                ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
   """Mean ERF over images of each of `layers` of one model (all layers in one jitted pass).
 
@@ -207,7 +207,6 @@ def model_erfs(model: base.LoadedModel, layers: list[str], source, mesh, *, num_
   has_cls = getattr(module, "classifier", None) == "token"
   fn = capture.make_capture_fn(module, tuple(re.sub(r"([\[\]*?])", r"[\1]", n) for n in layers))
 
-  @jax.jit
   def step_fn(variables, images, mask):
     def centres(x):
       out = fn(variables, x)
@@ -219,7 +218,8 @@ def model_erfs(model: base.LoadedModel, layers: list[str], source, mesh, *, num_
 
   sums, stats = attention_distance.stream_sums(
       step_fn, model.variables, source, num_images=num_images, batch_size=batch_size,
-      image_size=model.image_size, mesh=mesh, seed=seed, desc=f"ERF {model.key}")
+      image_size=model.image_size, mesh=mesh, seed=seed, desc=f"ERF {model.key}",
+      fast=fast)
   n = float(sums["count"])
   return {k: np.asarray(v, np.float64) / n for k, v in sums["erf"].items()}, stats
 
@@ -240,6 +240,7 @@ def run(config, ctx: base.Context) -> base.AnalysisResult:
   overrides the defaults), per_channel, channel_chunk, rgb_reduce, mass_fraction.
   """
   from vit_analysis import capture, plotting  # pylint: disable=g-import-not-at-top
+  from vit_analysis.analyses import attention_distance  # pylint: disable=g-import-not-at-top
   from vit_analysis.plotting import mechanisms  # pylint: disable=g-import-not-at-top
 
   cfg = config.receptive_field
@@ -262,7 +263,8 @@ def run(config, ctx: base.Context) -> base.AnalysisResult:
           model, layers, source, ctx.mesh, num_images=cfg.get("num_images", 32),
           batch_size=cfg.get("batch_size", 8), seed=cfg.get("seed", 0),
           per_channel=cfg.get("per_channel", True), channel_chunk=cfg.get("channel_chunk", 16),
-          rgb_reduce=cfg.get("rgb_reduce", "mean"))
+          rgb_reduce=cfg.get("rgb_reduce", "mean"),
+          fast=attention_distance.fast_compile(config, cfg))
       area = {n: mass_area_fraction(e, fraction) for n, e in erfs.items()}
       m = {"layers": layers, "area_fraction": [area[n] for n in layers],
            "radius_px": [mass_radius(erfs[n], fraction) for n in layers],

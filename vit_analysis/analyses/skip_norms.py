@@ -160,7 +160,8 @@ def finalize(sums: dict[str, np.ndarray], average: str = "per_image") -> dict[st
 
 
 def model_skip_statistics(model: base.LoadedModel, source, mesh, *, num_images: int,
-                          batch_size: int, seed: int = 0, average: str = "per_image"
+                          batch_size: int, seed: int = 0, average: str = "per_image",
+                          fast: bool = False
                           ) -> tuple[list[str], dict[str, np.ndarray], dict[str, float]]:
   """Norm ratios and cosines of every residual sublayer of one model, averaged over images.
 
@@ -176,13 +177,13 @@ def model_skip_statistics(model: base.LoadedModel, source, mesh, *, num_images: 
   fn = capture.make_capture_fn(model.module, tuple(re.sub(r"([\[\]*?])", r"[\1]", n)
                                                    for n in needed))
 
-  @jax.jit
   def step_fn(variables, images, mask):
     return pair_statistics(fn(variables, images), pairs, mask)
 
   sums, stats = attention_distance.stream_sums(
       step_fn, model.variables, source, num_images=num_images, batch_size=batch_size,
-      image_size=model.image_size, mesh=mesh, seed=seed, desc=f"skip norms {model.key}")
+      image_size=model.image_size, mesh=mesh, seed=seed, desc=f"skip norms {model.key}",
+      fast=fast)
   return [p[0] for p in pairs], finalize(sums, average), stats
 
 
@@ -200,6 +201,7 @@ def run(config, ctx: base.Context) -> base.AnalysisResult:
   heatmap_tokens (tokens shown in the Fig 7 heatmap; E.1 shows all).
   """
   from vit_analysis import plotting, sharding  # pylint: disable=g-import-not-at-top
+  from vit_analysis.analyses import attention_distance  # pylint: disable=g-import-not-at-top
   from vit_analysis.plotting import mechanisms  # pylint: disable=g-import-not-at-top
 
   cfg = config.skip_norms
@@ -217,7 +219,8 @@ def run(config, ctx: base.Context) -> base.AnalysisResult:
     labels, res, stats = model_skip_statistics(
         model, source, ctx.mesh, num_images=cfg.get("num_images", 1000),
         batch_size=cfg.get("batch_size", 64), seed=cfg.get("seed", 0),
-        average=cfg.get("average", "per_image"))
+        average=cfg.get("average", "per_image"),
+        fast=attention_distance.fast_compile(config, cfg))
     for k, v in res.items():
       arrays[f"{key}/{k}"] = v
     arrays[f"{key}/labels"] = np.asarray(labels)
