@@ -39,7 +39,7 @@ def get_config(arg=None):
       blocks=(),            # blocks of the sorted-heads plot; empty = first two and last two
   ))
   if flags.smoke:
-    config.attention_distance.update(dict(num_images=16, batch_size=8))
+    config.attention_distance.update(dict(num_images=16, batch_size=8, figure_formats=("png",)))
   if flags.get("full", False):
     config.data = config_lib.tfds_data("imagenet2012", 224, test_split="validation")
     ckpt = flags.get("ckpt_dir", "checkpoints")

@@ -36,7 +36,7 @@ def get_config(arg=None):
   ))
   if flags.smoke:
     config.receptive_field.update(dict(num_images=4, batch_size=4, modes=("post",),
-                                       channel_chunk=16))
+                                       channel_chunk=16, figure_formats=("png",)))
   if flags.get("full", False):
     config.data = config_lib.tfds_data("imagenet2012", 224, test_split="validation")
     ckpt = flags.get("ckpt_dir", "checkpoints")

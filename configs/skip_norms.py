@@ -31,7 +31,7 @@ def get_config(arg=None):
       heatmap_tokens=10,       # tokens in the Fig 7 heatmap (0 = CLS); Fig E.1 shows all
   ))
   if flags.smoke:
-    config.skip_norms.update(dict(num_images=16, batch_size=8))
+    config.skip_norms.update(dict(num_images=16, batch_size=8, figure_formats=("png",)))
   if flags.get("full", False):
     config.data = config_lib.tfds_data("imagenet2012", 224, test_split="validation")
     ckpt = flags.get("ckpt_dir", "checkpoints")

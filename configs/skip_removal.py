@@ -28,7 +28,8 @@ def get_config(arg=None):
       num_examples=768, minibatch_size=128, repeats=3, minibatches_per_step=0,
   ))
   if flags.smoke:
-    config.skip_removal.update(dict(blocks=(1,), num_examples=32, minibatch_size=8, repeats=1))
+    config.skip_removal.update(dict(blocks=(1,), num_examples=32, minibatch_size=8, repeats=1,
+                                    figure_formats=("png",)))
   if flags.get("full", False):
     config.data = config_lib.tfds_data("imagenet2012", 224, test_split="validation")
     config.models.vit = ml_collections.ConfigDict(dict(
