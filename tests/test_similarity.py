@@ -156,6 +156,19 @@ def test_presets_select_paper_granularity():
   assert len(similarity.resolve_layers(vit, "coarse")) == 2 + 4 * vit.module.num_layers
   assert similarity.resolve_layers(vit, "blocks") == [
       f"block{i:02d}" for i in range(vit.module.num_layers)]
+  # Paper totals (paper.md §1.5): B/32 fine 74, coarse 50; R50 fine ~120 (7 per unit, +proj, root).
+  b32 = base.LoadedModel("b", "ViT-B_32", models.create_model("ViT-B_32", 10), None, 224)
+  assert len(similarity.resolve_layers(b32, "fine")) == 74
+  assert len(similarity.resolve_layers(b32, "coarse")) == 50
+  # ResNet: root (2) + 7 per unit + a projection in each stage's first unit (R50: 118);
+  # coarse 2 per unit (R50: 32, Fig H.2's axis). R-smoke has one unit per stage.
+  rs = base.LoadedModel("r", "R-smoke", models.create_model("R-smoke", 10), None, 32)
+  assert len(similarity.resolve_layers(rs, "fine")) == 2 + 4 * 7 + 4
+  assert len(similarity.resolve_layers(rs, "coarse")) == 2 * 4
+  mixer = base.LoadedModel("x", "Mixer", models.create_model("Mixer-smoke_8", 10), None, 32)
+  assert similarity.model_family(mixer.module) == "mixer"
+  assert similarity.resolve_layers(mixer, "coarse")[:3] == [
+      "stem", "block00/ln0", "block00/+token"]
   with pytest.raises(KeyError):
     similarity.resolve_layers(vit, "medium")
   with pytest.raises(KeyError):
