@@ -240,3 +240,18 @@ def test_plot_ticks_and_shapes():
   assert len(fig.axes) == 4  # two panels, two colour bars
   with pytest.raises(ValueError):
     plots.cka_heatmap(np.eye(7), row_names=names[:3])
+
+
+def test_localization_and_line_figures():
+  fig = plots.localization_maps(np.full((3, 4, 4), np.nan), [(0, 0), (1, 1), (2, 3)], vmax=1.0)
+  assert len(fig.axes) == 4  # three panels, one shared colour bar
+  with pytest.raises(ValueError):
+    plots.localization_maps(np.zeros((2, 4, 4)), [(0, 0)])
+  fig = plots.per_block_lines({"3%": np.array([0.9, 0.5])}, block_labels=["B0", "B1"],
+                              errors={"3%": np.array([0.01, 0.02])})
+  assert fig.axes[0].get_ylim() == (0.0, 1.0)
+  fig = plots.head_subset_lines(np.array([10.0, 20.0]), np.array([[0.5, 0.4]]),
+                                layer_names=["block1/unit01"])
+  assert len(fig.axes[0].get_lines()) >= 1
+  with pytest.raises(ValueError):
+    plots.head_subset_lines(np.array([10.0]), np.zeros((1, 2)), layer_names=["x"])

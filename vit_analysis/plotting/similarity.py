@@ -160,8 +160,10 @@ def localization_maps(maps: np.ndarray, tokens: Sequence[tuple[int, int]], *, ti
   n = len(tokens)
   fig, axes = plt.subplots(1, n, figsize=(0.8 * PANEL_INCHES * n, 0.85 * PANEL_INCHES),
                            squeeze=False)
-  for ax, m, (r, c) in zip(axes[0], maps, tokens):
-    heatmap(ax, m, vmin=vmin, vmax=vmax, origin="upper", colorbar=True,
+  for i, (ax, m, (r, c)) in enumerate(zip(axes[0], maps, tokens)):
+    # One shared colour range; the bar is drawn once, next to the last panel. NaN (left-out
+    # constant patches) stays blank.
+    heatmap(ax, m, vmin=vmin, vmax=vmax, origin="upper", colorbar=i == n - 1,
             title=f"token ({r}, {c})", cmap="viridis")
     ax.plot([c], [r], marker="x", color="red", markersize=5)
     ax.set_xticks([])
