@@ -247,7 +247,10 @@ def run(config, ctx: base.Context) -> base.AnalysisResult:
         renormalize=cfg.get("renormalize", False), unit=cfg.get("unit", "pixels"),
         fast=fast_compile(config, cfg))
     distances[key] = d
+    module, size = ctx.models[key].module, ctx.models[key].image_size
+    step = 1.0 if cfg.get("unit", "pixels") == "patches" else float(module.patch_size)
     metrics[key] = {
+        "uniform_attention": float(patch_distances((size // module.patch_size,) * 2, step).mean()),
         "block0_min_head": float(d[0].min()), "block0_max_head": float(d[0].max()),
         "last_block_mean": float(d[-1].mean()), "per_block_mean": d.mean(1).round(3).tolist(),
         "num_images": stats["num_images"], "examples_per_s": round(stats["examples_per_s"], 2)}
@@ -256,7 +259,9 @@ def run(config, ctx: base.Context) -> base.AnalysisResult:
     np.savez(ctx.path("results", "attention_distance.npz"), **distances)
     unit = cfg.get("unit", "pixels")
     labels = {k: f"{k} ({ctx.models[k].name})" for k in keys}
-    fig = mechanisms.attention_distance_scatter({labels[k]: distances[k] for k in keys}, unit=unit)
+    fig = mechanisms.attention_distance_scatter(
+        {labels[k]: distances[k] for k in keys}, unit=unit,
+        uniform={labels[k]: metrics[k]["uniform_attention"] for k in keys})
     figures.append(plotting.save_figure(fig, ctx.path("figures", "attention_distance"), formats))
     fig = mechanisms.attention_distance_sorted({labels[k]: distances[k] for k in keys},
                                                blocks=tuple(cfg.get("blocks", ()) or ()), unit=unit)

@@ -20,11 +20,14 @@ def _check(name: str, x, ndim: int) -> np.ndarray:
   return x
 
 
-def attention_distance_scatter(distances: Mapping[str, np.ndarray], unit: str = "pixels"):
+def attention_distance_scatter(distances: Mapping[str, np.ndarray], unit: str = "pixels",
+                               uniform: Mapping[str, float] | None = None):
   """One panel per model: x = block, y = mean distance, one point per head (Figs 3/4 data).
 
   Args:
     distances: model label -> [L, H].
+    uniform: model label -> distance of uniform attention over the patches (dashed line: the
+      most global a head can be on average, ~115 px at 224 px in the paper).
   """
   n = len(distances)
   fig, axes = plt.subplots(1, n, figsize=(PANEL_INCHES * n, PANEL_INCHES * 0.8), squeeze=False,
@@ -34,6 +37,9 @@ def attention_distance_scatter(distances: Mapping[str, np.ndarray], unit: str = 
     num_layers, num_heads = d.shape
     for h in range(num_heads):
       ax.scatter(np.arange(num_layers), d[:, h], s=10, alpha=0.8, label=f"head {h}")
+    if uniform and label in uniform:
+      ax.axhline(uniform[label], color="grey", ls="--", lw=0.8, label="uniform attention")
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("block")
     ax.set_title(label)
     ax.set_xticks(np.arange(num_layers))
