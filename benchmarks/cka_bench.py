@@ -10,8 +10,9 @@ float32 (one jitted XLA program per minibatch, and NumPy), the least any Gram-ba
 Usage:
   python benchmarks/cka_bench.py [--m 128 256] [--minibatches 10] [--reps 3] [--numpy_reps 1]
 
-Timings are minima over interleaved repetitions (robust on a shared machine); CPU-time ratios
-(all threads of this process) are printed too. The same feature arrays are fed for every
+Floor and ours alternate minibatch by minibatch, so load changes on a shared machine hit both
+alike; times are means per 10-minibatch run. CPU-time ratios (all threads of this process) are
+printed too: on a machine shared with other jobs they are steadier than wall time. The same feature arrays are fed for every
 minibatch: their values do not change the arithmetic, and at m = 256 they already take 400 MB.
 """
 from __future__ import annotations
@@ -43,62 +44,57 @@ def bare_grams(feats):
   return [jnp.dot(x.reshape(x.shape[0], -1), x.reshape(x.shape[0], -1).T) for x in feats]
 
 
-def timed(fn, reps: int) -> tuple[float, float]:
-  """(min wall seconds, min CPU seconds) over `reps` calls of fn()."""
-  wall, cpu = [], []
-  for _ in range(reps):
+class Clock:
+  """Accumulated wall and CPU seconds (all threads of this process) of timed calls."""
+
+  def __init__(self):
+    self.wall = self.cpu = 0.0
+
+  def __call__(self, fn, *args):
     c, t = time.process_time(), time.perf_counter()
-    fn()
-    wall.append(time.perf_counter() - t)
-    cpu.append(time.process_time() - c)
-  return min(wall), min(cpu)
+    out = fn(*args)
+    self.wall += time.perf_counter() - t
+    self.cpu += time.process_time() - c
+    return out
 
 
 def bench(m: int, minibatches: int, reps: int, numpy_reps: int) -> None:
   vit, resnet = make_features(m, VIT, 0), make_features(m, RESNET, 1)
   feats = vit + resnet
-
-  def ours_cross():
-    state = cka.init(len(vit), len(resnet))
+  floor = lambda: jax.block_until_ready(bare_grams(feats))
+  # Compile everything first.
+  floor()
+  cka.result(cka.update(cka.init(len(vit), len(resnet)), vit, resnet))
+  cka.result(cka.update(cka.init(len(feats)), feats))
+  clocks = {k: Clock() for k in ("xla", "cross", "intra")}
+  for _ in range(reps):
+    cross, intra = cka.init(len(vit), len(resnet)), cka.init(len(feats))
+    # Interleaved per minibatch, so load changes on a shared machine hit all three alike.
     for _ in range(minibatches):
-      state = cka.update(state, vit, resnet)
-    return cka.result(state)
-
-  def ours_intra():  # both models' layers against each other: one Gram per layer
-    state = cka.init(len(feats))
-    for _ in range(minibatches):
-      state = cka.update(state, feats)
-    return cka.result(state)
-
-  def xla_floor():
-    for _ in range(minibatches):
-      jax.block_until_ready(bare_grams(feats))
-
+      clocks["xla"](floor)
+      cross = clocks["cross"](cka.update, cross, vit, resnet)
+      intra = clocks["intra"](cka.update, intra, feats)
+    clocks["cross"](cka.result, cross)
+    clocks["intra"](cka.result, intra)
   host = [np.asarray(x).reshape(m, -1) for x in feats]
-
-  def numpy_floor():
-    for _ in range(minibatches):
-      for x in host:
-        x @ x.T
-
-  for f in (ours_cross, ours_intra, xla_floor):  # compile
-    f()
-  results: dict[str, list[tuple[float, float]]] = {}
-  for _ in range(reps):  # interleaved, so load changes hit all alike
-    for name, f in (("xla", xla_floor), ("cross", ours_cross), ("intra", ours_intra)):
-      results.setdefault(name, []).append(timed(f, 1))
-  best = {k: (min(w for w, _ in v), min(c for _, c in v)) for k, v in results.items()}
-  numpy_t = timed(numpy_floor, numpy_reps) if numpy_reps else (float("nan"),) * 2
+  numpy_clock = Clock()
+  for _ in range(numpy_reps * minibatches):
+    numpy_clock(lambda: [x @ x.T for x in host])
+  per_run = lambda c: (c.wall / reps, c.cpu / reps)
+  xla, np_t = per_run(clocks["xla"]), (numpy_clock.wall / max(numpy_reps, 1),
+                                      numpy_clock.cpu / max(numpy_reps, 1))
   gflop = 2 * m * m * sum(int(np.prod(s)) for s in VIT + RESNET) * minibatches / 1e9
   print(f"\nm={m}, {minibatches} minibatches, {len(VIT)} ViT x {len(RESNET)} ResNet layers, "
         f"{gflop:.0f} GFLOP of Grams; backend {jax.default_backend()}, "
-        f"{jax.device_count()} device(s)")
-  print(f"  floor XLA   x@x.T      {best['xla'][0]:7.3f} s  (cpu {best['xla'][1]:7.3f} s)")
-  print(f"  floor NumPy x@x.T      {numpy_t[0]:7.3f} s  (cpu {numpy_t[1]:7.3f} s)")
+        f"{jax.device_count()} device(s); mean of {reps} interleaved runs")
+  print(f"  floor XLA   x@x.T      {xla[0]:7.3f} s  (cpu {xla[1]:7.3f} s)")
+  if numpy_reps:
+    print(f"  floor NumPy x@x.T      {np_t[0]:7.3f} s  (cpu {np_t[1]:7.3f} s)")
   for name, label in (("cross", "ours cross ViTxResNet"), ("intra", "ours intra (28x28)   ")):
-    w, c = best[name]
-    print(f"  {label}  {w:7.3f} s  (cpu {c:7.3f} s)   ratio vs XLA {w / best['xla'][0]:.3f}x "
-          f"(cpu {c / best['xla'][1]:.3f}x), vs NumPy {w / numpy_t[0]:.3f}x")
+    w, c = per_run(clocks[name])
+    vs_numpy = f", vs NumPy {w / np_t[0]:.3f}x" if numpy_reps else ""
+    print(f"  {label}  {w:7.3f} s  (cpu {c:7.3f} s)   ratio vs XLA {w / xla[0]:.3f}x "
+          f"(cpu {c / xla[1]:.3f}x){vs_numpy}")
   peers(m, minibatches)
 
 

@@ -252,7 +252,11 @@ def test_200_minibatches_and_jackknife():
   a0, a1, b0 = _layers(3, k=k)
   ref, hs = _ref_cells([a0, a1], [b0])
   # A third layer on side a is 2 * b0: CKA 1 and (up to rounding) zero error.
-  res = cka.result(cka.update(cka.init(3, 1), [a0, a1, 2 * b0], [b0], stacked=True))
+  state = cka.update(cka.init(3, 1), [a0, a1, 2 * b0], [b0], stacked=True)
+  # The state's size does not grow with the number of examples.
+  assert [np.shape(v) for v in jax.tree.leaves(state)] == [
+      np.shape(v) for v in jax.tree.leaves(cka.init(3, 1))]
+  res = cka.result(state)
   assert abs(res.cka[2, 0] - 1) < TOL and res.stderr[2, 0] < 1e-5
   res = dataclasses.replace(res, cka=res.cka[:2], stderr=res.stderr[:2])
   np.testing.assert_allclose(res.cka, ref, rtol=0, atol=TOL)

@@ -57,6 +57,16 @@ def test_same_result_on_1_2_4_devices_without_collectives():
   np.testing.assert_allclose(
       intra.cka[0, 1], ref_minibatch_cka(*(list(v.astype(np.float64)) for v in feats))[0],
       rtol=0, atol=TOL)
+  # shard_map and pmap users call minibatch_terms per device; accumulate flattens leading axes.
+  mesh = sharding.make_mesh()
+  spec = jax.sharding.PartitionSpec(sharding.DATA_AXIS)
+  per_device = jax.jit(jax.shard_map(lambda x, y: cka.minibatch_terms([x], [y]), mesh=mesh,
+                                     in_specs=(spec, spec), out_specs=spec))
+  pmapped = jax.pmap(lambda x, y: cka.minibatch_terms([x], [y]))
+  for terms in (per_device(fa[0], fb[0]), pmapped(feats_a[0][:, None], feats_b[0][:, None])):
+    res = cka.result(cka.accumulate(cka.init(1, 1), terms))
+    assert res.num_minibatches == 4
+    assert abs(res.cka[0, 0] - ref[0, 0]) < TOL
   np.testing.assert_allclose(results[0], results[1], rtol=0, atol=1e-7)
   np.testing.assert_allclose(results[0], results[2], rtol=0, atol=1e-7)
 

@@ -30,7 +30,6 @@ import functools
 import zlib
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence, Union
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -208,7 +207,9 @@ def minibatch_terms(feats_a: Features, feats_b: Features | None = None, *,
   """Per-minibatch HSIC terms of one global step; pure, call it inside your own jit.
 
   Each minibatch's Grams and HSIC are computed whole where that minibatch lives (vmap over axis 0,
-  so a mesh-sharded axis 0 stays sharded and needs no collectives).
+  so a mesh-sharded axis 0 stays sharded and needs no collectives; k = 1 skips the vmap). Only
+  shapes are checked here (at trace time); NaN/Inf and constant layers are caught on the host by
+  `accumulate`/`result` from these terms, so the check costs no pass over the activations.
 
   Args:
     feats_a: A arrays [k, m, ...] (sequence, or dict in the order of the state's names).
