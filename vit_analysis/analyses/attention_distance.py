@@ -225,7 +225,8 @@ def run(config, ctx: base.Context) -> base.AnalysisResult:
 
   Sub-config `config.attention_distance`: split, num_images (paper 5000), batch_size, seed,
   models (keys; empty = every ViT), renormalize, unit ('pixels' | 'patches'), blocks (for the
-  sorted-heads figure; empty = first two and last two).
+  sorted-heads figure; empty = first two and last two), figure_formats (default png + pdf),
+  fast_compile (XLA:CPU level 0; default `config.train.fast_compile`).
   """
   from vit_analysis import plotting  # pylint: disable=g-import-not-at-top
   from vit_analysis.plotting import mechanisms  # pylint: disable=g-import-not-at-top

@@ -237,7 +237,8 @@ def run(config, ctx: base.Context) -> base.AnalysisResult:
 
   Sub-config `config.receptive_field`: split, num_images (paper 32), batch_size, seed, models
   (keys; empty = all), modes (('post',), ('branch',) or both), layers (model key -> globs,
-  overrides the defaults), per_channel, channel_chunk, rgb_reduce, mass_fraction.
+  overrides the defaults), per_channel, channel_chunk, rgb_reduce, mass_fraction,
+  figure_formats, fast_compile (see attention_distance.run).
   """
   from vit_analysis import capture, plotting  # pylint: disable=g-import-not-at-top
   from vit_analysis.analyses import attention_distance  # pylint: disable=g-import-not-at-top

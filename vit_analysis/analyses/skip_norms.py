@@ -198,7 +198,8 @@ def run(config, ctx: base.Context) -> base.AnalysisResult:
 
   Sub-config `config.skip_norms`: split, num_images, batch_size, seed, models (keys; empty = all),
   average ('per_image' | 'ratio_of_means'), cosine ('out': cos(z, z + f) | 'branch': cos(z, f)),
-  heatmap_tokens (tokens shown in the Fig 7 heatmap; E.1 shows all).
+  heatmap_tokens (tokens shown in the Fig 7 heatmap; E.1 shows all), figure_formats,
+  fast_compile (see attention_distance.run).
   """
   from vit_analysis import plotting, sharding  # pylint: disable=g-import-not-at-top
   from vit_analysis.analyses import attention_distance  # pylint: disable=g-import-not-at-top

@@ -84,7 +84,7 @@ def run(config, ctx: base.Context) -> base.AnalysisResult:
 
   Sub-config `config.skip_removal`: base_model (key in config.models, a ViT), blocks (0-based
   indices, one model each), layers (CKA capture preset or globs; paper: 'coarse'), tokens, split,
-  num_examples, minibatch_size, repeats, minibatches_per_step.
+  num_examples, minibatch_size, repeats, minibatches_per_step, figure_formats.
   """
   from vit_analysis import plotting  # pylint: disable=g-import-not-at-top
   from vit_analysis.analyses import similarity  # pylint: disable=g-import-not-at-top
