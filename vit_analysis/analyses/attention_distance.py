@@ -3,11 +3,13 @@
 For head h, query patch q and key patch k with attention weight a_hqk (softmax over all keys, CLS
 included) and pixel distance d(q, k) = P * ||grid(q) - grid(k)||_2, a head's distance on one
 image is mean_q sum_k a_hqk d(q, k) (paper.md §1.6). By default the CLS token is dropped as both
-query and key and the remaining patch weights are NOT renormalised, so a head that puts mass on CLS looks
-more local; `renormalize=True` divides by the patch mass instead.
+query and key and the remaining patch weights are NOT renormalised, so a head that puts mass on
+CLS looks more local; `renormalize=True` divides by the patch mass instead.
 
 `mean_attention_distance` is the one shared implementation: the head-subset analysis (Fig 5)
 imports it to order heads from local to global. Keep its name and signature stable.
+`stream_sums` (sum a jitted per-batch statistic over N images on the mesh, bounded memory,
+examples/s) is shared by the receptive-field and skip-norm analyses.
 """
 from __future__ import annotations
 
