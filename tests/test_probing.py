@@ -45,8 +45,8 @@ def test_fewshot_all_matches_sklearn_selection_and_predictions():
   with jax.enable_x64(True):
     val_acc, best, probes = probing.fewshot_all(jnp.asarray(feats), jnp.asarray(labels),
                                                 jnp.asarray(fit_idx), jnp.asarray(val_idx),
-                                                jnp.asarray(grid), num_classes=c)
-    preds = np.asarray(probing.predict_all(probes, jnp.asarray(feats)))
+                                                jnp.asarray(grid), num_classes=c, fast=True)
+    preds = np.asarray(probing.predict_all(probes, jnp.asarray(feats), fast=True))
   assert val_acc.shape == (2, 2, len(grid)) and preds.shape == (2, 2, n)
   for s, (fi, vi) in enumerate(splits):
     assert len(set(fi) & set(vi)) == 0 and np.all(np.bincount(labels[fi]) == 5)
@@ -79,8 +79,8 @@ def test_separable_layer_is_perfect_and_noise_layer_is_chance():
   test = np.setdiff1d(np.arange(len(labels)), np.concatenate([fit, val]))
   _, _, probes = probing.fewshot_all(jnp.asarray(feats), jnp.asarray(labels), jnp.asarray(fit[None]),
                                      jnp.asarray(val[None]), 2.0 ** jnp.arange(-10, 21),
-                                     num_classes=c)
-  preds = np.asarray(probing.predict_all(probes, jnp.asarray(feats[:, test])))[0]
+                                     num_classes=c, fast=True)
+  preds = np.asarray(probing.predict_all(probes, jnp.asarray(feats[:, test]), fast=True))[0]
   acc = (preds == labels[test]).mean(axis=-1)
   assert acc[0] == 1.0
   # 200 test examples at chance 0.2: binomial std 0.028; 4.5 std either side.
@@ -97,7 +97,7 @@ def test_logistic_probe_matches_sklearn_accuracy():
   wd_grid = np.array([1e-4, 1e-2])
   val_acc, best, probes = probing.logistic_all(
       jnp.asarray(xf[None], jnp.float32), jnp.asarray(yf), jnp.asarray(xt[None], jnp.float32),
-      jnp.asarray(yt), jnp.asarray(wd_grid, jnp.float32), num_classes=c)
+      jnp.asarray(yt), jnp.asarray(wd_grid, jnp.float32), num_classes=c, fast=True)
   mu, sd = xf.mean(0), xf.std(0) + 1e-5
   for k, wd in enumerate(wd_grid):
     ref = LogisticRegression(C=1 / (wd * n), max_iter=2000, tol=1e-8).fit((xf - mu) / sd, yf)
@@ -170,7 +170,7 @@ def test_run_end_to_end(tmp_path):
       shots=2, holdout_per_class=1, seeds=2, num_test=48, batch_size=16, l2_exponents=(-2, 6),
       layers={"ViT": ("block??", "pre_logits"), "R": ("block?/unit??",), "Mixer": ("block??",)},
       token_layers={"ViT": ("block01",), "R": ("block4/unit01",)},
-      max_cached_mb=0.5)))  # ViT test features (0.15 MB) are cached, ResNet's (0.9 MB) streamed.
+      max_cached_mb=0.5, fast_compile=True)))  # ViT test features (0.15 MB) are cached, ResNet's (0.9 MB) streamed.
   result = get("probe")(config, ctx)
   npz = np.load(tmp_path / "results" / "probe.npz")
   assert (tmp_path / "results" / "probe.json").exists()
@@ -188,3 +188,25 @@ def test_run_end_to_end(tmp_path):
   assert set(m) == {"cls", "mean_no_cls", "mean"} and m["cls"]["layers"] == ["block00", "block01",
                                                                              "pre_logits"]
   assert set(result.metrics["resnet"]["aggregated"]) == {"s2d"}
+
+
+def test_configs_and_chunking():
+  """Both probe configs (full and :smoke) validate; specs are split so each pass fits the budget."""
+  import importlib.util
+  import pathlib
+  from vit_analysis import main
+  from vit_analysis.analyses import probes
+  root = pathlib.Path(__file__).resolve().parents[1] / "configs"
+  for name, args in [("probe_digits", (None, "smoke", "kind=logistic")),
+                     ("probe_imagenet", (None, "smoke", "fig=13", "data=cifar10"))]:
+    spec = importlib.util.spec_from_file_location(name, root / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for arg in args:
+      config = module.get_config(arg)
+      main.validate_config(config)
+      assert config.analyses == ("probe",) and set(config.probe) <= set(probes.default_config())
+  specs = [probing.FeatureSpec(f"block{i:02d}", probing.Pooling("tokens")) for i in range(5)]
+  shapes = {s.key: (50, 768) for s in specs}  # 1000 examples: 146.5 MB per layer.
+  chunks = probes._chunks(specs, shapes, 1000, max_mb=300.0)
+  assert [len(c) for c in chunks] == [2, 2, 1] and sum(chunks, []) == specs

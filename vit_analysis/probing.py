@@ -30,6 +30,24 @@ BIAS_CONSTANT = 100.0  # big_vision: large, so the bias weight is effectively un
 STD_EPS = 1e-5
 HIGHEST = jax.lax.Precision.HIGHEST  # No TF32/bf16 passes in Grams: eigenvalues span ~10 decades.
 
+# XLA:CPU spends most of a small program's compile time in LLVM optimisation; level 0 about halves
+# it (the same switch as vit_analysis.train). For smoke runs and tests; ignored off CPU.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+_JITS: dict[Any, Any] = {}
+
+
+def _jit(fn, fast: bool, cache: bool = True, **kwargs):
+  """`jax.jit(fn, **kwargs)`, with fast XLA:CPU compilation when asked; cached per (fn, fast)."""
+  fast = bool(fast) and jax.default_backend() == "cpu"
+  options = dict(FAST_COMPILE) if fast else None
+  if not cache:
+    return jax.jit(fn, compiler_options=options, **kwargs)
+  key = (fn, fast)
+  if key not in _JITS:
+    _JITS[key] = jax.jit(fn, compiler_options=options, **kwargs)
+  return _JITS[key]
+
+
 # ------------------------------------------------------------------------------------------------
 # Pooling: one layer's activation -> probe features.
 
@@ -355,9 +373,9 @@ def fewshot_split(labels: np.ndarray, num_classes: int, shots: int, holdout: int
   return np.concatenate(fit), np.concatenate(val)
 
 
-@jax.jit(static_argnames=("num_classes",))
 def fewshot_all(feats: jax.Array, labels: jax.Array, fit_idx: jax.Array, val_idx: jax.Array,
-                l2_grid: jax.Array, num_classes: int) -> tuple[jax.Array, jax.Array, Probe]:
+                l2_grid: jax.Array, num_classes: int, fast: bool = False
+                ) -> tuple[jax.Array, jax.Array, Probe]:
   """Ridge probes for every (seed, layer, l2) of one width group in one call.
 
   Args:
@@ -365,18 +383,24 @@ def fewshot_all(feats: jax.Array, labels: jax.Array, fit_idx: jax.Array, val_idx
     labels: [n]; fit_idx: [S, n_fit], val_idx: [S, n_val] per seed (from `fewshot_split`).
     l2_grid: [K] ascending.
 
+    fast: compile with XLA:CPU optimisation level 0 (smoke runs, tests).
+
   Returns:
     val_acc [S, G, K], best l2 index [S, G], probes with leading axes [S, G].
   """
+  return _jit(_fewshot_all, fast, static_argnames=("num_classes",))(
+      feats, labels, fit_idx, val_idx, l2_grid, num_classes=num_classes)
+
+
+def _fewshot_all(feats, labels, fit_idx, val_idx, l2_grid, num_classes):
   def one(x, fi, vi):
     return ridge_select(x[fi], labels[fi], x[vi], labels[vi], l2_grid, num_classes)
   per_layer = jax.vmap(one, in_axes=(0, None, None))
   return jax.vmap(per_layer, in_axes=(None, 0, 0))(feats, fit_idx, val_idx)
 
 
-@jax.jit(static_argnames=("num_classes", "num_steps"))
 def logistic_all(feats: jax.Array, labels: jax.Array, val_feats: jax.Array, val_labels: jax.Array,
-                 wd_grid: jax.Array, num_classes: int, num_steps: int = 300
+                 wd_grid: jax.Array, num_classes: int, num_steps: int = 300, fast: bool = False
                  ) -> tuple[jax.Array, jax.Array, Probe]:
   """Logistic probes for every (layer, weight decay) of one width group in one call.
 
@@ -386,12 +410,16 @@ def logistic_all(feats: jax.Array, labels: jax.Array, val_feats: jax.Array, val_
   Returns:
     val_acc [G, K], best index [G], probes with leading axis [G].
   """
+  return _jit(_logistic_all, fast, static_argnames=("num_classes", "num_steps"))(
+      feats, labels, val_feats, val_labels, wd_grid, num_classes=num_classes, num_steps=num_steps)
+
+
+def _logistic_all(feats, labels, val_feats, val_labels, wd_grid, num_classes, num_steps):
   return jax.vmap(lambda x, xv: logistic_select(x, labels, xv, val_labels, wd_grid, num_classes,
                                                 num_steps))(feats, val_feats)
 
 
-@jax.jit
-def predict_all(probes: Probe, feats: jax.Array) -> jax.Array:
+def predict_all(probes: Probe, feats: jax.Array, fast: bool = False) -> jax.Array:
   """Predicted classes of stacked probes.
 
   Args:
@@ -401,6 +429,10 @@ def predict_all(probes: Probe, feats: jax.Array) -> jax.Array:
   Returns:
     [S, G, n] (or [G, n]) argmax class per example.
   """
+  return _jit(_predict_all, fast)(probes, feats)
+
+
+def _predict_all(probes: Probe, feats: jax.Array) -> jax.Array:
   squeeze = probes.w.ndim == 3
   if squeeze:
     probes = jax.tree.map(lambda a: a[None], probes)
@@ -446,16 +478,16 @@ def make_feature_fn(module: Any, specs: list[FeatureSpec]):
 _STEPS: dict[Any, Any] = {}
 
 
-def _feature_step(module: Any, specs: list[FeatureSpec]):
+def _feature_step(module: Any, specs: list[FeatureSpec], fast: bool = False):
   """Jitted (variables, images, _) -> features, cached so train and test passes compile once."""
-  key = (module, tuple(specs))
+  key = (module, tuple(specs), fast)
   try:
     step = _STEPS.get(key)
   except TypeError:  # unhashable module field
     key, step = None, None
   if step is None:
     fn = make_feature_fn(module, specs)
-    step = jax.jit(lambda v, x, _: fn(v, x))
+    step = _jit(lambda v, x, _: fn(v, x), fast, cache=False)
     if key is not None:
       _STEPS[key] = step
   return step
@@ -531,7 +563,8 @@ def stream(module: Any, variables: Any, source: Any, indices: np.ndarray, step_f
 
 
 def extract(module, variables, source, indices, specs: list[FeatureSpec], *, image_size: int,
-            batch_size: int, mesh, dtype=np.float32) -> tuple[dict[str, np.ndarray], np.ndarray]:
+            batch_size: int, mesh, dtype=np.float32, fast: bool = False
+            ) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """Pooled features of every spec for `source[indices]`, in one pass.
 
   Host memory is bounded by the planned size, n · Σ_spec prod(shape) · itemsize (preallocated).
@@ -544,7 +577,7 @@ def extract(module, variables, source, indices, specs: list[FeatureSpec], *, ima
   feats = {k: np.zeros((n,) + s, dtype) for k, s in shapes.items()}
   labels = np.zeros(n, np.int64)
   start = 0
-  for out, lab in stream(module, variables, source, indices, _feature_step(module, specs),
+  for out, lab in stream(module, variables, source, indices, _feature_step(module, specs, fast),
                          image_size=image_size, batch_size=batch_size, mesh=mesh):
     for k, v in out.items():
       feats[k][start:start + len(lab)] = v
@@ -555,7 +588,7 @@ def extract(module, variables, source, indices, specs: list[FeatureSpec], *, ima
 
 def evaluate(module, variables, source, indices, specs: list[FeatureSpec],
              groups: dict[int, list[Unit]], probes: dict[int, Probe], *, image_size: int,
-             batch_size: int, mesh) -> dict[int, np.ndarray]:
+             batch_size: int, mesh, fast: bool = False) -> dict[int, np.ndarray]:
   """Test accuracy of stacked probes without storing test features (bounded memory).
 
   Args:
@@ -568,13 +601,13 @@ def evaluate(module, variables, source, indices, specs: list[FeatureSpec],
 
   def step(v, x, probes):
     feats = fn(v, x)
-    return {str(d): jnp.moveaxis(predict_all(probes[str(d)], stack_units(feats, units)), -1, 0)
+    return {str(d): jnp.moveaxis(_predict_all(probes[str(d)], stack_units(feats, units)), -1, 0)
             for d, units in groups.items()}  # [b, S, G]: batch first so padding is trimmed.
 
   probes = {str(d): p for d, p in probes.items()}
   correct = {d: 0 for d in groups}
   n = 0
-  for out, labels in stream(module, variables, source, indices, jax.jit(step), image_size=image_size,
+  for out, labels in stream(module, variables, source, indices, _jit(step, fast, cache=False), image_size=image_size,
                             batch_size=batch_size, mesh=mesh, extra=probes, desc="test"):
     for d in groups:
       correct[d] = correct[d] + (out[str(d)] == labels[:, None, None]).sum(0)

@@ -57,6 +57,8 @@ def default_config() -> ml_collections.ConfigDict:
   # Test features up to this size are cached on the host (one compiled feature step serves train
   # and test); larger test sets are streamed through the probes without being stored.
   c.max_cached_mb = 512.0
+  c.max_train_mb = 4096.0  # training features per pass; more specs -> several passes.
+  c.fast_compile = None  # XLA:CPU optimisation level 0; None: config.train.fast_compile.
   return c
 
 
@@ -76,7 +78,7 @@ def _specs(lm: LoadedModel, sub) -> tuple[list[probing.FeatureSpec], dict, dict]
   names = capture.layer_names(lm.module, (lm.image_size, lm.image_size, 3))
   family = _family(lm)
   layers = capture.select(names, sub.layers_by_model.get(lm.key, sub.layers[family]))
-  shapes = capture._shapes(lm.module, capture._image_struct((lm.image_size,) * 2 + (3,)))  # pylint: disable=protected-access
+  shapes = capture.layer_shapes(lm.module, (lm.image_size, lm.image_size, 3))
   if family == "R":
     final = shapes[[n for n in names if fnmatch.fnmatchcase(n, "block?/unit??")][-1]].shape
   default = {"ViT": ("cls", "mean_no_cls", "mean") if _has_cls(lm) else ("first", "mean"),
@@ -128,16 +130,54 @@ def _labels_of(src, indices: np.ndarray) -> np.ndarray:
   return np.asarray([src[int(i)]["label"] for i in indices])
 
 
+def _chunks(specs, shapes: dict, n: int, max_mb: float) -> list[list]:
+  """Consecutive spec lists whose train features (n examples, float32) fit in max_mb each."""
+  chunks, size = [[]], 0.0
+  for s in specs:
+    mb = n * 4 * int(np.prod(shapes[s.key])) / 2**20
+    if chunks[-1] and size + mb > max_mb:
+      chunks.append([])
+      size = 0.0
+    chunks[-1].append(s)
+    size += mb
+  return chunks
+
+
+def _solve(sub, feats, labels, fit_idx, val_idx, num_classes, fast):
+  """Probes of every width group of `feats`: {d: (units, probes, val_acc, best)}, grid."""
+  out = {}
+  for d, units in probing.group_units({k: v.shape[1:] for k, v in feats.items()}).items():
+    x = jnp.asarray(probing.stack_units(feats, units))
+    if sub.kind == "logistic":
+      grid = np.asarray(sub.weight_decays, np.float32)
+      va, b, p = probing.logistic_all(x[:, fit_idx[0]], jnp.asarray(labels[fit_idx[0]]),
+                                      x[:, val_idx[0]], jnp.asarray(labels[val_idx[0]]),
+                                      jnp.asarray(grid), num_classes=num_classes,
+                                      num_steps=sub.num_steps, fast=fast)
+      va, b, p = va[None], b[None], jax.tree.map(lambda a: a[None], p)
+    else:
+      grid = 2.0 ** np.arange(sub.l2_exponents[0], sub.l2_exponents[1] + 1)
+      va, b, p = probing.fewshot_all(x, jnp.asarray(labels), jnp.asarray(fit_idx),
+                                     jnp.asarray(val_idx), jnp.asarray(grid, x.dtype),
+                                     num_classes=num_classes, fast=fast)
+    out[d] = (units, p, np.asarray(va), np.asarray(b))
+  return out, grid
+
+
 def probe_model(lm: LoadedModel, sub, ctx: Context, seed: int) -> dict:
-  """Every probe of one model; returns per-unit arrays (see `run`)."""
+  """Every probe of one model; returns per-unit arrays (see `run`).
+
+  Specs are processed in chunks whose training features fit in `sub.max_train_mb` (per-token
+  probes of a large model on 10-shot ImageNet would otherwise need ~100 GB); each chunk is one
+  pass over the training examples and one over the test examples.
+  """
   train, test = ctx.sources["train"], ctx.sources["test"]
   num_classes = train.num_classes
   specs, agg, tokens = _specs(lm, sub)
-  common = dict(image_size=lm.image_size, batch_size=sub.batch_size, mesh=ctx.mesh)
-  t0 = time.time()
+  common = dict(image_size=lm.image_size, batch_size=sub.batch_size, mesh=ctx.mesh,
+                fast=bool(sub.fast_compile))
   if sub.kind == "fewshot":
-    per_class = sub.shots + sub.holdout_per_class
-    pool = _label_pool(train, num_classes, 3 * per_class, seed)
+    pool = _label_pool(train, num_classes, 3 * (sub.shots + sub.holdout_per_class), seed)
     splits = [probing.fewshot_split(_labels_of(train, pool), num_classes, sub.shots,
                                     sub.holdout_per_class, seed * 1000 + s)
               for s in range(sub.seeds)]
@@ -146,59 +186,54 @@ def probe_model(lm: LoadedModel, sub, ctx: Context, seed: int) -> dict:
     row[needed] = np.arange(len(needed))  # pool position -> row of the extracted features
     fit_idx = np.stack([row[f] for f, _ in splits])
     val_idx = np.stack([row[v] for _, v in splits])
-    feats, labels = probing.extract(lm.module, lm.variables, train, pool[needed], specs, **common)
+    train_idx = pool[needed]
   else:
     n = sub.num_train or len(train)
     if not 0 < sub.num_val < n:
       raise ValueError(f"probe.num_val={sub.num_val} must be in (0, num_train={n})")
-    feats, labels = probing.extract(lm.module, lm.variables, train, np.arange(n), specs, **common)
+    train_idx = np.arange(n)
     fit_idx, val_idx = np.arange(n - sub.num_val)[None], np.arange(n - sub.num_val, n)[None]
-  t_extract = time.time() - t0
-  for k, v in feats.items():
-    probing.check_features(v.reshape(v.shape[0], -1), labels, num_classes, what=f"{lm.key}/{k}")
-  groups = probing.group_units({k: v.shape[1:] for k, v in feats.items()})
-  l2_grid = 2.0 ** np.arange(sub.l2_exponents[0], sub.l2_exponents[1] + 1)
-  probes, val_acc, best = {}, {}, {}
-  t0 = time.time()
-  for d, units in groups.items():
-    x = jnp.asarray(probing.stack_units(feats, units))
-    if sub.kind == "logistic":
-      grid = np.asarray(sub.weight_decays, np.float32)
-      va, b, p = probing.logistic_all(x[:, fit_idx[0]], jnp.asarray(labels[fit_idx[0]]),
-                                      x[:, val_idx[0]], jnp.asarray(labels[val_idx[0]]),
-                                      jnp.asarray(grid), num_classes=num_classes,
-                                      num_steps=sub.num_steps)
-      va, b, p = va[None], b[None], jax.tree.map(lambda a: a[None], p)
-    else:
-      grid = l2_grid
-      va, b, p = probing.fewshot_all(x, jnp.asarray(labels), jnp.asarray(fit_idx),
-                                     jnp.asarray(val_idx), jnp.asarray(grid, x.dtype),
-                                     num_classes=num_classes)
-    probes[d], val_acc[d], best[d] = p, np.asarray(va), np.asarray(b)
-  jax.block_until_ready(probes)
-  t_solve = time.time() - t0
   test_idx = np.arange(len(test))
   if sub.num_test:
     test_idx = np.sort(np.random.default_rng(seed).permutation(len(test))[:sub.num_test])
-  t0 = time.time()
-  per_example = sum(v[0].size * v.itemsize for v in feats.values())
-  if len(test_idx) * per_example <= sub.max_cached_mb * 2**20:
-    test_feats, test_labels = probing.extract(lm.module, lm.variables, test, test_idx, specs,
-                                              **common)
-    acc = {d: (np.asarray(probing.predict_all(probes[d], jnp.asarray(probing.stack_units(
-        test_feats, units)))) == test_labels).mean(-1) for d, units in groups.items()}
-  else:
-    acc = probing.evaluate(lm.module, lm.variables, test, test_idx, specs, groups, probes,
-                           **common)
-  t_test = time.time() - t0
-  units = [u for d in groups for u in groups[d]]
+  shapes = probing.feature_shapes(lm.module, lm.variables, specs, lm.image_size)
+  seconds = dict(extract=0.0, solve=0.0, test=0.0)
+  names, acc, val_acc, best_reg = [], [], [], []
+  for chunk in _chunks(specs, shapes, len(train_idx), sub.max_train_mb):
+    t0 = time.time()
+    feats, labels = probing.extract(lm.module, lm.variables, train, train_idx, chunk, **common)
+    for k, v in feats.items():
+      probing.check_features(v.reshape(v.shape[0], -1), labels, num_classes, what=f"{lm.key}/{k}")
+    t1 = time.time()
+    solved, grid = _solve(sub, feats, labels, fit_idx, val_idx, num_classes, common["fast"])
+    jax.block_until_ready([p for _, p, _, _ in solved.values()])
+    t2 = time.time()
+    groups = {d: u for d, (u, _, _, _) in solved.items()}
+    probes = {d: p for d, (_, p, _, _) in solved.items()}
+    per_example = sum(v[0].size * v.itemsize for v in feats.values())
+    del feats
+    if len(test_idx) * per_example <= sub.max_cached_mb * 2**20:
+      test_feats, test_labels = probing.extract(lm.module, lm.variables, test, test_idx, chunk,
+                                                **common)
+      chunk_acc = {d: (np.asarray(probing.predict_all(probes[d], jnp.asarray(
+          probing.stack_units(test_feats, u)), fast=common["fast"])) == test_labels).mean(-1)
+                   for d, u in groups.items()}
+    else:
+      chunk_acc = probing.evaluate(lm.module, lm.variables, test, test_idx, chunk, groups, probes,
+                                   **common)
+    seconds["extract"] += t1 - t0
+    seconds["solve"] += t2 - t1
+    seconds["test"] += time.time() - t2
+    for d, (units, _, va, b) in solved.items():
+      names += [k if t is None else f"{k}@{t}" for k, t in units]
+      acc.append(chunk_acc[d])
+      val_acc.append(va)
+      best_reg.append(np.asarray(grid)[b])
   return dict(
-      units=[f"{k}" if t is None else f"{k}@{t}" for k, t in units],
-      acc=np.concatenate([acc[d] for d in groups], axis=1),            # [S, U]
-      val_acc=np.concatenate([val_acc[d] for d in groups], axis=1),    # [S, U, K]
-      best_reg=np.concatenate([np.asarray(grid)[best[d]] for d in groups], axis=1),  # [S, U]
-      grid=np.asarray(grid), agg=agg, tokens=tokens, has_cls=_has_cls(lm), family=_family(lm),
-      seconds=dict(extract=t_extract, solve=t_solve, test=t_test),
+      units=names, acc=np.concatenate(acc, axis=1),                   # [S, U]
+      val_acc=np.concatenate(val_acc, axis=1),                         # [S, U, K]
+      best_reg=np.concatenate(best_reg, axis=1), grid=np.asarray(grid),  # [S, U], [K]
+      agg=agg, tokens=tokens, has_cls=_has_cls(lm), family=_family(lm), seconds=seconds,
       num_fit=int(fit_idx.shape[1]), num_test=int(len(test_idx)))
 
 
@@ -235,6 +270,9 @@ def run(config: ml_collections.ConfigDict, ctx: Context) -> AnalysisResult:
   t0 = time.time()
   sub = default_config()
   sub.update(config.get(NAME, ml_collections.ConfigDict()))
+  if sub.fast_compile is None:
+    train = config.get("train", None)
+    sub.fast_compile = bool(train.get("fast_compile", False)) if train is not None else False
   if sub.kind not in ("fewshot", "ridge", "logistic"):
     raise ValueError(f"probe.kind must be 'fewshot', 'ridge' or 'logistic', got {sub.kind!r}")
   raw, summary, arrays = {}, {}, {}
