@@ -271,9 +271,17 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache", "", "Persistent XLA compilation cache folder ('' = off).")
 
 
+class _QuietOrbax:
+  """Drops orbax's INFO chatter (several lines per checkpoint) from the console log."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or "orbax" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietOrbax())
   if _COMPILATION_CACHE.value:
     jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)
   results = run(_CONFIG.value, _WORKDIR.value)

@@ -297,7 +297,8 @@ def train(module: nn.Module, train_config: ml_collections.ConfigDict, *, train_s
   def run_eval(step):
     acc = evaluate(module, state["params"], test_source, image_size=image_size,
                    batch_size=cfg.eval_batch_size, mesh=mesh, fast_compile=cfg.fast_compile)
-    log.write({"step": step, "epoch": step / steps_per_epoch, "test_accuracy": acc})
+    log.write({"step": step, "epoch": step / steps_per_epoch, "test_accuracy": acc,
+               "seconds": time.time() - start_time, "cpu_seconds": time.process_time()})
     logging.info("[%s] step %d (epoch %.2f): test accuracy %.4f", name, step,
                  step / steps_per_epoch, acc)
     return acc
