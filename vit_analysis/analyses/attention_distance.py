@@ -168,7 +168,7 @@ def stream_sums(step_fn, variables: Any, source, *, num_images: int, batch_size:
       first_done, first_end = done, time.time()
     if time.time() - last_log > 10:
       jax.block_until_ready(total)
-      rate = done / (time.time() - start)
+      rate = (done - first_done) / max(time.time() - first_end, 1e-9)
       logging.info("%s: %d/%d images, %.1f examples/s, ETA %.0f s", desc, done, num_images,
                    rate, (num_images - done) / max(rate, 1e-9))
       last_log = time.time()
