@@ -166,6 +166,9 @@ def test_invariances():
     assert abs(cka.linear_cka(x @ q, y, debiased=debiased) - base) < TOL
     assert abs(cka.linear_cka(x + 5.0, y, debiased=debiased) - base) < TOL
     assert abs(cka.linear_cka(x @ a, y, debiased=debiased) - base) > 1e-3
+  # float64 NumPy input: a 1e-3 signal on a 1e6 offset, below float32 resolution of the raw values.
+  x64 = 1e6 + 1e-3 * x.astype(np.float64)
+  assert abs(cka.linear_cka(x64, y, debiased=True) - ref_cka(x64, y, True)) < TOL
 
 
 # ------------------------------------------------------------------------------------------------
@@ -293,8 +296,8 @@ def test_bad_input_raises_and_accumulates_nothing():
   assert after.num_minibatches == 1
   # A constant layer (also one whose float32 mean rounds) is named instead of dividing by zero.
   for value in (3.0, 0.1, 1e4 + 0.3):
-    const = cka.update(cka.init(["ok", "flat"], ["b0"]), [a0[0], np.full((M, 6), value)],
-                       [b0[0]])
+    flat = np.full((M, 3, 4), value, np.float32)  # a1's shape: the compiled step is reused
+    const = cka.update(cka.init(["ok", "flat"], ["b0"]), [a0[0], flat], [b0[0]])
     with pytest.raises(ValueError, match=r"constant.*\['flat'\]"):
       cka.result(const)
   with pytest.raises(ValueError, match="constant"):

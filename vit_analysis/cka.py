@@ -60,9 +60,10 @@ def gram_linear(x: jax.Array) -> jax.Array:
 
   Speed (measured on XLA:CPU, benchmarks/cka_bench.py): `mean(x, 0)` is a strided column
   reduction as slow as the GEMM itself, and a separate centring pass over [m, p] costs ~30% of
-  the GEMM at m = 256. So the mean is a GEMV (1^T X / m) and the Gram is summed over column
-  chunks whose centred copy is still in cache when the GEMM reads it: the same memory traffic as
-  the bare `x @ x.T`. Chunked float32 summation is also a little more accurate than one long dot.
+  the GEMM at m = 256. So the mean is a GEMV (1^T X / m, one read of X) and the Gram is summed
+  over column chunks of ~2 MB whose centred copy is still in cache when the GEMM reads it.
+  (Per-chunk means, or shifting by the first row, let XLA fuse the subtraction into the GEMM,
+  which measured 15-25% slower.) Chunked float32 summation is also a little more accurate.
 
   Args:
     x: [n, ...] features (flattened per example); float16/bfloat16/int are computed in float32.
@@ -155,6 +156,7 @@ def linear_cka(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike, *,
     CKA as a Python float.
   """
   _check_features([x], [y], stacked=False)
+  x, y = _host_centred(x, 0), _host_centred(y, 0)
   n = np.shape(x)[0]
   h, t = jax.tree.map(lambda v: np.asarray(v, np.float64), _full_batch_terms(x, y))
   h = h[int(debiased)]
@@ -233,6 +235,14 @@ def minibatch_terms(feats_a: Features, feats_b: Features | None = None, *,
       raise ValueError(f"mask must have shape ({k},), got {jnp.shape(mask)}")
     count = jnp.where(jnp.asarray(mask) > 0, count, 0)
   return HSICTerms(cross, sa, sb, ca, cb, count)
+
+
+def _host_centred(x: Any, axis: int) -> Any:
+  """float64 NumPy features: centred here in float64, then float32 (without x64 the device would
+  round them to float32 *before* centring, losing a small signal on a large offset)."""
+  if isinstance(x, np.ndarray) and x.dtype == np.float64 and not jax.config.jax_enable_x64:
+    return (x - x.mean(axis, keepdims=True)).astype(np.float32)
+  return x
 
 
 def _values(feats: Features) -> list[jax.Array]:
@@ -388,7 +398,7 @@ def accumulate(state: CKAState, terms: HSICTerms) -> CKAState:
         "non-finite HSIC (NaN/Inf in the features, or float32 overflow); nothing accumulated. "
         f"Layers a: {[na[i] for i in np.flatnonzero(bad_a)]}, "
         f"layers b: {[nb[i] for i in np.flatnonzero(bad_b)]}")
-  ein = lambda s, *x: np.einsum(s, *x)
+  ein = np.einsum
   return dataclasses.replace(
       state,
       cross=state.cross + cross.sum(0),
@@ -532,6 +542,8 @@ def update(state: CKAState, feats_a: Features, feats_b: Features | None = None, 
     state = dataclasses.replace(state, names_a=names_a, names_b=names_b,
                                 fingerprint=_fingerprint(names_a, names_b, state.intra, a, b))
   _check_features(xs, ys, stacked=stacked)
+  xs = [_host_centred(x, int(stacked)) for x in xs]
+  ys = None if ys is None else [_host_centred(y, int(stacked)) for y in ys]
   return accumulate(state, _update_terms(xs, ys, stacked))
 
 
