@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")  # Figures are written to files; no display is assumed (TPU VMs, CI).
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+# No backend is forced here: on a machine without a display matplotlib falls back to Agg by
+# itself, and forcing it would break `%matplotlib inline` in notebooks that import this package.
 
 # Readable in a two-column paper: ~3.3 in per panel, 8-9 pt text.
 PANEL_INCHES = 3.3
