@@ -17,7 +17,9 @@ Two halves:
 * On the host, float64: `accumulate(state, terms)` adds them to a fixed-size `CKAState` (sums and
   second moments; size independent of the number of examples), `merge` adds two states
   (associative), `result` divides once and returns a `CKAResult` with a jackknife standard error.
-`update(state, feats_a, feats_b)` does both for features you already hold.
+`update(state, feats_a, feats_b, stacked=False)` does both for features you already hold: one
+minibatch `[m, ...]` per layer, or with `stacked=True` a global step `[k, m, ...]` (shapes alone
+cannot tell `[k, m, p]` from `[m, h, w]`, hence the explicit flag).
 
 Numerics: features are centred per minibatch in float32 before the Gram (HSIC is invariant to
 column offsets, and a 1e4 offset would otherwise cancel catastrophically inside the Gram). Grams use
@@ -518,7 +520,11 @@ def _ordered(feats: Features, names: tuple[str, ...] | None, n: int, side: str):
 
 def update(state: CKAState, feats_a: Features, feats_b: Features | None = None, *,
            stacked: bool = False) -> CKAState:
-  """Adds minibatches: on-device HSIC terms (jitted), float64 host sums.
+  """Adds minibatches: `minibatch_terms` jitted on device, then `accumulate` in float64 on host.
+
+  `update` itself is host code (it validates at the edge and sums in float64); the pure,
+  jit/shard_map-compatible half is `minibatch_terms` -- use it with `accumulate` to keep the
+  feature computation and the Grams in one jitted step.
 
   Args:
     state: from `init` (intra-model iff `init` got no `num_b`).
