@@ -161,7 +161,10 @@ def test_run_end_to_end(tmp_path):
   loaded = {}
   for key, name in [("vit", "ViT-smoke_8"), ("resnet", "R-smoke")]:
     module = models.create_model(name, 10)
-    variables = module.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    # One jitted init with RBG keys: eager threefry initialisers compile one program per tensor.
+    variables = jax.jit(lambda m=module: m.init(jax.random.key(0, impl="rbg"),
+                                                 jnp.zeros((1, 32, 32, 3)), train=False),
+                        compiler_options=probing.FAST_COMPILE)()
     loaded[key] = LoadedModel(key=key, name=name, module=module, variables=variables,
                               image_size=32)
   ctx = Context(workdir=str(tmp_path), models=loaded, mesh=sharding.make_mesh(),
@@ -170,7 +173,7 @@ def test_run_end_to_end(tmp_path):
       shots=2, holdout_per_class=1, seeds=2, num_test=48, batch_size=16, l2_exponents=(-2, 6),
       layers={"ViT": ("block??", "pre_logits"), "R": ("block?/unit??",), "Mixer": ("block??",)},
       token_layers={"ViT": ("block01",), "R": ("block4/unit01",)},
-      max_cached_mb=0.5, fast_compile=True)))  # ViT test features (0.15 MB) are cached, ResNet's (0.9 MB) streamed.
+      fast_compile=True)))
   result = get("probe")(config, ctx)
   npz = np.load(tmp_path / "results" / "probe.npz")
   assert (tmp_path / "results" / "probe.json").exists()
@@ -188,6 +191,24 @@ def test_run_end_to_end(tmp_path):
   assert set(m) == {"cls", "mean_no_cls", "mean"} and m["cls"]["layers"] == ["block00", "block01",
                                                                              "pre_logits"]
   assert set(result.metrics["resnet"]["aggregated"]) == {"s2d"}
+  # The streamed test pass (no stored features, used for large test sets) == predictions on
+  # extracted features, for random stacked probes [S=2, G=2].
+  vit = loaded["vit"]
+  specs = [probing.FeatureSpec("block01", probing.Pooling(m)) for m in ("cls", "mean")]
+  common = dict(image_size=32, batch_size=16, mesh=ctx.mesh, fast=True)
+  idx = np.arange(40)  # 40 = 2 full batches + a padded one.
+  feats, labels = probing.extract(vit.module, vit.variables, ctx.sources["test"], idx, specs,
+                                  **common)
+  groups = probing.group_units({k: v.shape[1:] for k, v in feats.items()})
+  rng = np.random.default_rng(0)
+  probe = probing.Probe(*(jnp.asarray(rng.normal(size=(2, 2) + s), jnp.float32)
+                          for s in [(1, 32), (1, 32), (32, 10), (1, 10)]))
+  probe = probe._replace(std=jnp.abs(probe.std) + 0.5)
+  streamed = probing.evaluate(vit.module, vit.variables, ctx.sources["test"], idx, specs, groups,
+                              {32: probe}, **common)[32]
+  cached = np.asarray(probing.predict_all(probe, jnp.asarray(probing.stack_units(feats, groups[32])),
+                                          fast=True))
+  np.testing.assert_allclose(streamed, (cached == labels).mean(-1))
 
 
 def test_configs_and_chunking():
