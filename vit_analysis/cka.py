@@ -125,21 +125,24 @@ def hsic_unbiased(k: jax.Array, l: jax.Array) -> jax.Array:
 def hsic_biased(k: jax.Array, l: jax.Array) -> jax.Array:
   """Biased HSIC_0 = <CKC, CLC> / (n-1)^2 (Gretton et al. 2005). k, l: [n, n] Grams."""
   n = _check_grams(k, l, 2)
+  return jnp.sum(_double_centre(k) * _double_centre(l)) / (n - 1) ** 2
 
-  def centre(g):
-    return (g - jnp.mean(g, 0, keepdims=True) - jnp.mean(g, 1, keepdims=True) + jnp.mean(g))
 
-  return jnp.sum(centre(k) * centre(l)) / (n - 1) ** 2
+def _double_centre(g: jax.Array) -> jax.Array:
+  """C G C. Needed even for a Gram of centred features: their float32 column means are off by
+  rounding (a column shift, which C -- like U-centring -- removes)."""
+  return g - jnp.mean(g, 0, keepdims=True) - jnp.mean(g, 1, keepdims=True) + jnp.mean(g)
 
 
 @jax.jit
 def _full_batch_terms(x, y):
   """Both estimators in one program (one compilation per shape): [2 (biased, unbiased), 3], [2]."""
   n = x.shape[0]
-  kx, ky = gram_linear(x), gram_linear(y)  # already doubly centred: CKC = (CX)(CX)^T
+  kx, ky = gram_linear(x), gram_linear(y)
+  cx, cy = _double_centre(kx), _double_centre(ky)
   ux, uy = _u_centre(kx), _u_centre(ky)
   dot = lambda a, b: jnp.sum(a * b)
-  h = [jnp.stack([dot(kx, ky), dot(kx, kx), dot(ky, ky)]) / (n - 1) ** 2,
+  h = [jnp.stack([dot(cx, cy), dot(cx, cx), dot(cy, cy)]) / (n - 1) ** 2,
        jnp.stack([dot(ux, uy), dot(ux, ux), dot(uy, uy)]) / (n * (n - 3))]
   return jnp.stack(h), jnp.stack([jnp.trace(kx), jnp.trace(ky)])
 
