@@ -52,7 +52,8 @@ def sklearn_loop(feats, labels, fit, val, test, grid):
   accs, chosen = [], []
   for x in feats.astype(np.float64):
     mu, sd = x[fit].mean(0), x[fit].std(0) + probing.STD_EPS
-    aug = lambda z: np.concatenate([(z - mu) / sd, np.full((len(z), 1), probing.BIAS_CONSTANT)], 1)
+    aug = lambda z, mu=mu, sd=sd: np.concatenate(
+        [(z - mu) / sd, np.full((len(z), 1), probing.BIAS_CONSTANT)], 1)
     xf, xv, xt = aug(x[fit]), aug(x[val]), aug(x[test])
     best, best_acc, best_clf = None, -1.0, None
     for l2 in grid:

@@ -155,6 +155,7 @@ def test_pooling_against_numpy():
 def test_run_end_to_end(tmp_path):
   """run(config, ctx) on two tiny random models: files, shapes, and per-token == CLS consistency."""
   import ml_collections
+
   from vit_analysis import data, models, sharding
   from vit_analysis.analyses import Context, LoadedModel, get
 
@@ -215,6 +216,7 @@ def test_configs_and_chunking():
   """Both probe configs (full and :smoke) validate; specs are split so each pass fits the budget."""
   import importlib.util
   import pathlib
+
   from vit_analysis import main
   from vit_analysis.analyses import probes
   root = pathlib.Path(__file__).resolve().parents[1] / "configs"

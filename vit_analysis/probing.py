@@ -529,6 +529,7 @@ def stream(module: Any, variables: Any, source: Any, indices: np.ndarray, step_f
   import grain  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   from vit_analysis import data, sharding  # pylint: disable=g-import-not-at-top
   indices = np.asarray(indices, np.int64)
   if batch_size % mesh.devices.size:
@@ -559,7 +560,7 @@ def stream(module: Any, variables: Any, source: Any, indices: np.ndarray, step_f
       rate = done / max(time.time() - tic, 1e-9)
       logging.info("%s: %d/%d examples, %.1f ex/s, ETA %.0f s", desc, done, len(indices), rate,
                    (len(indices) - done) / rate)
-    yield jax.tree.map(lambda a: np.asarray(a)[:real], out), labels[:real]
+    yield jax.tree.map(lambda a, r=real: np.asarray(a)[:r], out), labels[:real]
 
 
 def extract(module, variables, source, indices, specs: list[FeatureSpec], *, image_size: int,

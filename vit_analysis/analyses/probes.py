@@ -23,11 +23,11 @@ from __future__ import annotations
 import fnmatch
 import time
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from vit_analysis import capture, probing, sharding
 from vit_analysis.analyses.base import AnalysisResult, Context, LoadedModel, save_result
@@ -234,7 +234,7 @@ def probe_model(lm: LoadedModel, sub, ctx: Context, seed: int) -> dict:
       val_acc=np.concatenate(val_acc, axis=1),                         # [S, U, K]
       best_reg=np.concatenate(best_reg, axis=1), grid=np.asarray(grid),  # [S, U], [K]
       agg=agg, tokens=tokens, has_cls=_has_cls(lm), family=_family(lm), seconds=seconds,
-      num_fit=int(fit_idx.shape[1]), num_test=int(len(test_idx)))
+      num_fit=int(fit_idx.shape[1]), num_test=len(test_idx))
 
 
 def _summaries(r: dict) -> dict:

@@ -1,7 +1,7 @@
 """Probe figures: accuracy against normalised layer depth (Figs 11, 13, F.x), per-token grids (D.4)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
