@@ -172,6 +172,9 @@ _LAYER_PATTERNS = {
 }
 
 
+_MODE_TITLES = {"post": "post-residual", "branch": "branch-only (pre-residual)"}
+
+
 def default_layers(names: list[str], mode: str) -> list[str]:
   """The layers of a model's `out` names whose ERFs Figs 6, C.1-C.4 show, in forward order.
 
@@ -278,7 +281,8 @@ def run(config, ctx: base.Context) -> base.AnalysisResult:
       if sharding.is_main_process():
         fig = mechanisms.receptive_fields(
             {n: erfs[n] for n in layers}, summaries=area,
-            title=f"{key} ({model.name}): {mode}-residual ERFs, {int(stats['num_images'])} images")
+            title=f"{key} ({model.name}): {_MODE_TITLES[mode]} ERFs, "
+                  f"{int(stats['num_images'])} images")
         png = plotting.save_figure(
             fig, ctx.path("figures", f"receptive_field_{key}_{mode}"), formats)
         figures.append(os.path.relpath(png, ctx.workdir))
