@@ -28,7 +28,8 @@ def probe_config(smoke: bool = False, kind: str = "fewshot") -> ml_collections.C
       token_layers={"ViT": ("block??",), "R": ("block?/unit01", "block4/unit02")},
       grid_layers=(),
       shots=10, holdout_per_class=10, seeds=3, l2_exponents=(-10, 20),   # paper.md §6 rows 13, 18
-      num_train=0, num_val=500, weight_decays=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1), num_steps=300,
+      num_train=0, num_val=500, train_order="shuffle",       # full probes (kind != 'fewshot')
+      weight_decays=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1), num_steps=300,
       num_test=0, batch_size=128, max_cached_mb=512.0, max_train_mb=4096.0, fast_compile=None))
   if smoke:
     c.update(dict(shots=2, holdout_per_class=1, seeds=2, num_test=64, batch_size=32,

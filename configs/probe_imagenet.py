@@ -54,7 +54,7 @@ def get_config(arg=None):
     config.data = config_lib.tfds_data("imagenet2012", 224, test_split="validation")
   else:  # CIFAR (F.2, F.3): first 45,000 train images fit, last 5,000 validate, closed form.
     config.data = config_lib.tfds_data(dataset, 224, test_split="test")
-    config.probe.update(dict(kind="ridge", num_train=50000, num_val=5000))
+    config.probe.update(dict(kind="ridge", num_train=50000, num_val=5000, train_order="given"))
   config.models = ml_collections.ConfigDict()
   if fig == 11:
     config.models.vit = config_lib.official_model("ViT-B_32", f"{ckpt}/{_VIT['ViT-B_32']}", 21843)

@@ -15,7 +15,9 @@ Sub-config `config.probe` (defaults in `default_config()`):
     ('first', 'mean'), ResNet ('s2d',), Mixer ('mean',).
   token_layers: {family: globs} whose every token position gets its own probe (Fig 11a, D.4).
   shots, holdout_per_class, seeds, l2_exponents (grid 2^k, k in [lo, hi]).
-  num_train, num_val (full probes: fit on the first num_train - num_val, validate on the rest),
+  num_train, num_val, train_order (full probes: fit on num_train - num_val examples, validate on
+    the other num_val; 'given' takes the split's first num_train in order, 'shuffle' a seeded
+    random subset),
   weight_decays, num_steps (logistic), num_test (0: whole test split), batch_size.
 """
 from __future__ import annotations
@@ -50,6 +52,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.l2_exponents = (-10, 20)
   c.num_train = 0
   c.num_val = 0
+  c.train_order = "shuffle"  # full probes: 'shuffle' (seeded) or 'given' (split order)
   c.weight_decays = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
   c.num_steps = 300
   c.num_test = 0
@@ -85,7 +88,8 @@ def _specs(lm: LoadedModel, sub) -> tuple[list[probing.FeatureSpec], dict, dict]
              "R": ("s2d",), "Mixer": ("mean",)}[family]
   methods = tuple(sub.poolings.get(lm.key, default))
   if "cls" in methods and not _has_cls(lm):
-    raise ValueError(f"pooling 'cls' asked for model {lm.key!r} ({lm.name}), which has no CLS token")
+    raise ValueError(f"pooling 'cls' asked for model {lm.key!r} ({lm.name}), which has no CLS "
+                     "token")
 
   def pooling(layer, method):
     shape = shapes[layer].shape
@@ -191,7 +195,14 @@ def probe_model(lm: LoadedModel, sub, ctx: Context, seed: int) -> dict:
     n = sub.num_train or len(train)
     if not 0 < sub.num_val < n:
       raise ValueError(f"probe.num_val={sub.num_val} must be in (0, num_train={n})")
-    train_idx = np.arange(n)
+    # 'given': the split's own order (paper's CIFAR protocol: first 45k fit, last 5k validate);
+    # 'shuffle': a seeded random subset/order, needed for class-sorted sources (the digits).
+    if sub.train_order == "given":
+      train_idx = np.arange(n)
+    elif sub.train_order == "shuffle":
+      train_idx = np.random.default_rng(seed).permutation(len(train))[:n]
+    else:
+      raise ValueError(f"probe.train_order must be 'given' or 'shuffle', got {sub.train_order!r}")
     fit_idx, val_idx = np.arange(n - sub.num_val)[None], np.arange(n - sub.num_val, n)[None]
   test_idx = np.arange(len(test))
   if sub.num_test:
@@ -242,10 +253,11 @@ def _summaries(r: dict) -> dict:
   col = {u: i for i, u in enumerate(r["units"])}
   out = {"aggregated": {}, "tokens": {}, "grids": {}}
   for method, keys in r["agg"].items():
-    a = r["acc"][:, [col[k] for k in keys]]  # [S, L]
+    cols = [col[k] for k in keys]
+    a = r["acc"][:, cols]  # [S, L]
     out["aggregated"][method] = dict(layers=[k.split(":")[0] for k in keys],
                                      acc_mean=a.mean(0), acc_std=a.std(0),
-                                     best_reg=np.median(r["best_reg"][:, [col[k] for k in keys]], 0))
+                                     best_reg=np.median(r["best_reg"][:, cols], 0))
   for layer, key in r["tokens"].items():
     positions = sorted(int(u.split("@")[1]) for u in r["units"] if u.startswith(key + "@"))
     if r["has_cls"]:
