@@ -1,0 +1,75 @@
+r"""The one-command offline demo: every analysis of the paper on two small digits models.
+
+  python -m vit_analysis.main --config=configs/demo.py --workdir=runs/demo
+  python -m vit_analysis.main --config=configs/demo.py:smoke --workdir=/tmp/demo_smoke
+
+Trains (or reuses from `<workdir>/models`) the small ViT (CLS token) and BiT ResNet of
+train_digits.py and a GAP twin of the ViT on the 5,000 embedded MNIST digits, then runs
+intra/cross-model CKA, head subsets, localisation, attention distance, receptive fields, skip norms, skip removal, dataset scale and the
+layer-wise probes at demo size, and writes `<workdir>/report.html`. Offline, ~10 minutes on 2 CPU
+cores. Each analysis' sub-config is taken from its own file in this folder (the one place its
+options are documented), then shrunk to demo size here.
+"""
+import importlib.util
+import os
+
+from vit_analysis import config_lib
+
+# Analysis name -> the config file that defines its sub-config, in report order.
+_ANALYSES = {
+    "cka_intra": "cka_intra.py",
+    "cka_cross": "cka_cross.py",
+    "attention_distance": "attention_distance.py",
+    "head_subsets": "head_subsets.py",
+    "receptive_field": "receptive_field.py",
+    "skip_norms": "skip_norms.py",
+    "localization": "localization.py",
+    "probe": "probe_digits.py",
+    "skip_removal": "skip_removal.py",
+    "dataset_scale": "dataset_scale.py",
+}
+
+# Demo sizes (examples, minibatch size, repeats, images): minutes on 2 CPU cores in total.
+_DEMO_SIZES = {
+    "cka_intra": dict(num_examples=512, minibatch_size=128, repeats=2),
+    "cka_cross": dict(num_examples=512, minibatch_size=128, repeats=2),
+    "attention_distance": dict(num_images=500),
+    "head_subsets": dict(distance_examples=500, num_examples=512, minibatch_size=128, repeats=2),
+    # One pull-back per layer: per-channel ERFs cost one backward pass per channel (CPU minutes).
+    "receptive_field": dict(num_images=16, per_channel=False),
+    "skip_norms": dict(num_images=500),
+    "localization": dict(num_examples=512, minibatch_size=128, repeats=1),
+    # The demo ResNet has one unit per stage (train_digits.py), so per-token probes read unit01s.
+    "probe": dict(token_layers={"ViT": ("block??",), "R": ("block?/unit01",)}),
+    "skip_removal": dict(blocks=(2,), num_examples=512, minibatch_size=128, repeats=1),
+    "dataset_scale": dict(fractions=(0.1,), same_steps=False,
+                          finetune={"parity": dict(data="digits:parity")},
+                          finetune_train=dict(num_steps=60, learning_rate=3e-4, warmup_steps=6),
+                          num_examples=512, minibatch_size=128, repeats=1),
+}
+
+
+def _load(filename: str, arg):
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), filename)
+  spec = importlib.util.spec_from_file_location(f"_vit_analysis_config_{filename[:-3]}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def get_config(arg=None):
+  flags = config_lib.parse_arg(arg)
+  # The models of train_digits.py (same entries, so the two configs share trained models).
+  config = _load("train_digits.py", arg)
+  config.models.vit_gap = config_lib.digits_model(
+      "vit_gap", "ViT-demo_4-gap", smoke=flags.smoke,
+      overrides=None if flags.smoke else dict(config.models.vit.overrides))
+  config.analyses = tuple(_ANALYSES)
+  for name, filename in _ANALYSES.items():
+    sub = _load(filename, "smoke" if flags.smoke else None)[name]
+    if not flags.smoke:
+      sub.update(_DEMO_SIZES[name])
+    config[name] = sub
+  config.description = ("Offline demo: ViT-demo_4 (CLS), ViT-demo_4-gap and R-demo trained on "
+                        "the embedded digits; every analysis at demo size.")
+  return config
