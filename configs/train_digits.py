@@ -9,7 +9,7 @@ The contract demo models are too slow for that on 2 cores (measured training cos
 2-core machine: ViT-demo_4 ~16 ms CPU per example, R-demo ~37 ms), so this config trains cheaper
 variants of them through create_model overrides:
   vit:    ViT-demo_4 with patch_size=8 (16 tokens + CLS; ~3.4 ms CPU per example), 10 epochs;
-  resnet: R-demo with width=8, num_groups=4, block_units=(1, 1, 1, 1), 4 epochs.
+  resnet: R-demo with width=8, num_groups=4, block_units=(1, 1, 1, 1), 6 epochs of SGD at 0.1.
 'contract' (e.g. `:contract`) trains the unmodified ViT-demo_4 / R-demo that the analysis
 configs use (config_lib.base_config), sharing their model cache. Trained models are cached
 under `<workdir>/models` (or --config.model_cache=DIR); re-running resumes or reuses them.
