@@ -68,7 +68,8 @@ def get_config(arg=None):
   for name, filename in _ANALYSES.items():
     sub = _load(filename, "smoke" if flags.smoke else None)[name]
     if not flags.smoke:
-      sub.update(_DEMO_SIZES[name])
+      for key, value in _DEMO_SIZES[name].items():
+        sub[key] = value  # assignment, not update(): update() merges into dict-valued fields
     config[name] = sub
   config.description = ("Offline demo: ViT-demo_4 (CLS), ViT-demo_4-gap and R-demo trained on "
                         "the embedded digits; every analysis at demo size.")
