@@ -11,19 +11,6 @@ import ml_collections
 
 from vit_analysis import config_lib
 
-_FILES = {"ViT-B_32": "ViT-B_32.npz", "ViT-L_16": "ViT-L_16.npz", "ViT-H_14": "ViT-H_14.npz",
-          "R50x1": "BiT-M-R50x1.npz", "R101x1": "BiT-M-R101x1.npz",
-          "Mixer-L_16": "Mixer-L_16.npz"}
-
-
-def full_models(flags, defaults):
-  """Official ImageNet-21k checkpoints (21,843-class heads) for `defaults` (key -> name)."""
-  models = ml_collections.ConfigDict()
-  for key, name in defaults.items():
-    name = flags.get(key, name)
-    models[key] = config_lib.official_model(
-        name, f"{flags.get('ckpt_dir', 'checkpoints')}/{_FILES.get(name, name + '.npz')}", 21843)
-  return models
 
 
 def get_config(arg=None):
@@ -39,6 +26,6 @@ def get_config(arg=None):
     config.cka_cross.update(dict(num_examples=64, minibatch_size=16, repeats=2))
   if flags.get("full", False):
     config.data = config_lib.tfds_data("imagenet2012", 224, test_split="validation")
-    config.models = full_models(flags, {"vit": "ViT-L_16", "resnet": "R50x1"})
+    config.models = config_lib.official_models(flags, {"vit": "ViT-L_16", "resnet": "R50x1"})
     config.cka_cross.update(dict(num_examples=10240, minibatch_size=1024, repeats=20))
   return config

@@ -13,21 +13,6 @@ import ml_collections
 
 from vit_analysis import config_lib
 
-# Official ImageNet-21k checkpoints (paper.md §3.2 stand-ins for the JFT models).
-_FILES = {"ViT-B_32": "ViT-B_32.npz", "ViT-B_16": "ViT-B_16.npz", "ViT-L_16": "ViT-L_16.npz",
-          "ViT-H_14": "ViT-H_14.npz", "R50x1": "BiT-M-R50x1.npz", "R101x1": "BiT-M-R101x1.npz",
-          "R152x2": "BiT-M-R152x2.npz", "Mixer-B_16": "Mixer-B_16.npz",
-          "Mixer-L_16": "Mixer-L_16.npz"}
-
-
-def full_models(flags, defaults):
-  """Official checkpoints (21,843-class heads) for the keys in `defaults` (key -> name)."""
-  models = ml_collections.ConfigDict()
-  for key, name in defaults.items():
-    name = flags.get(key, name)
-    models[key] = config_lib.official_model(
-        name, f"{flags.get('ckpt_dir', 'checkpoints')}/{_FILES.get(name, name + '.npz')}", 21843)
-  return models
 
 
 def get_config(arg=None):
@@ -47,6 +32,6 @@ def get_config(arg=None):
     config.cka_intra.update(dict(num_examples=64, minibatch_size=16, repeats=2))
   if flags.get("full", False):
     config.data = config_lib.tfds_data("imagenet2012", 224, test_split="validation")
-    config.models = full_models(flags, {"vit": "ViT-L_16", "resnet": "R50x1"})
+    config.models = config_lib.official_models(flags, {"vit": "ViT-L_16", "resnet": "R50x1"})
     config.cka_intra.update(dict(num_examples=10240, minibatch_size=1024, repeats=20))
   return config

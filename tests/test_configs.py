@@ -65,3 +65,14 @@ def test_smoke_config_runs(path, tmp_path, model_cache):
   assert {s["key"] for s in summaries} >= set(config.models)
   for s in summaries:
     assert s["test_accuracy"] is None or 0 <= s["test_accuracy"] <= 1
+
+
+def test_official_models_paths_and_overrides():
+  from vit_analysis import config_lib
+  flags = config_lib.parse_arg("ckpt_dir=/ckpt,vit=ViT-H_14")
+  models = config_lib.official_models(flags, {"vit": "ViT-L_16", "resnet": "R50x1",
+                                              "mixer": "Mixer-S_16"})
+  assert (models.vit.name, models.vit.checkpoint) == ("ViT-H_14", "/ckpt/ViT-H_14.npz")
+  assert models.resnet.checkpoint == "/ckpt/BiT-M-R50x1.npz"  # BiT files carry the BiT-M- prefix
+  assert models.mixer.checkpoint == "/ckpt/Mixer-S_16.npz"
+  assert all(m.num_classes == 21843 and m.train is None for m in models.values())

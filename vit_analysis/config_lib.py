@@ -191,6 +191,28 @@ def finetune_model(name: str, checkpoint: str, num_classes: int, *,
       "train": ml_collections.ConfigDict(train), "overrides": dict(overrides or {})})
 
 
+# Official upstream checkpoints (ImageNet-21k, paper.md §3.2 stand-ins for the JFT models): file
+# names under `ckpt_dir`, by registry name; other names default to '<name>.npz'.
+OFFICIAL_FILES = {
+    "ViT-B_32": "ViT-B_32.npz", "ViT-B_16": "ViT-B_16.npz", "ViT-L_16": "ViT-L_16.npz",
+    "ViT-H_14": "ViT-H_14.npz", "R50x1": "BiT-M-R50x1.npz", "R101x1": "BiT-M-R101x1.npz",
+    "R152x2": "BiT-M-R152x2.npz", "Mixer-B_16": "Mixer-B_16.npz", "Mixer-L_16": "Mixer-L_16.npz",
+}
+
+
+def official_models(flags: ml_collections.ConfigDict,
+                    defaults: dict[str, str]) -> ml_collections.ConfigDict:
+  """`config.models` of official 21,843-class checkpoints: key -> name from `defaults`, each name
+  overridable by the flag of the same key (e.g. 'vit=ViT-H_14'), files under flag `ckpt_dir`."""
+  models = ml_collections.ConfigDict()
+  ckpt_dir = flags.get("ckpt_dir", "checkpoints")
+  for key, name in defaults.items():
+    name = flags.get(key, name)
+    models[key] = official_model(
+        name, f"{ckpt_dir}/{OFFICIAL_FILES.get(name, name + '.npz')}", 21843)
+  return models
+
+
 def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Seed, digits data, a ViT ('vit': ViT-demo_4) and a ResNet ('resnet': R-demo) trained on
   the digits, train defaults, no analyses. Smoke: 'ViT-smoke_8' / 'R-smoke', a few steps.
