@@ -76,3 +76,33 @@ def test_official_models_paths_and_overrides():
   assert models.resnet.checkpoint == "/ckpt/BiT-M-R50x1.npz"  # BiT files carry the BiT-M- prefix
   assert models.mixer.checkpoint == "/ckpt/Mixer-S_16.npz"
   assert all(m.num_classes == 21843 and m.train is None for m in models.values())
+
+
+def _param_count(entry, image_size=32):
+  import jax
+  import jax.numpy as jnp
+  from vit_analysis.models import create_model
+  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(entry.overrides).items()}
+  module = create_model(entry.name, entry.num_classes, **overrides)
+  images = jnp.zeros((1, image_size, image_size, 3))
+  variables = jax.eval_shape(lambda: module.init(jax.random.key(0), images))
+  logits, out = jax.eval_shape(lambda v: module.apply(v, images), variables)
+  assert logits.shape == (1, entry.num_classes)
+  return sum(x.size for x in jax.tree.leaves(variables)), out
+
+
+def test_digits_models_match_the_readme():
+  """train_digits.py's fast models are the ones README.md measures (parameter counts), and the
+  demo's ResNet keeps a 4x4 final grid for localisation and per-token probes."""
+  digits = load_config_module(os.path.join(REPO, "configs", "train_digits.py")).get_config(None)
+  assert _param_count(digits.models.vit)[0] == 148_170
+  assert _param_count(digits.models.resnet)[0] == 882_394
+  assert digits.models.vit.train.num_epochs == 50 and digits.models.resnet.train.num_epochs == 15
+  contract = load_config_module(os.path.join(REPO, "configs", "train_digits.py")).get_config(
+      "contract")
+  assert all(not dict(m.overrides) for m in contract.models.values())
+  demo = load_config_module(os.path.join(REPO, "configs", "demo.py")).get_config(None)
+  _, out = _param_count(demo.models.resnet)
+  assert out["block4/unit01"].shape[1:3] == (4, 4)
+  _, out = _param_count(demo.models.vit_gap)
+  assert out["block03"].shape[1] == 16  # 4x4 patch tokens of 8 px, no CLS
