@@ -16,10 +16,6 @@ import ml_collections
 
 from vit_analysis import config_lib
 
-_FILES = {"ViT-B_32": "ViT-B_32.npz", "ViT-B_16": "ViT-B_16.npz", "ViT-L_16": "ViT-L_16.npz",
-          "ViT-H_14": "ViT-H_14.npz"}
-
-
 def get_config(arg=None):
   flags = config_lib.parse_arg(arg)
   config = config_lib.base_config(arg)
@@ -42,10 +38,8 @@ def get_config(arg=None):
     config.attention_distance.update(dict(num_images=16, batch_size=8, figure_formats=("png",)))
   if flags.get("full", False):
     config.data = config_lib.tfds_data("imagenet2012", 224, test_split="validation")
-    ckpt = flags.get("ckpt_dir", "checkpoints")
-    config.models = ml_collections.ConfigDict()
-    for key, name in (("vit_b32", "ViT-B_32"), ("vit_l16", "ViT-L_16"), ("vit_h14", "ViT-H_14")):
-      config.models[key] = config_lib.official_model(name, f"{ckpt}/{_FILES[name]}", 21843)
+    config.models = config_lib.official_models(
+        flags, {"vit_b32": "ViT-B_32", "vit_l16": "ViT-L_16", "vit_h14": "ViT-H_14"})
     if flags.get("i1k_ckpt", ""):
       config.models.vit_i1k = config_lib.official_model(
           flags.get("i1k_name", "ViT-B_16"), flags.i1k_ckpt, 1000)

@@ -15,10 +15,6 @@ import ml_collections
 
 from vit_analysis import config_lib
 
-_FILES = {"ViT-L_16": "ViT-L_16.npz", "ViT-H_14": "ViT-H_14.npz", "ViT-B_32": "ViT-B_32.npz",
-          "R50x1": "BiT-M-R50x1.npz", "R101x1": "BiT-M-R101x1.npz"}
-
-
 def get_config(arg=None):
   flags = config_lib.parse_arg(arg)
   config = config_lib.base_config(arg)
@@ -40,12 +36,7 @@ def get_config(arg=None):
                                     repeats=2))
   if flags.get("full", False):
     config.data = config_lib.tfds_data("imagenet2012", 224, test_split="validation")
-    config.models = ml_collections.ConfigDict()
-    for key, name in (("vit", flags.get("vit", "ViT-L_16")),
-                      ("resnet", flags.get("resnet", "R50x1"))):
-      config.models[key] = config_lib.official_model(
-          name, f"{flags.get('ckpt_dir', 'checkpoints')}/{_FILES.get(name, name + '.npz')}",
-          21843)
+    config.models = config_lib.official_models(flags, {"vit": "ViT-L_16", "resnet": "R50x1"})
     config.head_subsets.update(dict(distance_examples=5000, num_examples=10240,
                                     minibatch_size=1024, repeats=20))
   return config

@@ -19,13 +19,9 @@ space-to-depth + average-pooled to the final 7x7 grid (Appendix A).
 Checkpoints: gs://vit_models/imagenet21k/ViT-{B_32,B_16,L_16,H_14}.npz,
 gs://bit_models/BiT-M-R{50x1,101x1,152x2}.npz; GAP B/32: gap_ckpt= (e.g. from gs://vit_models/gsam/).
 """
-import ml_collections
 
 from vit_analysis import config_lib
 
-_VIT = {"ViT-B_32": "ViT-B_32.npz", "ViT-B_16": "ViT-B_16.npz", "ViT-L_16": "ViT-L_16.npz",
-        "ViT-H_14": "ViT-H_14.npz"}
-_BIT = {"R50x1": "BiT-M-R50x1.npz", "R101x1": "BiT-M-R101x1.npz", "R152x2": "BiT-M-R152x2.npz"}
 
 
 def _probe_config(smoke: bool):
@@ -55,23 +51,21 @@ def get_config(arg=None):
   else:  # CIFAR (F.2, F.3): first 45,000 train images fit, last 5,000 validate, closed form.
     config.data = config_lib.tfds_data(dataset, 224, test_split="test")
     config.probe.update(dict(kind="ridge", num_train=50000, num_val=5000, train_order="given"))
-  config.models = ml_collections.ConfigDict()
   if fig == 11:
-    config.models.vit = config_lib.official_model("ViT-B_32", f"{ckpt}/{_VIT['ViT-B_32']}", 21843)
+    config.models = config_lib.official_models(flags, {"vit": "ViT-B_32", "resnet": "R50x1"})
     config.models.vit_gap = config_lib.official_model(
         "ViT-B_32-gap-norep", flags.get("gap_ckpt", f"{ckpt}/ViT-B_32-gap.npz"), 1000)
-    config.models.resnet = config_lib.official_model("R50x1", f"{ckpt}/{_BIT['R50x1']}", 21843)
     # D.4: block1..4 unit1 and block4 unit3 of R50; every ViT block.
     config.probe.token_layers = {"ViT": ("block??",), "R": ("block?/unit01", "block4/unit03")}
     config.probe.grid_layers = ("block00", "block01", "block05", "block10", "block11",
                                 "block?/unit01", "block4/unit03")
   else:
-    for key, name in (("vit_b32", "ViT-B_32"), ("vit_b16", "ViT-B_16"), ("vit_l16", "ViT-L_16"),
-                      ("vit_h14", "ViT-H_14")):
-      config.models[key] = config_lib.official_model(name, f"{ckpt}/{_VIT[name]}", 21843)
+    vits = {"vit_b32": "ViT-B_32", "vit_b16": "ViT-B_16", "vit_l16": "ViT-L_16",
+            "vit_h14": "ViT-H_14"}
+    config.models = config_lib.official_models(
+        flags, {**vits, "r50": "R50x1", "r101": "R101x1", "r152x2": "R152x2"})
+    for key in vits:
       config.probe.poolings[key] = ("mean",)  # §6 row 15: aggregated ViT input = token mean.
-    for key, name in (("r50", "R50x1"), ("r101", "R101x1"), ("r152x2", "R152x2")):
-      config.models[key] = config_lib.official_model(name, f"{ckpt}/{_BIT[name]}", 21843)
     config.probe.token_layers = {}
   config.probe.update(dict(batch_size=256, layers={"ViT": ("block??",), "R": ("block?/unit??",),
                                                    "Mixer": ("block??",)}))

@@ -13,9 +13,6 @@ import ml_collections
 
 from vit_analysis import config_lib
 
-_FILES = {"ViT-B_16": "ViT-B_16.npz", "ViT-B_32": "ViT-B_32.npz", "R50x1": "BiT-M-R50x1.npz"}
-
-
 def get_config(arg=None):
   flags = config_lib.parse_arg(arg)
   config = config_lib.base_config(arg)
@@ -34,9 +31,6 @@ def get_config(arg=None):
     config.skip_norms.update(dict(num_images=16, batch_size=8, figure_formats=("png",)))
   if flags.get("full", False):
     config.data = config_lib.tfds_data("imagenet2012", 224, test_split="validation")
-    ckpt = flags.get("ckpt_dir", "checkpoints")
-    config.models = ml_collections.ConfigDict()
-    for key, name in (("vit", flags.get("vit", "ViT-B_16")), ("resnet", "R50x1")):
-      config.models[key] = config_lib.official_model(name, f"{ckpt}/{_FILES[name]}", 21843)
+    config.models = config_lib.official_models(flags, {"vit": "ViT-B_16", "resnet": "R50x1"})
     config.skip_norms.update(dict(num_images=5000, batch_size=256))
   return config

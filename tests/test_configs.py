@@ -106,3 +106,12 @@ def test_digits_models_match_the_readme():
   assert out["block4/unit01"].shape[1:3] == (4, 4)
   _, out = _param_count(demo.models.vit_gap)
   assert out["block03"].shape[1] == 16  # 4x4 patch tokens of 8 px, no CLS
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
+def test_full_configs_read_official_checkpoints_from_ckpt_dir(path):
+  from vit_analysis import config_lib
+  config = load_config_module(path).get_config("full,ckpt_dir=/ckpt")
+  for key, m in config.models.items():
+    if m.checkpoint and m.train is None and m.name in config_lib.OFFICIAL_FILES:
+      assert m.checkpoint == f"/ckpt/{config_lib.OFFICIAL_FILES[m.name]}", (key, m.checkpoint)
