@@ -34,12 +34,11 @@ _ANALYSES = {
 # ResNet keeps R-demo's full-resolution small stem, so its last stage still has the 4x4 grid
 # that localisation and per-token probes read (train_digits.py's BiT-stem ResNet ends at 1x1),
 # and has one unit per stage at width 8 to stay within the budget.
+_SMALL_VIT = {"patch_size": 8, "hidden_size": 64, "num_layers": 4, "mlp_dim": 128}
+_VIT_TRAIN = {"num_epochs": 20, "learning_rate": 2e-3}
 DEMO_MODELS = {
-    "vit": ("ViT-demo_4", {"patch_size": 8, "hidden_size": 64, "num_layers": 4, "mlp_dim": 128},
-            {"num_epochs": 20, "learning_rate": 2e-3}),
-    "vit_gap": ("ViT-demo_4-gap",
-                {"patch_size": 8, "hidden_size": 64, "num_layers": 4, "mlp_dim": 128},
-                {"num_epochs": 20, "learning_rate": 2e-3}),
+    "vit": ("ViT-demo_4", _SMALL_VIT, _VIT_TRAIN),
+    "vit_gap": ("ViT-demo_4-gap", _SMALL_VIT, _VIT_TRAIN),
     "resnet": ("R-demo", {"width": 8, "num_groups": 4, "block_units": (1, 1, 1, 1)},
                {"optimizer": "sgd", "learning_rate": 0.5, "weight_decay": 0.0,
                 "grad_clip_norm": 0.0, "augment_shift": 1, "num_epochs": 6}),
