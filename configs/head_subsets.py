@@ -15,6 +15,7 @@ import ml_collections
 
 from vit_analysis import config_lib
 
+
 def get_config(arg=None):
   flags = config_lib.parse_arg(arg)
   config = config_lib.base_config(arg)

@@ -19,9 +19,7 @@ space-to-depth + average-pooled to the final 7x7 grid (Appendix A).
 Checkpoints: gs://vit_models/imagenet21k/ViT-{B_32,B_16,L_16,H_14}.npz,
 gs://bit_models/BiT-M-R{50x1,101x1,152x2}.npz; GAP B/32: gap_ckpt= (e.g. from gs://vit_models/gsam/).
 """
-
 from vit_analysis import config_lib
-
 
 
 def _probe_config(smoke: bool):
