@@ -12,29 +12,20 @@ Full size (TPU VM; official checkpoints at 224 px + TFDS imagenet2012 validation
   Fig 4 / C.5 (ImageNet-1k-only training): add `i1k_ckpt=$CKPT/<AugReg i1k npz>,i1k_name=ViT-B_16`
   to put an ImageNet-only model next to the large-data ones.
 """
-import ml_collections
-
-from vit_analysis import config_lib
+from vit_analysis import analyses, config_lib
 
 
 def get_config(arg=None):
-  flags = config_lib.parse_arg(arg)
-  config = config_lib.base_config(arg)
+  flags = config_lib.parse_arg(arg, ("gap", "full", "ckpt_dir", "vit_b32", "vit_l16", "vit_h14",
+                                     "i1k_ckpt", "i1k_name"))
+  config = config_lib.base_config(flags)
   del config.models["resnet"]  # Attention distance is a ViT measurement.
   if flags.get("gap", False):
     config.models.vit_gap = config_lib.digits_model("vit_gap", "ViT-demo_4-gap",
                                                     smoke=flags.smoke)
   config.analyses = ("attention_distance",)
-  config.attention_distance = ml_collections.ConfigDict(dict(
-      split="test",
-      num_images=1000,      # paper: 5,000 ImageNet validation images
-      batch_size=100,
-      seed=0,
-      models=(),            # model keys; empty = every ViT
-      renormalize=False,    # paper.md §6 row 6: CLS dropped as query and key, no renormalisation
-      unit="pixels",        # 'pixels' (grid step x patch size) | 'patches'
-      blocks=(),            # blocks of the sorted-heads plot; empty = first two and last two
-  ))
+  config.attention_distance = analyses.default_config("attention_distance")
+  config.attention_distance.update(dict(num_images=1000, batch_size=100))  # the test digits
   if flags.smoke:
     config.attention_distance.update(dict(num_images=16, batch_size=8, figure_formats=("png",)))
   if flags.get("full", False):

@@ -7,24 +7,22 @@ Full size (official checkpoints + TFDS imagenet2012 validation, 10,240 x 20 repe
   python -m vit_analysis.main --config=configs/cka_cross.py:full,ckpt_dir=$CKPT --workdir=$WORKDIR
   (flags vit=ViT-H_14, resnet=R101x1 change the models; --config.cka_cross.layers=coarse for G.2)
 """
-import ml_collections
-
-from vit_analysis import config_lib
+from vit_analysis import analyses, config_lib
 
 
 def get_config(arg=None):
-  flags = config_lib.parse_arg(arg)
-  config = config_lib.base_config(arg)
+  flags = config_lib.parse_arg(arg, ("full", "rehearsal", "ckpt_dir", "data", "vit", "resnet"))
+  config = config_lib.base_config(flags)
   config.analyses = ("cka_cross",)
-  config.cka_cross = ml_collections.ConfigDict(dict(
-      pairs=(("vit", "resnet"),),  # (row model, column model) keys of config.models
-      layers="fine", layers_per_model={}, tokens="all", split="test",
-      num_examples=768, minibatch_size=128, repeats=5, minibatches_per_step=0,
-  ))
+  config.cka_cross = analyses.default_config("cka_cross")  # options and paper defaults
+  config.cka_cross.update(dict(pairs=(("vit", "resnet"),), num_examples=768, minibatch_size=128,
+                               repeats=5))
   if flags.smoke:
     config.cka_cross.update(dict(num_examples=64, minibatch_size=16, repeats=2))
   if flags.get("full", False):
     config.data = config_lib.tfds_data("imagenet2012", 224, test_split="validation")
     config.models = config_lib.official_models(flags, {"vit": "ViT-L_16", "resnet": "R50x1"})
     config.cka_cross.update(dict(num_examples=10240, minibatch_size=1024, repeats=20))
+  if flags.get("rehearsal", False):
+    config_lib.rehearsal(config, config.cka_cross, flags)
   return config

@@ -9,28 +9,22 @@ Full size (TPU/GPU VM; official checkpoints + TFDS imagenet2012 validation, pape
   python -m vit_analysis.main --config=configs/cka_intra.py:full,ckpt_dir=$CKPT \
       --workdir=$WORKDIR  # optionally vit=ViT-H_14, resnet=R101x1 (Fig 1's R152 is not public)
 """
-import ml_collections
-
-from vit_analysis import config_lib
+from vit_analysis import analyses, config_lib
 
 
 def get_config(arg=None):
-  flags = config_lib.parse_arg(arg)
-  config = config_lib.base_config(arg)
+  flags = config_lib.parse_arg(arg, ("full", "rehearsal", "ckpt_dir", "data", "vit", "resnet"))
+  config = config_lib.base_config(flags)
   config.analyses = ("cka_intra",)
-  config.cka_intra = ml_collections.ConfigDict(dict(
-      models=("vit", "resnet"),
-      layers="fine",            # 'fine' | 'coarse' | 'blocks' | a tuple of globs
-      layers_per_model={},      # model key -> preset or globs (overrides `layers`)
-      tokens="all",             # 'all' | 'exclude_cls' | 'cls_only' | 'token_mean'
-      split="test",
-      num_examples=768, minibatch_size=128, repeats=5,
-      minibatches_per_step=0,   # 0: one minibatch per device per step
-  ))
+  config.cka_intra = analyses.default_config("cka_intra")  # options and paper defaults
+  config.cka_intra.update(dict(models=("vit", "resnet"), num_examples=768, minibatch_size=128,
+                               repeats=5))
   if flags.smoke:
     config.cka_intra.update(dict(num_examples=64, minibatch_size=16, repeats=2))
   if flags.get("full", False):
     config.data = config_lib.tfds_data("imagenet2012", 224, test_split="validation")
     config.models = config_lib.official_models(flags, {"vit": "ViT-L_16", "resnet": "R50x1"})
     config.cka_intra.update(dict(num_examples=10240, minibatch_size=1024, repeats=20))
+  if flags.get("rehearsal", False):
+    config_lib.rehearsal(config, config.cka_intra, flags)
   return config

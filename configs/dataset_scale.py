@@ -14,29 +14,21 @@ fractions=(0.03, 0.1, 0.3) and a from-scratch reference, paper.md §6 row 22):
 """
 import ml_collections
 
-from vit_analysis import config_lib
+from vit_analysis import analyses, config_lib
 
 
 def get_config(arg=None):
-  flags = config_lib.parse_arg(arg)
-  config = config_lib.base_config(arg)
+  flags = config_lib.parse_arg(arg, ("full", "ckpt_dir"))
+  config = config_lib.base_config(flags)
   del config.models["resnet"]
   config.analyses = ("dataset_scale",)
-  config.dataset_scale = ml_collections.ConfigDict(dict(
-      reference="vit",            # key in config.models: the model trained on all the data
-      fractions=(0.03, 0.1, 0.3),  # nested class-balanced subsets of the training split
-      same_steps=True,            # subset models get the reference's number of steps
-      subset_train={},            # train-config overrides for the subset models
-      finetune={                  # label -> task; 'digits:<same|inverted|parity>' or a data name
-          "inverted": dict(data="digits:inverted"),
-          "parity": dict(data="digits:parity"),
-      },
-      finetune_train=dict(num_steps=150, learning_rate=3e-4, warmup_steps=10),
-      layers="blocks",            # per-block CKA (the diagonal of the block-by-block matrix)
-      tokens="all",
-      split="test",               # Fig 12 images; fine-tuning uses each task's test images
-      num_examples=768, minibatch_size=128, repeats=3, minibatches_per_step=0,
-  ))
+  config.dataset_scale = analyses.default_config("dataset_scale")  # options and paper defaults
+  # Offline fine-tuning tasks on the digits (stand-ins for the paper's datasets).
+  config.dataset_scale.finetune = ml_collections.ConfigDict({
+      "inverted": dict(data="digits:inverted"), "parity": dict(data="digits:parity")})
+  config.dataset_scale.finetune_train = ml_collections.ConfigDict(
+      dict(num_steps=150, learning_rate=3e-4, warmup_steps=10))
+  config.dataset_scale.update(dict(num_examples=768, minibatch_size=128, repeats=3))
   if flags.smoke:
     # Nested dicts are replaced, not merged (ConfigDict.update would merge them).
     config.dataset_scale.finetune = ml_collections.ConfigDict(

@@ -73,8 +73,8 @@ def _load(filename: str, arg):
 
 
 def get_config(arg=None):
-  flags = config_lib.parse_arg(arg)
-  config = config_lib.base_config(arg)
+  flags = config_lib.parse_arg(arg, ())
+  config = config_lib.base_config(flags)
   config.models = {}
   for key, (name, overrides, train) in DEMO_MODELS.items():
     config.models[key] = (config_lib.digits_model(key, name, smoke=True) if flags.smoke else

@@ -14,12 +14,10 @@ come from `tfds.data_source` (prepare them once with `tfds build`). Multi-host p
 automatically (VIT_ANALYSIS_DISTRIBUTED=1 or the JAX_COORDINATOR_* environment).
 
 `:smoke` fine-tunes a tiny ViT from an "upstream" npz with a 100-class head, a pre_logits layer
-and a 2x2 position grid (written once with checkpoints.save_npz under the temp folder) on the
-digits at 32 px: it exercises the same head replacement, pre_logits drop and pos-emb resize.
+and a 2x2 position grid (random weights; the run writes it into its model cache,
+`config_lib.synthetic_checkpoint`) on the digits at 32 px: it exercises the same head
+replacement, pre_logits drop and pos-emb resize.
 """
-import os
-import tempfile
-
 from vit_analysis import config_lib
 
 # (tfds name, test split, classes, steps, warmup) as in vit_jax configs/common.py.
@@ -30,37 +28,15 @@ _DATASETS = {
 }
 
 
-def smoke_upstream_checkpoint() -> str:
-  """Path of a tiny 'upstream' ViT npz (random weights), written once."""
-  path = os.path.join(tempfile.gettempdir(), "vit_analysis_smoke", "upstream_ViT-smoke_8.npz")
-  if not os.path.exists(path):
-    import numpy as np  # pylint: disable=g-import-not-at-top
-
-    from vit_analysis import checkpoints  # pylint: disable=g-import-not-at-top
-    from vit_analysis.models import create_model  # pylint: disable=g-import-not-at-top
-    model = create_model("ViT-smoke_8", 100, representation_size=32, image_size=16)
-    rng = np.random.default_rng(0)
-    flat = {k: (0.02 * rng.standard_normal(s.shape)).astype(np.float32)
-            for k, s in checkpoints.param_shapes(model).items()}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    nested = {}
-    for k, v in flat.items():
-      node = nested
-      *parents, leaf = k.split("/")
-      for p in parents:
-        node = node.setdefault(p, {})
-      node[leaf] = v
-    checkpoints.save_npz(nested, path)
-  return path
-
-
 def get_config(arg=None):
-  flags = config_lib.parse_arg(arg)
-  config = config_lib.base_config(arg)
+  flags = config_lib.parse_arg(arg, ("dataset", "model", "checkpoint", "image_size", "data_dir"))
+  config = config_lib.base_config(flags)
   del config.models["resnet"]
   if flags.smoke:
     config.models.vit = config_lib.finetune_model(
-        "ViT-smoke_8", smoke_upstream_checkpoint(), 10, num_steps=6, optimizer="sgd",
+        "ViT-smoke_8", config_lib.synthetic_checkpoint(
+            "ViT-smoke_8", num_classes=100, representation_size=32, image_size=16), 10,
+        num_steps=6, optimizer="sgd",
         learning_rate=0.03, weight_decay=0.0)
     config.description = "smoke fine-tuning of a tiny upstream npz on the digits"
     return config

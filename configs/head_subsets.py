@@ -11,27 +11,16 @@ Full size (official checkpoints + TFDS imagenet2012 validation, 224 px; 16 heads
   python -m vit_analysis.main --config=configs/head_subsets.py:full,ckpt_dir=$CKPT \
       --workdir=$WORKDIR   # vit=ViT-H_14 for the second panel, resnet=R101x1 for the third
 """
-import ml_collections
-
-from vit_analysis import config_lib
+from vit_analysis import analyses, config_lib
 
 
 def get_config(arg=None):
-  flags = config_lib.parse_arg(arg)
-  config = config_lib.base_config(arg)
+  flags = config_lib.parse_arg(arg, ("full", "ckpt_dir", "vit", "resnet"))
+  config = config_lib.base_config(flags)
   config.analyses = ("head_subsets",)
-  config.head_subsets = ml_collections.ConfigDict(dict(
-      pairs=(("vit", "resnet"),),  # (ViT key, comparison model key)
-      blocks=(0,),                 # ViT blocks whose heads are subset (paper: block 0)
-      mode="window",               # 'window' (sliding, stride 1) | 'cumulative'
-      size=0,                      # heads per window; 0 = H // 2
-      post_projection=False,       # paper.md §6 row 8 alternative
-      distance_examples=1000,      # images for the attention distances (paper: 5,000)
-      layers=(),                   # comparison-model globs; () = first `num_units` unit outputs
-      num_units=5,                 # paper: block1 unit1..3, block2 unit1..2
-      split="test",
-      num_examples=768, minibatch_size=128, repeats=5, minibatches_per_step=0,
-  ))
+  config.head_subsets = analyses.default_config("head_subsets")  # options and paper defaults
+  config.head_subsets.update(dict(distance_examples=1000, num_examples=768, minibatch_size=128,
+                                  repeats=5))
   if flags.smoke:
     config.head_subsets.update(dict(distance_examples=32, num_examples=64, minibatch_size=16,
                                     repeats=2))

@@ -14,23 +14,17 @@ Full size (224 px, TFDS imagenet2012 validation; ViT-B/32 7x7 grid, R50x1 final 
 """
 import ml_collections
 
-from vit_analysis import config_lib
+from vit_analysis import analyses, config_lib
 
 
 def get_config(arg=None):
-  flags = config_lib.parse_arg(arg)
-  config = config_lib.base_config(arg)
+  flags = config_lib.parse_arg(arg, ("full", "ckpt_dir", "gap_ckpt"))
+  config = config_lib.base_config(flags)
   config.models.vit_gap = config_lib.digits_model("vit_gap", "ViT-demo_4-gap", smoke=flags.smoke)
   config.analyses = ("localization",)
-  config.localization = ml_collections.ConfigDict(dict(
-      models=("vit", "vit_gap", "resnet"),
-      layers_per_model={},   # key -> layer name(s); default the final block / final unit
-      tokens=(),             # (row, col) positions drawn; () = the paper's B/32 positions, scaled
-      vmax=1.0,              # colour range [0, vmax]; None: the largest value
-      min_patch_variation=0.1,  # leave out input patches that differ in < 10% of images
-      split="test",
-      num_examples=768, minibatch_size=128, repeats=3, minibatches_per_step=0,
-  ))
+  config.localization = analyses.default_config("localization")  # options and paper defaults
+  config.localization.update(dict(models=("vit", "vit_gap", "resnet"), num_examples=768,
+                                  minibatch_size=128, repeats=3))
   if flags.smoke:
     config.localization.update(dict(num_examples=64, minibatch_size=16, repeats=1))
   if flags.get("full", False):

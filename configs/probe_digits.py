@@ -14,33 +14,25 @@ token position at every block (ViT) and at each stage's first unit and the last 
 """
 import ml_collections
 
-from vit_analysis import config_lib
+from vit_analysis import analyses, config_lib
 
 
 def probe_config(smoke: bool = False, kind: str = "fewshot") -> ml_collections.ConfigDict:
   """The probe sub-config shared by the digits and the ImageNet configs."""
-  c = ml_collections.ConfigDict(dict(
-      kind=kind,
-      layers={"ViT": ("embedding", "block??"), "R": ("root", "block?/unit??"),
-              "Mixer": ("stem", "block??")},
-      layers_by_model={},
-      poolings={},          # model key -> methods; default by family and classifier
-      token_layers={"ViT": ("block??",), "R": ("block?/unit01", "block4/unit02")},
-      grid_layers=(),
-      shots=10, holdout_per_class=10, seeds=3, l2_exponents=(-10, 20),   # paper.md §6 rows 13, 18
-      num_train=0, num_val=500, train_order="shuffle",       # full probes (kind != 'fewshot')
-      weight_decays=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1), num_steps=300,
-      num_test=0, batch_size=128, max_cached_mb=512.0, max_train_mb=4096.0, fast_compile=None))
+  c = analyses.default_config("probe")  # options and paper defaults
+  c.update(dict(kind=kind, num_val=500, batch_size=128))
+  c.token_layers = ml_collections.ConfigDict(
+      {"ViT": ("block??",), "R": ("block?/unit01", "block4/unit02")})
   if smoke:
     c.update(dict(shots=2, holdout_per_class=1, seeds=2, num_test=64, batch_size=32,
-                  l2_exponents=(-4, 8), num_train=256, num_val=64, num_steps=20,
-                  token_layers={"ViT": ("block01",), "R": ("block4/unit01",)}))
+                  l2_exponents=(-4, 8), num_train=256, num_val=64, num_steps=20))
+    c.token_layers = ml_collections.ConfigDict({"ViT": ("block01",), "R": ("block4/unit01",)})
   return c
 
 
 def get_config(arg=None):
-  flags = config_lib.parse_arg(arg)
-  config = config_lib.base_config(arg)
+  flags = config_lib.parse_arg(arg, ("kind",))
+  config = config_lib.base_config(flags)
   config.models.vit_gap = config_lib.digits_model("vit_gap", "ViT-demo_4-gap", smoke=flags.smoke)
   config.analyses = ("probe",)
   config.probe = probe_config(flags.smoke, flags.get("kind", "fewshot"))

@@ -34,8 +34,10 @@ def _probe_config(smoke: bool):
 
 
 def get_config(arg=None):
-  flags = config_lib.parse_arg(arg)
-  config = config_lib.base_config(arg)  # smoke: digits, tiny models, offline.
+  flags = config_lib.parse_arg(arg, ("ckpt_dir", "gap_ckpt", "fig", "data", "vit", "resnet",
+                                     "vit_b32", "vit_b16", "vit_l16", "vit_h14", "r50", "r101",
+                                     "r152x2"))
+  config = config_lib.base_config(flags)  # smoke: digits, tiny models, offline.
   config.analyses = ("probe",)
   config.probe = _probe_config(flags.smoke)
   if flags.smoke:

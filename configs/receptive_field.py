@@ -10,28 +10,14 @@ Full size (TPU VM; official ViT-B/32 and BiT-M R50x1 at 224 px + TFDS imagenet20
       --workdir=$WORKDIR    # vit=ViT-L_16 for Fig C.3
 Cheap option: --config.receptive_field.per_channel=False (abs of the gradient of the channel mean).
 """
-import ml_collections
-
-from vit_analysis import config_lib
+from vit_analysis import analyses, config_lib
 
 
 def get_config(arg=None):
-  flags = config_lib.parse_arg(arg)
-  config = config_lib.base_config(arg)
+  flags = config_lib.parse_arg(arg, ("full", "ckpt_dir", "vit", "resnet"))
+  config = config_lib.base_config(flags)
   config.analyses = ("receptive_field",)
-  config.receptive_field = ml_collections.ConfigDict(dict(
-      split="test",
-      num_images=32,          # paper: 32 images
-      batch_size=8,
-      seed=0,
-      models=(),              # model keys; empty = all
-      modes=("post", "branch"),  # after the skip add (Figs 6, C.1-C.3) / long branch (Fig C.4)
-      layers={},              # model key -> globs, replaces the default layers of every mode
-      per_channel=True,       # paper.md §6 row 9: mean over channels of |per-channel gradient|
-      channel_chunk=32,       # channels pulled back at once (memory vs speed)
-      rgb_reduce="mean",      # over the 3 input colour channels ('mean' | 'sum')
-      mass_fraction=0.5,      # summary: fraction of the image holding this share of the mass
-  ))
+  config.receptive_field = analyses.default_config("receptive_field")  # the paper's settings
   if flags.smoke:
     # One pull-back per layer instead of one per channel: the per-channel ERF of a ResNet
     # costs ~1,000 backward passes per image, minutes on a CPU even for the tiny models.

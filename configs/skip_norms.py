@@ -9,25 +9,15 @@ TFDS imagenet2012 validation):
   python -m vit_analysis.main --config=configs/skip_norms.py:full,ckpt_dir=$CKPT --workdir=$WORKDIR
 Options: --config.skip_norms.average=ratio_of_means, --config.skip_norms.cosine=branch.
 """
-import ml_collections
-
-from vit_analysis import config_lib
+from vit_analysis import analyses, config_lib
 
 
 def get_config(arg=None):
-  flags = config_lib.parse_arg(arg)
-  config = config_lib.base_config(arg)
+  flags = config_lib.parse_arg(arg, ("full", "ckpt_dir", "vit", "resnet"))
+  config = config_lib.base_config(flags)
   config.analyses = ("skip_norms",)
-  config.skip_norms = ml_collections.ConfigDict(dict(
-      split="test",
-      num_images=1000,
-      batch_size=100,
-      seed=0,
-      models=(),               # model keys; empty = all
-      average="per_image",     # paper.md §6 row 11: mean of per-image ratios | 'ratio_of_means'
-      cosine="out",            # §6 row 12: cos(z, z + f(z)) | 'branch': cos(z, f(z))
-      heatmap_tokens=10,       # tokens in the Fig 7 heatmap (0 = CLS); Fig E.1 shows all
-  ))
+  config.skip_norms = analyses.default_config("skip_norms")  # options and paper defaults
+  config.skip_norms.update(dict(num_images=1000, batch_size=100))  # the test digits
   if flags.smoke:
     config.skip_norms.update(dict(num_images=16, batch_size=8, figure_formats=("png",)))
   if flags.get("full", False):

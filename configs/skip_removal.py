@@ -11,22 +11,18 @@ blocks 1, 7, 10 removed as in Fig 8; a long training job per model):
 """
 import ml_collections
 
-from vit_analysis import config_lib
+from vit_analysis import analyses, config_lib
 
 
 def get_config(arg=None):
-  flags = config_lib.parse_arg(arg)
-  config = config_lib.base_config(arg)
+  flags = config_lib.parse_arg(arg, ("full",))
+  config = config_lib.base_config(flags)
   del config.models["resnet"]
   config.analyses = ("skip_removal",)
-  config.skip_removal = ml_collections.ConfigDict(dict(
-      base_model="vit",        # key in config.models; copies get skip_removed=(i,)
-      blocks=(1, 3),           # 0-based (paper.md §6 row 21); paper: 1, 7, 10 of 12
-      layers="coarse",         # paper.md §6 row 4: coarse points for Fig 8
-      tokens="all",
-      split="test",
-      num_examples=768, minibatch_size=128, repeats=3, minibatches_per_step=0,
-  ))
+  config.skip_removal = analyses.default_config("skip_removal")  # options and paper defaults
+  # The 8-block digits ViT: an early and a middle block (the paper: 1, 7, 10 of 12).
+  config.skip_removal.update(dict(blocks=(1, 3), num_examples=768, minibatch_size=128,
+                                  repeats=3))
   if flags.smoke:
     config.skip_removal.update(dict(blocks=(1,), num_examples=32, minibatch_size=8, repeats=1,
                                     figure_formats=("png",)))

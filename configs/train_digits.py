@@ -38,8 +38,8 @@ FAST_MODELS = {
 
 
 def get_config(arg=None):
-  flags = config_lib.parse_arg(arg)
-  config = config_lib.base_config(arg)
+  flags = config_lib.parse_arg(arg, ("contract", "model"))
+  config = config_lib.base_config(flags)
   if not flags.smoke and not flags.get("contract", False):
     for key, (overrides, train) in FAST_MODELS.items():
       config.models[key].overrides = dict(overrides)

@@ -15,6 +15,9 @@ imports no JAX, so loading a config stays cheap.
 """
 from __future__ import annotations
 
+import difflib
+from typing import Any, Iterable
+
 import ml_collections
 
 # Full-size CPU demo model -> its tiny twin for smoke runs (trains in seconds, tests and `:smoke`).
@@ -88,17 +91,54 @@ def train_defaults(smoke: bool = False) -> ml_collections.ConfigDict:
   return c
 
 
-def parse_arg(arg: str | None) -> ml_collections.ConfigDict:
+def parse_arg(arg: str | None, accepted: Iterable[str]) -> ml_collections.ConfigDict:
   """'smoke,model=vit,steps=10' -> ConfigDict(smoke=True, model='vit', steps=10).
 
   Bare words are True; values that parse as int/float/bool become those types. `smoke` is
-  always present (False unless given).
+  always accepted and present (False unless given).
+
+  Args:
+    arg: the text after ':' in `--config=configs/NAME.py:ARG` (None or '' for none).
+    accepted: the argument names this config takes (besides `smoke`).
+
+  Raises:
+    ValueError: for an argument the config does not take, with the closest valid name and all
+      valid ones (so a typo such as 'ful' never silently runs another configuration).
   """
+  valid = ["smoke"] + [a for a in accepted if a != "smoke"]
   flags = {"smoke": False}
   for part in filter(None, (p.strip() for p in (arg or "").split(","))):
     key, sep, value = part.partition("=")
-    flags[key.strip()] = _parse_value(value.strip()) if sep else True
+    key = key.strip()
+    if key not in valid:
+      close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+      hint = f"; did you mean {close[0]!r}?" if close else ""
+      raise ValueError(f"unknown config argument {key!r}{hint} valid: {', '.join(valid)}")
+    flags[key] = _parse_value(value.strip()) if sep else True
   return ml_collections.ConfigDict(flags)
+
+
+def names(value: Any) -> tuple[str, ...]:
+  """A tuple of names from a tuple/list or a comma-separated string ('vit,resnet')."""
+  if isinstance(value, str):
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+  return tuple(str(v) for v in (value or ()))
+
+
+def pairs(value: Any) -> list[tuple[str, str]]:
+  """(row, column) model-key pairs from a sequence of pairs or a string 'vit:resnet,vit:mixer'.
+
+  Raises:
+    ValueError: for an entry that is not a pair.
+  """
+  if isinstance(value, str):
+    entries = [tuple(p.strip() for p in e.split(":")) for e in names(value)]
+  else:
+    entries = [tuple(e) for e in (value or ())]
+  for e in entries:
+    if len(e) != 2 or not all(e):
+      raise ValueError(f"model pairs must be (row_key, column_key) or 'row:column', got {e}")
+  return entries
 
 
 def _parse_value(v: str):
@@ -126,12 +166,12 @@ def tfds_data(name: str, image_size: int, *, train_split: str = "train",
       "test_split": test_split, "data_dir": data_dir})
 
 
-def model_family(name: str) -> str:
-  """'ViT', 'R' or 'Mixer' from a registry name."""
+def _recipe_family(name: str) -> str:
+  """The digits training recipe of a registry name: 'ViT', 'R' or 'Mixer' (its prefix)."""
   for family in ("ViT", "Mixer", "R"):
     if name.startswith(family):
       return family
-  raise KeyError(f"cannot tell the family of model {name!r}")
+  raise KeyError(f"no digits training recipe for model {name!r} (names start with ViT, R or Mixer)")
 
 
 def digits_model(key: str, name: str, *, smoke: bool = False, train_steps: int | None = None,
@@ -149,7 +189,7 @@ def digits_model(key: str, name: str, *, smoke: bool = False, train_steps: int |
   """
   if not key:
     raise ValueError("model key must be non-empty")
-  recipe = {} if smoke else dict(_DIGITS_RECIPES[model_family(name)])
+  recipe = {} if smoke else dict(_DIGITS_RECIPES[_recipe_family(name)])
   if train_steps is not None:
     recipe["num_steps"] = train_steps
   recipe.update(train)
@@ -191,7 +231,33 @@ def finetune_model(name: str, checkpoint: str, num_classes: int, *,
       "train": ml_collections.ConfigDict(train), "overrides": dict(overrides or {})})
 
 
-# Official upstream checkpoints (ImageNet-21k, paper.md §3.2 stand-ins for the JFT models): file
+# A model entry's `checkpoint` that names no file but an architecture whose random-weights
+# official-format npz the run writes into its model cache (smoke runs of fine-tuning).
+SYNTHETIC_CHECKPOINT = "synthetic:"
+
+
+def synthetic_checkpoint(name: str, **options: Any) -> str:
+  """'synthetic:<name>:k=v,...': an upstream-like npz of `name` (create_model options, e.g.
+  num_classes=100, representation_size=32, image_size=16) that the run materialises."""
+  args = ",".join(f"{k}={v}" for k, v in sorted(options.items()))
+  return f"{SYNTHETIC_CHECKPOINT}{name}:{args}"
+
+
+def parse_synthetic_checkpoint(spec: str) -> tuple[str, dict[str, Any]]:
+  """The (name, options) of a `synthetic_checkpoint` spec."""
+  if not spec.startswith(SYNTHETIC_CHECKPOINT):
+    raise ValueError(f"not a synthetic checkpoint spec: {spec!r}")
+  name, _, args = spec[len(SYNTHETIC_CHECKPOINT):].partition(":")
+  options = {}
+  for part in filter(None, args.split(",")):
+    key, sep, value = part.partition("=")
+    if not sep:
+      raise ValueError(f"synthetic checkpoint option {part!r} is not key=value in {spec!r}")
+    options[key] = _parse_value(value)
+  return name, options
+
+
+# Official upstream checkpoints (ImageNet-21k stand-ins for the JFT models, README): file
 # names under `ckpt_dir`, by registry name; other names default to '<name>.npz'.
 OFFICIAL_FILES = {
     "ViT-B_32": "ViT-B_32.npz", "ViT-B_16": "ViT-B_16.npz", "ViT-L_16": "ViT-L_16.npz",
@@ -213,11 +279,11 @@ def official_models(flags: ml_collections.ConfigDict,
   return models
 
 
-def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
+def base_config(flags: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Seed, digits data, a ViT ('vit': ViT-demo_4) and a ResNet ('resnet': R-demo) trained on
-  the digits, train defaults, no analyses. Smoke: 'ViT-smoke_8' / 'R-smoke', a few steps.
+  the digits, train defaults, no analyses. `flags` come from `parse_arg`; with `flags.smoke`:
+  'ViT-smoke_8' / 'R-smoke', a few steps.
   """
-  flags = parse_arg(arg)
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.data = digits_data()
@@ -231,3 +297,35 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.distributed = "auto"  # 'auto' (environment decides) | 'yes' | 'no'
   config.description = ""
   return config
+
+
+def rehearsal(config: ml_collections.ConfigDict, sub: ml_collections.ConfigDict,
+              flags: ml_collections.ConfigDict) -> None:
+  """Turns a CKA config into the dress rehearsal at real size (in place).
+
+  ViT-B/16 and R50x1 at 224 px with the fine presets on a folder of real-size JPEGs
+  (`data=folder:DIR`), m = 64, 2 repeats of 2 minibatches: the paper's code path end to end on
+  one CPU host. Weights come from the official npz files under `ckpt_dir` when given, else are
+  random.
+
+  Raises:
+    ValueError: without `data=folder:DIR`.
+  """
+  data = str(flags.get("data", ""))
+  if not data.startswith("folder:"):
+    raise ValueError("rehearsal needs data=folder:DIR, a folder of real-size JPEGs in class "
+                     f"subfolders (got data={data!r})")
+  config.data = ml_collections.ConfigDict({
+      "name": data, "image_size": 224, "train_split": "train", "test_split": "test"})
+  names = {"vit": flags.get("vit", "ViT-B_16"), "resnet": flags.get("resnet", "R50x1")}
+  config.models = ml_collections.ConfigDict()
+  for key, name in names.items():
+    if flags.get("ckpt_dir", ""):
+      path = f"{flags.ckpt_dir}/{OFFICIAL_FILES.get(name, name + '.npz')}"
+      config.models[key] = official_model(name, path, 21843)
+    else:
+      config.models[key] = ml_collections.ConfigDict({
+          "name": name, "num_classes": 1000, "checkpoint": "", "checkpoint_options": {},
+          "train": None, "overrides": {}})
+  sub.update(dict(layers="fine", num_examples=128, minibatch_size=64, repeats=2))
+  config.description = f"dress rehearsal at 224 px on {data}: {names['vit']} and {names['resnet']}"

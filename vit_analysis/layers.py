@@ -82,3 +82,8 @@ def parse(name: str) -> LayerName:
 def block_outputs(names: list[str] | tuple[str, ...]) -> list[str]:
   """The names in `names` that are whole block or unit outputs, in the given order."""
   return [n for n in names if parse(n).is_output]
+
+
+def literal(name: str) -> str:
+  """A glob that matches exactly `name` ('?', '*' and '[' are pattern syntax in globs)."""
+  return re.sub(r"([\[\]*?])", r"[\1]", name)

@@ -14,19 +14,25 @@ summary saved; `vit_analysis.report` then writes `report.html`. Only process 0 w
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
+import shutil
 import time
 from typing import Any
 
+import flax
 import jax
 import ml_collections
+import numpy as np
 from absl import app, flags, logging
+from etils import epath
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from vit_analysis import analyses as analyses_lib
-from vit_analysis import config_lib, sharding
+from vit_analysis import checkpoints, config_lib, report, sharding
 from vit_analysis import data as data_lib
 from vit_analysis import train as train_lib
 from vit_analysis.analyses import base
@@ -41,30 +47,87 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks the structure of an experiment config before anything runs.
 
   Raises:
-    KeyError: naming an unknown top-level, data, model or train key, or an unknown analysis.
+    KeyError: naming an unknown top-level, data, model, train or analysis sub-config key, or an
+      unknown analysis.
     ValueError: for a malformed value (e.g. `analyses` not a sequence of names).
   """
   allowed = set(config_lib.TOP_LEVEL_KEYS) | set(analyses_lib.NAMES)
   for key in config:
     if key not in allowed:
-      raise KeyError(f"unknown config key {key!r}; allowed: {sorted(config_lib.TOP_LEVEL_KEYS)}"
-                     f" or an analysis name {list(analyses_lib.NAMES)}")
+      raise KeyError(f"unknown config key {key!r}{_close(key, allowed)}; allowed: "
+                     f"{sorted(config_lib.TOP_LEVEL_KEYS)} or an analysis name "
+                     f"{list(analyses_lib.NAMES)}")
   for key in ("data", "models"):
     if key not in config:
       raise KeyError(f"config has no {key!r}")
   for key in config.data:
     if key not in _DATA_KEYS:
-      raise KeyError(f"unknown config key 'data.{key}'; allowed: {list(_DATA_KEYS)}")
+      raise KeyError(f"unknown config key 'data.{key}'{_close(key, _DATA_KEYS)}; allowed: "
+                     f"{list(_DATA_KEYS)}")
   names = config.get("analyses", ())
   if isinstance(names, str) or not all(isinstance(n, str) for n in names):
     raise ValueError(f"config.analyses must be a tuple of analysis names, got {names!r}")
   for name in names:
     analyses_lib.get(name)  # KeyError naming it (with close matches) when unknown
+  for name in analyses_lib.NAMES:
+    if name in config:
+      analysis_config(config, name)  # KeyError naming an unknown option
   if config.get("distributed", "auto") not in ("auto", "yes", "no"):
     raise ValueError(f"config.distributed must be 'auto', 'yes' or 'no', got "
                      f"{config.distributed!r}")
   for key, entry in config.models.items():
     validate_model_entry(key, entry, config.get("train"))
+
+
+def analysis_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """The analysis' `default_config()` updated with `config[name]`: what `ctx.sub` holds.
+
+  Dict-valued options are replaced, not merged, so a config can drop a default entry.
+
+  Raises:
+    KeyError: for an option the analysis does not have (with the closest one).
+  """
+  merged = analyses_lib.default_config(name)
+  given = config.get(name, None)
+  for key in (given or {}):
+    if key not in merged:
+      raise KeyError(f"unknown config key '{name}.{key}'{_close(key, merged)}; "
+                     f"{name} options: {sorted(merged)}")
+    with merged.unlocked():
+      merged[key] = given[key]
+  return merged
+
+
+def _close(word: str, choices) -> str:
+  close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
+  return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_files(config: ml_collections.ConfigDict) -> None:
+  """Checks every file and folder the config names, before any model is built or trained.
+
+  Raises:
+    FileNotFoundError: naming the config key, the path, and what the file should be.
+  """
+  problems = []
+  for key, entry in config.models.items():
+    path = entry.get("checkpoint", "")
+    if path and not path.startswith(config_lib.SYNTHETIC_CHECKPOINT) and not epath.Path(
+        path).exists():
+      problems.append(f"models.{key}.checkpoint = {path!r} does not exist; it should be the "
+                      f"official-format checkpoint of {entry.name} (a vit_jax / BiT / Mixer "
+                      "npz, a big_vision npz or a timm .safetensors file; see README, 'Reproduce "
+                      "the paper')")
+  name = config.data.name
+  if name.startswith("folder:") and not epath.Path(name[len("folder:"):]).is_dir():
+    problems.append(f"data.name = {name!r}: the folder does not exist; it should hold one "
+                    "subfolder of images per class (e.g. ImageNet val as <synset>/*.JPEG)")
+  data_dir = config.data.get("data_dir", "")
+  if data_dir and not epath.Path(data_dir).is_dir():
+    problems.append(f"data.data_dir = {data_dir!r} does not exist; it should be the TFDS data "
+                    "folder that holds the prepared dataset (see README, TPU section)")
+  if problems:
+    raise FileNotFoundError("; ".join(problems))
 
 
 def validate_model_entry(key: str, entry: Any, train_defaults: Any = None) -> None:
@@ -86,8 +149,11 @@ def validate_model_entry(key: str, entry: Any, train_defaults: Any = None) -> No
     train_lib.effective_config(train_defaults, entry["train"])
 
 
-def model_hash(config: ml_collections.ConfigDict, entry: Any) -> str:
-  """Content hash of everything that determines a model's parameters and test accuracy."""
+def model_hash(config: ml_collections.ConfigDict, entry: Any, extra: str = "") -> str:
+  """Content hash of everything that determines a model's parameters and test accuracy.
+
+  `extra` names anything else that does (another training set, the model it starts from).
+  """
   entry = dict(entry)
   train = entry.get("train")
   content = {
@@ -98,6 +164,8 @@ def model_hash(config: ml_collections.ConfigDict, entry: Any) -> str:
       "data": _plain(config.data),
       "seed": config.get("seed", 0),
   }
+  if extra:
+    content["extra"] = extra
   text = json.dumps(content, sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -130,61 +198,116 @@ class ModelBuilder:
     }
     self.summaries: list[dict[str, Any]] = []
 
-  def build(self, key: str, entry: Any) -> base.LoadedModel:
-    """The model of `config.models[key]`-style `entry` (ConfigDict or dict); also `train_fn`."""
+  def build(self, key: str, entry: Any, *, sources: dict[str, Any] | None = None,
+            data_tag: str = "", init_from: base.LoadedModel | None = None) -> base.LoadedModel:
+    """The model of a `config.models[key]`-style entry (ConfigDict or dict); also `train_fn`.
+
+    Args:
+      key: the model's key (for logs, models.json and the report).
+      entry: name, num_classes, checkpoint, overrides, train (see `config_lib.MODEL_KEYS`).
+      sources: {'train', 'test'} to train and evaluate on instead of the config's data.
+      data_tag: what distinguishes `sources` (part of the cache hash); required with `sources`.
+      init_from: a model whose parameters (all but a re-shaped head) the training starts from.
+    """
     if not isinstance(entry, ml_collections.ConfigDict):
       entry = ml_collections.ConfigDict(dict(entry))
     validate_model_entry(key, entry, self.config.get("train"))
+    if sources is not None and not data_tag:
+      raise ValueError(f"model {key!r}: other training data needs a data_tag for the cache hash")
+    sources = sources or self.sources
     t0 = time.time()
     overrides = dict(_plain(entry.get("overrides")) or {})
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     image_size = int(overrides.get("image_size", self.image_size))
-    num_classes = entry.get("num_classes") or self.sources["test"].num_classes
+    num_classes = entry.get("num_classes") or sources["test"].num_classes
     module = create_model(entry.name, num_classes, **overrides)
     if getattr(module, "image_size", image_size) != image_size:
       module = module.clone(image_size=image_size)
-    params, source = None, "random init"
+    params, origin = None, "random init"
     if entry.get("checkpoint"):
       options = dict(_plain(entry.get("checkpoint_options")) or {})
       params = self._load_checkpoint(entry.checkpoint, module, image_size, options)
-      source = f"checkpoint {entry.checkpoint}"
-    seed = int(self.config.get("seed", 0))
+      origin = f"checkpoint {entry.checkpoint}"
+    if init_from is not None:
+      params = _transfer(train_lib.init_params(module, image_size, self.seed),
+                         init_from.variables["params"])
+      origin = f"{init_from.key}"
+    extra = " ".join(filter(None, [data_tag, init_from.fingerprint if init_from else ""]))
+    fingerprint = model_hash(self.config, entry, extra)
     if entry.get("train") is not None:
       cfg = train_lib.effective_config(self.config.get("train"), entry.train)
-      folder = os.path.join(self.cache, f"{entry.name}-{model_hash(self.config, entry)}")
+      folder = os.path.join(self.cache, f"{entry.name}-{fingerprint}")
       outcome = train_lib.train(
-          module, cfg, train_source=self.sources["train"], test_source=self.sources["test"],
-          image_size=image_size, mesh=self.mesh, workdir=folder, seed=seed, params=params,
+          module, cfg, train_source=sources["train"], test_source=sources["test"],
+          image_size=image_size, mesh=self.mesh, workdir=folder, seed=self.seed, params=params,
           name=key)
       params, accuracy = outcome.params, outcome.test_accuracy
-      source = ("fine-tuned " if entry.get("checkpoint") else "trained ") + folder
+      origin = ("fine-tuned " if params is not None and (entry.get("checkpoint") or init_from)
+                else "trained ") + folder
     else:
       if params is None:
         logging.warning("model %r has neither a checkpoint nor a train config: random init", key)
-        params = train_lib.init_params(module, image_size, seed)
+        params = train_lib.init_params(module, image_size, self.seed)
       params = sharding.replicate(params, self.mesh)
-      accuracy = train_lib.evaluate(module, params, self.sources["test"], image_size=image_size,
+      accuracy = train_lib.evaluate(module, params, sources["test"], image_size=image_size,
                                     batch_size=self._eval_batch_size(), mesh=self.mesh)
-    logging.info("model %s (%s): test accuracy %.4f (%s)", key, entry.name, accuracy, source)
+    logging.info("model %s (%s): test accuracy %.4f (%s)", key, entry.name, accuracy, origin)
     self.summaries.append({
         "key": key, "name": entry.name, "params": int(sum(x.size for x in jax.tree.leaves(params))),
         "image_size": image_size, "test_accuracy": accuracy, "train_seconds": time.time() - t0,
-        "source": source})
+        "source": origin})
     return base.LoadedModel(key=key, name=entry.name, module=module,
                             variables={"params": params}, image_size=image_size,
-                            test_accuracy=accuracy)
+                            test_accuracy=accuracy, fingerprint=fingerprint)
+
+  @property
+  def seed(self) -> int:
+    return int(self.config.get("seed", 0))
 
   def _eval_batch_size(self) -> int:
     return int(train_lib.effective_config(self.config.get("train")).eval_batch_size)
 
   def _load_checkpoint(self, path: str, module, image_size: int, options: dict[str, Any]):
-    from vit_analysis import checkpoints  # pylint: disable=g-import-not-at-top
+    if path.startswith(config_lib.SYNTHETIC_CHECKPOINT):
+      path = _write_synthetic(path, os.path.join(self.cache, "synthetic"))
     return checkpoints.load_npz(path, module, image_size=image_size, **options)["params"]
 
   def write_summaries(self, path: str) -> None:
     with open(path + ".tmp", "w") as f:
       json.dump(self.summaries, f, indent=1)
     os.replace(path + ".tmp", path)
+
+
+def _write_synthetic(spec: str, folder: str) -> str:
+  """Materialises a `config_lib.synthetic_checkpoint` spec as an official-format npz.
+
+  Random weights (seeded, 0.02 scale) of the named architecture, written once into `folder`
+  (process 0; the others wait for the file); smoke runs use it to exercise what loading an
+  upstream checkpoint does (head replacement, pre_logits drop, position-embedding resize).
+  """
+  name, options = config_lib.parse_synthetic_checkpoint(spec)
+  digest = hashlib.sha256(spec.encode()).hexdigest()[:12]
+  path = os.path.join(folder, f"{name}-{digest}.npz")
+  if sharding.is_main_process() and not os.path.exists(path):
+    num_classes = int(options.pop("num_classes", 1000))
+    model = create_model(name, num_classes, **options)
+    rng = np.random.default_rng(0)
+    flat = {k: (0.02 * rng.standard_normal(s.shape)).astype(np.float32)
+            for k, s in checkpoints.param_shapes(model).items()}
+    os.makedirs(folder, exist_ok=True)
+    checkpoints.save_npz(flax.traverse_util.unflatten_dict(flat, sep="/"), path)
+  if jax.process_count() > 1:  # the others read the file only once process 0 has written it
+    multihost_utils.sync_global_devices(f"synthetic checkpoint {path}")
+  return path
+
+
+def _transfer(fresh: Any, old: Any) -> Any:
+  """`fresh` parameters with every leaf of `old` of the same path and shape, except the head."""
+  fresh = flax.traverse_util.flatten_dict(jax.device_get(fresh), sep="/")
+  old = flax.traverse_util.flatten_dict(jax.device_get(old), sep="/")
+  return flax.traverse_util.unflatten_dict(
+      {k: old[k] if k in old and old[k].shape == v.shape and not k.startswith("head/") else v
+       for k, v in fresh.items()}, sep="/")
 
 
 def _result_view(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -211,6 +334,9 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
             "use another --workdir or set --config.overwrite=True")
       logging.warning("overwriting results of a different config in %s (keys %s)", workdir,
                       differ)
+      if sharding.is_main_process():  # none of the other config's results may be reused
+        for folder in ("results", "partial", "figures"):
+          shutil.rmtree(os.path.join(workdir, folder), ignore_errors=True)
   if sharding.is_main_process():
     os.makedirs(workdir, exist_ok=True)
     with open(path + ".tmp", "w") as f:
@@ -219,9 +345,14 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[base.AnalysisResult]:
-  """Runs the experiment `config` in `workdir`; returns the analyses' results in order."""
+  """Runs the experiment `config` in `workdir`; returns the analyses' results in order.
+
+  A rerun in the same workdir reuses trained models, skips analyses whose results are saved and
+  resumes interrupted ones from their partial state (`workdir/partial`).
+  """
   start = time.time()
   validate_config(config)
+  check_files(config)
   sharding.maybe_initialize_distributed(
       {"auto": None, "yes": True, "no": False}[config.get("distributed", "auto")])
   check_workdir(config, workdir)
@@ -233,35 +364,35 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[base.AnalysisRe
     models[key] = builder.build(key, entry)
     timings[f"model: {key}"] = time.time() - t0
   ctx = base.Context(workdir=workdir, models=models, sources=builder.sources, mesh=mesh,
-                     train_fn=builder.build)
+                     train_fn=builder.build, config=config)
+  # Decided once, before any analysis runs, so that every process skips the same ones.
+  # check_workdir guarantees that the same config produced what is saved.
+  saved = {name: os.path.join(workdir, "results", f"{name}.json")
+           for name in config.get("analyses", ())}
+  saved = {name: path for name, path in saved.items() if os.path.exists(path)}
   results = []
   for name in config.get("analyses", ()):
     t0 = time.time()
+    if name in saved:
+      with open(saved[name]) as f:
+        result = base.AnalysisResult.from_json(f.read())
+      logging.info("analysis %s: finished in an earlier run, not recomputed", name)
+      results.append(result)
+      continue
     logging.info("analysis %s ...", name)
-    result = analyses_lib.get(name)(config, ctx)
-    if not result.seconds:
-      result.seconds = time.time() - t0
+    result = analyses_lib.get(name)(config, ctx.for_analysis(name, analysis_config(config, name)))
+    result.seconds = time.time() - t0
     logging.info("analysis %s done in %.1f s: %s", name, result.seconds, result.metrics)
     if sharding.is_main_process():
       base.save_result(ctx, result)
+      shutil.rmtree(os.path.join(workdir, "partial", name), ignore_errors=True)
     results.append(result)
   timings["total"] = time.time() - start
   if sharding.is_main_process():
     builder.write_summaries(os.path.join(workdir, "models.json"))
-    _maybe_write_report(workdir, config, results, builder.summaries, timings)
+    path = report.write_report(workdir, config, results, builder.summaries, timings=timings)
+    logging.info("report: %s", path)
   return results
-
-
-def _maybe_write_report(workdir, config, results, summaries, timings) -> str | None:
-  try:
-    from vit_analysis import report  # pylint: disable=g-import-not-at-top
-  except ModuleNotFoundError as e:
-    if e.name != "vit_analysis.report":
-      raise
-    return None
-  path = report.write_report(workdir, config, results, summaries, timings=timings)
-  logging.info("report: %s", path)
-  return path
 
 
 _CONFIG = config_flags.DEFINE_config_file(

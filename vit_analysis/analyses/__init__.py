@@ -8,6 +8,8 @@ import difflib
 import importlib
 from typing import Callable
 
+import ml_collections
+
 from vit_analysis.analyses.base import AnalysisResult, Context, LoadedModel
 
 # name -> "module:function" (relative to this package). Paper figures in the comments.
@@ -27,18 +29,32 @@ _REGISTRY: dict[str, str] = {
 NAMES = tuple(_REGISTRY)
 
 
+def _module(name: str):
+  if name not in _REGISTRY:
+    close = difflib.get_close_matches(name, NAMES, n=3, cutoff=0.4)
+    raise KeyError(f"unknown analysis {name!r}; did you mean {close}? known: {list(NAMES)}")
+  module_name, fn_name = _REGISTRY[name].split(":")
+  return importlib.import_module(f"vit_analysis.analyses.{module_name}"), fn_name
+
+
 def get(name: str) -> Callable[..., AnalysisResult]:
   """The analysis function registered as `name`.
 
   Raises:
     KeyError: naming the unknown analysis and the closest known names.
   """
-  if name not in _REGISTRY:
-    close = difflib.get_close_matches(name, NAMES, n=3, cutoff=0.4)
-    raise KeyError(f"unknown analysis {name!r}; did you mean {close}? known: {list(NAMES)}")
-  module_name, fn_name = _REGISTRY[name].split(":")
-  module = importlib.import_module(f"vit_analysis.analyses.{module_name}")
+  module, fn_name = _module(name)
   return getattr(module, fn_name)
 
 
-__all__ = ["AnalysisResult", "Context", "LoadedModel", "NAMES", "get"]
+def default_config(name: str) -> ml_collections.ConfigDict:
+  """Every option of analysis `name` with its default: the one place its defaults live.
+
+  Config files start from it and override what differs (`config.cka_intra =
+  analyses.default_config('cka_intra')`), so every option can also be set on the command line.
+  """
+  module, _ = _module(name)
+  return module.default_config()
+
+
+__all__ = ["AnalysisResult", "Context", "LoadedModel", "NAMES", "default_config", "get"]

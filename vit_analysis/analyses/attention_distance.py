@@ -2,27 +2,25 @@
 
 For head h, query patch q and key patch k with attention weight a_hqk (softmax over all keys, CLS
 included) and pixel distance d(q, k) = P * ||grid(q) - grid(k)||_2, a head's distance on one
-image is mean_q sum_k a_hqk d(q, k) (paper.md §1.6). By default the CLS token is dropped as both
+image is mean_q sum_k a_hqk d(q, k) (docs/method.md#attention-distance). By default the CLS token is dropped as both
 query and key and the remaining patch weights are NOT renormalised, so a head that puts mass on
 CLS looks more local; `renormalize=True` divides by the patch mass instead.
 
 `mean_attention_distance` is the one shared implementation: the head-subset analysis (Fig 5)
-imports it to order heads from local to global. Keep its name and signature stable.
-`stream_sums` (sum a jitted per-batch statistic over N images on the mesh, bounded memory,
-examples/s) is shared by the receptive-field and skip-norm analyses.
+imports it to order heads from local to global, on the same sample of images.
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-from absl import logging
 
-from vit_analysis import sharding
+from vit_analysis import capture, compilation, config_lib, streaming
 from vit_analysis.analyses import base
+from vit_analysis.plotting import mechanisms
 
 
 def patch_distances(grid: tuple[int, int], patch_size: float = 1.0) -> np.ndarray:
@@ -45,7 +43,8 @@ def patch_distances(grid: tuple[int, int], patch_size: float = 1.0) -> np.ndarra
 
 
 def mean_attention_distance(attn_weights: jax.Array, grid: tuple[int, int], patch_size: float,
-                            *, has_cls: bool, renormalize: bool = False) -> jax.Array:
+                            *, has_cls: bool, renormalize: bool = False,
+                            num_prefix: int | None = None) -> jax.Array:
   """Mean attention distance of every head, per image.
 
   Args:
@@ -55,6 +54,8 @@ def mean_attention_distance(attn_weights: jax.Array, grid: tuple[int, int], patc
     patch_size: pixels per grid step (the model's patch size for distances in pixels).
     has_cls: whether token 0 is a CLS token; it is dropped as query and key.
     renormalize: divide each query's patch weights by their sum (CLS mass redistributed).
+    num_prefix: tokens before the patch grid (CLS and register tokens; default `has_cls`), all
+      dropped as query and key.
 
   Returns:
     [b, H] float32: mean over queries of sum_k a_qk d(q, k).
@@ -65,12 +66,13 @@ def mean_attention_distance(attn_weights: jax.Array, grid: tuple[int, int], patc
   if attn_weights.ndim != 4 or attn_weights.shape[-1] != attn_weights.shape[-2]:
     raise ValueError(f"attn_weights must be [b, H, T, T], got shape {attn_weights.shape}")
   num_patches = int(grid[0]) * int(grid[1])
-  expected = num_patches + int(has_cls)
+  prefix = int(has_cls) if num_prefix is None else int(num_prefix)
+  expected = num_patches + prefix
   if attn_weights.shape[-1] != expected:
     raise ValueError(
         f"attn_weights have {attn_weights.shape[-1]} tokens but grid {tuple(grid)} with "
-        f"has_cls={has_cls} needs {expected}")
-  a = attn_weights[..., int(has_cls):, int(has_cls):].astype(jnp.float32)  # [b, H, N, N]
+        f"{prefix} prefix tokens (has_cls={has_cls}) needs {expected}")
+  a = attn_weights[..., prefix:, prefix:].astype(jnp.float32)  # [b, H, N, N]
   if renormalize:
     a = a / jnp.maximum(a.sum(-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
   dist = jnp.asarray(patch_distances(grid, patch_size))  # [N, N]
@@ -80,7 +82,8 @@ def mean_attention_distance(attn_weights: jax.Array, grid: tuple[int, int], patc
 
 def block_attention_distances(out: dict[str, jax.Array], grid: tuple[int, int],
                               patch_size: float, *, has_cls: bool,
-                              renormalize: bool = False) -> jax.Array:
+                              renormalize: bool = False,
+                              num_prefix: int | None = None) -> jax.Array:
   """`mean_attention_distance` of every 'block{i}/attn_weights' in a ViT's `out`.
 
   Returns:
@@ -93,192 +96,110 @@ def block_attention_distances(out: dict[str, jax.Array], grid: tuple[int, int],
   if not names:
     raise KeyError(f"no '*/attn_weights' in out (keys: {sorted(out)[:8]}...)")
   return jnp.stack([
-      mean_attention_distance(out[n], grid, patch_size, has_cls=has_cls, renormalize=renormalize)
+      mean_attention_distance(out[n], grid, patch_size, has_cls=has_cls, renormalize=renormalize,
+                              num_prefix=num_prefix)
       for n in names], axis=1)
 
 
-# ---------------------------------------------------------------------------------------------
-# Streaming over images (shared by the mechanism analyses: attention distance, ERFs, skip norms).
-
-
-class _Subset:
-  """The first `n` examples of a seeded permutation of a source (random access)."""
-
-  def __init__(self, src, n: int, seed: int):
-    self.src, self.num_classes = src, getattr(src, "num_classes", None)
-    self.indices = np.random.default_rng(seed).permutation(len(src))[:n]
-
-  def __len__(self) -> int:
-    return len(self.indices)
-
-  def __getitem__(self, i: int):
-    return self.src[int(self.indices[i])]
-
-
-# XLA:CPU spends most of a small model's compile time in LLVM's optimisation passes; level 0
-# halves it (smoke runs, tests). Ignored on other backends.
-_FAST_COMPILE = {"xla_backend_optimization_level": 0}
-
-
-def fast_compile(config, cfg) -> bool:
-  """The sub-config's `fast_compile`, else the training defaults' (True in smoke configs)."""
-  if "fast_compile" in cfg:
-    return bool(cfg.fast_compile)
-  train = config.get("train", None)
-  return bool(train.get("fast_compile", False)) if train is not None else False
-
-
-def stream_sums(step_fn, variables: Any, source, *, num_images: int, batch_size: int,
-                image_size: int, mesh: jax.sharding.Mesh, seed: int = 0,
-                desc: str = "", fast: bool = False) -> tuple[Any, dict[str, float]]:
-  """Sums `step_fn(variables, images, mask)` over `num_images` images streamed in batches.
-
-  The images are a seeded sample of `source`, preprocessed to `image_size`, cut into global
-  batches split over the mesh (the last batch padded and masked), so memory is bounded by one
-  batch whatever `num_images` is. `step_fn(variables, images, mask)` is jitted here (`fast`: XLA
-  optimisation level 0 on CPU) and must return per-batch SUMS weighted by `mask` ([b] float32,
-  0 on padding); the sums stay on device until the end.
-
-  Returns:
-    (host NumPy pytree of the sums, {'num_images', 'seconds', 'examples_per_s'}).
-  """
-  from vit_analysis import data  # pylint: disable=g-import-not-at-top
-
-  num_images = min(int(num_images), len(source))
-  if num_images <= 0:
-    raise ValueError(f"num_images must be positive (source has {len(source)} images)")
-  per = jax.device_count()
-  batch_size = -(-max(1, min(int(batch_size), num_images)) // per) * per
-  subset = _Subset(source, num_images, seed)
-  it = data.batches(subset, batch_size, seed=seed, shuffle=False, drop_remainder=False,
-                    image_size=image_size)
-  options = dict(_FAST_COMPILE) if fast and jax.default_backend() == "cpu" else None
-  step_fn = jax.jit(step_fn, compiler_options=options)
-  params = sharding.replicate(variables, mesh)
-  total, done, start, last_log = None, 0, time.time(), time.time()
-  first_done, first_end = 0, None  # The first batch pays for compilation; rates exclude it.
-  for batch in it:
-    images, mask = sharding.shard_batch(
-        (batch["image"], np.asarray(batch["mask"], np.float32)), mesh)
-    sums = step_fn(params, images, mask)
-    total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-    done += int(np.asarray(batch["mask"]).sum()) * jax.process_count()
-    if first_end is None:
-      jax.block_until_ready(total)
-      first_done, first_end = done, time.time()
-    if time.time() - last_log > 10:
-      jax.block_until_ready(total)
-      rate = (done - first_done) / max(time.time() - first_end, 1e-9)
-      logging.info("%s: %d/%d images, %.1f examples/s, ETA %.0f s", desc, done, num_images,
-                   rate, (num_images - done) / max(rate, 1e-9))
-      last_log = time.time()
-  total = jax.tree.map(np.asarray, jax.device_get(total))
-  seconds = time.time() - start
-  if done > first_done:  # Steady state, after the first (compiling) batch.
-    rate = (done - first_done) / max(time.time() - first_end, 1e-9)
-  else:
-    rate = done / max(seconds, 1e-9)
-  stats = {"num_images": float(done), "seconds": seconds, "examples_per_s": rate,
-           "first_batch_seconds": first_end - start}
-  logging.info("%s: %d images in %.1f s (first batch incl. compilation %.1f s; then %.1f "
-               "examples/s)", desc, done, seconds, first_end - start, rate)
-  return total, stats
-
-
-def is_vit(module) -> bool:
-  """ViTs expose `num_heads` and `patch_size` (contracts.md)."""
-  return hasattr(module, "num_heads") and hasattr(module, "patch_size")
-
-
 def model_distances(model: base.LoadedModel, source, mesh, *, num_images: int, batch_size: int,
-                    seed: int = 0, renormalize: bool = False,
-                    unit: str = "pixels", fast: bool = False
-                    ) -> tuple[np.ndarray, dict[str, float]]:
+                    seed: int = 0, renormalize: bool = False, unit: str = "pixels",
+                    fast: bool = False, resume: Any = None,
+                    indices: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, float]]:
   """Mean attention distance of every head of every block of a ViT, averaged over images.
+
+  Args:
+    model: a ViT (or hybrid) whose `out` holds 'block*/attn_weights'.
+    source: random-access raw images.
+    mesh: the device mesh; each global batch is split over it.
+    num_images: images of a seeded sample of `source` (`streaming.sample`), unless `indices`.
+    batch_size: global batch (rounded up to a multiple of the device count).
+    seed: the sample's seed.
+    renormalize, unit: see `mean_attention_distance` ('pixels' or 'patches').
+    fast: XLA:CPU fast compilation.
+    resume: optional `resume.Checkpointer` for the running sums.
+    indices: explicit example indices (overrides `num_images` / `seed`).
 
   Returns:
     ([L, H] float64 distances, streaming stats).
   """
-  from vit_analysis import capture  # pylint: disable=g-import-not-at-top
-
-  module = model.module
-  if not is_vit(module):
-    raise ValueError(f"model {model.key!r} ({model.name}) is not a ViT (no num_heads/patch_size)")
+  info = model.info
+  if not info.has_attention_weights:
+    raise ValueError(f"model {model.key!r} ({model.name}) exposes no attention weights "
+                     "('block*/attn_weights'); attention distances need a ViT")
   if unit not in ("pixels", "patches"):
     raise ValueError(f"unit must be 'pixels' or 'patches', got {unit!r}")
-  side = model.image_size // module.patch_size
-  grid, has_cls = (side, side), module.classifier == "token"
-  step = 1.0 if unit == "patches" else float(module.patch_size)
-  fn = capture.make_capture_fn(module, "block*/attn_weights")
+  step = 1.0 if unit == "patches" else float(info.patch_size)
+  fn = capture.make_capture_fn(model.module, "block*/attn_weights")
 
   def step_fn(variables, images, mask):
-    d = block_attention_distances(fn(variables, images), grid, step, has_cls=has_cls,
+    d = block_attention_distances(fn(variables, images), info.grid, step,
+                                  has_cls=info.has_cls, num_prefix=info.num_prefix_tokens,
                                   renormalize=renormalize)  # [b, L, H]
     return {"sum": jnp.einsum("blh,b->lh", d, mask), "count": mask.sum()}
 
-  sums, stats = stream_sums(step_fn, model.variables, source, num_images=num_images,
-                            batch_size=batch_size, image_size=model.image_size, mesh=mesh,
-                            seed=seed, desc=f"attention distance {model.key}", fast=fast)
+  if indices is None:
+    indices = streaming.sample(len(source), min(int(num_images), len(source)), seed)
+  sums, stats = streaming.stream_sums(
+      step_fn, model.variables, source, indices, step_size=streaming.round_up_to_devices(
+          min(int(batch_size), len(indices)), mesh), image_size=model.image_size,
+      normalization=info.normalization, mesh=mesh, desc=f"attention distance {model.key}",
+      compiler_options=compilation.compiler_options(fast), resume=resume)
   return np.asarray(sums["sum"], np.float64) / float(sums["count"]), stats
 
 
+def default_config() -> ml_collections.ConfigDict:
+  """Every option of the attention-distance analysis, with the paper's defaults."""
+  return ml_collections.ConfigDict(dict(
+      split="test",
+      num_images=5000,      # the paper's 5,000 ImageNet validation images
+      batch_size=64,
+      seed=0,
+      models=(),            # model keys (tuple or comma-separated); empty = every ViT
+      renormalize=False,    # CLS dropped as query and key, no renormalisation (method.md)
+      unit="pixels",        # 'pixels' (grid step x patch size) | 'patches'
+      blocks=(),            # blocks of the sorted-heads plot; empty = first two and last two
+      figure_formats=("png", "pdf"),
+      fast_compile=None,    # None: config.train.fast_compile
+      checkpoint_every_s=60.0,
+  ))
+
+
 def run(config, ctx: base.Context) -> base.AnalysisResult:
-  """Attention distances of every ViT in `ctx.models` (Figs 3, 4, C.5, C.6).
-
-  Sub-config `config.attention_distance`: split, num_images (paper 5000), batch_size, seed,
-  models (keys; empty = every ViT), renormalize, unit ('pixels' | 'patches'), blocks (for the
-  sorted-heads figure; empty = first two and last two), figure_formats (default png + pdf),
-  fast_compile (XLA:CPU level 0; default `config.train.fast_compile`).
-  """
-  from vit_analysis import plotting  # pylint: disable=g-import-not-at-top
-  from vit_analysis.plotting import mechanisms  # pylint: disable=g-import-not-at-top
-
-  cfg = config.attention_distance
-  formats = tuple(cfg.get("figure_formats", ("png", "pdf")))
-  start = time.time()
-  keys = list(cfg.get("models", ()) or [k for k, m in ctx.models.items() if is_vit(m.module)])
-  if not keys:
-    raise ValueError(f"attention_distance needs a ViT; models are {list(ctx.models)}")
-  source = ctx.sources[cfg.get("split", "test")]
+  """Attention distances of every ViT in `ctx.models` (Figs 3, 4, C.5, C.6)."""
+  del config
+  cfg = ctx.sub
+  keys = ctx.model_keys(config_lib.names(cfg.models), where=lambda m: m.info.has_attention_weights,
+                        what="ViT")
+  source = ctx.sources[cfg.split]
   distances, metrics = {}, {}
   for key in keys:
-    if key not in ctx.models:
-      raise KeyError(f"attention_distance: unknown model {key!r}; known: {list(ctx.models)}")
+    model = ctx.model(key)
     d, stats = model_distances(
-        ctx.models[key], source, ctx.mesh, num_images=cfg.get("num_images", 5000),
-        batch_size=cfg.get("batch_size", 64), seed=cfg.get("seed", 0),
-        renormalize=cfg.get("renormalize", False), unit=cfg.get("unit", "pixels"),
-        fast=fast_compile(config, cfg))
+        model, source, ctx.mesh, num_images=cfg.num_images, batch_size=cfg.batch_size,
+        seed=cfg.seed, renormalize=cfg.renormalize, unit=cfg.unit, fast=ctx.fast_compile)
     distances[key] = d
-    module, size = ctx.models[key].module, ctx.models[key].image_size
-    step = 1.0 if cfg.get("unit", "pixels") == "patches" else float(module.patch_size)
+    info = model.info
+    step = 1.0 if cfg.unit == "patches" else float(info.patch_size)
     metrics[key] = {
-        "uniform_attention": float(patch_distances((size // module.patch_size,) * 2, step).mean()),
+        "uniform_attention": float(patch_distances(info.grid, step).mean()),
         "block0_min_head": float(d[0].min()), "block0_max_head": float(d[0].max()),
         "last_block_mean": float(d[-1].mean()), "per_block_mean": d.mean(1).round(3).tolist(),
         "num_images": stats["num_images"], "examples_per_s": round(stats["examples_per_s"], 2)}
-  figures = []
-  if sharding.is_main_process():
-    np.savez(ctx.path("results", "attention_distance.npz"), **distances)
-    unit = cfg.get("unit", "pixels")
-    labels = {k: f"{k} ({ctx.models[k].name})" for k in keys}
-    fig = mechanisms.attention_distance_scatter(
-        {labels[k]: distances[k] for k in keys}, unit=unit,
-        uniform={labels[k]: metrics[k]["uniform_attention"] for k in keys})
-    figures.append(plotting.save_figure(fig, ctx.path("figures", "attention_distance"), formats))
-    fig = mechanisms.attention_distance_sorted({labels[k]: distances[k] for k in keys},
-                                               blocks=tuple(cfg.get("blocks", ()) or ()), unit=unit)
-    figures.append(plotting.save_figure(
-        fig, ctx.path("figures", "attention_distance_sorted"), formats))
-    figures = [f[len(ctx.workdir):].lstrip("/") if f.startswith(ctx.workdir) else f
-               for f in figures]
-  result = base.AnalysisResult(
+  ctx.save_arrays("attention_distance", **distances)
+  labels = {k: f"{k} ({ctx.model(k).name})" for k in keys}
+  figures = [
+      ctx.save_figure(lambda: mechanisms.attention_distance_scatter(
+          {labels[k]: distances[k] for k in keys}, unit=cfg.unit,
+          uniform={labels[k]: metrics[k]["uniform_attention"] for k in keys}),
+          "attention_distance"),
+      ctx.save_figure(lambda: mechanisms.attention_distance_sorted(
+          {labels[k]: distances[k] for k in keys}, blocks=tuple(cfg.blocks or ()),
+          unit=cfg.unit), "attention_distance_sorted"),
+  ]
+  return base.AnalysisResult(
       name="attention_distance", title="Mean attention distance per head (Figs 3, 4, C.5, C.6)",
       caption=("Each point is one head: the attention-weighted mean distance between query and "
                "key patches, averaged over queries and images. The paper finds both local and "
                "global heads in the lowest blocks of large-data ViTs (none local when trained on "
                "ImageNet only for L/H), and only global heads at the top."),
-      figures=figures, metrics=metrics, seconds=time.time() - start)
-  if sharding.is_main_process():
-    base.save_result(ctx, result)
-  return result
+      figures=figures, metrics=metrics)

@@ -8,24 +8,23 @@ at 3 % and the upper blocks falling off, more so for larger models.
 
 Fig G.1: the same block-wise CKA between a model before and after fine-tuning on a task (a new
 head; all other parameters start from the model), measured on the task's images at the model's
-resolution (paper.md §6 row 23). The paper finds natural-image tasks changing the representation
+resolution (docs/method.md#data-scale-and-fine-tuning). The paper finds natural-image tasks changing the representation
 little, and the first 4-5 blocks preserved on every task.
 """
 from __future__ import annotations
 
-import os
-import time
+import json
 from typing import Any, Callable
 
-import flax
-import jax
 import ml_collections
 import numpy as np
 
+from vit_analysis import cka_runner
 from vit_analysis import data as data_lib
-from vit_analysis import sharding
+from vit_analysis import layers as layers_lib
+from vit_analysis import train as train_lib
 from vit_analysis.analyses import base
-from vit_analysis.analyses import similarity
+from vit_analysis.plotting import similarity as plots
 
 
 class IndexedSource:
@@ -95,118 +94,115 @@ def task_sources(task: Any, ctx: base.Context) -> dict[str, Any]:
           "test": data_lib.get_source(cfg, task.get("test_split", "test"))}
 
 
-def _train(config: Any, ctx: base.Context, ref_key: str, tag: str, train_source: Any,
-           test_source: Any, init_from: base.LoadedModel | None = None) -> base.LoadedModel:
-  """Trains a copy of model `ref_key` (new head when fine-tuning) in workdir/dataset_scale/tag."""
-  from vit_analysis import train as train_lib  # pylint: disable=g-import-not-at-top
-  sub = config.dataset_scale
-  entry = config.models[ref_key]
-  ref = ctx.models[ref_key]
-  # The reference's architecture (overrides, resolution) with a head for this data.
-  module = ref.module.clone(num_classes=int(train_source.num_classes))
-  cfg = train_lib.effective_config(config.get("train", None), entry.get("train", None))
-  extra = dict(sub.get("finetune_train" if init_from else "subset_train", None) or {})
-  if not init_from and sub.get("same_steps", True) and not extra.get("num_steps"):
+def _train(ctx: base.Context, ref_key: str, tag: str, sources: dict[str, Any],
+           data_tag: str, init_from: base.LoadedModel | None = None) -> base.LoadedModel:
+  """A copy of model `ref_key` (its architecture and resolution, a head for this data) trained
+  through `ctx.train_fn`, so it is cached and content-hashed like every configured model.
+
+  Subset models start from scratch (by default with the reference's number of steps); fine-tuned
+  models start from `init_from` (every parameter but the re-shaped head).
+  """
+  if ctx.train_fn is None:
+    raise ValueError("dataset_scale trains models, but this context has no train_fn")
+  sub = ctx.sub
+  entry = ml_collections.ConfigDict(ctx.config.models[ref_key].to_dict())
+  extra = dict(sub.finetune_train if init_from is not None else sub.subset_train)
+  if init_from is None and sub.same_steps and not extra.get("num_steps"):
     # Same optimisation budget as the reference (the subset is revisited more often).
+    cfg = train_lib.effective_config(ctx.config.get("train", None), entry.get("train", None))
     extra["num_steps"] = train_lib.total_steps(cfg, len(ctx.sources["train"]))
-  cfg = train_lib.effective_config(cfg, extra)
-  params = None
-  if init_from is not None:  # every parameter but the (re-shaped) head starts from the model
-    fresh = flax.traverse_util.flatten_dict(
-        train_lib.init_params(module, ref.image_size, int(config.seed)), sep="/")
-    old = flax.traverse_util.flatten_dict(jax.device_get(init_from.variables["params"]), sep="/")
-    params = flax.traverse_util.unflatten_dict(
-        {k: old[k] if k in old and old[k].shape == v.shape and not k.startswith("head/") else v
-         for k, v in fresh.items()}, sep="/")
-  outcome = train_lib.train(module, cfg, train_source=train_source, test_source=test_source,
-                            image_size=ref.image_size, mesh=ctx.mesh,
-                            workdir=os.path.join(ctx.workdir, "dataset_scale", tag),
-                            seed=int(config.seed), params=params, name=tag)
-  return base.LoadedModel(key=tag, name=ref.name, module=module,
-                          variables={"params": jax.device_get(outcome.params)},
-                          image_size=ref.image_size, test_accuracy=outcome.test_accuracy)
+  entry.train = ml_collections.ConfigDict(dict(entry.get("train", None) or {}, **extra))
+  entry.num_classes = int(sources["train"].num_classes)
+  entry.checkpoint = ""
+  entry.checkpoint_options = {}
+  return ctx.train_fn(tag, entry, sources=sources, data_tag=data_tag, init_from=init_from)
 
 
 def blockwise_cka(model_a: base.LoadedModel, model_b: base.LoadedModel, source: Any,
-                  config: Any, layers: Any, mesh: jax.sharding.Mesh,
-                  desc: str) -> similarity.RepeatedCKA:
+                  ctx: base.Context, layers: Any, desc: str) -> cka_runner.RepeatedCKA:
   """CKA of every captured layer of `model_a` with every one of `model_b` (same architecture)."""
-  sub = config.dataset_scale
-  side_a = similarity.model_side(model_a, layers, sub.get("tokens", "all"))
-  side_b = similarity.model_side(model_b, layers, sub.get("tokens", "all"))
+  side_a = cka_runner.model_side(model_a, layers, ctx.sub.tokens)
+  side_b = cka_runner.model_side(model_b, layers, ctx.sub.tokens)
   if side_a.names != side_b.names:
     raise ValueError(f"{desc}: the two models capture different layers")
-  return similarity.cka_over_repeats(side_a, side_b, source, seed=int(config.seed),
-                                     mesh=mesh, desc=desc,
-                                     **similarity.protocol(sub))
+  return cka_runner.cka_over_repeats(side_a, side_b, source, seed=ctx.seed, mesh=ctx.mesh,
+                                     desc=desc, resume=ctx.checkpointer(desc.split("/")[-1]),
+                                     **cka_runner.protocol(ctx.sub))
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every option of the data-scale / fine-tuning analysis, with the paper's defaults."""
+  c = cka_runner.protocol_config()
+  c.reference = "vit"            # key in config.models: the model trained on all the data
+  c.fractions = (0.03, 0.1, 0.3)  # nested class-balanced subsets of the training split
+  c.same_steps = True            # subset models get the reference's number of steps
+  c.subset_train = {}            # train-config overrides for the subset models
+  c.finetune = {}                # label -> task; 'digits:<same|inverted|parity>' or a data name
+  c.finetune_train = {}          # train-config overrides for the fine-tuned models
+  c.layers = "blocks"            # per-block CKA (the diagonal of the block-by-block matrix)
+  c.tokens = "all"
+  c.figure_formats = ("png", "pdf")
+  return c
 
 
 def run(config: Any, ctx: base.Context) -> base.AnalysisResult:
-  """Trains the subset and fine-tuned models (cached in the workdir) and compares them by block."""
-  t0 = time.time()
-  sub = config.dataset_scale
-  ref_key = sub.get("reference", "vit")
-  ref = ctx.models[ref_key]
-  layers = sub.get("layers", "blocks")
-  layers = layers if isinstance(layers, str) else tuple(layers)
+  """Trains the subset and fine-tuned models (cached) and compares them block by block."""
+  del config
+  sub = ctx.sub
+  ref_key = sub.reference
+  ref = ctx.model(ref_key)
+  layers = cka_runner.layer_spec(sub.layers)
   figures, metrics = [], {}
   panels = {}
-  fractions = [float(f) for f in sub.get("fractions", ())]
+  fractions = [float(f) for f in sub.fractions]
   if fractions:
-    subsets = nested_subsets(_labels(ctx.sources["train"]), fractions, int(config.seed))
+    subsets = nested_subsets(_labels(ctx.sources["train"]), fractions, ctx.seed)
     curves = {}
     for f in fractions:
       tag = f"{ref_key}_frac{f:g}"
-      model = _train(config, ctx, ref_key, tag, IndexedSource(ctx.sources["train"], subsets[f]),
-                     ctx.sources["test"])
-      rep = blockwise_cka(ref, model, ctx.sources[sub.get("split", "test")], config, layers,
-                          ctx.mesh, f"dataset_scale/{tag}")
+      sources = {"train": IndexedSource(ctx.sources["train"], subsets[f]),
+                 "test": ctx.sources["test"]}
+      model = _train(ctx, ref_key, tag, sources, f"subset fraction={f:g} seed={ctx.seed}")
+      rep = blockwise_cka(ref, model, ctx.sources[sub.split], ctx, layers,
+                          f"dataset_scale/{tag}")
       curves[f"{100 * f:g}%"] = rep
       metrics[tag] = dict(fraction=f, train_examples=int(len(subsets[f])),
                           test_accuracy=model.test_accuracy,
                           block_cka=np.diag(rep.mean).tolist())
     panels["data_fraction"] = (curves, f"{ref.name}: subset model vs 100% model")
-  tasks = dict(sub.get("finetune", None) or {})
+  tasks = dict(sub.finetune or {})
   if tasks:
     curves = {}
     for label, task in tasks.items():
       sources = task_sources(task, ctx)
       tag = f"{ref_key}_ft_{label}"
-      model = _train(config, ctx, ref_key, tag, sources["train"], sources["test"], init_from=ref)
-      rep = blockwise_cka(ref, model, sources["test"], config, layers, ctx.mesh,
-                          f"dataset_scale/{tag}")
+      task_json = json.dumps(dict(task), sort_keys=True, default=str)
+      model = _train(ctx, ref_key, tag, sources, f"finetune {task_json}", init_from=ref)
+      rep = blockwise_cka(ref, model, sources["test"], ctx, layers, f"dataset_scale/{tag}")
       curves[label] = rep
-      metrics[tag] = dict(task=task.data, test_accuracy=model.test_accuracy,
+      metrics[tag] = dict(task=task["data"], test_accuracy=model.test_accuracy,
                           block_cka=np.diag(rep.mean).tolist())
     panels["finetune"] = (curves, f"{ref.name}: before vs after fine-tuning")
-  if sharding.is_main_process():
-    for panel, (curves, title) in panels.items():
-      stems = {}
+  for panel, (curves, title) in panels.items():
+    stems = {label: ctx.results_stem(f"dataset_scale_{panel}_{label.replace('%', 'pct')}")
+             for label in curves}
+    if ctx.is_main:
       for label, rep in curves.items():
-        stems[label] = ctx.path("results", f"dataset_scale_{panel}_{label.replace('%', 'pct')}")
         rep.save(stems[label], label=label)
-      png = draw(stems, title, ctx.path("figures", f"dataset_scale_{panel}"))
-      figures.append(png[len(ctx.workdir):].lstrip("/"))
-  result = base.AnalysisResult(
+    figures.append(ctx.save_figure(lambda: draw(stems, title), f"dataset_scale_{panel}"))
+  return base.AnalysisResult(
       name="dataset_scale", title="Data scale and fine-tuning (Figs 12, G.1)",
       caption="Per-block CKA of models trained on data subsets (or fine-tuned) with the reference "
               "model at the same block. The paper finds low blocks similar even at 3% of the "
               "data and after fine-tuning, with the upper blocks diverging.",
-      figures=figures, metrics=metrics, seconds=time.time() - t0)
-  if sharding.is_main_process():
-    base.save_result(ctx, result)
-  return result
+      figures=figures, metrics=metrics)
 
 
-def draw(stems: dict[str, str], title: str, out_without_ext: str) -> str:
-  """Redraws per-block curves from saved results (label -> stem); returns the PNG path."""
-  from vit_analysis import plotting  # pylint: disable=g-import-not-at-top
-  from vit_analysis.plotting import similarity as plots  # pylint: disable=g-import-not-at-top
-  reps = {label: similarity.RepeatedCKA.load(stem) for label, stem in stems.items()}
+def draw(stems: dict[str, str], title: str):
+  """The per-block curves figure from saved results (label -> stem)."""
+  reps = {label: cka_runner.RepeatedCKA.load(stem) for label, stem in stems.items()}
   curves = {label: np.diag(r.mean) for label, r in reps.items()}
   errors = {label: np.diag(r.std) for label, r in reps.items() if len(r.values) > 1}
   names = next(iter(reps.values())).names_a if reps else []
-  labels = [plots.layer_group(n) for n in names]
-  fig = plots.per_block_lines(curves, block_labels=labels, title=title, errors=errors)
-  return plotting.save_figure(fig, out_without_ext)
-
+  labels = [layers_lib.parse(n).group for n in names]
+  return plots.per_block_lines(curves, block_labels=labels, title=title, errors=errors)

@@ -14,18 +14,16 @@ Summary scores over every token position (not only the drawn ones):
 """
 from __future__ import annotations
 
-import time
 from typing import Any, Sequence
 
 from absl import logging
 import jax
+import ml_collections
 import numpy as np
 
-from vit_analysis import capture
-from vit_analysis import data as data_lib
-from vit_analysis import sharding
+from vit_analysis import capture, cka_runner, config_lib, streaming
 from vit_analysis.analyses import base
-from vit_analysis.analyses import similarity
+from vit_analysis.plotting import similarity as plots
 
 
 def input_patches(images: jax.Array, patch: int) -> jax.Array:
@@ -37,16 +35,16 @@ def input_patches(images: jax.Array, patch: int) -> jax.Array:
   return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h // patch, w // patch, patch * patch * c)
 
 
-def token_grid(x: jax.Array, has_cls: bool) -> jax.Array:
-  """A layer's tokens on their grid: [b, T, D] tokens (CLS first if `has_cls`, dropped) or a
-  [b, h, w, c] feature map -> [b, g, g, D]."""
+def token_grid(x: jax.Array, num_prefix: int) -> jax.Array:
+  """A layer's tokens on their grid: [b, T, D] tokens (the first `num_prefix`, CLS and
+  registers, dropped) or a [b, h, w, c] feature map -> [b, g, g, D]."""
   if x.ndim == 4:
     if x.shape[1] != x.shape[2]:
       raise ValueError(f"localisation needs a square feature map, got {x.shape}")
     return x
   if x.ndim != 3:
     raise ValueError(f"localisation needs [b, T, D] tokens or a [b, h, w, c] map, got {x.shape}")
-  x = x[:, 1:] if has_cls else x
+  x = x[:, int(num_prefix):]
   g = int(round(np.sqrt(x.shape[1])))
   if g * g != x.shape[1]:
     raise ValueError(f"{x.shape[1]} patch tokens do not form a square grid")
@@ -60,15 +58,15 @@ def default_tokens(grid: int) -> list[tuple[int, int]]:
 
 def sides(model: base.LoadedModel, layer: str,
           patch_positions: Sequence[tuple[int, int]] | None = None,
-          ) -> tuple[similarity.Side, similarity.Side, int]:
+          ) -> tuple[cka_runner.Side, cka_runner.Side, int]:
   """The token side (one feature per grid position), the input-patch side (the positions in
   `patch_positions`, default all) and the grid size."""
-  has_cls = getattr(model.module, "classifier", None) == "token"  # ViT CLS models
+  prefix = model.info.num_prefix_tokens
   (layer,) = capture.select(
       capture.layer_names(model.module, (model.image_size,) * 2 + (3,)), [layer])
   capture_fn = capture.make_capture_fn(model.module, [layer])
   image = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), np.float32)
-  g = jax.eval_shape(lambda v, x: token_grid(capture_fn(v, x)[layer], has_cls),
+  g = jax.eval_shape(lambda v, x: token_grid(capture_fn(v, x)[layer], prefix),
                      model.variables, image).shape[1]
   if model.image_size % g:
     raise ValueError(f"image size {model.image_size} is not a multiple of the {g}x{g} grid")
@@ -76,7 +74,7 @@ def sides(model: base.LoadedModel, layer: str,
   positions = [(r, c) for r in range(g) for c in range(g)]
 
   def tokens(variables, images):
-    grid = token_grid(capture_fn(variables, images)[layer], has_cls)
+    grid = token_grid(capture_fn(variables, images)[layer], prefix)
     return {f"token{r}_{c}": grid[:, r, c] for r, c in positions}
 
   patch_positions = positions if patch_positions is None else [tuple(p) for p in patch_positions]
@@ -86,33 +84,35 @@ def sides(model: base.LoadedModel, layer: str,
     return {f"patch{r}_{c}": grid[:, r, c] for r, c in patch_positions}
 
   names = lambda prefix, ps: tuple(f"{prefix}{r}_{c}" for r, c in ps)  # noqa: E731
-  return (similarity.Side(tokens, model.variables, model.image_size, names("token", positions)),
-          similarity.Side(patches, {}, model.image_size, names("patch", patch_positions)), g)
+  return (cka_runner.Side(tokens, model.variables, model.image_size, names("token", positions)),
+          cka_runner.Side(patches, {}, model.image_size, names("patch", patch_positions)), g)
 
 
 def varying_positions(source: Any, indices: np.ndarray, image_size: int, grid: int,
-                      min_fraction: float = 0.1) -> list[tuple[int, int]]:
+                      min_fraction: float = 0.1,
+                      normalization: Any = "minus_one_one") -> list[tuple[int, int]]:
   """Grid positions whose input patch varies: differs from its median over the images at
   `indices` in at least `min_fraction` of them.
 
   A (nearly) constant patch (the empty border of every digit, a letterbox) has no meaningful CKA:
   a patch that differs in only one image of a minibatch has unbiased self-HSIC ~ 0. Such
-  positions are left out of the comparison and drawn blank.
+  positions are left out of the comparison and drawn blank. Every process reads all of
+  `indices`, so all agree on the positions.
   """
-  images = data_lib.preprocess(np.stack([source[int(i)]["image"] for i in indices]), image_size)
+  images = streaming.host_images(source, indices, image_size, normalization)
   patches = np.asarray(input_patches(images, image_size // grid))  # [n, g, g, P*P*3]
   differs = (patches != np.median(patches, axis=0)).any(-1).mean(0)  # [g, g]
   return [(r, c) for r in range(grid) for c in range(grid) if differs[r, c] >= min_fraction]
 
 
-def expand_columns(rep: similarity.RepeatedCKA, grid: int) -> similarity.RepeatedCKA:
+def expand_columns(rep: cka_runner.RepeatedCKA, grid: int) -> cka_runner.RepeatedCKA:
   """[R, N, valid] -> [R, N, g*g] with NaN in the columns of left-out (constant) patches."""
   full = [f"patch{r}_{c}" for r in range(grid) for c in range(grid)]
   cols = [full.index(n) for n in rep.names_b]
   values = np.full(rep.values.shape[:2] + (len(full),), np.nan)
   stderr = np.full_like(values, np.nan)
   values[..., cols], stderr[..., cols] = rep.values, rep.stderr
-  return similarity.RepeatedCKA(rep.names_a, full, values, stderr, rep.num_examples,
+  return cka_runner.RepeatedCKA(rep.names_a, full, values, stderr, rep.num_examples,
                                 rep.minibatch_size)
 
 
@@ -145,65 +145,69 @@ def scores(matrix: np.ndarray) -> dict[str, float]:
 def _layers(sub: Any, key: str, model: base.LoadedModel) -> Sequence[str]:
   per_model = sub.get("layers_per_model", None) or {}
   if key in per_model:
-    spec = per_model[key]
-    return (spec,) if isinstance(spec, str) else tuple(spec)
-  return (similarity.resolve_layers(model, "blocks")[-1],)  # final block / final unit
+    return config_lib.names(per_model[key])
+  return (cka_runner.resolve_layers(model, "blocks")[-1],)  # final block / final unit
 
 
 def draw(stem: str, title: str, tokens: Sequence[tuple[int, int]], grid: int,
-         vmax: float | None = 1.0) -> str:
-  """Redraws saved maps (`stem.npz`) for the chosen tokens; returns the PNG path."""
-  from vit_analysis import plotting  # pylint: disable=g-import-not-at-top
-  from vit_analysis.plotting import similarity as plots  # pylint: disable=g-import-not-at-top
-  mean = similarity.RepeatedCKA.load(stem).mean.reshape(grid * grid, grid, grid)
+         vmax: float | None = 1.0):
+  """The maps figure of a saved result (`stem.npz`) for the chosen tokens."""
+  mean = cka_runner.RepeatedCKA.load(stem).mean.reshape(grid * grid, grid, grid)
   maps = np.stack([mean[r * grid + c] for r, c in tokens])
-  fig = plots.localization_maps(maps, tokens, title=title, vmax=vmax)
-  return plotting.save_figure(fig, stem.replace("/results/", "/figures/"))
+  return plots.localization_maps(maps, tokens, title=title, vmax=vmax)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every option of the localisation analysis, with the paper's defaults."""
+  c = cka_runner.protocol_config()
+  c.models = ()                # model keys (tuple or comma-separated); empty = all
+  c.layers_per_model = {}      # key -> layer name(s); default the final block / final unit
+  c.tokens = ()                # (row, col) positions drawn; () = the paper's B/32 positions
+  c.vmax = 1.0                 # colour range [0, vmax]; None: the largest value
+  c.min_patch_variation = 0.1  # leave out input patches that differ in < 10% of images
+  c.figure_formats = ("png", "pdf")
+  return c
 
 
 def run(config: Any, ctx: base.Context) -> base.AnalysisResult:
-  """Localisation maps and scores for every model in `config.localization.models` (default all)."""
-  t0 = time.time()
-  sub = config.localization
-  source = ctx.sources[sub.get("split", "test")]
-  settings = similarity.protocol(sub)
-  vmax = sub.get("vmax", 1.0)
+  """Localisation maps and scores for every model in `localization.models` (default all)."""
+  del config
+  sub = ctx.sub
+  source = ctx.sources[sub.split]
+  settings = cka_runner.protocol(sub)
   figures, metrics = [], {}
-  for key in list(sub.get("models", None) or ctx.models):
-    model = ctx.models[key]
+  for key in ctx.model_keys(config_lib.names(sub.models)):
+    model = ctx.model(key)
     for layer in _layers(sub, key, model):
       token_side, patch_side, g = sides(model, layer)
       # The images of the first repeat (up to 2048) decide which patches are constant.
-      check = data_lib.cka_minibatch_indices(
-          len(source), settings["num_examples"], settings["minibatch_size"], 1,
-          int(config.get("seed", 0))).reshape(-1)[:2048]
+      check = streaming.cka_plan(len(source), settings["num_examples"],
+                                 settings["minibatch_size"], 1, ctx.seed).reshape(-1)[:2048]
       positions = varying_positions(source, check, model.image_size, g,
-                                    float(sub.get("min_patch_variation", 0.1)))
+                                    float(sub.min_patch_variation), model.info.normalization)
       if len(positions) < g * g:
         logging.info("localization/%s: %d of %d input patches are constant and left out", key,
                      g * g - len(positions), g * g)
         token_side, patch_side, g = sides(model, layer, positions)
-      tokens = [tuple(int(v) for v in t) for t in (sub.get("tokens", None) or default_tokens(g))]
+      tokens = [tuple(int(v) for v in t) for t in (sub.tokens or default_tokens(g))]
       bad = [t for t in tokens if not (0 <= t[0] < g and 0 <= t[1] < g)]
       if bad:
         raise ValueError(f"localization.tokens {bad} outside the {g}x{g} grid of {key}/{layer}")
-      rep = similarity.cka_over_repeats(token_side, patch_side, source,
-                                        seed=int(config.get("seed", 0)), mesh=ctx.mesh,
-                                        desc=f"localization/{key}/{layer}", **settings)
-      rep = expand_columns(rep, g)
       tag = f"{key}_{layer.replace('/', '-')}"
+      rep = cka_runner.cka_over_repeats(token_side, patch_side, source, seed=ctx.seed,
+                                        mesh=ctx.mesh, desc=f"localization/{key}/{layer}",
+                                        resume=ctx.checkpointer(tag), **settings)
+      rep = expand_columns(rep, g)
       metrics[f"{key}/{layer}"] = dict(scores(rep.mean), grid=g, model=model.name)
-      if sharding.is_main_process():
-        stem = ctx.path("results", f"localization_{tag}")
+      stem = ctx.results_stem(f"localization_{tag}")
+      if ctx.is_main:
         rep.save(stem, grid=g, tokens=np.asarray(tokens))
-        png = draw(stem, f"{model.name} {layer}: CKA(token, input patch)", tokens, g, vmax)
-        figures.append(png[len(ctx.workdir):].lstrip("/"))
-  result = base.AnalysisResult(
+      figures.append(ctx.save_figure(
+          lambda: draw(stem, f"{model.name} {layer}: CKA(token, input patch)", tokens, g,
+                       sub.vmax), f"localization_{tag}"))
+  return base.AnalysisResult(
       name="localization", title="Spatial localisation (Figs 9, 10, D.1-D.3)",
       caption="CKA between one output token (red cross) and the raw input patch at every grid "
               "position. The paper finds interior CLS-ViT tokens peaking at their own patch, a GAP "
               "ViT clearly less localised, and ResNet final units diffuse.",
-      figures=figures, metrics=dict(settings, **metrics), seconds=time.time() - t0)
-  if sharding.is_main_process():
-    base.save_result(ctx, result)
-  return result
+      figures=figures, metrics=dict(settings, **metrics))

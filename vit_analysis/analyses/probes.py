@@ -31,13 +31,16 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vit_analysis import capture, probing, sharding
-from vit_analysis.analyses.base import AnalysisResult, Context, LoadedModel, save_result
+from vit_analysis import capture, config_lib, probing
+from vit_analysis import layers as layers_lib
+from vit_analysis.analyses.base import AnalysisResult, Context, LoadedModel
+from vit_analysis.plotting import probes as plots
 
 NAME = "probe"
 
 
 def default_config() -> ml_collections.ConfigDict:
+  """Every option of the probe analysis, with the paper's defaults."""
   c = ml_collections.ConfigDict()
   c.kind = "fewshot"
   c.layers = {"ViT": ("embedding", "block??"), "R": ("root", "block?/unit??"),
@@ -62,28 +65,37 @@ def default_config() -> ml_collections.ConfigDict:
   c.max_cached_mb = 512.0
   c.max_train_mb = 4096.0  # training features per pass; more specs -> several passes.
   c.fast_compile = None  # XLA:CPU optimisation level 0; None: config.train.fast_compile.
+  c.figure_formats = ("png", "pdf")
   return c
 
 
+# Config keys of `layers` / `token_layers` per model family (`models.describe`); the hybrid's
+# probed layers are its transformer's.
+_FAMILY_KEYS = {"vit": "ViT", "hybrid": "ViT", "resnet": "R", "mixer": "Mixer"}
+
+
 def _family(lm: LoadedModel) -> str:
-  for family in ("ViT", "Mixer", "R"):
-    if lm.name.startswith(family):
-      return family
-  raise KeyError(f"cannot tell the family of model {lm.name!r}")
+  family = lm.info.family
+  if family not in _FAMILY_KEYS:
+    raise ValueError(f"probe: no default layers for model {lm.key!r} ({lm.name}, family "
+                     f"{family!r}); give probe.layers_by_model[{lm.key!r}]")
+  return _FAMILY_KEYS[family]
 
 
 def _has_cls(lm: LoadedModel) -> bool:
-  return _family(lm) == "ViT" and getattr(lm.module, "classifier", "token") == "token"
+  return lm.info.has_cls
 
 
 def _specs(lm: LoadedModel, sub) -> tuple[list[probing.FeatureSpec], dict, dict]:
   """Feature specs of one model, plus {method: [spec key per layer]} and {token layer: spec key}."""
   names = capture.layer_names(lm.module, (lm.image_size, lm.image_size, 3))
   family = _family(lm)
-  layers = capture.select(names, sub.layers_by_model.get(lm.key, sub.layers[family]))
+  layers = capture.select(names, config_lib.names(
+      sub.layers_by_model.get(lm.key, sub.layers[family])))
   shapes = capture.layer_shapes(lm.module, (lm.image_size, lm.image_size, 3))
   if family == "R":
-    final = shapes[[n for n in names if fnmatch.fnmatchcase(n, "block?/unit??")][-1]].shape
+    final = shapes[[n for n in layers_lib.block_outputs(names)
+                    if layers_lib.parse(n).kind == "unit"][-1]].shape
   default = {"ViT": ("cls", "mean_no_cls", "mean") if _has_cls(lm) else ("first", "mean"),
              "R": ("s2d",), "Mixer": ("mean",)}[family]
   methods = tuple(sub.poolings.get(lm.key, default))
@@ -179,7 +191,7 @@ def probe_model(lm: LoadedModel, sub, ctx: Context, seed: int) -> dict:
   num_classes = train.num_classes
   specs, agg, tokens = _specs(lm, sub)
   common = dict(image_size=lm.image_size, batch_size=sub.batch_size, mesh=ctx.mesh,
-                fast=bool(sub.fast_compile))
+                fast=ctx.fast_compile)
   if sub.kind == "fewshot":
     pool = _label_pool(train, num_classes, 3 * (sub.shots + sub.holdout_per_class), seed)
     splits = [probing.fewshot_split(_labels_of(train, pool), num_classes, sub.shots,
@@ -277,20 +289,13 @@ def run(config: ml_collections.ConfigDict, ctx: Context) -> AnalysisResult:
   test accuracy per seed, 'val_acc' [S, U, K] held-out accuracy per regulariser, 'best_reg'
   [S, U], 'grid' [K]), results/probe.json (the summary below) and figures/probe_*.png.
   """
-  from vit_analysis.plotting import probes as plots  # pylint: disable=g-import-not-at-top
-  from vit_analysis.plotting import save_figure  # pylint: disable=g-import-not-at-top
-  t0 = time.time()
-  sub = default_config()
-  sub.update(config.get(NAME, ml_collections.ConfigDict()))
-  if sub.fast_compile is None:
-    train = config.get("train", None)
-    sub.fast_compile = bool(train.get("fast_compile", False)) if train is not None else False
+  sub = ctx.sub
   if sub.kind not in ("fewshot", "ridge", "logistic"):
     raise ValueError(f"probe.kind must be 'fewshot', 'ridge' or 'logistic', got {sub.kind!r}")
   raw, summary, arrays = {}, {}, {}
   for key, lm in ctx.models.items():
     logging.info("probe: model %s (%s)", key, lm.name)
-    r = raw[key] = probe_model(lm, sub, ctx, config.get("seed", 0))
+    r = raw[key] = probe_model(lm, sub, ctx, ctx.seed)
     summary[key] = _summaries(r)
     for field in ("units", "acc", "val_acc", "best_reg", "grid"):
       arrays[f"{key}/{field}"] = np.asarray(r[field])
@@ -305,38 +310,31 @@ def run(config: ml_collections.ConfigDict, ctx: Context) -> AnalysisResult:
                             best_reg=c["best_reg"].tolist())
                     for m, c in s["aggregated"].items()},
         tokens={l: {k: round(v, 4) for k, v in c.items()} for l, c in s["tokens"].items()})
-  figures = []
-  if sharding.is_main_process():
-    np.savez(ctx.path("results", f"{NAME}.npz"), **arrays)
-    curves = [dict(label=f"{key} ({_head(raw[key])}); {m}", layers=c["layers"],
-                   mean=c["acc_mean"], std=c["acc_std"])
-              for key, s in summary.items() for m, c in s["aggregated"].items()]
-    shots = f"{sub.shots}-shot " if sub.kind == "fewshot" else ""
-    fig = plots.layer_curves(curves, title=f"{shots}{sub.kind} probes, aggregated representations")
-    figures.append(save_figure(fig, ctx.path("figures", f"{NAME}_layers")))
-    token_curves = [dict(label=f"{key} ({_head(raw[key])})", layers=list(s["tokens"]),
-                         mean=np.array([c["acc_mean"] for c in s["tokens"].values()]),
-                         std=np.array([c["acc_std"] for c in s["tokens"].values()]))
-                    for key, s in summary.items() if s["tokens"]]
-    if token_curves:
-      fig = plots.layer_curves(token_curves, title=f"{shots}per-token probes (mean over tokens)")
-      figures.append(save_figure(fig, ctx.path("figures", f"{NAME}_tokens")))
-      rows = [(f"{key} ({_head(raw[key])})", _pick(s["grids"], sub.grid_layers))
-              for key, s in summary.items() if s["grids"]]
-      if rows:
-        figures.append(save_figure(plots.token_grids(rows),
-                                   ctx.path("figures", f"{NAME}_token_grids")))
-  figures = [f[len(ctx.workdir):].lstrip("/") if f.startswith(ctx.workdir) else f
-             for f in figures]
+  ctx.save_arrays(NAME, **arrays)
+  curves = [dict(label=f"{key} ({_head(raw[key])}); {m}", layers=c["layers"],
+                 mean=c["acc_mean"], std=c["acc_std"])
+            for key, s in summary.items() for m, c in s["aggregated"].items()]
+  shots = f"{sub.shots}-shot " if sub.kind == "fewshot" else ""
+  figures = [ctx.save_figure(lambda: plots.layer_curves(
+      curves, title=f"{shots}{sub.kind} probes, aggregated representations"), f"{NAME}_layers")]
+  token_curves = [dict(label=f"{key} ({_head(raw[key])})", layers=list(s["tokens"]),
+                       mean=np.array([c["acc_mean"] for c in s["tokens"].values()]),
+                       std=np.array([c["acc_std"] for c in s["tokens"].values()]))
+                  for key, s in summary.items() if s["tokens"]]
+  if token_curves:
+    figures.append(ctx.save_figure(lambda: plots.layer_curves(
+        token_curves, title=f"{shots}per-token probes (mean over tokens)"), f"{NAME}_tokens"))
+    rows = [(f"{key} ({_head(raw[key])})", _pick(s["grids"], sub.grid_layers))
+            for key, s in summary.items() if s["grids"]]
+    if rows:
+      figures.append(ctx.save_figure(lambda: plots.token_grids(rows), f"{NAME}_token_grids"))
   result = AnalysisResult(
       name=NAME, title="Linear probes per layer (Figs 11, 13, D.4, F.1-F.3)",
       caption=("Test accuracy of linear probes on each layer's pooled features (mean ± std over "
                "seeds), and of one probe per token position. The paper finds CLS-model tokens "
                "stay poor while GAP-model and ResNet tokens become good in top layers, and large "
                "ViTs have stronger intermediate layers than ResNets."),
-      figures=figures, metrics=metrics, seconds=time.time() - t0)
-  if sharding.is_main_process():
-    save_result(ctx, result)
+      figures=figures, metrics=metrics)
   return result
 
 

@@ -1,7 +1,7 @@
 """Effective receptive fields (paper Figs 6, C.1-C.4).
 
 ERF_l(u, v) = mean over images and over channels c of |dF_l[centre, c] / dx[u, v]|, with the 3
-colour channels reduced by mean (paper.md §1.6, §6 rows 9-10). "Centre" is position (h//2, w//2)
+colour channels reduced by mean (docs/method.md#effective-receptive-fields). "Centre" is position (h//2, w//2)
 of layer l's feature map ([b, h, w, c] for ResNets, the patch tokens of [b, T, D] for ViTs).
 Post-residual ERFs use the stream after the skip add ('block03/+sa', 'block03',
 'block2/unit01'); branch-only ERFs use the long branch ('block03/sa', '.../conv_c').
@@ -13,22 +13,23 @@ The cheap option (`per_channel=False`) takes abs(grad of the channel mean), one 
 from __future__ import annotations
 
 import math
-import os
 import re
-import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from vit_analysis import sharding
+from vit_analysis import capture, compilation, config_lib, streaming
+from vit_analysis import layers as layers_lib
 from vit_analysis.analyses import base
+from vit_analysis.plotting import mechanisms
 
 
 def centre_activations(features: jax.Array, *, grid: tuple[int, int] | None = None,
-                       has_cls: bool = False) -> jax.Array:
+                       has_cls: bool = False, num_prefix: int | None = None) -> jax.Array:
   """The features at the centre position (h//2, w//2) of a layer.
 
   Args:
@@ -36,6 +37,7 @@ def centre_activations(features: jax.Array, *, grid: tuple[int, int] | None = No
       token when `has_cls`).
     grid: (gh, gw) of the tokens; inferred as a square when None.
     has_cls: whether token 0 is CLS (skipped).
+    num_prefix: tokens before the grid (CLS and registers; default `has_cls`), skipped.
 
   Returns:
     [b, c].
@@ -44,7 +46,8 @@ def centre_activations(features: jax.Array, *, grid: tuple[int, int] | None = No
     return features[:, features.shape[1] // 2, features.shape[2] // 2, :]
   if features.ndim != 3:
     raise ValueError(f"features must be [b, h, w, c] or [b, T, D], got shape {features.shape}")
-  num_patches = features.shape[1] - int(has_cls)
+  prefix = int(has_cls) if num_prefix is None else int(num_prefix)
+  num_patches = features.shape[1] - prefix
   if grid is None:
     side = math.isqrt(num_patches)
     if side * side != num_patches:
@@ -52,8 +55,8 @@ def centre_activations(features: jax.Array, *, grid: tuple[int, int] | None = No
     grid = (side, side)
   if grid[0] * grid[1] != num_patches:
     raise ValueError(f"grid {grid} does not match {num_patches} patch tokens "
-                     f"(features {features.shape}, has_cls={has_cls})")
-  index = int(has_cls) + (grid[0] // 2) * grid[1] + grid[1] // 2
+                     f"(features {features.shape}, {prefix} prefix tokens)")
+  index = prefix + (grid[0] // 2) * grid[1] + grid[1] // 2
   return features[:, index, :]
 
 
@@ -194,35 +197,37 @@ def default_layers(names: list[str], mode: str) -> list[str]:
 
 def model_erfs(model: base.LoadedModel, layers: list[str], source, mesh, *, num_images: int,
                batch_size: int, seed: int = 0, per_channel: bool = True,
-               channel_chunk: int = 16, rgb_reduce: str = "mean", fast: bool = False
-               ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+               channel_chunk: int = 16, rgb_reduce: str = "mean", fast: bool = False,
+               resume: Any = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
   """Mean ERF over images of each of `layers` of one model (all layers in one jitted pass).
+
+  The images are a seeded sample of `source` (`streaming.sample`); `resume` is an optional
+  `resume.Checkpointer` for the running sums.
 
   Returns:
     ({layer: [image_size, image_size] float64}, streaming stats).
   """
-  from vit_analysis import capture  # pylint: disable=g-import-not-at-top
-  from vit_analysis.analyses import attention_distance  # pylint: disable=g-import-not-at-top
-
-  module = model.module
-  patch = getattr(module, "patch_size", None)
-  grid = None if patch is None else (model.image_size // patch,) * 2
-  has_cls = getattr(module, "classifier", None) == "token"
-  fn = capture.make_capture_fn(module, tuple(re.sub(r"([\[\]*?])", r"[\1]", n) for n in layers))
+  info = model.info
+  grid = info.grid if info.family in ("vit", "hybrid", "mixer") else None
+  fn = capture.make_capture_fn(model.module, tuple(layers_lib.literal(n) for n in layers))
 
   def step_fn(variables, images, mask):
     def centres(x):
       out = fn(variables, x)
-      return {n: centre_activations(out[n], grid=grid, has_cls=has_cls and out[n].ndim == 3)
+      return {n: centre_activations(out[n], grid=grid,
+                                    num_prefix=info.num_prefix_tokens if out[n].ndim == 3 else 0)
               for n in layers}
     return {"erf": erf_sum(centres, images, mask, per_channel=per_channel,
                            channel_chunk=channel_chunk, rgb_reduce=rgb_reduce),
             "count": mask.sum()}
 
-  sums, stats = attention_distance.stream_sums(
-      step_fn, model.variables, source, num_images=num_images, batch_size=batch_size,
-      image_size=model.image_size, mesh=mesh, seed=seed, desc=f"ERF {model.key}",
-      fast=fast)
+  indices = streaming.sample(len(source), min(int(num_images), len(source)), seed)
+  sums, stats = streaming.stream_sums(
+      step_fn, model.variables, source, indices,
+      step_size=streaming.round_up_to_devices(min(int(batch_size), len(indices)), mesh),
+      image_size=model.image_size, normalization=info.normalization, mesh=mesh,
+      desc=f"ERF {model.key}", compiler_options=compilation.compiler_options(fast),
+      resume=resume)
   n = float(sums["count"])
   return {k: np.asarray(v, np.float64) / n for k, v in sums["erf"].items()}, stats
 
@@ -235,67 +240,67 @@ def centre_patch_mass(erf: np.ndarray, patch_size: int) -> float:
   return float(erf[r0:r0 + patch_size, c0:c0 + patch_size].sum() / total) if total > 0 else 0.0
 
 
+def default_config() -> ml_collections.ConfigDict:
+  """Every option of the receptive-field analysis, with the paper's defaults."""
+  return ml_collections.ConfigDict(dict(
+      split="test",
+      num_images=32,            # the paper's 32 images
+      batch_size=8,
+      seed=0,
+      models=(),                # model keys (tuple or comma-separated); empty = all
+      modes=("post", "branch"),  # after the skip add (Figs 6, C.1-C.3) / long branch (Fig C.4)
+      layers={},                # model key -> globs, replaces the default layers of every mode
+      per_channel=True,         # mean over channels of |per-channel gradient| (method.md)
+      channel_chunk=32,         # channels pulled back at once (memory vs speed)
+      rgb_reduce="mean",        # over the 3 input colour channels ('mean' | 'sum')
+      mass_fraction=0.5,        # summary: fraction of the image holding this share of the mass
+      figure_formats=("png", "pdf"),
+      fast_compile=None,        # None: config.train.fast_compile
+      checkpoint_every_s=60.0,
+  ))
+
+
 def run(config, ctx: base.Context) -> base.AnalysisResult:
-  """Effective receptive fields of every model in `ctx.models` (Figs 6, C.1-C.4).
-
-  Sub-config `config.receptive_field`: split, num_images (paper 32), batch_size, seed, models
-  (keys; empty = all), modes (('post',), ('branch',) or both), layers (model key -> globs,
-  overrides the defaults), per_channel, channel_chunk, rgb_reduce, mass_fraction,
-  figure_formats, fast_compile (see attention_distance.run).
-  """
-  from vit_analysis import capture, plotting  # pylint: disable=g-import-not-at-top
-  from vit_analysis.analyses import attention_distance  # pylint: disable=g-import-not-at-top
-  from vit_analysis.plotting import mechanisms  # pylint: disable=g-import-not-at-top
-
-  cfg = config.receptive_field
-  formats = tuple(cfg.get("figure_formats", ("png", "pdf")))
-  start = time.time()
-  keys = list(cfg.get("models", ()) or ctx.models)
-  source = ctx.sources[cfg.get("split", "test")]
-  fraction = float(cfg.get("mass_fraction", 0.5))
-  overrides = dict(cfg.get("layers", {}) or {})
+  """Effective receptive fields of every model in `ctx.models` (Figs 6, C.1-C.4)."""
+  del config
+  cfg = ctx.sub
+  keys = ctx.model_keys(config_lib.names(cfg.models))
+  source = ctx.sources[cfg.split]
+  fraction = float(cfg.mass_fraction)
+  overrides = dict(cfg.layers or {})
   metrics, arrays, figures = {}, {}, []
   for key in keys:
-    if key not in ctx.models:
-      raise KeyError(f"receptive_field: unknown model {key!r}; known: {list(ctx.models)}")
-    model = ctx.models[key]
+    model = ctx.model(key)
     names = capture.layer_names(model.module, (model.image_size, model.image_size, 3))
-    for mode in cfg.get("modes", ("post",)):
+    for mode in config_lib.names(cfg.modes):
       layers = (capture.select(names, tuple(overrides[key])) if key in overrides
                 else default_layers(names, mode))
       erfs, stats = model_erfs(
-          model, layers, source, ctx.mesh, num_images=cfg.get("num_images", 32),
-          batch_size=cfg.get("batch_size", 8), seed=cfg.get("seed", 0),
-          per_channel=cfg.get("per_channel", True), channel_chunk=cfg.get("channel_chunk", 16),
-          rgb_reduce=cfg.get("rgb_reduce", "mean"),
-          fast=attention_distance.fast_compile(config, cfg))
+          model, layers, source, ctx.mesh, num_images=cfg.num_images,
+          batch_size=cfg.batch_size, seed=cfg.seed, per_channel=cfg.per_channel,
+          channel_chunk=cfg.channel_chunk, rgb_reduce=cfg.rgb_reduce, fast=ctx.fast_compile,
+          resume=ctx.checkpointer(f"{key}_{mode}"))
       area = {n: mass_area_fraction(e, fraction) for n, e in erfs.items()}
       m = {"layers": layers, "area_fraction": [area[n] for n in layers],
            "radius_px": [mass_radius(erfs[n], fraction) for n in layers],
            "num_images": stats["num_images"], "examples_per_s": round(stats["examples_per_s"], 3)}
-      if getattr(model.module, "patch_size", None):
-        m["centre_patch_mass"] = [centre_patch_mass(erfs[n], model.module.patch_size)
+      if model.info.patch_size and model.info.family != "resnet":
+        m["centre_patch_mass"] = [centre_patch_mass(erfs[n], model.info.patch_size)
                                   for n in layers]
       metrics[f"{key}/{mode}"] = m
       arrays.update({f"{key}/{mode}/{n}": erfs[n] for n in layers})
-      if sharding.is_main_process():
-        fig = mechanisms.receptive_fields(
-            {n: erfs[n] for n in layers}, summaries=area,
-            title=f"{key} ({model.name}): {_MODE_TITLES[mode]} ERFs, "
-                  f"{int(stats['num_images'])} images")
-        png = plotting.save_figure(
-            fig, ctx.path("figures", f"receptive_field_{key}_{mode}"), formats)
-        figures.append(os.path.relpath(png, ctx.workdir))
-  if sharding.is_main_process():
-    np.savez(ctx.path("results", "receptive_field.npz"), **arrays)
-  result = base.AnalysisResult(
+      title = (f"{key} ({model.name}): {_MODE_TITLES[mode]} ERFs, "
+               f"{int(stats['num_images'])} images")
+      figures.append(ctx.save_figure(
+          lambda: mechanisms.receptive_fields({n: erfs[n] for n in layers}, summaries=area,
+                                              title=title),
+          f"receptive_field_{key}_{mode}"))
+  ctx.save_arrays("receptive_field", **arrays)
+  return base.AnalysisResult(
       name="receptive_field", title="Effective receptive fields (Figs 6, C.1-C.4)",
       caption=(f"Mean |d centre activation / d input pixel| per layer, each panel scaled to its "
                f"maximum; the number is the fraction of the image holding {fraction:.0%} of the "
                "mass. The paper finds ResNet ERFs small and growing gradually, while ViT ERFs "
                "become global by mid-depth yet keep a peak at the centre patch (skip "
                "connections)."),
-      figures=figures, metrics=metrics, seconds=time.time() - start)
-  if sharding.is_main_process():
-    base.save_result(ctx, result)
-  return result
+      figures=figures, metrics=metrics)

@@ -2,7 +2,7 @@
 
 For sublayer s (attention or MLP) of block i, z is the residual stream entering it (the skip path)
 and f(z) the branch output; per token t, r_t = ||z_t|| / ||f(z)_t|| (norm over channels), averaged
-over images (paper.md §1.6, §6 row 11). A large ratio means the skip dominates the token. The
+over images (docs/method.md#skip-norms). A large ratio means the skip dominates the token. The
 ResNet equivalent takes, per unit, z = the shortcut (the projection '.../proj' where the unit has
 one, else the unit input) and f = the residual branch '.../conv_c', norms over the flattened
 h*w*c tensor. Fig E.2's cosine is cos(z, z + f(z)) (option: cos(z, f(z))).
@@ -13,16 +13,17 @@ poisoning a mean.
 """
 from __future__ import annotations
 
-import os
-import re
-import time
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from vit_analysis import capture, compilation, config_lib, layers, streaming
 from vit_analysis.analyses import base
+from vit_analysis.plotting import mechanisms
 
 
 def _norm(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
@@ -70,23 +71,17 @@ def skip_pairs(names: Sequence[str]) -> list[tuple[str, str, str]]:
   pairs = []
   prev = None
   for name in names:
-    if re.fullmatch(r"block\d+", name):  # ViT/Mixer block output.
+    layer = layers.parse(name)
+    if name in ("embedding", "stem", "root") or (layer.kind == "block" and layer.is_output):
       prev = name
-    if name in ("embedding", "stem", "root"):
-      prev = name
-    m = re.fullmatch(r"(block\d+)/(sa|token_mixing)", name)
-    if m:
+    elif layer.kind == "block" and layer.point in ("sa", "token_mixing"):
       pairs.append((name, prev, name))
-      continue
-    m = re.fullmatch(r"(block\d+)/(mlp|channel_mixing)", name)
-    if m:
-      skip = f"{m[1]}/+sa" if m[2] == "mlp" else f"{m[1]}/+token"
-      pairs.append((name, skip, name))
-      continue
-    m = re.fullmatch(r"block\d+/unit\d+", name)
-    if m:
-      skip = f"{name}/proj" if f"{name}/proj" in present else prev
-      pairs.append((name, skip, f"{name}/conv_c"))
+    elif layer.kind == "block" and layer.point in ("mlp", "channel_mixing"):
+      after_first = "+sa" if layer.point == "mlp" else "+token"
+      pairs.append((name, layers.block(layer.block, after_first), name))
+    elif layer.kind == "unit" and layer.is_output:
+      proj = f"{name}/proj"
+      pairs.append((name, proj if proj in present else prev, f"{name}/conv_c"))
       prev = name
   if not pairs or any(p[1] is None or p[1] not in present or p[2] not in present for p in pairs):
     raise KeyError(f"cannot find skip/branch pairs in layer names {names[:12]}...: {pairs[:4]}")
@@ -161,29 +156,31 @@ def finalize(sums: dict[str, np.ndarray], average: str = "per_image") -> dict[st
 
 def model_skip_statistics(model: base.LoadedModel, source, mesh, *, num_images: int,
                           batch_size: int, seed: int = 0, average: str = "per_image",
-                          fast: bool = False
+                          fast: bool = False, resume: Any = None
                           ) -> tuple[list[str], dict[str, np.ndarray], dict[str, float]]:
   """Norm ratios and cosines of every residual sublayer of one model, averaged over images.
+
+  The images are a seeded sample of `source` (`streaming.sample`); `resume` is an optional
+  `resume.Checkpointer` for the running sums.
 
   Returns:
     (pair labels in forward order, `finalize` output ([P, T]; T = 1 for ResNets), stats).
   """
-  from vit_analysis import capture  # pylint: disable=g-import-not-at-top
-  from vit_analysis.analyses import attention_distance  # pylint: disable=g-import-not-at-top
-
   names = capture.layer_names(model.module, (model.image_size, model.image_size, 3))
   pairs = skip_pairs(names)
   needed = sorted({n for _, skip, branch in pairs for n in (skip, branch)})
-  fn = capture.make_capture_fn(model.module, tuple(re.sub(r"([\[\]*?])", r"[\1]", n)
-                                                   for n in needed))
+  fn = capture.make_capture_fn(model.module, tuple(layers.literal(n) for n in needed))
 
   def step_fn(variables, images, mask):
     return pair_statistics(fn(variables, images), pairs, mask)
 
-  sums, stats = attention_distance.stream_sums(
-      step_fn, model.variables, source, num_images=num_images, batch_size=batch_size,
-      image_size=model.image_size, mesh=mesh, seed=seed, desc=f"skip norms {model.key}",
-      fast=fast)
+  indices = streaming.sample(len(source), min(int(num_images), len(source)), seed)
+  sums, stats = streaming.stream_sums(
+      step_fn, model.variables, source, indices,
+      step_size=streaming.round_up_to_devices(min(int(batch_size), len(indices)), mesh),
+      image_size=model.image_size, normalization=model.info.normalization, mesh=mesh,
+      desc=f"skip norms {model.key}", compiler_options=compilation.compiler_options(fast),
+      resume=resume)
   return [p[0] for p in pairs], finalize(sums, average), stats
 
 
@@ -193,35 +190,39 @@ def _json_number(x: float):
   return x if np.isfinite(x) else ("inf" if x > 0 else str(x))
 
 
+def default_config() -> ml_collections.ConfigDict:
+  """Every option of the skip-norm analysis, with the paper's defaults."""
+  return ml_collections.ConfigDict(dict(
+      split="test",
+      num_images=5000,
+      batch_size=64,
+      seed=0,
+      models=(),               # model keys (tuple or comma-separated); empty = all
+      average="per_image",     # mean of per-image ratios | 'ratio_of_means' (method.md)
+      cosine="out",            # cos(z, z + f(z)) | 'branch': cos(z, f(z))
+      heatmap_tokens=10,       # tokens in the Fig 7 heatmap (0 = CLS); Fig E.1 shows all
+      figure_formats=("png", "pdf"),
+      fast_compile=None,       # None: config.train.fast_compile
+      checkpoint_every_s=60.0,
+  ))
+
+
 def run(config, ctx: base.Context) -> base.AnalysisResult:
-  """Skip/branch norm ratios and cosines of every model in `ctx.models` (Figs 7, E.1, E.2).
-
-  Sub-config `config.skip_norms`: split, num_images, batch_size, seed, models (keys; empty = all),
-  average ('per_image' | 'ratio_of_means'), cosine ('out': cos(z, z + f) | 'branch': cos(z, f)),
-  heatmap_tokens (tokens shown in the Fig 7 heatmap; E.1 shows all), figure_formats,
-  fast_compile (see attention_distance.run).
-  """
-  from vit_analysis import plotting, sharding  # pylint: disable=g-import-not-at-top
-  from vit_analysis.analyses import attention_distance  # pylint: disable=g-import-not-at-top
-  from vit_analysis.plotting import mechanisms  # pylint: disable=g-import-not-at-top
-
-  cfg = config.skip_norms
-  formats = tuple(cfg.get("figure_formats", ("png", "pdf")))
-  start = time.time()
-  keys = list(cfg.get("models", ()) or ctx.models)
-  source = ctx.sources[cfg.get("split", "test")]
-  cos_key = {"out": "cos_out", "branch": "cos_branch"}[cfg.get("cosine", "out")]
+  """Skip/branch norm ratios and cosines of every model in `ctx.models` (Figs 7, E.1, E.2)."""
+  del config
+  cfg = ctx.sub
+  keys = ctx.model_keys(config_lib.names(cfg.models))
+  source = ctx.sources[cfg.split]
+  if cfg.cosine not in ("out", "branch"):
+    raise ValueError(f"skip_norms.cosine must be 'out' or 'branch', got {cfg.cosine!r}")
+  cos_key = {"out": "cos_out", "branch": "cos_branch"}[cfg.cosine]
   metrics, arrays, ratio_lines, cos_lines, figures = {}, {}, {}, {}, []
-  main = sharding.is_main_process()
   for key in keys:
-    if key not in ctx.models:
-      raise KeyError(f"skip_norms: unknown model {key!r}; known: {list(ctx.models)}")
-    model = ctx.models[key]
+    model = ctx.model(key)
     labels, res, stats = model_skip_statistics(
-        model, source, ctx.mesh, num_images=cfg.get("num_images", 1000),
-        batch_size=cfg.get("batch_size", 64), seed=cfg.get("seed", 0),
-        average=cfg.get("average", "per_image"),
-        fast=attention_distance.fast_compile(config, cfg))
+        model, source, ctx.mesh, num_images=cfg.num_images, batch_size=cfg.batch_size,
+        seed=cfg.seed, average=cfg.average, fast=ctx.fast_compile,
+        resume=ctx.checkpointer(key))
     for k, v in res.items():
       arrays[f"{key}/{k}"] = v
     arrays[f"{key}/labels"] = np.asarray(labels)
@@ -231,54 +232,46 @@ def run(config, ctx: base.Context) -> base.AnalysisResult:
     # Branches of residual sublayers: ViT 'sa'/'mlp', Mixer mixing, ResNet units (T = 1).
     kinds = {}
     for i, label in enumerate(labels):
-      kind = label.split("/")[-1] if ratio.shape[1] > 1 else "unit"
+      kind = layers.parse(label).point if ratio.shape[1] > 1 else "unit"
       kinds.setdefault(kind, []).append(i)
-    family = model.name
+    has_cls = model.info.has_cls
+    prefix = model.info.num_prefix_tokens
     for kind, idx in kinds.items():
       r, c = ratio[idx], cos[idx]
       if r.shape[1] > 1:  # Tokens: CLS (token 0, when the model has one) vs spatial tokens.
-        has_cls = getattr(model.module, "classifier", None) == "token"
-        spatial = slice(1, None) if has_cls else slice(None)
-        ratio_lines[f"{key} {kind.upper()}"] = r[:, spatial].mean(1)
-        cos_lines[f"{key} {kind.upper()}"] = c[:, spatial].mean(1)
+        ratio_lines[f"{key} {kind.upper()}"] = r[:, prefix:].mean(1)
+        cos_lines[f"{key} {kind.upper()}"] = c[:, prefix:].mean(1)
         if has_cls:
           ratio_lines[f"{key} {kind.upper()}-CLS"] = r[:, 0]
           cos_lines[f"{key} {kind.upper()}-CLS"] = c[:, 0]
       else:
-        ratio_lines[f"{key} ({family})"] = r[:, 0]
-        cos_lines[f"{key} ({family})"] = c[:, 0]
+        ratio_lines[f"{key} ({model.name})"] = r[:, 0]
+        cos_lines[f"{key} ({model.name})"] = c[:, 0]
       m[kind] = {"ratio_mean": _json_number(np.mean(r)),
                  "ratio_per_block": [_json_number(x) for x in r.mean(1)],
                  "cosine_per_block": [round(float(x), 4) for x in c.mean(1)]}
-      if r.shape[1] > 1 and getattr(model.module, "classifier", None) == "token":
+      if r.shape[1] > 1 and has_cls:
         m[kind]["ratio_cls_per_block"] = [_json_number(x) for x in r[:, 0]]
     metrics[key] = m
-    if main and ratio.shape[1] > 1:
+    if ratio.shape[1] > 1:
       panels = {f"identity / {kind}": ratio[idx] for kind, idx in kinds.items()}
-      fig = mechanisms.token_block_heatmaps(panels, max_tokens=cfg.get("heatmap_tokens", 10),
-                                            title=f"{key} ({family}): norm ratio, first tokens")
-      figures.append(plotting.save_figure(
-          fig, ctx.path("figures", f"skip_norms_{key}_tokens"), formats))
-      fig = mechanisms.token_block_heatmaps(panels, title=f"{key} ({family}): all tokens")
-      figures.append(plotting.save_figure(
-          fig, ctx.path("figures", f"skip_norms_{key}_all"), formats))
-  if main:
-    fig = mechanisms.depth_lines(ratio_lines, "||z|| / ||f(z)||", log=True,
-                                 title="skip / branch norm ratio")
-    figures.insert(0, plotting.save_figure(fig, ctx.path("figures", "skip_norms_ratio"), formats))
-    fig = mechanisms.depth_lines(cos_lines, "cos(z, z + f(z))" if cos_key == "cos_out"
-                                 else "cos(z, f(z))", title="skip vs sublayer output")
-    figures.insert(1, plotting.save_figure(fig, ctx.path("figures", "skip_norms_cosine"), formats))
-    figures = [os.path.relpath(f, ctx.workdir) for f in figures]
-    np.savez(ctx.path("results", "skip_norms.npz"), **arrays)
-  result = base.AnalysisResult(
+      figures.append(ctx.save_figure(lambda: mechanisms.token_block_heatmaps(
+          panels, max_tokens=cfg.heatmap_tokens,
+          title=f"{key} ({model.name}): norm ratio, first tokens"), f"skip_norms_{key}_tokens"))
+      figures.append(ctx.save_figure(lambda: mechanisms.token_block_heatmaps(
+          panels, title=f"{key} ({model.name}): all tokens"), f"skip_norms_{key}_all"))
+  figures.insert(0, ctx.save_figure(lambda: mechanisms.depth_lines(
+      ratio_lines, "||z|| / ||f(z)||", log=True, title="skip / branch norm ratio"),
+      "skip_norms_ratio"))
+  figures.insert(1, ctx.save_figure(lambda: mechanisms.depth_lines(
+      cos_lines, "cos(z, z + f(z))" if cos_key == "cos_out" else "cos(z, f(z))",
+      title="skip vs sublayer output"), "skip_norms_cosine"))
+  ctx.save_arrays("skip_norms", **arrays)
+  return base.AnalysisResult(
       name="skip_norms", title="Skip-connection norm ratios and cosines (Figs 7, E.1, E.2)",
       caption=("Ratio of the norm of the residual stream entering each sublayer to the norm of "
                "the sublayer's branch output, per token and block (CLS vs spatial tokens) and "
                "per ResNet unit. The paper finds ViT ratios far above ResNet's, with a phase "
                "change at mid-depth: early blocks leave CLS mostly untouched, late blocks change "
                "CLS and leave spatial tokens to the skip path."),
-      figures=figures, metrics=metrics, seconds=time.time() - start)
-  if main:
-    base.save_result(ctx, result)
-  return result
+      figures=figures, metrics=metrics)

@@ -1,10 +1,10 @@
 """Removing the skip connections of one block (paper Fig 8).
 
 For each chosen block i, a copy of a ViT's model entry with `skip_removed=(i,)` (BOTH residual
-adds of block i removed, 0-based; paper.md §6 row 21) is trained through the same training loop
+adds of block i removed, 0-based; docs/method.md#skip-removal) is trained through the same training loop
 as every other model (`ctx.train_fn`, cached by content hash). The analysis reports test accuracy
 against the unmodified model and draws each model's intra-model CKA heatmap (the similarity
-analysis' minibatch CKA, paper.md §1.3). The paper sees the heatmap split into two blocks, before
+analysis' minibatch CKA, docs/method.md#minibatch-cka). The paper sees the heatmap split into two blocks, before
 and after block i, and about 4% lower accuracy for a middle block.
 
 The split is summarised by `split_contrast`: mean CKA within the two diagonal blocks (layers
@@ -14,16 +14,15 @@ the unmodified model.
 from __future__ import annotations
 
 import copy
-import os
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
 import numpy as np
 
-from vit_analysis import sharding
+from vit_analysis import cka_runner, layers
 from vit_analysis.analyses import base
+from vit_analysis.plotting import mechanisms
 
 
 def split_index(names: Sequence[str], block: int) -> int:
@@ -32,11 +31,11 @@ def split_index(names: Sequence[str], block: int) -> int:
   Raises:
     KeyError: if no layer belongs to that block.
   """
-  prefix = f"block{block:02d}"
   for i, n in enumerate(names):
-    if n == prefix or n.startswith(prefix + "/"):
+    if layers.parse(n).block == block:
       return i
-  raise KeyError(f"no layer of block {block} ({prefix}*) among {list(names)[:8]}...")
+  raise KeyError(f"no layer of block {block} ({layers.block(block)}*) among "
+                 f"{list(names)[:8]}...")
 
 
 def split_contrast(cka: np.ndarray, cut: int) -> dict[str, float]:
@@ -79,31 +78,31 @@ def removed_entry(entry: Any, block: int) -> ml_collections.ConfigDict:
   return entry
 
 
+def default_config() -> ml_collections.ConfigDict:
+  """Every option of the skip-removal analysis, with the paper's defaults."""
+  c = cka_runner.protocol_config()
+  c.base_model = "vit"   # key in config.models (a ViT); copies get skip_removed=(i,)
+  c.blocks = (1, 7, 10)  # 0-based blocks whose two residual adds are removed, one model each
+  c.layers = "coarse"    # CKA capture points (method.md: coarse for Fig 8)
+  c.tokens = "all"
+  c.figure_formats = ("png", "pdf")
+  return c
+
+
 def run(config, ctx: base.Context) -> base.AnalysisResult:
-  """Trains ViTs without the skips of one block and compares them (Fig 8).
-
-  Sub-config `config.skip_removal`: base_model (key in config.models, a ViT), blocks (0-based
-  indices, one model each), layers (CKA capture preset or globs; paper: 'coarse'), tokens, split,
-  num_examples, minibatch_size, repeats, minibatches_per_step, figure_formats.
-  """
-  from vit_analysis import plotting  # pylint: disable=g-import-not-at-top
-  from vit_analysis.analyses import similarity  # pylint: disable=g-import-not-at-top
-  from vit_analysis.plotting import mechanisms  # pylint: disable=g-import-not-at-top
-
-  cfg = config.skip_removal
-  formats = tuple(cfg.get("figure_formats", ("png", "pdf")))
-  start = time.time()
-  base_key = cfg.get("base_model", "vit")
-  if base_key not in ctx.models or base_key not in config.models:
-    raise KeyError(f"skip_removal: base_model {base_key!r} is not among {list(ctx.models)}")
-  base_model = ctx.models[base_key]
-  num_layers = getattr(base_model.module, "num_layers", None)
-  if num_layers is None:
-    raise ValueError(f"skip_removal needs a ViT base model, got {base_model.name}")
-  blocks = [int(b) for b in cfg.get("blocks", (1,))]
-  bad = [b for b in blocks if not 0 <= b < num_layers]
+  """Trains ViTs without the skips of one block and compares them (Fig 8)."""
+  cfg = ctx.sub
+  base_key = cfg.base_model
+  base_model = ctx.model(base_key)
+  info = base_model.info
+  if info.family != "vit":
+    raise ValueError(f"skip_removal needs a ViT base model, got {base_model.name} "
+                     f"({info.family})")
+  blocks = [int(b) for b in cfg.blocks]
+  bad = [b for b in blocks if not 0 <= b < info.num_blocks]
   if bad:
-    raise ValueError(f"blocks {bad} out of range for {base_model.name} ({num_layers} blocks)")
+    raise ValueError(f"blocks {bad} out of range for {base_model.name} "
+                     f"({info.num_blocks} blocks)")
   if ctx.train_fn is None:
     raise ValueError("skip_removal trains models: the context has no train_fn")
 
@@ -112,22 +111,22 @@ def run(config, ctx: base.Context) -> base.AnalysisResult:
     key = f"{base_key}_noskip{b:02d}"
     models[key] = ctx.train_fn(key, removed_entry(config.models[base_key], b))
 
-  source = ctx.sources[cfg.get("split", "test")]
-  settings = similarity.protocol(cfg)
-  layers = cfg.get("layers", "coarse")
-  layers = layers if isinstance(layers, str) else tuple(layers)
+  source = ctx.sources[cfg.split]
+  settings = cka_runner.protocol(cfg)
+  spec = cka_runner.layer_spec(cfg.layers)
   matrices, metrics, accuracies = {}, {}, {}
   for key, model in models.items():
-    side = similarity.model_side(model, layers, cfg.get("tokens", "all"))
-    rep = similarity.cka_over_repeats(side, None, source, seed=int(config.get("seed", 0)),
-                                      mesh=ctx.mesh, desc=f"skip_removal/{key}", **settings)
+    side = cka_runner.model_side(model, spec, cfg.tokens)
+    rep = cka_runner.cka_over_repeats(side, None, source, seed=ctx.seed, mesh=ctx.mesh,
+                                      desc=f"skip_removal/{key}",
+                                      resume=ctx.checkpointer(key), **settings)
     matrices[key] = rep.mean
     accuracies[key] = model.test_accuracy
     metrics[key] = {"name": model.name, "test_accuracy": model.test_accuracy,
                     "skip_removed": list(getattr(model.module, "skip_removed", ()) or ()),
                     "num_layers": len(rep.names_a)}
-    if sharding.is_main_process():
-      rep.save(ctx.path("results", f"skip_removal_{key}"))
+    if ctx.is_main:
+      rep.save(ctx.results_stem(f"skip_removal_{key}"))
     names = rep.names_a
   for b in blocks:
     cut = split_index(names, b)
@@ -137,21 +136,15 @@ def run(config, ctx: base.Context) -> base.AnalysisResult:
       metrics[key]["split_unmodified"] = split_contrast(matrices[base_key], cut)
     if accuracies[key] is not None and accuracies[base_key] is not None:
       metrics[key]["accuracy_drop"] = accuracies[base_key] - accuracies[key]
-  figures = []
-  if sharding.is_main_process():
-    labels = {k: (f"{k}: unmodified" if k == base_key else f"{k}: block {k[-2:]} skips removed")
-              for k in models}
-    fig = mechanisms.skip_removal_heatmaps({labels[k]: m for k, m in matrices.items()},
-                                           {labels[k]: a for k, a in accuracies.items()})
-    png = plotting.save_figure(fig, ctx.path("figures", "skip_removal"), formats)
-    figures.append(os.path.relpath(png, ctx.workdir))
-  result = base.AnalysisResult(
+  labels = {k: (f"{k}: unmodified" if k == base_key else f"{k}: block {k[-2:]} skips removed")
+            for k in models}
+  figures = [ctx.save_figure(lambda: mechanisms.skip_removal_heatmaps(
+      {labels[k]: m for k, m in matrices.items()},
+      {labels[k]: a for k, a in accuracies.items()}), "skip_removal")]
+  return base.AnalysisResult(
       name="skip_removal", title="Removing the skip connections of one block (Fig 8)",
       caption=("Intra-model CKA of ViTs trained with both residual adds of one block removed, "
                "next to the unmodified model, with test accuracy. The paper finds the heatmap "
                "splits into layers before and after that block, and ~4% lower accuracy when a "
                "middle block loses its skips."),
-      figures=figures, metrics=dict(settings, **metrics), seconds=time.time() - start)
-  if sharding.is_main_process():
-    base.save_result(ctx, result)
-  return result
+      figures=figures, metrics=dict(settings, **metrics))
