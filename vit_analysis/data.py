@@ -251,8 +251,8 @@ def _resize_bilinear_numpy(images: np.ndarray, size: int) -> np.ndarray:
   return x[:, :, lo] * (1 - t)[None, None, :, None] + x[:, :, hi] * t[None, None, :, None]
 
 
-def _resize_one(image: np.ndarray, size: int) -> np.ndarray:
-  """float32 [h, w, c] -> float32 [size, size, c] (see `resize_bilinear`)."""
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+  """One image: float32 [h, w, c] -> float32 [size, size, c], exactly `resize_bilinear`."""
   import cv2  # pylint: disable=g-import-not-at-top
   out = cv2.resize(np.ascontiguousarray(image, np.float32), (size, size),
                    interpolation=cv2.INTER_LINEAR)
@@ -286,7 +286,7 @@ def resize_bilinear(images: np.ndarray, size: int) -> np.ndarray:
     raise ValueError(f"size must be positive, got {size}")
   out = np.empty((images.shape[0], size, size, images.shape[3]), np.float32)
   for i, image in enumerate(images):
-    out[i] = _resize_one(image, size)
+    out[i] = resize_image(image, size)
   return out
 
 
@@ -331,7 +331,7 @@ def preprocess_image(image: np.ndarray, image_size: int,
   if x.shape[-1] == 1:
     x = np.repeat(x, 3, axis=-1)
   if x.shape[:2] != (image_size, image_size):
-    x = _resize_one(x, image_size)
+    x = resize_image(x, image_size)
   return normalize(x, normalization)
 
 
