@@ -166,3 +166,102 @@ def test_cka_minibatch_indices():
     data.cka_minibatch_indices(100, 40, 16, 1, 0)
   with pytest.raises(ValueError, match="num_source"):
     data.cka_minibatch_indices(10, 40, 10, 1, 0)
+
+
+def _resize_reference(images, size):
+  """The NumPy bilinear resize that data.resize_bilinear replaced (tf.image.resize semantics)."""
+  images = np.asarray(images, np.float32)
+
+  def axis_weights(n_in):
+    pos = np.clip((np.arange(size) + 0.5) * (n_in / size) - 0.5, 0, n_in - 1)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, n_in - 1)
+    return lo, hi, (pos - lo).astype(np.float32)
+
+  lo, hi, t = axis_weights(images.shape[1])
+  x = images[:, lo] * (1 - t)[None, :, None, None] + images[:, hi] * t[None, :, None, None]
+  lo, hi, t = axis_weights(images.shape[2])
+  return x[:, :, lo] * (1 - t)[None, None, :, None] + x[:, :, hi] * t[None, None, :, None]
+
+
+@pytest.mark.parametrize("h,w,size", [(7, 5, 3), (7, 5, 11), (375, 500, 224), (13, 17, 4),
+                                      (5, 9, 16), (448, 448, 224), (224, 224, 448), (1, 1, 5),
+                                      (3, 301, 224), (999, 37, 61), (2, 2, 1)])
+def test_resize_equals_the_numpy_reference(h, w, size):
+  rng = np.random.default_rng(h * 1000 + w)
+  x = rng.integers(0, 256, (2, h, w, 3)).astype(np.float32)
+  np.testing.assert_allclose(data.resize_bilinear(x, size), _resize_reference(x, size),
+                             atol=1e-4, rtol=0)
+  grey = data.resize_bilinear(x[..., :1], size)  # OpenCV drops a single channel axis; we don't
+  assert grey.shape == (2, size, size, 1)
+  np.testing.assert_allclose(grey, _resize_reference(x[..., :1], size), atol=1e-4, rtol=0)
+  one = data.resize_image(x[0], size)
+  np.testing.assert_array_equal(one, data.resize_bilinear(x[:1], size)[0])
+
+
+def test_resize_of_a_photo_matches_reference_and_jax():
+  import skimage.data
+  photo = skimage.data.chelsea()  # 300 x 451 x 3
+  got = data.resize_bilinear(photo[None], 224)
+  np.testing.assert_allclose(got, _resize_reference(photo[None], 224), atol=1e-4, rtol=0)
+  ref = jax.image.resize(photo[None].astype(np.float32), (1, 224, 224, 3), "bilinear",
+                         antialias=False)
+  np.testing.assert_allclose(got, np.asarray(ref), atol=2e-3, rtol=0)
+
+
+def test_normalizations():
+  rng = np.random.default_rng(1)
+  x = rng.integers(0, 256, (3, 6, 4, 3), dtype=np.uint8)
+  mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+  got = data.preprocess(x, 5, (mean, std))
+  resized = _resize_reference(x, 5).astype(np.float64)
+  np.testing.assert_allclose(got, (resized / 255 - np.asarray(mean)) / np.asarray(std),
+                             atol=1e-5)
+  np.testing.assert_array_equal(data.preprocess(x, 5), data.preprocess(x, 5, "minus_one_one"))
+  for i in range(3):
+    np.testing.assert_array_equal(data.preprocess_image(x[i], 5, (mean, std)), got[i])
+  np.testing.assert_array_equal(data.preprocess_image(x[0, ..., :1], 6)[..., 2],
+                                data.preprocess(x[:1, ..., :1], 6)[0, ..., 0])
+  for bad in ("imagenet", ((0.5, 0.5), (1, 1, 1)), ((0.5,), (0.0,)), ((np.nan,), (1,))):
+    with pytest.raises(ValueError, match="normalization"):
+      data.preprocess(x, 5, bad)
+  with pytest.raises(ValueError, match="uint8"):
+    data.preprocess_image(x[0].astype(np.float32), 5)
+
+
+def test_tfrecord_only_tfds_build_says_how_to_get_array_record(tmp_path):
+  build = tmp_path / "imagenet2012" / "5.1.0"
+  build.mkdir(parents=True)
+  for k in range(2):
+    (build / f"imagenet2012-validation.tfrecord-{k:05d}-of-00002").write_bytes(b"")
+  (build / "dataset_info.json").write_text("{}")
+  assert data.tfds_build_formats("imagenet2012", str(tmp_path)) == {"tfrecord": [str(build)]}
+  assert data.tfds_build_formats("imagenet2012:5.1.0", str(tmp_path / "nothing")) == {}
+  with pytest.raises(ValueError) as info:
+    data.TfdsSource("imagenet2012", "validation", data_dir=str(tmp_path))
+  msg = str(info.value)
+  assert "no ArrayRecord files" in msg and str(build) in msg
+  assert f"tfds build imagenet2012 --data_dir={tmp_path} --file_format=array_record" in msg
+  assert f"tfds convert_format --dataset_version_dir={build} --out_file_format=array_record" in msg
+  (build / "imagenet2012-validation.array_record-00000-of-00001").write_bytes(b"")
+  assert set(data.tfds_build_formats("imagenet2012", str(tmp_path))) == {"tfrecord",
+                                                                        "array_record"}
+
+
+def test_folder_source_bytes_and_bad_file(tmp_path):
+  os.makedirs(tmp_path / "b_class")
+  os.makedirs(tmp_path / "a_class" / "nested")  # deeper folders are not classes' images
+  arr = np.random.default_rng(0).integers(0, 256, (9, 11, 3), dtype=np.uint8)
+  Image.fromarray(arr).save(tmp_path / "b_class" / "x.PNG")
+  Image.fromarray(arr[..., 0]).save(tmp_path / "a_class" / "grey.png")
+  (tmp_path / "a_class" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+  src = data.FolderSource(str(tmp_path))
+  assert src.classes == ["a_class", "b_class"] and len(src) == 3
+  assert [os.path.basename(f) for f, _ in src.files] == ["broken.jpg", "grey.png", "x.PNG"]
+  with pytest.raises(ValueError, match="broken.jpg"):
+    src[0]
+  grey = src[1]["image"]
+  assert grey.shape == (9, 11, 3) and (grey[..., 0] == arr[..., 0]).all()
+  np.testing.assert_array_equal(src[2]["image"], arr)
+  assert src[2]["label"] == 1
+  np.testing.assert_array_equal(data.decode_image(src.read_bytes(2)), arr)

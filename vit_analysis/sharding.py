@@ -6,13 +6,15 @@ runs on one CPU, on 4 simulated CPU devices and on a TPU pod slice.
 """
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Any
 
-from absl import logging
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from absl import logging
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 
@@ -62,6 +64,49 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
   return jax.tree.map(put, batch)
+
+
+def host_rows(mesh: Mesh, global_rows: int) -> slice:
+  """The rows of a `[global_rows, ...]` array split on `data` that this process's devices hold.
+
+  Derived from the sharding itself, so it is right for any device order; for `make_mesh()`'s
+  process-major order it is rows `process_index * global_rows / process_count` onwards.
+
+  Raises:
+    ValueError: if `global_rows` is not divisible by the mesh's devices, or this process's rows
+      are not one contiguous block (a mesh whose device order interleaves processes).
+  """
+  devices = mesh.devices.size
+  if global_rows <= 0 or global_rows % devices:
+    raise ValueError(f"{global_rows} rows cannot be split evenly over the {devices} devices of "
+                     "the mesh")
+  index_map = data_sharding(mesh).addressable_devices_indices_map((global_rows,))
+  rows = sorted({(s[0].start or 0, global_rows if s[0].stop is None else s[0].stop)
+                 for s in index_map.values()})
+  for (_, stop), (start, _) in itertools.pairwise(rows):
+    if stop != start:
+      raise ValueError(f"this process's devices hold rows {rows} of the batch, not one "
+                       "contiguous block; build the mesh with sharding.make_mesh()")
+  if not rows:
+    raise ValueError("this process holds no device of the mesh")
+  return slice(rows[0][0], rows[-1][1])
+
+
+def global_array(local: np.ndarray, mesh: Mesh, global_rows: int) -> jax.Array:
+  """A `[global_rows, ...]` array split on `data` from this process's rows `host_rows(...)`.
+
+  One process: `jax.device_put`; several: `jax.make_array_from_process_local_data`.
+  """
+  local = np.asarray(local)
+  rows = host_rows(mesh, global_rows)
+  if local.ndim == 0 or local.shape[0] != rows.stop - rows.start:
+    raise ValueError(f"process-local array of shape {local.shape} must have the "
+                     f"{rows.stop - rows.start} rows {rows.start}:{rows.stop} of {global_rows}")
+  sharding = data_sharding(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(local, sharding)
+  return jax.make_array_from_process_local_data(sharding, local,
+                                                (global_rows,) + local.shape[1:])
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

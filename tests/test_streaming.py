@@ -1,0 +1,235 @@
+"""streaming: plans, the Stream (padding, masks, views, workers, devices), sums, resume."""
+import collections
+import logging
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_analysis import data, progress, resume, sharding, streaming
+
+TIMM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+class CountingSource:
+  """Images of varying size whose pixel (0, 0, 0) is the example index; counts every read."""
+
+  def __init__(self, n, fail_at=None):
+    rng = np.random.default_rng(0)
+    self.images = [rng.integers(0, 256, (5 + i % 3, 7 - i % 2, 3), dtype=np.uint8)
+                   for i in range(n)]
+    for i, im in enumerate(self.images):
+      im[0, 0, 0] = i
+    self.num_classes, self.reads, self.fail_at = 3, collections.Counter(), fail_at
+    self._lock = threading.Lock()
+
+  def __len__(self):
+    return len(self.images)
+
+  def __getitem__(self, i):
+    with self._lock:
+      self.reads[int(i)] += 1
+    if self.fail_at is not None and int(i) == self.fail_at:
+      raise OSError("disk on fire")
+    return {"image": self.images[int(i)], "label": int(i) % 3}
+
+
+def _stream_threads():
+  return [t for t in threading.enumerate() if t.name.startswith("vit_analysis-stream")]
+
+
+def test_plans_equal_the_existing_samplers():
+  plan = streaming.cka_plan(100, 40, 10, 3, seed=5)
+  assert plan.shape == (3, 4, 10)
+  np.testing.assert_array_equal(plan.reshape(-1, 10), data.cka_minibatch_indices(100, 40, 10, 3, 5))
+  np.testing.assert_array_equal(streaming.sample(50, 7, seed=3),
+                                np.random.default_rng(3).permutation(50)[:7])
+  np.testing.assert_array_equal(streaming.first(9, 4), [0, 1, 2, 3])
+  np.testing.assert_array_equal(streaming.split(5), np.arange(5))
+  for bad in (lambda: streaming.sample(5, 6, 0), lambda: streaming.first(5, 0),
+              lambda: streaming.split(0)):
+    with pytest.raises(ValueError, match="num_source"):
+      bad()
+
+
+def test_stream_yields_the_plan_with_views_padding_and_mask():
+  src = CountingSource(23)
+  plan = streaming.sample(23, 10, seed=1)
+  views = {"vit": (4, "minus_one_one"), "timm": (6, TIMM)}
+  st = streaming.Stream(src, plan, views=views, mesh=sharding.make_mesh(), step_size=4,
+                        with_labels=True, workers=2)
+  assert len(st) == 3
+  steps = list(st)
+  assert [s.step for s in steps] == [0, 1, 2] and [s.num_real for s in steps] == [4, 4, 2]
+  for s in steps:
+    real = plan[4 * s.step:4 * s.step + 4]
+    want = np.concatenate([real, np.repeat(real[:1], 4 - len(real))])
+    np.testing.assert_array_equal(s.indices, want)
+    np.testing.assert_array_equal(np.asarray(s.mask), np.arange(4) < len(real))
+    np.testing.assert_array_equal(np.asarray(s.labels), want % 3)
+    assert s.images["vit"].shape == (4, 4, 4, 3) and s.images["timm"].shape == (4, 6, 6, 3)
+    assert s.images["vit"].sharding.spec == jax.sharding.PartitionSpec("data")
+    for name, (size, norm) in views.items():
+      ref = np.stack([data.preprocess_image(src.images[i], size, norm) for i in want])
+      np.testing.assert_array_equal(np.asarray(s.images[name]), ref)
+  # Each real example decoded once for both views; the padding example once more.
+  assert sum(src.reads.values()) == 12 and set(src.reads) == set(plan)
+  assert st.stats["num_images"] == 10
+  assert not _stream_threads()
+
+
+def test_groups_are_minibatches_and_padding_repeats_the_first_group():
+  src = CountingSource(30)
+  plan = streaming.cka_plan(30, 18, 3, 1, seed=0).reshape(-1)  # 6 minibatches of 3
+  st = streaming.Stream(src, plan, views={"a": (5, "minus_one_one")}, mesh=sharding.make_mesh(),
+                        step_size=12, group=3)
+  steps = list(st)
+  assert len(steps) == 2 and [s.num_real for s in steps] == [12, 6]
+  last = steps[1]
+  assert last.images["a"].shape == (4, 3, 5, 5, 3)
+  np.testing.assert_array_equal(np.asarray(last.mask), [1, 1, 0, 0])
+  groups = last.indices.reshape(4, 3)
+  np.testing.assert_array_equal(groups[:2], plan[12:].reshape(2, 3))
+  np.testing.assert_array_equal(groups[2], groups[0])
+  np.testing.assert_array_equal(groups[3], groups[0])
+  got = np.asarray(last.images["a"])[1, 2]
+  np.testing.assert_array_equal(got, data.preprocess_image(src.images[plan[17]], 5))
+  with pytest.raises(ValueError, match="whole groups"):
+    streaming.Stream(src, plan[:17], views={"a": (5, "minus_one_one")}, mesh=None,
+                     step_size=12, group=3)
+
+
+def test_start_step_skips_without_decoding():
+  src = CountingSource(20)
+  plan = streaming.split(20)
+  full = [np.asarray(s.images["a"]) for s in streaming.Stream(
+      src, plan, views={"a": (3, "minus_one_one")}, mesh=sharding.make_mesh(), step_size=8)]
+  src.reads.clear()
+  st = streaming.Stream(src, plan, views={"a": (3, "minus_one_one")}, mesh=sharding.make_mesh(),
+                        step_size=8, start_step=1)
+  rest = list(st)
+  assert [s.step for s in rest] == [1, 2]
+  assert min(src.reads) == 8  # steps before start_step are never read
+  for a, b in zip(full[1:], rest):
+    np.testing.assert_array_equal(a, np.asarray(b.images["a"]))
+  assert st.stats["num_images"] == 20  # the skipped steps count as done, not in the rate
+  assert list(streaming.Stream(src, plan, views={"a": (3, "minus_one_one")}, mesh=None,
+                               step_size=8, start_step=3)) == []
+
+
+def test_same_result_for_workers_and_devices():
+  src = CountingSource(17)
+  plan = streaming.sample(17, 17, seed=2)
+  results = []
+  for workers, devices in ((1, 4), (2, 4), (3, 1), (2, None)):
+    mesh = None if devices is None else sharding.make_mesh(jax.devices()[:devices])
+    st = streaming.Stream(src, plan, views={"a": (4, TIMM)}, mesh=mesh, step_size=8,
+                          workers=workers, prefetch=1 + workers % 2)
+    results.append(np.concatenate([np.asarray(s.images["a"]) for s in st]))
+  for r in results[1:]:
+    np.testing.assert_array_equal(r, results[0])
+
+
+def test_worker_errors_propagate_and_early_stop_leaves_no_threads():
+  src = CountingSource(20, fail_at=13)
+  st = streaming.Stream(src, streaming.split(20), views={"a": (3, "minus_one_one")},
+                        mesh=sharding.make_mesh(), step_size=4, workers=2)
+  seen = []
+  with pytest.raises(streaming.ExampleError, match=r"example 13 \(plan position 13, step 3\)"
+                     r".*OSError: disk on fire") as info:
+    for s in st:
+      seen.append(s.step)
+  assert info.value.index == 13 and seen == [0, 1, 2]
+  assert isinstance(info.value.__cause__, OSError)
+  assert not _stream_threads()
+  ok = CountingSource(40)
+  it = iter(streaming.Stream(ok, streaming.split(40), views={"a": (3, "minus_one_one")},
+                             mesh=None, step_size=4, workers=2, prefetch=2))
+  next(it)
+  it.close()  # the consumer stops early
+  assert not _stream_threads()
+  assert max(ok.reads) < 16  # decoding ran at most `prefetch` steps ahead
+
+
+def test_bad_arguments_are_named():
+  src = CountingSource(8)
+  mesh = sharding.make_mesh()
+  view = {"a": (3, "minus_one_one")}
+  with pytest.raises(ValueError, match="4 devices"):
+    streaming.Stream(src, streaming.split(8), views=view, mesh=mesh, step_size=6)
+  with pytest.raises(ValueError, match="index 9 .*outside"):
+    streaming.Stream(src, np.array([0, 9]), views=view, mesh=mesh, step_size=4)
+  with pytest.raises(ValueError, match="normalization"):
+    streaming.Stream(src, streaming.split(8), views={"a": (3, "imagenet")}, mesh=mesh,
+                     step_size=4)
+  with pytest.raises(ValueError, match="start_step"):
+    streaming.Stream(src, streaming.split(8), views=view, mesh=mesh, step_size=4, start_step=3)
+
+
+def _pixel_mean_step(variables, images, mask):
+  per_image = images.mean(axis=(1, 2, 3)) * variables["scale"]
+  return {"sum": jnp.sum(per_image * mask), "count": jnp.sum(mask)}
+
+
+def test_stream_sums_equals_numpy():
+  src = CountingSource(30)
+  plan = streaming.sample(30, 13, seed=4)
+  sums, stats = streaming.stream_sums(_pixel_mean_step, {"scale": jnp.float32(2.0)}, src, plan,
+                                      step_size=8, image_size=6, normalization=TIMM,
+                                      mesh=sharding.make_mesh(), desc="test")
+  ref = sum(2.0 * data.preprocess_image(src.images[i], 6, TIMM).astype(np.float64).mean()
+            for i in plan)
+  np.testing.assert_allclose(sums["sum"], ref, rtol=1e-5)
+  assert sums["count"] == 13 and stats["num_images"] == 13
+  assert set(stats) == {"num_images", "seconds", "examples_per_s", "first_batch_seconds"}
+
+
+def test_stream_sums_resumes_bit_identically(tmp_path):
+  src = CountingSource(40)
+  plan = streaming.sample(40, 37, seed=0)
+  kwargs = {"step_size": 4, "image_size": 5, "mesh": sharding.make_mesh(), "desc": "resume test"}
+  variables = {"scale": jnp.float32(1.0)}
+  want, _ = streaming.stream_sums(_pixel_mean_step, variables, src, plan, **kwargs)
+  # Interrupted run: saves after every step (every_s=0), then example plan[22] (step 5) fails.
+  ck = resume.Checkpointer(str(tmp_path), every_s=0.0, fingerprint="pixel-mean")
+  broken = CountingSource(40, fail_at=int(plan[22]))
+  with pytest.raises(streaming.ExampleError):
+    streaming.stream_sums(_pixel_mean_step, variables, broken, plan, resume=ck, **kwargs)
+  saved_position = ck.restore()[1]
+  assert 1 <= saved_position <= 5
+  src.reads.clear()
+  ck = resume.Checkpointer(str(tmp_path), every_s=1e9, fingerprint="pixel-mean")
+  got, stats = streaming.stream_sums(_pixel_mean_step, variables, src, plan, resume=ck, **kwargs)
+  assert set(src.reads) == set(plan[4 * saved_position:])  # restarts at the saved step
+  assert sum(src.reads.values()) == 37 - 4 * saved_position + 3  # + the last step's padding
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k])  # bit-identical
+  assert got["count"] == 37 and stats["num_images"] == 37  # nothing counted twice or skipped
+  # Finished: a rerun restores the final sums without decoding anything.
+  src.reads.clear()
+  again, _ = streaming.stream_sums(_pixel_mean_step, variables, src, plan, resume=ck, **kwargs)
+  assert not src.reads
+  np.testing.assert_array_equal(again["sum"], want["sum"])
+  with pytest.raises(resume.CheckpointError, match="plan"):
+    streaming.stream_sums(_pixel_mean_step, variables, src, plan[:-1], resume=ck, **kwargs)
+
+
+def test_progress_rate_excludes_first_update(caplog):
+  now = [0.0]
+  p = progress.Progress(100, "demo", clock=lambda: now[0], every_s=10)
+  with caplog.at_level(logging.INFO):
+    now[0] = 30.0  # compilation
+    p.update(10)
+    now[0] = 35.0
+    p.update(20)
+    assert "demo: 30/100 images, 4.0 images/s, ETA 18 s" in p.line()
+    now[0] = 45.0
+    p.update(40)
+    stats = p.close()
+  assert stats == {"num_images": 70.0, "seconds": 45.0, "examples_per_s": 4.0,
+                   "first_batch_seconds": 30.0}
+  lines = [r.getMessage() for r in caplog.records if "demo" in r.getMessage()]
+  assert len(lines) == 3  # t=30 (>= 10 s since start), t=45, and the final line
+  assert p.close() == stats  # idempotent, logs once

@@ -1,0 +1,193 @@
+"""Partial accumulators and a stream position, saved atomically so that a rerun resumes.
+
+A checkpoint is one `.npz` file, `<directory>/state.npz`: the leaves of the state pytree (float64
+CKA sums, running attention-distance sums, ...), their tree paths, the position (e.g. the next
+global step) and a small JSON `extra`, with the caller's fingerprint (a hash of the config and
+model) so that a rerun with another setting never continues someone else's sums. Writes go to a
+temporary file in the same directory, are flushed to disk and then `os.replace`d over the old
+file: a crash at any point leaves either the old checkpoint or the new one, never a mixture. Only
+process 0 writes; every process reads the same file, and with several processes the restored
+position is checked to be equal on all of them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+FILENAME = "state.npz"
+_FORMAT = 1
+
+
+def _path_entry(key: Any) -> list[Any]:
+  """One element of a tree path as JSON: ['dict', k] | ['seq', i] | ['attr', name] | ['flat', i]."""
+  if isinstance(key, jax.tree_util.DictKey):
+    return ["dict", key.key if isinstance(key.key, (str, int)) else str(key.key)]
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return ["seq", key.idx]
+  if isinstance(key, jax.tree_util.GetAttrKey):
+    return ["attr", key.name]
+  if isinstance(key, jax.tree_util.FlattenedIndexKey):
+    return ["flat", key.key]
+  return ["other", str(key)]
+
+
+def _flatten(state: Any) -> tuple[list[list[list[Any]]], list[Any]]:
+  leaves_with_paths = jax.tree_util.tree_flatten_with_path(state)[0]
+  return ([[_path_entry(k) for k in path] for path, _ in leaves_with_paths],
+          [leaf for _, leaf in leaves_with_paths])
+
+
+def _nested(paths: list[list[list[Any]]], leaves: list[Any]) -> Any:
+  """Rebuilds nested dicts / lists from paths (attribute and other keys become dict keys)."""
+  if len(paths) == 1 and not paths[0]:
+    return leaves[0]
+  root: dict[Any, Any] = {}
+  for path, leaf in zip(paths, leaves):
+    node = root
+    for i, (_, key) in enumerate(path):
+      if i == len(path) - 1:
+        node[key] = leaf
+      else:
+        node = node.setdefault(key, {})
+
+  def lists(node):
+    if not isinstance(node, dict):
+      return node
+    node = {k: lists(v) for k, v in node.items()}
+    if node and all(isinstance(k, int) for k in node) and sorted(node) == list(range(len(node))):
+      return [node[i] for i in range(len(node))]
+    return node
+
+  return lists(root)
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be used: another fingerprint, a corrupt file, another structure."""
+
+
+class Checkpointer:
+  """Saves `(state, position, extra)` every `every_s` seconds; `restore()` reads it back.
+
+  Args:
+    directory: where `state.npz` lives (created on the first save).
+    every_s: minimum seconds between two saves of `maybe_save`; 0 saves every time.
+    fingerprint: the caller's description of what is being computed (config and model hash); a
+      checkpoint saved under another fingerprint is refused.
+    clock: seconds as a float (injectable for tests).
+  """
+
+  def __init__(self, directory: str, *, every_s: float = 60.0, fingerprint: str = "",
+               clock: Callable[[], float] = time.monotonic):
+    self.directory, self.every_s, self.fingerprint = directory, float(every_s), str(fingerprint)
+    self._clock = clock
+    self._last_save = clock()
+
+  @property
+  def path(self) -> str:
+    return os.path.join(self.directory, FILENAME)
+
+  def restore(self, like: Any = None) -> tuple[Any, int, dict[str, Any]] | None:
+    """The saved `(state, position, extra)`, or None when nothing was saved.
+
+    Args:
+      like: a template pytree of the saved structure (e.g. `cka.init(names)`); the result then has
+        its type (dataclasses, named tuples, static fields) and each leaf is checked against the
+        template's shape. Without it, the state comes back as nested dicts / lists of arrays
+        (attribute names become dict keys).
+
+    Raises:
+      CheckpointError: for another fingerprint (both named), an unreadable or truncated file, or
+        a structure or shape that does not match `like`.
+    """
+    if not os.path.exists(self.path):
+      return None
+    try:
+      with np.load(self.path, allow_pickle=False) as z:
+        meta = json.loads(str(z["__meta__"]))
+        leaves = [z[f"leaf_{i:05d}"] for i in range(meta["num_leaves"])]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+      raise CheckpointError(f"checkpoint {self.path} is unreadable or truncated ({e!r}); delete "
+                            "it to start again") from e
+    if meta.get("format") != _FORMAT:
+      raise CheckpointError(f"checkpoint {self.path} has format {meta.get('format')}, "
+                            f"expected {_FORMAT}")
+    if meta["fingerprint"] != self.fingerprint:
+      raise CheckpointError(
+          f"checkpoint {self.path} was saved for fingerprint {meta['fingerprint']!r}, but this "
+          f"run has fingerprint {self.fingerprint!r} (another config or model); delete the "
+          "directory or use another workdir")
+    leaves = [leaf[()] if kind == "scalar" else leaf
+              for leaf, kind in zip(leaves, meta["kinds"])]
+    if like is None:
+      state = _nested(meta["paths"], leaves)
+    else:
+      paths, template = _flatten(like)
+      if paths != meta["paths"]:
+        raise CheckpointError(f"checkpoint {self.path} holds leaves {meta['paths']}, the template "
+                              f"has {paths}")
+      for path, saved, want in zip(paths, leaves, template):
+        if np.shape(saved) != np.shape(want):
+          raise CheckpointError(f"checkpoint {self.path}: leaf {path} has shape "
+                                f"{np.shape(saved)}, the template {np.shape(want)}")
+      leaves = [type(want)(saved) if isinstance(want, (bool, int, float)) else saved
+                for saved, want in zip(leaves, template)]
+      state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), leaves)
+    position = int(meta["position"])
+    if jax.process_count() > 1:  # every process must continue from the same step
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.assert_equal(np.int64(position), f"restored position of {self.path}")
+    self._last_save = self._clock()
+    return state, position, dict(meta["extra"])
+
+  def maybe_save(self, state: Any, position: int, extra: dict[str, Any] | None = None,
+                 force: bool = False) -> bool:
+    """Saves when `every_s` has passed since the last save (or restore, or construction).
+
+    Every process may call it (they decide alike up to clock skew; only process 0 writes).
+    `state` leaves are fetched to the host (`np.asarray`), so device arrays are accepted.
+
+    Returns:
+      whether it saved (on process 0) or would have (others).
+    """
+    now = self._clock()
+    if not force and now - self._last_save < self.every_s:
+      return False
+    self._last_save = now
+    if jax.process_index() != 0:
+      return True
+    paths, leaves = _flatten(state)
+    arrays = [np.asarray(leaf) for leaf in leaves]
+    for path, a in zip(paths, arrays):
+      if a.dtype == object:
+        raise TypeError(f"state leaf {path} is not numeric (dtype object)")
+    meta = {"format": _FORMAT, "fingerprint": self.fingerprint, "position": int(position),
+            "extra": extra or {}, "paths": paths, "num_leaves": len(arrays),
+            "kinds": ["scalar" if isinstance(leaf, (bool, int, float, np.generic)) else "array"
+                      for leaf in leaves]}
+    os.makedirs(self.directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".npz.tmp", dir=self.directory)
+    try:
+      with os.fdopen(fd, "wb") as f:
+        np.savez(f, __meta__=np.asarray(json.dumps(meta)),
+                 **{f"leaf_{i:05d}": a for i, a in enumerate(arrays)})
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, self.path)
+    except BaseException:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+      raise
+    return True
+
+  def clear(self) -> None:
+    """Deletes the checkpoint (process 0), e.g. once the final result is saved."""
+    if jax.process_index() == 0 and os.path.exists(self.path):
+      os.remove(self.path)
