@@ -26,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vit_analysis import layers
+
 Array = jax.Array
 
 # Stage s (1-based) has bottleneck width `width * width_factor * 2**(s-1)` and outputs 4x that.
@@ -204,21 +206,26 @@ class _RootConv(nn.Module):
 
 
 class Stage(nn.Module):
-  """Scope `block{s}`: `units` bottlenecks named unit01, unit02, ...; the first one strides."""
+  """Scope `block{s}`: `units` bottlenecks named unit01, unit02, ...; the first one strides.
+
+  `stage` (1-based) only names the outputs ('block{s}/unit{uu}/...', see vit_analysis/layers.py).
+  """
   units: int
   features: int
   strides: int
   num_groups: int = 32
+  stage: int = 1
 
   @nn.compact
   def __call__(self, x: Array) -> tuple[Array, dict[str, Array]]:
-    """x: [b, h, w, c] -> ([b, h/s, w/s, 4*features], {'unit01/preact_a': ..., 'unit01': ...})."""
+    """x: [b, h, w, c] -> ([b, h/s, w/s, 4*features], {'block1/unit01/preact_a': ..., ...})."""
     out = {}
     for u in range(1, self.units + 1):
+      # Parameter scope 'unit01' as in the BiT files; output names from vit_analysis.layers.
       x, unit_out = BottleneckUnit(self.features, self.strides if u == 1 else 1,
                                    self.num_groups, name=f'unit{u:02d}')(x)
-      out.update({f'unit{u:02d}/{k}': v for k, v in unit_out.items()})
-      out[f'unit{u:02d}'] = x
+      out.update({layers.unit(self.stage, u, k): v for k, v in unit_out.items()})
+      out[layers.unit(self.stage, u)] = x
     return x, out
 
 
@@ -246,8 +253,8 @@ class _ResNetBody(nn.Module):
     out['root'] = x
     for s, units in enumerate(self.block_units, start=1):
       x, stage_out = Stage(units, root_width * 2**(s - 1), 1 if s == 1 else 2, self.num_groups,
-                           name=f'block{s}')(x)
-      out.update({f'block{s}/{k}': v for k, v in stage_out.items()})
+                           stage=s, name=f'block{s}')(x)
+      out.update(stage_out)
     x = out['head_norm'] = nn.relu(GroupNorm(self.num_groups, name='group_norm')(x))
     x = out['pre_logits'] = jnp.mean(x, axis=(1, 2))
     if self.num_classes:
