@@ -48,8 +48,8 @@ class ResidualUnit(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """x: [b, h, w, c] -> [b, h/s, w/s, 4*features]."""
-    conv = lambda f, k, s, name: StdConv(f, (k, k), (s, s), use_bias=False, name=name)  # noqa: E731
-    gn = lambda name, **kw: nn.GroupNorm(self.num_groups, epsilon=1e-6, name=name, **kw)  # noqa: E731
+    conv = lambda f, k, s, name: StdConv(f, (k, k), (s, s), use_bias=False, name=name)
+    gn = lambda name, **kw: nn.GroupNorm(self.num_groups, epsilon=1e-6, name=name, **kw)
     residual = x
     if x.shape[-1] != 4 * self.features or self.strides != 1:
       residual = gn('gn_proj')(conv(4 * self.features, 1, self.strides, 'conv_proj')(x))
@@ -152,8 +152,9 @@ class HybridViT(nn.Module):
     return logits, out
 
 
-_B = dict(hidden_size=768, mlp_dim=3072, num_heads=12, num_layers=12)
-_L = dict(hidden_size=1024, mlp_dim=4096, num_heads=16, num_layers=24, dropout_rate=0.1)
+_B = {'hidden_size': 768, 'mlp_dim': 3072, 'num_heads': 12, 'num_layers': 12}
+_L = {'hidden_size': 1024, 'mlp_dim': 4096, 'num_heads': 16, 'num_layers': 24,
+      'dropout_rate': 0.1}
 
 # name -> HybridViT kwargs (vit_jax configs/models.py); merged into models.create_model.
 VARIANTS: dict[str, dict[str, Any]] = {

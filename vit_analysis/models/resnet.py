@@ -20,7 +20,8 @@ contracts.md in forward order ('root/conv', 'root', 'block1/unit01/preact_a', ..
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -304,7 +305,7 @@ class ResNetV2(nn.Module):
 
 
 def _bit(units: tuple[int, ...], wf: int) -> dict[str, Any]:
-  return dict(block_units=units, width_factor=wf)
+  return {'block_units': units, 'width_factor': wf}
 
 
 _R26, _R50, _R101, _R152 = (2, 2, 2, 2), (3, 4, 6, 3), (3, 4, 23, 3), (3, 8, 36, 3)
@@ -319,11 +320,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     'R152x2': _bit(_R152, 2),
     'R152x4': _bit(_R152, 4),
     # CPU variants for 28-32 px inputs (small stem: 32 px -> 32, 16, 8, 4 per stage).
-    'R26x1-small': dict(block_units=_R26, small_stem=True, image_size=32),
+    'R26x1-small': {'block_units': _R26, 'small_stem': True, 'image_size': 32},
     # Demo: stage widths 16..128 (outputs 64..512), 0.88M params (ViT-demo_4 scale).
-    'R-demo': dict(block_units=_R26, width=16, num_groups=8, small_stem=True, image_size=32),
+    'R-demo': {'block_units': _R26, 'width': 16, 'num_groups': 8, 'small_stem': True,
+               'image_size': 32},
     # Smoke: one unit per stage, outputs 32..256 channels; compiles in about a second.
-    'R-smoke': dict(block_units=(1, 1, 1, 1), width=8, num_groups=4, small_stem=True,
-                    image_size=32),
+    'R-smoke': {'block_units': (1, 1, 1, 1), 'width': 8, 'num_groups': 4, 'small_stem': True,
+                'image_size': 32},
 }
 MODEL_CLASS = ResNetV2

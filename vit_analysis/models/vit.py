@@ -71,7 +71,7 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, deterministic: bool) -> tuple[Array, Array]:
     """x: [b, T, D] -> (output [b, T, D], hidden after the activation [b, T, mlp_dim])."""
-    dense = lambda features, name: nn.Dense(  # noqa: E731
+    dense = lambda features, name: nn.Dense(
         features, kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(stddev=1e-6), precision=self.precision, name=name)
     hidden = _ACTIVATIONS[self.activation](dense(self.mlp_dim, 'Dense_0')(x))
@@ -111,7 +111,7 @@ class SelfAttention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
     head_dim = width // self.num_heads
-    proj = lambda name: nn.DenseGeneral(  # noqa: E731
+    proj = lambda name: nn.DenseGeneral(
         features=(self.num_heads, head_dim), axis=-1,
         kernel_init=nn.initializers.xavier_uniform(), precision=self.precision, name=name)
     q, k, v = proj('query')(x), proj('key')(x), proj('value')(x)  # [b, T, H, d_h]
@@ -312,9 +312,10 @@ class MAPHead(nn.Module):
 
 # Fields that `encode_and_classify` reads, with the values that give vit_jax's ViT: a module
 # without a field (the hybrid) gets this value.
-_TOKEN_DEFAULTS = dict(
-    class_token=None, num_registers=0, posemb='learn', posemb_prefix=True, pre_norm=False,
-    layerscale_init=None, mlp_activation='gelu_tanh', ln_eps=LN_EPS, fc_norm=False)
+_TOKEN_DEFAULTS = {
+    'class_token': None, 'num_registers': 0, 'posemb': 'learn', 'posemb_prefix': True,
+    'pre_norm': False, 'layerscale_init': None, 'mlp_activation': 'gelu_tanh', 'ln_eps': LN_EPS,
+    'fc_norm': False}
 
 
 def _opt(m: nn.Module, name: str) -> Any:
