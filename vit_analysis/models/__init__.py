@@ -7,13 +7,15 @@ registry only merges them. Every model is a Flax linen module with
 """
 import dataclasses
 import difflib
-import importlib
 from typing import Any
 
 import flax.linen as nn
 
-from vit_analysis.models import mixer, vit
+from vit_analysis.models import hybrid, mixer, resnet, vit
+from vit_analysis.models.hybrid import HybridViT
+from vit_analysis.models.info import ModelInfo, describe
 from vit_analysis.models.mixer import MlpMixer
+from vit_analysis.models.resnet import ResNetV2
 from vit_analysis.models.vit import VisionTransformer
 
 # name -> (module class, constructor kwargs), filled from every family below.
@@ -29,17 +31,8 @@ def _register(cls: type[nn.Module], variants: dict[str, dict[str, Any]]) -> None
 
 _register(VisionTransformer, vit.VARIANTS)
 _register(MlpMixer, mixer.VARIANTS)
-# Families in their own modules (owned separately), merged when present: module -> class name.
-_OPTIONAL = {'resnet': 'ResNetV2', 'hybrid': 'HybridViT'}
-for _module, _cls in _OPTIONAL.items():
-  try:
-    _mod = importlib.import_module(f'vit_analysis.models.{_module}')
-  except ModuleNotFoundError as e:
-    if e.name != f'vit_analysis.models.{_module}':
-      raise
-    continue
-  globals()[_module] = _mod
-  _register(getattr(_mod, 'MODEL_CLASS', None) or getattr(_mod, _cls), _mod.VARIANTS)
+_register(ResNetV2, resnet.VARIANTS)
+_register(HybridViT, hybrid.VARIANTS)
 
 
 def model_names() -> list[str]:
@@ -78,4 +71,5 @@ def create_model(name: str, num_classes: int | None, **overrides: Any) -> nn.Mod
   return cls(**{**kwargs, 'num_classes': num_classes, **overrides})
 
 
-__all__ = ['MlpMixer', 'VisionTransformer', 'create_model', 'model_names']
+__all__ = ['HybridViT', 'MlpMixer', 'ModelInfo', 'ResNetV2', 'VisionTransformer', 'create_model',
+           'describe', 'model_names']

@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vit_analysis import layers
 from vit_analysis.models import vit
 
 Array = jax.Array
@@ -47,8 +48,8 @@ class ResidualUnit(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """x: [b, h, w, c] -> [b, h/s, w/s, 4*features]."""
-    conv = lambda f, k, s, name: StdConv(f, (k, k), (s, s), use_bias=False, name=name)  # noqa: E731
-    gn = lambda name, **kw: nn.GroupNorm(self.num_groups, epsilon=1e-6, name=name, **kw)  # noqa: E731
+    conv = lambda f, k, s, name: StdConv(f, (k, k), (s, s), use_bias=False, name=name)
+    gn = lambda name, **kw: nn.GroupNorm(self.num_groups, epsilon=1e-6, name=name, **kw)
     residual = x
     if x.shape[-1] != 4 * self.features or self.strides != 1:
       residual = gn('gn_proj')(conv(4 * self.features, 1, self.strides, 'conv_proj')(x))
@@ -59,11 +60,15 @@ class ResidualUnit(nn.Module):
 
 
 class ResNetStage(nn.Module):
-  """Scope `block{s}`: units `unit1`, `unit2`, ...; the first one carries the stride."""
+  """Scope `block{s}`: units `unit1`, `unit2`, ...; the first one carries the stride.
+
+  `stage` (1-based) only names the outputs ('block{s}/unit{uu}', see vit_analysis/layers.py).
+  """
   units: int
   features: int
   strides: int
   num_groups: int = 32
+  stage: int = 1
 
   @nn.compact
   def __call__(self, x: Array) -> tuple[Array, dict[str, Array]]:
@@ -71,7 +76,7 @@ class ResNetStage(nn.Module):
     for u in range(1, self.units + 1):
       x = ResidualUnit(self.features, self.strides if u == 1 else 1, self.num_groups,
                        name=f'unit{u}')(x)
-      out[f'unit{u:02d}'] = x
+      out[layers.unit(self.stage, u)] = x
     return x, out
 
 
@@ -119,6 +124,7 @@ class HybridViT(nn.Module):
       raise ValueError(f'images must be [b, h, w, c], got shape {images.shape}')
     if self.classifier not in ('token', 'gap'):
       raise ValueError(f"classifier must be 'token' or 'gap', got {self.classifier!r}")
+    vit.check_token_options(self)
     if self.patch_size % self.backbone_stride:
       raise ValueError(f'patch_size {self.patch_size} is not a multiple of the backbone stride '
                        f'{self.backbone_stride}')
@@ -133,37 +139,22 @@ class HybridViT(nn.Module):
     x = out['resnet/root'] = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
     for s, units in enumerate(self.resnet_units, start=1):
       x, stage_out = ResNetStage(units, width * 2**(s - 1), 1 if s == 1 else 2,
-                                 self.resnet_num_groups, name=f'block{s}')(x)
-      out.update({f'resnet/block{s}/{k}': v for k, v in stage_out.items()})
+                                 self.resnet_num_groups, stage=s, name=f'block{s}')(x)
+      out.update({f'resnet/{k}': v for k, v in stage_out.items()})
     p = self.patch_size // self.backbone_stride
     x = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding='VALID',
                 precision=self.precision, name='embedding')(x)
     n, h, w, c = x.shape
-    x = jnp.reshape(x, (n, h * w, c))
-    if self.classifier == 'token':
-      cls = self.param('cls', nn.initializers.zeros, (1, 1, c), x.dtype)
-      x = jnp.concatenate([jnp.tile(cls, (n, 1, 1)), x], axis=1)
-    x, encoder_out = vit.Encoder(
-        num_layers=self.num_layers, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
-        dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
-        skip_removed=tuple(self.skip_removed), precision=self.precision,
-        name='Transformer')(x, train=train)
-    out.update(encoder_out)
-    x = x[:, 0] if self.classifier == 'token' else jnp.mean(x, axis=1)
-    if self.representation_size is not None:
-      x = nn.tanh(nn.Dense(self.representation_size, precision=self.precision,
-                           name='pre_logits')(x))
-    out['pre_logits'] = x
-    if self.num_classes:
-      x = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
-                   bias_init=nn.initializers.constant(self.head_bias_init),
-                   precision=self.precision, name='head')(x)
-    out['logits'] = x
-    return x, out
+    # The ViT's token pipeline (CLS, encoder, pooling, pre_logits, head), with vit_jax's options.
+    logits, vit_out = vit.encode_and_classify(self, jnp.reshape(x, (n, h * w, c)), (h, w),
+                                              train=train)
+    out.update(vit_out)
+    return logits, out
 
 
-_B = dict(hidden_size=768, mlp_dim=3072, num_heads=12, num_layers=12)
-_L = dict(hidden_size=1024, mlp_dim=4096, num_heads=16, num_layers=24, dropout_rate=0.1)
+_B = {'hidden_size': 768, 'mlp_dim': 3072, 'num_heads': 12, 'num_layers': 12}
+_L = {'hidden_size': 1024, 'mlp_dim': 4096, 'num_heads': 16, 'num_layers': 24,
+      'dropout_rate': 0.1}
 
 # name -> HybridViT kwargs (vit_jax configs/models.py); merged into models.create_model.
 VARIANTS: dict[str, dict[str, Any]] = {

@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vit_analysis import layers
+
 Array = jax.Array
 LN_EPS = 1e-6
 
@@ -107,8 +109,8 @@ class MlpMixer(nn.Module):
       x, block_out = MixerBlock(
           self.tokens_mlp_dim, self.channels_mlp_dim, skip=i not in self.skip_removed,
           precision=self.precision, name=f'MixerBlock_{i}')(x)
-      out.update({f'block{i:02d}/{k}': v for k, v in block_out.items()})
-      out[f'block{i:02d}'] = x
+      out.update({layers.block(i, k): v for k, v in block_out.items()})
+      out[layers.block(i)] = x
     out['pre_head_layer_norm'] = x = nn.LayerNorm(epsilon=LN_EPS, name='pre_head_layer_norm')(x)
     out['pre_logits'] = x = jnp.mean(x, axis=1)
     if self.num_classes:

@@ -20,11 +20,14 @@ contracts.md in forward order ('root/conv', 'root', 'block1/unit01/preact_a', ..
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from vit_analysis import layers
 
 Array = jax.Array
 
@@ -204,21 +207,26 @@ class _RootConv(nn.Module):
 
 
 class Stage(nn.Module):
-  """Scope `block{s}`: `units` bottlenecks named unit01, unit02, ...; the first one strides."""
+  """Scope `block{s}`: `units` bottlenecks named unit01, unit02, ...; the first one strides.
+
+  `stage` (1-based) only names the outputs ('block{s}/unit{uu}/...', see vit_analysis/layers.py).
+  """
   units: int
   features: int
   strides: int
   num_groups: int = 32
+  stage: int = 1
 
   @nn.compact
   def __call__(self, x: Array) -> tuple[Array, dict[str, Array]]:
-    """x: [b, h, w, c] -> ([b, h/s, w/s, 4*features], {'unit01/preact_a': ..., 'unit01': ...})."""
+    """x: [b, h, w, c] -> ([b, h/s, w/s, 4*features], {'block1/unit01/preact_a': ..., ...})."""
     out = {}
     for u in range(1, self.units + 1):
+      # Parameter scope 'unit01' as in the BiT files; output names from vit_analysis.layers.
       x, unit_out = BottleneckUnit(self.features, self.strides if u == 1 else 1,
                                    self.num_groups, name=f'unit{u:02d}')(x)
-      out.update({f'unit{u:02d}/{k}': v for k, v in unit_out.items()})
-      out[f'unit{u:02d}'] = x
+      out.update({layers.unit(self.stage, u, k): v for k, v in unit_out.items()})
+      out[layers.unit(self.stage, u)] = x
     return x, out
 
 
@@ -246,8 +254,8 @@ class _ResNetBody(nn.Module):
     out['root'] = x
     for s, units in enumerate(self.block_units, start=1):
       x, stage_out = Stage(units, root_width * 2**(s - 1), 1 if s == 1 else 2, self.num_groups,
-                           name=f'block{s}')(x)
-      out.update({f'block{s}/{k}': v for k, v in stage_out.items()})
+                           stage=s, name=f'block{s}')(x)
+      out.update(stage_out)
     x = out['head_norm'] = nn.relu(GroupNorm(self.num_groups, name='group_norm')(x))
     x = out['pre_logits'] = jnp.mean(x, axis=(1, 2))
     if self.num_classes:
@@ -297,7 +305,7 @@ class ResNetV2(nn.Module):
 
 
 def _bit(units: tuple[int, ...], wf: int) -> dict[str, Any]:
-  return dict(block_units=units, width_factor=wf)
+  return {'block_units': units, 'width_factor': wf}
 
 
 _R26, _R50, _R101, _R152 = (2, 2, 2, 2), (3, 4, 6, 3), (3, 4, 23, 3), (3, 8, 36, 3)
@@ -312,11 +320,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     'R152x2': _bit(_R152, 2),
     'R152x4': _bit(_R152, 4),
     # CPU variants for 28-32 px inputs (small stem: 32 px -> 32, 16, 8, 4 per stage).
-    'R26x1-small': dict(block_units=_R26, small_stem=True, image_size=32),
+    'R26x1-small': {'block_units': _R26, 'small_stem': True, 'image_size': 32},
     # Demo: stage widths 16..128 (outputs 64..512), 0.88M params (ViT-demo_4 scale).
-    'R-demo': dict(block_units=_R26, width=16, num_groups=8, small_stem=True, image_size=32),
+    'R-demo': {'block_units': _R26, 'width': 16, 'num_groups': 8, 'small_stem': True,
+               'image_size': 32},
     # Smoke: one unit per stage, outputs 32..256 channels; compiles in about a second.
-    'R-smoke': dict(block_units=(1, 1, 1, 1), width=8, num_groups=4, small_stem=True,
-                    image_size=32),
+    'R-smoke': {'block_units': (1, 1, 1, 1), 'width': 8, 'num_groups': 4, 'small_stem': True,
+                'image_size': 32},
 }
 MODEL_CLASS = ResNetV2

@@ -11,9 +11,24 @@ and the per-head outputs before the output projection can be recorded. Parameter
 and the order of operations (query scaled by 1/sqrt(d_h) before q.k, softmax in float32) are those of
 Flax's module, so the outputs agree with vit_jax to float32 rounding.
 
-Every forward pass returns `(logits, out)`, where `out` holds the representations listed in
-contracts.md in forward order ('embedding', 'block00/ln0', ..., 'encoder_norm', 'pre_logits',
-'logits').
+Every forward pass returns `(logits, out)`, where `out` holds the named representations in forward
+order ('embedding', 'block00/ln0', ..., 'encoder_norm', 'pre_logits', 'logits'; see
+vit_analysis/layers.py).
+
+Options beyond vit_jax (all off by default, so the default ViT is vit_jax's, bit for bit), for
+the timm and big_vision families (docs/models.md):
+  * `class_token` / `num_registers`: prefix tokens [CLS, reg_1..reg_R] before the patch grid;
+    `posemb_prefix=False` adds the position embedding to the patches only, before the prefix is
+    concatenated (timm `no_embed_class`, big_vision);
+  * `posemb='sincos2d'`: big_vision's fixed 2-D sin-cos embedding instead of a learned one;
+  * `pre_norm`: a LayerNorm on the tokens before the first block (CLIP's `norm_pre`), usually
+    with `embedding_bias=False`;
+  * `layerscale_init`: per-channel LayerScale on both residual branches (DINOv2);
+  * `mlp_activation`: 'gelu_tanh' (vit_jax), 'gelu' (exact erf, timm) or 'quick_gelu'
+    (x * sigmoid(1.702 x), OpenAI CLIP);
+  * `ln_eps`: LayerNorm epsilon (1e-6 vit_jax/timm, 1e-5 CLIP);
+  * `classifier`: 'token', 'gap' (mean over the grid tokens) or 'map' (big_vision's attention
+    pooling, `MAPHead`); `fc_norm=True` moves the final LayerNorm after the pooling (timm).
 """
 from typing import Any
 
@@ -21,30 +36,45 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vit_analysis import layers
+
 Array = jax.Array
 # Flax's LayerNorm default, and the value every official ViT/Mixer checkpoint was trained with.
 LN_EPS = 1e-6
 
 
+
+_ACTIVATIONS = {
+    'gelu_tanh': lambda x: nn.gelu(x, approximate=True),
+    'gelu': lambda x: nn.gelu(x, approximate=False),
+    # OpenAI CLIP: x * sigmoid(1.702 x).
+    'quick_gelu': lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+CLASSIFIERS = ('token', 'gap', 'map')
+POSEMBS = ('learn', 'sincos2d')
+
+
 class MlpBlock(nn.Module):
-  """Transformer MLP: Dense -> GELU (tanh approximation, as vit_jax) -> Dense.
+  """Transformer MLP: Dense -> activation -> Dense.
 
   Attributes:
     mlp_dim: hidden width.
-    dropout_rate: dropout after the GELU and after the output Dense (train only).
+    dropout_rate: dropout after the activation and after the output Dense (train only).
     precision: matmul precision (None = the JAX default, as in vit_jax).
+    activation: a key of `_ACTIVATIONS` ('gelu_tanh' is vit_jax's and Flax's default).
   """
   mlp_dim: int
   dropout_rate: float = 0.0
   precision: Any = None
+  activation: str = 'gelu_tanh'
 
   @nn.compact
   def __call__(self, x: Array, *, deterministic: bool) -> tuple[Array, Array]:
-    """x: [b, T, D] -> (output [b, T, D], hidden after GELU [b, T, mlp_dim])."""
+    """x: [b, T, D] -> (output [b, T, D], hidden after the activation [b, T, mlp_dim])."""
     dense = lambda features, name: nn.Dense(
         features, kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(stddev=1e-6), precision=self.precision, name=name)
-    hidden = nn.gelu(dense(self.mlp_dim, 'Dense_0')(x))  # approximate=True is Flax's default.
+    hidden = _ACTIVATIONS[self.activation](dense(self.mlp_dim, 'Dense_0')(x))
     y = nn.Dropout(rate=self.dropout_rate)(hidden, deterministic=deterministic)
     y = dense(x.shape[-1], 'Dense_1')(y)
     y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
@@ -99,12 +129,16 @@ class SelfAttention(nn.Module):
 
 
 class Encoder1DBlock(nn.Module):
-  """Pre-LN transformer block: x += Attn(LN0(x)); x += MLP(LN2(x)).
+  """Pre-LN transformer block: x += ls1 * Attn(LN0(x)); x += ls2 * MLP(LN2(x)).
 
   Attributes:
     mlp_dim, num_heads, dropout_rate, attention_dropout_rate, precision: as in vit_jax.
     skip: False removes both residual adds (paper's no-skip experiment): the attention sub-block
       outputs Attn(LN0(x)) and the block outputs MLP(LN2(that)).
+    layerscale_init: None (no LayerScale) or the initial value of the per-channel scales 'ls1',
+      'ls2' [D] that multiply each residual branch (DINOv2, timm `init_values`).
+    activation: MLP activation (see `MlpBlock`).
+    ln_eps: LayerNorm epsilon.
   """
   mlp_dim: int
   num_heads: int
@@ -112,23 +146,33 @@ class Encoder1DBlock(nn.Module):
   attention_dropout_rate: float = 0.0
   skip: bool = True
   precision: Any = None
+  layerscale_init: float | None = None
+  activation: str = 'gelu_tanh'
+  ln_eps: float = LN_EPS
+
+  def _scale(self, name: str, y: Array) -> Array:
+    if self.layerscale_init is None:
+      return y
+    gamma = self.param(name, nn.initializers.constant(self.layerscale_init), (y.shape[-1],),
+                       jnp.float32)
+    return y * gamma.astype(y.dtype).reshape(1, 1, -1)
 
   @nn.compact
   def __call__(self, x: Array, *, deterministic: bool) -> tuple[Array, dict[str, Array]]:
     """x: [b, T, D] -> (block output [b, T, D], {sub-name: representation} in forward order)."""
     out = {}
-    out['ln0'] = y = nn.LayerNorm(epsilon=LN_EPS, name='LayerNorm_0')(x)
+    out['ln0'] = y = nn.LayerNorm(epsilon=self.ln_eps, name='LayerNorm_0')(x)
     y, out['attn_weights'], out['attn_heads'] = SelfAttention(
         self.num_heads, self.attention_dropout_rate, self.precision,
         name='MultiHeadDotProductAttention_1')(y, deterministic=deterministic)
     y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
-    out['sa'] = y
+    out['sa'] = y = self._scale('ls1', y)
     out['+sa'] = x = x + y if self.skip else y
-    out['ln2'] = y = nn.LayerNorm(epsilon=LN_EPS, name='LayerNorm_2')(x)
+    out['ln2'] = y = nn.LayerNorm(epsilon=self.ln_eps, name='LayerNorm_2')(x)
     y, out['mlp_hidden'] = MlpBlock(
-        self.mlp_dim, self.dropout_rate, self.precision, name='MlpBlock_3')(
+        self.mlp_dim, self.dropout_rate, self.precision, self.activation, name='MlpBlock_3')(
             y, deterministic=deterministic)
-    out['mlp'] = y
+    out['mlp'] = y = self._scale('ls2', y)
     x = x + y if self.skip else y
     return x, out
 
@@ -142,8 +186,37 @@ class PosEmbed(nn.Module):
                       (1,) + x.shape[1:], x.dtype)
 
 
+def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.,
+                     dtype: Any = jnp.float32) -> Array:
+  """big_vision's fixed 2-D embedding [1, h*w, width] (MoCo v3 recipe).
+
+  With omega_k = temperature^(-k / (width/4 - 1)), k < width/4, the token at row r, column c
+  (row-major) gets [sin(c omega), cos(c omega), sin(r omega), cos(r omega)].
+  """
+  if width % 4:
+    raise ValueError(f'sincos2d position embeddings need a width divisible by 4, got {width}')
+  y, x = jnp.mgrid[:h, :w]
+  omega = jnp.arange(width // 4) / (width // 4 - 1)
+  omega = 1. / (temperature**omega)
+  y = jnp.einsum('m,d->md', y.flatten(), omega)
+  x = jnp.einsum('m,d->md', x.flatten(), omega)
+  pe = jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)
+  return jnp.asarray(pe, dtype)[None, :, :]
+
+
 class Encoder(nn.Module):
-  """Position embedding, the encoder blocks and the final LayerNorm ('Transformer' in the npz)."""
+  """Position embedding, prefix tokens, blocks and final LayerNorm ('Transformer' in the npz).
+
+  Attributes:
+    num_layers, mlp_dim, num_heads, dropout_rate, attention_dropout_rate, skip_removed,
+    precision: as `VisionTransformer`.
+    posemb: 'learn' (param 'posembed_input/pos_embedding') or 'sincos2d' (fixed).
+    posemb_prefix: the learned embedding also covers the prefix tokens (vit_jax: CLS first,
+      then the grid); False adds it to the grid tokens before the prefix is concatenated.
+    pre_norm: LayerNorm 'norm_pre' on the tokens before the first block.
+    final_norm: LayerNorm 'encoder_norm' after the last block.
+    layerscale_init, activation, ln_eps: per block (see `Encoder1DBlock`).
+  """
   num_layers: int
   mlp_dim: int
   num_heads: int
@@ -151,29 +224,187 @@ class Encoder(nn.Module):
   attention_dropout_rate: float = 0.0
   skip_removed: tuple[int, ...] = ()
   precision: Any = None
+  posemb: str = 'learn'
+  posemb_prefix: bool = True
+  pre_norm: bool = False
+  final_norm: bool = True
+  layerscale_init: float | None = None
+  activation: str = 'gelu_tanh'
+  ln_eps: float = LN_EPS
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool) -> tuple[Array, dict[str, Array]]:
-    """x: [b, T, D] tokens (CLS first if any) -> (normed tokens [b, T, D], out)."""
+  def __call__(self, x: Array, prefix: Array | None = None, *, grid: tuple[int, int] = (0, 0),
+               train: bool) -> tuple[Array, dict[str, Array]]:
+    """Encodes tokens.
+
+    Args:
+      x: [b, N, D] grid tokens (row-major) when `prefix` is given; else all tokens [b, T, D]
+        with any prefix already first (vit_jax's calling convention).
+      prefix: [b, P, D] prefix tokens (CLS, registers) or None.
+      grid: (rows, cols) of the grid, for sincos2d.
+      train: enables dropout.
+
+    Returns:
+      (tokens [b, P + N, D] after the final norm, out).
+    """
     out = {}
-    # The position embedding is sized from the input at init, as vit_jax's AddPositionEmbs.
-    x = x + PosEmbed(name='posembed_input')(x)
+    if self.posemb == 'sincos2d':
+      if grid[0] * grid[1] != x.shape[1]:
+        raise ValueError(f'sincos2d needs the grid shape of the {x.shape[1]} tokens, got {grid}')
+      x = x + posemb_sincos_2d(*grid, x.shape[-1], x.dtype)
+    elif not self.posemb_prefix:
+      x = x + PosEmbed(name='posembed_input')(x)
+    if prefix is not None:
+      x = jnp.concatenate([prefix, x], axis=1)
+    if self.posemb == 'learn' and self.posemb_prefix:
+      # The position embedding is sized from the input at init, as vit_jax's AddPositionEmbs.
+      x = x + PosEmbed(name='posembed_input')(x)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
     out['embedding'] = x
+    if self.pre_norm:
+      out['norm_pre'] = x = nn.LayerNorm(epsilon=self.ln_eps, name='norm_pre')(x)
     for i in range(self.num_layers):
       x, block_out = Encoder1DBlock(
           mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
           attention_dropout_rate=self.attention_dropout_rate,
           skip=i not in self.skip_removed, precision=self.precision,
+          layerscale_init=self.layerscale_init, activation=self.activation, ln_eps=self.ln_eps,
           name=f'encoderblock_{i}')(x, deterministic=not train)
-      out.update({f'block{i:02d}/{k}': v for k, v in block_out.items()})
-      out[f'block{i:02d}'] = x
-    out['encoder_norm'] = x = nn.LayerNorm(epsilon=LN_EPS, name='encoder_norm')(x)
+      out.update({layers.block(i, k): v for k, v in block_out.items()})
+      out[layers.block(i)] = x
+    if self.final_norm:
+      out['encoder_norm'] = x = nn.LayerNorm(epsilon=self.ln_eps, name='encoder_norm')(x)
     return x, out
 
 
+class MAPHead(nn.Module):
+  """big_vision's multi-head attention pooling: a learned probe attends to the tokens.
+
+  y = MHA(query=probe, key=value=x) [b, 1, D]; y += MLP(LN(y)); returns y[:, 0]. Parameter names
+  are big_vision's: 'probe' [1, 1, D], 'MultiHeadDotProductAttention_0', 'LayerNorm_0',
+  'MlpBlock_0'.
+
+  Attributes:
+    num_heads: heads of the pooling attention.
+    mlp_dim: MLP hidden width.
+    precision, ln_eps, activation: as the encoder.
+  """
+  num_heads: int
+  mlp_dim: int
+  precision: Any = None
+  ln_eps: float = LN_EPS
+  activation: str = 'gelu_tanh'
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """x: [b, T, D] -> [b, D]."""
+    n, _, d = x.shape
+    probe = self.param('probe', nn.initializers.xavier_uniform(), (1, 1, d), x.dtype)
+    y = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, kernel_init=nn.initializers.xavier_uniform(),
+        precision=self.precision, name='MultiHeadDotProductAttention_0')(
+            jnp.tile(probe, (n, 1, 1)), x)
+    z = nn.LayerNorm(epsilon=self.ln_eps, name='LayerNorm_0')(y)
+    z, _ = MlpBlock(self.mlp_dim, precision=self.precision, activation=self.activation,
+                    name='MlpBlock_0')(z, deterministic=True)
+    return (y + z)[:, 0]
+
+
+# Fields that `encode_and_classify` reads, with the values that give vit_jax's ViT: a module
+# without a field (the hybrid) gets this value.
+_TOKEN_DEFAULTS = {
+    'class_token': None, 'num_registers': 0, 'posemb': 'learn', 'posemb_prefix': True,
+    'pre_norm': False, 'layerscale_init': None, 'mlp_activation': 'gelu_tanh', 'ln_eps': LN_EPS,
+    'fc_norm': False}
+
+
+def _opt(m: nn.Module, name: str) -> Any:
+  return getattr(m, name, _TOKEN_DEFAULTS[name])
+
+
+def has_class_token(m: nn.Module) -> bool:
+  """Whether token 0 of `m` is a CLS token (explicit `class_token`, else classifier 'token')."""
+  explicit = _opt(m, 'class_token')
+  return m.classifier == 'token' if explicit is None else bool(explicit)
+
+
+def encode_and_classify(m: nn.Module, x: Array, grid: tuple[int, int], *,
+                        train: bool) -> tuple[Array, dict[str, Array]]:
+  """Everything after the patch embedding, shared by the ViT and the hybrid.
+
+  Must be called inside `m`'s compact `__call__`: the parameters ('cls', 'reg', 'Transformer',
+  'MAPHead_0', 'fc_norm', 'pre_logits', 'head') are created in `m`'s scope.
+
+  Args:
+    m: the calling module (fields of `VisionTransformer`; missing ones take vit_jax's values).
+    x: [b, N, D] grid tokens, row-major.
+    grid: (rows, cols), rows * cols == N.
+    train: enables dropout.
+
+  Returns:
+    (logits [b, num_classes] (pre_logits when there is no head), out in forward order).
+  """
+  n, _, c = x.shape
+  prefix = []
+  if has_class_token(m):
+    prefix.append(jnp.tile(m.param('cls', nn.initializers.zeros, (1, 1, c), x.dtype), (n, 1, 1)))
+  registers = _opt(m, 'num_registers')
+  if registers:
+    reg = m.param('reg', nn.initializers.normal(stddev=1e-6), (1, registers, c), x.dtype)
+    prefix.append(jnp.tile(reg, (n, 1, 1)))
+  num_prefix = int(has_class_token(m)) + registers
+  fc_norm = _opt(m, 'fc_norm')
+  encoder = Encoder(
+      num_layers=m.num_layers, mlp_dim=m.mlp_dim, num_heads=m.num_heads,
+      dropout_rate=m.dropout_rate, attention_dropout_rate=m.attention_dropout_rate,
+      skip_removed=tuple(m.skip_removed), precision=m.precision, posemb=_opt(m, 'posemb'),
+      posemb_prefix=_opt(m, 'posemb_prefix'), pre_norm=_opt(m, 'pre_norm'),
+      final_norm=not fc_norm, layerscale_init=_opt(m, 'layerscale_init'),
+      activation=_opt(m, 'mlp_activation'), ln_eps=_opt(m, 'ln_eps'), name='Transformer')
+  x, out = encoder(x, jnp.concatenate(prefix, axis=1) if prefix else None, grid=grid,
+                   train=train)
+  if m.classifier == 'token':
+    x = x[:, 0]
+  elif m.classifier == 'gap':
+    x = jnp.mean(x[:, num_prefix:], axis=1)
+  else:
+    x = out['map'] = MAPHead(m.num_heads, m.mlp_dim, m.precision, _opt(m, 'ln_eps'),
+                             _opt(m, 'mlp_activation'), name='MAPHead_0')(x[:, num_prefix:])
+  if fc_norm:
+    x = out['fc_norm'] = nn.LayerNorm(epsilon=_opt(m, 'ln_eps'), name='fc_norm')(x)
+  if m.representation_size is not None:
+    x = nn.tanh(nn.Dense(m.representation_size, precision=m.precision, name='pre_logits')(x))
+  out['pre_logits'] = x
+  if m.num_classes:
+    x = nn.Dense(m.num_classes, kernel_init=nn.initializers.zeros,
+                 bias_init=nn.initializers.constant(m.head_bias_init),
+                 precision=m.precision, name='head')(x)
+  out['logits'] = x
+  return x, out
+
+
+def check_token_options(m: nn.Module) -> None:
+  """Raises ValueError for option combinations the token pipeline does not define."""
+  if m.classifier not in CLASSIFIERS:
+    raise ValueError(f'classifier must be one of {CLASSIFIERS}, got {m.classifier!r}')
+  if m.classifier == 'token' and not has_class_token(m):
+    raise ValueError("classifier='token' needs a class token (class_token=False given)")
+  if _opt(m, 'posemb') not in POSEMBS:
+    raise ValueError(f"posemb must be one of {POSEMBS}, got {_opt(m, 'posemb')!r}")
+  if _opt(m, 'posemb') == 'sincos2d' and _opt(m, 'posemb_prefix'):
+    raise ValueError('sincos2d embeds only the grid: set posemb_prefix=False')
+  if _opt(m, 'mlp_activation') not in _ACTIVATIONS:
+    raise ValueError(f"mlp_activation must be one of {sorted(_ACTIVATIONS)}, got "
+                     f"{_opt(m, 'mlp_activation')!r}")
+  if _opt(m, 'num_registers') < 0:
+    raise ValueError(f"num_registers must be >= 0, got {_opt(m, 'num_registers')}")
+  bad = [i for i in m.skip_removed if not 0 <= i < m.num_layers]
+  if bad:
+    raise ValueError(f'skip_removed {bad} out of range for {m.num_layers} blocks')
+
+
 class VisionTransformer(nn.Module):
-  """ViT as in vit_jax: patch embedding, optional CLS token, encoder, pooling, pre_logits, head.
+  """ViT as in vit_jax: patch embedding, prefix tokens, encoder, pooling, pre_logits, head.
 
   Attributes:
     num_classes: head width; 0/None gives no head (logits = pre_logits).
@@ -182,7 +413,8 @@ class VisionTransformer(nn.Module):
     mlp_dim: MLP hidden width.
     num_heads: H.
     num_layers: number of encoder blocks.
-    classifier: 'token' (CLS token, token 0 after the final norm) or 'gap' (mean over tokens).
+    classifier: 'token' (token 0 after the final norm), 'gap' (mean over the grid tokens) or
+      'map' (attention pooling over the grid tokens, `MAPHead`).
     representation_size: width of the Dense+tanh 'pre_logits' layer (ImageNet-21k checkpoints);
       None for none.
     image_size: nominal input size (sets nothing: the position embedding takes its length from the
@@ -191,6 +423,22 @@ class VisionTransformer(nn.Module):
     skip_removed: block indices whose two residual connections are removed.
     head_bias_init: constant init of the head bias.
     precision: matmul precision for every Dense/attention einsum (None = JAX default, as vit_jax).
+    class_token: whether a CLS token ('cls') is prepended; None: exactly when classifier is
+      'token' (vit_jax). timm's MAE/DINO-style models with GAP keep theirs (True).
+    num_registers: R register tokens ('reg' [1, R, D]) after the CLS token (DINOv2-reg).
+    posemb: 'learn' or 'sincos2d' (big_vision, fixed).
+    posemb_prefix: the learned position embedding has entries for the prefix tokens (vit_jax,
+      timm default); False: grid only, prefix concatenated after the add (timm
+      `no_embed_class`, big_vision).
+    pre_norm: LayerNorm on the embedded tokens before the first block (CLIP).
+    embedding_bias: the patch-embedding conv has a bias (CLIP's has none).
+    layerscale_init: LayerScale initial value; None for no LayerScale.
+    mlp_activation: 'gelu_tanh' | 'gelu' | 'quick_gelu'.
+    ln_eps: epsilon of every LayerNorm.
+    fc_norm: the final LayerNorm comes after the pooling ('fc_norm') instead of before
+      ('Transformer/encoder_norm'), as timm with global_pool='avg'.
+    normalization: how input images must be normalised (see models.info): 'minus_one_one' or
+      ((mean_r, mean_g, mean_b), (std_r, std_g, std_b)) in [0, 1] pixel units.
   """
   num_classes: int | None
   patch_size: int
@@ -206,13 +454,29 @@ class VisionTransformer(nn.Module):
   skip_removed: tuple[int, ...] = ()
   head_bias_init: float = 0.0
   precision: Any = None
+  class_token: bool | None = None
+  num_registers: int = 0
+  posemb: str = 'learn'
+  posemb_prefix: bool = True
+  pre_norm: bool = False
+  embedding_bias: bool = True
+  layerscale_init: float | None = None
+  mlp_activation: str = 'gelu_tanh'
+  ln_eps: float = LN_EPS
+  fc_norm: bool = False
+  normalization: Any = 'minus_one_one'
+
+  @property
+  def has_class_token(self) -> bool:
+    return has_class_token(self)
 
   @nn.compact
   def __call__(self, images: Array, *, train: bool = False) -> tuple[Array, dict[str, Array]]:
     """Forward pass.
 
     Args:
-      images: [b, h, w, c] float, h and w divisible by `patch_size`.
+      images: [b, h, w, c] float, h and w divisible by `patch_size`, normalised as
+        `normalization` says.
       train: enables dropout (needs a 'dropout' rng when a rate is > 0).
 
     Returns:
@@ -220,35 +484,13 @@ class VisionTransformer(nn.Module):
     """
     self._check(images)
     x = nn.Conv(self.hidden_size, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
-                padding='VALID', precision=self.precision, name='embedding')(images)
+                padding='VALID', use_bias=self.embedding_bias, precision=self.precision,
+                name='embedding')(images)
     n, h, w, c = x.shape
-    x = jnp.reshape(x, (n, h * w, c))
-    if self.classifier == 'token':
-      cls = self.param('cls', nn.initializers.zeros, (1, 1, c), x.dtype)
-      x = jnp.concatenate([jnp.tile(cls, (n, 1, 1)), x], axis=1)
-    x, out = Encoder(
-        num_layers=self.num_layers, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
-        dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
-        skip_removed=tuple(self.skip_removed), precision=self.precision,
-        name='Transformer')(x, train=train)
-    x = x[:, 0] if self.classifier == 'token' else jnp.mean(x, axis=1)
-    if self.representation_size is not None:
-      x = nn.tanh(nn.Dense(self.representation_size, precision=self.precision,
-                           name='pre_logits')(x))
-    out['pre_logits'] = x
-    if self.num_classes:
-      x = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
-                   bias_init=nn.initializers.constant(self.head_bias_init),
-                   precision=self.precision, name='head')(x)
-    out['logits'] = x
-    return x, out
+    return encode_and_classify(self, jnp.reshape(x, (n, h * w, c)), (h, w), train=train)
 
   def _check(self, images: Array) -> None:
-    if self.classifier not in ('token', 'gap'):
-      raise ValueError(f"classifier must be 'token' or 'gap', got {self.classifier!r}")
-    bad = [i for i in self.skip_removed if not 0 <= i < self.num_layers]
-    if bad:
-      raise ValueError(f'skip_removed {bad} out of range for {self.num_layers} blocks')
+    check_token_options(self)
     if images.ndim != 4:
       raise ValueError(f'images must be [b, h, w, c], got shape {images.shape}')
     if images.shape[1] % self.patch_size or images.shape[2] % self.patch_size:
