@@ -24,17 +24,16 @@ import jax
 import ml_collections
 import numpy as np
 
-from vit_analysis import capture
-from vit_analysis import cka
-from vit_analysis import data as data_lib
-from vit_analysis import sharding
+from vit_analysis import capture, cka, sharding, streaming
+from vit_analysis import resume as resume_lib
 
 if TYPE_CHECKING:  # the analyses' model record; imported for annotations only
   from vit_analysis.analyses.base import LoadedModel
 
 FeatureFn = Callable[[Any, jax.Array], dict[str, jax.Array]]
 
-# Capture-point presets (paper.md §1.5) as glob lists over the `out` names of each family.
+# Capture-point presets (docs/method.md#capture-points) as glob lists over the `out` names of
+# each family (`models.describe(...).layer_presets`).
 PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
     "vit": {
         "fine": ("embedding", "block*/ln0", "block*/sa", "block*/+sa", "block*/ln2",
@@ -59,25 +58,19 @@ PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 PRESET_NAMES = ("fine", "coarse", "blocks")
+PRESETS["hybrid"] = {
+    "fine": ("resnet/root", "resnet/block?/unit??") + PRESETS["vit"]["fine"],
+    "coarse": ("resnet/block?/unit??",) + PRESETS["vit"]["coarse"],
+    "blocks": ("resnet/block?/unit??", "block??"),
+}
 TOKEN_MODES = ("all", "exclude_cls", "cls_only", "token_mean")
-
-
-def model_family(module: Any) -> str:
-  """'vit', 'resnet', 'mixer' (from the attributes of contracts.md) or 'other'."""
-  if hasattr(module, "num_heads"):
-    return "vit"
-  if hasattr(module, "block_units"):
-    return "resnet"
-  if hasattr(module, "patch_size"):
-    return "mixer"
-  return "other"
 
 
 def resolve_layers(model: LoadedModel, spec: str | Sequence[str]) -> list[str]:
   """Layer names (forward order) from a preset name ('fine', 'coarse', 'blocks') or glob list."""
   names = capture.layer_names(model.module, (model.image_size, model.image_size, 3))
   if isinstance(spec, str):
-    presets = PRESETS.get(model_family(model.module), {})
+    presets = PRESETS.get(model.info.layer_presets, {})
     if spec not in presets:
       raise KeyError(f"unknown layer preset {spec!r}; known: {sorted(presets)} or a glob list")
     patterns = _existing_patterns(names, presets[spec])
@@ -92,15 +85,22 @@ def _existing_patterns(names: Sequence[str], patterns: Sequence[str]) -> list[st
   return [p for p in patterns if any(fnmatch.fnmatchcase(n, p) for n in names)]
 
 
-def token_features(x: jax.Array, mode: str, has_cls: bool) -> jax.Array:
-  """Applies the CLS option of paper.md §6 row 3 to a ViT token array `x: [b, T, D]`."""
+def token_features(x: jax.Array, mode: str, has_cls: bool, num_prefix: int | None = None
+                   ) -> jax.Array:
+  """Applies a token option (docs/method.md#minibatch-cka) to a ViT token array `x: [b, T, D]`.
+
+  'all' keeps every token, 'token_mean' averages them, 'cls_only' keeps token 0 and
+  'exclude_cls' drops the `num_prefix` tokens before the patch grid (CLS and registers; default
+  1 with a CLS token).
+  """
   if mode == "all" or x.ndim != 3:
     return x
   if mode == "token_mean":
     return x.mean(axis=1)
   if not has_cls:
     raise ValueError(f"token mode {mode!r} needs a CLS model")
-  return x[:, 1:] if mode == "exclude_cls" else x[:, 0]
+  prefix = 1 if num_prefix is None else int(num_prefix)
+  return x[:, prefix:] if mode == "exclude_cls" else x[:, 0]
 
 
 def model_feature_fn(model: LoadedModel, layers: Sequence[str],
@@ -114,9 +114,9 @@ def model_feature_fn(model: LoadedModel, layers: Sequence[str],
   try:
     cached = _FEATURE_FNS.get(key)
   except TypeError:  # an unhashable module field
-    return _feature_fn(model.module, layers, tokens)
+    return _feature_fn(model.module, layers, tokens, model.info)
   if cached is None:
-    cached = _FEATURE_FNS[key] = _feature_fn(model.module, layers, tokens)
+    cached = _FEATURE_FNS[key] = _feature_fn(model.module, layers, tokens, model.info)
   return cached
 
 
@@ -124,15 +124,15 @@ _FEATURE_FNS: dict[Any, FeatureFn] = {}
 _STEPS: dict[Any, Callable[..., Any]] = {}
 
 
-def _feature_fn(module: Any, layers: Sequence[str], tokens: str) -> FeatureFn:
+def _feature_fn(module: Any, layers: Sequence[str], tokens: str, info: Any) -> FeatureFn:
   fn = capture.make_capture_fn(module, list(layers))
-  family = model_family(module)
-  has_cls = family == "vit" and getattr(module, "classifier", "token") == "token"
+  tokenised = info.family in ("vit", "hybrid") and tokens != "all"
 
   def features(variables, images):
     out = fn(variables, images)
-    if family == "vit":
-      out = {k: token_features(v, tokens, has_cls) for k, v in out.items()}
+    if tokenised:
+      out = {k: token_features(v, tokens, info.has_cls, info.num_prefix_tokens)
+             for k, v in out.items()}
     return out
   return features
 
@@ -146,11 +146,14 @@ class Side:
     variables: passed to `features` (replicated on the mesh).
     image_size: side `s` the images are resized to for this side.
     names: the feature names in heatmap order.
+    normalization: how this side's pixels are normalised ('minus_one_one' or (mean, std) in
+      [0, 1] units; `models.describe(...).normalization`).
   """
   features: FeatureFn
   variables: Any
   image_size: int
   names: tuple[str, ...]
+  normalization: Any = "minus_one_one"
 
 
 @dataclasses.dataclass
@@ -197,37 +200,6 @@ class RepeatedCKA:
                meta["num_examples"], meta["minibatch_size"])
 
 
-def _load_images(source: Any, indices: np.ndarray) -> list[np.ndarray]:
-  """The raw uint8 [h, w, c] images (sizes may differ, as in ImageNet) at `indices`."""
-  return [np.asarray(source[int(i)]["image"]) for i in indices]
-
-
-def _step_images(side: Side, images: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
-  """Raw images of `s*m` examples -> [s, m, size, size, 3] float32 in [-1, 1] for this side."""
-  if all(im.shape == images[0].shape for im in images):
-    x = data_lib.preprocess(np.stack(images), side.image_size)
-  else:
-    x = np.concatenate([data_lib.preprocess(im[None], side.image_size) for im in images])
-  return x.reshape(shape + x.shape[1:])
-
-
-def _host_step(side_a: Side, side_b: Side | None, source: Any, chunk: np.ndarray, s: int,
-               s_local: int, m: int) -> dict[str, np.ndarray]:
-  """This process's part of one global step: `chunk` [<= s, m] example indices -> images.
-
-  A short last step is padded with copies of its first minibatch, masked out on device.
-  """
-  mask = np.zeros((s,), np.float32)
-  mask[:len(chunk)] = 1.0
-  chunk = np.concatenate([chunk, np.repeat(chunk[:1], s - len(chunk), 0)], 0)
-  local = slice(jax.process_index() * s_local, (jax.process_index() + 1) * s_local)
-  images = _load_images(source, chunk[local].reshape(-1))
-  batch = dict(a=_step_images(side_a, images, (s_local, m)), mask=mask[local])
-  if side_b is not None:
-    batch["b"] = _step_images(side_b, images, (s_local, m))
-  return batch
-
-
 def make_step(side_a: Side, side_b: Side | None) -> Callable[..., Any]:
   """The jitted per-step function: images of `s` minibatches -> per-minibatch HSIC terms.
 
@@ -264,7 +236,8 @@ def _make_step(side_a: Side, side_b: Side | None) -> Callable[..., Any]:
 
 def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_examples: int,
                      minibatch_size: int, repeats: int, seed: int, mesh: jax.sharding.Mesh,
-                     minibatches_per_step: int = 0, desc: str = "cka") -> RepeatedCKA:
+                     minibatches_per_step: int = 0, desc: str = "cka",
+                     resume: resume_lib.Checkpointer | None = None) -> RepeatedCKA:
   """Minibatch CKA between every feature of `side_a` and of `side_b` (None: `side_a` with itself).
 
   Args:
@@ -272,12 +245,15 @@ def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_exam
     source: random-access raw data (`src[i]['image']` uint8).
     num_examples: N examples per repeat, drawn without replacement (multiple of `minibatch_size`).
     minibatch_size: m (>= 4 for unbiased HSIC).
-    repeats: R independent samples (`data.cka_minibatch_indices(..., repeat=r, seed)`).
+    repeats: R independent samples (`streaming.cka_plan`).
     seed: sampling seed.
     mesh: 1-D device mesh; the minibatch axis of a step is split over it.
     minibatches_per_step: s; 0 = one minibatch per device. Rounded up to a multiple of the
       device count; a short last step is padded and masked.
     desc: name used in progress logs.
+    resume: optional `resume.Checkpointer`: the finished repeats, the running accumulator and the
+      stream position are saved every `resume.every_s` seconds, and a rerun continues from them
+      with bit-identical results.
 
   Returns:
     RepeatedCKA with `values: [R, A, B]`.
@@ -289,42 +265,69 @@ def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_exam
                      f"minibatch_size {minibatch_size}")
   if num_examples > len(source):
     raise ValueError(f"num_examples {num_examples} > {len(source)} examples in the source")
-  devices, procs = mesh.devices.size, jax.process_count()
+  devices = mesh.devices.size
   s = max(minibatches_per_step, devices)
   s = -(-s // devices) * devices
-  s_local = s // procs
+  m = minibatch_size
   step = make_step(side_a, side_b)
   vars_a = sharding.replicate(side_a.variables, mesh)
   vars_b = None if side_b is None else sharding.replicate(side_b.variables, mesh)
-  m = minibatch_size
-  values, errors = [], []
-  t0 = time.time()
-  all_indices = data_lib.cka_minibatch_indices(len(source), num_examples, m, repeats, seed)
+  views = {"a": (side_a.image_size, side_a.normalization)}
+  if side_b is not None and (side_b.image_size, side_b.normalization) != views["a"]:
+    views["b"] = (side_b.image_size, side_b.normalization)
+  plan = streaming.cka_plan(len(source), num_examples, m, repeats, seed)  # [R, k, m]
   k = num_examples // m
-  for r in range(repeats):
-    idx = all_indices[r * k:(r + 1) * k]
-    state = cka.init(side_a.names, None if side_b is None else side_b.names)
+  steps_per_repeat = -(-k // s)
+  names_b = tuple(side_a.names if side_b is None else side_b.names)
+  empty = cka.init(side_a.names, None if side_b is None else side_b.names)
+  values = np.zeros((repeats, len(side_a.names), len(names_b)))
+  errors = np.zeros_like(values)
+  state, position = empty, 0
+  plan_id = streaming.plan_fingerprint(plan.reshape(-1), s * m, views)
+  if resume is not None:
+    restored = resume.restore(like={"state": empty, "values": values, "errors": errors})
+    if restored is not None:
+      saved, position, extra = restored
+      if extra.get("plan") != plan_id:
+        raise resume_lib.CheckpointError(
+            f"{resume.path} holds CKA sums of another plan (examples, minibatches or "
+            "preprocessing); delete it to start again")
+      state, values, errors = saved["state"], saved["values"], saved["errors"]
+      logging.info("%s: resuming at repeat %d, step %d of %d", desc,
+                   position // steps_per_repeat + 1, position % steps_per_repeat,
+                   steps_per_repeat)
+  t0, done = time.time(), 0
+  for r in range(position // steps_per_repeat, repeats):
+    start = position - r * steps_per_repeat if r == position // steps_per_repeat else 0
+    if start == 0:
+      state = empty
+    stream = streaming.Stream(source, plan[r].reshape(-1), views=views, mesh=mesh,
+                              step_size=s * m, group=m, start_step=start,
+                              desc=f"{desc} repeat {r + 1}/{repeats}")
     pending = None
-    for start in range(0, k, s):
-      batch = _host_step(side_a, side_b, source, idx[start:start + s], s, s_local, m)
-      batch = sharding.shard_batch(batch, mesh)
-      # Dispatch is asynchronous: the device computes this step while the host pulls the
-      # previous step's terms and then loads the next step's images.
-      terms = step(vars_a, batch["a"], vars_b, batch.get("b"), batch["mask"])
+    for batch in stream:
+      images_b = None if side_b is None else batch.images.get("b", batch.images["a"])
+      # Dispatch is asynchronous: the device computes this step while the host adds the
+      # previous step's terms (and the workers decode the next steps).
+      terms = step(vars_a, batch.images["a"], vars_b, images_b, batch.mask)
       if pending is not None:
         state = cka.accumulate(state, pending)
+        if resume is not None:  # `state` holds every step before this one
+          resume.maybe_save({"state": state, "values": values, "errors": errors},
+                            r * steps_per_repeat + batch.step, {"plan": plan_id})
       pending = terms
+      done += batch.num_real
     state = cka.accumulate(state, pending)
     res = cka.result(state)
-    values.append(np.asarray(res.cka, np.float64))
-    errors.append(np.asarray(res.stderr, np.float64))
+    values[r], errors[r] = np.asarray(res.cka, np.float64), np.asarray(res.stderr, np.float64)
+    if resume is not None:
+      resume.maybe_save({"state": empty, "values": values, "errors": errors},
+                        (r + 1) * steps_per_repeat, {"plan": plan_id})
     elapsed = time.time() - t0
-    logging.info("%s: repeat %d/%d, %d examples, %.1f examples/s, ETA %.0f s", desc, r + 1,
-                 repeats, num_examples, (r + 1) * num_examples / elapsed,
-                 elapsed / (r + 1) * (repeats - r - 1))
-  names_b = list(side_a.names if side_b is None else side_b.names)
-  return RepeatedCKA(list(side_a.names), names_b, np.stack(values), np.stack(errors),
-                     num_examples, minibatch_size)
+    logging.info("%s: repeat %d/%d, %d examples, %.1f examples/s", desc, r + 1, repeats,
+                 num_examples, done / max(elapsed, 1e-9))
+  return RepeatedCKA(list(side_a.names), list(names_b), values, errors, num_examples,
+                     minibatch_size)
 
 
 def protocol_config() -> ml_collections.ConfigDict:
@@ -374,4 +377,4 @@ def model_side(model: LoadedModel, layers: str | Sequence[str],
                  "largest %s", model.key, len(names), sum(plan.values()) / 2**20,
                  minibatch_size, max(plan, key=plan.get))
   return Side(model_feature_fn(model, names, tokens), model.variables, model.image_size,
-              tuple(names))
+              tuple(names), model.info.normalization)

@@ -383,3 +383,34 @@ def stream_sums(step_fn: Callable[..., Any], variables: Any, source: Any, indice
       resume.maybe_save(total, batch.step + 1, {"plan": plan}, force=last)
   total = jax.tree.map(np.asarray, jax.device_get(total))
   return total, dict(stream.stats)
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers of the callers.
+
+
+def round_up_to_devices(n: int, mesh: jax.sharding.Mesh) -> int:
+  """`n` (at least 1) rounded up to a multiple of the mesh's device count: a global step size
+  that splits over every device."""
+  devices = mesh.devices.size
+  return -(-max(1, int(n)) // devices) * devices
+
+
+def host_images(source: Any, indices: np.ndarray, image_size: int,
+                normalization: Any = "minus_one_one", workers: int | None = None) -> np.ndarray:
+  """Every image of `source[indices]`, preprocessed, as host float32 [n, s, s, 3].
+
+  Every process decodes all of them (in worker threads), so that host-side decisions taken
+  from them (e.g. which input patches are constant) agree across processes. For a bounded
+  number of images only; loops over many images use `Stream`.
+  """
+  indices = np.asarray(indices, np.int64)
+  out = np.empty((len(indices), image_size, image_size, 3), np.float32)
+
+  def load(row: int) -> None:
+    out[row] = data.preprocess_image(np.asarray(source[int(indices[row])]["image"]), image_size,
+                                     normalization)
+
+  with concurrent.futures.ThreadPoolExecutor(workers or default_workers()) as pool:
+    list(pool.map(load, range(len(indices))))
+  return out

@@ -68,7 +68,8 @@ def subset_side(model: base.LoadedModel, block: int, subsets: Sequence[tuple[int
       out[name] = x
     return out
 
-  return cka_runner.Side(features, model.variables, model.image_size, names)
+  return cka_runner.Side(features, model.variables, model.image_size, names,
+                         model.info.normalization)
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
@@ -117,7 +118,8 @@ def run(config: Any, ctx: base.Context) -> base.AnalysisResult:
     else:  # the paper's block1 unit1..3, block2 unit1..2: the first five unit outputs.
       resnet_names = cka_runner.resolve_layers(resnet, "blocks")[:int(sub.num_units)]
     resnet_side = cka_runner.Side(cka_runner.model_feature_fn(resnet, resnet_names),
-                                  resnet.variables, resnet.image_size, tuple(resnet_names))
+                                  resnet.variables, resnet.image_size, tuple(resnet_names),
+                                  resnet.info.normalization)
     distances, _ = attention_distance.model_distances(
         vit, source, ctx.mesh, num_images=int(sub.distance_examples), batch_size=64,
         seed=int(sub.distance_seed), fast=ctx.fast_compile)

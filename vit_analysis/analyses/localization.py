@@ -84,8 +84,11 @@ def sides(model: base.LoadedModel, layer: str,
     return {f"patch{r}_{c}": grid[:, r, c] for r, c in patch_positions}
 
   names = lambda prefix, ps: tuple(f"{prefix}{r}_{c}" for r, c in ps)  # noqa: E731
-  return (cka_runner.Side(tokens, model.variables, model.image_size, names("token", positions)),
-          cka_runner.Side(patches, {}, model.image_size, names("patch", patch_positions)), g)
+  norm = model.info.normalization
+  return (cka_runner.Side(tokens, model.variables, model.image_size, names("token", positions),
+                          norm),
+          cka_runner.Side(patches, {}, model.image_size, names("patch", patch_positions), norm),
+          g)
 
 
 def varying_positions(source: Any, indices: np.ndarray, image_size: int, grid: int,

@@ -204,6 +204,17 @@ def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.,
   return jnp.asarray(pe, dtype)[None, :, :]
 
 
+def attention_output_kernel(params: Any, block: int) -> Array:
+  """The output projection of block `block`'s attention, [H, d_h, D], from a ViT's (or hybrid's)
+  params: what maps the per-head outputs `out['blockNN/attn_heads']` back to the stream."""
+  try:
+    return params['Transformer'][f'encoderblock_{block}']['MultiHeadDotProductAttention_1'][
+        'out']['kernel']
+  except KeyError as e:
+    raise KeyError(f'no attention output kernel of block {block} in these params (missing '
+                   f'{e}); is this a ViT?') from e
+
+
 class Encoder(nn.Module):
   """Position embedding, prefix tokens, blocks and final LayerNorm ('Transformer' in the npz).
 
