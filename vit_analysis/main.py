@@ -212,6 +212,13 @@ class ModelBuilder:
     if not isinstance(entry, ml_collections.ConfigDict):
       entry = ml_collections.ConfigDict(dict(entry))
     validate_model_entry(key, entry, self.config.get("train"))
+    return self.build_checked(key, entry, sources=sources, data_tag=data_tag,
+                              init_from=init_from)
+
+  def build_checked(self, key: str, entry: ml_collections.ConfigDict, *,
+                    sources: dict[str, Any] | None = None, data_tag: str = "",
+                    init_from: base.LoadedModel | None = None) -> base.LoadedModel:
+    """`build` for an entry already checked by `validate_model_entry` (the config's models)."""
     if sources is not None and not data_tag:
       raise ValueError(f"model {key!r}: other training data needs a data_tag for the cache hash")
     sources = sources or self.sources
@@ -361,7 +368,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[base.AnalysisRe
   models, timings = {}, {}
   for key, entry in config.models.items():
     t0 = time.time()
-    models[key] = builder.build(key, entry)
+    models[key] = builder.build_checked(key, entry)  # validate_config checked every entry
     timings[f"model: {key}"] = time.time() - t0
   ctx = base.Context(workdir=workdir, models=models, sources=builder.sources, mesh=mesh,
                      train_fn=builder.build, config=config)

@@ -1,6 +1,6 @@
 """Linear probes on frozen features: pooling, few-shot closed-form ridge, full logistic regression.
 
-Maths follow big_vision's `fewshot_lsr` evaluator (paper.md §1.6): features are z-scored with the
+Maths follow big_vision's `fewshot_lsr` evaluator (docs/method.md#linear-probes): features are z-scored with the
 fitting set's mean and std (+1e-5), a constant bias feature of 100 is appended (so the bias is almost
 unregularised), and ridge regression onto {-1, +1} one-vs-all targets is solved in closed form. One
 eigendecomposition serves the whole regulariser grid:
@@ -17,29 +17,27 @@ whatever trained it, so prediction is shared (and can run inside the feature-ext
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
+
+from vit_analysis import capture, compilation, sharding, streaming
 
 BIAS_CONSTANT = 100.0  # big_vision: large, so the bias weight is effectively unregularised.
 STD_EPS = 1e-5
 HIGHEST = jax.lax.Precision.HIGHEST  # No TF32/bf16 passes in Grams: eigenvalues span ~10 decades.
 
-# XLA:CPU spends most of a small program's compile time in LLVM optimisation; level 0 about halves
-# it (the same switch as vit_analysis.train). For smoke runs and tests; ignored off CPU.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 _JITS: dict[Any, Any] = {}
 
 
 def _jit(fn, fast: bool, cache: bool = True, **kwargs):
   """`jax.jit(fn, **kwargs)`, with fast XLA:CPU compilation when asked; cached per (fn, fast)."""
-  fast = bool(fast) and jax.default_backend() == "cpu"
-  options = dict(FAST_COMPILE) if fast else None
+  options = compilation.compiler_options(bool(fast))
+  fast = options is not None
   if not cache:
     return jax.jit(fn, compiler_options=options, **kwargs)
   key = (fn, fast)
@@ -464,7 +462,6 @@ Unit = tuple[str, int | None]  # (spec key, token position or None): one probe p
 
 def make_feature_fn(module: Any, specs: list[FeatureSpec]):
   """(variables, images [b, h, w, 3]) -> {spec.key: [b, d] or [b, positions, d]}, pure (for jit)."""
-  from vit_analysis import capture  # pylint: disable=g-import-not-at-top
   layers = sorted({s.layer for s in specs})
   cap = capture.make_capture_fn(module, layers)
 
@@ -518,54 +515,36 @@ def stack_units(feats: dict[str, Any], units: list[Unit]):
 
 def stream(module: Any, variables: Any, source: Any, indices: np.ndarray, step_fn, *,
            image_size: int, batch_size: int, mesh: jax.sharding.Mesh, extra: Any = None,
-           desc: str = "features"):
+           desc: str = "features", normalization: Any = "minus_one_one"):
   """Runs the jitted `step_fn(variables, images, extra)` over `source[indices]`, batch by batch.
 
-  Batches have one fixed global size (the last one is padded and its padding dropped), images are
-  loaded and preprocessed on the host with grain worker threads, sharded over the mesh's data
-  axis, and each output leaf (leading axis = batch) comes back to the host trimmed to the real
-  examples. Yields (numpy outputs, labels [m]) per batch.
+  The images come from `streaming.Stream` (one fixed global batch size, the last batch padded;
+  decoded in worker threads ahead of the device, sharded over the mesh's data axis); each output
+  leaf (leading axis = batch) comes back to the host trimmed to the real examples. Yields (numpy
+  outputs, labels [m]) per batch.
   """
-  import grain  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
-  from vit_analysis import data, sharding  # pylint: disable=g-import-not-at-top
-  indices = np.asarray(indices, np.int64)
+  del module  # the step function holds it
   if batch_size % mesh.devices.size:
-    raise ValueError(f"batch_size {batch_size} must be divisible by {jax.device_count()} devices")
-  host = slice(jax.process_index() * batch_size // jax.process_count(),
-               (jax.process_index() + 1) * batch_size // jax.process_count())
-  num_batches = math.ceil(len(indices) / batch_size)
-
-  def load(b):
-    real = indices[b * batch_size:(b + 1) * batch_size]
-    padded = np.concatenate([real, np.full(batch_size - len(real), real[0])])[host]
-    examples = [source[int(i)] for i in padded]
-    images = np.stack([data.preprocess(ex["image"][None], image_size)[0] for ex in examples])
-    return images.astype(np.float32), np.asarray([ex["label"] for ex in examples]), len(real)
-
-  ds = grain.MapDataset.range(num_batches).map(load).to_iter_dataset(
-      grain.ReadOptions(num_threads=4, prefetch_buffer_size=4))
+    raise ValueError(f"batch_size {batch_size} must be divisible by {mesh.devices.size} devices")
   variables = sharding.replicate(variables, mesh)
   extra = sharding.replicate(extra, mesh) if extra is not None else None
-  tic, done = time.time(), 0
-  for b, (images, labels, real) in enumerate(ds):
-    out = step_fn(variables, sharding.shard_batch(images, mesh), extra)
+  batches = streaming.Stream(source, np.asarray(indices, np.int64),
+                             views={"image": (image_size, normalization)}, mesh=mesh,
+                             step_size=batch_size, desc=desc, with_labels=True)
+  for batch in batches:
+    out = step_fn(variables, batch.images["image"], extra)
+    labels = batch.labels
     if jax.process_count() > 1:
       out = multihost_utils.process_allgather(out, tiled=True)
       labels = multihost_utils.process_allgather(labels, tiled=True)
-    done += real
-    if b % 20 == 0 or b == num_batches - 1:
-      rate = done / max(time.time() - tic, 1e-9)
-      logging.info("%s: %d/%d examples, %.1f ex/s, ETA %.0f s", desc, done, len(indices), rate,
-                   (len(indices) - done) / rate)
-    yield jax.tree.map(lambda a, r=real: np.asarray(a)[:r], out), labels[:real]
+    real = batch.num_real
+    yield (jax.tree.map(lambda a, r=real: np.asarray(a)[:r], out),
+           np.asarray(labels)[:real].astype(np.int64))
 
 
 def extract(module, variables, source, indices, specs: list[FeatureSpec], *, image_size: int,
-            batch_size: int, mesh, dtype=np.float32, fast: bool = False
-            ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+            batch_size: int, mesh, dtype=np.float32, fast: bool = False,
+            normalization: Any = "minus_one_one") -> tuple[dict[str, np.ndarray], np.ndarray]:
   """Pooled features of every spec for `source[indices]`, in one pass.
 
   Host memory is bounded by the planned size, n · Σ_spec prod(shape) · itemsize (preallocated).
@@ -579,7 +558,8 @@ def extract(module, variables, source, indices, specs: list[FeatureSpec], *, ima
   labels = np.zeros(n, np.int64)
   start = 0
   for out, lab in stream(module, variables, source, indices, _feature_step(module, specs, fast),
-                         image_size=image_size, batch_size=batch_size, mesh=mesh):
+                         image_size=image_size, batch_size=batch_size, mesh=mesh,
+                         normalization=normalization):
     for k, v in out.items():
       feats[k][start:start + len(lab)] = v
     labels[start:start + len(lab)] = lab
@@ -589,7 +569,8 @@ def extract(module, variables, source, indices, specs: list[FeatureSpec], *, ima
 
 def evaluate(module, variables, source, indices, specs: list[FeatureSpec],
              groups: dict[int, list[Unit]], probes: dict[int, Probe], *, image_size: int,
-             batch_size: int, mesh, fast: bool = False) -> dict[int, np.ndarray]:
+             batch_size: int, mesh, fast: bool = False,
+             normalization: Any = "minus_one_one") -> dict[int, np.ndarray]:
   """Test accuracy of stacked probes without storing test features (bounded memory).
 
   Args:
@@ -608,8 +589,9 @@ def evaluate(module, variables, source, indices, specs: list[FeatureSpec],
   probes = {str(d): p for d, p in probes.items()}
   correct = {d: 0 for d in groups}
   n = 0
-  for out, labels in stream(module, variables, source, indices, _jit(step, fast, cache=False), image_size=image_size,
-                            batch_size=batch_size, mesh=mesh, extra=probes, desc="test"):
+  for out, labels in stream(module, variables, source, indices, _jit(step, fast, cache=False),
+                            image_size=image_size, batch_size=batch_size, mesh=mesh,
+                            extra=probes, desc="test", normalization=normalization):
     for d in groups:
       correct[d] = correct[d] + (out[str(d)] == labels[:, None, None]).sum(0)
     n += len(labels)

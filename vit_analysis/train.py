@@ -24,8 +24,9 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from vit_analysis import config_lib, sharding
+from vit_analysis import compilation, config_lib, sharding, streaming
 from vit_analysis import data as data_lib
+from vit_analysis.models import describe
 
 
 @dataclasses.dataclass
@@ -68,8 +69,13 @@ def total_steps(cfg: ml_collections.ConfigDict, num_train: int) -> int:
   return max(1, round(cfg.num_epochs * num_train / cfg.batch_size))
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, steps: int) -> optax.GradientTransformation:
-  """Clip → AdamW or SGD-momentum (+ decoupled weight decay on kernels only), warmup + cosine."""
+def make_optimizer(cfg: ml_collections.ConfigDict, steps: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Clip → AdamW or SGD-momentum (+ decoupled weight decay on kernels only), warmup + cosine.
+
+  Returns:
+    (the optimiser, its learning-rate schedule, for logging).
+  """
   warmup = min(int(cfg.warmup_steps), max(steps - 1, 0))
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, cfg.learning_rate, warmup, max(steps, warmup + 1), end_value=0.0)
@@ -102,15 +108,6 @@ def _loss(logits, labels, num_classes, label_smoothing):
   onehot = jax.nn.one_hot(labels, num_classes)
   targets = onehot * (1.0 - label_smoothing) + label_smoothing / num_classes
   return optax.softmax_cross_entropy(logits, targets).mean()
-
-
-# XLA:CPU spends most of a small model's compile time in LLVM's optimisation passes; level 0
-# halves it. Used for one-off programs (init) and, with `fast_compile`, for smoke runs.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-
-
-def _compiler_options(fast: bool) -> dict[str, Any] | None:
-  return dict(FAST_COMPILE) if fast and jax.default_backend() == "cpu" else None
 
 
 def _key(seed: int, stream: int) -> jax.Array:
@@ -159,7 +156,7 @@ def make_train_step(module: nn.Module, tx: optax.GradientTransformation,
 
   rep = sharding.replicated(mesh)
   return jax.jit(step_fn, out_shardings=(rep, rep), donate_argnums=0,
-                 compiler_options=_compiler_options(cfg.fast_compile))
+                 compiler_options=compilation.compiler_options(cfg.fast_compile))
 
 
 @functools.lru_cache(maxsize=16)
@@ -170,17 +167,24 @@ def _eval_counts(module, fast_compile=False):
     hit = (jnp.argmax(logits, -1) == batch["label"]) & batch["mask"]
     return hit.sum(), batch["mask"].sum()
 
-  return jax.jit(counts, compiler_options=_compiler_options(fast_compile))
+  return jax.jit(counts, compiler_options=compilation.compiler_options(fast_compile))
 
 
 def evaluate(module: nn.Module, params: Any, src, *, image_size: int, batch_size: int,
              mesh: jax.sharding.Mesh, fast_compile: bool = False) -> float:
-  """Top-1 accuracy of `module` on every example of `src` (last batch padded and masked)."""
+  """Top-1 accuracy of `module` on every example of `src` (last batch padded and masked).
+
+  Images are normalised the model's way (`models.describe(...).normalization`).
+  """
   counts = _eval_counts(module, fast_compile)
   correct = seen = 0
-  for batch in data_lib.batches(src, batch_size, seed=0, shuffle=False, num_epochs=1,
-                                drop_remainder=False, image_size=image_size):
-    c, n = counts(params, sharding.shard_batch(batch, mesh))
+  view = (image_size, describe(module, image_size).normalization)
+  batches = streaming.Stream(src, streaming.split(len(src)), views={"image": view}, mesh=mesh,
+                             step_size=streaming.round_up_to_devices(batch_size, mesh),
+                             with_labels=True, desc="evaluate")
+  for batch in batches:
+    c, n = counts(params, {"image": batch.images["image"], "label": batch.labels,
+                           "mask": batch.mask > 0})
     correct, seen = correct + int(c), seen + int(n)
   if seen != len(src):
     raise RuntimeError(f"evaluated {seen} examples of {len(src)}")
@@ -196,7 +200,7 @@ def init_params(module: nn.Module, image_size: int, seed: int) -> Any:
 def _cached_init(module, image_size):
   images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   return jax.jit(lambda k: module.init({"params": k}, images, train=False)["params"],
-                 compiler_options=_compiler_options(True))
+                 compiler_options=compilation.compiler_options(True))
 
 
 class _MetricsLog:

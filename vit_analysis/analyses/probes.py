@@ -191,7 +191,7 @@ def probe_model(lm: LoadedModel, sub, ctx: Context, seed: int) -> dict:
   num_classes = train.num_classes
   specs, agg, tokens = _specs(lm, sub)
   common = dict(image_size=lm.image_size, batch_size=sub.batch_size, mesh=ctx.mesh,
-                fast=ctx.fast_compile)
+                fast=ctx.fast_compile, normalization=lm.info.normalization)
   if sub.kind == "fewshot":
     pool = _label_pool(train, num_classes, 3 * (sub.shots + sub.holdout_per_class), seed)
     splits = [probing.fewshot_split(_labels_of(train, pool), num_classes, sub.shots,
