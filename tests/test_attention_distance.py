@@ -1,11 +1,9 @@
 """Attention distance: closed forms, a float64 reference, the analysis end to end."""
 import numpy as np
 import pytest
+from helpers import FAST, make_context, run_analysis
 
 from vit_analysis.analyses import attention_distance as ad
-
-FAST = {"xla_backend_optimization_level": 0}  # Tiny models: compile time dominates on CPU.
-
 
 def _uniform(b, h, n, cls):
   t = n + int(cls)
@@ -14,7 +12,7 @@ def _uniform(b, h, n, cls):
 
 @pytest.mark.parametrize("g,p,expected", [(7, 32, 115.503), (14, 16, 116.492), (16, 14, 116.565)])
 def test_uniform_attention_matches_paper_reference(g, p, expected):
-  # paper.md §5: uniform attention over the patch grid, CLS excluded, self-pairs included.
+  # Known values (docs/method.md#attention-distance): uniform attention over the patch grid, CLS excluded, self-pairs included.
   a = _uniform(1, 2, g * g, cls=False)
   d = np.asarray(ad.mean_attention_distance(a, (g, g), p, has_cls=False))
   assert d.shape == (1, 2)
@@ -62,50 +60,16 @@ def test_shape_errors():
     ad.block_attention_distances({"block00/sa": np.zeros(1)}, (4, 4), 8, has_cls=False)
 
 
-def random_variables(module, size=32, seed=0):
-  """Parameters of the right shapes without compiling `init` (minutes on a loaded 2-core machine):
-  normal / sqrt(fan_in) kernels, unit scales, zero biases."""
-  import jax
-  import jax.numpy as jnp
-  shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, s):
-    name = jax.tree_util.keystr(path)
-    if "scale" in name or "gamma" in name:
-      return np.ones(s.shape, s.dtype)
-    if "bias" in name or "beta" in name:
-      return np.zeros(s.shape, s.dtype)
-    return (rng.normal(size=s.shape) / np.sqrt(max(np.prod(s.shape[:-1]), 1))).astype(s.dtype)
-
-  return jax.tree_util.tree_map_with_path(leaf, shapes)
-
-
-def make_context(tmp_path, names, num_images=10, **kwargs):
-  """A Context over randomly initialised registry models ({key: name}) and random images."""
-  from vit_analysis import data, models, sharding
-  from vit_analysis.analyses import base
-  loaded = {}
-  for i, (key, name) in enumerate(names.items()):
-    module = models.create_model(name, 10)
-    loaded[key] = base.LoadedModel(key, name, module, random_variables(module, seed=i), 32)
-  rng = np.random.default_rng(0)
-  src = data.ArraySource(rng.integers(0, 256, (num_images, 32, 32, 3), dtype=np.uint8),
-                         np.arange(num_images) % 10, 10)
-  return base.Context(str(tmp_path), loaded, {"test": src}, sharding.make_mesh(), **kwargs)
-
-
 def test_run_matches_direct_computation_on_all_images(tmp_path):
   import jax
   import ml_collections
 
   from vit_analysis import data
-  from vit_analysis.analyses import get
   ctx = make_context(tmp_path, {"m0": "ViT-smoke_8", "m1": "ViT-smoke_8-gap"})
   config = ml_collections.ConfigDict({"attention_distance": {
       "split": "test", "num_images": 7, "batch_size": 4, "seed": 3,
       "figure_formats": ("png",), "fast_compile": True}})  # 7 = 4 + 3 padded.
-  result = get("attention_distance")(config, ctx)
+  result = run_analysis("attention_distance", config, ctx)
   saved = np.load(tmp_path / "results" / "attention_distance.npz")
   assert sorted(saved.files) == ["m0", "m1"]
   for key, has_cls in (("m0", True), ("m1", False)):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from helpers import run_analysis
 
 from vit_analysis import data as data_lib
 from vit_analysis import models
@@ -59,7 +60,7 @@ def _perturbed(ref, noise, seed):
                           ref.image_size, test_accuracy=0.5)
 
 
-def test_blockwise_cka_curves_and_figures(tmp_path, monkeypatch):
+def test_blockwise_cka_curves_and_figures(tmp_path):
   module = models.create_model("ViT-smoke_8", 10)
   shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   rng = np.random.default_rng(0)
@@ -69,23 +70,22 @@ def test_blockwise_cka_curves_and_figures(tmp_path, monkeypatch):
   rng = np.random.default_rng(1)
   train = data_lib.ArraySource(rng.integers(0, 256, (80, 32, 32, 3), dtype=np.uint8),
                                np.arange(80) % 10, 10)
-  ctx = base.Context(str(tmp_path), {"vit": ref}, {"train": train, "test": train},
-                     sharding.make_mesh())
   calls = []
 
-  def fake_train(config, ctx, ref_key, tag, train_source, test_source, init_from=None):
-    calls.append((tag, len(train_source), init_from is not None, train_source.num_classes))
-    fraction = len(train_source) / len(ctx.sources["train"])
-    return _perturbed(ctx.models[ref_key], 0.0 if init_from is None and fraction == 1 else 3.0,
-                      seed=len(calls))
+  def fake_train(key, entry, *, sources, data_tag, init_from=None):  # main's train_fn stand-in
+    calls.append((key, len(sources["train"]), init_from is not None, entry.num_classes))
+    assert data_tag and entry.checkpoint == ""
+    fraction = len(sources["train"]) / len(train)
+    return _perturbed(ref, 0.0 if init_from is None and fraction == 1 else 3.0, seed=len(calls))
 
-  monkeypatch.setattr(dataset_scale, "_train", fake_train)
+  ctx = base.Context(str(tmp_path), {"vit": ref}, {"train": train, "test": train},
+                     sharding.make_mesh(), train_fn=fake_train)
   config = ml_collections.ConfigDict(dict(
       seed=0, models=dict(vit=dict(name="ViT-smoke_8")),
       dataset_scale=dict(reference="vit", fractions=(0.25, 1.0), layers="blocks",
                          finetune={"parity": dict(data="digits:parity")},
                          num_examples=32, minibatch_size=8, repeats=2)))
-  result = dataset_scale.run(config, ctx)
+  result = run_analysis("dataset_scale", config, ctx)
   assert calls == [("vit_frac0.25", 20, False, 10), ("vit_frac1", 80, False, 10),
                    ("vit_ft_parity", 80, True, 2)]
   small, full = (result.metrics[t]["block_cka"] for t in ("vit_frac0.25", "vit_frac1"))

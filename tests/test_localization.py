@@ -8,27 +8,25 @@ import ml_collections
 import numpy as np
 import pytest
 
+from helpers import run_analysis
+
+from vit_analysis import cka_runner, sharding
 from vit_analysis import data as data_lib
-from vit_analysis import sharding
-from vit_analysis.analyses import base
-from vit_analysis.analyses import localization
-from vit_analysis.analyses import similarity
+from vit_analysis.analyses import base, localization
 
 
 class PatchTokens(nn.Module):
-  """Layers built from the input patches: 'tokens' = each grid position's own patch (after a
-  CLS-like token), 'shifted' = the patch one column to the right (cyclically), 'map' = an affine
-  map of the own patch laid out as a [b, g, g, c] feature map."""
+  """Layers built from the input patches: 'tokens' = each grid position's own patch,
+  'shifted' = the patch one column to the right (cyclically), 'map' = an affine map of the own
+  patch laid out as a [b, g, g, c] feature map. (CLS handling is `token_grid`'s, tested below.)"""
   patch: int = 4
-  classifier: str = "token"  # token 0 is a CLS token, as in a ViT
 
   @nn.compact
   def __call__(self, images, train=False):
     del train
     grid = localization.input_patches(images, self.patch)  # [b, g, g, P*P*3]
     b, g = grid.shape[:2]
-    cls = jnp.zeros_like(grid[:, 0, :1])
-    tokens = lambda x: jnp.concatenate([cls, x.reshape(b, g * g, -1)], 1)  # noqa: E731
+    tokens = lambda x: x.reshape(b, g * g, -1)  # noqa: E731
     out = {"tokens": tokens(grid), "shifted": tokens(jnp.roll(grid, -1, axis=2)),
            "map": 2.0 * grid + 1.0}
     return grid.sum((1, 2, 3)), out
@@ -66,11 +64,11 @@ def test_synthetic_tokens_peak_at_their_own_patch():
   sides = {layer: localization.sides(model, layer) for layer in layers}
   assert all(g == 3 and len(t.names) == 9 for t, _, g in sides.values())
   # All three layers in one pass (one compile): rows layer-major, 9 positions each.
-  combined = similarity.Side(
+  combined = cka_runner.Side(
       lambda v, x: {f"{ly}/{n}": a for ly in layers
                     for n, a in sides[ly][0].features(v, x).items()},
       model.variables, 12, tuple(f"{ly}/{n}" for ly in layers for n in sides[ly][0].names))
-  rep = similarity.cka_over_repeats(combined, sides["tokens"][1], _source(size=12),
+  rep = cka_runner.cka_over_repeats(combined, sides["tokens"][1], _source(size=12),
                                     num_examples=64, minibatch_size=16, repeats=1, seed=0,
                                     mesh=sharding.make_mesh())
   own, shifted, feature_map = rep.mean[:9], rep.mean[9:18], rep.mean[18:]
@@ -82,6 +80,16 @@ def test_synthetic_tokens_peak_at_their_own_patch():
   s = localization.scores(shifted)
   assert s["own_is_best"] == 0.0 and s["own_margin"] < -0.5
   assert shifted[0, 1] == pytest.approx(1.0, abs=1e-5)  # token (0,0) is patch (0,1)
+
+
+def test_token_grid_drops_prefix_tokens():
+  x = jnp.arange(2 * 6 * 3, dtype=jnp.float32).reshape(2, 6, 3)  # 2 prefix tokens + a 2x2 grid
+  g = localization.token_grid(x, 2)
+  assert g.shape == (2, 2, 2, 3)
+  np.testing.assert_array_equal(g[1, 1, 0], x[1, 2 + 2])
+  assert localization.token_grid(jnp.zeros((1, 3, 3, 5)), 1).shape == (1, 3, 3, 5)
+  with pytest.raises(ValueError, match="square grid"):
+    localization.token_grid(x, 1)
 
 
 def test_scores_closed_form():
@@ -103,12 +111,12 @@ def test_end_to_end(tmp_path):
   config = ml_collections.ConfigDict(dict(seed=0, localization=dict(
       models=("toy",), layers_per_model={"toy": "shifted"}, num_examples=32,
       minibatch_size=8, repeats=2, tokens=((0, 0), (1, 2)))))
-  result = localization.run(config, ctx)
+  result = run_analysis("localization", config, ctx)
   assert len(result.figures) == 1
   assert os.path.exists(os.path.join(str(tmp_path), result.figures[0]))
   assert result.metrics["toy/shifted"]["own_is_best"] == 0.0
   assert result.metrics["toy/shifted"]["grid"] == 3
-  saved = similarity.RepeatedCKA.load(os.path.join(str(tmp_path), "results",
+  saved = cka_runner.RepeatedCKA.load(os.path.join(str(tmp_path), "results",
                                                    "localization_toy_shifted"))
   assert saved.mean.shape == (9, 9) and saved.names_a[5] == "token1_2"
   assert saved.mean[5, 3] == pytest.approx(1.0, abs=1e-5)  # token (1,2) is patch (1,0)
@@ -124,7 +132,7 @@ def test_constant_patches_left_out_and_scores_ignore_nan():
   positions = localization.varying_positions(src, np.arange(20), 12, 3)
   assert len(positions) == 7 and (0, 0) not in positions and (1, 1) not in positions
   assert len(localization.varying_positions(src, np.arange(20), 12, 3, min_fraction=0.05)) == 8
-  rep = similarity.RepeatedCKA(["t0", "t1"], ["patch0_1", "patch1_1"], np.ones((1, 2, 2)),
+  rep = cka_runner.RepeatedCKA(["t0", "t1"], ["patch0_1", "patch1_1"], np.ones((1, 2, 2)),
                                np.zeros((1, 2, 2)), 8, 4)
   full = localization.expand_columns(rep, 2)
   assert np.isnan(full.values[0, :, 0]).all() and full.values[0, 0, 1] == 1.0

@@ -83,14 +83,14 @@ def test_several_layers_in_one_pass_equal_separate_passes():
 
 def test_run_vit_first_block_is_global_and_resnet_stem_is_local(tmp_path):
   import ml_collections
-  from test_attention_distance import make_context
+  from helpers import make_context, run_analysis
 
-  from vit_analysis.analyses import get
   ctx = make_context(tmp_path, {"vit": "ViT-smoke_8", "resnet": "R-smoke"}, num_images=6)
   config = ml_collections.ConfigDict({"receptive_field": {
       "num_images": 3, "batch_size": 4, "channel_chunk": 16, "figure_formats": ("png",),
+      "modes": ("post",),
       "layers": {"vit": ["embedding", "block00/+sa"], "resnet": ["root/conv"]}}})
-  result = get("receptive_field")(config, ctx)
+  result = run_analysis("receptive_field", config, ctx)
   erfs = np.load(tmp_path / "results" / "receptive_field.npz")
   centre_patch = np.zeros((32, 32), bool)
   centre_patch[16:24, 16:24] = True  # 4x4 grid of 8 px patches: centre token (2, 2).

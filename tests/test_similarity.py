@@ -6,15 +6,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import helpers
 import numpy as np
 import pytest
 
+from vit_analysis import cka_runner, models, sharding
 from vit_analysis import data as data_lib
-from vit_analysis import models
-from vit_analysis import sharding
-from vit_analysis.analyses import base
-from vit_analysis.analyses import head_subsets
-from vit_analysis.analyses import similarity
+from vit_analysis.analyses import base, head_subsets, similarity
 from vit_analysis.plotting import similarity as plots
 
 _RNG = np.random.default_rng(0)
@@ -46,29 +44,11 @@ def _source(n=128, size=8, seed=1):
   return data_lib.ArraySource(images, np.zeros(n, np.int64), 1)
 
 
-def random_variables(module, size, seed=0):
-  """Parameters of the right shapes without compiling `init` (slow on a loaded 2-core machine):
-  normal / sqrt(fan_in) kernels, unit scales, zero biases."""
-  shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, s):
-    name = jax.tree_util.keystr(path)
-    if "scale" in name or "gamma" in name:
-      return np.ones(s.shape, s.dtype)
-    if "bias" in name or "beta" in name:
-      return np.zeros(s.shape, s.dtype)
-    return (rng.normal(size=s.shape) / np.sqrt(max(np.prod(s.shape[:-1]), 1))).astype(s.dtype)
-
-  return jax.tree_util.tree_map_with_path(leaf, shapes)
-
-
 def _loaded(module, size, key="m"):
-  return base.LoadedModel(key=key, name=type(module).__name__, module=module,
-                          variables=random_variables(module, size), image_size=size)
+  return helpers.loaded(module, size, key)
 
 
-# ---- float64 NumPy reference, straight from paper.md §1.1/§1.3 ----
+# ---- float64 NumPy reference, straight from docs/method.md#minibatch-cka ----
 
 def _hsic1(k, g):
   n = k.shape[0]
@@ -96,7 +76,7 @@ def _reference(feats_a, feats_b, indices, repeats):
 
 
 def _side(model, layers):
-  return similarity.Side(similarity.model_feature_fn(model, layers), model.variables,
+  return cka_runner.Side(cka_runner.model_feature_fn(model, layers), model.variables,
                          model.image_size, tuple(layers))
 
 
@@ -107,7 +87,7 @@ def test_known_transforms_and_repeat_statistics_match_numpy():
   src = _source()
   model = _loaded(Transforms(), 8)
   # 6 minibatches per repeat on 4 devices: the second step is padded and masked.
-  rep = similarity.cka_over_repeats(_side(model, LAYERS), None, src, num_examples=96,
+  rep = cka_runner.cka_over_repeats(_side(model, LAYERS), None, src, num_examples=96,
                                     minibatch_size=16, repeats=3, seed=5,
                                     mesh=sharding.make_mesh())
   assert rep.values.shape == (3, 4, 4)
@@ -133,7 +113,7 @@ def test_known_transforms_and_repeat_statistics_match_numpy():
 def test_cross_model_each_side_own_resolution():
   src = _source(size=12)
   a, b = _loaded(Transforms(), 8), _loaded(Transforms(), 16)
-  rep = similarity.cka_over_repeats(_side(a, ["identity", "noise"]), _side(b, LAYERS[:3]), src,
+  rep = cka_runner.cka_over_repeats(_side(a, ["identity", "noise"]), _side(b, LAYERS[:3]), src,
                                     num_examples=64, minibatch_size=16, repeats=2, seed=0,
                                     mesh=sharding.make_mesh())
   feats = {}
@@ -150,38 +130,38 @@ def test_cross_model_each_side_own_resolution():
 
 def test_presets_select_paper_granularity():
   vit = _loaded(models.create_model("ViT-smoke_8", 10), 32)
-  fine = similarity.resolve_layers(vit, "fine")
+  fine = cka_runner.resolve_layers(vit, "fine")
   assert len(fine) == 2 + 6 * vit.module.num_layers
   assert fine[:3] == ["embedding", "block00/ln0", "block00/sa"] and fine[-1] == "encoder_norm"
-  assert len(similarity.resolve_layers(vit, "coarse")) == 2 + 4 * vit.module.num_layers
-  assert similarity.resolve_layers(vit, "blocks") == [
+  assert len(cka_runner.resolve_layers(vit, "coarse")) == 2 + 4 * vit.module.num_layers
+  assert cka_runner.resolve_layers(vit, "blocks") == [
       f"block{i:02d}" for i in range(vit.module.num_layers)]
   # Paper totals (paper.md §1.5): B/32 fine 74, coarse 50; R50 fine ~120 (7 per unit, +proj, root).
   b32 = base.LoadedModel("b", "ViT-B_32", models.create_model("ViT-B_32", 10), None, 224)
-  assert len(similarity.resolve_layers(b32, "fine")) == 74
-  assert len(similarity.resolve_layers(b32, "coarse")) == 50
+  assert len(cka_runner.resolve_layers(b32, "fine")) == 74
+  assert len(cka_runner.resolve_layers(b32, "coarse")) == 50
   # ResNet: root (2) + 7 per unit + a projection in each stage's first unit (R50: 118);
   # coarse 2 per unit (R50: 32, Fig H.2's axis). R-smoke has one unit per stage.
   rs = base.LoadedModel("r", "R-smoke", models.create_model("R-smoke", 10), None, 32)
-  assert len(similarity.resolve_layers(rs, "fine")) == 2 + 4 * 7 + 4
-  assert len(similarity.resolve_layers(rs, "coarse")) == 2 * 4
+  assert len(cka_runner.resolve_layers(rs, "fine")) == 2 + 4 * 7 + 4
+  assert len(cka_runner.resolve_layers(rs, "coarse")) == 2 * 4
   mixer = base.LoadedModel("x", "Mixer", models.create_model("Mixer-smoke_8", 10), None, 32)
-  assert similarity.model_family(mixer.module) == "mixer"
-  assert similarity.resolve_layers(mixer, "coarse")[:3] == [
+  assert mixer.info.layer_presets == "mixer"
+  assert cka_runner.resolve_layers(mixer, "coarse")[:3] == [
       "stem", "block00/ln0", "block00/+token"]
   with pytest.raises(KeyError):
-    similarity.resolve_layers(vit, "medium")
+    cka_runner.resolve_layers(vit, "medium")
   with pytest.raises(KeyError):
-    similarity.resolve_layers(vit, ["block*/nonexistent"])
+    cka_runner.resolve_layers(vit, ["block*/nonexistent"])
 
 
 def test_token_modes():
   x = jnp.arange(2 * 5 * 3, dtype=jnp.float32).reshape(2, 5, 3)
-  np.testing.assert_array_equal(similarity.token_features(x, "cls_only", True), x[:, 0])
-  np.testing.assert_array_equal(similarity.token_features(x, "exclude_cls", True), x[:, 1:])
-  np.testing.assert_allclose(similarity.token_features(x, "token_mean", False), x.mean(1))
+  np.testing.assert_array_equal(cka_runner.token_features(x, "cls_only", True), x[:, 0])
+  np.testing.assert_array_equal(cka_runner.token_features(x, "exclude_cls", True), x[:, 1:])
+  np.testing.assert_allclose(cka_runner.token_features(x, "token_mean", False), x.mean(1))
   with pytest.raises(ValueError):
-    similarity.token_features(x, "cls_only", False)
+    cka_runner.token_features(x, "cls_only", False)
 
 
 def test_head_subsets_windows_and_cumulative():
@@ -194,7 +174,6 @@ def test_head_subsets_windows_and_cumulative():
 
 
 def test_end_to_end_intra_cross_and_head_subsets(tmp_path):
-  from vit_analysis import analyses
   ms = {"vit": _loaded(models.create_model("ViT-smoke_8", 10), 32, "vit"),
         "resnet": _loaded(models.create_model("R-smoke", 10), 32, "resnet")}
   src = _source(n=64, size=28, seed=3)
@@ -209,7 +188,7 @@ def test_end_to_end_intra_cross_and_head_subsets(tmp_path):
       head_subsets=dict(pairs=(("vit", "vit"),), blocks=(0,), distance_examples=16,
                         num_units=2, **settings)))
   for name in config.analyses:
-    result = analyses.get(name)(config, ctx)
+    result = helpers.run_analysis(name, config, ctx)
     assert result.figures, name
     for fig in result.figures:
       assert os.path.exists(os.path.join(ctx.workdir, fig))
@@ -217,12 +196,12 @@ def test_end_to_end_intra_cross_and_head_subsets(tmp_path):
     with open(os.path.join(ctx.workdir, "results", f"{name}.json")) as f:
       assert json.load(f)["name"] == name
   stem = os.path.join(ctx.workdir, "results", "cka_intra_vit")
-  rep = similarity.RepeatedCKA.load(stem)
+  rep = cka_runner.RepeatedCKA.load(stem)
   np.testing.assert_allclose(np.diag(rep.mean), 1.0, atol=1e-4)
   assert rep.values.shape[0] == 2 and len(rep.names_a) == 2 + 6 * 2
   # Redrawing from the saved arrays needs no model.
-  assert os.path.exists(similarity.draw(stem, "redrawn", "ViT", "ViT"))
-  cross = similarity.RepeatedCKA.load(os.path.join(ctx.workdir, "results",
+  assert similarity.draw(stem, "redrawn", "ViT", "ViT").axes
+  cross = cka_runner.RepeatedCKA.load(os.path.join(ctx.workdir, "results",
                                                    "cka_cross_vit_vs_resnet"))
   assert cross.mean.shape == (2, 4) and cross.names_b[0] == "block1/unit01"
   assert np.all(np.abs(cross.mean) <= 1.0 + 1e-5)

@@ -66,17 +66,16 @@ def test_skip_pairs_from_names():
 def test_run_vit_with_dead_mlp_and_resnet_units(tmp_path):
   import jax
   import ml_collections
-  from test_attention_distance import make_context
+  from helpers import make_context, run_analysis
 
   from vit_analysis import data
-  from vit_analysis.analyses import get
   ctx = make_context(tmp_path, {"vit": "ViT-smoke_8", "resnet": "R-smoke"}, num_images=6)
   block = ctx.models["vit"].variables["params"]["Transformer"]["encoderblock_1"]["MlpBlock_3"]
   block["Dense_1"] = jax.tree.map(np.zeros_like, block["Dense_1"])  # Block 1's MLP outputs 0.
   config = ml_collections.ConfigDict({"skip_norms": {"num_images": 5, "batch_size": 4,
                                                   "figure_formats": ("png",),
                                                   "fast_compile": True}})
-  result = get("skip_norms")(config, ctx)
+  result = run_analysis("skip_norms", config, ctx)
   res = np.load(tmp_path / "results" / "skip_norms.npz")
   assert list(res["vit/labels"]) == ["block00/sa", "block00/mlp", "block01/sa", "block01/mlp"]
   ratio = res["vit/ratio"]

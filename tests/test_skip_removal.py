@@ -31,10 +31,10 @@ def test_removed_entry_adds_the_block_and_leaves_the_original():
 
 
 def test_run_trains_through_train_fn_and_draws_heatmaps(tmp_path):
-  from test_attention_distance import make_context, random_variables
+  from helpers import make_context, random_variables, run_analysis
 
   from vit_analysis import models
-  from vit_analysis.analyses import base, get
+  from vit_analysis.analyses import base
   calls = []
 
   def train_fn(key, entry):  # Stands in for main's training loop (tested in test_main.py).
@@ -51,7 +51,7 @@ def test_run_trains_through_train_fn_and_draws_heatmaps(tmp_path):
       "skip_removal": {"base_model": "vit", "blocks": (1,), "layers": "coarse",
                        "num_examples": 32, "minibatch_size": 8, "repeats": 1,
                        "figure_formats": ("png",)}})
-  result = get("skip_removal")(config, ctx)
+  result = run_analysis("skip_removal", config, ctx)
   assert calls == [("vit_noskip01", {"skip_removed": (1,)})]
   m = result.metrics["vit_noskip01"]
   assert m["skip_removed"] == [1] and m["accuracy_drop"] == pytest.approx(0.5)
@@ -64,4 +64,4 @@ def test_run_trains_through_train_fn_and_draws_heatmaps(tmp_path):
   assert all((tmp_path / f).exists() for f in result.figures)
   with pytest.raises(ValueError, match="out of range"):
     config.skip_removal.blocks = (2,)
-    get("skip_removal")(config, ctx)
+    run_analysis("skip_removal", config, ctx)

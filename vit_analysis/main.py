@@ -351,6 +351,23 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     os.replace(path + ".tmp", path)
 
 
+def run_analysis(config: ml_collections.ConfigDict, ctx: base.Context,
+                 name: str) -> base.AnalysisResult:
+  """Runs analysis `name` with its merged sub-config and saves its result (process 0).
+
+  Its partial state (`workdir/partial/<name>`) is removed once the result is saved.
+  """
+  t0 = time.time()
+  logging.info("analysis %s ...", name)
+  result = analyses_lib.get(name)(config, ctx.for_analysis(name, analysis_config(config, name)))
+  result.seconds = time.time() - t0
+  logging.info("analysis %s done in %.1f s: %s", name, result.seconds, result.metrics)
+  if sharding.is_main_process():
+    base.save_result(ctx, result)
+    shutil.rmtree(os.path.join(ctx.workdir, "partial", name), ignore_errors=True)
+  return result
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[base.AnalysisResult]:
   """Runs the experiment `config` in `workdir`; returns the analyses' results in order.
 
@@ -379,21 +396,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[base.AnalysisRe
   saved = {name: path for name, path in saved.items() if os.path.exists(path)}
   results = []
   for name in config.get("analyses", ()):
-    t0 = time.time()
     if name in saved:
       with open(saved[name]) as f:
         result = base.AnalysisResult.from_json(f.read())
       logging.info("analysis %s: finished in an earlier run, not recomputed", name)
       results.append(result)
       continue
-    logging.info("analysis %s ...", name)
-    result = analyses_lib.get(name)(config, ctx.for_analysis(name, analysis_config(config, name)))
-    result.seconds = time.time() - t0
-    logging.info("analysis %s done in %.1f s: %s", name, result.seconds, result.metrics)
-    if sharding.is_main_process():
-      base.save_result(ctx, result)
-      shutil.rmtree(os.path.join(workdir, "partial", name), ignore_errors=True)
-    results.append(result)
+    results.append(run_analysis(config, ctx, name))
   timings["total"] = time.time() - start
   if sharding.is_main_process():
     builder.write_summaries(os.path.join(workdir, "models.json"))

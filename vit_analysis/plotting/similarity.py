@@ -5,20 +5,18 @@ CKA colour scale is fixed to [0, 1] so that panels of different models compare b
 """
 from __future__ import annotations
 
-import re
 from typing import Mapping, Sequence
 
 import matplotlib.figure
 import matplotlib.pyplot as plt
 import numpy as np
 
+from vit_analysis import layers
 from vit_analysis.plotting import PANEL_INCHES, heatmap
 
 # Layer name -> the group its tick is labelled with: ViT/Mixer 'block03/...' -> 'B3',
-# ResNet 'block2/unit01/...' -> 'b2u1'. Names outside any group (embedding, root, norms) label
-# themselves.
-_VIT_BLOCK = re.compile(r"^block(\d{2,})(/|$)")
-_RESNET_UNIT = re.compile(r"^block(\d)/unit(\d+)(/|$)")
+# ResNet 'block2/unit01/...' -> 'b2u1' (`layers.parse`). Names outside any group (embedding,
+# root, norms) label themselves.
 _SHORT = {"embedding": "emb", "encoder_norm": "norm", "stem": "stem", "root/conv": "root",
           "root": "root", "pre_head_layer_norm": "norm", "head_norm": "norm",
           "pre_logits": "pre", "logits": "logits"}
@@ -26,12 +24,9 @@ _SHORT = {"embedding": "emb", "encoder_norm": "norm", "stem": "stem", "root/conv
 
 def layer_group(name: str) -> str:
   """Short label of the block/unit a layer belongs to ('B3', 'b2u1', 'emb', ...)."""
-  m = _RESNET_UNIT.match(name)
-  if m:
-    return f"b{int(m.group(1))}u{int(m.group(2))}"
-  m = _VIT_BLOCK.match(name)
-  if m:
-    return f"B{int(m.group(1))}"
+  parsed = layers.parse(name)
+  if parsed.kind != "other":
+    return parsed.group
   return _SHORT.get(name, name.split("/")[0])
 
 

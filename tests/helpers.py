@@ -1,0 +1,59 @@
+"""Helpers shared by the tests: random parameters without compiling `init`, contexts, analyses."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vit_analysis import data, main, models, sharding
+from vit_analysis.analyses import base
+
+# XLA:CPU optimisation level 0: the tests' small programs compile about twice as fast.
+FAST = {"xla_backend_optimization_level": 0}
+
+
+def random_variables(module, size=32, seed=0):
+  """Parameters of the right shapes without compiling `init` (slow on a loaded 2-core machine):
+  normal / sqrt(fan_in) kernels, unit scales, zero biases."""
+  shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, s):
+    name = jax.tree_util.keystr(path)
+    if "scale" in name or "gamma" in name:
+      return np.ones(s.shape, s.dtype)
+    if "bias" in name or "beta" in name:
+      return np.zeros(s.shape, s.dtype)
+    return (rng.normal(size=s.shape) / np.sqrt(max(np.prod(s.shape[:-1]), 1))).astype(s.dtype)
+
+  return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+def loaded(module, size, key="m", seed=0, name=None):
+  """A LoadedModel of `module` with `random_variables`."""
+  return base.LoadedModel(key, name or type(module).__name__, module,
+                          random_variables(module, size, seed), size)
+
+
+def random_source(n=64, size=16, seed=0, num_classes=1):
+  """n random uint8 images [size, size, 3] with labels i % num_classes."""
+  rng = np.random.default_rng(seed)
+  return data.ArraySource(rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+                          np.arange(n) % num_classes, num_classes)
+
+
+def make_context(tmp_path, names, num_images=10, config=None, **kwargs):
+  """A Context over randomly initialised registry models ({key: name}) and random images."""
+  models_ = {}
+  for i, (key, name) in enumerate(names.items()):
+    models_[key] = loaded(models.create_model(name, 10), 32, key, seed=i, name=name)
+  src = random_source(num_images, 32, num_classes=10)
+  return base.Context(str(tmp_path), models_, {"test": src, "train": src}, sharding.make_mesh(),
+                      config=config, **kwargs)
+
+
+def run_analysis(name, config, ctx):
+  """Runs analysis `name` of `config` as `main.run` does (merged sub-config, saved result)."""
+  if not isinstance(config, ml_collections.ConfigDict):
+    config = ml_collections.ConfigDict(config)
+  ctx = base.Context(ctx.workdir, ctx.models, ctx.sources, ctx.mesh, ctx.train_fn, config)
+  return main.run_analysis(config, ctx, name)
