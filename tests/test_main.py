@@ -89,7 +89,10 @@ def test_run_dispatches_analyses_trains_skip_removed_and_guards_workdir(
   seen = {}
 
   def fake_analysis(config, ctx):
-    assert sorted(ctx.models) == ["resnet", "vit"] and config.cka_intra.flag == 7
+    # ctx.sub: the analysis' defaults updated by the config's values.
+    assert sorted(ctx.models) == ["resnet", "vit"] and ctx.sub.repeats == 7
+    assert ctx.sub.minibatch_size == 1024 and ctx.name == "cka_intra"
+    seen["calls"] = seen.get("calls", 0) + 1
     assert len(ctx.sources["train"]) == 4000 and len(ctx.sources["test"]) == 1000
     for m in ctx.models.values():
       assert 0 <= m.test_accuracy <= 1 and m.image_size == 32
@@ -106,7 +109,7 @@ def test_run_dispatches_analyses_trains_skip_removed_and_guards_workdir(
   monkeypatch.setattr(analyses_lib, "get",
                       lambda n: fake_analysis if n == "cka_intra" else real_get(n))
   config = _smoke_config(model_cache, analyses=("cka_intra",))
-  config.cka_intra = ml_collections.ConfigDict({"flag": 7})
+  config.cka_intra = ml_collections.ConfigDict({"repeats": 7})
   workdir = str(tmp_path / "run")
   results = main.run(config, workdir)
   assert [r.name for r in results] == ["cka_intra"] and results[0].seconds > 0
@@ -118,11 +121,12 @@ def test_run_dispatches_analyses_trains_skip_removed_and_guards_workdir(
   assert len(os.listdir(model_cache)) >= 2
   assert os.path.exists(os.path.join(workdir, "report.html"))
   with open(os.path.join(workdir, "config.json")) as f:
-    assert json.load(f)["cka_intra"] == {"flag": 7}
-  # Same config again: reuses the cached models; a different one is refused.
-  main.run(config, workdir)
+    assert json.load(f)["cka_intra"] == {"repeats": 7}
+  # Same config again: reuses the cached models and the finished analysis' saved result.
+  again = main.run(config, workdir)
+  assert seen["calls"] == 1 and again[0].metrics == {"n": 1}
   other = _smoke_config(model_cache, analyses=("cka_intra",), seed=5)
-  other.cka_intra = ml_collections.ConfigDict({"flag": 7})
+  other.cka_intra = ml_collections.ConfigDict({"repeats": 7})
   with pytest.raises(ValueError, match="seed"):
     main.run(other, workdir)
   other.models = ml_collections.ConfigDict()  # keeps the allowed overwrite below cheap
@@ -130,6 +134,56 @@ def test_run_dispatches_analyses_trains_skip_removed_and_guards_workdir(
   other.overwrite = True
   assert main.run(other, workdir) == []
   assert _read_json(os.path.join(workdir, "config.json"))["seed"] == 5
+
+
+def test_unknown_analysis_option_and_missing_files_fail_before_training(tmp_path):
+  config = config_lib.base_config("smoke")
+  config.analyses = ("cka_intra",)
+  config.cka_intra = ml_collections.ConfigDict({"repeat": 3})
+  with pytest.raises(KeyError, match="cka_intra.repeat.*did you mean 'repeats'"):
+    main.validate_config(config)
+  # A missing checkpoint of the SECOND model is reported before the first one trains.
+  config = config_lib.base_config("smoke")
+  config.models.resnet = config_lib.official_model("R50x1", str(tmp_path / "BiT.npz"), 10)
+  config.model_cache = str(tmp_path / "cache")
+  with pytest.raises(FileNotFoundError, match="models.resnet.checkpoint.*official-format"):
+    main.run(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "cache")
+  config = config_lib.base_config("smoke")
+  config.data = config_lib.digits_data()
+  config.data.name = f"folder:{tmp_path / 'nowhere'}"
+  with pytest.raises(FileNotFoundError, match="subfolder of images per class"):
+    main.check_files(config)
+
+
+def test_analysis_config_merges_defaults_and_replaces_dicts():
+  config = ml_collections.ConfigDict({"cka_intra": {"repeats": 3,
+                                                    "layers_per_model": {"vit": "coarse"}}})
+  merged = main.analysis_config(config, "cka_intra")
+  assert merged.repeats == 3 and merged.num_examples == 10240  # the paper's default
+  assert dict(merged.layers_per_model) == {"vit": "coarse"}
+  assert main.analysis_config(ml_collections.ConfigDict(), "probe").kind == "fewshot"
+
+
+def test_cli_list_options_and_config_arguments(monkeypatch):
+  path = os.path.join(REPO, "configs", "cka_intra.py")
+
+  def parse(arg, *overrides):
+    argv = ["prog", f"--config={path}:{arg}", *overrides]
+    monkeypatch.setattr(sys, "argv", argv)
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
+    fv(argv)
+    return fv.config
+
+  config = parse("smoke", "--config.cka_intra.layers=block*/+sa,block??",
+                 "--config.cka_intra.models=vit")
+  from vit_analysis import cka_runner
+  assert cka_runner.layer_spec(config.cka_intra.layers) == ("block*/+sa", "block??")
+  assert cka_runner.layer_spec("coarse") == "coarse"
+  assert config_lib.names(config.cka_intra.models) == ("vit",)
+  with pytest.raises(Exception, match="unknown config argument 'ful'.*did you mean 'full'"):
+    parse("ful,ckpt_dir=/x")
 
 
 def test_cli_smoke_run(tmp_path, model_cache):

@@ -279,11 +279,14 @@ def official_models(flags: ml_collections.ConfigDict,
   return models
 
 
-def base_config(flags: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def base_config(flags: ml_collections.ConfigDict | str | None = None
+                ) -> ml_collections.ConfigDict:
   """Seed, digits data, a ViT ('vit': ViT-demo_4) and a ResNet ('resnet': R-demo) trained on
-  the digits, train defaults, no analyses. `flags` come from `parse_arg`; with `flags.smoke`:
-  'ViT-smoke_8' / 'R-smoke', a few steps.
+  the digits, train defaults, no analyses. `flags` come from `parse_arg` (or are its text, where
+  only 'smoke' is accepted); with `flags.smoke`: 'ViT-smoke_8' / 'R-smoke', a few steps.
   """
+  if not isinstance(flags, ml_collections.ConfigDict):
+    flags = parse_arg(flags, ())
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.data = digits_data()
