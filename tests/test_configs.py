@@ -29,13 +29,6 @@ def load_config_module(path):
   return module
 
 
-@pytest.fixture
-def model_cache(tmp_path_factory):
-  path = tmp_path_factory.getbasetemp() / "shared_model_cache"
-  path.mkdir(exist_ok=True)
-  return str(path)
-
-
 def test_configs_exist():
   names = [os.path.basename(p) for p in CONFIGS]
   assert "train_digits.py" in names and "finetune.py" in names
@@ -69,7 +62,7 @@ def test_smoke_config_runs(path, tmp_path, model_cache):
 
 def test_official_models_paths_and_overrides():
   from vit_analysis import config_lib
-  flags = config_lib.parse_arg("ckpt_dir=/ckpt,vit=ViT-H_14")
+  flags = config_lib.parse_arg("ckpt_dir=/ckpt,vit=ViT-H_14", ("ckpt_dir", "vit"))
   models = config_lib.official_models(flags, {"vit": "ViT-L_16", "resnet": "R50x1",
                                               "mixer": "Mixer-S_16"})
   assert (models.vit.name, models.vit.checkpoint) == ("ViT-H_14", "/ckpt/ViT-H_14.npz")
@@ -109,9 +102,23 @@ def test_digits_models_match_the_readme():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
+def test_config_arguments_are_checked(path):
+  module = load_config_module(path)
+  with pytest.raises(ValueError, match=r"unknown config argument 'smok'; did you mean 'smoke'\? "
+                                       r"valid: smoke"):
+    module.get_config("smok")
+  with pytest.raises(ValueError, match="unknown config argument 'no_such_option'"):
+    module.get_config("no_such_option=1")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
 def test_full_configs_read_official_checkpoints_from_ckpt_dir(path):
   from vit_analysis import config_lib
-  config = load_config_module(path).get_config("full,ckpt_dir=/ckpt")
+  try:
+    config = load_config_module(path).get_config("full,ckpt_dir=/ckpt")
+  except ValueError as e:  # configs without a full-size version say so, naming what they take
+    assert "unknown config argument" in str(e) and "valid: smoke" in str(e)
+    return
   for key, m in config.models.items():
     if m.checkpoint and m.train is None and m.name in config_lib.OFFICIAL_FILES:
       assert m.checkpoint == f"/ckpt/{config_lib.OFFICIAL_FILES[m.name]}", (key, m.checkpoint)

@@ -23,15 +23,6 @@ def _read_json(path):
     return json.load(f)
 
 
-@pytest.fixture
-def model_cache(tmp_path_factory):
-  """One cache for the whole session (test_configs.py uses the same folder), so the smoke
-  models train once."""
-  path = tmp_path_factory.getbasetemp() / "shared_model_cache"
-  path.mkdir(exist_ok=True)
-  return str(path)
-
-
 def _smoke_config(model_cache, **changes):
   config = config_lib.base_config("smoke")
   config.model_cache = model_cache

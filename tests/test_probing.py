@@ -157,7 +157,10 @@ def test_run_end_to_end(tmp_path):
   import ml_collections
 
   from vit_analysis import data, models, sharding
-  from vit_analysis.analyses import Context, LoadedModel, get
+  from helpers import run_analysis
+
+  from vit_analysis import compilation
+  from vit_analysis.analyses import Context, LoadedModel
 
   loaded = {}
   for key, name in [("vit", "ViT-smoke_8"), ("resnet", "R-smoke")]:
@@ -165,7 +168,7 @@ def test_run_end_to_end(tmp_path):
     # One jitted init with RBG keys: eager threefry initialisers compile one program per tensor.
     variables = jax.jit(lambda m=module: m.init(jax.random.key(0, impl="rbg"),
                                                  jnp.zeros((1, 32, 32, 3)), train=False),
-                        compiler_options=probing.FAST_COMPILE)()
+                        compiler_options=compilation.FAST_COMPILE_OPTIONS)()
     loaded[key] = LoadedModel(key=key, name=name, module=module, variables=variables,
                               image_size=32)
   ctx = Context(workdir=str(tmp_path), models=loaded, mesh=sharding.make_mesh(),
@@ -175,7 +178,7 @@ def test_run_end_to_end(tmp_path):
       layers={"ViT": ("block??", "pre_logits"), "R": ("block?/unit??",), "Mixer": ("block??",)},
       token_layers={"ViT": ("block01",), "R": ("block4/unit01",)},
       fast_compile=True)))
-  result = get("probe")(config, ctx)
+  result = run_analysis("probe", config, ctx)
   npz = np.load(tmp_path / "results" / "probe.npz")
   assert (tmp_path / "results" / "probe.json").exists()
   assert all((tmp_path / f).exists() for f in result.figures) and len(result.figures) == 3

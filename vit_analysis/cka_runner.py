@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+import os
 import time
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -165,6 +166,8 @@ class RepeatedCKA:
     values: [R, A, B] CKA per repeat.
     stderr: [R, A, B] jackknife standard error over the minibatches of each repeat.
     num_examples, minibatch_size: per repeat.
+    examples_counted: [R] examples the accumulator actually summed per repeat (= num_examples
+      unless a step was lost or counted twice, e.g. across an interruption).
   """
   names_a: list[str]
   names_b: list[str]
@@ -172,6 +175,7 @@ class RepeatedCKA:
   stderr: np.ndarray
   num_examples: int
   minibatch_size: int
+  examples_counted: np.ndarray | None = None
 
   @property
   def mean(self) -> np.ndarray:
@@ -183,13 +187,19 @@ class RepeatedCKA:
 
   def save(self, path_without_ext: str, **extra: Any) -> None:
     """Writes `.npz` (arrays) and `.json` (names, mean, std, settings) for redrawing."""
-    np.savez(path_without_ext + ".npz", values=self.values, stderr=self.stderr, mean=self.mean,
-             std=self.std, names_a=np.asarray(self.names_a), names_b=np.asarray(self.names_b),
-             **{k: np.asarray(v) for k, v in extra.items()})
-    with open(path_without_ext + ".json", "w") as f:
+    counted = (np.full(len(self.values), self.num_examples) if self.examples_counted is None
+               else np.asarray(self.examples_counted))
+    tmp = path_without_ext + ".tmp.npz"
+    np.savez(tmp, values=self.values, stderr=self.stderr, mean=self.mean, std=self.std,
+             names_a=np.asarray(self.names_a), names_b=np.asarray(self.names_b),
+             examples_counted=counted, **{k: np.asarray(v) for k, v in extra.items()})
+    os.replace(tmp, path_without_ext + ".npz")
+    with open(path_without_ext + ".json.tmp", "w") as f:
       json.dump(dict(names_a=self.names_a, names_b=self.names_b, mean=self.mean.tolist(),
                      std=self.std.tolist(), repeats=len(self.values),
-                     num_examples=self.num_examples, minibatch_size=self.minibatch_size), f)
+                     num_examples=self.num_examples, minibatch_size=self.minibatch_size,
+                     examples_counted=counted.tolist()), f)
+    os.replace(path_without_ext + ".json.tmp", path_without_ext + ".json")
 
   @classmethod
   def load(cls, path_without_ext: str) -> "RepeatedCKA":
@@ -197,7 +207,7 @@ class RepeatedCKA:
     with open(path_without_ext + ".json") as f:
       meta = json.load(f)
     return cls(list(z["names_a"]), list(z["names_b"]), z["values"], z["stderr"],
-               meta["num_examples"], meta["minibatch_size"])
+               meta["num_examples"], meta["minibatch_size"], z.get("examples_counted"))
 
 
 def make_step(side_a: Side, side_b: Side | None) -> Callable[..., Any]:
@@ -282,10 +292,12 @@ def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_exam
   empty = cka.init(side_a.names, None if side_b is None else side_b.names)
   values = np.zeros((repeats, len(side_a.names), len(names_b)))
   errors = np.zeros_like(values)
+  counted = np.zeros((repeats,), np.int64)
   state, position = empty, 0
   plan_id = streaming.plan_fingerprint(plan.reshape(-1), s * m, views)
   if resume is not None:
-    restored = resume.restore(like={"state": empty, "values": values, "errors": errors})
+    restored = resume.restore(like={"state": empty, "values": values, "errors": errors,
+                                    "counted": counted})
     if restored is not None:
       saved, position, extra = restored
       if extra.get("plan") != plan_id:
@@ -293,6 +305,7 @@ def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_exam
             f"{resume.path} holds CKA sums of another plan (examples, minibatches or "
             "preprocessing); delete it to start again")
       state, values, errors = saved["state"], saved["values"], saved["errors"]
+      counted = saved["counted"]
       logging.info("%s: resuming at repeat %d, step %d of %d", desc,
                    position // steps_per_repeat + 1, position % steps_per_repeat,
                    steps_per_repeat)
@@ -313,21 +326,23 @@ def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_exam
       if pending is not None:
         state = cka.accumulate(state, pending)
         if resume is not None:  # `state` holds every step before this one
-          resume.maybe_save({"state": state, "values": values, "errors": errors},
-                            r * steps_per_repeat + batch.step, {"plan": plan_id})
+          resume.maybe_save({"state": state, "values": values, "errors": errors,
+                             "counted": counted}, r * steps_per_repeat + batch.step,
+                            {"plan": plan_id})
       pending = terms
       done += batch.num_real
     state = cka.accumulate(state, pending)
     res = cka.result(state)
     values[r], errors[r] = np.asarray(res.cka, np.float64), np.asarray(res.stderr, np.float64)
+    counted[r] = int(res.num_examples)
     if resume is not None:
-      resume.maybe_save({"state": empty, "values": values, "errors": errors},
-                        (r + 1) * steps_per_repeat, {"plan": plan_id})
+      resume.maybe_save({"state": empty, "values": values, "errors": errors,
+                         "counted": counted}, (r + 1) * steps_per_repeat, {"plan": plan_id})
     elapsed = time.time() - t0
     logging.info("%s: repeat %d/%d, %d examples, %.1f examples/s", desc, r + 1, repeats,
                  num_examples, done / max(elapsed, 1e-9))
   return RepeatedCKA(list(side_a.names), list(names_b), values, errors, num_examples,
-                     minibatch_size)
+                     minibatch_size, counted)
 
 
 def protocol_config() -> ml_collections.ConfigDict:

@@ -116,7 +116,7 @@ def expand_columns(rep: cka_runner.RepeatedCKA, grid: int) -> cka_runner.Repeate
   stderr = np.full_like(values, np.nan)
   values[..., cols], stderr[..., cols] = rep.values, rep.stderr
   return cka_runner.RepeatedCKA(rep.names_a, full, values, stderr, rep.num_examples,
-                                rep.minibatch_size)
+                                rep.minibatch_size, rep.examples_counted)
 
 
 def scores(matrix: np.ndarray) -> dict[str, float]:
