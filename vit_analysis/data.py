@@ -291,17 +291,25 @@ def _check_normalization(normalization: Any) -> tuple[np.ndarray, np.ndarray] | 
   return mean, std
 
 
-def normalize(x: np.ndarray, normalization: Any = "minus_one_one") -> np.ndarray:
+def normalize(x: np.ndarray, normalization: Any = "minus_one_one",
+              out: np.ndarray | None = None) -> np.ndarray:
   """Maps float32 pixel values in [0, 255] to the model's input range.
 
   'minus_one_one': (x - 127.5) / 127.5 (vit_jax, big_vision). (mean, std): (x / 255 - mean) / std
-  per channel, mean and std in [0, 1] pixel units (timm: ToTensor, then Normalize).
+  per channel, mean and std in [0, 1] pixel units (timm: ToTensor, then Normalize). `out`
+  (float32, x's shape) receives the result without a temporary; the float32 operations are the
+  same either way.
   """
   stats = _check_normalization(normalization)
   x = np.asarray(x, np.float32)
+  if out is None:
+    out = np.empty(x.shape, np.float32)
   if stats is None:
-    return (x - 127.5) / 127.5
-  return (x / np.float32(255) - stats[0]) / stats[1]
+    np.subtract(x, np.float32(127.5), out=out)
+    return np.divide(out, np.float32(127.5), out=out)
+  np.divide(x, np.float32(255), out=out)
+  np.subtract(out, stats[0], out=out)
+  return np.divide(out, stats[1], out=out)
 
 
 def preprocess_image(image: np.ndarray, image_size: int,

@@ -244,7 +244,7 @@ class Stream:
         x = np.repeat(x, 3, axis=-1)
       for name, (size, norm) in self.views.items():
         y = x if x.shape[:2] == (size, size) else data.resize_image(x, size)
-        buffers[name][row] = data.normalize(y, norm)
+        data.normalize(y, norm, out=buffers[name][row])
       if labels is not None:
         labels[row] = int(ex["label"])
     except Exception as e:  # pylint: disable=broad-except
