@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -373,13 +374,14 @@ def stream_sums(step_fn: Callable[..., Any], variables: Any, source: Any, indice
         "num_images": n, "seconds": 0.0, "examples_per_s": 0.0, "first_batch_seconds": 0.0}
   stream = Stream(source, indices, views=views, mesh=mesh, step_size=step_size, desc=desc,
                   workers=workers, start_step=start)
-  for batch in stream:
-    sums = fn(params, batch.images["image"], batch.mask)
-    total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-    last = batch.step == len(stream) - 1
-    if batch.step == start or last:  # time the compiling first step and the true end
-      jax.block_until_ready(total)
-    if resume is not None:
-      resume.maybe_save(total, batch.step + 1, {"plan": plan}, force=last)
+  with contextlib.closing(iter(stream)) as steps:  # stops the workers at once on an error
+    for batch in steps:
+      sums = fn(params, batch.images["image"], batch.mask)
+      total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+      last = batch.step == len(stream) - 1
+      if batch.step == start or last:  # time the compiling first step and the true end
+        jax.block_until_ready(total)
+      if resume is not None:
+        resume.maybe_save(total, batch.step + 1, {"plan": plan}, force=last)
   total = jax.tree.map(np.asarray, jax.device_get(total))
   return total, dict(stream.stats)
