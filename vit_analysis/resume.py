@@ -180,6 +180,7 @@ class Checkpointer:
                  **{f"leaf_{i:05d}": a for i, a in enumerate(arrays)})
         f.flush()
         os.fsync(f.fileno())
+      os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the checkpoint from the group
       os.replace(tmp, self.path)
     except BaseException:
       if os.path.exists(tmp):
