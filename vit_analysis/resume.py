@@ -151,8 +151,11 @@ class Checkpointer:
                  force: bool = False) -> bool:
     """Saves when `every_s` has passed since the last save (or restore, or construction).
 
-    Every process may call it (they decide alike up to clock skew; only process 0 writes).
-    `state` leaves are fetched to the host (`np.asarray`), so device arrays are accepted.
+    Every process calls it; only process 0 writes. A throttled save needs no agreement between
+    processes (nobody reads the file during the run). A forced save is a barrier: all processes
+    must call it at the same point (e.g. the last step), and when it returns every process sees
+    the new file, so a `restore()` right after it cannot read the previous one. `state` leaves
+    are fetched to the host (`np.asarray`), so replicated device arrays are accepted.
 
     Returns:
       whether it saved (on process 0) or would have (others).
@@ -161,8 +164,13 @@ class Checkpointer:
     if not force and now - self._last_save < self.every_s:
       return False
     self._last_save = now
-    if jax.process_index() != 0:
-      return True
+    if jax.process_index() == 0:
+      self._write(state, position, extra)
+    if force:
+      _barrier(f"resume save {self.path} {position}")
+    return True
+
+  def _write(self, state: Any, position: int, extra: dict[str, Any] | None) -> None:
     paths, leaves = _flatten(state)
     arrays = [np.asarray(leaf) for leaf in leaves]
     for path, a in zip(paths, arrays):
@@ -186,9 +194,16 @@ class Checkpointer:
       if os.path.exists(tmp):
         os.remove(tmp)
       raise
-    return True
 
   def clear(self) -> None:
-    """Deletes the checkpoint (process 0), e.g. once the final result is saved."""
+    """Deletes the checkpoint (process 0), e.g. once the final result is saved; a barrier."""
     if jax.process_index() == 0 and os.path.exists(self.path):
       os.remove(self.path)
+    _barrier(f"resume clear {self.path}")
+
+
+def _barrier(name: str) -> None:
+  """Waits for every process (no-op with one)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
