@@ -11,6 +11,12 @@ only on the plan and `step_size`, never on the number of processes, devices or w
 results are the same on 1 CPU, 4 simulated devices or a pod slice, and a resumed run
 (`start_step`) sees exactly the steps that an uninterrupted one would have seen next.
 
+Throughput (benchmarks/input_bench.py, 500x375 JPEGs to 224 px): a worker spends ~1.0 ms of
+CPU per image in PIL's JPEG decode and ~0.2 ms in the float32 conversion, OpenCV resize and
+normalisation, all with the GIL released; what holds the GIL (PIL's header parsing, the
+futures, this module's bookkeeping) is ~50 us per image, so the threads of one process scale to
+well over 10,000 images/s before the GIL binds, and processes are not needed.
+
 `stream_sums` sums a jitted per-step statistic over a stream (attention distances, receptive
 fields, skip norms), optionally saving its running sums with a `resume.Checkpointer`.
 """
