@@ -58,6 +58,13 @@ def test_plans_equal_the_existing_samplers():
       bad()
 
 
+def test_round_step():
+  mesh4, mesh1 = sharding.make_mesh(), sharding.make_mesh(jax.devices()[:1])
+  assert [streaming.round_step(r, mesh4) for r in (0, 1, 4, 5, 64)] == [4, 4, 4, 8, 64]
+  assert [streaming.round_step(r, mesh1) for r in (1, 5)] == [1, 5]
+  assert streaming.round_step(3, None) == 3
+
+
 def test_stream_yields_the_plan_with_views_padding_and_mask():
   src = CountingSource(23)
   plan = streaming.sample(23, 10, seed=1)

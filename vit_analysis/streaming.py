@@ -80,6 +80,19 @@ def split(num_source: int) -> np.ndarray:
   return np.arange(num_source, dtype=np.int64)
 
 
+def round_step(rows: int, mesh: jax.sharding.Mesh | None) -> int:
+  """`rows` (examples, or minibatches when group > 1) per step, rounded up to split evenly.
+
+  The multiple is the mesh's device count (and the process count), so that every device and
+  process gets the same number of rows: `stream_sums(step_size=round_step(min(batch, n), mesh))`
+  and, for CKA, `step_size = round_step(minibatches_per_step, mesh) * m` reproduce the step sizes
+  the analyses used before the stream.
+  """
+  per = max(mesh.devices.size if mesh is not None else 1, jax.process_count())
+  rows = max(1, int(rows))
+  return -(-rows // per) * per
+
+
 def plan_fingerprint(indices: np.ndarray, step_size: int, views: Mapping[str, View]) -> str:
   """A short hash of what a stream computes over (plan, step size, views): resume checks it."""
   h = hashlib.sha256(np.ascontiguousarray(np.asarray(indices, np.int64)).tobytes())
