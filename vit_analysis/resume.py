@@ -103,11 +103,15 @@ class Checkpointer:
         template's shape. Without it, the state comes back as nested dicts / lists of arrays
         (attribute names become dict keys).
 
+    With several processes every process must call it (the positions are compared).
+
     Raises:
-      CheckpointError: for another fingerprint (both named), an unreadable or truncated file, or
-        a structure or shape that does not match `like`.
+      CheckpointError: for another fingerprint (both named), an unreadable or truncated file, a
+        structure or shape that does not match `like`, or processes that restored different
+        positions (a workdir that not every host sees).
     """
     if not os.path.exists(self.path):
+      _check_same_position(-1, self.path)
       return None
     try:
       with np.load(self.path, allow_pickle=False) as z:
@@ -141,9 +145,7 @@ class Checkpointer:
                 for saved, want in zip(leaves, template)]
       state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), leaves)
     position = int(meta["position"])
-    if jax.process_count() > 1:  # every process must continue from the same step
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      multihost_utils.assert_equal(np.int64(position), f"restored position of {self.path}")
+    _check_same_position(position, self.path)
     self._last_save = self._clock()
     return state, position, dict(meta["extra"])
 
@@ -200,6 +202,18 @@ class Checkpointer:
     if jax.process_index() == 0 and os.path.exists(self.path):
       os.remove(self.path)
     _barrier(f"resume clear {self.path}")
+
+
+def _check_same_position(position: int, path: str) -> None:
+  """Every process must continue from the same step (-1: nothing restored); a collective."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    try:
+      multihost_utils.assert_equal(np.int64(position), f"restored position of {path}")
+    except AssertionError as e:
+      raise CheckpointError(
+          f"processes restored different positions from {path} (-1 = no checkpoint): is the "
+          "workdir on a filesystem that every host sees?") from e
 
 
 def _barrier(name: str) -> None:
