@@ -217,6 +217,20 @@ def decode_image(encoded: bytes) -> np.ndarray:
     return np.asarray(im, np.uint8)
 
 
+def source_labels(src: Any, indices: np.ndarray) -> np.ndarray:
+  """int64 [n] labels of `src[indices]`, without decoding images where the source allows.
+
+  ArraySource and FolderSource hold their labels (a probe's labels for all processes, with no
+  gather); other sources are read example by example.
+  """
+  indices = np.asarray(indices, np.int64)
+  if isinstance(src, ArraySource):
+    return src.labels[indices]
+  if isinstance(src, FolderSource):
+    return np.asarray([src.files[int(i)][1] for i in indices], np.int64)
+  return np.asarray([src[int(i)]["label"] for i in indices], np.int64)
+
+
 def get_source(data_config: Any, split: str):
   """The raw source for `split` of `data_config.name` ('digits', 'tfds:<name>', 'folder:<path>').
 
