@@ -250,7 +250,10 @@ def get_source(data_config: Any, split: str):
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
   """One image: float32 [h, w, c] -> float32 [size, size, c], exactly `resize_bilinear`."""
-  import cv2  # pylint: disable=g-import-not-at-top
+  try:
+    import cv2  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError("the bilinear resize needs OpenCV: pip install opencv-python-headless") from e
   out = cv2.resize(np.ascontiguousarray(image, np.float32), (size, size),
                    interpolation=cv2.INTER_LINEAR)
   return out[..., None] if out.ndim == 2 else out  # OpenCV drops a single channel axis
