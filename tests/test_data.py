@@ -265,3 +265,14 @@ def test_folder_source_bytes_and_bad_file(tmp_path):
   np.testing.assert_array_equal(src[2]["image"], arr)
   assert src[2]["label"] == 1
   np.testing.assert_array_equal(data.decode_image(src.read_bytes(2)), arr)
+  np.testing.assert_array_equal(data.source_labels(src, [2, 1, 2]), [1, 0, 1])
+  digits = data.digits_source("test")
+  idx = np.array([5, 0, 999])
+  want = [digits[int(i)]["label"] for i in idx]
+  np.testing.assert_array_equal(data.source_labels(digits, idx), want)
+
+  class Plain:  # any other source: read example by example
+    def __getitem__(self, i):
+      return digits[i]
+
+  np.testing.assert_array_equal(data.source_labels(Plain(), idx), want)

@@ -1,6 +1,10 @@
 """streaming: plans, the Stream (padding, masks, views, workers, devices), sums, resume."""
 import collections
 import logging
+import os
+import socket
+import subprocess
+import sys
 import threading
 
 import jax
@@ -52,6 +56,13 @@ def test_plans_equal_the_existing_samplers():
               lambda: streaming.split(0)):
     with pytest.raises(ValueError, match="num_source"):
       bad()
+
+
+def test_round_step():
+  mesh4, mesh1 = sharding.make_mesh(), sharding.make_mesh(jax.devices()[:1])
+  assert [streaming.round_step(r, mesh4) for r in (0, 1, 4, 5, 64)] == [4, 4, 4, 8, 64]
+  assert [streaming.round_step(r, mesh1) for r in (1, 5)] == [1, 5]
+  assert streaming.round_step(3, None) == 3
 
 
 def test_stream_yields_the_plan_with_views_padding_and_mask():
@@ -233,3 +244,98 @@ def test_progress_rate_excludes_first_update(caplog):
   lines = [r.getMessage() for r in caplog.records if "demo" in r.getMessage()]
   assert len(lines) == 3  # t=30 (>= 10 s since start), t=45, and the final line
   assert p.close() == stats  # idempotent, logs once
+
+
+def test_input_benchmark_core_runs_on_tiny_jpegs(tmp_path):
+  import importlib.util
+  import os
+  import pathlib
+  path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "input_bench.py")
+  spec = importlib.util.spec_from_file_location("input_bench", path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  paths = bench.write_images(str(tmp_path), 4, size=(40, 30))
+  assert len({pathlib.Path(p).read_bytes() for p in paths}) == 4  # four different files
+  assert data.FolderSource(str(tmp_path))[0]["image"].shape == (30, 40, 3)
+  rates = bench.input_rates(str(tmp_path), image_size=16, reps=1, step_size=4)
+  assert set(rates) == {"decode", "old_path", "stream_host_w1", "stream_device_w1",
+                        "stream_host_w2", "stream_device_w2"}
+  assert all(r > 0 and ms >= 0 for r, ms in rates.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Two processes (jax.distributed, gloo): each decodes its own rows; the global arrays, the sums
+# and the checkpoint (written by process 0 only) match one process with 4 devices.
+
+_MP_PLAN = {"num_examples": 24, "minibatch_size": 4, "step_size": 16}
+
+
+def _mp_pixel_step(variables, images, mask):
+  del variables
+  return {"sq": jnp.sum((images ** 2).mean((1, 2, 3)) * mask), "n": jnp.sum(mask)}
+
+
+def _mp_compute(ckdir):
+  """(CKA-style stream image sums [steps*4, 4], stream_sums, checkpoint position)."""
+  from jax.experimental import multihost_utils
+  mesh = sharding.make_mesh()
+  src = data.digits_source("test")
+  plan = streaming.cka_plan(len(src), _MP_PLAN["num_examples"], _MP_PLAN["minibatch_size"], 1,
+                            seed=0).reshape(-1)
+  rows = []
+  for s in streaming.Stream(src, plan, views={"a": (36, "minus_one_one")}, mesh=mesh,
+                            step_size=_MP_PLAN["step_size"], group=_MP_PLAN["minibatch_size"]):
+    x = s.images["a"]
+    if jax.process_count() > 1:
+      x = multihost_utils.process_allgather(x, tiled=True)
+    rows.append(np.asarray(x, np.float64).sum((2, 3, 4)))
+  ck = resume.Checkpointer(ckdir, every_s=0.0, fingerprint="mp")
+  sums, _ = streaming.stream_sums(_mp_pixel_step, {}, src, streaming.sample(len(src), 21, 1),
+                                  step_size=8, image_size=40, mesh=mesh, resume=ck)
+  return np.concatenate(rows), sums, ck.restore()[1]
+
+
+def _mp_worker(port, process_id, out, ckdir):
+  jax.config.update("jax_num_cpu_devices", 2)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id,
+                             initialization_timeout=120)
+  assert jax.process_count() == 2 and jax.device_count() == 4
+  rows, sums, position = _mp_compute(ckdir)
+  np.savez(f"{out}{process_id}.npz", rows=rows, position=position, **sums)
+  jax.distributed.shutdown()
+
+
+def test_two_processes_decode_their_rows_and_match_one_process(tmp_path):
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
+      [os.path.dirname(os.path.dirname(os.path.abspath(streaming.__file__)))] +
+      [p for p in [os.environ.get("PYTHONPATH")] if p]))
+  env.pop("XLA_FLAGS", None)
+  ckdir = str(tmp_path / "ck")
+  procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(port), str(i),
+                             str(tmp_path / "out"), ckdir], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  logs = []
+  for p in procs:
+    try:
+      logs.append(p.communicate(timeout=240)[0])
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      pytest.fail("distributed stream workers timed out")
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  assert os.listdir(ckdir) == [resume.FILENAME]  # one writer, no temporary files
+  rows, sums, position = _mp_compute(str(tmp_path / "ck_single"))
+  for i in range(2):
+    out = np.load(f"{tmp_path / 'out'}{i}.npz")
+    np.testing.assert_array_equal(out["rows"], rows)  # the same images in the same minibatches
+    np.testing.assert_allclose(out["sq"], sums["sq"], rtol=1e-6)  # all-reduce order differs
+    assert out["n"] == sums["n"] == 21 and out["position"] == position == 3
+
+
+if __name__ == "__main__":  # one process of the two-process test
+  _mp_worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])

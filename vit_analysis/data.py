@@ -171,7 +171,7 @@ class FolderSource:
   """Images in `root/<class_name>/*.{jpg,jpeg,png}`; classes in sorted name order.
 
   The listing is one `os.scandir` per folder (directory entries carry their type, so no `stat`
-  per file: 50,000 ImageNet val files list in well under a second). `__getitem__` reads the file
+  per file: 50,000 '.JPEG' files in 1,000 class folders list in 0.25-0.55 s here). `__getitem__` reads the file
   and decodes it with PIL at full resolution (no `Image.draft`: JPEG draft mode decodes at a
   reduced DCT scale and changes the pixels), so decoding runs in whichever thread asks.
   """
@@ -217,6 +217,20 @@ def decode_image(encoded: bytes) -> np.ndarray:
     return np.asarray(im, np.uint8)
 
 
+def source_labels(src: Any, indices: np.ndarray) -> np.ndarray:
+  """int64 [n] labels of `src[indices]`, without decoding images where the source allows.
+
+  ArraySource and FolderSource hold their labels (a probe's labels for all processes, with no
+  gather); other sources are read example by example.
+  """
+  indices = np.asarray(indices, np.int64)
+  if isinstance(src, ArraySource):
+    return src.labels[indices]
+  if isinstance(src, FolderSource):
+    return np.asarray([src.files[int(i)][1] for i in indices], np.int64)
+  return np.asarray([src[int(i)]["label"] for i in indices], np.int64)
+
+
 def get_source(data_config: Any, split: str):
   """The raw source for `split` of `data_config.name` ('digits', 'tfds:<name>', 'folder:<path>').
 
@@ -236,7 +250,10 @@ def get_source(data_config: Any, split: str):
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
   """One image: float32 [h, w, c] -> float32 [size, size, c], exactly `resize_bilinear`."""
-  import cv2  # pylint: disable=g-import-not-at-top
+  try:
+    import cv2  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError("the bilinear resize needs OpenCV: pip install opencv-python-headless") from e
   out = cv2.resize(np.ascontiguousarray(image, np.float32), (size, size),
                    interpolation=cv2.INTER_LINEAR)
   return out[..., None] if out.ndim == 2 else out  # OpenCV drops a single channel axis
@@ -291,17 +308,25 @@ def _check_normalization(normalization: Any) -> tuple[np.ndarray, np.ndarray] | 
   return mean, std
 
 
-def normalize(x: np.ndarray, normalization: Any = "minus_one_one") -> np.ndarray:
+def normalize(x: np.ndarray, normalization: Any = "minus_one_one",
+              out: np.ndarray | None = None) -> np.ndarray:
   """Maps float32 pixel values in [0, 255] to the model's input range.
 
   'minus_one_one': (x - 127.5) / 127.5 (vit_jax, big_vision). (mean, std): (x / 255 - mean) / std
-  per channel, mean and std in [0, 1] pixel units (timm: ToTensor, then Normalize).
+  per channel, mean and std in [0, 1] pixel units (timm: ToTensor, then Normalize). `out`
+  (float32, x's shape) receives the result without a temporary; the float32 operations are the
+  same either way.
   """
   stats = _check_normalization(normalization)
   x = np.asarray(x, np.float32)
+  if out is None:
+    out = np.empty(x.shape, np.float32)
   if stats is None:
-    return (x - 127.5) / 127.5
-  return (x / np.float32(255) - stats[0]) / stats[1]
+    np.subtract(x, np.float32(127.5), out=out)
+    return np.divide(out, np.float32(127.5), out=out)
+  np.divide(x, np.float32(255), out=out)
+  np.subtract(out, stats[0], out=out)
+  return np.divide(out, stats[1], out=out)
 
 
 def preprocess_image(image: np.ndarray, image_size: int,

@@ -103,11 +103,15 @@ class Checkpointer:
         template's shape. Without it, the state comes back as nested dicts / lists of arrays
         (attribute names become dict keys).
 
+    With several processes every process must call it (the positions are compared).
+
     Raises:
-      CheckpointError: for another fingerprint (both named), an unreadable or truncated file, or
-        a structure or shape that does not match `like`.
+      CheckpointError: for another fingerprint (both named), an unreadable or truncated file, a
+        structure or shape that does not match `like`, or processes that restored different
+        positions (a workdir that not every host sees).
     """
     if not os.path.exists(self.path):
+      _check_same_position(-1, self.path)
       return None
     try:
       with np.load(self.path, allow_pickle=False) as z:
@@ -141,9 +145,7 @@ class Checkpointer:
                 for saved, want in zip(leaves, template)]
       state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), leaves)
     position = int(meta["position"])
-    if jax.process_count() > 1:  # every process must continue from the same step
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      multihost_utils.assert_equal(np.int64(position), f"restored position of {self.path}")
+    _check_same_position(position, self.path)
     self._last_save = self._clock()
     return state, position, dict(meta["extra"])
 
@@ -151,8 +153,11 @@ class Checkpointer:
                  force: bool = False) -> bool:
     """Saves when `every_s` has passed since the last save (or restore, or construction).
 
-    Every process may call it (they decide alike up to clock skew; only process 0 writes).
-    `state` leaves are fetched to the host (`np.asarray`), so device arrays are accepted.
+    Every process calls it; only process 0 writes. A throttled save needs no agreement between
+    processes (nobody reads the file during the run). A forced save is a barrier: all processes
+    must call it at the same point (e.g. the last step), and when it returns every process sees
+    the new file, so a `restore()` right after it cannot read the previous one. `state` leaves
+    are fetched to the host (`np.asarray`), so replicated device arrays are accepted.
 
     Returns:
       whether it saved (on process 0) or would have (others).
@@ -161,8 +166,13 @@ class Checkpointer:
     if not force and now - self._last_save < self.every_s:
       return False
     self._last_save = now
-    if jax.process_index() != 0:
-      return True
+    if jax.process_index() == 0:
+      self._write(state, position, extra)
+    if force:
+      _barrier(f"resume save {self.path} {position}")
+    return True
+
+  def _write(self, state: Any, position: int, extra: dict[str, Any] | None) -> None:
     paths, leaves = _flatten(state)
     arrays = [np.asarray(leaf) for leaf in leaves]
     for path, a in zip(paths, arrays):
@@ -180,14 +190,34 @@ class Checkpointer:
                  **{f"leaf_{i:05d}": a for i, a in enumerate(arrays)})
         f.flush()
         os.fsync(f.fileno())
+      os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the checkpoint from the group
       os.replace(tmp, self.path)
     except BaseException:
       if os.path.exists(tmp):
         os.remove(tmp)
       raise
-    return True
 
   def clear(self) -> None:
-    """Deletes the checkpoint (process 0), e.g. once the final result is saved."""
+    """Deletes the checkpoint (process 0), e.g. once the final result is saved; a barrier."""
     if jax.process_index() == 0 and os.path.exists(self.path):
       os.remove(self.path)
+    _barrier(f"resume clear {self.path}")
+
+
+def _check_same_position(position: int, path: str) -> None:
+  """Every process must continue from the same step (-1: nothing restored); a collective."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    try:
+      multihost_utils.assert_equal(np.int64(position), f"restored position of {path}")
+    except AssertionError as e:
+      raise CheckpointError(
+          f"processes restored different positions from {path} (-1 = no checkpoint): is the "
+          "workdir on a filesystem that every host sees?") from e
+
+
+def _barrier(name: str) -> None:
+  """Waits for every process (no-op with one)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
