@@ -339,7 +339,8 @@ def check_skip_norms(run: SavedRun) -> list[Finding]:
            for kind in ("sa", "mlp") if kind in v}
   res_r = {k: float(v["unit"]["ratio_mean"]) for k, v in res.items() if "unit" in v}
   if vit_r and res_r:
-    out.append(Finding(name, exp, ", ".join(f"{k} {_fmt(x)}" for k, x in {**vit_r, **res_r}.items()),
+    text = ", ".join(f"{k} {_fmt(x)}" for k, x in {**vit_r, **res_r}.items())
+    out.append(Finding(name, exp, text,
                        thr, min(vit_r.values()) > 2 * max(res_r.values())))
   else:
     out.append(_absent(name, exp, thr, "needs a ViT and a ResNet"))

@@ -29,6 +29,10 @@ from vit_analysis import layers as layers_lib
 SIGNIFICANT_DIGITS = 4
 CONFIG = {"displaylogo": False, "responsive": True, "scrollZoom": False,
           "modeBarButtonsToRemove": ["sendDataToCloud"]}
+# matplotlib's magma (the static figures' map), which plotly.js does not ship by name.
+MAGMA = [[i / 9, c] for i, c in enumerate(
+    ["#000004", "#180f3d", "#440f76", "#721f81", "#9e2f7f", "#cd4071", "#f1605d", "#fd9668",
+     "#feca8d", "#fcfdbf"])]
 _FONT = {"family": "-apple-system,Segoe UI,Helvetica,Arial,sans-serif", "size": 11}
 
 
@@ -124,10 +128,14 @@ def _check_fields(z: np.ndarray, fields: Mapping[str, Any] | None) -> dict[str, 
   return out
 
 
+def _scale(name: str | list) -> str | list:
+  return MAGMA if name == "magma" else name
+
+
 def heatmap(z: np.ndarray, *, row_names: Sequence[str], col_names: Sequence[str],
             title: str = "", row_title: str = "", col_title: str = "", value_name: str = "value",
             fields: Mapping[str, np.ndarray | None] | None = None, zmin: float | None = None,
-            zmax: float | None = None, colorscale: str = "Magma", height: int = 560,
+            zmax: float | None = None, colorscale: str | list = "magma", height: int = 560,
             square: bool = False) -> dict[str, Any]:
   """A heatmap `z: [rows, cols]` whose hover shows both full names, the value and `fields`.
 
@@ -145,23 +153,24 @@ def heatmap(z: np.ndarray, *, row_names: Sequence[str], col_names: Sequence[str]
     raise ValueError(f"heatmap z has shape {z.shape}, names give "
                      f"({len(row_names)}, {len(col_names)})")
   fields = _check_fields(z, fields)
-  hover = [f"{html.escape(row_title or 'row')}: %{{y}}", f"{html.escape(col_title or 'col')}: %{{x}}",
-           f"{html.escape(value_name)}: %{{z:.4g}}"]
+  hover = [f"{html.escape(row_title or 'row')}: %{{y}}",
+           f"{html.escape(col_title or 'col')}: %{{x}}",
+           f"{html.escape(value_name)}: %{{z:.4~g}}"]
   trace: dict[str, Any] = {"type": "heatmap", "z": z, "x": list(map(str, col_names)),
-                           "y": list(map(str, row_names)), "colorscale": colorscale,
+                           "y": list(map(str, row_names)), "colorscale": _scale(colorscale),
                            "zmin": zmin, "zmax": zmax, "hoverongaps": False,
                            "colorbar": {"thickness": 12}}
   if fields:
     trace["customdata"] = np.stack(list(fields.values()), axis=-1)
-    hover += [f"{html.escape(k)}: %{{customdata[{i}]:.3g}}" for i, k in enumerate(fields)]
+    hover += [f"{html.escape(k)}: %{{customdata[{i}]:.3~g}}" for i, k in enumerate(fields)]
   trace["hovertemplate"] = "<br>".join(hover) + "<extra></extra>"
   trace = {k: v for k, v in trace.items() if v is not None}
   layout: dict[str, Any] = {
       "title": {"text": html.escape(title), "font": {"size": 13}}, "height": height,
       "font": _FONT, "margin": {"l": 70, "r": 20, "t": 40, "b": 60},
       "xaxis": {"title": {"text": html.escape(col_title)}, "type": "category",
-                "tickangle": -45, **_ticks(col_names)},
-      "yaxis": {"title": {"text": html.escape(row_title)}, "type": "category",
+                "tickangle": -45, "automargin": True, **_ticks(col_names)},
+      "yaxis": {"title": {"text": html.escape(row_title)}, "type": "category", "automargin": True,
                 **_ticks(row_names)}}
   if square:
     layout["yaxis"]["scaleanchor"] = "x"
@@ -211,7 +220,7 @@ def difference_heatmap(a: np.ndarray, b: np.ndarray, names_a: Sequence[str],
 def grid_maps(maps: np.ndarray, *, panel_titles: Sequence[str], title: str = "",
               value_name: str = "value", fields: Mapping[str, np.ndarray | None] | None = None,
               marks: Sequence[tuple[int, int] | None] | None = None, zmin: float | None = None,
-              zmax: float | None = None, colorscale: str = "Magma", columns: int = 4,
+              zmax: float | None = None, colorscale: str | list = "magma", columns: int = 4,
               hover_prefix: Sequence[str] | None = None) -> dict[str, Any]:
   """Small multiples of spatial grids `maps: [K, g, g]` (localisation, per-token probes).
 
@@ -243,14 +252,15 @@ def grid_maps(maps: np.ndarray, *, panel_titles: Sequence[str], title: str = "",
     y1 = 1 - r / rows - (0.08 if r else 0)
     y0 = 1 - (r + 1) / rows + 0.08
     prefix = f"{html.escape(hover_prefix[i])}<br>" if hover_prefix else ""
-    hover = [prefix + "row %{y}, col %{x}", f"{html.escape(value_name)}: %{{z:.4g}}"]
+    hover = [prefix + "row %{y}, col %{x}", f"{html.escape(value_name)}: %{{z:.4~g}}"]
     trace = {"type": "heatmap", "z": maps[i], "xaxis": f"x{ax}", "yaxis": f"y{ax}",
-             "colorscale": colorscale, "zmin": zmin if zmin is not None else np.nanmin(maps),
+             "colorscale": _scale(colorscale),
+             "zmin": zmin if zmin is not None else np.nanmin(maps),
              "zmax": zmax if zmax is not None else np.nanmax(maps), "showscale": i == k - 1,
              "hoverongaps": False, "colorbar": {"thickness": 12}}
     if fields:
       trace["customdata"] = np.stack([v[i] for v in fields.values()], axis=-1)
-      hover += [f"{html.escape(n)}: %{{customdata[{j}]:.3g}}" for j, n in enumerate(fields)]
+      hover += [f"{html.escape(n)}: %{{customdata[{j}]:.3~g}}" for j, n in enumerate(fields)]
     trace["hovertemplate"] = "<br>".join(hover) + "<extra></extra>"
     data.append(trace)
     if marks and marks[i] is not None:
@@ -332,7 +342,7 @@ def lines(series: Sequence[Mapping[str, Any]], *, title: str = "", x_title: str 
     trace: dict[str, Any] = {"type": "scatter", "mode": s.get("mode", mode), "x": x, "y": y,
                              "name": html.escape(str(s["label"]))}
     hover = [html.escape(str(s["label"])), f"{html.escape(x_title or 'x')}: %{{x}}",
-             f"{html.escape(y_title or 'y')}: %{{y:.4g}}"]
+             f"{html.escape(y_title or 'y')}: %{{y:.4~g}}"]
     if s.get("names") is not None:
       names = list(map(str, s["names"]))
       if len(names) != len(y):
@@ -344,7 +354,7 @@ def lines(series: Sequence[Mapping[str, Any]], *, title: str = "", x_title: str 
       if err.shape != y.shape:
         raise ValueError(f"series {s['label']!r}: err has shape {err.shape}, y {y.shape}")
       trace["error_y"] = {"type": "data", "array": err, "visible": True, "thickness": 1}
-      hover.append("± %{error_y.array:.3g}")
+      hover.append("± %{error_y.array:.3~g}")
     trace["hovertemplate"] = "<br>".join(hover) + "<extra></extra>"
     data.append(trace)
   shapes, annotations = [], []
@@ -388,7 +398,8 @@ def attention_distances(distances: Mapping[str, np.ndarray], *,
                references={f"uniform attention, {k}": v for k, v in (uniform or {}).items()})
 
 
-def depth_lines(curves: Mapping[str, np.ndarray], *, names: Mapping[str, Sequence[str]] | None = None,
+def depth_lines(curves: Mapping[str, np.ndarray], *,
+                names: Mapping[str, Sequence[str]] | None = None,
                 errors: Mapping[str, np.ndarray] | None = None, title: str = "",
                 y_title: str = "", x_title: str = "block", log_y: bool = False,
                 normalise_x: bool = False, y_range: Sequence[float] | None = None,
