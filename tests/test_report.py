@@ -40,6 +40,11 @@ class _Collector(html.parser.HTMLParser):
       self.ids.append(attrs["id"])
 
 
+def _read(path, mode="r"):
+  with open(path, mode, encoding=None if "b" in mode else "utf-8") as f:
+    return f.read()
+
+
 def vit_names(blocks: int) -> list[str]:
   """Fine-granularity ViT capture names: embedding, 6 per block, encoder_norm (2 + 6 blocks)."""
   points = ("ln0", "sa", "+sa", "ln2", "mlp_hidden")
@@ -65,8 +70,8 @@ def save_comparison(workdir, stem, mean, names_a, names_b, repeats=2, seed=0, **
            std=values.std(0, ddof=1), names_a=np.asarray(names_a), names_b=np.asarray(names_b),
            **extra)
   with open(path + ".json", "w") as f:
-    json.dump(dict(names_a=list(names_a), names_b=list(names_b), repeats=repeats), f)
-  return dict(values=values, stderr=stderr, mean=values.mean(0), std=values.std(0, ddof=1))
+    json.dump({"names_a": list(names_a), "names_b": list(names_b), "repeats": repeats}, f)
+  return {"values": values, "stderr": stderr, "mean": values.mean(0), "std": values.std(0, ddof=1)}
 
 
 def make_workdir(workdir, *, vit_blocks=2, resnet_units=3, seed=0, resnet_names_fn=resnet_names):
@@ -80,8 +85,8 @@ def make_workdir(workdir, *, vit_blocks=2, resnet_units=3, seed=0, resnet_names_
     np.fill_diagonal(m, 1.0)
     arrays[key] = save_comparison(workdir, f"cka_intra_{key}", m, names, names, seed=seed)
     mean = arrays[key]["mean"]
-    metrics[key] = dict(mean_cka=float(mean.mean()), first_last=float(mean[0, -1]),
-                        num_layers_a=n, num_layers_b=n)
+    metrics[key] = {"mean_cka": float(mean.mean()), "first_last": float(mean[0, -1]),
+                        "num_layers_a": n, "num_layers_b": n}
   result = AnalysisResult("cka_intra", "Intra-model CKA (Figs 1, B.1, H.1)", "Shows. Found.",
                           [], metrics, 1.5)
   with open(os.path.join(workdir, "results", "cka_intra.json"), "w") as f:
@@ -120,7 +125,7 @@ def test_report_is_self_contained_and_complete(tmp_path):
   path = report.write_report(workdir, {"seed": 0, "analyses": ["cka_intra"]}, results, models,
                              timings={"train: vit": 12.0})
   assert path == os.path.join(workdir, "report.html")
-  text = open(path, encoding="utf-8").read()
+  text = _read(path)
   parser = _Collector()
   parser.feed(text)
   assert parser.external == []
@@ -129,7 +134,7 @@ def test_report_is_self_contained_and_complete(tmp_path):
   for src, result in zip(parser.imgs, results):
     assert src.startswith("data:image/png;base64,")
     embedded = base64.b64decode(src.split(",", 1)[1])
-    assert embedded == open(os.path.join(workdir, result.figures[0]), "rb").read()
+    assert embedded == _read(os.path.join(workdir, result.figures[0]), "rb")
   for stage in ("findings", "models", "cka_intra", "attention_distance", "timings", "config"):
     assert stage in parser.ids
   assert text.index("id='findings'") < text.index("id='models'")
@@ -137,7 +142,7 @@ def test_report_is_self_contained_and_complete(tmp_path):
   assert "97.50%" in text and "ViT-smoke_8" in text and "12,345" in text
   assert "train: vit" in text and "analysis: cka_intra" in text
   assert not os.path.exists(path + ".tmp")
-  assert json.load(open(os.path.join(workdir, "timings.json"))) == {"train: vit": 12.0}
+  assert json.loads(_read(os.path.join(workdir, "timings.json"))) == {"train: vit": 12.0}
 
 
 def test_report_shows_nan_and_rejects_non_png(tmp_path):
@@ -152,7 +157,7 @@ def test_report_shows_nan_and_rejects_non_png(tmp_path):
 def _plot_specs(page: str) -> dict[str, tuple]:
   """div id -> (data, layout) of every `Plotly.newPlot` call in a page."""
   specs = {}
-  for m in re.finditer(r"Plotly\.newPlot\('([^']+)',(.*?)\);</script>", page, flags=re.S):
+  for m in re.finditer(r"Plotly\.newPlot\('([^']+)',(.*?)\);</script>", page, flags=re.DOTALL):
     data, layout, _ = json.loads("[" + m.group(2) + "]")
     specs[m.group(1)] = (data, layout)
   return specs
@@ -167,10 +172,10 @@ def test_rebuild_cli_reads_saved_results_without_jax(tmp_path):
           "print('HEAVY', bad)")
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   out = subprocess.run([sys.executable, "-c", code, workdir], capture_output=True, text=True,
-                       env=env, cwd=ROOT, timeout=300)
+                       env=env, cwd=ROOT, timeout=300, check=False)
   assert out.returncode == 0, out.stderr
   assert "HEAVY []" in out.stdout
-  page = open(os.path.join(workdir, "report.html"), encoding="utf-8").read()
+  page = _read(os.path.join(workdir, "report.html"))
   specs = _plot_specs(page)
   assert len(specs) == 2  # one grid per saved comparison
   grids = {layout["title"]["text"]: data[0] for data, layout in specs.values()}
@@ -190,7 +195,7 @@ def test_compare_draws_differences_and_names_mismatches(tmp_path):
   arr_a = make_workdir(dir_a, seed=0)
   arr_b = make_workdir(dir_b, seed=1, resnet_names_fn=lambda u: resnet_names(u + 1))
   out = report.rebuild(dir_a, compare=dir_b, out=str(tmp_path / "cmp.html"))
-  page = open(out, encoding="utf-8").read()
+  page = _read(out)
   assert "a: measured" in page and "b: measured" in page
   assert ("cka_intra_resnet: not compared, the runs have 5 and 6 row layers" in page)
   specs = _plot_specs(page)
@@ -227,7 +232,7 @@ def test_page_for_fig1_grid_sizes_stays_under_15_mb(tmp_path):
   size = os.path.getsize(path)
   print(f"page with a 150x150 and a 146x146 grid: {size / 2**20:.2f} MiB")
   assert size < 15 * 2**20
-  specs = _plot_specs(open(path, encoding="utf-8").read())
+  specs = _plot_specs(_read(path))
   assert sorted(len(d[0]["z"]) for d, _ in specs.values()) == [146, 150]
   assert all("null z" in d[0]["hovertemplate"] for d, _ in specs.values())
 
