@@ -89,8 +89,8 @@ def test_hover_shows_layer_names_value_and_errors(browser, page):
   mean = page["arrays"]["resnet"]["mean"][row, col]
   stderr = page["arrays"]["resnet"]["stderr"].mean(0)[row, col]
   spread = page["arrays"]["resnet"]["std"][row, col]
-  assert f"resnet (R50x1): {names[row]}" in text, text
-  assert f"resnet (R50x1): {names[col]}" in text, text
+  assert f"row (resnet (R50x1)): {names[row]}" in text, text
+  assert f"column (resnet (R50x1)): {names[col]}" in text, text
   assert f"CKA: {float(f'{mean:.4g}'):.4g}" in text, text
   assert f"stderr (minibatches): {float(f'{stderr:.3g}'):.3g}" in text, text
   assert f"std over repeats: {float(f'{spread:.3g}'):.3g}" in text, text

@@ -153,8 +153,11 @@ def heatmap(z: np.ndarray, *, row_names: Sequence[str], col_names: Sequence[str]
     raise ValueError(f"heatmap z has shape {z.shape}, names give "
                      f"({len(row_names)}, {len(col_names)})")
   fields = _check_fields(z, fields)
-  hover = [f"{html.escape(row_title or 'row')}: %{{y}}",
-           f"{html.escape(col_title or 'col')}: %{{x}}",
+  # Rows and columns of one model's grid are told apart by position, not by the model's name.
+  row_label, col_label = ((f"row ({row_title})", f"column ({col_title})")
+                          if row_title == col_title or not (row_title and col_title)
+                          else (row_title, col_title))
+  hover = [f"{html.escape(row_label)}: %{{y}}", f"{html.escape(col_label)}: %{{x}}",
            f"{html.escape(value_name)}: %{{z:.4~g}}"]
   trace: dict[str, Any] = {"type": "heatmap", "z": z, "x": list(map(str, col_names)),
                            "y": list(map(str, row_names)), "colorscale": _scale(colorscale),
