@@ -313,3 +313,85 @@ def test_probe_token_grids_drop_cls_and_reshape(tmp_path):
   ((layer, grid),) = rows[0][1]
   assert layer == "block00"
   np.testing.assert_allclose(grid, acc.mean(0)[2:].reshape(2, 2))  # token 0 (CLS) left out
+
+
+def _save_result(workdir, name, metrics):
+  with open(os.path.join(workdir, "results", f"{name}.json"), "w") as f:
+    f.write(AnalysisResult(name, name.replace("_", " "), "Shows. Found.", [], metrics).to_json())
+
+
+def make_full_workdir(workdir, seed=0):
+  """`make_workdir` plus every other analysis' saved files, in the layouts the analyses write."""
+  rng = np.random.default_rng(seed)
+  arrays = make_workdir(workdir, seed=seed)
+  vit, res = vit_names(2), resnet_names(3)
+  save_comparison(workdir, "cka_cross_vit_vs_resnet", rng.random((len(vit), len(res))), vit, res)
+  _save_result(workdir, "cka_cross", {"vit_vs_resnet": {"mean_cka": 0.5}})
+  np.savez(os.path.join(workdir, "results", "attention_distance.npz"),
+           vit=rng.uniform(10, 100, (2, 3)))
+  _save_result(workdir, "attention_distance", {"vit": dict(
+      uniform_attention=110.0, block0_min_head=10.0, block0_max_head=100.0,
+      last_block_mean=95.0)})
+  save_comparison(workdir, "head_subsets_vit_block00_vs_resnet", rng.random((2, 3)),
+                  ["heads 0,1", "heads 1,2"], res[2:], subset_distance=np.array([20.0, 80.0]),
+                  head_distance=np.array([10.0, 30.0, 90.0]))
+  _save_result(workdir, "head_subsets", {"vit_block00_vs_resnet": {"spearman": {res[2]: -1.0}}})
+  g = 3
+  save_comparison(workdir, "localization_vit_block01", rng.random((g * g, g * g)),
+                  [f"token{r}_{c}" for r in range(g) for c in range(g)],
+                  [f"patch{r}_{c}" for r in range(g) for c in range(g)], grid=g,
+                  tokens=np.array([[0, 0], [1, 1]]))
+  _save_result(workdir, "localization", {"vit/block01": dict(own_contrast=0.3, own_is_best=0.8,
+                                                             grid=g, model="ViT-B_32")})
+  for label, stem in (("10%", "data_fraction_10pct"), ("parity", "finetune_parity")):
+    save_comparison(workdir, f"dataset_scale_{stem}", rng.random((3, 3)), ["block00", "block01",
+                                                                           "block02"],
+                    ["block00", "block01", "block02"], label=label)
+  _save_result(workdir, "dataset_scale", {
+      "vit_frac0.1": {"fraction": 0.1, "block_cka": [0.9, 0.8, 0.5]},
+      "vit_ft_parity": {"task": "digits:parity", "block_cka": [0.99, 0.9, 0.8]}})
+  labels = np.array(["block00/sa", "block00/mlp", "block01/sa", "block01/mlp"])
+  np.savez(os.path.join(workdir, "results", "skip_norms.npz"), **{
+      "vit/ratio": rng.uniform(0.1, 50, (4, 10)), "vit/cos_out": rng.random((4, 10)),
+      "vit/labels": labels, "resnet/ratio": rng.uniform(1, 2, (3, 1)),
+      "resnet/cos_out": rng.random((3, 1)), "resnet/labels": np.array(res[2:])})
+  _save_result(workdir, "skip_norms", {
+      "vit": {"sa": {"ratio_mean": 20.0, "ratio_cls_per_block": [30.0, 1.0]},
+              "mlp": {"ratio_mean": 10.0, "ratio_cls_per_block": [30.0, 1.0]}},
+      "resnet": {"unit": {"ratio_mean": 1.5}}})
+  for key in ("vit", "vit_noskip01"):
+    save_comparison(workdir, f"skip_removal_{key}", rng.random((4, 4)), vit[:4], vit[:4])
+  _save_result(workdir, "skip_removal", {
+      "vit": {"skip_removed": [], "test_accuracy": 0.5},
+      "vit_noskip01": {"skip_removed": [1], "test_accuracy": 0.45, "accuracy_drop": 0.05}})
+  _save_result(workdir, "receptive_field", {
+      "vit/post": {"layers": ["block00", "block01"], "area_fraction": [0.2, 0.5]},
+      "resnet/post": {"layers": res[2:], "area_fraction": [0.01, 0.02, 0.05]}})
+  units = ["embedding:cls", "block01:cls", "block01:mean"] + [
+      f"block01:tokens@{t}" for t in range(5)]
+  np.savez(os.path.join(workdir, "results", "probe.npz"), **{
+      "vit/units": np.array(units), "vit/acc": rng.random((2, len(units)))})
+  _save_result(workdir, "probe", {"vit": {
+      "aggregated": {"cls": {"layers": ["embedding", "block01"], "acc_mean": [0.1, 0.5],
+                             "acc_std": [0.01, 0.02]}},
+      "tokens": {"block01": {"acc_mean": 0.2, "acc_std": 0.01}}}})
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump({"analyses": list(report_figures._BUILDERS)}, f)
+  return arrays
+
+
+def test_every_analysis_layout_gives_valid_figures(tmp_path):
+  workdir = str(tmp_path)
+  make_full_workdir(workdir)
+  run = report.Run(workdir)
+  assert [r["name"] for r in run.results] == list(report_figures._BUILDERS)
+  counts = {}
+  for result in run.results:
+    figs = report_figures.figures(workdir, result, run.models_by_key)
+    counts[result["name"]] = len(figs)
+    for _, fig in figs:
+      go.Figure(json.loads(interactive.to_json(fig)))
+  assert counts == {"cka_intra": 2, "cka_cross": 1, "skip_removal": 2, "head_subsets": 1,
+                    "localization": 1, "dataset_scale": 2, "attention_distance": 1,
+                    "skip_norms": 4, "receptive_field": 1, "probe": 3}
+  assert {f.analysis for f in run.findings} == set(counts)

@@ -41,9 +41,9 @@ def browser():
 
 @pytest.fixture(scope="module")
 def page(browser, tmp_path_factory):
-  """The rebuilt report of a saved run with a ViT and a ResNet intra-model CKA grid."""
+  """The rebuilt report of a saved run holding every analysis' result files."""
   workdir = str(tmp_path_factory.mktemp("browser_run"))
-  arrays = test_report.make_workdir(workdir, vit_blocks=2, resnet_units=6)
+  arrays = test_report.make_full_workdir(workdir)
   path = report.rebuild(workdir)
   browser.get_log("performance")  # drop whatever the new session logged before the page
   browser.get("file://" + os.path.abspath(path))
@@ -54,6 +54,10 @@ def page(browser, tmp_path_factory):
 
 
 def test_page_logs_no_console_errors(browser, page):
+  drawn = browser.execute_script(
+      "return Array.from(document.querySelectorAll('.plot')).map(p => !!p.querySelector("
+      "'.main-svg .cartesianlayer'));")
+  assert drawn == [True] * 17  # every interactive figure of every analysis was drawn
   errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
   assert errors == []
 
@@ -83,8 +87,8 @@ def test_hover_shows_layer_names_value_and_errors(browser, page):
   title = browser.execute_script(
       "return document.getElementById('fig-1')._fullLayout.title.text;")
   assert title == "resnet (R50x1) vs resnet (R50x1)"
-  names = test_report.resnet_names(6)
-  row, col = 5, 2  # block2/unit01 (row) x block1/unit01 (column)
+  names = test_report.resnet_names(3)
+  row, col = 4, 1  # block1/unit03 (row) x root (column)
   text = _hover_text(browser, "fig-1", row, col)
   mean = page["arrays"]["resnet"]["mean"][row, col]
   stderr = page["arrays"]["resnet"]["stderr"].mean(0)[row, col]

@@ -226,7 +226,7 @@ def _receptive_field(run_dir, result, models) -> list[Figure]:
 
 
 def _probe(run_dir, result, models) -> list[Figure]:
-  curves, names, errors, token_curves, token_names = {}, {}, {}, {}, {}
+  curves, names, errors, token_curves, token_names, token_x = {}, {}, {}, {}, {}, {}
   for key, m in result["metrics"].items():
     if not isinstance(m, Mapping) or "aggregated" not in m:
       continue
@@ -238,6 +238,10 @@ def _probe(run_dir, result, models) -> list[Figure]:
     if m.get("tokens"):
       token_curves[key] = 100 * np.asarray([t["acc_mean"] for t in m["tokens"].values()])
       token_names[key] = list(m["tokens"])
+      # Place each probed layer at its depth among the model's aggregated layers.
+      depth = next(iter(m["aggregated"].values()), {}).get("layers", [])
+      if all(t in depth for t in token_names[key]) and len(depth) > 1:
+        token_x[key] = [depth.index(t) / (len(depth) - 1) for t in token_names[key]]
   figs = []
   if curves:
     figs.append(("probes by layer", interactive.depth_lines(
@@ -245,7 +249,8 @@ def _probe(run_dir, result, models) -> list[Figure]:
         title="linear probes on aggregated representations")))
   if token_curves:
     figs.append(("per-token probes", interactive.depth_lines(
-        token_curves, names=token_names, normalise_x=True, y_title="test accuracy (%)",
+        token_curves, names=token_names, normalise_x=True, x=token_x,
+        y_title="test accuracy (%)",
         title="per-token probes (mean over tokens, CLS excluded)")))
   grids = probe_token_grids(run_dir, result)
   if grids:

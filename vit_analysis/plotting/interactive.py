@@ -367,6 +367,10 @@ def lines(series: Sequence[Mapping[str, Any]], *, title: str = "", x_title: str 
     annotations.append({"text": html.escape(label), "xref": "paper", "x": 1, "y": value,
                         "xanchor": "right", "yanchor": "bottom", "showarrow": False,
                         "font": {"size": 10, "color": "#666"}})
+  xaxis: dict[str, Any] = {"title": {"text": html.escape(x_title)}}
+  xs = np.concatenate([np.asarray(t["x"], np.float64).ravel() for t in data]) if data else []
+  if len(xs) and np.all(xs == np.round(xs)) and np.ptp(xs) <= 40:
+    xaxis["dtick"] = 1  # blocks and layer indices: integer ticks
   yaxis: dict[str, Any] = {"title": {"text": html.escape(y_title)}}
   if log_y:
     yaxis["type"] = "log"
@@ -375,7 +379,7 @@ def lines(series: Sequence[Mapping[str, Any]], *, title: str = "", x_title: str 
   return {"data": data, "layout": {
       "title": {"text": html.escape(title), "font": {"size": 13}}, "height": height,
       "font": _FONT, "margin": {"l": 60, "r": 20, "t": 40, "b": 50}, "hovermode": "closest",
-      "xaxis": {"title": {"text": html.escape(x_title)}}, "yaxis": yaxis, "shapes": shapes,
+      "xaxis": xaxis, "yaxis": yaxis, "shapes": shapes,
       "annotations": annotations}}
 
 
@@ -384,21 +388,29 @@ def attention_distances(distances: Mapping[str, np.ndarray], *,
                         unit: str = "pixels") -> dict[str, Any]:
   """Mean attention distance of every head against block (Figs 3, 4): `label -> [blocks, heads]`.
 
-  One point per head (hover: block, head, distance); the dashed lines are the distances of
-  uniform attention (the ceiling).
+  One point per head (hover: block, head, distance), the models side by side within a block;
+  the dashed lines are the distances of uniform attention (the ceiling).
   """
   series = []
-  for label, d in distances.items():
+  width = 0.3 if len(distances) > 1 else 0.0
+  for i, (label, d) in enumerate(distances.items()):
     d = np.asarray(d, np.float64)
     if d.ndim != 2:
       raise ValueError(f"{label}: distances must be [blocks, heads], got shape {d.shape}")
     blocks, heads = np.meshgrid(np.arange(d.shape[0]), np.arange(d.shape[1]), indexing="ij")
-    series.append({"label": label, "x": blocks.ravel(), "y": d.ravel(), "mode": "markers",
+    shift = width * (i / max(len(distances) - 1, 1) - 0.5) if width else 0.0
+    series.append({"label": label, "x": blocks.ravel() + shift, "y": d.ravel(),
+                   "mode": "markers",
                    "names": [f"block {b}, head {h}" for b, h in zip(blocks.ravel(),
                                                                    heads.ravel())]})
-  return lines(series, title="mean attention distance per head", x_title="block",
-               y_title=f"distance ({unit})", mode="markers",
-               references={f"uniform attention, {k}": v for k, v in (uniform or {}).items()})
+  refs: dict[float, list[str]] = {}
+  for k, v in (uniform or {}).items():  # one line per distinct ceiling
+    refs.setdefault(round(float(v), 3), []).append(k)
+  fig = lines(series, title="mean attention distance per head", x_title="block",
+              y_title=f"distance ({unit})", mode="markers",
+              references={f"uniform attention: {', '.join(ks)}": v for v, ks in refs.items()})
+  fig["layout"]["xaxis"]["dtick"] = 1
+  return fig
 
 
 def depth_lines(curves: Mapping[str, np.ndarray], *,
@@ -406,7 +418,7 @@ def depth_lines(curves: Mapping[str, np.ndarray], *,
                 errors: Mapping[str, np.ndarray] | None = None, title: str = "",
                 y_title: str = "", x_title: str = "block", log_y: bool = False,
                 normalise_x: bool = False, y_range: Sequence[float] | None = None,
-                ) -> dict[str, Any]:
+                x: Mapping[str, Sequence[float]] | None = None) -> dict[str, Any]:
   """One value per layer or block for several curves: skip ratios (Fig 7), probes by layer
   (Figs 11, 13), per-block CKA against a reference (Fig 12).
 
@@ -415,14 +427,18 @@ def depth_lines(curves: Mapping[str, np.ndarray], *,
     names: label -> full layer names (hover).
     errors: label -> [layers] error bars (std over seeds or repeats).
     normalise_x: x = layer index / (layers - 1) in [0, 1], to overlay models of different depth.
+    x: label -> explicit x positions (overrides the layer index; e.g. where a curve holds only
+      some of a model's layers).
   """
   series = []
   for label, y in curves.items():
     y = np.asarray(y, np.float64)
-    x = np.arange(len(y), dtype=np.float64)
+    pos = np.arange(len(y), dtype=np.float64)
     if normalise_x and len(y) > 1:
-      x = x / (len(y) - 1)
-    series.append({"label": label, "x": x, "y": y, "err": (errors or {}).get(label),
+      pos = pos / (len(y) - 1)
+    if x is not None and label in x:
+      pos = np.asarray(x[label], np.float64)
+    series.append({"label": label, "x": pos, "y": y, "err": (errors or {}).get(label),
                    "names": (names or {}).get(label)})
   return lines(series, title=title, x_title="normalised layer" if normalise_x else x_title,
                y_title=y_title, log_y=log_y, y_range=y_range)
