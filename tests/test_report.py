@@ -329,9 +329,9 @@ def make_full_workdir(workdir, seed=0):
   _save_result(workdir, "cka_cross", {"vit_vs_resnet": {"mean_cka": 0.5}})
   np.savez(os.path.join(workdir, "results", "attention_distance.npz"),
            vit=rng.uniform(10, 100, (2, 3)))
-  _save_result(workdir, "attention_distance", {"vit": dict(
-      uniform_attention=110.0, block0_min_head=10.0, block0_max_head=100.0,
-      last_block_mean=95.0)})
+  _save_result(workdir, "attention_distance", {"vit": {
+      "uniform_attention": 110.0, "block0_min_head": 10.0, "block0_max_head": 100.0,
+      "last_block_mean": 95.0}})
   save_comparison(workdir, "head_subsets_vit_block00_vs_resnet", rng.random((2, 3)),
                   ["heads 0,1", "heads 1,2"], res[2:], subset_distance=np.array([20.0, 80.0]),
                   head_distance=np.array([10.0, 30.0, 90.0]))
@@ -341,8 +341,8 @@ def make_full_workdir(workdir, seed=0):
                   [f"token{r}_{c}" for r in range(g) for c in range(g)],
                   [f"patch{r}_{c}" for r in range(g) for c in range(g)], grid=g,
                   tokens=np.array([[0, 0], [1, 1]]))
-  _save_result(workdir, "localization", {"vit/block01": dict(own_contrast=0.3, own_is_best=0.8,
-                                                             grid=g, model="ViT-B_32")})
+  _save_result(workdir, "localization", {"vit/block01": {"own_contrast": 0.3, "own_is_best": 0.8,
+                                                             "grid": g, "model": "ViT-B_32"}})
   for label, stem in (("10%", "data_fraction_10pct"), ("parity", "finetune_parity")):
     save_comparison(workdir, f"dataset_scale_{stem}", rng.random((3, 3)), ["block00", "block01",
                                                                            "block02"],
