@@ -7,7 +7,7 @@ with these rows, so a reader sees at once which findings a run reproduces.
 
 Only NumPy and the saved files are used (no JAX): `vit_analysis.report` rebuilds the page, and
 these checks, from a workdir alone. The thresholds are this project's reading of the paper's
-figures (docs/method.md); each is printed next to its verdict.
+figures; each is printed next to its verdict, so a reader can judge it.
 """
 from __future__ import annotations
 
