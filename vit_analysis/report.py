@@ -16,45 +16,20 @@ figures are JSON, so the page makes no network request and opens offline.
 from __future__ import annotations
 
 import argparse
-import base64
 import datetime
 import html
 import importlib
 import importlib.util
 import json
-import math
 import os
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from vit_analysis import report_figures
+from vit_analysis import report_figures, report_html
 from vit_analysis.plotting import interactive
 
-_CSS = """
-body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1400px;margin:2em auto;
-  padding:0 1em;color:#222;line-height:1.45}
-h1{font-size:1.6em;margin-bottom:.2em} h2{font-size:1.25em;border-bottom:1px solid #ddd;
-  padding-bottom:.2em;margin-top:2em} h3{font-size:1.05em;margin:1.2em 0 .3em}
-.meta{color:#666;font-size:.9em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
-td,th{border:1px solid #ddd;padding:.25em .6em;text-align:left;vertical-align:top}
-th{background:#f4f4f4}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
-td.shown{background:#e6f4e6} td.notshown{background:#fbe9e7} td.absent{color:#888}
-.caption{color:#333;margin:.4em 0 .8em 0}
-.figs img{max-width:min(100%,760px);border:1px solid #eee;margin:.3em 0}
-.plot{width:100%;min-width:320px}
-.runs{display:grid;grid-template-columns:1fr 1fr;gap:1em}
-.note{background:#fff8e1;padding:.4em .8em;border-left:3px solid #f0c36d}
-pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.8em}
-details{margin:.6em 0}
-"""
-
-_ERROR_KEYS = ("std", "se", "stderr", "sem")
 _RESULT_FIELDS = ("name", "title", "caption", "figures", "metrics", "seconds")
-_VERDICT = {True: ("shown", "shown"), False: ("not shown", "notshown"),
-            None: ("not measured", "absent")}
 
 
 def findings_module():
@@ -143,123 +118,6 @@ class Run:
 # HTML pieces.
 
 
-def _format_number(x: Any) -> str:
-  if isinstance(x, bool):
-    return str(x)
-  if isinstance(x, int):
-    return f"{x:,}"
-  if isinstance(x, float):
-    if math.isnan(x):  # NaN is shown, never hidden: it marks a bug upstream.
-      return "NaN"
-    return f"{x:.4g}"
-  return html.escape(str(x))
-
-
-def _format_value(value: Any) -> str:
-  """A metric value as text: numbers, `mean ± err` dicts, short lists."""
-  if isinstance(value, Mapping) and "mean" in value:
-    err_key = next((k for k in _ERROR_KEYS if k in value), None)
-    if err_key is not None and not isinstance(value["mean"], (list, dict)):
-      return f"{_format_number(value['mean'])} ± {_format_number(value[err_key])} ({err_key})"
-  if isinstance(value, (list, tuple)):
-    shown = ", ".join(_format_value(v) for v in value[:12])
-    return f"[{shown}{', …' if len(value) > 12 else ''}]"
-  if isinstance(value, Mapping):
-    return "{" + ", ".join(f"{html.escape(str(k))}: {_format_value(v)}"
-                           for k, v in value.items()) + "}"
-  return _format_number(value)
-
-
-def _flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-  rows = []
-  for key, value in metrics.items():
-    name = f"{prefix}{key}"
-    is_error_bar = isinstance(value, Mapping) and "mean" in value and any(
-        k in value for k in _ERROR_KEYS)
-    if isinstance(value, Mapping) and not is_error_bar:
-      rows.extend(_flatten_metrics(value, prefix=f"{name} / "))
-    else:
-      rows.append((name, value))
-  return rows
-
-
-def _image_tag(workdir: str, relpath: str) -> str:
-  path = relpath if os.path.isabs(relpath) else os.path.join(workdir, relpath)
-  if not path.lower().endswith(".png"):
-    raise ValueError(f"report figures must be PNG files, got {relpath!r}")
-  with open(path, "rb") as f:
-    data = base64.b64encode(f.read()).decode("ascii")
-  alt = html.escape(os.path.basename(relpath))
-  return f'<img alt="{alt}" src="data:image/png;base64,{data}">'
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-  head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-  body = "".join("<tr>" + "".join(row) + "</tr>" for row in rows)
-  return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _cell(text: str, numeric: bool = False, cls: str = "") -> str:
-  classes = " ".join(c for c in ("num" if numeric else "", cls) if c)
-  return f'<td class="{classes}">{text}</td>' if classes else f"<td>{text}</td>"
-
-
-def _verdict_cell(shown: bool | None) -> str:
-  text, cls = _VERDICT[shown]
-  return _cell(text, cls=cls)
-
-
-def findings_table(runs: Sequence[Run]) -> str:
-  """The findings table: expectation, threshold, then measured value and verdict per run."""
-  keys = []
-  per_run = []
-  for run in runs:
-    rows = {}
-    for f in run.findings:
-      k = (f.analysis, f.expectation)
-      rows[k] = f
-      if k not in keys:
-        keys.append(k)
-    per_run.append(rows)
-  header = ["analysis", "expectation", "threshold"]
-  for run in runs:
-    prefix = f"{run.label}: " if len(runs) > 1 else ""
-    header += [f"{prefix}measured", f"{prefix}verdict"]
-  rows = []
-  for k in keys:
-    first = next(r[k] for r in per_run if k in r)
-    row = [_cell(f"<a href='#{html.escape(k[0])}'>{html.escape(k[0])}</a>"),
-           _cell(html.escape(k[1])), _cell(html.escape(first.threshold))]
-    for r in per_run:
-      f = r.get(k)
-      row += ([_cell(html.escape(f.measured)), _verdict_cell(f.shown)] if f else
-              [_cell("–"), _verdict_cell(None)])
-    rows.append(row)
-  counts = []
-  for run in runs:
-    n = sum(f.shown is True for f in run.findings)
-    m = sum(f.shown is not None for f in run.findings)
-    counts.append(f"{html.escape(run.label)}: {n} of {m} checked findings shown")
-  return ("<p class='meta'>" + " · ".join(counts) + "</p>" + _table(header, rows)) if keys else (
-      "<p class='meta'>no findings to check: no analysis with checks ran</p>")
-
-
-def models_table(models: Sequence[Mapping[str, Any]]) -> str:
-  cols = ["key", "name", "params", "image_size", "test_accuracy", "train_seconds", "source"]
-  rows = []
-  for m in models:
-    row = []
-    for col in cols:
-      value = m.get(col, "")
-      if col == "test_accuracy" and isinstance(value, float):
-        row.append(_cell(f"{100 * value:.2f}%", numeric=True))
-      else:
-        row.append(_cell(_format_value(value) if value != "" else "–",
-                         numeric=isinstance(value, (int, float))))
-    rows.append(row)
-  return _table(cols, rows)
-
-
 class _Ids:
 
   def __init__(self):
@@ -279,17 +137,14 @@ def _figures_html(run: Run, result: Mapping[str, Any], ids: _Ids) -> str:
 
 def _static_html(run: Run, result: Mapping[str, Any]) -> str:
   pngs = list(result["figures"])
-  imgs = "".join(_image_tag(run.workdir, f) for f in pngs)
-  metric_rows = [[_cell(html.escape(k)), _cell(_format_value(v),
-                                               numeric=isinstance(v, (int, float)))]
-                 for k, v in _flatten_metrics(result["metrics"])]
+  imgs = "".join(report_html.image_tag(run.workdir, f) for f in pngs)
   out = ""
   if imgs:
     out += (f"<details><summary>static figures ({len(pngs)} PNG; PDFs next to them in "
             f"figures/)</summary><div class='figs'>{imgs}</div></details>")
-  if metric_rows:
-    out += "<details open><summary>metrics</summary>" + _table(["metric", "value"],
-                                                               metric_rows) + "</details>"
+  if result["metrics"]:
+    out += ("<details open><summary>metrics</summary>" +
+            report_html.metrics_table(result["metrics"]) + "</details>")
   return out + f"<p class='meta'>{float(result.get('seconds') or 0):.1f} s</p>"
 
 
@@ -324,8 +179,7 @@ def _timings_html(run: Run) -> str:
   stage_times = dict(run.timings)
   for result in run.results:
     stage_times.setdefault(f"analysis: {result['name']}", float(result.get("seconds") or 0))
-  return _table(["stage", "seconds"], [[_cell(html.escape(k)), _cell(f"{v:.1f}", True)]
-                                       for k, v in stage_times.items()])
+  return report_html.seconds_table(stage_times)
 
 
 def render_page(runs: Sequence[Run], *, title: str = "vit_analysis report") -> str:
@@ -336,7 +190,7 @@ def render_page(runs: Sequence[Run], *, title: str = "vit_analysis report") -> s
   ids = _Ids()
   dirs = " vs ".join(f"<code>{html.escape(r.workdir)}</code>" for r in runs)
   parts = [(f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-           f"<title>{html.escape(title)}</title><style>{_CSS}</style>"),
+           f"<title>{html.escape(title)}</title><style>{report_html.CSS}</style>"),
            interactive.plotly_script(), "</head><body>",
            f"<h1>{html.escape(title)}</h1>",
            (f"<p class='meta'>Written {now} · workdir {dirs} · methods of Raghu et al. (2021), "
@@ -348,11 +202,12 @@ def render_page(runs: Sequence[Run], *, title: str = "vit_analysis report") -> s
       f"<a href='#{html.escape(n)}'>{html.escape(titles[n])}</a>" for n in names] + [
           "<a href='#timings'>Timings</a>", "<a href='#config'>Config</a>"]
   parts.append("<p class='meta'>" + " · ".join(toc) + "</p>")
-  parts.append("<h2 id='findings'>The paper's findings in this run</h2>" + findings_table(runs))
+  parts.append("<h2 id='findings'>The paper's findings in this run</h2>" +
+               report_html.findings_table(runs))
   parts.append("<h2 id='models'>Models</h2>")
   for run in runs:
     parts.append((f"<h3>{html.escape(run.label)}</h3>" if len(runs) > 1 else "") +
-                 models_table(run.models))
+                 report_html.models_table(run.models))
   for name in names:
     parts.append(_section(runs, name, ids))
   parts.append("<h2 id='timings'>Timings</h2>")
