@@ -153,7 +153,7 @@ def test_skip_removal_accuracy_and_split():
   bad = {"vit_noskip05": {"skip_removed": [5], "accuracy_drop": -0.003,
                           "split": {"contrast": 0.12}, "split_unmodified": {"contrast": 0.1}}}
   f = findings.check_skip_removal(_run("skip_removal", bad))
-  assert [x.shown for x in f] == [False, False] and f[0].measured == "-0.30 points"
+  assert [x.shown for x in f] == [False, False] and f[0].measured == "drop -0.30 points"
 
 
 def _loc_grid(own, other, g=4):

@@ -396,7 +396,10 @@ def check_skip_removal(run: SavedRun) -> list[Finding]:
     thr = "test accuracy drop > 1 point (paper: ~4 for a middle block)"
     if m.get("accuracy_drop") is not None:
       drop = 100 * float(m["accuracy_drop"])
-      out.append(Finding(name, exp, f"{drop:+.2f} points", thr, drop > 1.0))
+      acc = m.get("test_accuracy")
+      text = f"drop {drop:+.2f} points" + (f" (skips removed: {100 * acc:.1f}%)"
+                                           if acc is not None else "")
+      out.append(Finding(name, exp, text, thr, drop > 1.0))
     else:
       out.append(_absent(name, exp, thr, "accuracies not measured"))
     exp = f"similarity splits before / after block {blocks} (Fig 8) [{key}]"
