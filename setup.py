@@ -30,6 +30,8 @@ setuptools.setup(
         # cv2.resize: the tf.image.resize bilinear resize in C, 30-50x faster than NumPy, so
         # that preprocessing costs less than JPEG decode (vit_analysis/data.py).
         "opencv-python-headless>=4.8",
+        # The report's interactive figures: plotly.js, inlined once per page (works offline).
+        "plotly>=5.24",
     ],
     extras_require={
         "dev": [
@@ -40,6 +42,8 @@ setuptools.setup(
             "nbformat>=5.9",
             "ipykernel>=6.29",
             "ruff>=0.4",
+            # tests/test_report_browser.py drives the system Chromium (apt: chromium-driver).
+            "selenium>=4.11",
         ],
         # Side-by-side peers for benchmarks/ only; never imported by the package or tests.
         "bench": ["torch", "torch-cka", "cka-pytorch"],

@@ -1,174 +1,303 @@
-"""One self-contained HTML page per workdir: config, models, every figure inline, numbers, timings.
+r"""One self-contained HTML page per workdir, rebuilt from its saved results alone.
 
-The page has no external resource (no scripts, fonts, stylesheets or image links): figures are
-embedded as base64 PNG data URIs, so `report.html` can be mailed, archived or opened offline.
+  python -m vit_analysis.report --workdir=runs/demo      # rewrites runs/demo/report.html
+  python -m vit_analysis.report --workdir=runs/a --compare=runs/b --out=/tmp/a_vs_b.html
+
+The page opens with the paper's findings checked on this run (`vit_analysis.analyses.findings`),
+then the models, then one section per analysis: interactive figures (hover: full layer names,
+value, standard error over minibatches, spread over repeats; zoom and pan), the static PNGs the
+analysis wrote, and its metrics. `--compare` puts two runs side by side and adds difference
+heatmaps for the comparisons both saved with the same layer names.
+
+Nothing here imports JAX or builds a model: the page is made from `results/*.json|npz`,
+`models.json`, `config.json` and `timings.json`. The plotly.js bundle is inlined once and the
+figures are JSON, so the page makes no network request and opens offline.
 """
 from __future__ import annotations
 
-import base64
+import argparse
 import datetime
 import html
+import importlib
+import importlib.util
 import json
 import os
-from typing import Any, Iterable, Mapping, Sequence
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from vit_analysis.analyses.base import AnalysisResult
+from vit_analysis import report_figures, report_html
+from vit_analysis.plotting import interactive
 
-_CSS = """
-body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
-  padding:0 1em;color:#222;line-height:1.45}
-h1{font-size:1.6em;margin-bottom:.2em} h2{font-size:1.25em;border-bottom:1px solid #ddd;
-  padding-bottom:.2em;margin-top:2em}
-.meta{color:#666;font-size:.9em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
-td,th{border:1px solid #ddd;padding:.25em .6em;text-align:left;vertical-align:top}
-th{background:#f4f4f4}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
-.caption{color:#333;margin:.4em 0 .8em 0}
-.figs img{max-width:min(100%,760px);border:1px solid #eee;margin:.3em 0}
-pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.8em}
-details{margin:.6em 0}
-"""
-
-_ERROR_KEYS = ("std", "se", "stderr", "sem")
+_RESULT_FIELDS = ("name", "title", "caption", "figures", "metrics", "seconds")
 
 
-def _format_number(x: Any) -> str:
-  if isinstance(x, bool):
-    return str(x)
-  if isinstance(x, int):
-    return f"{x:,}"
-  if isinstance(x, float):
-    if x != x:  # NaN is shown, never hidden: it marks a bug upstream.
-      return "NaN"
-    return f"{x:.4g}"
-  return html.escape(str(x))
+def findings_module():
+  """`vit_analysis.analyses.findings`, imported without `vit_analysis.analyses.__init__`.
 
-
-def _format_value(value: Any) -> str:
-  """A metric value as text: numbers, `mean ± err` dicts, short lists."""
-  if isinstance(value, Mapping) and "mean" in value:
-    err_key = next((k for k in _ERROR_KEYS if k in value), None)
-    if err_key is not None and not isinstance(value["mean"], (list, dict)):
-      return f"{_format_number(value['mean'])} ± {_format_number(value[err_key])} ({err_key})"
-  if isinstance(value, (list, tuple)):
-    shown = ", ".join(_format_value(v) for v in value[:12])
-    return f"[{shown}{', …' if len(value) > 12 else ''}]"
-  if isinstance(value, Mapping):
-    return "{" + ", ".join(f"{html.escape(str(k))}: {_format_value(v)}" for k, v in value.items()) + "}"
-  return _format_number(value)
-
-
-def _flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-  rows = []
-  for key, value in metrics.items():
-    name = f"{prefix}{key}"
-    is_error_bar = isinstance(value, Mapping) and "mean" in value and any(
-        k in value for k in _ERROR_KEYS)
-    if isinstance(value, Mapping) and not is_error_bar:
-      rows.extend(_flatten_metrics(value, prefix=f"{name} / "))
-    else:
-      rows.append((name, value))
-  return rows
-
-
-def _image_tag(workdir: str, relpath: str) -> str:
-  path = relpath if os.path.isabs(relpath) else os.path.join(workdir, relpath)
-  if not path.lower().endswith(".png"):
-    raise ValueError(f"report figures must be PNG files, got {relpath!r}")
-  with open(path, "rb") as f:
-    data = base64.b64encode(f.read()).decode("ascii")
-  alt = html.escape(os.path.basename(relpath))
-  return f'<img alt="{alt}" src="data:image/png;base64,{data}">'
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-  head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-  body = "".join("<tr>" + "".join(rows_cell for rows_cell in row) + "</tr>" for row in rows)
-  return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _cell(text: str, numeric: bool = False) -> str:
-  return f'<td class="num">{text}</td>' if numeric else f"<td>{text}</td>"
-
-
-def render_report(config: Mapping[str, Any], results: Sequence[AnalysisResult],
-                  model_summaries: Sequence[Mapping[str, Any]], workdir: str, *,
-                  title: str = "vit_analysis report",
-                  timings: Mapping[str, float] | None = None) -> str:
-  """The report as an HTML string.
-
-  Args:
-    config: the run's config as a plain dict (e.g. `config.to_dict()`).
-    results: one AnalysisResult per analysis, in run order.
-    model_summaries: one dict per model with keys among 'key', 'name', 'params', 'image_size',
-      'test_accuracy', 'train_seconds', 'source'.
-    workdir: the folder that figure paths are relative to.
-    title: page heading.
-    timings: stage name -> seconds (training, each analysis, total).
+  The package's `__init__` imports `analyses.base` (JAX, Flax); the findings module itself
+  needs only NumPy, so when the package is not imported yet its file is loaded on its own.
   """
-  now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-  parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-           f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
-           f"<h1>{html.escape(title)}</h1>",
-           f"<p class='meta'>Written {now} · workdir <code>{html.escape(workdir)}</code> · "
-           f"methods of Raghu et al. (2021), <i>Do Vision Transformers See Like Convolutional "
-           f"Neural Networks?</i></p>"]
+  name = "vit_analysis.analyses.findings"
+  if "vit_analysis.analyses" in sys.modules:
+    return importlib.import_module(name)
+  alias = "_vit_analysis_findings"
+  if alias not in sys.modules:
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "analyses", "findings.py")
+    spec = importlib.util.spec_from_file_location(alias, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[alias] = module
+    spec.loader.exec_module(module)
+  return sys.modules[alias]
 
-  toc = ["<a href='#models'>Models</a>"] + [
-      f"<a href='#{html.escape(r.name)}'>{html.escape(r.title)}</a>" for r in results] + [
+
+# ----------------------------------------------------------------------------------------------
+# Loading a workdir.
+
+
+def as_result(result: Any) -> dict[str, Any]:
+  """An AnalysisResult (or its JSON dict) as a plain dict of its fields."""
+  if isinstance(result, Mapping):
+    missing = [f for f in _RESULT_FIELDS[:5] if f not in result]
+    if missing:
+      raise ValueError(f"result {result.get('name', '?')!r} lacks the fields {missing}")
+    return {f: result.get(f, 0.0) for f in _RESULT_FIELDS}
+  return {f: getattr(result, f) for f in _RESULT_FIELDS}
+
+
+def _read_json(path: str, default: Any = None) -> Any:
+  if not os.path.exists(path):
+    return default
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def load_results(workdir: str) -> list[dict[str, Any]]:
+  """The saved analysis summaries `results/<analysis>.json`, in the config's analysis order."""
+  folder = os.path.join(workdir, "results")
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"{workdir!r} has no results/ folder: is it a vit_analysis workdir?")
+  found = {}
+  for fname in sorted(os.listdir(folder)):
+    if fname.endswith(".json"):
+      d = _read_json(os.path.join(folder, fname))
+      if isinstance(d, dict) and set(_RESULT_FIELDS[:5]) <= set(d):
+        found[d["name"]] = as_result(d)
+  order = list((_read_json(os.path.join(workdir, "config.json"), {}) or {}).get("analyses", ()))
+  return [found[n] for n in order if n in found] + [r for n, r in found.items() if n not in order]
+
+
+class Run:
+  """One workdir's saved state: results, model summaries, config, timings, checked findings."""
+
+  def __init__(self, workdir: str, results: Sequence[Any] | None = None,
+               models: Sequence[Mapping[str, Any]] | None = None,
+               config: Mapping[str, Any] | None = None,
+               timings: Mapping[str, float] | None = None, label: str = ""):
+    self.workdir = workdir
+    self.label = label or os.path.basename(os.path.normpath(workdir)) or workdir
+    self.results = ([as_result(r) for r in results] if results is not None
+                    else load_results(workdir))
+    self.models = list(models if models is not None
+                       else _read_json(os.path.join(workdir, "models.json"), []))
+    self.config = dict(config if config is not None
+                       else _read_json(os.path.join(workdir, "config.json"), {}))
+    self.timings = dict(timings if timings is not None
+                        else _read_json(os.path.join(workdir, "timings.json"), {}))
+    fnd = findings_module()
+    saved = fnd.SavedRun({r["name"]: r["metrics"] for r in self.results}, self.models,
+                         workdir=workdir)
+    self.findings = fnd.check(saved)
+
+  @property
+  def models_by_key(self) -> dict[str, Mapping[str, Any]]:
+    return {m["key"]: m for m in self.models if "key" in m}
+
+
+# ----------------------------------------------------------------------------------------------
+# HTML pieces.
+
+
+class _Ids:
+
+  def __init__(self):
+    self.n = 0
+
+  def __call__(self) -> str:
+    self.n += 1
+    return f"fig-{self.n}"
+
+
+def _figures_html(run: Run, result: Mapping[str, Any], ids: _Ids) -> str:
+  parts = []
+  for caption, fig in report_figures.figures(run.workdir, result, run.models_by_key):
+    parts.append(f"<h3>{html.escape(caption)}</h3>" + interactive.figure_div(fig, ids()))
+  return "".join(parts)
+
+
+def _static_html(run: Run, result: Mapping[str, Any]) -> str:
+  pngs = list(result["figures"])
+  imgs = "".join(report_html.image_tag(run.workdir, f) for f in pngs)
+  out = ""
+  if imgs:
+    out += (f"<details><summary>static figures ({len(pngs)} PNG; PDFs next to them in "
+            f"figures/)</summary><div class='figs'>{imgs}</div></details>")
+  if result["metrics"]:
+    out += ("<details open><summary>metrics</summary>" +
+            report_html.metrics_table(result["metrics"]) + "</details>")
+  return out + f"<p class='meta'>{float(result.get('seconds') or 0):.1f} s</p>"
+
+
+def _section(runs: Sequence[Run], name: str, ids: _Ids) -> str:
+  present = [(run, next((r for r in run.results if r["name"] == name), None)) for run in runs]
+  first = next(r for _, r in present if r is not None)
+  parts = [f"<h2 id='{html.escape(name)}'>{html.escape(first['title'])}</h2>",
+           f"<p class='caption'>{html.escape(first['caption'])}</p>"]
+  columns = []
+  for run, result in present:
+    head = f"<h3>{html.escape(run.label)}</h3>" if len(runs) > 1 else ""
+    if result is None:
+      columns.append(head + "<p class='meta'>not run</p>")
+    else:
+      columns.append(head + _figures_html(run, result, ids) + _static_html(run, result))
+  if len(runs) > 1:
+    parts.append("<div class='runs'>" + "".join(f"<div>{c}</div>" for c in columns) + "</div>")
+    if all(r is not None for _, r in present):
+      figs, notes = report_figures.differences(runs[0].workdir, runs[1].workdir, name,
+                                               runs[0].label, runs[1].label)
+      for note in notes:
+        parts.append(f"<p class='note'>{html.escape(note)}</p>")
+      for caption, fig in figs:
+        parts.append(f"<h3>difference: {html.escape(caption)}</h3>" +
+                     interactive.figure_div(fig, ids()))
+  else:
+    parts.append(columns[0])
+  return "".join(parts)
+
+
+def _timings_html(run: Run) -> str:
+  stage_times = dict(run.timings)
+  for result in run.results:
+    stage_times.setdefault(f"analysis: {result['name']}", float(result.get("seconds") or 0))
+  return report_html.seconds_table(stage_times)
+
+
+def render_page(runs: Sequence[Run], *, title: str = "vit_analysis report") -> str:
+  """The report of one run, or of two runs side by side, as an HTML string."""
+  if not 1 <= len(runs) <= 2:
+    raise ValueError(f"a report shows one or two runs, got {len(runs)}")
+  now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+  ids = _Ids()
+  dirs = " vs ".join(f"<code>{html.escape(r.workdir)}</code>" for r in runs)
+  parts = [(f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+           f"<title>{html.escape(title)}</title><style>{report_html.CSS}</style>"),
+           interactive.plotly_script(), "</head><body>",
+           f"<h1>{html.escape(title)}</h1>",
+           (f"<p class='meta'>Written {now} · workdir {dirs} · methods of Raghu et al. (2021), "
+           f"<i>Do Vision Transformers See Like Convolutional Neural Networks?</i> · hover a "
+           f"figure for layer names and error bars; drag to zoom, double-click to reset</p>")]
+  names = list(dict.fromkeys(r["name"] for run in runs for r in run.results))
+  titles = {r["name"]: r["title"] for run in runs for r in run.results}
+  toc = ["<a href='#findings'>Findings</a>", "<a href='#models'>Models</a>"] + [
+      f"<a href='#{html.escape(n)}'>{html.escape(titles[n])}</a>" for n in names] + [
           "<a href='#timings'>Timings</a>", "<a href='#config'>Config</a>"]
   parts.append("<p class='meta'>" + " · ".join(toc) + "</p>")
+  parts.append("<h2 id='findings'>The paper's findings in this run</h2>" +
+               report_html.findings_table(runs))
   parts.append("<h2 id='models'>Models</h2>")
-  model_cols = ["key", "name", "params", "image_size", "test_accuracy", "train_seconds", "source"]
-  rows = []
-  for m in model_summaries:
-    row = []
-    for col in model_cols:
-      value = m.get(col, "")
-      if col == "test_accuracy" and isinstance(value, float):
-        row.append(_cell(f"{100 * value:.2f}%", numeric=True))
-      else:
-        row.append(_cell(_format_value(value) if value != "" else "–",
-                         numeric=isinstance(value, (int, float))))
-    rows.append(row)
-  parts.append(_table(model_cols, rows))
-
-  for result in results:
-    parts.append(f"<h2 id='{html.escape(result.name)}'>{html.escape(result.title)}</h2>")
-    parts.append(f"<p class='caption'>{html.escape(result.caption)}</p>")
-    if result.figures:
-      parts.append("<div class='figs'>" +
-                   "".join(_image_tag(workdir, f) for f in result.figures) + "</div>")
-    metric_rows = [[_cell(html.escape(k)), _cell(_format_value(v), numeric=isinstance(v, (int, float)))]
-                   for k, v in _flatten_metrics(result.metrics)]
-    if metric_rows:
-      parts.append(_table(["metric", "value"], metric_rows))
-    parts.append(f"<p class='meta'>{result.seconds:.1f} s</p>")
-
+  for run in runs:
+    parts.append((f"<h3>{html.escape(run.label)}</h3>" if len(runs) > 1 else "") +
+                 report_html.models_table(run.models))
+  for name in names:
+    parts.append(_section(runs, name, ids))
   parts.append("<h2 id='timings'>Timings</h2>")
-  stage_times = dict(timings or {})
-  for result in results:
-    stage_times.setdefault(f"analysis: {result.name}", result.seconds)
-  parts.append(_table(["stage", "seconds"], [[_cell(html.escape(k)), _cell(f"{v:.1f}", True)]
-                                             for k, v in stage_times.items()]))
-
-  parts.append("<h2 id='config'>Config</h2><details><summary>the run's config</summary><pre>" +
-               html.escape(json.dumps(config, indent=2, sort_keys=True, default=str)) +
-               "</pre></details>")
+  for run in runs:
+    parts.append((f"<h3>{html.escape(run.label)}</h3>" if len(runs) > 1 else "") +
+                 _timings_html(run))
+  parts.append("<h2 id='config'>Config</h2>")
+  for run in runs:
+    parts.append(f"<details><summary>{html.escape(run.label)}: the run's config</summary><pre>" +
+                 html.escape(json.dumps(run.config, indent=2, sort_keys=True, default=str)) +
+                 "</pre></details>")
   parts.append("</body></html>")
   return "\n".join(parts)
 
 
-def write_report(workdir: str, config: Mapping[str, Any], results: Sequence[AnalysisResult],
-                 model_summaries: Sequence[Mapping[str, Any]], **kwargs: Any) -> str:
-  """Renders the report and writes `workdir/report.html` atomically; returns its path."""
-  if hasattr(config, "to_dict"):
-    config = config.to_dict()
-  page = render_report(config, results, model_summaries, workdir, **kwargs)
-  path = os.path.join(workdir, "report.html")
+def render_report(config: Mapping[str, Any], results: Sequence[Any],
+                  model_summaries: Sequence[Mapping[str, Any]], workdir: str, *,
+                  title: str = "vit_analysis report",
+                  timings: Mapping[str, float] | None = None) -> str:
+  """The report of results in memory (as `main.run` has them) as an HTML string.
+
+  Args:
+    config: the run's config as a plain dict (e.g. `config.to_dict()`).
+    results: AnalysisResults (or their JSON dicts), in run order.
+    model_summaries: one dict per model with keys among 'key', 'name', 'params', 'image_size',
+      'test_accuracy', 'train_seconds', 'source'.
+    workdir: the folder that figure paths and `results/` are relative to.
+    title: page heading.
+    timings: stage name -> seconds (training, each analysis, total).
+  """
+  run = Run(workdir, results=results, models=model_summaries, config=config,
+            timings=timings or {})
+  return render_page([run], title=title)
+
+
+def _write(path: str, text: str) -> str:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
-    f.write(page)
+    f.write(text)
   os.replace(tmp, path)
   return path
+
+
+def write_report(workdir: str, config: Mapping[str, Any], results: Sequence[Any],
+                 model_summaries: Sequence[Mapping[str, Any]], **kwargs: Any) -> str:
+  """Renders the report and writes `workdir/report.html` atomically; returns its path.
+
+  The timings are also kept in `workdir/timings.json`, so that a rebuilt page shows them.
+  """
+  if hasattr(config, "to_dict"):
+    config = config.to_dict()
+  if kwargs.get("timings"):
+    _write(os.path.join(workdir, "timings.json"), json.dumps(dict(kwargs["timings"]), indent=1))
+  page = render_report(config, results, model_summaries, workdir, **kwargs)
+  return _write(os.path.join(workdir, "report.html"), page)
+
+
+def rebuild(workdir: str, *, compare: str | None = None, out: str | None = None,
+            title: str = "vit_analysis report") -> str:
+  """Rewrites the page of `workdir` (beside `compare` if given) from saved results alone.
+
+  Returns:
+    The written path: `out`, else `workdir/report.html` (one run) or
+    `workdir/compare_<label of compare>.html` (two runs).
+  """
+  runs = [Run(workdir)]
+  if compare:
+    runs.append(Run(compare))
+    if runs[0].label == runs[1].label:
+      runs[0].label, runs[1].label = f"A: {runs[0].label}", f"B: {runs[1].label}"
+  if out is None:
+    out = os.path.join(workdir, "report.html" if not compare else
+                       f"compare_{os.path.basename(os.path.normpath(compare))}.html")
+  return _write(out, render_page(runs, title=title))
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+  parser = argparse.ArgumentParser(
+      prog="python -m vit_analysis.report",
+      description="Rebuild report.html from a workdir's saved results (no model, no JAX).")
+  parser.add_argument("--workdir", required=True, help="the run's workdir")
+  parser.add_argument("--compare", default=None, help="a second workdir shown side by side")
+  parser.add_argument("--out", default=None, help="output path (default: in the workdir)")
+  parser.add_argument("--title", default="vit_analysis report")
+  args = parser.parse_args(argv)
+  path = rebuild(args.workdir, compare=args.compare, out=args.out, title=args.title)
+  print(f"{path} ({os.path.getsize(path) / 2**20:.1f} MiB)")
+  return path
+
+
+if __name__ == "__main__":
+  main()
