@@ -275,9 +275,7 @@ def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_exam
                      f"minibatch_size {minibatch_size}")
   if num_examples > len(source):
     raise ValueError(f"num_examples {num_examples} > {len(source)} examples in the source")
-  devices = mesh.devices.size
-  s = max(minibatches_per_step, devices)
-  s = -(-s // devices) * devices
+  s = streaming.round_step(max(minibatches_per_step, 1), mesh)
   m = minibatch_size
   step = make_step(side_a, side_b)
   vars_a = sharding.replicate(side_a.variables, mesh)

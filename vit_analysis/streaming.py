@@ -421,14 +421,7 @@ def stream_sums(step_fn: Callable[..., Any], variables: Any, source: Any, indice
 
 
 # ---------------------------------------------------------------------------------------------
-# Small helpers of the callers.
-
-
-def round_up_to_devices(n: int, mesh: jax.sharding.Mesh) -> int:
-  """`n` (at least 1) rounded up to a multiple of the mesh's device count: a global step size
-  that splits over every device."""
-  devices = mesh.devices.size
-  return -(-max(1, int(n)) // devices) * devices
+# A bounded set of images on every process.
 
 
 def host_images(source: Any, indices: np.ndarray, image_size: int,

@@ -180,7 +180,7 @@ def evaluate(module: nn.Module, params: Any, src, *, image_size: int, batch_size
   correct = seen = 0
   view = (image_size, describe(module, image_size).normalization)
   batches = streaming.Stream(src, streaming.split(len(src)), views={"image": view}, mesh=mesh,
-                             step_size=streaming.round_up_to_devices(batch_size, mesh),
+                             step_size=streaming.round_step(batch_size, mesh),
                              with_labels=True, desc="evaluate")
   for batch in batches:
     c, n = counts(params, {"image": batch.images["image"], "label": batch.labels,

@@ -140,7 +140,7 @@ def model_distances(model: base.LoadedModel, source, mesh, *, num_images: int, b
   if indices is None:
     indices = streaming.sample(len(source), min(int(num_images), len(source)), seed)
   sums, stats = streaming.stream_sums(
-      step_fn, model.variables, source, indices, step_size=streaming.round_up_to_devices(
+      step_fn, model.variables, source, indices, step_size=streaming.round_step(
           min(int(batch_size), len(indices)), mesh), image_size=model.image_size,
       normalization=info.normalization, mesh=mesh, desc=f"attention distance {model.key}",
       compiler_options=compilation.compiler_options(fast), resume=resume)

@@ -224,7 +224,7 @@ def model_erfs(model: base.LoadedModel, layers: list[str], source, mesh, *, num_
   indices = streaming.sample(len(source), min(int(num_images), len(source)), seed)
   sums, stats = streaming.stream_sums(
       step_fn, model.variables, source, indices,
-      step_size=streaming.round_up_to_devices(min(int(batch_size), len(indices)), mesh),
+      step_size=streaming.round_step(min(int(batch_size), len(indices)), mesh),
       image_size=model.image_size, normalization=info.normalization, mesh=mesh,
       desc=f"ERF {model.key}", compiler_options=compilation.compiler_options(fast),
       resume=resume)

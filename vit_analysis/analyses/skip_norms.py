@@ -177,7 +177,7 @@ def model_skip_statistics(model: base.LoadedModel, source, mesh, *, num_images: 
   indices = streaming.sample(len(source), min(int(num_images), len(source)), seed)
   sums, stats = streaming.stream_sums(
       step_fn, model.variables, source, indices,
-      step_size=streaming.round_up_to_devices(min(int(batch_size), len(indices)), mesh),
+      step_size=streaming.round_step(min(int(batch_size), len(indices)), mesh),
       image_size=model.image_size, normalization=model.info.normalization, mesh=mesh,
       desc=f"skip norms {model.key}", compiler_options=compilation.compiler_options(fast),
       resume=resume)
