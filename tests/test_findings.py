@@ -4,9 +4,13 @@ import pytest
 
 from vit_analysis.analyses import findings
 
-MODELS = [{"key": "vit", "name": "ViT-B_32", "image_size": 224},
-          {"key": "vit_gap", "name": "ViT-B_32-gap", "image_size": 224},
-          {"key": "resnet", "name": "R50x1", "image_size": 224}]
+# models.json summaries as main writes them (the facts come from models.describe).
+MODELS = [{"key": "vit", "name": "ViT-B_32", "image_size": 224, "family": "vit", "has_cls": True,
+           "patch_size": 32},
+          {"key": "vit_gap", "name": "ViT-B_32-gap", "image_size": 224, "family": "vit",
+           "has_cls": False, "patch_size": 32},
+          {"key": "resnet", "name": "R50x1", "image_size": 224, "family": "resnet",
+           "has_cls": False, "patch_size": None}]
 
 
 def _run(name, metrics, arrays=None, models=MODELS):
@@ -21,15 +25,13 @@ def _shown(name, metrics, arrays=None, match=""):
   return [f.shown for f in out]
 
 
-def test_family_and_cls_from_names_or_summary():
-  run = findings.SavedRun({}, MODELS + [{"key": "m", "name": "Mixer-B_16"},
-                                        {"key": "h", "name": "R50+ViT-B_16"},
-                                        {"key": "x", "name": "thing", "family": "ViT",
-                                         "classifier": "gap"}])
-  assert [run.family(k) for k in ("vit", "resnet", "m", "h", "x")] == [
-      "vit", "resnet", "mixer", "hybrid", "vit"]
+def test_family_and_cls_from_the_summaries():
+  run = findings.SavedRun({}, MODELS + [{"key": "h", "name": "R50+ViT-B_16", "family": "hybrid",
+                                         "has_cls": True},
+                                        {"key": "x", "name": "ViT-like-name"}])
+  assert [run.family(k) for k in ("vit", "resnet", "h", "x")] == [
+      "vit", "resnet", "hybrid", "other"]  # never guessed from a name
   assert run.has_cls("vit") and not run.has_cls("vit_gap") and not run.has_cls("x")
-  assert findings.family_of_name("BiT-M-R50x1") == "resnet"
 
 
 def _intra(vit_mean, res_mean, n=10, first_last=(0.6, 0.3)):

@@ -36,7 +36,7 @@ from vit_analysis import checkpoints, config_lib, report, sharding
 from vit_analysis import data as data_lib
 from vit_analysis import train as train_lib
 from vit_analysis.analyses import base
-from vit_analysis.models import create_model
+from vit_analysis.models import create_model, describe
 
 # Keys that change neither the models nor the results: ignored when comparing configs.
 _NON_RESULT_KEYS = ("overwrite", "model_cache", "distributed", "description")
@@ -259,10 +259,13 @@ class ModelBuilder:
       accuracy = train_lib.evaluate(module, params, sources["test"], image_size=image_size,
                                     batch_size=self._eval_batch_size(), mesh=self.mesh)
     logging.info("model %s (%s): test accuracy %.4f (%s)", key, entry.name, accuracy, origin)
+    info = describe(module, image_size)
     self.summaries.append({
         "key": key, "name": entry.name, "params": int(sum(x.size for x in jax.tree.leaves(params))),
         "image_size": image_size, "test_accuracy": accuracy, "train_seconds": time.time() - t0,
-        "source": origin})
+        "source": origin, "family": info.family, "has_cls": info.has_cls,
+        "classifier": "token" if info.has_cls else "gap", "patch_size": info.patch_size,
+        "num_prefix_tokens": info.num_prefix_tokens})
     return base.LoadedModel(key=key, name=entry.name, module=module,
                             variables={"params": params}, image_size=image_size,
                             test_accuracy=accuracy, fingerprint=fingerprint)

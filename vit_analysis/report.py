@@ -18,37 +18,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import html
-import importlib
-import importlib.util
 import json
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from vit_analysis import report_figures, report_html
+from vit_analysis.analyses import findings
 from vit_analysis.plotting import interactive
 
 _RESULT_FIELDS = ("name", "title", "caption", "figures", "metrics", "seconds")
-
-
-def findings_module():
-  """`vit_analysis.analyses.findings`, imported without `vit_analysis.analyses.__init__`.
-
-  The package's `__init__` imports `analyses.base` (JAX, Flax); the findings module itself
-  needs only NumPy, so when the package is not imported yet its file is loaded on its own.
-  """
-  name = "vit_analysis.analyses.findings"
-  if "vit_analysis.analyses" in sys.modules:
-    return importlib.import_module(name)
-  alias = "_vit_analysis_findings"
-  if alias not in sys.modules:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "analyses", "findings.py")
-    spec = importlib.util.spec_from_file_location(alias, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[alias] = module
-    spec.loader.exec_module(module)
-  return sys.modules[alias]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,7 +83,7 @@ class Run:
                        else _read_json(os.path.join(workdir, "config.json"), {}))
     self.timings = dict(timings if timings is not None
                         else _read_json(os.path.join(workdir, "timings.json"), {}))
-    fnd = findings_module()
+    fnd = findings
     saved = fnd.SavedRun({r["name"]: r["metrics"] for r in self.results}, self.models,
                          workdir=workdir)
     self.findings = fnd.check(saved)

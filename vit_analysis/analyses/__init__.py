@@ -10,7 +10,10 @@ from typing import Callable
 
 import ml_collections
 
-from vit_analysis.analyses.base import AnalysisResult, Context, LoadedModel
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+  from vit_analysis.analyses.base import AnalysisResult, Context, LoadedModel
 
 # name -> "module:function" (relative to this package). Paper figures in the comments.
 _REGISTRY: dict[str, str] = {
@@ -55,6 +58,15 @@ def default_config(name: str) -> ml_collections.ConfigDict:
   """
   module, _ = _module(name)
   return module.default_config()
+
+
+def __getattr__(name: str):
+  # `base` imports JAX and Flax; importing it lazily keeps `vit_analysis.analyses.findings` (and
+  # with it the report, which reads only saved results) free of both.
+  if name in ("AnalysisResult", "Context", "LoadedModel"):
+    from vit_analysis.analyses import base  # pylint: disable=g-import-not-at-top
+    return getattr(base, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["AnalysisResult", "Context", "LoadedModel", "NAMES", "default_config", "get"]

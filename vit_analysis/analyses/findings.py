@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -92,31 +91,13 @@ class SavedRun:
     return None
 
   def family(self, key: str) -> str:
-    """'vit', 'resnet', 'mixer', 'hybrid' or 'other' for a model key (from its summary)."""
-    m = self.models.get(key, {})
-    if m.get("family"):
-      return str(m["family"]).lower()
-    return family_of_name(str(m.get("name", "")))
+    """'vit', 'resnet', 'mixer', 'hybrid' or 'other' for a model key: its summary's 'family'
+    (written by `main` from `models.describe`)."""
+    return str(self.models.get(key, {}).get("family", "other")).lower()
 
   def has_cls(self, key: str) -> bool:
-    """True for a ViT with a CLS token (summary 'classifier', else no 'gap' in its name)."""
-    m = self.models.get(key, {})
-    if m.get("classifier"):
-      return m["classifier"] == "token"
-    return self.family(key) == "vit" and "gap" not in str(m.get("name", "")).lower()
-
-
-def family_of_name(name: str) -> str:
-  """Family from a registry name: 'ViT-B_32' vit, 'R50x1' / 'BiT-M-R50x1' resnet, ...."""
-  if name.startswith("Mixer"):
-    return "mixer"
-  if "+ViT" in name:
-    return "hybrid"
-  if name.startswith("ViT"):
-    return "vit"
-  if re.match(r"^(BiT-[A-Z]-)?R", name):
-    return "resnet"
-  return "other"
+    """True for a model whose token 0 is a CLS token (its summary's 'has_cls')."""
+    return bool(self.models.get(key, {}).get("has_cls", False))
 
 
 def _fmt(x: float) -> str:
@@ -320,11 +301,8 @@ def check_receptive_field(run: SavedRun) -> list[Finding]:
 
 
 def _patch_size(run: SavedRun, key: str) -> int | None:
-  m = run.models.get(key, {})
-  if m.get("patch_size"):
-    return int(m["patch_size"])
-  match = re.search(r"_(\d+)", str(m.get("name", "")))  # vit_jax spelling: 'ViT-B_32'
-  return int(match.group(1)) if match else None
+  patch = run.models.get(key, {}).get("patch_size")
+  return int(patch) if patch else None
 
 
 def check_skip_norms(run: SavedRun) -> list[Finding]:
