@@ -33,7 +33,11 @@ SMOKE_NAMES = {
 
 # Keys a model entry of `config.models` may have.
 # `checkpoint_options` are keyword arguments of `checkpoints.load_npz` (fresh_head, ...).
-MODEL_KEYS = ("name", "num_classes", "checkpoint", "checkpoint_options", "train", "overrides")
+# A user's own Flax module instead of a registry model: `module='package.path:ClassName'`
+# built with `module_kwargs`, its parameters from `checkpoint` (a flax msgpack file, or any file
+# read by `load_fn='package.path:function'`, called as `load_fn(path, module) -> params`).
+MODEL_KEYS = ("name", "num_classes", "checkpoint", "checkpoint_options", "train", "overrides",
+              "module", "module_kwargs", "load_fn")
 
 # Top-level keys every experiment config may have (besides one sub-config per analysis name).
 TOP_LEVEL_KEYS = ("seed", "data", "models", "train", "analyses", "model_cache", "overwrite",
@@ -203,6 +207,19 @@ def digits_model(key: str, name: str, *, smoke: bool = False, train_steps: int |
       "train": ml_collections.ConfigDict(recipe),
       "overrides": dict(overrides or {}),
   })
+
+
+def user_model(name: str, module: str, checkpoint: str = "", *, load_fn: str = "",
+               **module_kwargs: Any) -> ml_collections.ConfigDict:
+  """A model entry for any Flax linen module: `module='package.path:ClassName'`.
+
+  Its layers are captured by method interception (every submodule's output under its scope
+  path); the representation analyses (CKA family, probes, localisation) run on it.
+  """
+  return ml_collections.ConfigDict({
+      "name": name, "num_classes": 0, "checkpoint": checkpoint, "checkpoint_options": {},
+      "train": None, "overrides": {}, "module": module, "module_kwargs": dict(module_kwargs),
+      "load_fn": load_fn})
 
 
 def official_model(name: str, checkpoint: str, num_classes: int,

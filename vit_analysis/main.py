@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -164,6 +165,9 @@ def model_hash(config: ml_collections.ConfigDict, entry: Any, extra: str = "") -
       "data": _plain(config.data),
       "seed": config.get("seed", 0),
   }
+  for key in ("module", "module_kwargs", "load_fn"):  # only when set: older hashes stay valid
+    if entry.get(key):
+      content["model"][key] = _plain(entry[key])
   if extra:
     content["extra"] = extra
   text = json.dumps(content, sort_keys=True, default=str)
@@ -227,13 +231,17 @@ class ModelBuilder:
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     image_size = int(overrides.get("image_size", self.image_size))
     num_classes = entry.get("num_classes") or sources["test"].num_classes
-    module = create_model(entry.name, num_classes, **overrides)
+    if entry.get("module"):
+      module = _import(entry.module, "module")(**dict(_plain(entry.get("module_kwargs")) or {}))
+    else:
+      module = create_model(entry.name, num_classes, **overrides)
     if getattr(module, "image_size", image_size) != image_size:
       module = module.clone(image_size=image_size)
     params, origin = None, "random init"
     if entry.get("checkpoint"):
       options = dict(_plain(entry.get("checkpoint_options")) or {})
-      params = self._load_checkpoint(entry.checkpoint, module, image_size, options)
+      params = self._load_checkpoint(entry.checkpoint, module, image_size, options,
+                                     entry.get("load_fn", ""))
       origin = f"checkpoint {entry.checkpoint}"
     if init_from is not None:
       params = _transfer(train_lib.init_params(module, image_size, self.seed),
@@ -256,9 +264,12 @@ class ModelBuilder:
         logging.warning("model %r has neither a checkpoint nor a train config: random init", key)
         params = train_lib.init_params(module, image_size, self.seed)
       params = sharding.replicate(params, self.mesh)
-      accuracy = train_lib.evaluate(module, params, sources["test"], image_size=image_size,
-                                    batch_size=self._eval_batch_size(), mesh=self.mesh)
-    logging.info("model %s (%s): test accuracy %.4f (%s)", key, entry.name, accuracy, origin)
+      accuracy = None
+      if describe(module, image_size).family != "other":  # a user module's head is its own
+        accuracy = train_lib.evaluate(module, params, sources["test"], image_size=image_size,
+                                      batch_size=self._eval_batch_size(), mesh=self.mesh)
+    logging.info("model %s (%s): test accuracy %s (%s)", key, entry.name,
+                 "n/a" if accuracy is None else f"{accuracy:.4f}", origin)
     info = describe(module, image_size)
     self.summaries.append({
         "key": key, "name": entry.name, "params": int(sum(x.size for x in jax.tree.leaves(params))),
@@ -277,15 +288,40 @@ class ModelBuilder:
   def _eval_batch_size(self) -> int:
     return int(train_lib.effective_config(self.config.get("train")).eval_batch_size)
 
-  def _load_checkpoint(self, path: str, module, image_size: int, options: dict[str, Any]):
+  def _load_checkpoint(self, path: str, module, image_size: int, options: dict[str, Any],
+                       load_fn: str = ""):
+    """Parameters from a checkpoint file, by its kind: a user function, timm safetensors, a
+    flax msgpack file, or an official / big_vision npz."""
+    if load_fn:
+      return _import(load_fn, "load_fn")(path, module)
     if path.startswith(config_lib.SYNTHETIC_CHECKPOINT):
       path = _write_synthetic(path, os.path.join(self.cache, "synthetic"))
+    if path.endswith(".safetensors"):
+      return checkpoints.load_safetensors(path, module, image_size=image_size,
+                                          **options)["params"]
+    if path.endswith(".msgpack"):
+      return checkpoints.load_msgpack(path, module, **options)["params"]
     return checkpoints.load_npz(path, module, image_size=image_size, **options)["params"]
 
   def write_summaries(self, path: str) -> None:
     with open(path + ".tmp", "w") as f:
       json.dump(self.summaries, f, indent=1)
     os.replace(path + ".tmp", path)
+
+
+def _import(spec: str, what: str) -> Any:
+  """The object named 'package.path:Name'.
+
+  Raises:
+    ValueError: naming the config key and what is wrong with the spec.
+  """
+  path, sep, name = spec.partition(":")
+  if not sep or not path or not name:
+    raise ValueError(f"{what} must be 'package.path:Name', got {spec!r}")
+  try:
+    return getattr(importlib.import_module(path), name)
+  except (ImportError, AttributeError) as e:
+    raise ValueError(f"{what} {spec!r} cannot be imported: {e}") from e
 
 
 def _write_synthetic(spec: str, folder: str) -> str:
