@@ -325,16 +325,19 @@ def load_safetensors(path: PathLike, model: nn.Module, *, image_size: int | None
   size = image_size or model.image_size
   entries = checkpoints_timm.layout(model, size)
   expected = {k: shape for k, shape, _ in entries}
-  hints = checkpoints_timm.hints(state, model, expected)
   if fresh_head:
     state = {k: v for k, v in state.items() if not k.startswith('head.')}
     state.update({k: np.zeros(shape, np.float32) for k, shape in expected.items()
                   if k.startswith('head.')})
+  hints = checkpoints_timm.hints(state, model, expected)
   pos = state.get('pos_embed')
   if pos is not None and 'pos_embed' in expected and pos.shape != expected['pos_embed']:
     new = expected['pos_embed']
     if pos.ndim == 3 and pos.shape[2] == new[2] and resize_posemb_ok:
-      state['pos_embed'] = resize_posemb(pos, new[1], _posemb_prefix(model))
+      try:
+        state['pos_embed'] = resize_posemb(pos, new[1], _posemb_prefix(model))
+      except ValueError as e:  # Usually a prefix-token mismatch, reported with the keys below.
+        hints.append(f'pos_embed {tuple(pos.shape)} cannot be resized to {new}: {e}')
     elif pos.ndim == 3 and pos.shape[2] == new[2]:
       hints.append(f'pos_embed has {pos.shape[1]} tokens in the file and {new[1]} in the model '
                    '(another image size): pass resize_posemb_ok=True or set image_size')
