@@ -24,8 +24,8 @@ def timm_state(rng, *, width=32, depth=2, patch=8, mlp=64, grid_tokens=16, cls=T
   LayerNorm epsilon of `norm_pre`, which makes eps 1e-5 vs 1e-6 visible in the output.
   """
   d = width
-  w = lambda *shape: rng.normal(0, 0.2, shape).astype(np.float32)  # noqa: E731
-  e = lambda *shape: (w(*shape) * embed_scale).astype(np.float32)  # noqa: E731
+  w = lambda *shape: rng.normal(0, 0.2, shape).astype(np.float32)
+  e = lambda *shape: (w(*shape) * embed_scale).astype(np.float32)
   sd = {'patch_embed.proj.weight': e(d, 3, patch, patch)}
   if embed_bias:
     sd['patch_embed.proj.bias'] = e(d)
@@ -34,7 +34,7 @@ def timm_state(rng, *, width=32, depth=2, patch=8, mlp=64, grid_tokens=16, cls=T
   if reg:
     sd['reg_token'] = e(1, reg, d)
   sd['pos_embed'] = e(1, grid_tokens + (0 if no_embed_class else int(cls) + reg), d)
-  norm = lambda name: {f'{name}.weight': 1 + w(d), f'{name}.bias': w(d)}  # noqa: E731
+  norm = lambda name: {f'{name}.weight': 1 + w(d), f'{name}.bias': w(d)}
   if pre_norm:
     sd.update(norm('norm_pre'))
   for i in range(depth):
@@ -203,8 +203,9 @@ def test_every_mismatch_is_named_at_once(tmp_path):
     checkpoints.load_safetensors(tmp_path / 'bad.safetensors', model)
   msg = str(e.value)
   for part in ('missing in file (1): blocks.1.mlp.fc2.bias', 'unexpected in file (2): mask_token',
-               'reg_token', 'shape mismatch (1): blocks.0.attn.proj.weight: file (32, 16) vs '
-               'model (32, 32)', 'num_registers=4'):
+               'reg_token', 'num_registers=4',
+               ('shape mismatch (1): blocks.0.attn.proj.weight: file (32, 16) vs '
+                'model (32, 32)')):
     assert part in msg, (part, msg)
 
 
@@ -218,7 +219,7 @@ def test_heads_and_fresh_head(tmp_path):
                                  create_model('timm:vit_base_patch16_224.dino', 5, **kw))
   model = create_model('timm:vit_base_patch16_224.dino', 0, **kw)
   images = rng.normal(0, 1, (1, 32, 32, 3)).astype(np.float32)
-  logits, out = model.apply(checkpoints.load_safetensors(tmp_path / 'ssl.safetensors', model),
+  logits, _ = model.apply(checkpoints.load_safetensors(tmp_path / 'ssl.safetensors', model),
                             images)
   np.testing.assert_allclose(logits, timm_forward(sd, images)[0], rtol=1e-5, atol=2e-5)
   fresh = create_model('timm:vit_base_patch16_224.dino', 7, **kw)

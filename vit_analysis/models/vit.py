@@ -251,7 +251,7 @@ class Encoder(nn.Module):
     if self.posemb == 'sincos2d':
       if grid[0] * grid[1] != x.shape[1]:
         raise ValueError(f'sincos2d needs the grid shape of the {x.shape[1]} tokens, got {grid}')
-      x = x + posemb_sincos_2d(*grid, x.shape[-1], x.dtype)
+      x = x + posemb_sincos_2d(*grid, x.shape[-1], dtype=x.dtype)
     elif not self.posemb_prefix:
       x = x + PosEmbed(name='posembed_input')(x)
     if prefix is not None:
