@@ -1,4 +1,4 @@
-"""Checkpoint files <-> Flax param trees: npz (vit_jax, BiT, big_vision), safetensors (timm), msgpack.
+"""Checkpoint files <-> Flax params: npz (vit_jax, BiT, big_vision), safetensors (timm), msgpack.
 
 The npz files are flat dicts with '/'-joined keys. The models in vit_analysis.models use
 the files' module names (pre-linen `MultiHeadDotProductAttention_1`, `LayerNorm_2`, `MlpBlock_3`;

@@ -21,8 +21,10 @@ import numpy as np
 
 _PREFIXES = ('params/img/', 'params/')
 _LINEN_TO_PRELINEN = {
-    'LayerNorm_0': 'LayerNorm_0', 'MultiHeadDotProductAttention_0': 'MultiHeadDotProductAttention_1',
-    'LayerNorm_1': 'LayerNorm_2', 'MlpBlock_0': 'MlpBlock_3'}
+    'LayerNorm_0': 'LayerNorm_0',
+    'MultiHeadDotProductAttention_0': 'MultiHeadDotProductAttention_1',
+    'LayerNorm_1': 'LayerNorm_2',
+    'MlpBlock_0': 'MlpBlock_3'}
 _BLOCK = re.compile(r'^Transformer/encoderblock_(\d+)/([^/]+)/(.*)$')
 _SCANNED = 'Transformer/encoderblock/'
 

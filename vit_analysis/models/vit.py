@@ -6,10 +6,10 @@ with ONE counter per parent, which gives `LayerNorm_0`, `MultiHeadDotProductAtte
 `LayerNorm_2`, `MlpBlock_3` inside each encoder block. Linen would number per type
 (`LayerNorm_1`, `MlpBlock_0`), so every submodule here gets an explicit `name=`.
 
-Attention is written out (instead of `nn.MultiHeadDotProductAttention`) so that the per-head weights
-and the per-head outputs before the output projection can be recorded. Parameter shapes, initialisers
-and the order of operations (query scaled by 1/sqrt(d_h) before q.k, softmax in float32) are those of
-Flax's module, so the outputs agree with vit_jax to float32 rounding.
+Attention is written out (instead of `nn.MultiHeadDotProductAttention`) so that the per-head
+weights and the per-head outputs before the output projection can be recorded. Parameter shapes,
+initialisers and the order of operations (query scaled by 1/sqrt(d_h) before q.k, softmax in
+float32) are those of Flax's module, so the outputs agree with vit_jax to float32 rounding.
 
 Every forward pass returns `(logits, out)`, where `out` holds the named representations in forward
 order ('embedding', 'block00/ln0', ..., 'encoder_norm', 'pre_logits', 'logits'; see
