@@ -20,7 +20,7 @@ def _mha(rng, w):
           'out/kernel': w(H, hd, D), 'out/bias': w(D)}
 
 
-def bv_params(rng, *, patch=8, grid=16, pool='map', posemb='learn'):
+def bv_params(rng, *, patch=8, grid=16, pool='map', posemb='learn', depth=L, mlp=MLP):
   """Unrolled big_vision ViT params, flat, with big_vision's names."""
   w = lambda *shape: rng.normal(0, 0.2, shape).astype(np.float32)
   ln = lambda: {'scale': 1 + w(D), 'bias': w(D)}
@@ -29,33 +29,33 @@ def bv_params(rng, *, patch=8, grid=16, pool='map', posemb='learn'):
     p['pos_embedding'] = w(1, grid, D)
   if pool == 'tok':
     p['cls'] = w(1, 1, D)
-  for i in range(L):
+  for i in range(depth):
     b = f'Transformer/encoderblock_{i}'
     p.update({f'{b}/LayerNorm_0/{k}': v for k, v in ln().items()})
     p.update({f'{b}/MultiHeadDotProductAttention_0/{k}': v for k, v in _mha(rng, w).items()})
     p.update({f'{b}/LayerNorm_1/{k}': v for k, v in ln().items()})
-    p.update({f'{b}/MlpBlock_0/Dense_0/kernel': w(D, MLP), f'{b}/MlpBlock_0/Dense_0/bias': w(MLP),
-              f'{b}/MlpBlock_0/Dense_1/kernel': w(MLP, D), f'{b}/MlpBlock_0/Dense_1/bias': w(D)})
+    p.update({f'{b}/MlpBlock_0/Dense_0/kernel': w(D, mlp), f'{b}/MlpBlock_0/Dense_0/bias': w(mlp),
+              f'{b}/MlpBlock_0/Dense_1/kernel': w(mlp, D), f'{b}/MlpBlock_0/Dense_1/bias': w(D)})
   p.update({f'Transformer/encoder_norm/{k}': v for k, v in ln().items()})
   if pool == 'map':
     p['MAPHead_0/probe'] = w(1, 1, D)
     p.update({f'MAPHead_0/MultiHeadDotProductAttention_0/{k}': v for k, v in _mha(rng, w).items()})
     p.update({f'MAPHead_0/LayerNorm_0/{k}': v for k, v in ln().items()})
-    p.update({'MAPHead_0/MlpBlock_0/Dense_0/kernel': w(D, MLP),
-              'MAPHead_0/MlpBlock_0/Dense_0/bias': w(MLP),
-              'MAPHead_0/MlpBlock_0/Dense_1/kernel': w(MLP, D),
+    p.update({'MAPHead_0/MlpBlock_0/Dense_0/kernel': w(D, mlp),
+              'MAPHead_0/MlpBlock_0/Dense_0/bias': w(mlp),
+              'MAPHead_0/MlpBlock_0/Dense_1/kernel': w(mlp, D),
               'MAPHead_0/MlpBlock_0/Dense_1/bias': w(D)})
   p['head/kernel'], p['head/bias'] = w(D, C), w(C)
   return p
 
 
-def scan(flat):
+def scan(flat, depth=L):
   """big_vision's scan=True layout: one array per block parameter with a leading depth axis."""
   out = {k: v for k, v in flat.items() if not k.startswith('Transformer/encoderblock_')}
   names = {k.split('/', 2)[2] for k in flat if k.startswith('Transformer/encoderblock_')}
   for n in names:
     out[f'Transformer/encoderblock/{n}'] = np.stack(
-        [flat[f'Transformer/encoderblock_{i}/{n}'] for i in range(L)])
+        [flat[f'Transformer/encoderblock_{i}/{n}'] for i in range(depth)])
   return out
 
 
@@ -155,6 +155,21 @@ def test_big_vision_npz_matches_float64_reference(case, tmp_path):
   np.testing.assert_allclose(feats['logits'], ref_logits, rtol=1e-5, atol=2e-5)
   for i, ref in enumerate(ref_blocks):
     np.testing.assert_allclose(feats[f'block{i:02d}'], ref, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_inspect_big_vision_npz(case, tmp_path):
+  # big_vision's 'mu' size (width 32, depth 1, MLP 128) is a real variant: the file names itself.
+  pool, posemb, (prefix, scanned, _) = CASES[case]
+  p = bv_params(np.random.default_rng(0), pool=pool, posemb=posemb, depth=1, mlp=128)
+  flat = {prefix + k: v for k, v in (scan(p, 1) if scanned else p).items()}
+  np.savez(tmp_path / 'bv.npz', **flat)
+  info = checkpoints.inspect_npz(tmp_path / 'bv.npz')
+  assert info == {'name': 'big_vision:mu/8', 'num_classes': C, 'pool_type': pool,
+                  'posemb': posemb, 'representation_size': None,
+                  'image_size': 32 if posemb == 'learn' else None}, info
+  model = create_model(info['name'], C, pool_type=pool, posemb=posemb, image_size=32)
+  checkpoints.load_npz(tmp_path / 'bv.npz', model)  # the named variant takes the file
 
 
 def test_sincos2d_is_big_vision_formula():

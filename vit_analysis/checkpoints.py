@@ -419,14 +419,22 @@ def inspect_npz(source: NpzSource) -> dict[str, Any]:
      pre_logits width or None, 'image_size': the resolution the file was trained at (None for
      BiT: any)}.
     Pass them to `create_model(name, num_classes, representation_size=...)` (ViT only).
+    A big_vision file gives 'big_vision:<size>/<patch>' and also 'pool_type' and 'posemb'
+    (image_size None for sincos2d), for `create_model(name, num_classes, pool_type=...,
+    posemb=..., rep_size=representation_size or False)`.
 
   Raises:
     ValueError: a layout that is none of the three families, or a size the registry lacks.
   """
   flat = read_npz(source)
+  big_vision = checkpoints_big_vision.is_big_vision(flat)
+  if big_vision:
+    flat = checkpoints_big_vision.to_vit_jax(flat)
   head = flat.get('head/kernel', flat.get('resnet/head/conv2d/kernel'))
   info = {'num_classes': None if head is None else int(head.shape[-1]),
           'representation_size': None, 'image_size': None}
+  if big_vision:
+    return {**info, **checkpoints_big_vision.describe_flat(flat)}
   if 'embedding/kernel' in flat and POSEMB_KEY in flat:
     p, d = flat['embedding/kernel'].shape[0], flat['embedding/kernel'].shape[-1]
     depth = len({k.split('/')[1] for k in flat if k.startswith('Transformer/encoderblock_')})

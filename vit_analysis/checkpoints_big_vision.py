@@ -19,6 +19,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from vit_analysis.models import big_vision_vit
+
 _PREFIXES = ('params/img/', 'params/')
 _LINEN_TO_PRELINEN = {
     'LayerNorm_0': 'LayerNorm_0',
@@ -77,3 +79,32 @@ def to_vit_jax(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
       k = 'Transformer/posembed_input/pos_embedding'
     renamed[k] = v
   return renamed
+
+
+def describe_flat(flat: Mapping[str, np.ndarray]) -> dict[str, object]:
+  """Variant and options of a big_vision ViT from its (renamed, `to_vit_jax`) params.
+
+  Returns:
+    {'name': 'big_vision:<size>/<patch>', 'pool_type': 'tok' | 'gap' | 'map', 'posemb':
+     'learn' | 'sincos2d', 'representation_size': int or None, 'image_size': int or None}.
+
+  Raises:
+    ValueError: no patch embedding, or a width / depth none of big_vision's sizes has.
+  """
+  if 'embedding/kernel' not in flat:
+    raise ValueError(f'no embedding/kernel: not a ViT; first keys {sorted(flat)[:6]}')
+  kernel = flat['embedding/kernel']
+  patch, width = int(kernel.shape[0]), int(kernel.shape[-1])
+  depth = len({k.split('/')[1] for k in flat if k.startswith('Transformer/encoderblock_')})
+  sizes = [s for s, (w, d, _, _) in big_vision_vit.SIZES.items() if (w, d) == (width, depth)]
+  if not sizes:
+    raise ValueError(f'no big_vision size has width {width} and depth {depth}')
+  posemb = flat.get('Transformer/posembed_input/pos_embedding')
+  pre = flat.get('pre_logits/kernel')
+  return {
+      'name': f'big_vision:{sizes[0]}/{patch}',
+      'pool_type': 'map' if 'MAPHead_0/probe' in flat else 'tok' if 'cls' in flat else 'gap',
+      'posemb': 'sincos2d' if posemb is None else 'learn',
+      'representation_size': None if pre is None else int(pre.shape[-1]),
+      # The grid is square in every big_vision release; None when the embedding is fixed.
+      'image_size': None if posemb is None else int(np.sqrt(posemb.shape[1])) * patch}
