@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from vit_analysis import capture, checkpoints
-from vit_analysis.models import create_model, describe, vit
+from vit_analysis.models import create_model, describe, vit_blocks
 
 D, H, MLP, L, C = 32, 2, 64, 2, 5
 
@@ -173,9 +173,9 @@ def test_inspect_big_vision_npz(case, tmp_path):
 
 
 def test_sincos2d_is_big_vision_formula():
-  np.testing.assert_allclose(vit.posemb_sincos_2d(3, 5, 16), sincos2d(3, 5, 16), atol=1e-6)
+  np.testing.assert_allclose(vit_blocks.posemb_sincos_2d(3, 5, 16), sincos2d(3, 5, 16), atol=1e-6)
   with pytest.raises(ValueError, match='divisible by 4'):
-    vit.posemb_sincos_2d(2, 2, 10)
+    vit_blocks.posemb_sincos_2d(2, 2, 10)
 
 
 def test_big_vision_posemb_resize_skips_the_cls_token(tmp_path):
