@@ -11,6 +11,7 @@ import pytest
 from vit_analysis import capture, checkpoints
 from vit_analysis.models import create_model
 
+
 def _keys(model):
   return set(checkpoints.param_shapes(model))
 
