@@ -173,7 +173,8 @@ def test_layer_names_in_forward_order(vit_pair):
       'blocks_0/mlp/fc1') < names.index('blocks_0/mlp') < names.index('blocks_0') < names.index(
           'blocks_1/norm1')
   assert 'blocks_0/attn/query' in names  # Flax's own submodules of the attention layer
-  assert describe(foreign).family == 'other' and not capture.is_builtin(foreign)
+  assert describe(foreign).family == 'other' and capture.uses_interception(foreign, (32, 32, 3))
+  assert not capture.uses_interception(create_model('ViT-smoke_8', 10), (32, 32, 3))
   with pytest.raises(KeyError, match="close matches: \\['blocks_0/mlp"):
     capture.select(names, 'blocks_0/mpl')
 
@@ -227,3 +228,21 @@ class Twice(nn.Module):
 def test_repeated_calls_and_tuple_outputs():
   names = capture.layer_names(Twice(), (2, 2, 3))
   assert names == ['shared', 'shared@1', 'output/0', 'output/1']
+
+
+class WithTrain(nn.Module):
+  """Takes `train` (dropout) but returns plain logits: intercepted, called with train=False."""
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Dropout(0.5, deterministic=not train)(nn.Dense(4, name='fc')(x.reshape(len(x), -1)))
+    return nn.Dense(2, name='head')(x)
+
+
+def test_module_with_train_argument():
+  model = WithTrain()
+  assert capture.uses_interception(model, (2, 2, 3))
+  x = jnp.ones((3, 2, 2, 3))
+  variables = model.init(jax.random.key(0), x, train=False)
+  got = capture.capture(model, variables, x, ['fc', 'output'])
+  np.testing.assert_allclose(got['output'], model.apply(variables, x, train=False), rtol=1e-6)

@@ -1,9 +1,9 @@
 """Named representations: list them, select them by glob, compute only the selected ones.
 
-Built-in models (vit_analysis.models; `describe(model).family != 'other'`) return
-`(logits, out)` where `out` is a plain dict of '/'-joined names filled in forward order (see
-vit_analysis/layers.py). Any other Flax linen module is used unchanged: its forward pass
-`model.apply(variables, images)` runs under `nn.intercept_methods`, and the output of every
+Built-in models (vit_analysis.models), and any module whose `apply(v, images, train=False)`
+returns `(logits, out)`, give `out`: a plain dict of '/'-joined names filled in forward order
+(see vit_analysis/layers.py). Any other Flax linen module is used unchanged: its forward pass
+`model.apply(variables, images[, train=False])` runs under `nn.intercept_methods`, and the output of every
 submodule `__call__` is recorded under the submodule's scope path ('Encoder_0/Block_3/Mlp_0'),
 in the order the calls return (a block after its children), with the module's own output as
 'output'. A submodule called twice gets 'path', then 'path@1'; a call returning several arrays
@@ -57,9 +57,41 @@ def _image_struct(image_shape: Sequence[int], batch: int = 1) -> jax.ShapeDtypeS
   return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
-def is_builtin(model: nn.Module) -> bool:
-  """Whether `model` fills an `out` dict (a vit_analysis model) rather than being intercepted."""
-  return model_info.describe(model).family != 'other'
+_MODE_CACHE: dict[Any, str] = {}
+
+
+def _find_mode(model: nn.Module, image_shape: Sequence[int]) -> str:
+  """'out' (returns (logits, dict)), 'train' or 'plain' (intercepted, with / without train=)."""
+  if model_info.describe(model).family != 'other':
+    return 'out'
+  struct = _image_struct(tuple(image_shape)[-3:])
+  try:
+    y = jax.eval_shape(
+        lambda x: model.init_with_output(jax.random.key(0), x, train=False)[0], struct)
+  except TypeError:  # No `train` argument.
+    return 'plain'
+  return 'out' if isinstance(y, tuple) and len(y) == 2 and isinstance(y[1], dict) else 'train'
+
+
+def _mode(model: nn.Module, image_shape: Sequence[int]) -> str:
+  key = (model, tuple(image_shape)[-3:])
+  try:
+    cached = _MODE_CACHE.get(key)
+  except TypeError:  # An unhashable module field: decide every time.
+    return _find_mode(model, image_shape)
+  if cached is None:
+    cached = _MODE_CACHE[key] = _find_mode(model, image_shape)
+  return cached
+
+
+def uses_interception(model: nn.Module, image_shape: Sequence[int]) -> bool:
+  """True when `model` does not return `(logits, out)` and its layers are intercepted.
+
+  Built-in models (and any module whose `apply(v, images, train=False)` returns
+  `(logits, dict)`) fill `out`; every other module is called as `apply(v, images,
+  train=False)` if it takes `train`, else `apply(v, images)`, under `nn.intercept_methods`.
+  """
+  return _mode(model, image_shape) != 'out'
 
 
 def _record(out: dict[str, Any], name: str, value: Any) -> None:
@@ -89,29 +121,31 @@ def _interceptor(out: dict[str, Any]):
 def forward(model: nn.Module, variables: Any, images: Array) -> tuple[Any, dict[str, Array]]:
   """(model output, {name: representation} in forward order) for built-in or foreign modules.
 
-  Built-in models are called as `apply(variables, images, train=False)`; other modules as
-  `apply(variables, images)`, their layers recorded by method interception.
+  Models that fill `out` are called as `apply(variables, images, train=False)`; other modules
+  as `apply(variables, images)`, their layers recorded by method interception.
   """
-  if is_builtin(model):
+  mode = _mode(model, images.shape)
+  if mode == 'out':
     return model.apply(variables, images, train=False)
   out: dict[str, Array] = {}
   with nn.intercept_methods(_interceptor(out)):
-    y = model.apply(variables, images)
+    y = model.apply(variables, images, **({'train': False} if mode == 'train' else {}))
   return y, out
 
 
 def _trace(model: nn.Module, images: jax.ShapeDtypeStruct) -> dict[str, jax.ShapeDtypeStruct]:
   """Abstract forward pass: {name: ShapeDtypeStruct} in forward order (no FLOPs, no memory)."""
   order = []
-  builtin = is_builtin(model)
+  mode = _mode(model, images.shape)
 
   def forward(x):
-    if builtin:
+    if mode == 'out':
       (_, out), _ = model.init_with_output(jax.random.key(0), x, train=False)
     else:
       out = {}
       with nn.intercept_methods(_interceptor(out)):
-        model.init_with_output(jax.random.key(0), x)
+        model.init_with_output(jax.random.key(0), x,
+                               **({'train': False} if mode == 'train' else {}))
     order.extend(out)  # Python-side, during tracing: the dict still has forward order here.
     return out
 
