@@ -45,7 +45,6 @@ Array = jax.Array
 CLASSIFIERS = ('token', 'gap', 'map')
 
 
-
 # Fields that `encode_and_classify` reads, with the values that give vit_jax's ViT: a module
 # without a field (the hybrid) gets this value.
 _TOKEN_DEFAULTS = {
