@@ -32,6 +32,10 @@ setuptools.setup(
         "opencv-python-headless>=4.8",
         # The report's interactive figures: plotly.js, inlined once per page (works offline).
         "plotly>=5.24",
+        # timm-layout ViT weights (DeiT, DINO, DINOv2, MAE, CLIP) are read with its NumPy API.
+        "safetensors>=0.4",
+        # Checkpoint paths: epath opens gs:// (and local) files alike (checkpoints.py).
+        "etils[epath]>=1.5",
     ],
     extras_require={
         "dev": [

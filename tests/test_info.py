@@ -1,9 +1,12 @@
 """models.describe: the one description of a model, checked against each family's layout."""
 import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from vit_analysis import capture, models
 from vit_analysis.models import ModelInfo, create_model, describe
+from vit_analysis.models.info import to_model_input
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -63,3 +66,15 @@ def test_describe_foreign_module():
   info = describe(_Foreign(), 8)
   assert info == ModelInfo('other', False, 0, None, None, 0, None, False, 'other')
   assert models.describe is describe
+
+
+def test_to_model_input():
+  rng = np.random.default_rng(0)
+  pixels = rng.uniform(0, 1, (2, 4, 4, 3)).astype(np.float32)
+  x = 2 * pixels - 1
+  got = to_model_input(x, IMAGENET)
+  mean, std = (np.asarray(v) for v in IMAGENET)
+  np.testing.assert_allclose(got, (pixels - mean) / std, rtol=1e-5, atol=1e-5)
+  assert got.dtype == np.float32
+  assert to_model_input(x, 'minus_one_one') is x
+  np.testing.assert_allclose(to_model_input(jnp.asarray(x), IMAGENET), got, atol=1e-6)

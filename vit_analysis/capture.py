@@ -1,9 +1,17 @@
 """Named representations: list them, select them by glob, compute only the selected ones.
 
-Every model returns `(logits, out)` where `out` is a plain dict of '/'-joined names filled in
-forward order (contracts.md). This module never changes a model: it calls `apply` and keeps the
-selected entries. Under `jit`, XLA removes whatever the outputs do not depend on, so unselected
-representations (and, with `reduce`, the full-size selected ones) are never materialized.
+Built-in models (vit_analysis.models), and any module whose `apply(v, images, train=False)`
+returns `(logits, out)`, give `out`: a plain dict of '/'-joined names filled in forward order
+(see vit_analysis/layers.py). Any other Flax linen module is used unchanged: its forward pass
+`model.apply(variables, images[, train=False])` runs under `nn.intercept_methods`, and the output of every
+submodule `__call__` is recorded under the submodule's scope path ('Encoder_0/Block_3/Mlp_0'),
+in the order the calls return (a block after its children), with the module's own output as
+'output'. A submodule called twice gets 'path', then 'path@1'; a call returning several arrays
+gets 'path/0', 'path/1', ... (its pytree leaves in order).
+
+This module never changes a model: it calls `apply` and keeps the selected entries. Under `jit`,
+XLA removes whatever the outputs do not depend on, so unselected representations (and, with
+`reduce`, the full-size selected ones) are never materialized.
 
 Ordering: JAX flattens dicts with sorted keys, so a dict that crosses a `jit` boundary comes back
 sorted. Names are therefore recorded in forward order while tracing and results are re-ordered
@@ -23,6 +31,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vit_analysis.models import info as model_info
 
 Array = jax.Array
 Patterns = str | Sequence[str]
@@ -47,12 +57,95 @@ def _image_struct(image_shape: Sequence[int], batch: int = 1) -> jax.ShapeDtypeS
   return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
+_MODE_CACHE: dict[Any, str] = {}
+
+
+def _find_mode(model: nn.Module, image_shape: Sequence[int]) -> str:
+  """'out' (returns (logits, dict)), 'train' or 'plain' (intercepted, with / without train=)."""
+  if model_info.describe(model).family != 'other':
+    return 'out'
+  struct = _image_struct(tuple(image_shape)[-3:])
+  try:
+    y = jax.eval_shape(
+        lambda x: model.init_with_output(jax.random.key(0), x, train=False)[0], struct)
+  except TypeError:  # No `train` argument.
+    return 'plain'
+  return 'out' if isinstance(y, tuple) and len(y) == 2 and isinstance(y[1], dict) else 'train'
+
+
+def _mode(model: nn.Module, image_shape: Sequence[int]) -> str:
+  key = (model, tuple(image_shape)[-3:])
+  try:
+    cached = _MODE_CACHE.get(key)
+  except TypeError:  # An unhashable module field: decide every time.
+    return _find_mode(model, image_shape)
+  if cached is None:
+    cached = _MODE_CACHE[key] = _find_mode(model, image_shape)
+  return cached
+
+
+def uses_interception(model: nn.Module, image_shape: Sequence[int]) -> bool:
+  """True when `model` does not return `(logits, out)` and its layers are intercepted.
+
+  Built-in models (and any module whose `apply(v, images, train=False)` returns
+  `(logits, dict)`) fill `out`; every other module is called as `apply(v, images,
+  train=False)` if it takes `train`, else `apply(v, images)`, under `nn.intercept_methods`.
+  """
+  return _mode(model, image_shape) != 'out'
+
+
+def _record(out: dict[str, Any], name: str, value: Any) -> None:
+  leaves = jax.tree_util.tree_leaves(value)
+  arrays = [v for v in leaves if isinstance(v, (jax.Array, np.ndarray))]
+  if len(arrays) == 1 and len(leaves) == 1:
+    out[name] = arrays[0]
+  else:
+    out.update({f'{name}/{i}': v for i, v in enumerate(arrays)})
+
+
+def _interceptor(out: dict[str, Any]):
+  """Records every submodule `__call__` output into `out`, keyed by scope path."""
+  def interceptor(next_fun, args, kwargs, context):
+    y = next_fun(*args, **kwargs)
+    module = context.module
+    if context.method_name == '__call__' and module.scope is not None:
+      path = '/'.join(module.scope.path) or 'output'
+      name, n = path, 1
+      while name in out or f'{name}/0' in out:
+        name, n = f'{path}@{n}', n + 1
+      _record(out, name, y)
+    return y
+  return interceptor
+
+
+def forward(model: nn.Module, variables: Any, images: Array) -> tuple[Any, dict[str, Array]]:
+  """(model output, {name: representation} in forward order) for built-in or foreign modules.
+
+  Models that fill `out` are called as `apply(variables, images, train=False)`; other modules
+  as `apply(variables, images)`, their layers recorded by method interception.
+  """
+  mode = _mode(model, images.shape)
+  if mode == 'out':
+    return model.apply(variables, images, train=False)
+  out: dict[str, Array] = {}
+  with nn.intercept_methods(_interceptor(out)):
+    y = model.apply(variables, images, **({'train': False} if mode == 'train' else {}))
+  return y, out
+
+
 def _trace(model: nn.Module, images: jax.ShapeDtypeStruct) -> dict[str, jax.ShapeDtypeStruct]:
   """Abstract forward pass: {name: ShapeDtypeStruct} in forward order (no FLOPs, no memory)."""
   order = []
+  mode = _mode(model, images.shape)
 
   def forward(x):
-    (_, out), _ = model.init_with_output(jax.random.key(0), x, train=False)
+    if mode == 'out':
+      (_, out), _ = model.init_with_output(jax.random.key(0), x, train=False)
+    else:
+      out = {}
+      with nn.intercept_methods(_interceptor(out)):
+        model.init_with_output(jax.random.key(0), x,
+                               **({'train': False} if mode == 'train' else {}))
     order.extend(out)  # Python-side, during tracing: the dict still has forward order here.
     return out
 
@@ -78,11 +171,12 @@ def layer_names(model: nn.Module, image_shape: Sequence[int]) -> list[str]:
   """Every capturable representation of `model`, in forward order.
 
   Args:
-    model: a registry model (returns `(logits, out)`).
+    model: a registry model (returns `(logits, out)`) or any Flax linen module taking images.
     image_shape: (h, w, c) or (b, h, w, c).
 
   Returns:
-    The names of `out`, e.g. ['embedding', 'block00/ln0', ..., 'logits'].
+    The names of `out`, e.g. ['embedding', 'block00/ln0', ..., 'logits'], or for a foreign
+    module the scope paths of its submodule calls, e.g. ['Conv_0', ..., 'Dense_0', 'output'].
   """
   return list(_shapes(model, _image_struct(image_shape)))
 
@@ -92,7 +186,7 @@ def layer_shapes(model: nn.Module, image_shape: Sequence[int]
   """{name: ShapeDtypeStruct} of every representation, in forward order (no compute).
 
   Args:
-    model: a registry model.
+    model: a registry model or any Flax linen module (see the module docstring).
     image_shape: (h, w, c) (batch 1) or (b, h, w, c).
   """
   return dict(_shapes(model, _image_struct(image_shape)))
@@ -131,7 +225,7 @@ def make_capture_fn(model: nn.Module, layers: Patterns,
   computation (CKA Gram accumulation, pooled probe features) XLA never materializes the rest.
 
   Args:
-    model: a registry model.
+    model: a registry model or any Flax linen module (see the module docstring).
     layers: glob(s) over the model's names (resolved when the function is traced).
     reduce: optional callable applied to each selected array, e.g. a Gram
       `lambda x: (f := x.reshape(x.shape[0], -1)) @ f.T` or token pooling.
@@ -143,7 +237,7 @@ def make_capture_fn(model: nn.Module, layers: Patterns,
   patterns = _as_patterns(layers)
 
   def fn(variables, images):
-    _, out = model.apply(variables, images, train=False)
+    _, out = forward(model, variables, images)
     names = select(list(out), patterns)
     return {n: out[n] if reduce is None else reduce(out[n]) for n in names}
 
@@ -174,7 +268,7 @@ def capture(model: nn.Module, variables: Any, images: Array, layers: Patterns = 
   """Jitted forward pass returning only the selected representations.
 
   Args:
-    model: a registry model.
+    model: a registry model or any Flax linen module (see the module docstring).
     variables: {'params': ...}.
     images: [b, h, w, c] float32 in [-1, 1].
     layers: glob(s) over `layer_names(model, images.shape)`.
@@ -201,7 +295,7 @@ def plan_bytes(model: nn.Module, image_shape: Sequence[int], batch: int,
   """Bytes each selected representation takes for one batch (via `jax.eval_shape`, no compute).
 
   Args:
-    model: a registry model.
+    model: a registry model or any Flax linen module (see the module docstring).
     image_shape: (h, w, c) (or (b, h, w, c), whose b is replaced by `batch`).
     batch: batch size.
     layers: glob(s) over the model's names.

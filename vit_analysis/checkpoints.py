@@ -1,59 +1,124 @@
-"""Official `.npz` checkpoints (vit_jax ViT, BiT ResNet-v2, MLP-Mixer) <-> Flax param trees.
+"""Checkpoint files <-> Flax params: npz (vit_jax, BiT, big_vision), safetensors (timm), msgpack.
 
-The files are flat dicts with '/'-joined keys (paper.md §4). The models in vit_analysis.models use
+The npz files are flat dicts with '/'-joined keys. The models in vit_analysis.models use
 the files' module names (pre-linen `MultiHeadDotProductAttention_1`, `LayerNorm_2`, `MlpBlock_3`;
 BiT's `resnet/block1/unit01/a/...`), so loading is a name-by-name match against the param tree the
 model would create (built with `jax.eval_shape`, no weights are initialised). Every missing key,
 unexpected key and shape mismatch is reported at once, with hints for the usual causes.
 
 Handled on the way (all visible in `load_npz`'s arguments):
-  * an `opt/target/` prefix (big_vision exports) is stripped;
+  * an `opt/target/` prefix (old exports) is stripped;
+  * big_vision layouts (`params/img/` or `params/` prefixes, scanned `Transformer/encoderblock/`
+    arrays, linen-numbered block children, top-level `pos_embedding`) are renamed to vit_jax's
+    (vit_analysis.checkpoints_big_vision);
   * old GroupNorm scale/bias of shape (1, 1, 1, C) are squeezed to (C,) (vit_jax `_fix_groupnorm`);
   * the position embedding is resized when the token grid differs (vit_jax
     `interpolate_posembed`: CLS kept, square grid, `scipy.ndimage.zoom(order=1)`, corner-aligned);
   * `fresh_head=True` replaces the file's head by a zero head of the model's width;
   * `drop_pre_logits=True` ignores an ImageNet-21k `pre_logits` layer the model does not have.
+
+timm state dicts saved with safetensors load through `load_safetensors` (key map in
+vit_analysis.checkpoints_timm); Flax msgpack params files through `load_msgpack`. Every path
+is opened with `etils.epath`, so `gs://...` works wherever epath has a backend for it.
 """
 from __future__ import annotations
 
 import math
 import os
 import re
+import struct
 import tempfile
-from typing import Any, Mapping
+import zipfile
+from collections.abc import Mapping
+from typing import Any
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import msgpack
 import numpy as np
+import safetensors
+import safetensors.numpy
 import scipy.ndimage
+from etils import epath
+
+from vit_analysis import checkpoints_big_vision, checkpoints_timm
+from vit_analysis.models import info as model_info
 
 PREFIX = 'opt/target/'
 POSEMB_KEY = 'Transformer/posembed_input/pos_embedding'
 _HEAD_PREFIXES = ('head/', 'resnet/head/')
 _NORM_LEAF = re.compile(r'(.*/)?(group_norm|gn_?\w*|\w*[Nn]orm\w*)/(gamma|beta|scale|bias)$')
 
-NpzSource = str | os.PathLike | Mapping[str, Any]
+PathLike = str | os.PathLike
+NpzSource = PathLike | Mapping[str, Any]
+
+
+def _kind(head: bytes) -> str:
+  """What a file that is not an npz most likely is, from its first bytes."""
+  if not head:
+    return 'it is empty'
+  if head.startswith(b'\x93NUMPY'):
+    return 'it is a single .npy array (numpy.save), not an archive of named arrays'
+  if len(head) >= 9 and head[8:9] == b'{' and struct.unpack('<Q', head[:8])[0] < 1 << 30:
+    return 'it is a safetensors file: use checkpoints.load_safetensors'
+  if head[:1] == b'\x80':
+    return ('it looks like a pickle (a legacy PyTorch .pth) or a Flax msgpack file: save timm '
+            'weights with safetensors and use checkpoints.load_safetensors, or use '
+            'checkpoints.load_msgpack')
+  if head[:1] in (b'{', b'['):
+    return 'it is text (JSON?)'
+  return f'it starts with {head[:8]!r}'
+
+
+def _not_npz(path: Any, why: str) -> ValueError:
+  return ValueError(
+      f'{path} is not an .npz checkpoint: expected a zip archive of .npy arrays with '
+      f"'/'-joined parameter names (numpy.savez; the vit_jax, BiT and big_vision releases); "
+      f'{why}')
 
 
 def read_npz(source: NpzSource) -> dict[str, np.ndarray]:
   """Reads an npz file (or takes a mapping) into {key: array}, stripping 'opt/target/'.
 
   Args:
-    source: path of an `.npz` file, or a mapping of '/'-joined keys to arrays.
+    source: path of an `.npz` file (anything `etils.epath` opens, e.g. gs://), or a mapping of
+      '/'-joined keys to arrays.
 
   Returns:
     {key: np.ndarray} with the prefix removed from every key that has it.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: the file is not an npz archive (the message says what it seems to be).
   """
   if isinstance(source, Mapping):
     flat = {k: np.asarray(v) for k, v in source.items()}
   else:
-    with np.load(os.fspath(source), allow_pickle=False) as f:
-      flat = {k: f[k] for k in f.files}
+    path = epath.Path(source)
+    if not path.exists():
+      raise FileNotFoundError(f'checkpoint file not found: {source}')
+    with path.open('rb') as f:
+      head = f.read(16)
+      if not head.startswith(b'PK'):
+        raise _not_npz(source, _kind(head))
+      f.seek(0)
+      try:
+        with np.load(f, allow_pickle=False) as z:
+          torch_zip = any(n.endswith('.pkl') for n in z.zip.namelist())
+          flat = {} if torch_zip else {k: z[k] for k in z.files}
+      except (zipfile.BadZipFile, ValueError, OSError) as e:
+        raise _not_npz(source, f'a zip that numpy cannot read as arrays ({e})') from None
+    if torch_zip:
+      raise _not_npz(source, 'it is a PyTorch zip checkpoint (torch.save): save the state dict '
+                     'with safetensors and use checkpoints.load_safetensors')
+    odd = sorted(k for k, v in flat.items() if not isinstance(v, np.ndarray))
+    if odd:
+      raise _not_npz(source, f'members that are not .npy arrays: {odd[:5]}')
   out = {}
   for k, v in flat.items():
-    key = k[len(PREFIX):] if k.startswith(PREFIX) else k
+    key = k.removeprefix(PREFIX)
     if key in out:
       raise ValueError(f'checkpoint has {key!r} both with and without the {PREFIX!r} prefix')
     out[key] = v
@@ -127,6 +192,8 @@ def load_npz(source: NpzSource, model: nn.Module, *, image_size: int | None = No
       with hints (classifier, pre_logits, head width, resolution).
   """
   flat = read_npz(source)
+  if checkpoints_big_vision.is_big_vision(flat):
+    flat = checkpoints_big_vision.to_vit_jax(flat)
   expected = param_shapes(model, image_size)
   hints = []
 
@@ -148,7 +215,7 @@ def load_npz(source: NpzSource, model: nn.Module, *, image_size: int | None = No
     old, new = flat[POSEMB_KEY].shape, expected[POSEMB_KEY].shape
     if old != new and len(old) == len(new) == 3 and old[2] == new[2]:
       if resize_posemb_ok:
-        flat[POSEMB_KEY] = resize_posemb(flat[POSEMB_KEY], new[1], int(model_cls))
+        flat[POSEMB_KEY] = resize_posemb(flat[POSEMB_KEY], new[1], _posemb_prefix(model))
       else:
         hints.append(f'position embedding has {old[1]} tokens in the file and {new[1]} in the '
                      'model (another image size): pass resize_posemb_ok=True or set image_size')
@@ -184,28 +251,129 @@ def load_npz(source: NpzSource, model: nn.Module, *, image_size: int | None = No
       hints.append('the model has no head (num_classes=0/None): pass fresh_head=True to drop '
                    "the file's head")
 
-  missing = sorted(set(expected) - set(flat))
-  unexpected = sorted(set(flat) - set(expected))
-  common = set(flat) & set(expected)
-  mismatched = sorted(k for k in common if flat[k].shape != expected[k].shape)
+  mismatched = sorted(k for k in set(flat) & set(expected) if flat[k].shape != expected[k].shape)
   if any('/token_mixing/' in k for k in mismatched):
     hints.append('Mixer token-mixing shapes differ: the token count (image size / patch) is '
                  'fixed by the checkpoint; use its image size')
+  _check_fit(model, flat, {k: tuple(e.shape) for k, e in expected.items()}, hints)
+  params = {k: jnp.asarray(flat[k], dtype=e.dtype) for k, e in expected.items()}
+  return {'params': flax.traverse_util.unflatten_dict(params, sep='/')}
+
+
+def _posemb_prefix(model: nn.Module) -> int:
+  """How many prefix tokens (CLS, registers) the model's position embedding has entries for."""
+  if not getattr(model, 'posemb_prefix', True):
+    return 0
+  return model_info.describe(model, getattr(model, 'image_size', None) or None).num_prefix_tokens
+
+
+def _check_fit(model: nn.Module, flat: Mapping[str, np.ndarray],
+               expected: Mapping[str, tuple[int, ...]], hints: list[str]) -> None:
+  """Raises one ValueError naming every missing, unexpected, mis-shaped and non-finite array."""
+  missing = sorted(set(expected) - set(flat))
+  unexpected = sorted(set(flat) - set(expected))
+  common = set(flat) & set(expected)
+  mismatched = sorted(k for k in common if tuple(flat[k].shape) != tuple(expected[k]))
   bad_values = sorted(k for k in common - set(mismatched)
                       if flat[k].dtype.kind not in 'fiu' or not np.all(np.isfinite(flat[k])))
   if missing or unexpected or mismatched or bad_values or hints:
-    lines = [f'checkpoint does not fit {type(model).__name__} '
-             f'({len(expected)} model params, {len(flat)} file arrays):']
+    lines = [(f'checkpoint does not fit {type(model).__name__} '
+              f'({len(expected)} model params, {len(flat)} file arrays):')]
     lines += [f'  hint: {h}' for h in hints]
     lines += [f'  missing in file ({len(missing)}): {k}' for k in missing]
     lines += [f'  unexpected in file ({len(unexpected)}): {k}' for k in unexpected]
     lines += [f'  shape mismatch ({len(mismatched)}): {k}: file {tuple(flat[k].shape)} vs '
-              f'model {tuple(expected[k].shape)}' for k in mismatched]
+              f'model {tuple(expected[k])}' for k in mismatched]
     lines += [f'  non-numeric or non-finite values: {k} ({flat[k].dtype})' for k in bad_values]
     raise ValueError('\n'.join(lines))
 
-  params = {k: jnp.asarray(flat[k], dtype=e.dtype) for k, e in expected.items()}
+
+def read_safetensors(path: PathLike) -> dict[str, np.ndarray]:
+  """{tensor name: np.ndarray} of a safetensors file (any `etils.epath` path)."""
+  p = epath.Path(path)
+  if not p.exists():
+    raise FileNotFoundError(f'checkpoint file not found: {path}')
+  data = p.read_bytes()
+  try:
+    return dict(safetensors.numpy.load(data))
+  except (safetensors.SafetensorError, ValueError, TypeError) as e:
+    raise ValueError(f'{path} is not a safetensors file readable with NumPy ({e}); '
+                     f'{_kind(data[:16])}') from None
+
+
+def load_safetensors(path: PathLike, model: nn.Module, *, image_size: int | None = None,
+                     fresh_head: bool = False, resize_posemb_ok: bool = True) -> dict[str, Any]:
+  """Loads a timm `VisionTransformer` state dict (safetensors) into the project's ViT.
+
+  Args:
+    path: `.safetensors` file (e.g. `model.safetensors` of a timm model on the Hugging Face hub).
+    model: a `VisionTransformer` with the architecture's options (`create_model('timm:...')`).
+    image_size: input size the params are built for (default: `model.image_size`); a position
+      embedding of another grid is resized (bilinear, corner-aligned, as vit_jax; timm itself
+      resamples bicubically, so a resized grid differs from timm's by the interpolation).
+    fresh_head: ignore the file's head and use a zero head of the model's width.
+    resize_posemb_ok: allow the position-embedding resize.
+
+  Returns:
+    {'params': nested dict} for `model.apply`.
+
+  Raises:
+    ValueError: listing every missing, unexpected and mis-shaped tensor by its timm name, with
+      the option that fixes the usual causes.
+  """
+  state = read_safetensors(path)
+  size = image_size or model.image_size
+  entries = checkpoints_timm.layout(model, size)
+  expected = {k: shape for k, shape, _ in entries}
+  if fresh_head:
+    state = {k: v for k, v in state.items() if not k.startswith('head.')}
+    state.update({k: np.zeros(shape, np.float32) for k, shape in expected.items()
+                  if k.startswith('head.')})
+  hints = checkpoints_timm.hints(state, model, expected)
+  pos = state.get('pos_embed')
+  if pos is not None and 'pos_embed' in expected and pos.shape != expected['pos_embed']:
+    new = expected['pos_embed']
+    if pos.ndim == 3 and pos.shape[2] == new[2] and resize_posemb_ok:
+      try:
+        state['pos_embed'] = resize_posemb(pos, new[1], _posemb_prefix(model))
+      except ValueError as e:  # Usually a prefix-token mismatch, reported with the keys below.
+        hints.append(f'pos_embed {tuple(pos.shape)} cannot be resized to {new}: {e}')
+    elif pos.ndim == 3 and pos.shape[2] == new[2]:
+      hints.append(f'pos_embed has {pos.shape[1]} tokens in the file and {new[1]} in the model '
+                   '(another image size): pass resize_posemb_ok=True or set image_size')
+  _check_fit(model, state, expected, hints)
+  flat = checkpoints_timm.to_flax(state, entries)
+  shapes = param_shapes(model, size)
+  if set(flat) != set(shapes):  # The key map and the model disagree: a bug here, not the file.
+    raise AssertionError(f'timm key map out of date: {sorted(set(flat) ^ set(shapes))[:6]}')
+  params = {k: jnp.asarray(flat[k], dtype=e.dtype) for k, e in shapes.items()}
   return {'params': flax.traverse_util.unflatten_dict(params, sep='/')}
+
+
+def read_msgpack(path: PathLike) -> dict[str, np.ndarray]:
+  """Flat {'/'-joined key: array} of a Flax msgpack file (`flax.serialization.to_bytes`).
+
+  A top-level {'params': ...} (a variables dict or a train state's params) is unwrapped.
+  """
+  p = epath.Path(path)
+  if not p.exists():
+    raise FileNotFoundError(f'checkpoint file not found: {path}')
+  data = p.read_bytes()
+  try:
+    tree = flax.serialization.msgpack_restore(data)
+  except (msgpack.UnpackException, ValueError, TypeError) as e:
+    raise ValueError(f'{path} is not a Flax msgpack file ({type(e).__name__}: {e}); '
+                     f'{_kind(data[:16])}') from None
+  if not isinstance(tree, dict):
+    raise TypeError(f'{path} holds a {type(tree).__name__}, not a dict of parameters')
+  if set(tree) == {'params'} or ('params' in tree and 'step' in tree):
+    tree = tree['params']
+  return {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(tree, sep='/').items()}
+
+
+def load_msgpack(path: PathLike, model: nn.Module, **kwargs: Any) -> dict[str, Any]:
+  """`load_npz` for a Flax msgpack params file; takes the same keyword arguments."""
+  return load_npz(read_msgpack(path), model, **kwargs)
 
 
 def save_npz(params: Mapping[str, Any], path: str | os.PathLike) -> None:
@@ -251,14 +419,22 @@ def inspect_npz(source: NpzSource) -> dict[str, Any]:
      pre_logits width or None, 'image_size': the resolution the file was trained at (None for
      BiT: any)}.
     Pass them to `create_model(name, num_classes, representation_size=...)` (ViT only).
+    A big_vision file gives 'big_vision:<size>/<patch>' and also 'pool_type' and 'posemb'
+    (image_size None for sincos2d), for `create_model(name, num_classes, pool_type=...,
+    posemb=..., rep_size=representation_size or False)`.
 
   Raises:
     ValueError: a layout that is none of the three families, or a size the registry lacks.
   """
   flat = read_npz(source)
+  big_vision = checkpoints_big_vision.is_big_vision(flat)
+  if big_vision:
+    flat = checkpoints_big_vision.to_vit_jax(flat)
   head = flat.get('head/kernel', flat.get('resnet/head/conv2d/kernel'))
   info = {'num_classes': None if head is None else int(head.shape[-1]),
           'representation_size': None, 'image_size': None}
+  if big_vision:
+    return {**info, **checkpoints_big_vision.describe_flat(flat)}
   if 'embedding/kernel' in flat and POSEMB_KEY in flat:
     p, d = flat['embedding/kernel'].shape[0], flat['embedding/kernel'].shape[-1]
     depth = len({k.split('/')[1] for k in flat if k.startswith('Transformer/encoderblock_')})

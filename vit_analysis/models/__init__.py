@@ -11,7 +11,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from vit_analysis.models import hybrid, mixer, resnet, vit
+from vit_analysis.models import big_vision_vit, hybrid, mixer, resnet, timm_vit, vit
 from vit_analysis.models.hybrid import HybridViT
 from vit_analysis.models.info import ModelInfo, describe
 from vit_analysis.models.mixer import MlpMixer
@@ -45,7 +45,10 @@ def create_model(name: str, num_classes: int | None, **overrides: Any) -> nn.Mod
 
   Args:
     name: vit_jax spelling, e.g. 'ViT-B_16', 'ViT-B_32-gap-norep', 'Mixer-B_16', 'R50x1', or a
-      small CPU variant ('ViT-demo_4', 'ViT-smoke_8', 'Mixer-smoke_8', 'R26x1-small', ...).
+      small CPU variant ('ViT-demo_4', 'ViT-smoke_8', 'Mixer-smoke_8', 'R26x1-small', ...);
+      'timm:<timm model name>' (e.g. 'timm:vit_base_patch14_reg4_dinov2.lvd142m', see
+      models.timm_vit); 'big_vision:<variant>' (e.g. 'big_vision:B/16', see
+      models.big_vision_vit; takes pool_type=, posemb=, rep_size= overrides).
     num_classes: width of the head (0/None: no head).
     **overrides: constructor fields to change, e.g. image_size=384, skip_removed=(3, 4),
       classifier='gap', representation_size=768.
@@ -56,11 +59,18 @@ def create_model(name: str, num_classes: int | None, **overrides: Any) -> nn.Mod
   Raises:
     KeyError: unknown name (the message lists close and all known names) or unknown override.
   """
-  if name not in _REGISTRY:
+  if name.startswith('timm:'):
+    cls, kwargs = VisionTransformer, timm_vit.config(name)
+  elif name.startswith('big_vision:'):
+    options = {k: overrides.pop(k) for k in big_vision_vit.OPTIONS if k in overrides}
+    cls, kwargs = VisionTransformer, big_vision_vit.config(name, **options)
+  elif name in _REGISTRY:
+    cls, kwargs = _REGISTRY[name]
+  else:
     close = difflib.get_close_matches(name, _REGISTRY, n=5, cutoff=0.5)
     raise KeyError(f'unknown model {name!r}; close matches: {close}; '
-                   f'known models: {model_names()}')
-  cls, kwargs = _REGISTRY[name]
+                   f"known models: {model_names()}, 'timm:<name>' ({len(timm_vit.ARCHITECTURES)} "
+                   "architectures) and 'big_vision:<size>/<patch>'")
   fields = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name'}
   unknown = sorted(set(overrides) - fields)
   if unknown:

@@ -15,6 +15,7 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
+import numpy as np
 
 from vit_analysis.models import hybrid, mixer, resnet, vit
 
@@ -127,6 +128,31 @@ def describe(module: nn.Module, image_size: int | None = None) -> ModelInfo:
       family='other', has_cls=False, num_prefix_tokens=0, patch_size=None, grid=None,
       num_blocks=0, num_heads=None, has_attention_weights=False, layer_presets='other',
       normalization=_as_normalization(norm))
+
+
+def to_model_input(images: Any, normalization: Normalization) -> Any:
+  """Maps images in [-1, 1] (the project's preprocessing) to a model's normalisation.
+
+  With pixel p in [0, 1] and x = 2p - 1: (mean, std) gives (p - mean) / std per channel, i.e.
+  ((x + 1) / 2 - mean) / std; 'minus_one_one' returns `images` unchanged.
+
+  Args:
+    images: [..., 3] array (NumPy or JAX) in [-1, 1].
+    normalization: `ModelInfo.normalization`.
+
+  Returns:
+    An array of the same shape and dtype.
+  """
+  norm = _as_normalization(normalization)
+  if norm == MINUS_ONE_ONE:
+    return images
+  if images.shape[-1] != 3:
+    raise ValueError(f'images must have 3 channels last, got shape {images.shape}')
+  mean, std = (np.asarray(v, np.float32) for v in norm)
+  scale = (0.5 / std).astype(images.dtype)
+  shift = ((0.5 - mean) / std).astype(images.dtype)
+  shape = (1,) * (images.ndim - 1) + (3,)
+  return images * scale.reshape(shape) + shift.reshape(shape)
 
 
 def _as_normalization(norm: Any) -> Normalization:
