@@ -8,7 +8,7 @@ through vit_analysis.train and are cached under <workdir>/dataset_scale/.
   python -m vit_analysis.main --config=configs/dataset_scale.py:smoke --workdir=/tmp/ds_smoke
 Full size (TPU VM; Fig G.1 with the official ViT-B/16 ImageNet-21k checkpoint fine-tuned on TFDS
 tasks at 224 px; Fig 12 additionally needs from-scratch training on subsets: add
-fractions=(0.03, 0.1, 0.3) and a from-scratch reference, paper.md §6 row 22):
+fractions=(0.03, 0.1, 0.3) and a from-scratch reference, docs/method.md#dataset-scale-and-fine-tuning):
   python -m vit_analysis.main --config=configs/dataset_scale.py:full,ckpt_dir=$CKPT \
       --workdir=$WORKDIR
 """

@@ -1,6 +1,6 @@
 r"""10-shot ImageNet linear probes of official checkpoints (paper Figs 11, 13, D.4, F.1-F.3).
 
-Paper setting (§2, §6 rows 13-18): 10-shot ridge probes on ImageNet train (regulariser 2^k,
+Paper setting (docs/method.md#linear-probes): 10-shot ridge probes on ImageNet train (regulariser 2^k,
 k in [-10, 20], tuned on 10 further train images per class), tested on the 50,000 validation
 images at 224 px, 3 seeds; ViT probes on CLS / token means / single tokens, ResNet unit outputs
 space-to-depth + average-pooled to the final 7x7 grid (Appendix A).
@@ -12,7 +12,7 @@ space-to-depth + average-pooled to the final 7x7 grid (Appendix A).
   python -m vit_analysis.main --config=configs/probe_imagenet.py:fig=13,ckpt_dir=$CKPT \
       --workdir=$WORKDIR
   # F.2/F.3 (CIFAR): data=cifar10 or cifar100 switches to all 45,000 training images, closed
-  # form, validated on the last 5,000 (§6 row 17), tested on the 10,000 test images.
+  # form, validated on the last 5,000 (docs/method.md#full-probes), tested on the 10,000 test images.
   python -m vit_analysis.main --config=configs/probe_imagenet.py:data=cifar10,ckpt_dir=$CKPT ...
   # Offline smoke (digits + tiny random-init/briefly trained models):
   python -m vit_analysis.main --config=configs/probe_imagenet.py:smoke --workdir=/tmp/pi_smoke
@@ -65,7 +65,7 @@ def get_config(arg=None):
     config.models = config_lib.official_models(
         flags, {**vits, "r50": "R50x1", "r101": "R101x1", "r152x2": "R152x2"})
     for key in vits:
-      config.probe.poolings[key] = ("mean",)  # §6 row 15: aggregated ViT input = token mean.
+      config.probe.poolings[key] = ("mean",)  # aggregated ViT input = token mean (method.md).
     config.probe.token_layers = {}
   config.probe.update(dict(batch_size=256, layers={"ViT": ("block??",), "R": ("block?/unit??",),
                                                    "Mixer": ("block??",)}))

@@ -45,7 +45,7 @@ def test_layer_names_forward_order():
   mixer = capture.layer_names(create_model('Mixer-smoke_8', 10), (32, 32, 3))
   assert mixer[:4] == ['stem', 'block00/ln0', 'block00/token_mixing', 'block00/+token']
   assert mixer[-4:] == ['block01', 'pre_head_layer_norm', 'pre_logits', 'logits']
-  # Large models are traced abstractly (no memory): ViT-B/32 fine capture set = 74 (paper §1.5).
+  # Large models are traced abstractly (no memory): ViT-B/32 fine capture set = 74 (docs/method.md#presets).
   names = capture.layer_names(create_model('ViT-B_32', 1000), (224, 224, 3))
   fine = capture.select(names, ['embedding', 'block??/ln0', 'block??/sa', 'block??/+sa',
                                 'block??/ln2', 'block??/mlp_hidden', 'block??', 'encoder_norm'])

@@ -17,7 +17,7 @@ from vit_analysis.models.resnet import ResNetV2
 
 
 def vit_keys(patch, width, depth, mlp, heads, grid, num_classes, cls=True, rep=None):
-  """ViT npz layout of paper.md §4.1 (pre-linen names), written independently of the model."""
+  """ViT npz layout of docs/method.md#checkpoint-formats (pre-linen names), written independently of the model."""
   dh = width // heads
   keys = {'embedding/kernel': (patch, patch, 3, width), 'embedding/bias': (width,),
           'Transformer/posembed_input/pos_embedding': (1, grid * grid + int(cls), width)}
@@ -44,7 +44,7 @@ def vit_keys(patch, width, depth, mlp, heads, grid, num_classes, cls=True, rep=N
 
 
 def mixer_keys(patch, width, blocks, tok, ch, tokens, num_classes):
-  """Mixer npz layout of paper.md §4.2."""
+  """Mixer npz layout of docs/method.md#checkpoint-formats."""
   keys = {'stem/kernel': (patch, patch, 3, width), 'stem/bias': (width,)}
   for i in range(blocks):
     b = f'MixerBlock_{i}'
@@ -255,7 +255,7 @@ def test_resize_posemb_closed_form(g_old, g_new, cls):
   if cls:
     np.testing.assert_array_equal(out[0, 0], [-5, -5, -5])
   grid = out[0, int(cls):].reshape(g_new, g_new, 3)
-  # paper.md §5: corner-aligned, output i reads input i (g_old - 1) / (g_new - 1)
+  # docs/method.md#position-embedding-resize: corner-aligned, output i reads input i (g_old - 1) / (g_new - 1)
   # (7 -> 14: i * 6/13; 24 -> 14: i * 23/13).
   i = np.arange(g_new) * (g_old - 1) / (g_new - 1)
   np.testing.assert_allclose(grid[:, :, 0], np.broadcast_to(i[:, None], (g_new, g_new)),

@@ -1,4 +1,4 @@
-"""vit_analysis.cka against float64 NumPy references written from the equations (paper.md §1)."""
+"""vit_analysis.cka against float64 NumPy references written from the equations (docs/method.md#minibatch-cka)."""
 import dataclasses
 
 import ml_dtypes
@@ -50,7 +50,7 @@ def ref_cka(x, y, debiased=False):
 
 
 def ref_minibatch_cka(xs, ys):
-  """xs, ys: lists over minibatches. Sums of unbiased HSIC, divided once (paper.md §1.3)."""
+  """xs, ys: lists over minibatches. Sums of unbiased HSIC, divided once (docs/method.md#the-minibatch-estimator)."""
   hs = np.array([[ref_hsic_unbiased(ref_gram(x), ref_gram(y)),
                   ref_hsic_unbiased(ref_gram(x), ref_gram(x)),
                   ref_hsic_unbiased(ref_gram(y), ref_gram(y))] for x, y in zip(xs, ys)])
@@ -149,7 +149,7 @@ def test_adversarial_features_match_float64_reference(case):
 
 
 # ------------------------------------------------------------------------------------------------
-# Properties (paper.md §1.2, §5).
+# Properties (docs/method.md#reference-values).
 
 
 def test_invariances():

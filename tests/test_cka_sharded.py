@@ -1,4 +1,4 @@
-"""Minibatch CKA is the same on 1, 2 and 4 devices and on 2 processes (paper.md §1.3, design.md §2).
+"""Minibatch CKA is the same on 1, 2 and 4 devices and on 2 processes (docs/method.md#the-minibatch-estimator).
 
 conftest.py gives this process 4 simulated CPU devices; meshes over the first 1, 2 and 4 of them
 are three device counts without a subprocess each. The 2-process run (jax.distributed, gloo CPU

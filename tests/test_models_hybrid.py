@@ -27,7 +27,7 @@ def test_param_counts(name, expected):  # vit_jax models_test.py, 1000 classes, 
 
 
 def hybrid_backbone_keys(units, width):
-  """vit_jax hybrid backbone npz keys (paper.md §4.1): units numbered unit1, not unit01."""
+  """vit_jax hybrid backbone npz keys (docs/method.md#checkpoint-formats): units numbered unit1, not unit01."""
   keys = {'conv_root/kernel': (7, 7, 3, width), 'gn_root/scale': (width,), 'gn_root/bias': (width,)}
   c_in = width
   for s, n in enumerate(units, start=1):

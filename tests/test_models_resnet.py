@@ -10,7 +10,7 @@ import pytest
 from vit_analysis.models import resnet
 from vit_analysis.models.resnet import VARIANTS, ResNetV2
 
-# paper.md §3.1 (agree with the published BiT / timm sizes): 1000-class / 21843-class heads.
+# docs/method.md#models (agree with the published BiT / timm sizes): 1000-class / 21843-class heads.
 PARAM_COUNTS = [
     ('R50x1', 25_549_352, 68_256_659),
     ('R101x1', 44_541_480, 87_248_787),
@@ -71,7 +71,7 @@ def test_variants_and_attributes():
 
 
 def _official_keys(units, wf, width=64, num_classes=1000, root=7, cin=3):
-  """The BiT npz key list with shapes, written from big_transfer's layout (paper.md §4.3)."""
+  """The BiT npz key list with shapes, written from big_transfer's layout (docs/method.md#checkpoint-formats)."""
   w = width * wf
   keys = {'resnet/root_block/standardized_conv2d/kernel': (root, root, cin, w)}
   c_in = w
@@ -266,7 +266,7 @@ def test_standard_stem_shapes_at_224():
   assert out['root/conv'].shape == (1, 112, 112, 64)
   assert out['root'].shape == (1, 56, 56, 64)
   assert out['block1/unit03'].shape == (1, 56, 56, 256)
-  assert out['block4/unit03'].shape == (1, 7, 7, 2048)  # paper.md §5: R50 final stage 7x7
+  assert out['block4/unit03'].shape == (1, 7, 7, 2048)  # docs/method.md#reference-values: R50 final stage 7x7
   assert out['logits'].shape == (1, 1000)
   assert 'block2/unit02/proj' not in out and 'block2/unit01/proj' in out
 

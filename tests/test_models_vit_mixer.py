@@ -9,7 +9,7 @@ import pytest
 from vit_analysis import models
 from vit_analysis.models import create_model
 
-# vit_jax models_test.py (1 000 classes, 224 px); Mixer-H/14 computed in paper.md §3.1.
+# vit_jax models_test.py (1 000 classes, 224 px); Mixer-H/14 computed in docs/method.md#models.
 PARAM_COUNTS = {
     'ViT-Ti_16': 5_717_416,
     'ViT-S_16': 22_050_664,

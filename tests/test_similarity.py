@@ -136,7 +136,7 @@ def test_presets_select_paper_granularity():
   assert len(cka_runner.resolve_layers(vit, "coarse")) == 2 + 4 * vit.module.num_layers
   assert cka_runner.resolve_layers(vit, "blocks") == [
       f"block{i:02d}" for i in range(vit.module.num_layers)]
-  # Paper totals (paper.md §1.5): B/32 fine 74, coarse 50; R50 fine ~120 (7 per unit, +proj, root).
+  # Paper totals (docs/method.md#presets): B/32 fine 74, coarse 50; R50 fine 118 (7 per unit, +proj, root).
   b32 = base.LoadedModel("b", "ViT-B_32", models.create_model("ViT-B_32", 10), None, 224)
   assert len(cka_runner.resolve_layers(b32, "fine")) == 74
   assert len(cka_runner.resolve_layers(b32, "coarse")) == 50

@@ -1,6 +1,6 @@
 """Linear CKA: HSIC estimators and an exact, device-sharded minibatch CKA accumulator.
 
-The only place CKA maths lives (paper.md §1.1-1.3). Notation: m examples per minibatch, k
+The only place CKA maths lives (docs/method.md#minibatch-cka). Notation: m examples per minibatch, k
 minibatches, A and B layers on the two sides, p features of one layer (everything after the
 example axis, flattened as in the official code).
 

@@ -381,7 +381,8 @@ def _host_slice(process_index, process_count, batch_size):
 def make_dataset(src, batch_size: int, *, seed: int, shuffle: bool = True,
                  num_epochs: int | None = 1, drop_remainder: bool = True,
                  image_size: int | None = None, process_index: int | None = None,
-                 process_count: int | None = None) -> grain.MapDataset:
+                 process_count: int | None = None,
+                 normalization: Any = "minus_one_one") -> grain.MapDataset:
   """A grain MapDataset whose item k is this host's part of global batch k.
 
   Items are {'image': [local_batch, ...], 'label': int32 [local_batch], 'mask': bool [local_batch]}.
@@ -399,6 +400,7 @@ def make_dataset(src, batch_size: int, *, seed: int, shuffle: bool = True,
     drop_remainder: drop the last partial batch of the whole stream.
     image_size: preprocess to this side; None keeps uint8.
     process_index, process_count: this host's shard (default: jax.process_index()/count()).
+    normalization: the pixel values the model takes (`preprocess`).
   """
   if len(src) == 0:
     raise ValueError("empty source")
@@ -421,7 +423,8 @@ def make_dataset(src, batch_size: int, *, seed: int, shuffle: bool = True,
     if image_size is None:
       images = np.stack([ex["image"] for ex in examples])
     else:  # per example: sources such as ImageNet have images of varying size
-      images = np.stack([preprocess_image(ex["image"], image_size) for ex in examples])
+      images = np.stack([preprocess_image(ex["image"], image_size, normalization)
+                         for ex in examples])
     labels = np.asarray([ex["label"] for ex in examples], np.int32)
     return {"image": images, "label": labels, "mask": mask}
 
@@ -431,7 +434,8 @@ def make_dataset(src, batch_size: int, *, seed: int, shuffle: bool = True,
 def batches(src, batch_size: int, *, seed: int, shuffle: bool = True,
             num_epochs: int | None = 1, drop_remainder: bool = True,
             image_size: int | None = None, process_index: int | None = None,
-            process_count: int | None = None, num_threads: int = 2) -> grain.DatasetIterator:
+            process_count: int | None = None, num_threads: int = 2,
+            normalization: Any = "minus_one_one") -> grain.DatasetIterator:
   """An iterator over `make_dataset(...)` batches (same arguments).
 
   `it.get_state()` is a JSON-serialisable dict; `it.set_state(state)` on a fresh iterator over
@@ -439,7 +443,8 @@ def batches(src, batch_size: int, *, seed: int, shuffle: bool = True,
   """
   ds = make_dataset(src, batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
                     drop_remainder=drop_remainder, image_size=image_size,
-                    process_index=process_index, process_count=process_count)
+                    process_index=process_index, process_count=process_count,
+                    normalization=normalization)
   options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
   return iter(ds.to_iter_dataset(read_options=options))
 

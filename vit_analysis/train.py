@@ -265,8 +265,11 @@ def train(module: nn.Module, train_config: ml_collections.ConfigDict, *, train_s
   manager = ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, "ckpt")),
       options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True))
+  # The training input is grain's shuffled, repeated stream: its iterator position is saved in
+  # the orbax train state (analyses walk fixed plans through vit_analysis.streaming instead).
   it = data_lib.batches(train_source, cfg.batch_size, seed=seed, shuffle=True, num_epochs=None,
-                        image_size=image_size)
+                        image_size=image_size,
+                        normalization=describe(module, image_size).normalization)
   latest = manager.latest_step()
   if latest is None:
     state = jax.device_put(fresh(), rep)

@@ -8,7 +8,7 @@ at 3 % and the upper blocks falling off, more so for larger models.
 
 Fig G.1: the same block-wise CKA between a model before and after fine-tuning on a task (a new
 head; all other parameters start from the model), measured on the task's images at the model's
-resolution (docs/method.md#data-scale-and-fine-tuning). The paper finds natural-image tasks changing the representation
+resolution (docs/method.md#dataset-scale-and-fine-tuning). The paper finds natural-image tasks changing the representation
 little, and the first 4-5 blocks preserved on every task.
 """
 from __future__ import annotations

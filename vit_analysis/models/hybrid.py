@@ -6,7 +6,7 @@ The backbone is vit_jax `models_resnet.py`, which differs from BiT (resnet.py) o
   * weight standardization divides by (std + 1e-5), not sqrt(var + 1e-10);
   * Flax `nn.GroupNorm` (32 groups, eps 1e-6, params `scale`/`bias`);
   * root: 7x7/2 'SAME' conv, GN, ReLU, 3x3/2 'SAME' max-pool (padding with -inf).
-Names equal the hybrid npz keys (paper.md §4.1): `conv_root`, `gn_root`, `block{s}/unit{u}/...`
+Names equal the hybrid npz keys (docs/method.md#checkpoint-formats): `conv_root`, `gn_root`, `block{s}/unit{u}/...`
 (units numbered `unit1`, not `unit01`), then `embedding` (a 1x1 conv for R50+ViT-B_16), `cls`,
 `Transformer/...`, `pre_logits`, `head` as in the plain ViT.
 

@@ -1,6 +1,6 @@
 """BiT ResNet-v2: pre-activation bottlenecks, weight-standardized convs and GroupNorm.
 
-Follows big_transfer (`bit_jax/models.py`, `bit_tf2/models.py`) and paper.md §4.3. Module and
+Follows big_transfer (`bit_jax/models.py`, `bit_tf2/models.py`) and docs/method.md#checkpoint-formats. Module and
 parameter names equal the keys of the official `BiT-{S,M}-R*.npz` files, so a file maps onto the
 param tree by name:
 
@@ -16,7 +16,7 @@ Unit (pre-activation, stride on the 3x3 conv):
   y = conv_a(y); y = conv_b(ReLU(GN_b(y))); y = conv_c(ReLU(GN_c(y))); return y + shortcut.
 
 `ResNetV2(...)(images)` returns `(logits, out)`; `out` holds the named representations of
-contracts.md in forward order ('root/conv', 'root', 'block1/unit01/preact_a', ..., 'logits').
+docs/method.md#layer-names in forward order ('root/conv', 'root', 'block1/unit01/preact_a', ..., 'logits').
 """
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ class PreActConv(nn.Module):
 
 
 class BottleneckUnit(nn.Module):
-  """Pre-activation bottleneck (paper.md §4.3). Output channels are 4 * `features`."""
+  """Pre-activation bottleneck (docs/method.md#checkpoint-formats). Output channels are 4 * `features`."""
   features: int
   strides: int = 1
   num_groups: int = 32

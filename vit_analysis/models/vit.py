@@ -273,7 +273,7 @@ def _variants() -> dict[str, dict[str, Any]]:
       # '-gap' and vit_jax's '-gap-norep' are the same model: GAP head, no representation layer.
       variants[f'{base}-gap'] = variants[f'{base}-gap-norep'] = dict(
           variants[base], classifier='gap')
-  # Small CPU variants for 32 px inputs (contracts.md).
+  # Small CPU variants for 32 px inputs (docs/method.md#models).
   variants['ViT-Ti_4'] = _vit(4, 192, 12, 768, 3, image_size=32)
   variants['ViT-demo_4'] = _vit(4, 128, 6, 256, 4, image_size=32)
   variants['ViT-smoke_8'] = _vit(8, 32, 2, 64, 2, image_size=32)
