@@ -1,4 +1,5 @@
 """Helpers shared by the tests: random parameters without compiling `init`, contexts, analyses."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -57,3 +58,14 @@ def run_analysis(name, config, ctx):
     config = ml_collections.ConfigDict(config)
   ctx = base.Context(ctx.workdir, ctx.models, ctx.sources, ctx.mesh, ctx.train_fn, config)
   return main.run_analysis(config, ctx, name)
+
+
+class TinyNet(nn.Module):
+  """A user's own Flax module: no `out` dict, logits only (tests of `module=` model entries)."""
+  classes: int = 10
+
+  @nn.compact
+  def __call__(self, images):
+    x = nn.relu(nn.Conv(8, (3, 3), strides=(2, 2))(images))
+    x = nn.relu(nn.Dense(16)(x.mean(axis=(1, 2))))
+    return nn.Dense(self.classes, name="head")(x)

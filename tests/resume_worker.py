@@ -10,6 +10,8 @@ import os
 import signal
 import sys
 
+from absl import logging
+
 
 def main(workdir: str, cache: str, kill_at: int) -> None:
   from vit_analysis import analyses, config_lib, main as main_lib, resume  # pylint: disable=g-import-not-at-top
@@ -34,6 +36,7 @@ def main(workdir: str, cache: str, kill_at: int) -> None:
   config.cka_intra = analyses.default_config("cka_intra")
   config.cka_intra.update(dict(num_examples=256, minibatch_size=16, repeats=3, layers="coarse",
                                checkpoint_every_s=0.0, figure_formats=("png",)))
+  logging.set_verbosity(logging.INFO)  # the log the test reads (not through absl.app here)
   main_lib.run(config, workdir)
 
 

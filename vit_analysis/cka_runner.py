@@ -72,6 +72,10 @@ def resolve_layers(model: LoadedModel, spec: str | Sequence[str]) -> list[str]:
   names = capture.layer_names(model.module, (model.image_size, model.image_size, 3))
   if isinstance(spec, str):
     presets = PRESETS.get(model.info.layer_presets, {})
+    if not presets:
+      raise KeyError(f"model {model.key!r} ({model.name}) is a {model.info.family!r} module with "
+                     f"no layer presets; give glob patterns of its layer names (e.g. "
+                     f"{capture.layer_names(model.module, (model.image_size,) * 2 + (3,))[:3]})")
     if spec not in presets:
       raise KeyError(f"unknown layer preset {spec!r}; known: {sorted(presets)} or a glob list")
     patterns = _existing_patterns(names, presets[spec])

@@ -294,13 +294,15 @@ class ModelBuilder:
     flax msgpack file, or an official / big_vision npz."""
     if load_fn:
       return _import(load_fn, "load_fn")(path, module)
+    if describe(module, image_size).family == "other":
+      return _user_params(path, module, image_size)
     if path.startswith(config_lib.SYNTHETIC_CHECKPOINT):
       path = _write_synthetic(path, os.path.join(self.cache, "synthetic"))
     if path.endswith(".safetensors"):
       return checkpoints.load_safetensors(path, module, image_size=image_size,
                                           **options)["params"]
     if path.endswith(".msgpack"):
-      return checkpoints.load_msgpack(path, module, **options)["params"]
+      return checkpoints.load_msgpack(path, module, image_size=image_size, **options)["params"]
     return checkpoints.load_npz(path, module, image_size=image_size, **options)["params"]
 
   def write_summaries(self, path: str) -> None:
@@ -322,6 +324,32 @@ def _import(spec: str, what: str) -> Any:
     return getattr(importlib.import_module(path), name)
   except (ImportError, AttributeError) as e:
     raise ValueError(f"{what} {spec!r} cannot be imported: {e}") from e
+
+
+def _user_params(path: str, module: Any, image_size: int) -> Any:
+  """A user module's params from a flax msgpack file, checked against the module's own tree.
+
+  Raises:
+    ValueError: naming every parameter whose path or shape differs.
+  """
+  if not path.endswith(".msgpack"):
+    raise ValueError(f"checkpoint {path!r} of a user module must be a flax msgpack params file "
+                     "(flax.serialization.msgpack_serialize(params)); other formats need "
+                     "load_fn='package.path:function'")
+  params = flax.serialization.msgpack_restore(epath.Path(path).read_bytes())
+  params = params.get("params", params)
+  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.float32)
+  init = jax.eval_shape(lambda x: module.init(jax.random.key(0), x), images)["params"]
+  want = flax.traverse_util.flatten_dict(init, sep="/")
+  have = flax.traverse_util.flatten_dict(params, sep="/")
+  problems = [f"missing {k} {v.shape}" for k, v in want.items() if k not in have]
+  problems += [f"unexpected {k}" for k in have if k not in want]
+  problems += [f"{k}: {np.shape(have[k])} in the file, {v.shape} in the module"
+               for k, v in want.items() if k in have and np.shape(have[k]) != v.shape]
+  if problems:
+    raise ValueError(f"checkpoint {path!r} does not fit {type(module).__name__}: "
+                     + "; ".join(problems))
+  return params
 
 
 def _write_synthetic(spec: str, folder: str) -> str:

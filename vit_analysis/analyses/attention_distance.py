@@ -176,7 +176,8 @@ def run(config, ctx: base.Context) -> base.AnalysisResult:
     model = ctx.model(key)
     d, stats = model_distances(
         model, source, ctx.mesh, num_images=cfg.num_images, batch_size=cfg.batch_size,
-        seed=cfg.seed, renormalize=cfg.renormalize, unit=cfg.unit, fast=ctx.fast_compile)
+        seed=cfg.seed, renormalize=cfg.renormalize, unit=cfg.unit, fast=ctx.fast_compile,
+        resume=ctx.checkpointer(key))
     distances[key] = d
     info = model.info
     step = 1.0 if cfg.unit == "patches" else float(info.patch_size)

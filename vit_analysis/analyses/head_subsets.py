@@ -122,7 +122,8 @@ def run(config: Any, ctx: base.Context) -> base.AnalysisResult:
                                   resnet.info.normalization)
     distances, _ = attention_distance.model_distances(
         vit, source, ctx.mesh, num_images=int(sub.distance_examples), batch_size=64,
-        seed=int(sub.distance_seed), fast=ctx.fast_compile)
+        seed=int(sub.distance_seed), fast=ctx.fast_compile,
+        resume=ctx.checkpointer(f"{vit_key}_distances"))
     for block in (int(b) for b in sub.blocks):
       if not 0 <= block < distances.shape[0]:
         raise ValueError(f"head_subsets.blocks: {block} out of range for {vit.name}")

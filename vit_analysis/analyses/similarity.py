@@ -63,7 +63,8 @@ def _run(ctx: base.Context, pairs: Sequence[tuple[str, str | None]], title: str,
         model_b, layers_for(sub, key_b), sub.tokens, m)
     tag = key_a if key_b is None else f"{key_a}_vs_{key_b}"
     rep = cka_runner.cka_over_repeats(side_a, side_b, source, seed=ctx.seed, mesh=ctx.mesh,
-                                      desc=f"{ctx.name}/{tag}", **settings)
+                                      desc=f"{ctx.name}/{tag}", resume=ctx.checkpointer(tag),
+                                      **settings)
     label_b = model_a.name if model_b is None else model_b.name
     metrics[tag] = summary(rep)
     stem = ctx.results_stem(f"{ctx.name}_{tag}")
