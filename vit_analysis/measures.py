@@ -587,19 +587,20 @@ def _host(x: Any) -> np.ndarray:
 
 
 def _bad_layers(state, sa, ca, sb, cb, value) -> None:
-  """Raises naming layers with non-finite terms or constant features (mean-type measures)."""
+  """Raises naming the layers with NaN/Inf or constant features (mean-type measures)."""
   na, nb = state.names_a, state.names_b
-  for what, test in (
-      ("non-finite terms (NaN/Inf in the features, or float32 overflow)",
-       lambda s, c, axis: ~(np.isfinite(s).all(0) & np.isfinite(c).all(0)
-                            & np.isfinite(value).all(axis))),
-      ("constant layer(s) (similarity undefined)",
-       lambda s, c, axis: ~(s > _CONSTANT_RTOL * c).all(0))):
-    bad_a, bad_b = test(sa, ca, (0, 2)), test(sb, cb, (0, 1))
+
+  def fail(what, bad_a, bad_b):
     if bad_a.any() or bad_b.any():
       raise ValueError(f"{state.measure}: {what}; nothing accumulated. Layers a: "
                        f"{[na[i] for i in np.flatnonzero(bad_a)]}, layers b: "
                        f"{[nb[i] for i in np.flatnonzero(bad_b)]}")
+  nonfinite = "non-finite terms (NaN/Inf in the features, or float32 overflow)"
+  fail(nonfinite, ~(np.isfinite(sa) & np.isfinite(ca)).all(0),
+       ~(np.isfinite(sb) & np.isfinite(cb)).all(0))
+  fail("constant layer(s) (similarity undefined)", ~(sa > _CONSTANT_RTOL * ca).all(0),
+       ~(sb > _CONSTANT_RTOL * cb).all(0))
+  fail(nonfinite, ~np.isfinite(value).all((0, 2)), ~np.isfinite(value).all((0, 1)))
 
 
 def accumulate(state: MeasureState, terms_: Mapping[str, Any],
