@@ -438,7 +438,16 @@ def minibatch_terms(measure: str, grams_a: jax.Array, grams_b: jax.Array | None 
     vmap over a leading minibatch axis adds it to every leaf; `accumulate` flattens leading axes.
   """
   opts = resolve_options(measure, **options)
-  _, m = _check_grams(grams_a, grams_b, perms)
+  _check_grams(grams_a, grams_b, perms)
+  # Jitted with static options: inside the caller's jit it is inlined; called eagerly (tests,
+  # notebooks) it compiles once per shape instead of dispatching op by op.
+  return _terms_jit(measure, tuple(sorted(opts.items())), grams_a, grams_b, perms)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _terms_jit(measure, opts, grams_a, grams_b, perms):
+  opts = dict(opts)
+  m = grams_a.shape[-1]
   grams_a = jnp.asarray(grams_a, jnp.float32)
   grams_b = None if grams_b is None else jnp.asarray(grams_b, jnp.float32)
   if measure == "linear_cka":

@@ -1,0 +1,113 @@
+"""Cost of each measure's per-minibatch terms relative to linear CKA's, from the same Grams.
+
+Workload: the coarse preset's layer counts, ~26 ViT-B/16 layers (side a) against ~18 ResNet
+layers (side b), 468 layer pairs, one minibatch of m = 256 examples (CPU); then m = 1024 for a
+handful of layers (2 x 2) to measure how each measure scales with m. Inputs are the centred linear
+Grams [A, m, m], [B, m, m] (made once from random full-rank features; their values do not change
+the arithmetic), as the analyses will compute them once for all measures. Every measure is one
+jitted program `measures.minibatch_terms(name, grams_a, grams_b)`; "linear_cka" is its U-centring
+plus the all-pairs HSIC contraction, i.e. what `cka` does per minibatch after the Grams.
+
+Also printed: the time to build the Grams themselves for one ViT-B/16-sized layer (197 tokens x 768
+= 151,296 features), which the measures share and which dominates linear CKA end to end, the cost
+of the shuffle null (P permutations), and Newton-Schulz Procrustes' deviation from the SVD one.
+
+Scaling to m = 1024 (from the operation counts, checked by the m = 1024 rows): linear CKA, kNN and
+the null contractions are O(A B m^2); RBF adds one sort of m^2/2 values per layer; Procrustes is
+O((A + B) m^3) for the eigendecompositions plus O(A B m^3) for the pairs (SVD or 30 Newton-Schulz
+iterations of two [m, m] GEMMs), so its ratio to linear CKA grows about 4x from m = 256 to 1024.
+
+Usage:
+  python benchmarks/measures_bench.py [--m 256] [--big_m 1024] [--reps 3] [--perms 8]
+
+Times are medians over reps of wall time after one compile run; the machine may be shared, so
+read ratios rather than absolute numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_analysis import cka, measures
+
+VARIANTS = (("linear_cka", {}), ("rbf_cka", {}), ("mutual_knn", {}),
+            ("procrustes", {"method": "svd"}), ("procrustes", {"method": "newton_schulz"}))
+
+
+def make_grams(num: int, m: int, seed: int) -> jax.Array:
+  """[num, m, m] centred Grams of random full-rank features with a decaying spectrum."""
+  r = np.random.default_rng(seed)
+  p = m + 64
+  scale = np.exp(-3.0 * np.arange(p) / p)[None, :].astype(np.float32)
+  return jnp.stack([cka.gram_linear(jnp.asarray(r.normal(size=(m, p)).astype(np.float32) * scale))
+                    for _ in range(num)])
+
+
+def timed(fn, *args, reps: int) -> tuple[float, object]:
+  out = jax.block_until_ready(fn(*args))  # compile
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return float(np.median(times)), out
+
+
+def program(name, opts, perms=None):
+  return jax.jit(lambda ga, gb: measures.minibatch_terms(name, ga, gb, perms=perms, **opts))
+
+
+def table(a: int, b: int, m: int, reps: int, perms: int, null_for=("linear_cka", "rbf_cka",
+                                                                    "mutual_knn")) -> dict:
+  ga, gb = make_grams(a, m, 0), make_grams(b, m, 1)
+  print(f"\n== {a} x {b} layers ({a * b} pairs), m = {m}, median of {reps} reps ==")
+  print(f"{'measure':<28}{'s / minibatch':>15}{'x linear_cka':>14}")
+  base, out = None, {}
+  for name, opts in VARIANTS:
+    label = name + (f" ({opts['method']})" if opts else "")
+    sec, terms = timed(program(name, opts), ga, gb, reps=reps)
+    base = sec if base is None else base
+    out[label] = terms
+    print(f"{label:<28}{sec:>15.4f}{sec / base:>14.1f}")
+  if perms:
+    pp = jnp.asarray(measures.null_permutations(0, perms, m))
+    for name in null_for:
+      sec, _ = timed(program(name, {}, pp), ga, gb, reps=reps)
+      print(f"{name + f' + null P={perms}':<28}{sec:>15.4f}{sec / base:>14.1f}")
+  svd = np.asarray(out["procrustes (svd)"]["value"], np.float64)
+  ns = np.asarray(out["procrustes (newton_schulz)"]["value"], np.float64)
+  print(f"Newton-Schulz (30 it.) - SVD Procrustes: max |diff| {np.abs(ns - svd).max():.2e}, "
+        f"mean diff {np.mean(ns - svd):.2e} (values {svd.min():.3f}..{svd.max():.3f})")
+  return out
+
+
+def gram_cost(m: int, reps: int) -> None:
+  x = jax.random.normal(jax.random.key(0), (m, 197 * 768))
+  sec, _ = timed(cka.gram_linear, x, reps=reps)
+  print(f"\nGram of one ViT-B/16 token layer (m = {m}, p = 151,296): {sec:.3f} s; "
+        f"44 such layers: {44 * sec:.1f} s per minibatch (shared by all measures)")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--m", type=int, default=256)
+  parser.add_argument("--big_m", type=int, default=1024)
+  parser.add_argument("--layers_a", type=int, default=26)
+  parser.add_argument("--layers_b", type=int, default=18)
+  parser.add_argument("--reps", type=int, default=3)
+  parser.add_argument("--perms", type=int, default=8)
+  args = parser.parse_args()
+  print(f"backend: {jax.default_backend()}, devices: {jax.devices()}")
+  table(args.layers_a, args.layers_b, args.m, args.reps, args.perms)
+  if args.big_m:
+    table(2, 2, args.big_m, args.reps, 0)
+    table(2, 2, args.m, args.reps, 0)  # the same small grid at the small m: the m-scaling
+  gram_cost(args.m, args.reps)
+
+
+if __name__ == "__main__":
+  main()
