@@ -19,6 +19,7 @@ iterations of two [m, m] GEMMs), so its ratio to linear CKA grows about 4x from 
 
 Usage:
   python benchmarks/measures_bench.py [--m 256] [--big_m 1024] [--reps 3] [--perms 8]
+  python benchmarks/measures_bench.py --null_only   # the shuffle-null table alone (~1 min)
 
 Times are medians over reps of wall time after one compile run; the machine may be shared, so
 read ratios rather than absolute numbers.
@@ -92,6 +93,34 @@ def gram_cost(m: int, reps: int) -> None:
         f"44 such layers: {44 * sec:.1f} s per minibatch (shared by all measures)")
 
 
+def null_demo(m: int = 128, p: int = 512, minibatches: int = 4, perms: int = 32) -> None:
+  """The shuffle null of every measure for independent random features (and for X vs X)."""
+  r = np.random.default_rng(0)
+  xs = [r.normal(size=(m, p)).astype(np.float32) for _ in range(minibatches)]
+  ys = [r.normal(size=(m, p)).astype(np.float32) for _ in range(minibatches)]
+  pp = jnp.asarray(measures.null_permutations(0, perms, m))
+  print(f"\n== shuffle null: independent N(0, 1) features, m = {m}, p = {p}, {minibatches} "
+        f"minibatches, P = {perms} ==")
+  print(f"{'measure':<26}{'value':>9}{'null mean':>11}{'null std':>10}{'z':>8}{'z (X vs X)':>12}")
+  specs = (("linear_cka (biased)", "linear_cka", {"debiased": False}),
+           ("linear_cka (unbiased)", "linear_cka", {}),
+           ("rbf_cka (biased)", "rbf_cka", {"debiased": False}),
+           ("rbf_cka (unbiased)", "rbf_cka", {}),
+           ("procrustes", "procrustes", {}), ("mutual_knn (k=10)", "mutual_knn", {}))
+  for label, name, opts in specs:
+    res = []
+    for other in (ys, xs):
+      state = measures.init(name, 1, 1, num_perms=perms, **opts)
+      for x, y in zip(xs, other):
+        t = measures.minibatch_terms(name, cka.gram_linear(x)[None], cka.gram_linear(y)[None],
+                                     perms=pp, **opts)
+        state = measures.accumulate(state, t)
+      res.append(measures.result(state))
+    ind, same = res
+    print(f"{label:<26}{ind.value[0, 0]:>9.4f}{ind.null_mean[0, 0]:>11.4f}"
+          f"{ind.null_std[0, 0]:>10.4f}{ind.z[0, 0]:>8.2f}{same.z[0, 0]:>12.1f}")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--m", type=int, default=256)
@@ -100,13 +129,18 @@ def main() -> None:
   parser.add_argument("--layers_b", type=int, default=18)
   parser.add_argument("--reps", type=int, default=3)
   parser.add_argument("--perms", type=int, default=8)
+  parser.add_argument("--null_only", action="store_true", help="only the shuffle-null table")
   args = parser.parse_args()
+  if args.null_only:
+    null_demo()
+    return
   print(f"backend: {jax.default_backend()}, devices: {jax.devices()}")
   table(args.layers_a, args.layers_b, args.m, args.reps, args.perms)
   if args.big_m:
     table(2, 2, args.big_m, args.reps, 0)
     table(2, 2, args.m, args.reps, 0)  # the same small grid at the small m: the m-scaling
   gram_cost(args.m, args.reps)
+  null_demo()
 
 
 if __name__ == "__main__":

@@ -249,11 +249,16 @@ def test_procrustes_newton_schulz_matches_svd():
   assert (ns <= svd + 1e-6).all()  # its error is one-sided
 
 
-@pytest.mark.parametrize("m", [7, 8])  # odd and even m^2: the median's two order statistics
-def test_rbf_kernel_from_gram(m):
+@pytest.mark.parametrize("m,dup", [(7, 0), (8, 0), (9, 5)])  # odd/even m^2; many equal distances
+def test_rbf_kernel_from_gram(m, dup):
   x = rng(m).normal(size=(m, 5)) + 2.0
+  x[:dup] = x[0]  # duplicates: the median falls on repeated values (and on exact zeros)
   got = np.asarray(measures.rbf_kernels(grams([x]), 0.7))[0]
   np.testing.assert_allclose(got, ref_rbf_kernel(x, 0.7), atol=2e-6)
+  v = np.abs(rng(1).normal(size=50)).astype(np.float32)
+  v[:20] = v[20]
+  for k in (0, 10, 20, 25, 49):
+    assert float(measures._order_statistic(jnp.asarray(v), k)) == np.sort(v)[k]  # pylint: disable=protected-access
 
 
 def test_several_minibatches_sum_or_average():

@@ -308,17 +308,30 @@ def _ratio_terms(kern_a, kern_b, perms, debiased: bool) -> dict[str, jax.Array]:
   return out
 
 
-def _sym_median(d2: jax.Array) -> jax.Array:
-  """Median of all m^2 entries of a symmetric [m, m] matrix with zero diagonal (numpy.median).
+def _order_statistic(v: jax.Array, k: int) -> jax.Array:
+  """The k-th smallest (0-based) of v [n] >= 0, exactly, without sorting.
 
-  Sorted, the m^2 entries are m zeros then every upper-triangle value twice, so the two middle
-  order statistics t = (m^2-1)//2 and m^2//2 (both >= m for m >= 3) are upper values number
-  (t - m)//2: one sort of m(m-1)/2 values instead of m^2.
+  For non-negative float32 the int32 bit patterns are ordered like the values, so a bisection over
+  bit patterns (31 halvings of [0, 2^31)) finds the smallest pattern b with #{v <= b} > k, which is
+  the k-th order statistic itself. Each step is one vectorised count over v: O(32 n), where
+  XLA:CPU's comparison sort of the m^2 distances measured ~20x slower.
   """
-  m = d2.shape[-1]
-  upper = jnp.sort(d2[np.triu_indices(m, 1)])
-  lo, hi = ((m * m - 1) // 2 - m) // 2, (m * m // 2 - m) // 2
-  return (upper[lo] + upper[hi]) / 2
+  bits = jax.lax.bitcast_convert_type(v, jnp.int32)
+
+  def step(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    enough = jnp.sum(bits <= mid) > k
+    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+  lo, _ = jax.lax.fori_loop(0, 32, step, (jnp.int32(0), jnp.max(bits)))
+  return jax.lax.bitcast_convert_type(lo, v.dtype)
+
+
+def _median(d2: jax.Array) -> jax.Array:
+  """numpy.median of all entries of d2 [m, m] >= 0 (no -0.0): mean of the two middle ones."""
+  v = d2.reshape(-1)
+  n = v.shape[0]
+  return (_order_statistic(v, (n - 1) // 2) + _order_statistic(v, n // 2)) / 2
 
 
 def rbf_kernels(grams: jax.Array, sigma: float) -> jax.Array:
@@ -330,9 +343,10 @@ def rbf_kernels(grams: jax.Array, sigma: float) -> jax.Array:
   """
   def one(g):
     d = jnp.diagonal(g)
-    d2 = jnp.maximum(d[:, None] + d[None, :] - 2 * g, 0)
-    d2 = jnp.where(jnp.eye(g.shape[0], dtype=bool), 0, d2)
-    s2 = sigma ** 2 * _sym_median(d2)
+    d2 = d[:, None] + d[None, :] - 2 * g
+    # Clip rounding below 0 to +0.0 (never -0.0: the median bisects bit patterns); exact 0 diagonal.
+    d2 = jnp.where((d2 > 0) & ~jnp.eye(g.shape[0], dtype=bool), d2, 0.0)
+    s2 = sigma ** 2 * _median(d2)
     return jnp.where(s2 > 0, jnp.exp(-d2 / jnp.where(s2 > 0, 2 * s2, 1)), 1.0)
   return jax.vmap(one)(grams)
 
