@@ -257,8 +257,9 @@ def test_rbf_kernel_from_gram(m, dup):
   np.testing.assert_allclose(got, ref_rbf_kernel(x, 0.7), atol=2e-6)
   v = np.abs(rng(1).normal(size=50)).astype(np.float32)
   v[:20] = v[20]
+  order_statistic = measures._order_statistic  # pylint: disable=protected-access
   for k in (0, 10, 20, 25, 49):
-    assert float(measures._order_statistic(jnp.asarray(v), k)) == np.sort(v)[k]  # pylint: disable=protected-access
+    assert float(order_statistic(jnp.asarray(v), k)) == np.sort(v)[k]
 
 
 def test_several_minibatches_sum_or_average():
@@ -445,3 +446,29 @@ def test_disagreements_names_the_flipped_cell():
   assert [d["spread"] for d in same] == [0.0] * 5
   assert [(d["a"], d["b"]) for d in same] == [("r0", "c0"), ("r0", "c1"), ("r0", "c2"),
                                               ("r0", "c3"), ("r1", "c0")]  # ties: cell order
+
+
+@pytest.mark.parametrize("measure", ["rbf_cka", "mutual_knn"])  # a CKA-type and a mean-type state
+def test_state_resumes_through_orbax(measure, tmp_path):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  m = 12
+  r = rng(90)
+  batches = [([r.normal(size=(m, 6))], [r.normal(size=(m, 4))]) for _ in range(3)]
+  perms = measures.null_permutations(0, 2, m)
+  opts = {"k": 3} if measure == "mutual_knn" else {}
+  t = [measures.minibatch_terms(measure, grams(a), grams(b), perms=perms, **opts)
+       for a, b in batches]
+  init = lambda: measures.init(measure, ["a"], ["b"], num_perms=2, **opts)
+  one_pass = init()
+  for x in t:
+    one_pass = measures.accumulate(one_pass, x)
+  mngr = ocp.CheckpointManager(tmp_path / "ckpt")
+  mngr.save(1, args=ocp.args.StandardSave(measures.accumulate(init(), t[0])))
+  mngr.wait_until_finished()
+  resumed = mngr.restore(1, args=ocp.args.StandardRestore(init()))
+  for x in t[1:]:
+    resumed = measures.accumulate(resumed, x)
+  got, want = measures.result(resumed), measures.result(one_pass)
+  np.testing.assert_allclose(got.value, want.value, rtol=1e-12)
+  np.testing.assert_allclose(got.null, want.null, rtol=1e-12)
+  assert got.num_minibatches == 3

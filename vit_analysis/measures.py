@@ -1,4 +1,4 @@
-"""Similarity measures beyond linear CKA, from the same per-minibatch Grams; shuffle nulls; agreement.
+"""Similarity measures beyond linear CKA from the same minibatch Grams; shuffle nulls; agreement.
 
 Four measures of how alike two representations x: [n, p1], y: [n, p2] of the same n examples are
 (features flattened per example, as for CKA):
@@ -645,7 +645,8 @@ def accumulate(state: MeasureState, terms_: Mapping[str, Any],
   ratio = _KIND[state.measure] == "ratio"
   main = "cross" if ratio else "value"
   null_key = "null_cross" if ratio else "null"
-  expected = {main, "self_a", "scale_a", "self_b", "scale_b", "count"} | ({null_key} if p else set())
+  expected = {main, "self_a", "scale_a", "self_b", "scale_b", "count"}
+  expected |= {null_key} if p else set()
   if set(t) != expected:
     raise ValueError(f"{state.measure}: terms have keys {sorted(t)}, expected {sorted(expected)} "
                      "(terms of another measure, or num_perms does not match the terms' perms?)")
