@@ -249,6 +249,20 @@ def test_procrustes_newton_schulz_matches_svd():
   assert (ns <= svd + 1e-6).all()  # its error is one-sided
 
 
+def test_procrustes_max_rank_is_procrustes_of_pca_approximations():
+  xs, ys = layer_set(16, 40, (12, 50)), layer_set(17, 40, (30,))
+
+  def pca(x, r):
+    u, s, vt = np.linalg.svd(centred(x), full_matrices=False)
+    return (u[:, :r] * s[:r]) @ vt[:r]
+  for r in (3, 8):
+    got = run("procrustes", [xs], [ys], max_rank=r).value[:, 0]
+    want = [ref_procrustes(pca(x, r), pca(ys[0], r)) for x in xs]
+    np.testing.assert_allclose(got, want, atol=2e-5)
+  full = run("procrustes", [xs], [ys]).value
+  np.testing.assert_allclose(run("procrustes", [xs], [ys], max_rank=40).value, full, atol=1e-6)
+
+
 @pytest.mark.parametrize("m,dup", [(7, 0), (8, 0), (9, 5)])  # odd/even m^2; many equal distances
 def test_rbf_kernel_from_gram(m, dup):
   x = rng(m).normal(size=(m, 5)) + 2.0

@@ -58,7 +58,7 @@ MEASURES = ("linear_cka", "rbf_cka", "procrustes", "mutual_knn")
 OPTIONS: dict[str, dict[str, Any]] = {
     "linear_cka": {"debiased": True},
     "rbf_cka": {"sigma": 0.5, "debiased": True},
-    "procrustes": {"method": "svd", "rank_rtol": 1e-6, "iterations": 30},
+    "procrustes": {"method": "svd", "rank_rtol": 1e-6, "iterations": 30, "max_rank": None},
     "mutual_knn": {"k": 10},
 }
 # "ratio": sums of HSIC terms divided once (cka.CKAState); "mean": average of per-minibatch values.
@@ -90,6 +90,9 @@ def resolve_options(measure: str, **options: Any) -> dict[str, Any]:
                        f"{out['method']!r}")
     if not 0 <= float(out["rank_rtol"]) < 1:
       raise ValueError(f"procrustes: rank_rtol must be in [0, 1), got {out['rank_rtol']!r}")
+    r = out["max_rank"]
+    if r is not None and not (isinstance(r, (int, np.integer)) and r >= 1):
+      raise ValueError(f"procrustes: max_rank must be None or a positive int, got {r!r}")
     if not (isinstance(out["iterations"], (int, np.integer)) and out["iterations"] >= 1):
       raise ValueError(f"procrustes: iterations must be a positive int, got "
                        f"{out['iterations']!r}")
@@ -351,14 +354,19 @@ def rbf_kernels(grams: jax.Array, sigma: float) -> jax.Array:
   return jax.vmap(one)(grams)
 
 
-def gram_factors(grams: jax.Array, rank_rtol: float) -> jax.Array:
-  """Factors F [A, m, m] with F F^T = K (F = U sqrt(S)), eigenvalues <= rank_rtol * max zeroed.
+def gram_factors(grams: jax.Array, rank_rtol: float, max_rank: int | None = None) -> jax.Array:
+  """Factors F [A, m, r] with F F^T = K (F = U sqrt(S)), eigenvalues <= rank_rtol * max zeroed.
+
+  r = m, or with max_rank the top max_rank components only (F F^T is then the Gram of the
+  features' rank-r PCA approximation; the pair cost falls as r^3).
 
   eigh of a float32 Gram leaves the null directions (at least the centring direction) at
   +-eps*|K| rather than 0; their square roots (~3e-4 sqrt|K|) would add spurious singular values to
   every nuclear norm, so components below the numerical rank are dropped.
   """
-  s, u = jnp.linalg.eigh(grams)
+  s, u = jnp.linalg.eigh(grams)  # ascending
+  if max_rank is not None and max_rank < s.shape[-1]:
+    s, u = s[:, -max_rank:], u[:, :, -max_rank:]
   s_max = jnp.max(s, axis=-1, keepdims=True)
   root = jnp.where(s > rank_rtol * s_max, jnp.sqrt(jnp.maximum(s, 0)), 0)
   return u * root[:, None, :]
@@ -387,11 +395,12 @@ def _nuclear_norms(fa: jax.Array, fb: jax.Array, method: str, iterations: int) -
   return jax.lax.map(row, fa)
 
 
-def _procrustes_terms(grams_a, grams_b, perms, method, rank_rtol, iterations):
-  fa = gram_factors(grams_a, rank_rtol)
-  fb = fa if grams_b is None else gram_factors(grams_b, rank_rtol)
-  tr_a = jnp.trace(grams_a, axis1=-2, axis2=-1)
-  tr_b = tr_a if grams_b is None else jnp.trace(grams_b, axis1=-2, axis2=-1)
+def _procrustes_terms(grams_a, grams_b, perms, method, rank_rtol, iterations, max_rank):
+  fa = gram_factors(grams_a, rank_rtol, max_rank)
+  fb = fa if grams_b is None else gram_factors(grams_b, rank_rtol, max_rank)
+  # |F|_F^2 = tr(K) (of the kept components: with max_rank, Procrustes of the PCA approximations).
+  tr_a = jnp.sum(fa * fa, axis=(-2, -1))
+  tr_b = tr_a if grams_b is None else jnp.sum(fb * fb, axis=(-2, -1))
   norm = jnp.sqrt(jnp.maximum(tr_a, 0))[:, None] * jnp.sqrt(jnp.maximum(tr_b, 0))[None, :]
   nuc = functools.partial(_nuclear_norms, method=method, iterations=iterations)
   out = {"value": nuc(fa, fb) / norm}
@@ -471,7 +480,7 @@ def _terms_jit(measure, opts, grams_a, grams_b, perms):
     return _ratio_terms(rbf_kernels(grams_a, float(opts["sigma"])), kb, perms, opts["debiased"])
   if measure == "procrustes":
     out = _procrustes_terms(grams_a, grams_b, perms, opts["method"], float(opts["rank_rtol"]),
-                            int(opts["iterations"]))
+                            int(opts["iterations"]), opts["max_rank"])
   else:
     out = _knn_terms(grams_a, grams_b, perms, int(opts["k"]))
   sa, ca = _self_terms(grams_a)
