@@ -28,6 +28,17 @@ Two halves, as in `cka`:
 * Shuffle null: with `perms` [P, m] (from `null_permutations`) every minibatch also scores side b
   with its examples permuted (L -> L[pi][:, pi]), giving per cell a null mean, std and z-score.
 * Agreement: `rank_agreement` (Spearman between measures over cells) and `disagreements`.
+
+Use inside the jitted step that builds the Grams (k minibatches, axis 0 possibly sharded):
+  perms = jnp.asarray(null_permutations(seed, P, m))          # once, replicated
+  ga, gb = <centred Grams [k, A, m, m], [k, B, m, m]>
+  out = terms({"rbf_cka": {}, "procrustes": {}}, ga, gb, perms=perms, stacked=True)
+and on the host, per measure: state = init(name, names_a, names_b, num_perms=P, **options);
+state = accumulate(state, out[name], mask=<[k] valid minibatches>); result(state).
+
+Cost per minibatch (benchmarks/measures_bench.py): RBF, kNN and the nulls of CKA-type measures and
+kNN are O(A B m^2) like linear CKA; Procrustes is O((A + B) m^3 + A B m^3) (and P times that with a
+null), so it is the one measure to budget for.
 """
 from __future__ import annotations
 
