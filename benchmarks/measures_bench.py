@@ -1,0 +1,158 @@
+"""Cost of each measure's per-minibatch terms relative to linear CKA's, from the same Grams.
+
+Workload: the coarse preset's layer counts, ~26 ViT-B/16 layers (side a) against ~18 ResNet
+layers (side b), 468 layer pairs, one minibatch of m = 256 examples (CPU); then m = 1024 for a
+handful of layers (2 x 2) to measure how each measure scales with m. Inputs are the centred linear
+Grams [A, m, m], [B, m, m] (made once from random full-rank features; their values do not change
+the arithmetic), as the analyses will compute them once for all measures. Every measure is one
+jitted program `measures.minibatch_terms(name, grams_a, grams_b)`; "linear_cka" is its U-centring
+plus the all-pairs HSIC contraction, i.e. what `cka` does per minibatch after the Grams.
+
+Procrustes variants: exact SVD per pair, GEMM-only Newton-Schulz, and both on the top m/4
+components of every Gram (`max_rank`: Procrustes of the rank-m/4 PCA approximations, pair cost
+/64); their deviation from the full-rank SVD values is printed.
+
+Also printed: the time to build the Grams themselves for one ViT-B/16-sized layer (197 tokens x 768
+= 151,296 features), which the measures share and which dominates linear CKA end to end, the cost
+of the shuffle null (P permutations), and Newton-Schulz Procrustes' deviation from the SVD one.
+
+Scaling to m = 1024 (from the operation counts, checked by the m = 1024 rows): linear CKA, kNN and
+the null contractions are O(A B m^2); RBF adds one sort of m^2/2 values per layer; Procrustes is
+O((A + B) m^3) for the eigendecompositions plus O(A B m^3) for the pairs (SVD or 30 Newton-Schulz
+iterations of two [m, m] GEMMs), so its ratio to linear CKA grows about 4x from m = 256 to 1024.
+
+Usage:
+  python benchmarks/measures_bench.py [--m 256] [--big_m 1024] [--reps 3] [--perms 8]
+  python benchmarks/measures_bench.py --null_only   # the shuffle-null table alone (~1 min)
+
+Times are medians over reps of wall time after one compile run; the machine may be shared, so
+read ratios rather than absolute numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_analysis import cka, measures
+
+
+def variants(m: int):
+  return (("linear_cka", {}), ("rbf_cka", {}), ("mutual_knn", {}),
+          ("procrustes", {"method": "svd"}), ("procrustes", {"method": "newton_schulz"}),
+          ("procrustes", {"method": "svd", "max_rank": m // 4}),
+          ("procrustes", {"method": "newton_schulz", "max_rank": m // 4}))
+
+
+def make_grams(num: int, m: int, seed: int) -> jax.Array:
+  """[num, m, m] centred Grams of random full-rank features with a decaying spectrum."""
+  r = np.random.default_rng(seed)
+  p = m + 64
+  scale = np.exp(-3.0 * np.arange(p) / p)[None, :].astype(np.float32)
+  return jnp.stack([cka.gram_linear(jnp.asarray(r.normal(size=(m, p)).astype(np.float32) * scale))
+                    for _ in range(num)])
+
+
+def timed(fn, *args, reps: int) -> tuple[float, object]:
+  out = jax.block_until_ready(fn(*args))  # compile
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return float(np.median(times)), out
+
+
+def program(name, opts, perms=None):
+  return jax.jit(lambda ga, gb: measures.minibatch_terms(name, ga, gb, perms=perms, **opts))
+
+
+def table(a: int, b: int, m: int, reps: int, perms: int, null_for=("linear_cka", "rbf_cka",
+                                                                    "mutual_knn")) -> dict:
+  ga, gb = make_grams(a, m, 0), make_grams(b, m, 1)
+  print(f"\n== {a} x {b} layers ({a * b} pairs), m = {m}, median of {reps} reps ==")
+  print(f"{'measure':<48}{'s / minibatch':>15}{'x linear_cka':>14}")
+  base, out = None, {}
+  for name, opts in variants(m):
+    label = name + (f" ({', '.join(f'{k}={v}' for k, v in opts.items())})" if opts else "")
+    sec, terms = timed(program(name, opts), ga, gb, reps=reps)
+    base = sec if base is None else base
+    out[label] = terms
+    print(f"{label:<48}{sec:>15.4f}{sec / base:>14.1f}")
+  if perms:
+    pp = jnp.asarray(measures.null_permutations(0, perms, m))
+    for name in null_for:
+      sec, _ = timed(program(name, {}, pp), ga, gb, reps=reps)
+      print(f"{name + f' + null P={perms}':<48}{sec:>15.4f}{sec / base:>14.1f}")
+  value = lambda label: np.asarray(out[f"procrustes ({label})"]["value"], np.float64)
+  svd = value("method=svd")
+  print(f"Procrustes (SVD, full rank) values {svd.min():.4f}..{svd.max():.4f}; deviations:")
+  for label in ("method=newton_schulz", f"method=svd, max_rank={m // 4}",
+                f"method=newton_schulz, max_rank={m // 4}"):
+    d = value(label) - svd
+    print(f"  {label:<36} max |diff| {np.abs(d).max():.2e}, mean diff {d.mean():.2e}")
+  return out
+
+
+def gram_cost(m: int, reps: int) -> None:
+  x = jax.random.normal(jax.random.key(0), (m, 197 * 768))
+  sec, _ = timed(cka.gram_linear, x, reps=reps)
+  print(f"\nGram of one ViT-B/16 token layer (m = {m}, p = 151,296): {sec:.3f} s; "
+        f"44 such layers: {44 * sec:.1f} s per minibatch (shared by all measures)")
+
+
+def null_demo(m: int = 128, p: int = 512, minibatches: int = 4, perms: int = 32) -> None:
+  """The shuffle null of every measure for independent random features (and for X vs X)."""
+  r = np.random.default_rng(0)
+  xs = [r.normal(size=(m, p)).astype(np.float32) for _ in range(minibatches)]
+  ys = [r.normal(size=(m, p)).astype(np.float32) for _ in range(minibatches)]
+  pp = jnp.asarray(measures.null_permutations(0, perms, m))
+  print(f"\n== shuffle null: independent N(0, 1) features, m = {m}, p = {p}, {minibatches} "
+        f"minibatches, P = {perms} ==")
+  print(f"{'measure':<26}{'value':>9}{'null mean':>11}{'null std':>10}{'z':>8}{'z (X vs X)':>12}")
+  specs = (("linear_cka (biased)", "linear_cka", {"debiased": False}),
+           ("linear_cka (unbiased)", "linear_cka", {}),
+           ("rbf_cka (biased)", "rbf_cka", {"debiased": False}),
+           ("rbf_cka (unbiased)", "rbf_cka", {}),
+           ("procrustes", "procrustes", {}), ("mutual_knn (k=10)", "mutual_knn", {}))
+  for label, name, opts in specs:
+    res = []
+    for other in (ys, xs):
+      state = measures.init(name, 1, 1, num_perms=perms, **opts)
+      for x, y in zip(xs, other):
+        t = measures.minibatch_terms(name, cka.gram_linear(x)[None], cka.gram_linear(y)[None],
+                                     perms=pp, **opts)
+        state = measures.accumulate(state, t)
+      res.append(measures.result(state))
+    ind, same = res
+    print(f"{label:<26}{ind.value[0, 0]:>9.4f}{ind.null_mean[0, 0]:>11.4f}"
+          f"{ind.null_std[0, 0]:>10.4f}{ind.z[0, 0]:>8.2f}{same.z[0, 0]:>12.1f}")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--m", type=int, default=256)
+  parser.add_argument("--big_m", type=int, default=1024)
+  parser.add_argument("--layers_a", type=int, default=26)
+  parser.add_argument("--layers_b", type=int, default=18)
+  parser.add_argument("--reps", type=int, default=3)
+  parser.add_argument("--perms", type=int, default=8)
+  parser.add_argument("--null_only", action="store_true", help="only the shuffle-null table")
+  args = parser.parse_args()
+  if args.null_only:
+    null_demo()
+    return
+  print(f"backend: {jax.default_backend()}, devices: {jax.devices()}")
+  table(args.layers_a, args.layers_b, args.m, args.reps, args.perms)
+  if args.big_m:
+    table(2, 2, args.big_m, args.reps, 0)
+    table(2, 2, args.m, args.reps, 0)  # the same small grid at the small m: the m-scaling
+  gram_cost(args.m, args.reps)
+  null_demo()
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,851 @@
+"""Similarity measures beyond linear CKA from the same minibatch Grams; shuffle nulls; agreement.
+
+Four measures of how alike two representations x: [n, p1], y: [n, p2] of the same n examples are
+(features flattened per example, as for CKA):
+* `linear_cka`: the paper's measure (delegates to `cka`).
+* `rbf_cka`: CKA with Gaussian kernels K_ij = exp(-d2_ij / (2 s2)), d2_ij = |x_i - x_j|^2, and the
+  bandwidth s2 = sigma^2 * median(d2) over all n^2 pairs, the zero diagonal included (Kornblith et
+  al. 2019's reference code).
+* `procrustes`: orthogonal-Procrustes similarity |X^T Y|_* / (|X|_F |Y|_F) of column-centred X, Y
+  (nuclear norm over Frobenius norms; in [0, 1]; arccos of it is the angular shape metric of
+  Williams et al. 2021). Invariant to rotations and isotropic scaling, not to other linear maps.
+* `mutual_knn`: mutual k-nearest-neighbour alignment (Huh et al. 2024): for every example the
+  fraction of its k nearest neighbours (cosine similarity of the centred features, itself
+  excluded) that the two representations share, averaged over examples.
+
+Everything is computable from the column-centred linear Gram K = C X X^T C of each layer:
+  d2_ij = K_ii + K_jj - 2 K_ij;   cos_ij = K_ij / sqrt(K_ii K_jj);
+  |X^T Y|_* = |F_x^T F_y|_*  for any factor K_x = F_x F_x^T (X = F_x W with W^T W a projector, and
+  the nuclear norm ignores orthonormal factors), here F = U sqrt(S) from eigh(K) once per layer.
+
+Two halves, as in `cka`:
+* Full batch (host, float64 where the maths is not CKA's): `linear_cka`, `rbf_cka`, `procrustes`,
+  `mutual_knn` on features, each returning a float.
+* Minibatch (device, pure jnp, jit/vmap-able): `minibatch_terms(measure, grams_a, grams_b)` maps
+  one minibatch's centred Grams [A, m, m], [B, m, m] to a few small arrays; the host sums them in
+  float64 (`init` / `accumulate` / `merge` / `result`). CKA-type measures sum per-minibatch
+  HSIC terms and divide once (minibatch CKA); Procrustes and kNN average per-minibatch values.
+* Shuffle null: with `perms` [P, m] (from `null_permutations`) every minibatch also scores side b
+  with its examples permuted (L -> L[pi][:, pi]), giving per cell a null mean, std and z-score.
+* Agreement: `rank_agreement` (Spearman between measures over cells) and `disagreements`.
+
+Use inside the jitted step that builds the Grams (k minibatches, axis 0 possibly sharded):
+  perms = jnp.asarray(null_permutations(seed, P, m))          # once, replicated
+  ga, gb = <centred Grams [k, A, m, m], [k, B, m, m]>
+  out = terms({"rbf_cka": {}, "procrustes": {}}, ga, gb, perms=perms, stacked=True)
+and on the host, per measure: state = init(name, names_a, names_b, num_perms=P, **options);
+state = accumulate(state, out[name], mask=<[k] valid minibatches>); result(state).
+
+Cost per minibatch (benchmarks/measures_bench.py): RBF, kNN and the nulls of CKA-type measures and
+kNN are O(A B m^2) like linear CKA; Procrustes is O((A + B) m^3 + A B m^3) (and P times that with a
+null), so it is the one measure to budget for.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.stats
+
+from vit_analysis import cka
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+# |value| beyond [lower, 1] by more than this is a bug or corrupted input, not rounding.
+_RANGE_ATOL = 1e-5
+# A layer whose unbiased self-HSIC is below this fraction of tr(K)^2 / (m(m-3)) is constant (the
+# same rule as cka); cosine neighbours and Procrustes are undefined for it.
+_CONSTANT_RTOL = 1e-10
+
+MEASURES = ("linear_cka", "rbf_cka", "procrustes", "mutual_knn")
+# Options of the minibatch terms, with defaults. CKA-type measures default to the unbiased
+# per-minibatch HSIC_1 (the paper's minibatch CKA); debiased=False uses HSIC_0 per minibatch.
+OPTIONS: dict[str, dict[str, Any]] = {
+    "linear_cka": {"debiased": True},
+    "rbf_cka": {"sigma": 0.5, "debiased": True},
+    "procrustes": {"method": "svd", "rank_rtol": 1e-6, "iterations": 30, "max_rank": None},
+    "mutual_knn": {"k": 10},
+}
+# "ratio": sums of HSIC terms divided once (cka.CKAState); "mean": average of per-minibatch values.
+_KIND = {"linear_cka": "ratio", "rbf_cka": "ratio", "procrustes": "mean", "mutual_knn": "mean"}
+
+
+def _check_measure(name: str) -> str:
+  if name not in _KIND:
+    close = difflib.get_close_matches(str(name), MEASURES, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"unknown measure {name!r}{hint}; known: {MEASURES}")
+  return name
+
+
+def resolve_options(measure: str, **options: Any) -> dict[str, Any]:
+  """The measure's minibatch options: defaults from `OPTIONS` updated by `options` (checked)."""
+  defaults = OPTIONS[_check_measure(measure)]
+  unknown = sorted(set(options) - set(defaults))
+  if unknown:
+    raise ValueError(f"{measure}: unknown option(s) {unknown}; accepted: {sorted(defaults)}")
+  out = {**defaults, **options}
+  if measure == "rbf_cka" and not (np.isscalar(out["sigma"]) and float(out["sigma"]) > 0):
+    raise ValueError(f"rbf_cka: sigma must be a positive number, got {out['sigma']!r}")
+  if measure == "mutual_knn" and not (isinstance(out["k"], (int, np.integer)) and out["k"] >= 1):
+    raise ValueError(f"mutual_knn: k must be a positive int, got {out['k']!r}")
+  if measure == "procrustes":
+    if out["method"] not in ("svd", "newton_schulz"):
+      raise ValueError(f"procrustes: method must be 'svd' or 'newton_schulz', got "
+                       f"{out['method']!r}")
+    if not 0 <= float(out["rank_rtol"]) < 1:
+      raise ValueError(f"procrustes: rank_rtol must be in [0, 1), got {out['rank_rtol']!r}")
+    r = out["max_rank"]
+    if r is not None and not (isinstance(r, (int, np.integer)) and r >= 1):
+      raise ValueError(f"procrustes: max_rank must be None or a positive int, got {r!r}")
+    if not (isinstance(out["iterations"], (int, np.integer)) and out["iterations"] >= 1):
+      raise ValueError(f"procrustes: iterations must be a positive int, got "
+                       f"{out['iterations']!r}")
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Full batch: features in, float out (host float64, except CKA's HSIC which is cka's).
+
+
+def _host_features(x: Any, name: str, min_n: int = 4) -> np.ndarray:
+  """[n, ...] -> float64 [n, p], column-centred; clear errors for bad input."""
+  x = np.asarray(x)
+  if x.ndim < 2:
+    raise ValueError(f"{name} must be [n, ...] features (n examples), got shape {x.shape}")
+  if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+    raise ValueError(f"{name} has unsupported dtype {x.dtype}")
+  x = x.reshape(x.shape[0], -1).astype(np.float64)
+  if x.shape[0] < min_n or x.shape[1] == 0:
+    raise ValueError(f"{name} needs at least {min_n} examples and 1 feature, got {x.shape}")
+  if not np.isfinite(x).all():
+    raise ValueError(f"{name} contains NaN/Inf ({np.size(x) - np.isfinite(x).sum()} values)")
+  return x - x.mean(0, keepdims=True)
+
+
+def _check_pair(x: Any, y: Any, min_n: int = 4) -> tuple[np.ndarray, np.ndarray]:
+  x, y = _host_features(x, "x", min_n), _host_features(y, "y", min_n)
+  if x.shape[0] != y.shape[0]:
+    raise ValueError(f"x and y must hold the same examples: {x.shape[0]} vs {y.shape[0]} rows")
+  for name, v in (("x", x), ("y", y)):
+    if not np.any(v):
+      raise ValueError(f"{name} is constant over the examples (similarity undefined)")
+  return x, y
+
+
+def linear_cka(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike,
+               debiased: bool = False) -> float:
+  """Full-batch linear CKA (`cka.linear_cka`). x: [n, ...], y: [n, ...]; biased by default."""
+  _check_pair(x, y)
+  return cka.linear_cka(x, y, debiased=debiased)
+
+
+def _rbf_kernel_np(x: np.ndarray, sigma: float) -> np.ndarray:
+  """Gaussian kernel of centred float64 x [n, p] with the median-heuristic bandwidth."""
+  g = x @ x.T
+  d = np.diagonal(g)
+  d2 = np.maximum(d[:, None] + d[None, :] - 2 * g, 0)
+  np.fill_diagonal(d2, 0)
+  med = np.median(d2)  # over all n^2 entries, the zero diagonal included
+  if not med > 0:
+    raise ValueError("RBF bandwidth undefined: the median squared distance is 0 (more than half "
+                     "of the example pairs coincide)")
+  return np.exp(-d2 / (2 * sigma ** 2 * med))
+
+
+def rbf_cka(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike, sigma: float = 0.5,
+            debiased: bool = False) -> float:
+  """Full-batch CKA with Gaussian kernels (bandwidth sigma^2 * median squared distance).
+
+  Args:
+    x: [n, ...] features (n >= 4), flattened per example.
+    y: [n, ...] features of the same examples.
+    sigma: bandwidth as a fraction of the median distance (Kornblith et al.'s `threshold`).
+    debiased: False: biased HSIC_0 (values in [0, 1]); True: unbiased HSIC_1 in all three terms.
+
+  Returns:
+    RBF CKA as a float.
+  """
+  resolve_options("rbf_cka", sigma=sigma)
+  x, y = _check_pair(x, y)
+  # Kernels in float64 here; the HSIC estimators are cka's (float32 on kernels in [0, 1]).
+  kx = jnp.asarray(_rbf_kernel_np(x, float(sigma)), jnp.float32)
+  ky = jnp.asarray(_rbf_kernel_np(y, float(sigma)), jnp.float32)
+  hsic = cka.hsic_unbiased if debiased else cka.hsic_biased
+  h = [float(hsic(a, b)) for a, b in ((kx, ky), (kx, kx), (ky, ky))]
+  if not (h[1] > 0 and h[2] > 0):
+    raise ValueError(f"RBF self-HSIC not positive ({h[1]}, {h[2]}): constant kernel")
+  return float(np.clip(h[0] / np.sqrt(h[1] * h[2]), -1.0, 1.0))
+
+
+def _factor_np(x: np.ndarray) -> np.ndarray:
+  """A factor F [n, r] with F F^T = X X^T: X itself if narrow, else from the Gram's eigh."""
+  n, p = x.shape
+  if p <= n:
+    return x
+  s, u = np.linalg.eigh(x @ x.T)
+  keep = s > s[-1] * n * np.finfo(np.float64).eps
+  return u[:, keep] * np.sqrt(s[keep])[None, :]
+
+
+def procrustes(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike) -> float:
+  """Full-batch orthogonal-Procrustes similarity |X^T Y|_* / (|X|_F |Y|_F), in [0, 1].
+
+  X, Y are the column-centred features. |X^T Y|_* = max over orthogonal Q of tr(Q^T X^T Y), so this
+  is the cosine of the angle between X and the best rotation of Y (its arccos: angular shape
+  metric). Computed in float64 as the singular values of F_x^T F_y for Gram factors F (see the
+  module docstring), which costs O(n min(n, p)^2) instead of an SVD of the [p1, p2] matrix X^T Y.
+
+  Args:
+    x: [n, ...] features, flattened per example.
+    y: [n, ...] features of the same examples.
+  """
+  x, y = _check_pair(x, y, min_n=2)
+  nuc = np.linalg.svd(_factor_np(x).T @ _factor_np(y), compute_uv=False).sum()
+  value = nuc / (np.linalg.norm(x) * np.linalg.norm(y))
+  return float(np.clip(value, 0.0, 1.0))
+
+
+def _neighbours_np(x: np.ndarray, k: int) -> np.ndarray:
+  """[n, k] indices of each example's k most cosine-similar others (ties: lower index first)."""
+  norm = np.linalg.norm(x, axis=1)
+  safe = np.where(norm > 0, norm, 1.0)
+  cos = (x @ x.T) / (safe[:, None] * safe[None, :])
+  np.fill_diagonal(cos, -np.inf)
+  return np.argsort(-cos, axis=1, kind="stable")[:, :k]
+
+
+def mutual_knn(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike, k: int = 10) -> float:
+  """Full-batch mutual k-nearest-neighbour alignment, in [0, 1].
+
+  For example i, N_x(i) are the k examples j != i with the largest cosine similarity of centred
+  features; the value is mean_i |N_x(i) & N_y(i)| / k.
+
+  Ties (equal similarities, e.g. duplicate examples) are broken deterministically: the lower example
+  index ranks first (a stable sort on descending similarity; `jax.lax.top_k` on device does the
+  same). An example equal to the mean (zero centred norm) has similarity 0 to every other.
+
+  Args:
+    x: [n, ...] features, flattened per example.
+    y: [n, ...] features of the same examples.
+    k: neighbours per example, 1 <= k < n.
+  """
+  resolve_options("mutual_knn", k=k)
+  x, y = _check_pair(x, y, min_n=2)
+  if k >= x.shape[0]:
+    raise ValueError(f"mutual_knn needs k < n, got k = {k}, n = {x.shape[0]}")
+  nx, ny = _neighbours_np(x, k), _neighbours_np(y, k)
+  shared = [np.intersect1d(a, b).size for a, b in zip(nx, ny)]
+  return float(np.mean(shared) / k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device half: per-minibatch terms from centred Grams (pure jnp; jit, vmap and shard as cka's).
+
+
+def null_permutations(key_or_seed: int | jax.Array, num: int, m: int) -> np.ndarray:
+  """P fixed permutations of a minibatch's m examples: [num, m] int32, identical everywhere.
+
+  Drawn with NumPy's PCG64 from an int seed (or from a JAX key, threefry, also
+  platform-independent), so every host and device builds the same array; pass it to the jitted
+  step as a replicated argument. Row p is applied to side b as L -> L[pi_p][:, pi_p].
+  """
+  if num < 1 or m < 2:
+    raise ValueError(f"need num >= 1 permutations of m >= 2 examples, got num={num}, m={m}")
+  if isinstance(key_or_seed, (int, np.integer)):
+    rng = np.random.Generator(np.random.PCG64(int(key_or_seed)))
+    return np.stack([rng.permutation(m) for _ in range(num)]).astype(np.int32)
+  keys = jax.random.split(key_or_seed, num)
+  return np.asarray(jax.vmap(lambda k: jax.random.permutation(k, m))(keys), np.int32)
+
+
+def _self_terms(grams: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Unbiased self-HSIC [A] and its scale tr(K)^2/(m(m-3)) [A]: NaN and constant-layer checks."""
+  m = grams.shape[-1]
+  u = jax.vmap(cka._u_centre)(grams)  # pylint: disable=protected-access
+  tr = jnp.trace(grams, axis1=-2, axis2=-1)
+  return jnp.sum(u * u, axis=(-2, -1)) / (m * (m - 3)), tr * tr / (m * (m - 3))
+
+
+def _pair_products(ca: jax.Array, cb: jax.Array, perms: jax.Array | None) -> tuple:
+  """<ca_a, cb_b> [A, B] and, for each permutation pi, <ca_a, cb_b[pi][:, pi]> [P, A, B]."""
+  dot = lambda u, v: jnp.einsum("aij,bij->ab", u, v, precision=_HIGHEST)
+  null = None
+  if perms is not None:
+    # lax.map: one permuted copy of side b at a time ([B, m, m]), not P of them.
+    null = jax.lax.map(lambda p: dot(ca, cb[:, p][:, :, p]), perms)
+  return dot(ca, cb), null
+
+
+def _check_grams(grams_a, grams_b, perms) -> tuple[int, int]:
+  ga = jnp.shape(grams_a)
+  if len(ga) != 3 or ga[1] != ga[2]:
+    raise ValueError(f"grams_a must be [A, m, m] centred Grams, got shape {ga}")
+  m = ga[1]
+  if grams_b is not None and (len(jnp.shape(grams_b)) != 3 or jnp.shape(grams_b)[1:] != (m, m)):
+    raise ValueError(f"grams_b must be [B, {m}, {m}] (same examples as grams_a), got "
+                     f"{jnp.shape(grams_b)}")
+  if m < 4:
+    raise ValueError(f"minibatch measures need m >= 4 examples, got m = {m}")
+  if perms is not None and (jnp.ndim(perms) != 2 or jnp.shape(perms)[1] != m
+                            or not jnp.issubdtype(jnp.result_type(perms), jnp.integer)):
+    raise ValueError(f"perms must be [P, {m}] integer permutations, got {jnp.shape(perms)} "
+                     f"{jnp.result_type(perms)}")
+  return ga[0], m
+
+
+def _ratio_terms(kern_a, kern_b, perms, debiased: bool) -> dict[str, jax.Array]:
+  """HSIC terms of one minibatch's kernels (cka's estimators); kern_b None: intra-model."""
+  m = kern_a.shape[-1]
+  if debiased:
+    centre, norm = cka._u_centre, m * (m - 3)  # pylint: disable=protected-access
+  else:
+    centre, norm = cka._double_centre, (m - 1) ** 2  # pylint: disable=protected-access
+  ca = jax.vmap(centre)(kern_a)
+  cb = ca if kern_b is None else jax.vmap(centre)(kern_b)
+  cross, null = _pair_products(ca, cb, perms)
+  tr_a = jnp.trace(kern_a, axis1=-2, axis2=-1)
+  tr_b = tr_a if kern_b is None else jnp.trace(kern_b, axis1=-2, axis2=-1)
+  self_a = jnp.sum(ca * ca, axis=(-2, -1))
+  self_b = self_a if kern_b is None else jnp.sum(cb * cb, axis=(-2, -1))
+  out = {"cross": cross / norm, "self_a": self_a / norm, "self_b": self_b / norm,
+         "scale_a": tr_a * tr_a / norm, "scale_b": tr_b * tr_b / norm,
+         "count": jnp.asarray(m, jnp.int32)}
+  if null is not None:
+    out["null_cross"] = null / norm
+  return out
+
+
+def _order_statistic(v: jax.Array, k: int) -> jax.Array:
+  """The k-th smallest (0-based) of v [n] >= 0, exactly, without sorting.
+
+  For non-negative float32 the int32 bit patterns are ordered like the values, so a bisection over
+  bit patterns (31 halvings of [0, 2^31)) finds the smallest pattern b with #{v <= b} > k, which is
+  the k-th order statistic itself. Each step is one vectorised count over v: O(32 n), where
+  XLA:CPU's comparison sort of the m^2 distances measured ~20x slower.
+  """
+  bits = jax.lax.bitcast_convert_type(v, jnp.int32)
+
+  def step(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    enough = jnp.sum(bits <= mid) > k
+    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+  lo, _ = jax.lax.fori_loop(0, 32, step, (jnp.int32(0), jnp.max(bits)))
+  return jax.lax.bitcast_convert_type(lo, v.dtype)
+
+
+def _median(d2: jax.Array) -> jax.Array:
+  """numpy.median of all entries of d2 [m, m] >= 0 (no -0.0): mean of the two middle ones."""
+  v = d2.reshape(-1)
+  n = v.shape[0]
+  return (_order_statistic(v, (n - 1) // 2) + _order_statistic(v, n // 2)) / 2
+
+
+def rbf_kernels(grams: jax.Array, sigma: float) -> jax.Array:
+  """Gaussian kernels [A, m, m] from centred linear Grams [A, m, m], bandwidth per minibatch.
+
+  d2_ij = K_ii + K_jj - 2 K_ij (clipped at 0, exact zero diagonal); s2 = sigma^2 * median(d2) over
+  all m^2 entries. A layer with median 0 (constant, or mostly duplicate examples) gets the kernel
+  of ones, whose self-HSIC is 0: the host then refuses it as a constant layer.
+  """
+  def one(g):
+    d = jnp.diagonal(g)
+    d2 = d[:, None] + d[None, :] - 2 * g
+    # Clip rounding below 0 to +0.0 (never -0.0: the median bisects bit patterns); exact 0 diagonal.
+    d2 = jnp.where((d2 > 0) & ~jnp.eye(g.shape[0], dtype=bool), d2, 0.0)
+    s2 = sigma ** 2 * _median(d2)
+    return jnp.where(s2 > 0, jnp.exp(-d2 / jnp.where(s2 > 0, 2 * s2, 1)), 1.0)
+  return jax.vmap(one)(grams)
+
+
+def gram_factors(grams: jax.Array, rank_rtol: float, max_rank: int | None = None) -> jax.Array:
+  """Factors F [A, m, r] with F F^T = K (F = U sqrt(S)), eigenvalues <= rank_rtol * max zeroed.
+
+  r = m, or with max_rank the top max_rank components only (F F^T is then the Gram of the
+  features' rank-r PCA approximation; the pair cost falls as r^3).
+
+  eigh of a float32 Gram leaves the null directions (at least the centring direction) at
+  +-eps*|K| rather than 0; their square roots (~3e-4 sqrt|K|) would add spurious singular values to
+  every nuclear norm, so components below the numerical rank are dropped.
+  """
+  s, u = jnp.linalg.eigh(grams)  # ascending
+  if max_rank is not None and max_rank < s.shape[-1]:
+    s, u = s[:, -max_rank:], u[:, :, -max_rank:]
+  s_max = jnp.max(s, axis=-1, keepdims=True)
+  root = jnp.where(s > rank_rtol * s_max, jnp.sqrt(jnp.maximum(s, 0)), 0)
+  return u * root[:, None, :]
+
+
+def _nuclear_norms(fa: jax.Array, fb: jax.Array, method: str, iterations: int) -> jax.Array:
+  """|F_a^T F_b|_* for every pair: fa [A, m, r], fb [B, m, r] -> [A, B]; one row a at a time.
+
+  'svd': singular values of the [r, r] product (float32-exact). 'newton_schulz': the polar factor
+  Q of M by X <- 1.5 X - 0.5 X X^T X from X = M/|M|_F (GEMMs only), and |M|_* = tr(Q^T M). It
+  converges for singular values in (0, sqrt(3)); unconverged small ones only lower the trace by
+  about sigma_i, so its error is one-sided and weighted by the small singular values.
+  """
+  def row(f):
+    mat = jnp.einsum("mi,bmj->bij", f, fb, precision=_HIGHEST)
+    if method == "svd":
+      return jnp.sum(jnp.linalg.svd(mat, compute_uv=False), axis=-1)
+    fro = jnp.sqrt(jnp.sum(mat * mat, axis=(-2, -1), keepdims=True))
+    x0 = mat / jnp.where(fro > 0, fro, 1)
+
+    def step(_, x):
+      g = jnp.einsum("bki,bkj->bij", x, x, precision=_HIGHEST)
+      return 1.5 * x - 0.5 * jnp.einsum("bik,bkj->bij", x, g, precision=_HIGHEST)
+    q = jax.lax.fori_loop(0, iterations, step, x0)
+    return jnp.sum(q * mat, axis=(-2, -1))
+  return jax.lax.map(row, fa)
+
+
+def _procrustes_terms(grams_a, grams_b, perms, method, rank_rtol, iterations, max_rank):
+  fa = gram_factors(grams_a, rank_rtol, max_rank)
+  fb = fa if grams_b is None else gram_factors(grams_b, rank_rtol, max_rank)
+  # |F|_F^2 = tr(K) (of the kept components: with max_rank, Procrustes of the PCA approximations).
+  tr_a = jnp.sum(fa * fa, axis=(-2, -1))
+  tr_b = tr_a if grams_b is None else jnp.sum(fb * fb, axis=(-2, -1))
+  norm = jnp.sqrt(jnp.maximum(tr_a, 0))[:, None] * jnp.sqrt(jnp.maximum(tr_b, 0))[None, :]
+  nuc = functools.partial(_nuclear_norms, method=method, iterations=iterations)
+  out = {"value": nuc(fa, fb) / norm}
+  if perms is not None:  # F_b of L[pi][:, pi] is F_b[pi]: permute the factor's rows.
+    out["null"] = jax.lax.map(lambda p: nuc(fa, fb[:, p]), perms) / norm[None]
+  return out
+
+
+def knn_indicators(grams: jax.Array, k: int) -> jax.Array:
+  """[A, m, m] 0/1 matrices, I[i, j] = 1 iff j is among the k nearest neighbours of i.
+
+  Neighbours by cosine similarity K_ij / sqrt(K_ii K_jj) of the centred features, i itself
+  excluded; `lax.top_k` breaks ties by the lower index (as `mutual_knn`). Zero-norm examples have
+  similarity 0 to all.
+  """
+  m = grams.shape[-1]
+
+  def one(g):
+    norm = jnp.sqrt(jnp.maximum(jnp.diagonal(g), 0))
+    safe = jnp.where(norm > 0, norm, 1)
+    cos = g / (safe[:, None] * safe[None, :])
+    cos = jnp.where(jnp.eye(m, dtype=bool), -jnp.inf, cos)
+    _, idx = jax.lax.top_k(cos, k)
+    return jnp.zeros((m, m), jnp.float32).at[jnp.arange(m)[:, None], idx].set(1.0)
+  return jax.vmap(one)(grams)
+
+
+def _knn_terms(grams_a, grams_b, perms, k):
+  m = grams_a.shape[-1]
+  if k >= m:
+    raise ValueError(f"mutual_knn needs k < m, got k = {k}, m = {m}")
+  ia = knn_indicators(grams_a, k)
+  ib = ia if grams_b is None else knn_indicators(grams_b, k)
+  # sum_i |N_a(i) & N_b(i)| = <I_a, I_b>; the neighbours of L[pi][:, pi] are I_b[pi][:, pi].
+  shared, null = _pair_products(ia, ib, perms)
+  out = {"value": shared / (m * k)}
+  if null is not None:
+    out["null"] = null / (m * k)
+  return out
+
+
+def minibatch_terms(measure: str, grams_a: jax.Array, grams_b: jax.Array | None = None, *,
+                    perms: jax.Array | None = None, **options: Any) -> dict[str, jax.Array]:
+  """Per-minibatch terms of one measure from centred linear Grams; pure, call it inside your jit.
+
+  Args:
+    measure: one of `MEASURES`.
+    grams_a: [A, m, m] column-centred linear Grams C X X^T C of side a (one minibatch).
+    grams_b: [B, m, m] of the same examples, or None for intra-model (each Gram used once).
+    perms: optional [P, m] int permutations (`null_permutations`) for the shuffle null.
+    **options: the measure's options (`OPTIONS`; static: they change the program).
+
+  Returns:
+    CKA-type measures: {cross [A, B], self_a [A], self_b [B], scale_a [A], scale_b [B], count []}
+    (HSIC per minibatch, as `cka.HSICTerms`), plus null_cross [P, A, B] with perms.
+    procrustes / mutual_knn: {value [A, B], self_a [A], scale_a [A], self_b [B], scale_b [B],
+    count []} (self/scale: NaN and constant-layer checks on the host), plus null [P, A, B].
+    vmap over a leading minibatch axis adds it to every leaf; `accumulate` flattens leading axes.
+  """
+  opts = resolve_options(measure, **options)
+  _check_grams(grams_a, grams_b, perms)
+  # Jitted with static options: inside the caller's jit it is inlined; called eagerly (tests,
+  # notebooks) it compiles once per shape instead of dispatching op by op.
+  return _terms_jit(measure, tuple(sorted(opts.items())), grams_a, grams_b, perms)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _terms_jit(measure, opts, grams_a, grams_b, perms):
+  opts = dict(opts)
+  m = grams_a.shape[-1]
+  grams_a = jnp.asarray(grams_a, jnp.float32)
+  grams_b = None if grams_b is None else jnp.asarray(grams_b, jnp.float32)
+  if measure == "linear_cka":
+    return _ratio_terms(grams_a, grams_b, perms, opts["debiased"])
+  if measure == "rbf_cka":
+    kb = None if grams_b is None else rbf_kernels(grams_b, float(opts["sigma"]))
+    return _ratio_terms(rbf_kernels(grams_a, float(opts["sigma"])), kb, perms, opts["debiased"])
+  if measure == "procrustes":
+    out = _procrustes_terms(grams_a, grams_b, perms, opts["method"], float(opts["rank_rtol"]),
+                            int(opts["iterations"]), opts["max_rank"])
+  else:
+    out = _knn_terms(grams_a, grams_b, perms, int(opts["k"]))
+  sa, ca = _self_terms(grams_a)
+  sb, cb = (sa, ca) if grams_b is None else _self_terms(grams_b)
+  return {**out, "self_a": sa, "scale_a": ca, "self_b": sb, "scale_b": cb,
+          "count": jnp.asarray(m, jnp.int32)}
+
+
+def terms(measures: Sequence[str] | Mapping[str, Mapping[str, Any]], grams_a: jax.Array,
+          grams_b: jax.Array | None = None, *, perms: jax.Array | None = None,
+          stacked: bool = False) -> dict[str, dict[str, jax.Array]]:
+  """`minibatch_terms` of several measures from the same Grams: {measure: terms}.
+
+  Args:
+    measures: names (default options) or {name: options}.
+    grams_a: [A, m, m], or with stacked=True [k, A, m, m] (vmapped over the minibatch axis k,
+      which may be sharded: every minibatch stays where it is).
+    grams_b: the same for side b, or None (intra-model).
+    perms: [P, m] permutations, the same for every minibatch.
+    stacked: whether axis 0 of the Grams is the minibatch axis.
+  """
+  specs = ({str(n): {} for n in measures} if not isinstance(measures, Mapping)
+           else {str(n): dict(o) for n, o in measures.items()})
+
+  def one(ga, gb):
+    return {n: minibatch_terms(n, ga, gb, perms=perms, **o) for n, o in specs.items()}
+  return jax.vmap(one)(grams_a, grams_b) if stacked else one(grams_a, grams_b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host half: float64 accumulation over minibatches (init, accumulate, merge, result).
+
+
+_STATE_FIELDS = ("hsic", "value", "value_sq", "null", "num_minibatches", "num_examples",
+                 "fingerprint")
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=list(_STATE_FIELDS),
+                   meta_fields=["measure", "options", "names_a", "names_b", "intra"])
+@dataclasses.dataclass(frozen=True)
+class MeasureState:
+  """Fixed-size float64 sums over minibatches for one measure (orbax saves it as is).
+
+  CKA-type measures keep a `cka.CKAState` of their HSIC terms (the jackknife error and the
+  constant-layer checks are cka's); Procrustes and kNN keep the sum and sum of squares of the
+  per-minibatch values. `null` sums the per-permutation null numerators (CKA-type: cross HSIC)
+  or values, [P, A, B] (P = 0 without a null).
+  """
+  hsic: cka.CKAState | None      # CKA-type only
+  value: np.ndarray | None       # [A, B] sum of per-minibatch values (mean-type only)
+  value_sq: np.ndarray | None    # [A, B] sum of squares (mean-type only)
+  null: np.ndarray               # [P, A, B]
+  num_minibatches: np.ndarray    # [] int64
+  num_examples: np.ndarray       # [] int64
+  fingerprint: np.ndarray        # [] int64 CRC of measure, options and names
+  measure: str = ""
+  options: tuple = ()
+  names_a: tuple[str, ...] = ()
+  names_b: tuple[str, ...] = ()
+  intra: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasureResult:
+  """One measure between every layer of side a (rows) and side b (columns), float64."""
+  measure: str
+  value: np.ndarray              # [A, B]
+  stderr: np.ndarray             # [A, B] over minibatches (jackknife for CKA-type); NaN if k < 2
+  null: np.ndarray | None        # [P, A, B] null value per permutation (None without a null)
+  null_mean: np.ndarray | None   # [A, B]
+  null_std: np.ndarray | None    # [A, B] std over the P permutations (ddof = 1)
+  z: np.ndarray | None           # [A, B] (value - null_mean) / null_std (inf/NaN if std is 0)
+  names_a: tuple[str, ...]
+  names_b: tuple[str, ...]
+  num_minibatches: int
+  num_examples: int
+  options: dict[str, Any]
+
+
+def _layer_names(num: int | Sequence[str]) -> tuple[str, ...]:
+  if isinstance(num, (int, np.integer)):
+    return tuple(str(i) for i in range(int(num)))
+  return tuple(map(str, num))
+
+
+def _state_fingerprint(measure, options, names_a, names_b, intra, num_perms) -> np.ndarray:
+  key = repr((measure, options, names_a, names_b, intra, num_perms)).encode()
+  return np.asarray(zlib.crc32(key), np.int64)
+
+
+def init(measure: str, names_a: int | Sequence[str], names_b: int | Sequence[str] | None = None,
+         *, num_perms: int = 0, **options: Any) -> MeasureState:
+  """An empty state for one measure.
+
+  Args:
+    measure: one of `MEASURES`.
+    names_a: number of layers on side a, or their names.
+    names_b: the same for side b; None: intra-model (side b is side a).
+    num_perms: P, the number of null permutations the terms carry (0: no null).
+    **options: the measure's options, as given to `minibatch_terms` (stored for the record).
+  """
+  opts = resolve_options(measure, **options)
+  na = _layer_names(names_a)
+  intra = names_b is None
+  nb = na if intra else _layer_names(names_b)
+  if not na or not nb:
+    raise ValueError("need at least one layer per side")
+  if num_perms < 0:
+    raise ValueError(f"num_perms must be >= 0, got {num_perms}")
+  a, b = len(na), len(nb)
+  z = lambda *s: np.zeros(s, np.float64)
+  ratio = _KIND[measure] == "ratio"
+  hsic = (cka.init(na) if intra else cka.init(na, nb)) if ratio else None
+  options_t = tuple(sorted(opts.items()))
+  return MeasureState(hsic, None if ratio else z(a, b), None if ratio else z(a, b),
+                      z(num_perms, a, b), np.asarray(0, np.int64), np.asarray(0, np.int64),
+                      _state_fingerprint(measure, options_t, na, nb, intra, num_perms),
+                      measure, options_t, na, nb, intra)
+
+
+def _check_state(state: MeasureState) -> None:
+  fp = _state_fingerprint(state.measure, state.options, state.names_a, state.names_b,
+                          state.intra, state.null.shape[0])
+  if int(state.fingerprint) != int(fp):
+    raise ValueError(f"{state.measure} state does not match its measure/options/layer names "
+                     "(restored into a template made differently?); restore into init(<the same "
+                     "arguments as when saving>)")
+
+
+def _host(x: Any) -> np.ndarray:
+  """A (possibly multi-process sharded) array as a float64 host array."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(x, np.float64)
+
+
+def _bad_layers(state, sa, ca, sb, cb, value) -> None:
+  """Raises naming the layers with NaN/Inf or constant features (mean-type measures)."""
+  na, nb = state.names_a, state.names_b
+
+  def fail(what, bad_a, bad_b):
+    if bad_a.any() or bad_b.any():
+      raise ValueError(f"{state.measure}: {what}; nothing accumulated. Layers a: "
+                       f"{[na[i] for i in np.flatnonzero(bad_a)]}, layers b: "
+                       f"{[nb[i] for i in np.flatnonzero(bad_b)]}")
+  nonfinite = "non-finite terms (NaN/Inf in the features, or float32 overflow)"
+  fail(nonfinite, ~(np.isfinite(sa) & np.isfinite(ca)).all(0),
+       ~(np.isfinite(sb) & np.isfinite(cb)).all(0))
+  fail("constant layer(s) (similarity undefined)", ~(sa > _CONSTANT_RTOL * ca).all(0),
+       ~(sb > _CONSTANT_RTOL * cb).all(0))
+  fail(nonfinite, ~np.isfinite(value).all((0, 2)), ~np.isfinite(value).all((0, 1)))
+
+
+def accumulate(state: MeasureState, terms_: Mapping[str, Any],
+               mask: jax.typing.ArrayLike | None = None) -> MeasureState:
+  """Adds the terms of one or more minibatches (from `minibatch_terms`, any leading axes).
+
+  Args:
+    state: from `init` with the same measure, layers and P.
+    terms_: the measure's terms dict.
+    mask: optional, shaped like the leading axes; minibatches with mask 0 (padding) are skipped.
+
+  Raises:
+    ValueError: non-finite terms or a constant layer (named), shapes not matching the state.
+  """
+  _check_state(state)
+  t = {k: _host(v) for k, v in terms_.items()}
+  a, b = len(state.names_a), len(state.names_b)
+  p = state.null.shape[0]
+  ratio = _KIND[state.measure] == "ratio"
+  main = "cross" if ratio else "value"
+  null_key = "null_cross" if ratio else "null"
+  expected = {main, "self_a", "scale_a", "self_b", "scale_b", "count"}
+  expected |= {null_key} if p else set()
+  if set(t) != expected:
+    raise ValueError(f"{state.measure}: terms have keys {sorted(t)}, expected {sorted(expected)} "
+                     "(terms of another measure, or num_perms does not match the terms' perms?)")
+  if t[main].shape[-2:] != (a, b) or (p and t[null_key].shape[-3:] != (p, a, b)):
+    raise ValueError(f"{state.measure}: terms for a {t[main].shape[-2:]} layer grid "
+                     f"(null {t.get(null_key, np.empty(0)).shape}); the state is [{a}, {b}], P={p}")
+  count = t["count"].reshape(-1)
+  if mask is not None:
+    mask = np.asarray(mask).reshape(-1)
+    if mask.shape != count.shape:
+      raise ValueError(f"mask has {mask.size} entries for {count.size} minibatches")
+    count = np.where(mask > 0, count, 0)
+  valid = count > 0
+  null = t[null_key].reshape(-1, p, a, b)[valid] if p else np.zeros((0, p, a, b))
+  if not np.isfinite(null).all():
+    raise ValueError(f"{state.measure}: non-finite null terms; nothing accumulated")
+  if ratio:
+    hsic = cka.accumulate(state.hsic, cka.HSICTerms(
+        t["cross"], t["self_a"], t["self_b"], t["scale_a"], t["scale_b"], count))
+    value = value_sq = None
+  else:
+    hsic = None
+    v = t["value"].reshape(-1, a, b)[valid]
+    _bad_layers(state, t["self_a"].reshape(-1, a)[valid], t["scale_a"].reshape(-1, a)[valid],
+                t["self_b"].reshape(-1, b)[valid], t["scale_b"].reshape(-1, b)[valid], v)
+    value, value_sq = state.value + v.sum(0), state.value_sq + (v * v).sum(0)
+  return dataclasses.replace(
+      state, hsic=hsic, value=value, value_sq=value_sq, null=state.null + null.sum(0),
+      num_minibatches=state.num_minibatches + int(valid.sum()),
+      num_examples=state.num_examples + int(count[valid].sum()))
+
+
+def merge(s1: MeasureState, s2: MeasureState) -> MeasureState:
+  """Combines two states of disjoint minibatches (devices, hosts, resumed runs). Associative."""
+  _check_state(s1)
+  _check_state(s2)
+  if int(s1.fingerprint) != int(s2.fingerprint):
+    raise ValueError(f"cannot merge states of different measures/options/layers: {s1.measure} "
+                     f"{s1.options} vs {s2.measure} {s2.options}")
+  add = lambda u, v: None if u is None else u + v
+  return dataclasses.replace(
+      s1, hsic=None if s1.hsic is None else cka.merge(s1.hsic, s2.hsic),
+      value=add(s1.value, s2.value), value_sq=add(s1.value_sq, s2.value_sq),
+      null=s1.null + s2.null, num_minibatches=s1.num_minibatches + s2.num_minibatches,
+      num_examples=s1.num_examples + s2.num_examples)
+
+
+def result(state: MeasureState) -> MeasureResult:
+  """Values [A, B] with a stderr over minibatches, and the null mean/std/z where P > 0.
+
+  CKA-type: sum of cross HSIC / sqrt(sum self_a * sum self_b) (`cka.result`); null value p: the
+  same with the permuted cross sums. Mean-type: mean over minibatches, stderr = std / sqrt(k);
+  null value p: mean over minibatches of the permuted values.
+
+  Raises:
+    ValueError: nothing accumulated; values out of range (naming a cell).
+  """
+  _check_state(state)
+  k = int(state.num_minibatches)
+  if k == 0:
+    raise ValueError(f"{state.measure}: no minibatches accumulated")
+  sym = (lambda x: (x + x.T) / 2) if state.intra else (lambda x: x)
+  if state.hsic is not None:
+    r = cka.result(state.hsic)
+    value, stderr = r.cka, r.stderr
+    null = state.null / np.sqrt(np.outer(state.hsic.self_a, state.hsic.self_b))[None]
+  else:
+    value = sym(state.value / k)
+    bad = ~((value >= -_RANGE_ATOL) & (value <= 1 + _RANGE_ATOL))
+    if bad.any():
+      i, j = np.argwhere(bad)[0]
+      raise ValueError(f"{state.measure} out of [0, 1] (or NaN) at {bad.sum()} cell(s), e.g. "
+                       f"({state.names_a[i]}, {state.names_b[j]}) = {value[i, j]}")
+    value = np.clip(value, 0.0, 1.0)
+    if k < 2:
+      stderr = np.full_like(value, np.nan)
+    else:
+      var = (sym(state.value_sq) - k * value ** 2) / (k - 1)
+      stderr = np.sqrt(np.maximum(var, 0) / k)
+    null = state.null / k
+  null_mean = null_std = z = None
+  if null.shape[0]:
+    null_mean = null.mean(0)
+    null_std = null.std(0, ddof=1) if null.shape[0] > 1 else np.full_like(null_mean, np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+      z = (value - null_mean) / null_std
+  else:
+    null = None
+  return MeasureResult(state.measure, value, stderr, null, null_mean, null_std, z,
+                       state.names_a, state.names_b, k, int(state.num_examples),
+                       dict(state.options))
+
+
+# ---------------------------------------------------------------------------------------------
+# Agreement between measures.
+
+
+def _cells(values: Mapping[str, Any], intra: bool) -> tuple[list[str], np.ndarray, np.ndarray]:
+  """Measure names, [M, cells] values and [cells, 2] (row, col) indices of the cells used."""
+  names = list(values)
+  if len(names) < 2:
+    raise ValueError(f"need at least two measures, got {names}")
+  arrays = [np.asarray(values[n], np.float64) for n in names]
+  shape = arrays[0].shape
+  for n, v in zip(names, arrays):
+    if v.ndim != 2 or v.shape != shape:
+      raise ValueError(f"every measure needs the same [A, B] matrix; {n} has {v.shape}, "
+                       f"{names[0]} has {shape}")
+    if not np.isfinite(v).all():
+      raise ValueError(f"{n} has non-finite cells")
+  if intra:
+    if shape[0] != shape[1]:
+      raise ValueError(f"intra-model matrices must be square, got {shape}")
+    idx = np.stack(np.triu_indices(shape[0], 1), axis=1)
+  else:
+    idx = np.stack(np.unravel_index(np.arange(np.prod(shape)), shape), axis=1)
+  if len(idx) < 3:
+    raise ValueError(f"need at least 3 cells to rank, got {len(idx)}")
+  return names, np.stack([v[idx[:, 0], idx[:, 1]] for v in arrays]), idx
+
+
+def rank_agreement(values: Mapping[str, np.ndarray], *,
+                   intra: bool = False) -> dict[tuple[str, str], float]:
+  """Spearman rank correlation between every two measures over the cells of their [A, B] maps.
+
+  Args:
+    values: {measure: [A, B] matrix} for one comparison.
+    intra: the matrices are intra-model (symmetric): use the upper triangle without the diagonal
+      (each pair of layers once; the diagonal is 1 by definition).
+
+  Returns:
+    {(m1, m2): rho} for m1 before m2 in `values`' order; NaN where a measure is constant.
+  """
+  names, cells, _ = _cells(values, intra)
+  ranks = np.stack([scipy.stats.rankdata(c) for c in cells])  # ties get their average rank
+  out = {}
+  for i, n1 in enumerate(names):
+    for j in range(i + 1, len(names)):
+      r1, r2 = ranks[i] - ranks[i].mean(), ranks[j] - ranks[j].mean()
+      den = np.sqrt((r1 @ r1) * (r2 @ r2))
+      out[(n1, names[j])] = float(r1 @ r2 / den) if den > 0 else float("nan")
+  return out
+
+
+def disagreements(values: Mapping[str, np.ndarray], names_a: Sequence[str],
+                  names_b: Sequence[str] | None = None, top: int = 5, *,
+                  intra: bool = False) -> list[dict[str, Any]]:
+  """The layer pairs whose rank among all cells differs most between measures.
+
+  Each cell's rank under each measure is scaled to a percentile in [0, 1] (average ranks for
+  ties); a cell's spread is max - min percentile over measures. Cells are sorted by spread,
+  descending, ties by cell order (row-major).
+
+  Args:
+    values: {measure: [A, B]}.
+    names_a: A row layer names; names_b: B column names (default names_a).
+    top: how many cells to return.
+    intra: use the upper triangle without the diagonal (as `rank_agreement`).
+
+  Returns:
+    [{'a': name, 'b': name, 'spread': float, 'percentile': {measure: p}, 'value': {measure: v}}].
+  """
+  names_b = names_a if names_b is None else names_b
+  names, cells, idx = _cells(values, intra)
+  shape = np.shape(values[names[0]])
+  if (len(names_a), len(names_b)) != shape:
+    raise ValueError(f"{len(names_a)} x {len(names_b)} names for {shape} matrices")
+  n = cells.shape[1]
+  pct = np.stack([(scipy.stats.rankdata(c) - 1) / (n - 1) for c in cells])
+  spread = pct.max(0) - pct.min(0)
+  order = np.argsort(-spread, kind="stable")[:top]
+  return [{"a": str(names_a[idx[c, 0]]), "b": str(names_b[idx[c, 1]]),
+           "spread": float(spread[c]),
+           "percentile": {m: float(pct[i, c]) for i, m in enumerate(names)},
+           "value": {m: float(cells[i, c]) for i, m in enumerate(names)}} for c in order]
+
+
+__all__ = ["MEASURES", "OPTIONS", "MeasureResult", "MeasureState", "accumulate",
+           "disagreements", "gram_factors", "init", "knn_indicators", "linear_cka", "merge",
+           "minibatch_terms", "mutual_knn", "null_permutations", "procrustes", "rank_agreement",
+           "rbf_cka", "rbf_kernels", "resolve_options", "result", "terms"]
+
