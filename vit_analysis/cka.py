@@ -156,13 +156,29 @@ def gram_linear(x: jax.Array, *, gram_precision: str = "highest") -> jax.Array:
   return _centred_gram(x, _precision(gram_precision))
 
 
+def _ordered_sum(x: jax.Array) -> jax.Array:
+  """Sum over the last axis in a fixed pairwise order (halving with elementwise adds).
+
+  XLA:CPU sums a reduction in an order that depends on the array's other axes (e.g. the batch
+  axis of a vmap over minibatches) and may re-compute it inside fused consumers; elementwise adds
+  are exact IEEE operations that XLA does not reorder. So a minibatch's terms are bitwise the same
+  however many minibatches share a step. Pairwise summation is also accurate (error ~log2(n) eps).
+  """
+  while x.shape[-1] > 1:
+    half = x.shape[-1] // 2
+    head = x[..., :half] + x[..., half:2 * half]
+    x = jnp.concatenate([head, x[..., 2 * half:]], axis=-1) if x.shape[-1] % 2 else head
+  return x[..., 0]
+
+
 def _u_centre(k: jax.Array) -> jax.Array:
   """U-centring (Szekely & Rizzo 2014): <U(K), U(L)> = n(n-3) HSIC_1(K, L) exactly."""
   n = k.shape[-1]
   off = ~jnp.eye(n, dtype=bool)
   k = jnp.where(off, k, 0)
-  s = jnp.sum(k, axis=0)
-  mean = s / (n - 2) - jnp.sum(s) / (2 * (n - 1) * (n - 2))
+  s = _ordered_sum(k)  # row sums = column sums of a symmetric Gram
+  total = _ordered_sum(s)
+  mean = s / (n - 2) - total / (2 * (n - 1) * (n - 2))
   return jnp.where(off, k - mean[:, None] - mean[None, :], 0)
 
 
@@ -306,13 +322,13 @@ def _terms_from_grams(grams_a, grams_b):
   m = grams_a.shape[-1]
   norm = m * (m - 3)
   u = jax.vmap(_u_centre)
-  ua, ta = u(grams_a), jnp.trace(grams_a, axis1=1, axis2=2)
+  ua, ta = u(grams_a), _ordered_sum(jnp.diagonal(grams_a, axis1=1, axis2=2))
   if grams_b is None:  # intra-model: self terms are the diagonal of the cross matrix.
     cross = jnp.einsum("aij,bij->ab", ua, ua, precision=_HIGHEST) / norm
     self_a = self_b = jnp.diagonal(cross)
     tb = ta
   else:
-    ub, tb = u(grams_b), jnp.trace(grams_b, axis1=1, axis2=2)
+    ub, tb = u(grams_b), _ordered_sum(jnp.diagonal(grams_b, axis1=1, axis2=2))
     cross = jnp.einsum("aij,bij->ab", ua, ub, precision=_HIGHEST) / norm
     self_a = jnp.einsum("aij,aij->a", ua, ua, precision=_HIGHEST) / norm
     self_b = jnp.einsum("aij,aij->a", ub, ub, precision=_HIGHEST) / norm
@@ -320,8 +336,9 @@ def _terms_from_grams(grams_a, grams_b):
 
 
 def _one_minibatch(feats_a, feats_b, gram_precision):
-  return _terms_from_grams(_centred_grams(feats_a, gram_precision),
-                           None if feats_b is None else _centred_grams(feats_b, gram_precision))
+  grams = (_centred_grams(feats_a, gram_precision),
+           None if feats_b is None else _centred_grams(feats_b, gram_precision))
+  return _terms_from_grams(*jax.lax.optimization_barrier(grams))
 
 
 def minibatch_terms(feats_a: Features, feats_b: Features | None = None, *,
