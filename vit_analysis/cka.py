@@ -13,9 +13,7 @@ Two halves:
 * On device, pure and jittable: `minibatch_terms(feats_a, feats_b, mask=...)` maps a global step of
   `[k, m, ...]` features (axis 0 may be sharded over a mesh; vmap over it keeps every minibatch on
   its device) to per-minibatch HSIC values `[k, A, B]`, `[k, A]`, `[k, B]` -- a few kB. Call it
-  inside the jit that captures the activations, so activations never leave the device. Per
-  minibatch it is `terms_from_grams(centred_grams(feats_a), centred_grams(feats_b))`: other
-  Gram-based similarity measures can share those Grams inside the same jitted step.
+  inside the jit that captures the activations, so activations never leave the device.
 * On the host, float64: `accumulate(state, terms)` adds them to a fixed-size `CKAState` (sums and
   second moments; size independent of the number of examples), `merge` adds two states
   (associative), `result` divides once and returns a `CKAResult` with a jackknife standard error.
@@ -25,10 +23,7 @@ cannot tell `[k, m, p]` from `[m, h, w]`, hence the explicit flag).
 
 Numerics: features are centred per minibatch in float32 before the Gram (HSIC is invariant to
 column offsets, and a 1e4 offset would otherwise cancel catastrophically inside the Gram). Grams use
-precision=HIGHEST unless `gram_precision` says otherwise (GPU/TPU only); ratios and sums over
-minibatches are float64 on the host, added minibatch by minibatch in order, and every sum on
-device has a fixed order: a minibatch's terms, and so the result, are bitwise the same whether its
-minibatches come one per call, stacked, through `minibatch_cka` or on any number of devices.
+precision=HIGHEST; ratios and sums over minibatches are float64 on the host.
 """
 from __future__ import annotations
 
@@ -57,13 +52,8 @@ _RANGE_ATOL = 1e-5
 # Kernels and HSIC estimators (pure jnp, any float dtype).
 
 
-# Columns per Gram chunk: min(512, 2^18 / m), at least 128, so the chunk (256 KB-1 MB of float32)
-# stays in L2 between the mean, the centring and the GEMMs. Measured (single-thread CPU time of all
-# the Grams of the benchmark's layers against the bare full GEMMs): at m = 128, 512 columns 0.71-0.75x,
-# 256 columns 0.78x, 1,024 0.78-0.83x, 4,096 0.86x; at m = 256, 256-512 columns 0.69-0.71x,
-# 2,048 0.77x; at m = 1,024, 256 columns 0.58-0.60x.
-_CHUNK_ELEMENTS = 1 << 18
-_CHUNK_MAX_COLUMNS = 512
+# Columns per Gram chunk: m * chunk float32 values (2 MB) stay in cache between centring and GEMM.
+_CHUNK_ELEMENTS = 1 << 19
 # Row blocks of the symmetric Gram (CPU): only the b(b+1)/2 blocks on and below the diagonal of
 # the b x b block grid are computed, (b+1)/(2b) of the full GEMM's FLOPs. Measured on XLA:CPU
 # (single-thread CPU time against the bare full GEMM, p = 8k-32k): blocks of 64 rows run at full
@@ -116,7 +106,7 @@ def _centred_gram(x: jax.Array, precision: jax.lax.Precision) -> jax.Array:
             for i, j in pairs]
 
   # Chunking pays on CPU caches; GPU/TPU fuse the centring and prefer one large GEMM.
-  chunk = max(128, min(_CHUNK_MAX_COLUMNS, _CHUNK_ELEMENTS // n)) if cpu else p
+  chunk = max(128, _CHUNK_ELEMENTS // n) if cpu else p
   full, tail = divmod(p, chunk)
   if full <= 1:
     out = blocks(0, p)
@@ -145,7 +135,7 @@ def gram_linear(x: jax.Array, *, gram_precision: str = "highest") -> jax.Array:
 
   Speed (measured on XLA:CPU, benchmarks/cka_bench.py): `mean(x, 0)` is a strided column
   reduction as slow as the GEMM itself, and separate mean and centring passes over [m, p] each
-  cost ~10-30% of the GEMM at m = 256. So the Gram is summed over column chunks of 256 KB-1 MB: per
+  cost ~10-30% of the GEMM at m = 256. So the Gram is summed over column chunks of ~2 MB: per
   chunk, the column means are a GEMV (1^T X / m), and the centred copy is still in cache when the
   GEMM reads it -- one pass over the features. (Shifting by the first row instead lets XLA fuse
   the subtraction into the GEMM, which measured 15-25% slower.) Chunked float32 summation is
