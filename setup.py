@@ -49,7 +49,11 @@ setuptools.setup(
             # tests/test_report_browser.py drives the system Chromium (apt: chromium-driver).
             "selenium>=4.11",
         ],
-        # Side-by-side peers for benchmarks/ only; never imported by the package or tests.
-        "bench": ["torch", "torch-cka", "cka-pytorch"],
+        # Side-by-side peers for benchmarks/cka_bench.py --peers only; never imported by the
+        # package or tests. The default torch wheel on PyPI brings CUDA libraries (GBs); a CPU
+        # wheel is enough. cka-pytorch also pulls torchvision, which must match torch's version
+        # (a mismatched one fails at import: "operator torchvision::nms does not exist"; the
+        # benchmark needs no torchvision, so uninstalling it also works).
+        "bench": ["torch", "torch-cka", "cka-pytorch", "threadpoolctl"],
     },
 )

@@ -1,25 +1,42 @@
-"""Minibatch CKA vs the bare Gram GEMMs it cannot avoid, measured side by side in one run.
+"""Minibatch CKA against the bare Gram GEMMs it cannot avoid, and against other CKA libraries.
 
-Workload (issue 4): a ViT-like model (12 layers of 65 tokens x 192) against a ResNet-like model
-(16 layers: 4 each of 32x32x32, 16x16x64, 8x8x128, 4x4x256 activations), minibatches of m = 128
-and 256 examples, 10 minibatches. "Ours" is the full public path per minibatch:
-`cka.update(state, vit_feats, resnet_feats)` (validation, centred Grams, U-centring, all-pairs
-HSIC, float64 host accumulation) and `cka.result` at the end. The floor is `x @ x.T` per layer in
-float32 (one jitted XLA program per minibatch, and NumPy), the least any Gram-based CKA computes.
+Workload (issue 14): a ViT-like model (12 layers of 65 tokens x 192) against a ResNet-like model
+(16 layers: 4 each of 32x32x32, 16x16x64, 8x8x128, 4x4x256 activations), float32, minibatches of
+m = 128 and 256 examples, 10 minibatches (at m = 1,024 one minibatch: 16x the FLOPs each).
+
+Table 1, engine vs XLA: "ours" is the public convenience path `cka.minibatch_cka` over the k
+(feats_a, feats_b) pairs (validation, centred symmetric Grams, U-centring, all-pairs HSIC, float64
+host sums, result), cross-model and intra-model (28 x 28); the floor is XLA's bare full Grams
+`x @ x.T` of every layer, one jitted program per minibatch. Ratios below 1 are the symmetric
+Grams: only the row blocks on and below the diagonal are multiplied.
+
+Table 2 (--peers; needs `pip install -e ".[bench]"`): the same arrays through cka-pytorch (one
+epoch, and its default of 10), torch-cka, and NumPy's `x @ x.T` (OpenBLAS SYRK: half the FLOPs)
+Grams alone, with the max |CKA - float64 reference| of each. torch-cka recomputes every layer-b
+Gram for every layer a (12x the Gram work), so it runs on fewer minibatches and its time is
+scaled to k.
 
 Usage:
-  python benchmarks/cka_bench.py [--m 128 256] [--minibatches 10] [--reps 3] [--numpy_reps 1]
+  python benchmarks/cka_bench.py [--m 128 256 1024] [--minibatches 10] [--reps 5] [--quick]
+      [--peers]
+  # OpenBLAS at its native kernel (this machine's environment may pin an old one):
+  env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/cka_bench.py --peers
 
-Floor and ours alternate minibatch by minibatch, so load changes on a shared machine hit both
-alike; times are means per 10-minibatch run. CPU-time ratios (all threads of this process) are
-printed too: on a machine shared with other jobs they are steadier than wall time. The same feature arrays are fed for every
-minibatch: their values do not change the arithmetic, and at m = 256 they already take 400 MB.
+Method: the contenders alternate within each repetition, so load changes on a shared machine hit
+all alike; the printed times are medians over repetitions and each ratio is the median of the
+per-repetition ratios. CPU time (all threads of this process) is printed too: on a machine shared
+with other jobs it is steadier than wall time. Every minibatch holds the same feature arrays:
+their values do not change the arithmetic, and at m = 256 one minibatch already takes 400 MB.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import importlib
+import os
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -32,11 +49,22 @@ RESNET = [(32, 32, 32)] * 4 + [(16, 16, 64)] * 4 + [(8, 8, 128)] * 4 + [(4, 4, 2
 
 
 def make_features(m: int, shapes, seed: int) -> list[jax.Array]:
-  """float32 [m, *shape] activations with per-feature offsets (like post-ReLU/residual maps)."""
+  """float32 [m, *shape] activations: a signal shared by every layer of both models (a 16-dim
+  latent of the examples, weighted differently per layer, so CKA values spread as between real
+  layers), noise, and per-feature offsets (like post-ReLU/residual maps)."""
+  z = jax.random.normal(jax.random.key(1234), (m, 16))
   keys = jax.random.split(jax.random.key(seed), len(shapes))
-  make = jax.jit(lambda k, s: jax.random.normal(k, s) + jax.random.uniform(k, s[1:], maxval=4.0),
-                 static_argnums=1)
-  return [make(k, (m,) + s) for k, s in zip(keys, shapes)]
+
+  @functools.partial(jax.jit, static_argnums=1)
+  def make(key, shape):
+    kw, kn, ko, ks = jax.random.split(key, 4)
+    p = int(np.prod(shape))
+    # Each layer weights the latent's dimensions differently (random scales with a long tail).
+    w = jax.random.normal(kw, (16, p)) * (4 * jax.random.uniform(ks, (16, 1)) ** 4)
+    x = z @ w + jax.random.normal(kn, (m, p)) + jax.random.uniform(ko, (p,), maxval=4.0)
+    return x.reshape((m,) + shape)
+
+  return [make(k, s) for k, s in zip(keys, shapes)]
 
 
 @jax.jit
@@ -44,81 +72,228 @@ def bare_grams(feats):
   return [jnp.dot(x.reshape(x.shape[0], -1), x.reshape(x.shape[0], -1).T) for x in feats]
 
 
-class Clock:
-  """Accumulated wall and CPU seconds (all threads of this process) of timed calls."""
-
-  def __init__(self):
-    self.wall = self.cpu = 0.0
-
-  def __call__(self, fn, *args):
-    c, t = time.process_time(), time.perf_counter()
-    out = fn(*args)
-    self.wall += time.perf_counter() - t
-    self.cpu += time.process_time() - c
-    return out
+def timed(fn, *args):
+  """(result, wall seconds, CPU seconds of all threads of this process)."""
+  c, t = time.process_time(), time.perf_counter()
+  out = fn(*args)
+  return out, time.perf_counter() - t, time.process_time() - c
 
 
-def bench(m: int, minibatches: int, reps: int, numpy_reps: int) -> None:
+def minibatches_for(m: int, minibatches: int) -> int:
+  """k for size m: the given count up to m = 256, then scaled by (256/m)^2 (same FLOPs)."""
+  return max(1, round(minibatches * min(1.0, (256 / m) ** 2)))
+
+
+def gflop(m: int, k: int) -> float:
+  return 2 * m * m * sum(int(np.prod(s)) for s in VIT + RESNET) * k / 1e9
+
+
+def bench_engine(m: int, k: int, reps: int) -> None:
+  """Table 1: ours (cross, intra) vs XLA's bare full-Gram GEMMs, interleaved per repetition."""
   vit, resnet = make_features(m, VIT, 0), make_features(m, RESNET, 1)
   feats = vit + resnet
-  floor = lambda: jax.block_until_ready(bare_grams(feats))
-  # Compile everything first.
-  floor()
-  cka.result(cka.update(cka.init(len(vit), len(resnet)), vit, resnet))
-  cka.result(cka.update(cka.init(len(feats)), feats))
-  clocks = {k: Clock() for k in ("xla", "cross", "intra")}
+  runs = {
+      "xla": lambda: [jax.block_until_ready(bare_grams(feats)) for _ in range(k)],
+      "cross": lambda: cka.minibatch_cka([(vit, resnet)] * k),
+      "intra": lambda: cka.minibatch_cka([(feats, None)] * k),
+  }
+  for run in runs.values():  # compile
+    run()
+  wall = {name: [] for name in runs}
+  cpu = {name: [] for name in runs}
   for _ in range(reps):
-    cross, intra = cka.init(len(vit), len(resnet)), cka.init(len(feats))
-    # Interleaved per minibatch, so load changes on a shared machine hit all three alike.
-    for _ in range(minibatches):
-      clocks["xla"](floor)
-      cross = clocks["cross"](cka.update, cross, vit, resnet)
-      intra = clocks["intra"](cka.update, intra, feats)
-    clocks["cross"](cka.result, cross)
-    clocks["intra"](cka.result, intra)
-  host = [np.asarray(x).reshape(m, -1) for x in feats]
-  numpy_clock = Clock()
-  for _ in range(numpy_reps * minibatches):
-    numpy_clock(lambda: [x @ x.T for x in host])
-  per_run = lambda c: (c.wall / reps, c.cpu / reps)
-  xla, np_t = per_run(clocks["xla"]), (numpy_clock.wall / max(numpy_reps, 1),
-                                      numpy_clock.cpu / max(numpy_reps, 1))
-  gflop = 2 * m * m * sum(int(np.prod(s)) for s in VIT + RESNET) * minibatches / 1e9
-  print(f"\nm={m}, {minibatches} minibatches, {len(VIT)} ViT x {len(RESNET)} ResNet layers, "
-        f"{gflop:.0f} GFLOP of Grams; backend {jax.default_backend()}, "
-        f"{jax.device_count()} device(s); mean of {reps} interleaved runs")
-  print(f"  floor XLA   x@x.T      {xla[0]:7.3f} s  (cpu {xla[1]:7.3f} s)")
-  if numpy_reps:
-    print(f"  floor NumPy x@x.T      {np_t[0]:7.3f} s  (cpu {np_t[1]:7.3f} s)")
-  for name, label in (("cross", "ours cross ViTxResNet"), ("intra", "ours intra (28x28)   ")):
-    w, c = per_run(clocks[name])
-    vs_numpy = f", vs NumPy {w / np_t[0]:.3f}x" if numpy_reps else ""
-    print(f"  {label}  {w:7.3f} s  (cpu {c:7.3f} s)   ratio vs XLA {w / xla[0]:.3f}x "
-          f"(cpu {c / xla[1]:.3f}x){vs_numpy}")
-  peers(m, minibatches)
+    for name, run in runs.items():
+      _, w, c = timed(run)
+      wall[name].append(w)
+      cpu[name].append(c)
+  med = lambda v: float(np.median(v))
+  ratio = lambda t, name: med(np.asarray(t[name]) / np.asarray(t["xla"]))
+  print(f"\nm={m}, k={k} minibatches, {len(VIT)} ViT x {len(RESNET)} ResNet layers, "
+        f"{gflop(m, k):.0f} GFLOP of full Grams; backend {jax.default_backend()}, "
+        f"{jax.device_count()} device(s); medians of {reps} interleaved repetitions")
+  print(f"  {'':28s} {'wall s':>8s} {'cpu s':>8s}   {'ours/XLA wall':>13s} {'(cpu)':>7s}")
+  print(f"  {'XLA bare full Grams x@x.T':28s} {med(wall['xla']):8.3f} {med(cpu['xla']):8.3f}")
+  for name, label in (("cross", "ours cross ViT x ResNet"), ("intra", "ours intra (28 x 28)")):
+    print(f"  {label:28s} {med(wall[name]):8.3f} {med(cpu[name]):8.3f}   "
+          f"{ratio(wall, name):12.3f}x {ratio(cpu, name):6.3f}x")
 
 
-def peers(m: int, minibatches: int) -> None:
-  """Optional side-by-side lines (extra 'bench': torch, torch-cka, cka-pytorch)."""
-  for module in ("torch_cka", "cka_pytorch"):
-    try:
-      importlib.import_module(module)
-    except ImportError:
-      print(f"  peer {module}: not installed (pip install -e '.[bench]'), skipped")
-      continue
-    print(f"  peer {module}: installed; its API takes torch models and dataloaders, "
-          f"not captured activations -- not wired up in this script (m={m}, k={minibatches})")
+# ---------------------------------------------------------------------------------------------
+# Peers (--peers): the same arrays through other CKA implementations.
+
+
+def reference_cka(vit_np, resnet_np) -> np.ndarray:
+  """float64 minibatch CKA of one minibatch (all k minibatches are the same), from U-centring."""
+
+  def u_gram(x):
+    x = x.reshape(len(x), -1).astype(np.float64)
+    x = x - x.mean(0)
+    k = x @ x.T
+    np.fill_diagonal(k, 0)
+    n = len(k)
+    s = k.sum(0)
+    mean = s / (n - 2) - s.sum() / (2 * (n - 1) * (n - 2))
+    u = k - mean[:, None] - mean[None, :]
+    np.fill_diagonal(u, 0)
+    return u.ravel()
+
+  ua = np.stack([u_gram(x) for x in vit_np])
+  ub = np.stack([u_gram(y) for y in resnet_np])
+  return (ua @ ub.T) / np.sqrt(np.outer((ua * ua).sum(1), (ub * ub).sum(1)))
+
+
+def _replay_model(torch, feats):
+  """A torch module whose submodules `layers.i` output the given activations (hooked by peers)."""
+
+  class Emit(torch.nn.Module):
+
+    def __init__(self, f):
+      super().__init__()
+      self.f = f
+
+    def forward(self, x):
+      del x
+      return self.f
+
+  class Replay(torch.nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.layers = torch.nn.ModuleList([Emit(f) for f in feats])
+
+    def forward(self, x):
+      for layer in self.layers:
+        layer(x)
+      return x
+
+  return Replay(), [f"layers.{i}" for i in range(len(feats))]
+
+
+def _peer_runs(vit_np, resnet_np, k: int, torch_cka_minibatches: int):
+  """{name: (callable returning CKA [A, B] or None, minibatches it covers, reps)}; or reasons."""
+  runs, unavailable = {}, {}
+  try:
+    torch = importlib.import_module("torch")
+  except ImportError as e:
+    for name in ("cka-pytorch, 1 epoch", "cka-pytorch, default 10 epochs", "torch-cka"):
+      unavailable[name] = f"torch not installed ({e})"
+    return runs, unavailable, None
+  tv = [torch.from_numpy(x) for x in vit_np]
+  tr = [torch.from_numpy(y) for y in resnet_np]
+  try:
+    cka_pytorch = importlib.import_module("cka_pytorch.cka")
+
+    def run_cka_pytorch(epochs):
+      m1, l1 = _replay_model(torch, tv)
+      m2, l2 = _replay_model(torch, tr)
+      calc = cka_pytorch.CKACalculator(m1, m2, model1_layers=l1, model2_layers=l2,
+                                       device=torch.device("cpu"), verbose=False)
+      loader = [(torch.zeros(1), torch.zeros(1))] * k
+      return calc.calculate_cka_matrix(loader, num_epochs=epochs).numpy()
+
+    runs["cka-pytorch, 1 epoch"] = (lambda: run_cka_pytorch(1), k, None)
+    runs["cka-pytorch, default 10 epochs"] = (lambda: run_cka_pytorch(10), k, 1)
+  except ImportError as e:
+    unavailable["cka-pytorch, 1 epoch"] = unavailable["cka-pytorch, default 10 epochs"] = str(e)
+  try:
+    torch_cka = importlib.import_module("torch_cka")
+
+    def run_torch_cka():
+      m1, l1 = _replay_model(torch, tv)
+      m2, l2 = _replay_model(torch, tr)
+      calc = torch_cka.CKA(m1, m2, model1_name="vit", model2_name="resnet", model1_layers=l1,
+                           model2_layers=l2, device="cpu")
+      data = torch.utils.data.TensorDataset(torch.zeros(torch_cka_minibatches, 1))
+      with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):  # its tqdm bar
+        calc.compare(torch.utils.data.DataLoader(data, batch_size=1))
+      return calc.export()["CKA"].numpy()
+
+    runs["torch-cka"] = (run_torch_cka, torch_cka_minibatches, 1)
+  except ImportError as e:
+    unavailable["torch-cka"] = str(e)
+  return runs, unavailable, torch
+
+
+def blas_info() -> str:
+  try:
+    from threadpoolctl import threadpool_info  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return "threadpoolctl not installed"
+  env = {v: os.environ.get(v) for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+  infos = [f"{i.get('internal_api')} {i.get('version')} kernel={i.get('architecture')} "
+           f"threads={i.get('num_threads')} ({os.path.basename(i.get('filepath', ''))})"
+           for i in threadpool_info() if i.get("user_api") == "blas"]
+  return f"{'; '.join(infos) or 'no BLAS found'}; env {env}"
+
+
+def bench_peers(m: int, k: int, reps: int, torch_cka_minibatches: int) -> None:
+  """Table 2: one table of time and max |dCKA| against float64 for every implementation."""
+  vit, resnet = make_features(m, VIT, 0), make_features(m, RESNET, 1)
+  vit_np = [np.asarray(x) for x in vit]  # views of the same buffers on CPU
+  resnet_np = [np.asarray(y) for y in resnet]
+  ref = reference_cka(vit_np, resnet_np)
+  host = [x.reshape(m, -1) for x in vit_np + resnet_np]
+  ours = lambda: cka.minibatch_cka([(vit, resnet)] * k)
+  syrk = lambda: [[x @ x.T for x in host] for _ in range(k)]
+  runs, unavailable, torch = _peer_runs(vit_np, resnet_np, k, torch_cka_minibatches)
+  contenders = {"ours: cka.minibatch_cka": (ours, k, None),
+                "NumPy x @ x.T Grams alone (SYRK)": (syrk, k, None), **runs}
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # peers warn about read-only arrays, unnamed models
+    outs = {name: run() for name, (run, _, _) in contenders.items()
+            if name not in ("cka-pytorch, default 10 epochs", "torch-cka")}  # compile / warm up
+    wall = {name: [] for name in contenders}
+    for rep in range(reps):
+      for name, (run, _, only) in contenders.items():
+        if only is not None and rep >= only:
+          continue
+        outs[name], w, _ = timed(run)
+        wall[name].append(w)
+  print(f"\nm={m}, k={k} minibatches, {len(VIT)} ViT x {len(RESNET)} ResNet layers, float32, "
+        f"{gflop(m, k):.0f} GFLOP of full Grams; medians of {reps} interleaved repetitions "
+        f"(fewer where noted)")
+  print(f"  BLAS: {blas_info()}")
+  if torch is not None:
+    print(f"  torch {torch.__version__}, {torch.get_num_threads()} threads")
+  ours_t = float(np.median(wall["ours: cka.minibatch_cka"]))
+  print(f"  {'implementation':40s} {'time s':>8s} {'vs ours':>8s} {'max |dCKA|':>11s}")
+  for name, (_, covers, only) in contenders.items():
+    t = float(np.median(wall[name])) * k / covers
+    note = []
+    if covers != k:
+      note.append(f"{covers} of {k} minibatches, time x{k / covers:g}")
+    if only is not None:
+      note.append(f"{min(only, reps)} rep")
+    out = outs[name]
+    dev = "-" if name.startswith("NumPy") else f"{np.abs(np.asarray(out) - ref).max():.1e}"
+    print(f"  {name:40s} {t:8.3f} {t / ours_t:7.2f}x {dev:>11s}"
+          + (f"   ({', '.join(note)})" if note else ""))
+  for name, why in unavailable.items():
+    print(f"  {name:40s} {'unavailable':>8s}   ({why}; pip install -e '.[bench]')")
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--m", type=int, nargs="+", default=[128, 256])
+  parser.add_argument("--m", type=int, nargs="+", default=None,
+                      help="minibatch sizes (default 128 256 1024; with --peers 128 256)")
   parser.add_argument("--minibatches", type=int, default=10)
-  parser.add_argument("--reps", type=int, default=3)
-  parser.add_argument("--numpy_reps", type=int, default=1)
+  parser.add_argument("--reps", type=int, default=5)
+  parser.add_argument("--quick", action="store_true",
+                      help="m = 128 and 256, 3 minibatches, 3 repetitions (about a minute)")
+  parser.add_argument("--peers", action="store_true",
+                      help="table 2: cka-pytorch, torch-cka, NumPy SYRK (extra 'bench')")
+  parser.add_argument("--torch_cka_minibatches", type=int, default=1)
   args = parser.parse_args()
-  for m in args.m:
-    bench(m, args.minibatches, args.reps, args.numpy_reps)
+  if args.quick:
+    args.minibatches, args.reps = 3, 3
+    args.m = args.m or [128, 256]
+  ms = args.m or ([128, 256] if args.peers else [128, 256, 1024])
+  for m in ms:
+    k = minibatches_for(m, args.minibatches)
+    if args.peers:
+      bench_peers(m, k, args.reps, min(args.torch_cka_minibatches, k))
+    else:
+      bench_engine(m, k, args.reps)
 
 
 if __name__ == "__main__":

@@ -108,8 +108,8 @@ def test_hsic_functions_match_reference_and_u_centring_identity():
     cka.hsic_biased(jnp.eye(3), jnp.eye(4))
 
 
-def _adversarial(case, rng):
-  n, p = 64, 96
+def _adversarial(case, rng, n=64):
+  p = 96
   z = rng.normal(size=(n, 8))
   x = z @ rng.normal(size=(8, p)) + 0.5 * rng.normal(size=(n, p))
   y = np.tanh(z @ rng.normal(size=(8, p))) + 0.5 * rng.normal(size=(n, p))
@@ -146,6 +146,79 @@ def test_adversarial_features_match_float64_reference(case):
   MAX_DEV[case] = max(devs)
   print(f"\nmax |CKA - float64 reference| for {case}: {max(devs):.2e}")
   assert max(devs) <= TOL, devs
+
+
+# ------------------------------------------------------------------------------------------------
+# Symmetric block Grams (m >= 128: 2-8 row blocks, only those on and below the diagonal computed).
+
+
+@pytest.mark.parametrize("case,n", [(c, 200) for c in (
+    "random", "offset_1e4", "scale_1e-3_1e3", "low_rank", "float16_vs_bfloat16",
+    "width_64_vs_65536")] + [("offset_1e4", 520), ("random", 131)])
+def test_centred_grams_blocks_match_float64_reference(case, n):
+  """200 rows: 3 uneven blocks (66, 67, 67); 520: 8 blocks; 131: 2. The widest layer also runs
+  the chunk loop (65,536 = 40 chunks of 1,638 columns at m = 200, plus a tail)."""
+  x, y = _adversarial(case, np.random.default_rng(5), n=n)
+  assert cka._block_bounds(n)[1:-1], "these shapes must exercise the block path"
+  grams = np.asarray(cka.centred_grams([x, y]), np.float64)
+  assert grams.shape == (2, n, n) and grams.dtype == np.float64
+  # float32 column means are off by rounding: a column shift, which C (like every HSIC
+  # estimator) removes, so the float32 Gram is compared after C . C.
+  c = np.eye(n) - 1 / n
+  for g, v in zip(grams, (x, y)):
+    ref = ref_gram(v)
+    np.testing.assert_allclose(c @ g @ c, ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+    np.testing.assert_array_equal(g, g.T)  # blocks above the diagonal are the transposes
+  # HSIC terms of these Grams against float64: CKA within 1e-6 (one minibatch).
+  cross, sa, sb = (np.asarray(v, np.float64) for v in
+                   cka.terms_from_grams(grams[:1], grams[1:])[:3])
+  k, l = ref_gram(x), ref_gram(y)
+  ref = ref_hsic_unbiased(k, l) / np.sqrt(ref_hsic_unbiased(k, k) * ref_hsic_unbiased(l, l))
+  dev = abs(cross[0, 0] / np.sqrt(sa[0] * sb[0]) - ref)
+  MAX_DEV[f"{case}, blocks, m={n}"] = dev
+  print(f"\nmax |CKA - float64 reference| for {case}, {n} rows in blocks: {dev:.2e}")
+  assert dev <= TOL, dev
+
+
+def test_terms_from_grams_against_float64_and_composition():
+  rng = np.random.default_rng(6)
+  m = 24
+  xs = [rng.normal(size=(m, p)) + 5 for p in (7, 30)]
+  ys = [np.tanh(xs[0] @ rng.normal(size=(7, 9))) + 0.3 * rng.normal(size=(m, 9))]
+  ka, kb = [ref_gram(x) for x in xs], [ref_gram(y) for y in ys]
+  with jax.enable_x64(True):  # the maths alone, in float64: agreement to 1e-12
+    cross, sa, sb, ca, cb = (np.asarray(v) for v in cka.terms_from_grams(
+        jnp.asarray(np.stack(ka)), jnp.asarray(np.stack(kb))))
+    # Uncentred Grams: the same HSIC (U-centring removes row/column offsets).
+    raw = cka.terms_from_grams(jnp.asarray(np.stack([x @ x.T for x in xs])),
+                               jnp.asarray(np.stack(kb)))
+    intra = cka.terms_from_grams(jnp.asarray(np.stack(ka)))
+  np.testing.assert_allclose(
+      cross, [[ref_hsic_unbiased(k, l) for l in kb] for k in ka], rtol=1e-12, atol=0)
+  np.testing.assert_allclose(sa, [ref_hsic_unbiased(k, k) for k in ka], rtol=1e-12)
+  np.testing.assert_allclose(sb, [ref_hsic_unbiased(l, l) for l in kb], rtol=1e-12)
+  np.testing.assert_allclose(ca, [np.trace(k) ** 2 / (m * (m - 3)) for k in ka], rtol=1e-12)
+  np.testing.assert_allclose(cb, [np.trace(l) ** 2 / (m * (m - 3)) for l in kb], rtol=1e-12)
+  np.testing.assert_allclose(np.asarray(raw[0]), cross, rtol=1e-9)
+  np.testing.assert_allclose(np.asarray(intra[0]), [[ref_hsic_unbiased(k, l) for l in ka]
+                                                    for k in ka], rtol=1e-12)
+  np.testing.assert_array_equal(np.asarray(intra[1]), np.asarray(intra[2]))
+  # minibatch_terms is exactly the two public halves composed, vmapped over minibatches.
+  a0, a1, b0 = _layers(0)
+  terms = jax.jit(lambda fa, fb: cka.minibatch_terms(fa, fb))([a0, a1], [b0])
+  composed = jax.jit(jax.vmap(lambda fa, fb: cka.terms_from_grams(
+      cka.centred_grams(fa), cka.centred_grams(fb))))([a0, a1], [b0])
+  for got, want in zip(terms[:5], composed):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  # Bad input is named.
+  with pytest.raises(ValueError, match=r"grams_a must be \[layers, m, m\]"):
+    cka.terms_from_grams(jnp.zeros((2, 5, 6)))
+  with pytest.raises(ValueError, match="same m"):
+    cka.terms_from_grams(jnp.zeros((2, 5, 5)), jnp.zeros((1, 6, 6)))
+  with pytest.raises(ValueError, match="m >= 4"):
+    cka.terms_from_grams(jnp.zeros((2, 3, 3)))
+  with pytest.raises(ValueError, match="same examples"):
+    cka.centred_grams([a0[0], a1[0, :5]])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -248,6 +321,76 @@ def test_terms_in_user_jit_mask_and_merge():
     cka.result_from_terms([terms, terms], valid=5)
   with pytest.raises(ValueError, match="different layers"):
     cka.merge(full, cka.init(2))
+
+
+def test_identical_results_through_every_path():
+  """update per minibatch == stacked == minibatch_cka (both layouts) == result_from_terms of the
+  user's jit, bit for bit, with m = 128 (two row blocks per Gram). Sharded: test_cka_sharded."""
+  rng = np.random.default_rng(7)
+  k, m = 3, 128
+  z = rng.normal(size=(k, m, 4))
+  a = [(z @ rng.normal(size=(4, 40)) + 1e3).astype(np.float32),
+       np.tanh(z @ rng.normal(size=(4, 6))).reshape(k, m, 2, 3).astype(np.float32)]
+  b = [(z[..., :2] @ rng.normal(size=(2, 30)) + rng.normal(size=(k, m, 30))).astype(np.float32)]
+  per = cka.init(2, 1)
+  for i in range(k):
+    per = cka.update(per, [x[i] for x in a], [y[i] for y in b])
+  stacked = cka.update(cka.init(2, 1), a, b, stacked=True)
+  step = jax.jit(lambda fa, fb: cka.minibatch_terms(fa, fb))
+  from_terms = cka.result_from_terms([step(a, b)])
+  per_step = cka.result_from_terms([step([x[i:i + 1] for x in a], [y[i:i + 1] for y in b])
+                                    for i in range(k)])
+  for other in (cka.result(stacked), from_terms, per_step):
+    np.testing.assert_array_equal(other.cka, cka.result(per).cka)
+    np.testing.assert_array_equal(other.stderr, cka.result(per).stderr)
+  for f in cka._DATA_FIELDS:
+    np.testing.assert_array_equal(getattr(stacked, f), getattr(per, f))
+  pairs = [([x[i] for x in a], [y[i] for y in b]) for i in range(k)]
+  np.testing.assert_array_equal(cka.minibatch_cka(pairs), cka.result(per).cka)
+  np.testing.assert_array_equal(cka.minibatch_cka([(a, b)], stacked=True), cka.result(per).cka)
+  ref, _ = _ref_cells(a, b)
+  np.testing.assert_allclose(cka.result(per).cka, ref, rtol=0, atol=TOL)
+  # Intra-model through the same paths.
+  feats = a + b
+  intra = cka.init(3)
+  for i in range(k):
+    intra = cka.update(intra, [x[i] for x in feats])
+  np.testing.assert_array_equal(cka.result(cka.update(cka.init(3), feats, stacked=True)).cka,
+                                cka.result(intra).cka)
+  np.testing.assert_array_equal(cka.minibatch_cka([([x[i] for x in feats], None)
+                                                   for i in range(k)]), cka.result(intra).cka)
+
+
+def test_gram_precision_accepted_validated_and_ignored_on_cpu():
+  a0, a1, b0 = _layers(0)
+  assert jax.default_backend() == "cpu"
+  base = cka.update(cka.init(2, 1), [a0, a1], [b0], stacked=True)
+  pairs = [([a0[i], a1[i]], [b0[i]]) for i in range(K)]
+  for precision in cka.GRAM_PRECISIONS:
+    got = cka.update(cka.init(2, 1), [a0, a1], [b0], stacked=True, gram_precision=precision)
+    for f in cka._DATA_FIELDS:
+      np.testing.assert_array_equal(getattr(got, f), getattr(base, f))
+    np.testing.assert_array_equal(cka.minibatch_cka(pairs, gram_precision=precision),
+                                  cka.result(base).cka)
+    terms = jax.jit(lambda fa, fb, p=precision: cka.minibatch_terms(fa, fb, gram_precision=p))(
+        [a0, a1], [b0])
+    np.testing.assert_array_equal(np.asarray(terms.cross), np.asarray(
+        cka.minibatch_terms([a0, a1], [b0]).cross))
+    np.testing.assert_array_equal(np.asarray(cka.gram_linear(a0[0], gram_precision=precision)),
+                                  np.asarray(cka.gram_linear(a0[0])))
+    np.testing.assert_array_equal(
+        np.asarray(cka.centred_grams([a0[0]], gram_precision=precision)),
+        np.asarray(cka.centred_grams([a0[0]])))
+  calls = [lambda p: cka.update(cka.init(2, 1), [a0, a1], [b0], stacked=True, gram_precision=p),
+           lambda p: cka.minibatch_cka(pairs, gram_precision=p),
+           lambda p: cka.minibatch_terms([a0, a1], [b0], gram_precision=p),
+           lambda p: cka.gram_linear(a0[0], gram_precision=p),
+           lambda p: cka.centred_grams([a0[0]], gram_precision=p)]
+  for call in calls:
+    with pytest.raises(ValueError, match="did you mean 'highest'"):
+      call("hihgest")
+    with pytest.raises(ValueError, match="gram_precision must be one of"):
+      call(jax.lax.Precision.HIGH)
 
 
 def test_200_minibatches_and_jackknife():

@@ -28,15 +28,18 @@ precision=HIGHEST; ratios and sums over minibatches are float64 on the host.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
+import itertools
 import zlib
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence, Union
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-Features = Union[Sequence[jax.typing.ArrayLike], Mapping[str, jax.typing.ArrayLike]]
+Features = Sequence[jax.typing.ArrayLike] | Mapping[str, jax.typing.ArrayLike]
 _HIGHEST = jax.lax.Precision.HIGHEST
 # A layer whose self-HSIC is below this fraction of (trace of its centred Gram)^2 is constant up
 # to float32 rounding (a constant layer gives ~eps^2 = 1e-14; real layers with p features >= 1/p).
@@ -51,49 +54,121 @@ _RANGE_ATOL = 1e-5
 
 # Columns per Gram chunk: m * chunk float32 values (2 MB) stay in cache between centring and GEMM.
 _CHUNK_ELEMENTS = 1 << 19
+# Row blocks of the symmetric Gram (CPU): only the b(b+1)/2 blocks on and below the diagonal of
+# the b x b block grid are computed, (b+1)/(2b) of the full GEMM's FLOPs. Measured on XLA:CPU
+# (single-thread CPU time against the bare full GEMM, p = 8k-32k): blocks of 64 rows run at full
+# GEMM speed (m = 256: 0.68-0.73x of the full GEMM, ideal 0.625x), smaller ones do not (32 rows:
+# 0.72-0.77x); at m = 1,024 eight blocks of 128 and four of 256 both gave 0.57-0.69x.
+_BLOCK_ROWS = 64
+_MAX_BLOCKS = 8
+GRAM_PRECISIONS = ("highest", "high", "default")
+_PRECISION = {"highest": jax.lax.Precision.HIGHEST, "high": jax.lax.Precision.HIGH,
+              "default": jax.lax.Precision.DEFAULT}
 
 
-@jax.jit
-def gram_linear(x: jax.Array) -> jax.Array:
+def _precision(gram_precision: str) -> jax.lax.Precision:
+  """The matmul precision of the Gram GEMMs; XLA:CPU computes float32 at full precision anyway,
+  so there it is always HIGHEST (results identical whatever the option)."""
+  if not isinstance(gram_precision, str) or gram_precision not in _PRECISION:
+    close = difflib.get_close_matches(str(gram_precision), GRAM_PRECISIONS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"gram_precision must be one of {GRAM_PRECISIONS}, got "
+                     f"{gram_precision!r}{hint}")
+  return _HIGHEST if jax.default_backend() == "cpu" else _PRECISION[gram_precision]
+
+
+def _block_bounds(m: int) -> list[int]:
+  """Row bounds [0, ..., m] of b = clip(m // 64, 1, 8) near-equal blocks."""
+  b = min(max(1, m // _BLOCK_ROWS), _MAX_BLOCKS)
+  return [i * m // b for i in range(b + 1)]
+
+
+def _centred_gram(x: jax.Array, precision: jax.lax.Precision) -> jax.Array:
+  """C X X^T C of one layer x: [m, ...] -> [m, m] (see `gram_linear`); traceable, not jitted."""
+  x = jnp.reshape(x, (x.shape[0], -1))
+  dtype = jnp.promote_types(x.dtype, jnp.float32)
+  n, p = x.shape
+  cpu = jax.default_backend() == "cpu"
+  # A Gram is symmetric: on CPU only the blocks (i, j), i >= j, of a b x b grid of row blocks are
+  # computed; the rest is their transpose. GPU/TPU: one GEMM (see `centred_grams`).
+  bounds = _block_bounds(n) if cpu else [0, n]
+  pairs = [(i, j) for i in range(len(bounds) - 1) for j in range(i + 1)]
+
+  def blocks(start, size):
+    cols = jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
+    # Column means of this chunk only: the chunk is then still in cache for the centring and the
+    # GEMM (one pass over the features instead of two).
+    mean = jnp.dot(jnp.ones((n,), dtype), cols.astype(dtype), precision=_HIGHEST) / n
+    xc = [cols[r0:r1].astype(dtype) - mean[None, :] for r0, r1 in itertools.pairwise(bounds)]
+    # Contract the feature axes directly: under vmap, `xc @ xc.T` becomes a batched dot whose
+    # transposed operand XLA:CPU copies (1.5x slower).
+    return [jax.lax.dot_general(xc[i], xc[j], (((1,), (1,)), ((), ())), precision=precision)
+            for i, j in pairs]
+
+  # Chunking pays on CPU caches; GPU/TPU fuse the centring and prefer one large GEMM.
+  chunk = max(128, _CHUNK_ELEMENTS // n) if cpu else p
+  full, tail = divmod(p, chunk)
+  if full <= 1:
+    out = blocks(0, p)
+  else:
+    zeros = [jnp.zeros((bounds[i + 1] - bounds[i], bounds[j + 1] - bounds[j]), dtype)
+             for i, j in pairs]
+    out = jax.lax.fori_loop(
+        0, full, lambda i, acc: [a + g for a, g in zip(acc, blocks(i * chunk, chunk))], zeros)
+    if tail:
+      out = [a + g for a, g in zip(out, blocks(full * chunk, tail))]
+  if len(pairs) == 1:
+    return out[0]
+  lower = dict(zip(pairs, out))
+  b = len(bounds) - 1
+  return jnp.concatenate([
+      jnp.concatenate([lower[i, j] if i >= j else lower[j, i].T for j in range(b)], axis=1)
+      for i in range(b)], axis=0)
+
+
+@functools.partial(jax.jit, static_argnames="gram_precision")
+def gram_linear(x: jax.Array, *, gram_precision: str = "highest") -> jax.Array:
   """Linear Gram of column-centred features.
 
   Centring changes no HSIC estimator (they annihilate row/column offsets) but keeps large feature
   offsets (residual streams, post-ReLU maps) from cancelling catastrophically in float32.
 
   Speed (measured on XLA:CPU, benchmarks/cka_bench.py): `mean(x, 0)` is a strided column
-  reduction as slow as the GEMM itself, and a separate centring pass over [m, p] costs ~30% of
-  the GEMM at m = 256. So the mean is a GEMV (1^T X / m, one read of X) and the Gram is summed
-  over column chunks of ~2 MB whose centred copy is still in cache when the GEMM reads it.
-  (Per-chunk means, or shifting by the first row, let XLA fuse the subtraction into the GEMM,
-  which measured 15-25% slower.) Chunked float32 summation is also a little more accurate.
+  reduction as slow as the GEMM itself, and separate mean and centring passes over [m, p] each
+  cost ~10-30% of the GEMM at m = 256. So the Gram is summed over column chunks of ~2 MB: per
+  chunk, the column means are a GEMV (1^T X / m), and the centred copy is still in cache when the
+  GEMM reads it -- one pass over the features. (Shifting by the first row instead lets XLA fuse
+  the subtraction into the GEMM, which measured 15-25% slower.) Chunked float32 summation is
+  also a little more accurate. The Gram is symmetric, so on CPU only the row blocks on and below
+  the diagonal are multiplied (b = clip(m // 64, 1, 8) blocks: (b+1)/(2b) of the FLOPs, 5/8 at
+  m = 256, 9/16 from m = 512 on); GPU/TPU run one GEMM with the centring fused.
 
   Args:
     x: [n, ...] features (flattened per example); float16/bfloat16/int are computed in float32.
+    gram_precision: matmul precision of the Gram on GPU/TPU: 'highest' (float32; six bf16 passes
+      on TPU), 'high' (bf16x3 on TPU, TF32 on GPU) or 'default' (one bf16 pass on TPU). Ignored on
+      CPU, which always computes float32 dots in full precision (identical results).
 
   Returns:
-    [n, n] Gram C X X^T C, C = I - 11^T/n, at full float32 matmul precision.
+    [n, n] Gram C X X^T C, C = I - 11^T/n.
   """
   x = jnp.asarray(x)
-  x = jnp.reshape(x, (x.shape[0], -1))
-  dtype = jnp.promote_types(x.dtype, jnp.float32)
-  n, p = x.shape
-  mean = jnp.dot(jnp.ones((n,), dtype), x.astype(dtype), precision=_HIGHEST) / n
+  return _centred_gram(x, _precision(gram_precision))
 
-  def gram(start, size):
-    xc = (jax.lax.dynamic_slice_in_dim(x, start, size, axis=1).astype(dtype)
-          - jax.lax.dynamic_slice_in_dim(mean, start, size)[None, :])
-    # Contract the feature axes directly: under vmap, `xc @ xc.T` becomes a batched dot whose
-    # transposed operand XLA:CPU copies (1.5x slower).
-    return jax.lax.dot_general(xc, xc, (((1,), (1,)), ((), ())), precision=_HIGHEST)
 
-  # Chunking pays on CPU caches; GPU/TPU fuse the centring and prefer one large GEMM.
-  chunk = max(128, _CHUNK_ELEMENTS // n) if jax.default_backend() == "cpu" else p
-  full, tail = divmod(p, chunk)
-  if full <= 1:
-    return gram(0, p)
-  k = jax.lax.fori_loop(0, full, lambda i, k: k + gram(i * chunk, chunk),
-                        jnp.zeros((n, n), dtype))
-  return k + gram(full * chunk, tail) if tail else k
+def _ordered_sum(x: jax.Array) -> jax.Array:
+  """Sum over the last axis in a fixed pairwise order (halving with elementwise adds).
+
+  XLA:CPU sums a reduction in an order that depends on the array's other axes (e.g. the batch
+  axis of a vmap over minibatches) and may re-compute it inside fused consumers; elementwise adds
+  are exact IEEE operations that XLA does not reorder. So a minibatch's terms are bitwise the same
+  however many minibatches share a step. Pairwise summation is also accurate (error ~log2(n) eps).
+  """
+  while x.shape[-1] > 1:
+    half = x.shape[-1] // 2
+    head = x[..., :half] + x[..., half:2 * half]
+    x = jnp.concatenate([head, x[..., 2 * half:]], axis=-1) if x.shape[-1] % 2 else head
+  return x[..., 0]
 
 
 def _u_centre(k: jax.Array) -> jax.Array:
@@ -101,8 +176,9 @@ def _u_centre(k: jax.Array) -> jax.Array:
   n = k.shape[-1]
   off = ~jnp.eye(n, dtype=bool)
   k = jnp.where(off, k, 0)
-  s = jnp.sum(k, axis=0)
-  mean = s / (n - 2) - jnp.sum(s) / (2 * (n - 1) * (n - 2))
+  s = _ordered_sum(k)  # row sums = column sums of a symmetric Gram
+  total = _ordered_sum(s)
+  mean = s / (n - 2) - total / (2 * (n - 1) * (n - 2))
   return jnp.where(off, k - mean[:, None] - mean[None, :], 0)
 
 
@@ -187,53 +263,115 @@ class HSICTerms(NamedTuple):
   count: jax.Array    # [k] examples per minibatch (m), 0 for masked-out minibatches
 
 
-def _u_grams(feats: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
-  """One minibatch: A arrays [m, ...] -> U-centred Grams [A, m, m] and Gram traces [A]."""
-  grams = [gram_linear(x) for x in feats]
-  return (jnp.stack([_u_centre(g) for g in grams]), jnp.stack([jnp.trace(g) for g in grams]))
+def centred_grams(feats: Features, *, gram_precision: str = "highest") -> jax.Array:
+  """Column-centred linear Grams of one minibatch's layers; pure and jittable.
+
+  The Grams that every Gram-based similarity measure of a minibatch starts from: call it inside
+  your own jitted step and share the result (`terms_from_grams` turns it into HSIC terms).
+  On CPU only the row blocks on and below the diagonal are multiplied (see `gram_linear`).
+
+  Args:
+    feats: A arrays [m, ...] of the same m examples (sequence, or dict in its own order);
+      float16/bfloat16/int are computed in float32.
+    gram_precision: 'highest' | 'high' | 'default' (see `gram_linear`; ignored on CPU).
+
+  Returns:
+    [A, m, m] float32 Grams C X_a X_a^T C, C = I - 11^T/m.
+  """
+  xs = _values(feats)
+  _check_features(xs, None, stacked=False, min_m=1)
+  return _centred_grams(xs, gram_precision)
 
 
-def _one_minibatch(feats_a, feats_b):
-  m = feats_a[0].shape[0]
+@functools.partial(jax.jit, static_argnames="gram_precision")
+def _centred_grams(xs, gram_precision):
+  precision = _precision(gram_precision)
+  return jnp.stack([_centred_gram(jnp.asarray(x), precision) for x in xs])
+
+
+def terms_from_grams(grams_a: jax.Array, grams_b: jax.Array | None = None
+                     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Unbiased HSIC_1 between all pairs of one minibatch's Grams; pure and jittable.
+
+  With U(K) the U-centred Gram (zero diagonal), <U(K), U(L)> = m(m-3) HSIC_1(K, L) exactly, so
+  all A x B cross terms are one contraction of the U-centred Grams. Row/column offsets of a Gram
+  change nothing (U-centring removes them), so uncentred Grams give the same HSIC.
+
+  Args:
+    grams_a: [A, m, m] Grams of side a (e.g. from `centred_grams`), m >= 4.
+    grams_b: [B, m, m] Grams of side b on the same examples, or None for intra-model (each Gram
+      used once; side b is side a).
+
+  Returns:
+    (cross [A, B] HSIC_1(K_a, L_b), self_a [A] HSIC_1(K_a, K_a), self_b [B],
+     scale_a [A] tr(K_a)^2 / (m(m-3)), scale_b [B]); intra-model: cross [A, A], self_b = self_a.
+  """
+  for name, g in (("grams_a", grams_a), ("grams_b", grams_b)):
+    if g is not None and (jnp.ndim(g) != 3 or jnp.shape(g)[1] != jnp.shape(g)[2]):
+      raise ValueError(f"{name} must be [layers, m, m], got shape {jnp.shape(g)}")
+  if grams_b is not None and jnp.shape(grams_b)[1:] != jnp.shape(grams_a)[1:]:
+    raise ValueError(f"grams_a and grams_b must have the same m: {jnp.shape(grams_a)} vs "
+                     f"{jnp.shape(grams_b)}")
+  if jnp.shape(grams_a)[1] < 4:
+    raise ValueError(f"unbiased HSIC needs m >= 4 examples, got Grams {jnp.shape(grams_a)}")
+  return _terms_from_grams(grams_a, grams_b)
+
+
+@jax.jit
+def _terms_from_grams(grams_a, grams_b):
+  m = grams_a.shape[-1]
   norm = m * (m - 3)
-  ua, ta = _u_grams(feats_a)
-  if feats_b is None:  # intra-model: each Gram once; self terms are the diagonal.
+  u = jax.vmap(_u_centre)
+  ua, ta = u(grams_a), _ordered_sum(jnp.diagonal(grams_a, axis1=1, axis2=2))
+  if grams_b is None:  # intra-model: self terms are the diagonal of the cross matrix.
     cross = jnp.einsum("aij,bij->ab", ua, ua, precision=_HIGHEST) / norm
     self_a = self_b = jnp.diagonal(cross)
     tb = ta
   else:
-    ub, tb = _u_grams(feats_b)
+    ub, tb = u(grams_b), _ordered_sum(jnp.diagonal(grams_b, axis1=1, axis2=2))
     cross = jnp.einsum("aij,bij->ab", ua, ub, precision=_HIGHEST) / norm
     self_a = jnp.einsum("aij,aij->a", ua, ua, precision=_HIGHEST) / norm
     self_b = jnp.einsum("aij,aij->a", ub, ub, precision=_HIGHEST) / norm
   return cross, self_a, self_b, ta * ta / norm, tb * tb / norm
 
 
+def _one_minibatch(feats_a, feats_b, gram_precision):
+  grams = (_centred_grams(feats_a, gram_precision),
+           None if feats_b is None else _centred_grams(feats_b, gram_precision))
+  return _terms_from_grams(*jax.lax.optimization_barrier(grams))
+
+
 def minibatch_terms(feats_a: Features, feats_b: Features | None = None, *,
-                    mask: jax.typing.ArrayLike | None = None) -> HSICTerms:
+                    mask: jax.typing.ArrayLike | None = None,
+                    gram_precision: str = "highest") -> HSICTerms:
   """Per-minibatch HSIC terms of one global step; pure, call it inside your own jit.
 
   Each minibatch's Grams and HSIC are computed whole where that minibatch lives (vmap over axis 0,
   so a mesh-sharded axis 0 stays sharded and needs no collectives; k = 1 skips the vmap). Only
   shapes are checked here (at trace time); NaN/Inf and constant layers are caught on the host by
   `accumulate`/`result` from these terms, so the check costs no pass over the activations.
+  Per minibatch this is exactly `terms_from_grams(centred_grams(a), centred_grams(b))`.
 
   Args:
     feats_a: A arrays [k, m, ...] (sequence, or dict in the order of the state's names).
     feats_b: B arrays [k, m, ...] of the same examples, or None for intra-model CKA (each Gram
       computed once, cross matrix [A, A] symmetric).
     mask: optional [k]; minibatches with mask 0 (padding) are skipped by `accumulate`.
+    gram_precision: 'highest' | 'high' | 'default': matmul precision of the Grams on GPU/TPU
+      (see `gram_linear`); ignored on CPU (identical results).
 
   Returns:
     HSICTerms with leading axis k.
   """
+  _precision(gram_precision)  # validate before tracing anything
   xs, ys = _values(feats_a), None if feats_b is None else _values(feats_b)
   k, m = _check_features(xs, ys, stacked=True)
+  one = functools.partial(_one_minibatch, gram_precision=gram_precision)
   if k == 1:  # no batch dimension in the GEMMs
-    out = _one_minibatch([x[0] for x in xs], None if ys is None else [y[0] for y in ys])
+    out = one([x[0] for x in xs], None if ys is None else [y[0] for y in ys])
     cross, sa, sb, ca, cb = (v[None] for v in out)
   else:
-    cross, sa, sb, ca, cb = jax.vmap(_one_minibatch)(xs, ys)
+    cross, sa, sb, ca, cb = jax.vmap(one)(xs, ys)
   count = jnp.full((k,), m, jnp.int32)
   if mask is not None:
     if jnp.shape(mask) != (k,):
@@ -403,20 +541,24 @@ def accumulate(state: CKAState, terms: HSICTerms) -> CKAState:
         "non-finite HSIC (NaN/Inf in the features, or float32 overflow); nothing accumulated. "
         f"Layers a: {[na[i] for i in np.flatnonzero(bad_a)]}, "
         f"layers b: {[nb[i] for i in np.flatnonzero(bad_b)]}")
-  ein = np.einsum
+  # Minibatch by minibatch, in order: the float64 sums are then bitwise the same whether the
+  # minibatches come one per call, stacked, or from several steps.
+  f = {name: getattr(state, name).copy() for name in _DATA_FIELDS[:11]}
+  for i in range(cross.shape[0]):
+    h, a_, b_ = cross[i], sa[i], sb[i]
+    f["cross"] += h
+    f["self_a"] += a_
+    f["self_b"] += b_
+    f["cross_sq"] += h * h
+    f["cross_self_a"] += h * a_[:, None]
+    f["cross_self_b"] += h * b_[None, :]
+    f["self_ab"] += np.outer(a_, b_)
+    f["self_a_sq"] += a_ * a_
+    f["self_b_sq"] += b_ * b_
+    f["scale_a"] += ca[i]
+    f["scale_b"] += cb[i]
   return dataclasses.replace(
-      state,
-      cross=state.cross + cross.sum(0),
-      self_a=state.self_a + sa.sum(0),
-      self_b=state.self_b + sb.sum(0),
-      cross_sq=state.cross_sq + ein("kab,kab->ab", cross, cross),
-      cross_self_a=state.cross_self_a + ein("kab,ka->ab", cross, sa),
-      cross_self_b=state.cross_self_b + ein("kab,kb->ab", cross, sb),
-      self_ab=state.self_ab + ein("ka,kb->ab", sa, sb),
-      self_a_sq=state.self_a_sq + (sa * sa).sum(0),
-      self_b_sq=state.self_b_sq + (sb * sb).sum(0),
-      scale_a=state.scale_a + ca.sum(0),
-      scale_b=state.scale_b + cb.sum(0),
+      state, **f,
       num_minibatches=state.num_minibatches + int(valid.sum()),
       num_examples=state.num_examples + int(t.count.reshape(-1)[valid].sum()))
 
@@ -495,12 +637,12 @@ def result(state: CKAState) -> CKAResult:
 # Conveniences for features already in hand.
 
 
-@functools.partial(jax.jit, static_argnames="stacked")
-def _update_terms(xs, ys, stacked):
+@functools.partial(jax.jit, static_argnames=("stacked", "gram_precision"))
+def _update_terms(xs, ys, stacked, gram_precision="highest"):
   if not stacked:
     xs = [x[None] for x in xs]
     ys = None if ys is None else [y[None] for y in ys]
-  return minibatch_terms(xs, ys)
+  return minibatch_terms(xs, ys, gram_precision=gram_precision)
 
 
 def _ordered(feats: Features, names: tuple[str, ...] | None, n: int, side: str):
@@ -521,26 +663,10 @@ def _ordered(feats: Features, names: tuple[str, ...] | None, n: int, side: str):
   return xs, names
 
 
-def update(state: CKAState, feats_a: Features, feats_b: Features | None = None, *,
-           stacked: bool = False) -> CKAState:
-  """Adds minibatches: `minibatch_terms` jitted on device, then `accumulate` in float64 on host.
-
-  `update` itself is host code (it validates at the edge and sums in float64); the pure,
-  jit/shard_map-compatible half is `minibatch_terms` -- use it with `accumulate` to keep the
-  feature computation and the Grams in one jitted step.
-
-  Args:
-    state: from `init` (intra-model iff `init` got no `num_b`).
-    feats_a: A arrays, a sequence or a dict by layer name; each `[m, ...]` (one minibatch) or,
-      with `stacked=True`, `[k, m, ...]` (k minibatches, axis 0 may be sharded over a mesh).
-    feats_b: B arrays of the same examples; None for an intra-model state.
-    stacked: whether axis 0 is the minibatch axis. Shapes alone cannot tell `[k, m, p]` from
-      `[m, h, w]`, hence the flag.
-
-  Raises:
-    ValueError/KeyError: m < 4, different m or k across layers, empty layer, layer count or
-      names not matching the state, NaN/Inf; the state is then unchanged (a new one is returned).
-  """
+def _dispatch(state: CKAState, feats_a: Features, feats_b: Features | None, stacked: bool,
+              gram_precision: str) -> tuple[CKAState, HSICTerms]:
+  """Validates at the edge, adopts dict names, and starts the device step (asynchronously)."""
+  _precision(gram_precision)
   if state.intra != (feats_b is None):
     raise ValueError("an intra-model state (init(num_a)) takes feats_b=None; a cross-model state "
                      "(init(num_a, num_b)) needs feats_b")
@@ -553,7 +679,40 @@ def update(state: CKAState, feats_a: Features, feats_b: Features | None = None, 
   _check_features(xs, ys, stacked=stacked)
   xs = [_host_centred(x, int(stacked)) for x in xs]
   ys = None if ys is None else [_host_centred(y, int(stacked)) for y in ys]
-  return accumulate(state, _update_terms(xs, ys, stacked))
+  terms = _update_terms(xs, ys, stacked, gram_precision)
+  for leaf in terms:  # a few kB: start the device-to-host copy now, not when accumulating
+    if isinstance(leaf, jax.Array) and leaf.is_fully_addressable:
+      leaf.copy_to_host_async()
+  return state, terms
+
+
+def update(state: CKAState, feats_a: Features, feats_b: Features | None = None, *,
+           stacked: bool = False, gram_precision: str = "highest") -> CKAState:
+  """Adds minibatches: `minibatch_terms` jitted on device, then `accumulate` in float64 on host.
+
+  `update` itself is host code (it validates at the edge and sums in float64); the pure,
+  jit/shard_map-compatible half is `minibatch_terms` -- use it with `accumulate` to keep the
+  feature computation and the Grams in one jitted step. Several minibatches per call
+  (`stacked=True`) are one device dispatch; `minibatch_cka` also overlaps the host sums of one
+  call with the device work of the next.
+
+  Args:
+    state: from `init` (intra-model iff `init` got no `num_b`).
+    feats_a: A arrays, a sequence or a dict by layer name; each `[m, ...]` (one minibatch) or,
+      with `stacked=True`, `[k, m, ...]` (k minibatches, axis 0 may be sharded over a mesh).
+    feats_b: B arrays of the same examples; None for an intra-model state.
+    stacked: whether axis 0 is the minibatch axis. Shapes alone cannot tell `[k, m, p]` from
+      `[m, h, w]`, hence the flag.
+    gram_precision: 'highest' | 'high' | 'default': matmul precision of the Grams on GPU/TPU
+      (see `gram_linear`); ignored on CPU (identical results).
+
+  Raises:
+    ValueError/KeyError: m < 4, different m or k across layers, empty layer, layer count or
+      names not matching the state, NaN/Inf, unknown gram_precision; the state is then unchanged
+      (a new one is returned).
+  """
+  state, terms = _dispatch(state, feats_a, feats_b, stacked, gram_precision)
+  return accumulate(state, terms)
 
 
 def result_from_terms(terms: Iterable[HSICTerms], *, names_a: Sequence[str] | None = None,
@@ -573,17 +732,23 @@ def result_from_terms(terms: Iterable[HSICTerms], *, names_a: Sequence[str] | No
   return result(state)
 
 
-def minibatch_cka(batches: Iterable[Any], *, stacked: bool = False) -> np.ndarray:
+def minibatch_cka(batches: Iterable[Any], *, stacked: bool = False,
+                  gram_precision: str = "highest") -> np.ndarray:
   """Minibatch CKA matrix [A, B] (float64) over an iterable of `(feats_a, feats_b)` pairs.
 
-  `feats_b` None is intra-model (the same for every pair); see `update` for the shapes.
+  `feats_b` None is intra-model (the same for every pair); see `update` for the shapes and
+  `gram_precision`. The same numbers as `update` pair by pair; the next pair's device step is
+  started before the previous pair's terms are summed on the host, so the two overlap.
   """
-  state = None
+  state, pending = None, None
   for fa, fb in batches:
     if state is None:
       na = len(fa)
       state = init(na) if fb is None else init(na, len(fb))
-    state = update(state, fa, fb, stacked=stacked)
+    state, terms = _dispatch(state, fa, fb, stacked, gram_precision)
+    if pending is not None:
+      state = accumulate(state, pending)
+    pending = terms
   if state is None:
     raise ValueError("no minibatches given")
-  return result(state).cka
+  return result(accumulate(state, pending)).cka
