@@ -21,13 +21,14 @@ def test_sigkill_mid_repeat_then_rerun_is_bit_identical(tmp_path, model_cache):
   whole, killed = tmp_path / "whole", tmp_path / "killed"
   proc = _run(whole, model_cache, 0)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  # Killed at the 4th save of attention distance (8 steps), then at the 6th save of the rerun:
-  # cka_intra's 2nd repeat of 3 (4 steps each), attention distance resumed and finished.
+  # Killed at the 4th save of attention distance (8 steps, a save after each), then in the
+  # rerun, which resumes attention distance at step 3 (5 more saves), at cka_intra's 6th save:
+  # inside its 2nd repeat of 3 (4 saves per repeat: after steps 1-3 and at the repeat's end).
   proc = _run(killed, model_cache, 4)
   assert proc.returncode == -9, proc.stderr[-3000:]
   assert os.path.exists(killed / "partial" / "attention_distance")
   assert not os.path.exists(killed / "results" / "attention_distance.json")
-  proc = _run(killed, model_cache, 6)
+  proc = _run(killed, model_cache, 5 + 6)
   assert proc.returncode == -9, proc.stderr[-3000:]
   assert os.path.exists(killed / "results" / "attention_distance.json")
   saved = np.load(killed / "partial" / "cka_intra" / "vit" / "state.npz")

@@ -18,14 +18,16 @@ import fnmatch
 import json
 import os
 import time
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vit_analysis import capture, cka, sharding, streaming
+from vit_analysis import capture, cka, config_lib, sharding, streaming
+from vit_analysis import measures as measures_lib
 from vit_analysis import resume as resume_lib
 
 if TYPE_CHECKING:  # the analyses' model record; imported for annotations only
@@ -163,15 +165,18 @@ class Side:
 
 @dataclasses.dataclass
 class RepeatedCKA:
-  """CKA matrices of R independent samples.
+  """CKA matrices (and other measures) of R independent samples.
 
   Attributes:
     names_a, names_b: row and column names.
-    values: [R, A, B] CKA per repeat.
+    values: [R, A, B] linear CKA per repeat.
     stderr: [R, A, B] jackknife standard error over the minibatches of each repeat.
     num_examples, minibatch_size: per repeat.
     examples_counted: [R] examples the accumulator actually summed per repeat (= num_examples
       unless a step was lost or counted twice, e.g. across an interruption).
+    measures: {measure: {'values', 'stderr'[, 'null_mean', 'null_std']: [R, A, B]}} of the other
+      similarity measures (`vit_analysis.measures`).
+    null: {'null_mean', 'null_std': [R, A, B]} of linear CKA under the shuffle null, or None.
   """
   names_a: list[str]
   names_b: list[str]
@@ -180,6 +185,8 @@ class RepeatedCKA:
   num_examples: int
   minibatch_size: int
   examples_counted: np.ndarray | None = None
+  measures: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
+  null: dict[str, np.ndarray] | None = None
 
   @property
   def mean(self) -> np.ndarray:
@@ -187,22 +194,41 @@ class RepeatedCKA:
 
   @property
   def std(self) -> np.ndarray:
-    return self.values.std(0, ddof=1) if len(self.values) > 1 else np.zeros_like(self.values[0])
+    return _spread(self.values)
+
+  def arrays(self) -> dict[str, np.ndarray]:
+    """Every saved array: linear CKA as values/stderr/mean/std (+ cka_null_{mean,std,z}), each
+    other measure as <measure>_{values,stderr,mean,std} (+ _null_{mean,std,z})."""
+    out = dict(values=self.values, stderr=self.stderr, mean=self.mean, std=self.std)
+    groups = [("cka", dict(values=self.values, **(self.null or {})))] if self.null else []
+    for name, v in self.measures.items():
+      out.update({f"{name}_values": v["values"], f"{name}_stderr": v["stderr"].mean(0),
+                  f"{name}_mean": v["values"].mean(0), f"{name}_std": _spread(v["values"])})
+      if "null_mean" in v:
+        groups.append((name, v))
+    for name, v in groups:
+      mean, null_mean, null_std = v["values"].mean(0), v["null_mean"].mean(0), v["null_std"].mean(0)
+      with np.errstate(divide="ignore", invalid="ignore"):
+        z = (mean - null_mean) / null_std
+      out.update({f"{name}_null_mean": null_mean, f"{name}_null_std": null_std,
+                  f"{name}_null_z": z})
+    return out
 
   def save(self, path_without_ext: str, **extra: Any) -> None:
     """Writes `.npz` (arrays) and `.json` (names, mean, std, settings) for redrawing."""
     counted = (np.full(len(self.values), self.num_examples) if self.examples_counted is None
                else np.asarray(self.examples_counted))
     tmp = path_without_ext + ".tmp.npz"
-    np.savez(tmp, values=self.values, stderr=self.stderr, mean=self.mean, std=self.std,
-             names_a=np.asarray(self.names_a), names_b=np.asarray(self.names_b),
-             examples_counted=counted, **{k: np.asarray(v) for k, v in extra.items()})
+    np.savez(tmp, names_a=np.asarray(self.names_a), names_b=np.asarray(self.names_b),
+             examples_counted=counted, **self.arrays(),
+             **{k: np.asarray(v) for k, v in extra.items()})
     os.replace(tmp, path_without_ext + ".npz")
     with open(path_without_ext + ".json.tmp", "w") as f:
       json.dump(dict(names_a=self.names_a, names_b=self.names_b, mean=self.mean.tolist(),
                      std=self.std.tolist(), repeats=len(self.values),
                      num_examples=self.num_examples, minibatch_size=self.minibatch_size,
-                     examples_counted=counted.tolist()), f)
+                     examples_counted=counted.tolist(), measures=sorted(self.measures),
+                     null=self.null is not None), f)
     os.replace(path_without_ext + ".json.tmp", path_without_ext + ".json")
 
   @classmethod
@@ -210,27 +236,56 @@ class RepeatedCKA:
     z = np.load(path_without_ext + ".npz")
     with open(path_without_ext + ".json") as f:
       meta = json.load(f)
+    measures = {}
+    for name in meta.get("measures", []):
+      measures[name] = {"values": z[f"{name}_values"],
+                        "stderr": np.broadcast_to(z[f"{name}_stderr"], z[f"{name}_values"].shape)}
+      if f"{name}_null_mean" in z.files:
+        measures[name].update(null_mean=np.broadcast_to(z[f"{name}_null_mean"],
+                                                        z[f"{name}_values"].shape),
+                              null_std=np.broadcast_to(z[f"{name}_null_std"],
+                                                       z[f"{name}_values"].shape))
+    null = None
+    if meta.get("null"):
+      null = {k: np.broadcast_to(z[f"cka_{k}"], z["values"].shape)
+              for k in ("null_mean", "null_std")}
     return cls(list(z["names_a"]), list(z["names_b"]), z["values"], z["stderr"],
-               meta["num_examples"], meta["minibatch_size"], z.get("examples_counted"))
+               meta["num_examples"], meta["minibatch_size"], z.get("examples_counted"),
+               measures, null)
 
 
-def make_step(side_a: Side, side_b: Side | None) -> Callable[..., Any]:
-  """The jitted per-step function: images of `s` minibatches -> per-minibatch HSIC terms.
+def _spread(values: np.ndarray) -> np.ndarray:
+  """Standard deviation over repeats (axis 0), 0 with one repeat."""
+  return values.std(0, ddof=1) if len(values) > 1 else np.zeros_like(values[0])
 
-  Cached per (feature functions, names), so repeated comparisons of one architecture compile once.
+
+def make_step(side_a: Side, side_b: Side | None, *, gram_precision: str = "highest",
+              extra_measures: tuple[tuple[str, tuple], ...] = ()) -> Callable[..., Any]:
+  """The jitted per-step function: images of `s` minibatches -> per-minibatch terms.
+
+  Cached per (feature functions, names, options), so repeated comparisons of one architecture
+  compile once.
+
+  Args:
+    side_a, side_b: the two sides (`side_b=None`: intra-model).
+    gram_precision: the Grams' matmul precision on GPU/TPU (`cka.minibatch_terms`).
+    extra_measures: ((measure, sorted options), ...) of `vit_analysis.measures` computed from the
+      same centred Grams in the same step (empty: linear CKA alone, the paper's path).
 
   Returns:
-    `step(vars_a, images_a, vars_b, images_b, mask) -> cka.HSICTerms` ([s, ...] leaves, a few kB),
-    images `[s, m, h, w, 3]` sharded on axis 0, `mask: [s]` (0 for padding minibatches).
+    `step(vars_a, images_a, vars_b, images_b, mask, perms) -> (cka.HSICTerms, {measure: terms})`
+    ([s, ...] leaves, a few kB), images `[s, m, h, w, 3]` sharded on axis 0, `mask: [s]` (0 for
+    padding minibatches), `perms: [P, m]` null permutations or None.
   """
-  key = (side_a.features, side_a.names) + (
+  key = (side_a.features, side_a.names, gram_precision, extra_measures) + (
       () if side_b is None else (side_b.features, side_b.names))
   if key not in _STEPS:
-    _STEPS[key] = _make_step(side_a, side_b)
+    _STEPS[key] = _make_step(side_a, side_b, gram_precision, extra_measures)
   return _STEPS[key]
 
 
-def _make_step(side_a: Side, side_b: Side | None) -> Callable[..., Any]:
+def _make_step(side_a: Side, side_b: Side | None, gram_precision: str,
+               extra_measures: tuple[tuple[str, tuple], ...]) -> Callable[..., Any]:
 
   def features(side, variables, images):
     s, m = images.shape[:2]
@@ -240,18 +295,53 @@ def _make_step(side_a: Side, side_b: Side | None) -> Callable[..., Any]:
       raise KeyError(f"feature function did not return {missing}")
     return [feats[n].reshape((s, m) + feats[n].shape[1:]) for n in side.names]
 
-  def step(vars_a, images_a, vars_b, images_b, mask):
+  def grams(feats):  # [s, A, m, m]: each minibatch's Grams where it lives
+    return jax.vmap(lambda *xs: cka.centred_grams(list(xs), gram_precision=gram_precision))(
+        *feats)
+
+  def step(vars_a, images_a, vars_b, images_b, mask, perms):
     fa = features(side_a, vars_a, images_a)
     fb = None if side_b is None else features(side_b, vars_b, images_b)
-    return cka.minibatch_terms(fa, fb, mask=mask)
+    if not extra_measures:
+      return cka.minibatch_terms(fa, fb, mask=mask, gram_precision=gram_precision), {}
+    ga, gb = grams(fa), None if fb is None else grams(fb)
+    cross, sa, sb, ca, cb = jax.vmap(cka.terms_from_grams)(ga, gb)
+    count = jnp.where(mask > 0, fa[0].shape[1], 0).astype(jnp.int32)
+    extra = measures_lib.terms({n: dict(o) for n, o in extra_measures}, ga, gb, perms=perms,
+                               stacked=True)
+    return cka.HSICTerms(cross, sa, sb, ca, cb, count), extra
 
   return jax.jit(step)
+
+
+class _MeasureSums:
+  """Host float64 sums of the extra measures of one repeat (`vit_analysis.measures`)."""
+
+  def __init__(self, spec: tuple[tuple[str, tuple], ...], names_a, names_b, num_perms: int):
+    self.spec, self.num_perms = spec, num_perms
+    self.names_a, self.names_b = tuple(names_a), None if names_b is None else tuple(names_b)
+
+  def empty(self) -> dict[str, Any]:
+    return {n: measures_lib.init(n, self.names_a, self.names_b, num_perms=self.num_perms,
+                                 **dict(o)) for n, o in self.spec}
+
+  @staticmethod
+  def add(states: dict[str, Any], terms: dict[str, Any], mask: Any) -> dict[str, Any]:
+    return {n: measures_lib.accumulate(st, terms[n], mask=mask) for n, st in states.items()}
+
+  @staticmethod
+  def results(states: dict[str, Any]) -> dict[str, Any]:
+    return {n: measures_lib.result(st) for n, st in states.items()}
 
 
 def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_examples: int,
                      minibatch_size: int, repeats: int, seed: int, mesh: jax.sharding.Mesh,
                      minibatches_per_step: int = 0, desc: str = "cka",
-                     resume: resume_lib.Checkpointer | None = None) -> RepeatedCKA:
+                     resume: resume_lib.Checkpointer | None = None,
+                     measures: Sequence[str] = ("linear_cka",),
+                     measure_options: Mapping[str, Mapping[str, Any]] | None = None,
+                     null_permutations: int = 0,
+                     gram_precision: str = "highest") -> RepeatedCKA:
   """Minibatch CKA between every feature of `side_a` and of `side_b` (None: `side_a` with itself).
 
   Args:
@@ -260,17 +350,23 @@ def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_exam
     num_examples: N examples per repeat, drawn without replacement (multiple of `minibatch_size`).
     minibatch_size: m (>= 4 for unbiased HSIC).
     repeats: R independent samples (`streaming.cka_plan`).
-    seed: sampling seed.
+    seed: sampling seed (and the null permutations' seed).
     mesh: 1-D device mesh; the minibatch axis of a step is split over it.
     minibatches_per_step: s; 0 = one minibatch per device. Rounded up to a multiple of the
       device count; a short last step is padded and masked.
     desc: name used in progress logs.
-    resume: optional `resume.Checkpointer`: the finished repeats, the running accumulator and the
-      stream position are saved every `resume.every_s` seconds, and a rerun continues from them
-      with bit-identical results.
+    resume: optional `resume.Checkpointer`: the finished repeats, the running accumulators and
+      the stream position are saved every `resume.every_s` seconds, and a rerun continues from
+      them with bit-identical results.
+    measures: similarity measures computed from the same forward pass and Grams
+      (`vit_analysis.measures.MEASURES`); linear CKA, the paper's, is always computed.
+    measure_options: {measure: options} (e.g. {'mutual_knn': {'k': 5}}).
+    null_permutations: P > 0 also scores side b with its examples shuffled within each minibatch
+      by P fixed permutations, giving every cell of every measure a null mean, std and z-score.
+    gram_precision: matmul precision of the Grams on GPU/TPU (ignored on CPU).
 
   Returns:
-    RepeatedCKA with `values: [R, A, B]`.
+    RepeatedCKA with `values: [R, A, B]` (linear CKA) and `measures` for the others.
   """
   if minibatch_size < 4:
     raise ValueError(f"minibatch_size must be >= 4 for unbiased HSIC, got {minibatch_size}")
@@ -279,11 +375,24 @@ def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_exam
                      f"minibatch_size {minibatch_size}")
   if num_examples > len(source):
     raise ValueError(f"num_examples {num_examples} > {len(source)} examples in the source")
+  requested = tuple(dict.fromkeys(measures))
+  unknown = [n for n in requested if n not in measures_lib.MEASURES]
+  if unknown:
+    raise ValueError(f"unknown measures {unknown}; known: {list(measures_lib.MEASURES)}")
+  options = {n: measures_lib.resolve_options(n, **dict((measure_options or {}).get(n, {})))
+             for n in measures_lib.MEASURES}
+  extra_names = [n for n in requested if n != "linear_cka"]
+  if null_permutations:  # linear CKA's null comes from the measures' (identical) linear_cka
+    extra_names = ["linear_cka"] + extra_names
+  spec = tuple((n, tuple(sorted(options[n].items()))) for n in extra_names)
   s = streaming.round_step(max(minibatches_per_step, 1), mesh)
   m = minibatch_size
-  step = make_step(side_a, side_b)
+  step = make_step(side_a, side_b, gram_precision=gram_precision, extra_measures=spec)
   vars_a = sharding.replicate(side_a.variables, mesh)
   vars_b = None if side_b is None else sharding.replicate(side_b.variables, mesh)
+  perms = None
+  if null_permutations:
+    perms = sharding.replicate(measures_lib.null_permutations(seed, null_permutations, m), mesh)
   views = {"a": (side_a.image_size, side_a.normalization)}
   if side_b is not None and (side_b.image_size, side_b.normalization) != views["a"]:
     views["b"] = (side_b.image_size, side_b.normalization)
@@ -291,26 +400,35 @@ def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_exam
   k = num_examples // m
   steps_per_repeat = -(-k // s)
   names_b = tuple(side_a.names if side_b is None else side_b.names)
-  empty = cka.init(side_a.names, None if side_b is None else side_b.names)
-  values = np.zeros((repeats, len(side_a.names), len(names_b)))
-  errors = np.zeros_like(values)
-  counted = np.zeros((repeats,), np.int64)
+  sums = _MeasureSums(spec, side_a.names, None if side_b is None else names_b, null_permutations)
+  empty = {"cka": cka.init(side_a.names, None if side_b is None else side_b.names),
+           "measures": sums.empty()}
+  shape = (repeats, len(side_a.names), len(names_b))
+  fields = ("values", "stderr", "null_mean", "null_std")
+  out = {"cka": {f: np.zeros(shape) for f in fields[:2]},
+         "counted": np.zeros((repeats,), np.int64),
+         "measures": {n: {f: np.zeros(shape) for f in fields} for n, _ in spec}}
   state, position = empty, 0
-  plan_id = streaming.plan_fingerprint(plan.reshape(-1), s * m, views)
+  plan_id = streaming.plan_fingerprint(plan.reshape(-1), s * m, views) + repr(
+      (spec, null_permutations, gram_precision))
   if resume is not None:
-    restored = resume.restore(like={"state": empty, "values": values, "errors": errors,
-                                    "counted": counted})
+    restored = resume.restore(like={"state": empty, "out": out})
     if restored is not None:
       saved, position, extra = restored
       if extra.get("plan") != plan_id:
         raise resume_lib.CheckpointError(
-            f"{resume.path} holds CKA sums of another plan (examples, minibatches or "
+            f"{resume.path} holds CKA sums of another plan (examples, minibatches, measures or "
             "preprocessing); delete it to start again")
-      state, values, errors = saved["state"], saved["values"], saved["errors"]
-      counted = saved["counted"]
+      state, out = saved["state"], saved["out"]
       logging.info("%s: resuming at repeat %d, step %d of %d", desc,
                    position // steps_per_repeat + 1, position % steps_per_repeat,
                    steps_per_repeat)
+
+  def add(state, terms, mask):
+    hsic, extra = terms
+    return {"cka": cka.accumulate(state["cka"], hsic),
+            "measures": sums.add(state["measures"], extra, mask) if spec else {}}
+
   t0, done = time.time(), 0
   for r in range(position // steps_per_repeat, repeats):
     start = position - r * steps_per_repeat if r == position // steps_per_repeat else 0
@@ -324,27 +442,36 @@ def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_exam
       images_b = None if side_b is None else batch.images.get("b", batch.images["a"])
       # Dispatch is asynchronous: the device computes this step while the host adds the
       # previous step's terms (and the workers decode the next steps).
-      terms = step(vars_a, batch.images["a"], vars_b, images_b, batch.mask)
+      terms = step(vars_a, batch.images["a"], vars_b, images_b, batch.mask, perms)
       if pending is not None:
-        state = cka.accumulate(state, pending)
+        state = add(state, *pending)
         if resume is not None:  # `state` holds every step before this one
-          resume.maybe_save({"state": state, "values": values, "errors": errors,
-                             "counted": counted}, r * steps_per_repeat + batch.step,
+          resume.maybe_save({"state": state, "out": out}, r * steps_per_repeat + batch.step,
                             {"plan": plan_id})
-      pending = terms
+      pending = (terms, batch.mask)
       done += batch.num_real
-    state = cka.accumulate(state, pending)
-    res = cka.result(state)
-    values[r], errors[r] = np.asarray(res.cka, np.float64), np.asarray(res.stderr, np.float64)
-    counted[r] = int(res.num_examples)
+    state = add(state, *pending)
+    res = cka.result(state["cka"])
+    out["cka"]["values"][r], out["cka"]["stderr"][r] = res.cka, res.stderr
+    out["counted"][r] = int(res.num_examples)
+    for name, result in sums.results(state["measures"]).items():
+      o = out["measures"][name]
+      o["values"][r], o["stderr"][r] = result.value, result.stderr
+      if result.null_mean is not None:
+        o["null_mean"][r], o["null_std"][r] = result.null_mean, result.null_std
     if resume is not None:
-      resume.maybe_save({"state": empty, "values": values, "errors": errors,
-                         "counted": counted}, (r + 1) * steps_per_repeat, {"plan": plan_id})
+      resume.maybe_save({"state": empty, "out": out}, (r + 1) * steps_per_repeat,
+                        {"plan": plan_id})
     elapsed = time.time() - t0
     logging.info("%s: repeat %d/%d, %d examples, %.1f examples/s", desc, r + 1, repeats,
                  num_examples, done / max(elapsed, 1e-9))
-  return RepeatedCKA(list(side_a.names), list(names_b), values, errors, num_examples,
-                     minibatch_size, counted)
+  extra = {n: dict(v) for n, v in out["measures"].items()}
+  null = extra.pop("linear_cka") if null_permutations else None  # its values are the main CKA
+  if not null_permutations:
+    extra = {n: {f: v[f] for f in fields[:2]} for n, v in extra.items()}
+  return RepeatedCKA(list(side_a.names), list(names_b), out["cka"]["values"],
+                     out["cka"]["stderr"], num_examples, minibatch_size, out["counted"], extra,
+                     None if null is None else {f: null[f] for f in fields[2:]})
 
 
 def protocol_config() -> ml_collections.ConfigDict:
@@ -361,13 +488,22 @@ def protocol_config() -> ml_collections.ConfigDict:
       minibatches_per_step=0,   # 0: one minibatch per device per step
       checkpoint_every_s=60.0,  # partial accumulators saved this often (resumable)
       fast_compile=None,        # None: config.train.fast_compile
+      # Similarity measures from the same Grams (docs/method.md#other-similarity-measures):
+      measures=("linear_cka",),  # + 'rbf_cka', 'procrustes', 'mutual_knn'
+      measure_options={},       # measure -> options, e.g. {'mutual_knn': {'k': 5}}
+      null_permutations=0,      # P > 0: shuffle null (mean, std, z) on every cell
+      gram_precision="highest",  # GPU/TPU Gram matmuls: 'highest' | 'high' | 'default'
   ))
 
 
 def protocol(sub: Any) -> dict[str, Any]:
   """The keyword arguments of `cka_over_repeats` from a merged sub-config."""
+  options = {n: dict(o) for n, o in dict(sub.get("measure_options", None) or {}).items()}
   return dict(num_examples=int(sub.num_examples), minibatch_size=int(sub.minibatch_size),
-              repeats=int(sub.repeats), minibatches_per_step=int(sub.minibatches_per_step))
+              repeats=int(sub.repeats), minibatches_per_step=int(sub.minibatches_per_step),
+              measures=config_lib.names(sub.get("measures", ("linear_cka",))),
+              measure_options=options, null_permutations=int(sub.get("null_permutations", 0)),
+              gram_precision=str(sub.get("gram_precision", "highest")))
 
 
 def layer_spec(spec: Any) -> str | tuple[str, ...]:

@@ -8,8 +8,10 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import ml_collections
+import numpy as np
 
 from vit_analysis import cka_runner, config_lib
+from vit_analysis import measures as measures_lib
 from vit_analysis.analyses import base
 from vit_analysis.plotting import similarity as plots
 
@@ -40,6 +42,45 @@ def summary(rep: cka_runner.RepeatedCKA) -> dict[str, float]:
               num_layers_a=len(rep.names_a), num_layers_b=len(rep.names_b))
 
 
+def measure_values(rep: cka_runner.RepeatedCKA) -> dict[str, np.ndarray]:
+  """{measure: [A, B] mean over repeats}, linear CKA first."""
+  return {"linear_cka": rep.mean, **{n: v["values"].mean(0) for n, v in rep.measures.items()}}
+
+
+def measure_summary(rep: cka_runner.RepeatedCKA, intra: bool) -> dict[str, Any]:
+  """Where the measures agree and disagree, and how many cells beat the shuffle null.
+
+  Rank correlation (Spearman) between every two measures over all cells (intra-model: each
+  pair of layers once), the five layer pairs whose rank differs most between measures, and per
+  measure the fraction of cells with z >= 2 against the null.
+  """
+  out: dict[str, Any] = {}
+  arrays = rep.arrays()
+  if rep.measures:
+    values = measure_values(rep)
+    out["measure_mean"] = {n: float(v.mean()) for n, v in values.items()}
+    out["measure_agreement"] = {f"{a} ~ {b}": rho for (a, b), rho in
+                                measures_lib.rank_agreement(values, intra=intra).items()}
+    out["measure_disagreements"] = measures_lib.disagreements(
+        values, rep.names_a, rep.names_b, top=5, intra=intra)
+  above = {n[:-len("_null_z")]: float(np.mean(np.nan_to_num(z, nan=-np.inf) >= 2.0))
+           for n, z in arrays.items() if n.endswith("_null_z")}
+  if above:
+    out["cells_above_null"] = {("linear_cka" if n == "cka" else n): v for n, v in above.items()}
+  return out
+
+
+def draw_measures(stem: str, title: str, model_a: str, model_b: str):
+  """Every measure of a saved comparison side by side (cells not above the null blank)."""
+  rep = cka_runner.RepeatedCKA.load(stem)
+  arrays = rep.arrays()
+  null_z = {("linear_cka" if n == "cka_null_z" else n[:-len("_null_z")]): z
+            for n, z in arrays.items() if n.endswith("_null_z")}
+  return plots.measure_heatmaps(measure_values(rep), row_names=rep.names_a,
+                                col_names=rep.names_b, row_model=model_a, col_model=model_b,
+                                null_z=null_z or None, title=title)
+
+
 def draw(stem: str, title: str, model_a: str, model_b: str):
   """The heatmap figure of a saved comparison (`.npz` + `.json`), without recomputation."""
   rep = cka_runner.RepeatedCKA.load(stem)
@@ -66,13 +107,17 @@ def _run(ctx: base.Context, pairs: Sequence[tuple[str, str | None]], title: str,
                                       desc=f"{ctx.name}/{tag}", resume=ctx.checkpointer(tag),
                                       **settings)
     label_b = model_a.name if model_b is None else model_b.name
-    metrics[tag] = summary(rep)
+    metrics[tag] = dict(summary(rep), **measure_summary(rep, intra=model_b is None))
     stem = ctx.results_stem(f"{ctx.name}_{tag}")
     if ctx.is_main:
       rep.save(stem)
     figures.append(ctx.save_figure(
         lambda: draw(stem, f"{model_a.name} vs {label_b}", model_a.name, label_b),
         f"{ctx.name}_{tag}"))
+    if rep.measures:
+      figures.append(ctx.save_figure(
+          lambda: draw_measures(stem, f"{model_a.name} vs {label_b}", model_a.name, label_b),
+          f"{ctx.name}_{tag}_measures"))
   return base.AnalysisResult(name=ctx.name, title=title, caption=caption, figures=figures,
                              metrics=dict(settings, tokens=sub.tokens, **metrics))
 

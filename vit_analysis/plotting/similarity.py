@@ -108,6 +108,42 @@ def cka_heatmap(matrix: np.ndarray, *, row_names: Sequence[str] | None = None,
   return fig
 
 
+def measure_heatmaps(values: Mapping[str, np.ndarray], *, row_names: Sequence[str],
+                     col_names: Sequence[str], row_model: str = "", col_model: str = "",
+                     null_z: Mapping[str, np.ndarray] | None = None, z_threshold: float = 2.0,
+                     title: str = "") -> matplotlib.figure.Figure:
+  """One heatmap per similarity measure, side by side, on one colour range [0, 1].
+
+  Args:
+    values: {measure: [rows, cols]} (mean over repeats), e.g. linear CKA, RBF CKA, Procrustes.
+    row_names, col_names: layer names for the tick labels.
+    row_model, col_model: model names written on the axes.
+    null_z: optional {measure: [rows, cols]} z-scores against the shuffle null; cells with
+      z < `z_threshold` (not above the null) are masked (drawn blank).
+    title: figure title.
+  """
+  if not values:
+    raise ValueError("no measures to draw")
+  fig, axes = plt.subplots(1, len(values), figsize=(1.1 * PANEL_INCHES * len(values),
+                                                    PANEL_INCHES), squeeze=False)
+  for ax, (name, matrix) in zip(axes[0], values.items()):
+    matrix = np.asarray(matrix, np.float64)
+    if matrix.shape != (len(row_names), len(col_names)):
+      raise ValueError(f"{name}: shape {matrix.shape} for {len(row_names)} x {len(col_names)} "
+                       "names")
+    label = name
+    if null_z is not None and name in null_z:
+      matrix = np.where(np.asarray(null_z[name]) >= z_threshold, matrix, np.nan)
+      label = f"{name} (z >= {z_threshold:g})"
+    heatmap(ax, matrix, title=label)
+    _label_axis(ax, col_names, "x", col_model)
+    _label_axis(ax, row_names, "y", row_model)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  return fig
+
+
 def head_subset_lines(mean_distance: np.ndarray, cka: np.ndarray, *,
                       layer_names: Sequence[str], title: str = "",
                       error: np.ndarray | None = None) -> matplotlib.figure.Figure:
