@@ -234,3 +234,53 @@ def test_localization_and_line_figures():
   assert len(fig.axes[0].get_lines()) >= 1
   with pytest.raises(ValueError):
     plots.head_subset_lines(np.array([10.0]), np.zeros((1, 2)), layer_names=["x"])
+
+
+def test_measures_and_null_from_the_same_pass_on_1_and_4_devices():
+  src = _source()
+  model = _loaded(Transforms(), 8)
+  side = _side(model, LAYERS)
+  common = dict(num_examples=64, minibatch_size=16, repeats=2, seed=1)
+  plain = cka_runner.cka_over_repeats(side, None, src, mesh=sharding.make_mesh(), **common)
+  runs = [cka_runner.cka_over_repeats(
+      side, None, src, mesh=sharding.make_mesh(devices), measures=(
+          "linear_cka", "rbf_cka", "procrustes", "mutual_knn"), null_permutations=4, **common)
+      for devices in (jax.devices()[:1], jax.devices())]
+  rep = runs[1]
+  # Linear CKA is the same with or without the other measures, and on 1 or 4 devices.
+  np.testing.assert_allclose(rep.values, plain.values, rtol=0, atol=1e-6)
+  for a, b in zip(runs[0].arrays().items(), rep.arrays().items()):
+    assert a[0] == b[0]
+    np.testing.assert_allclose(a[1], b[1], rtol=1e-5, atol=1e-6, err_msg=a[0])
+  # Rotations and an isotropic scale + offset of the same features: every measure says 1.
+  i, r, s = LAYERS.index("identity"), LAYERS.index("rotated"), LAYERS.index("scaled")
+  for name in ("rbf_cka", "procrustes", "mutual_knn"):
+    v = rep.measures[name]["values"].mean(0)
+    np.testing.assert_allclose([v[i, i], v[i, r], v[i, s]], 1.0, atol=1e-4, err_msg=name)
+    assert np.all((v >= -1e-5) & (v <= 1 + 1e-5)), name
+  arrays = rep.arrays()
+  assert arrays["cka_null_z"][i, r] > 5 and abs(arrays["cka_null_mean"][i, r]) < 0.2
+  assert arrays["procrustes_null_z"].shape == (4, 4)
+  with pytest.raises(ValueError, match="unknown measures"):
+    cka_runner.cka_over_repeats(side, None, src, mesh=sharding.make_mesh(),
+                                measures=("cca",), **common)
+
+
+def test_measure_results_save_load_and_summary(tmp_path):
+  src = _source()
+  model = _loaded(Transforms(), 8)
+  rep = cka_runner.cka_over_repeats(_side(model, LAYERS), None, src, mesh=sharding.make_mesh(),
+                                    num_examples=32, minibatch_size=16, repeats=1, seed=0,
+                                    measures=("linear_cka", "procrustes"), null_permutations=2)
+  stem = str(tmp_path / "rep")
+  rep.save(stem)
+  again = cka_runner.RepeatedCKA.load(stem)
+  for k, v in rep.arrays().items():
+    np.testing.assert_array_equal(again.arrays()[k], v, err_msg=k)
+  summary = similarity.measure_summary(rep, intra=True)
+  assert set(summary["measure_agreement"]) == {"linear_cka ~ procrustes"}
+  assert -1 <= summary["measure_agreement"]["linear_cka ~ procrustes"] <= 1
+  assert len(summary["measure_disagreements"]) == 5
+  assert set(summary["cells_above_null"]) == {"linear_cka", "procrustes"}
+  fig = similarity.draw_measures(stem, "t", "a", "a")
+  assert len(fig.axes) >= 2
