@@ -51,7 +51,10 @@ DEMO_MODELS = {
 # Demo sizes (examples, minibatch size, repeats, images): minutes on 2 CPU cores in total.
 _DEMO_SIZES = {
     "cka_intra": dict(num_examples=512, minibatch_size=128, repeats=2),
-    "cka_cross": dict(num_examples=512, minibatch_size=128, repeats=2),
+    # Every similarity measure and a shuffle null on the cross-model comparison.
+    "cka_cross": dict(num_examples=512, minibatch_size=128, repeats=2,
+                      measures=("linear_cka", "rbf_cka", "procrustes", "mutual_knn"),
+                      null_permutations=8),
     "attention_distance": dict(num_images=500),
     "head_subsets": dict(distance_examples=500, num_examples=512, minibatch_size=128, repeats=2),
     # One pull-back per layer: per-channel ERFs cost one backward pass per channel (CPU minutes).
@@ -89,6 +92,9 @@ def get_config(arg=None):
     if not flags.smoke:
       for key, value in _DEMO_SIZES[name].items():
         sub[key] = value  # assignment, not update(): update() merges into dict-valued fields
+    elif name == "cka_cross":  # the smoke run (and its multi-process test) covers every measure
+      sub.measures = _DEMO_SIZES[name]["measures"]
+      sub.null_permutations = 2
     config[name] = sub
   config.description = ("Offline demo: a small ViT (CLS), its GAP twin and a small BiT ResNet "
                         "trained on the embedded digits; every analysis at demo size.")
