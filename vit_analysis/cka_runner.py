@@ -430,6 +430,19 @@ def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_exam
             "measures": sums.add(state["measures"], extra, mask) if spec else {}}
 
   t0, done = time.time(), 0
+  # Where the time goes: waiting for decoded images, waiting for the device's results (after
+  # the host has done everything else), and the host's float64 accumulation.
+  split = {"input": 0.0, "device": 0.0, "host": 0.0}
+
+  def timed_add(state, pending):
+    tic = time.perf_counter()
+    jax.block_until_ready(pending[0])
+    tac = time.perf_counter()
+    state = add(state, *pending)
+    split["device"] += tac - tic
+    split["host"] += time.perf_counter() - tac
+    return state
+
   for r in range(position // steps_per_repeat, repeats):
     start = position - r * steps_per_repeat if r == position // steps_per_repeat else 0
     if start == 0:
@@ -438,19 +451,25 @@ def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_exam
                               step_size=s * m, group=m, start_step=start,
                               desc=f"{desc} repeat {r + 1}/{repeats}")
     pending = None
-    for batch in stream:
+    batches = iter(stream)
+    while True:
+      tic = time.perf_counter()
+      batch = next(batches, None)
+      split["input"] += time.perf_counter() - tic
+      if batch is None:
+        break
       images_b = None if side_b is None else batch.images.get("b", batch.images["a"])
       # Dispatch is asynchronous: the device computes this step while the host adds the
       # previous step's terms (and the workers decode the next steps).
       terms = step(vars_a, batch.images["a"], vars_b, images_b, batch.mask, perms)
       if pending is not None:
-        state = add(state, *pending)
+        state = timed_add(state, pending)
         if resume is not None:  # `state` holds every step before this one
           resume.maybe_save({"state": state, "out": out}, r * steps_per_repeat + batch.step,
                             {"plan": plan_id})
       pending = (terms, batch.mask)
       done += batch.num_real
-    state = add(state, *pending)
+    state = timed_add(state, pending)
     res = cka.result(state["cka"])
     out["cka"]["values"][r], out["cka"]["stderr"][r] = res.cka, res.stderr
     out["counted"][r] = int(res.num_examples)
@@ -463,8 +482,10 @@ def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_exam
       resume.maybe_save({"state": empty, "out": out}, (r + 1) * steps_per_repeat,
                         {"plan": plan_id})
     elapsed = time.time() - t0
-    logging.info("%s: repeat %d/%d, %d examples, %.1f examples/s", desc, r + 1, repeats,
-                 num_examples, done / max(elapsed, 1e-9))
+    logging.info("%s: repeat %d/%d, %d examples, %.1f examples/s; time waiting for input "
+                 "%.1f s, for the device %.1f s, host accumulation %.1f s", desc, r + 1, repeats,
+                 num_examples, done / max(elapsed, 1e-9), split["input"], split["device"],
+                 split["host"])
   extra = {n: dict(v) for n, v in out["measures"].items()}
   null = extra.pop("linear_cka") if null_permutations else None  # its values are the main CKA
   if not null_permutations:
