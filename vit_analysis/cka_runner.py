@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import PartitionSpec as P
 from absl import logging
 
 from vit_analysis import cka, config_lib, sharding, streaming
@@ -130,7 +131,8 @@ def _spread(values: np.ndarray) -> np.ndarray:
 
 
 def make_step(side_a: Side, side_b: Side | None, *, gram_precision: str = "highest",
-              extra_measures: tuple[tuple[str, tuple], ...] = ()) -> Callable[..., Any]:
+              extra_measures: tuple[tuple[str, tuple], ...] = (),
+              mesh: jax.sharding.Mesh | None = None) -> Callable[..., Any]:
   """The jitted per-step function: images of `s` minibatches -> per-minibatch terms.
 
   Cached per (feature functions, names, options), so repeated comparisons of one architecture
@@ -141,21 +143,25 @@ def make_step(side_a: Side, side_b: Side | None, *, gram_precision: str = "highe
     gram_precision: the Grams' matmul precision on GPU/TPU (`cka.minibatch_terms`).
     extra_measures: ((measure, sorted options), ...) of `vit_analysis.measures` computed from the
       same centred Grams in the same step (empty: linear CKA alone, the paper's path).
+    mesh: the device mesh (needed with `extra_measures`: they run per device, see below).
 
   Returns:
     `step(vars_a, images_a, vars_b, images_b, mask, perms) -> (cka.HSICTerms, {measure: terms})`
     ([s, ...] leaves, a few kB), images `[s, m, h, w, 3]` sharded on axis 0, `mask: [s]` (0 for
     padding minibatches), `perms: [P, m]` null permutations or None.
   """
-  key = (side_a.features, side_a.names, gram_precision, extra_measures) + (
+  if extra_measures and mesh is None:
+    raise ValueError("make_step: extra measures need the mesh")
+  key = (side_a.features, side_a.names, gram_precision, extra_measures, mesh) + (
       () if side_b is None else (side_b.features, side_b.names))
   if key not in _STEPS:
-    _STEPS[key] = _make_step(side_a, side_b, gram_precision, extra_measures)
+    _STEPS[key] = _make_step(side_a, side_b, gram_precision, extra_measures, mesh)
   return _STEPS[key]
 
 
 def _make_step(side_a: Side, side_b: Side | None, gram_precision: str,
-               extra_measures: tuple[tuple[str, tuple], ...]) -> Callable[..., Any]:
+               extra_measures: tuple[tuple[str, tuple], ...],
+               mesh: jax.sharding.Mesh | None) -> Callable[..., Any]:
 
   def features(side, variables, images):
     s, m = images.shape[:2]
@@ -177,9 +183,27 @@ def _make_step(side_a: Side, side_b: Side | None, gram_precision: str,
     ga, gb = grams(fa), None if fb is None else grams(fb)
     cross, sa, sb, ca, cb = jax.vmap(cka.terms_from_grams)(ga, gb)
     count = jnp.where(mask > 0, fa[0].shape[1], 0).astype(jnp.int32)
-    extra = measures_lib.terms({n: dict(o) for n, o in extra_measures}, ga, gb, perms=perms,
-                               stacked=True)
-    return cka.HSICTerms(cross, sa, sb, ca, cb, count), extra
+    return cka.HSICTerms(cross, sa, sb, ca, cb, count), measure_terms(ga, gb, perms)
+
+  spec = {n: dict(o) for n, o in extra_measures}
+
+  def measure_terms(ga, gb, perms):
+    # Per device (shard_map): the partitioner would all-gather the Grams around the measures'
+    # eigh / sort custom calls, and XLA:CPU can deadlock on collectives between asynchronously
+    # dispatched steps. Each minibatch is whole on its device, so nothing is exchanged.
+    args = [a for a in (ga, gb, perms) if a is not None]
+    specs = [P(sharding.DATA_AXIS)] * (1 + (gb is not None)) + [P()] * (perms is not None)
+
+    def local(*xs):
+      xs = list(xs)
+      a = xs.pop(0)
+      b = xs.pop(0) if gb is not None else None
+      p = xs.pop(0) if perms is not None else None
+      return measures_lib.terms(spec, a, b, perms=p, stacked=True)
+
+    # check_vma off: the measures' loops start from unsharded constants (a bisection's bounds).
+    return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs),
+                         out_specs=P(sharding.DATA_AXIS), check_vma=False)(*args)
 
   return jax.jit(step)
 
@@ -257,7 +281,7 @@ def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_exam
   spec = tuple((n, tuple(sorted(options[n].items()))) for n in extra_names)
   s = streaming.round_step(max(minibatches_per_step, 1), mesh)
   m = minibatch_size
-  step = make_step(side_a, side_b, gram_precision=gram_precision, extra_measures=spec)
+  step = make_step(side_a, side_b, gram_precision=gram_precision, extra_measures=spec, mesh=mesh)
   vars_a = sharding.replicate(side_a.variables, mesh)
   vars_b = None if side_b is None else sharding.replicate(side_b.variables, mesh)
   perms = None
