@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import PartitionSpec as P
 from absl import logging
+from jax.sharding import PartitionSpec as P
 
 from vit_analysis import cka, config_lib, sharding, streaming
 from vit_analysis import measures as measures_lib
