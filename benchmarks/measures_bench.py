@@ -25,6 +25,11 @@ Usage:
   python benchmarks/measures_bench.py [--m 256] [--big_m 1024] [--reps 3] [--perms 8]
   python benchmarks/measures_bench.py --null_only   # the shuffle-null table alone (~1 min)
 
+Known issue (XLA:CPU, jax 0.10.2, 2 shared cores): in three of four runs the process stopped using
+CPU inside a Procrustes program (m = 1024 SVD twice; m = 256 Newton-Schulz) after the cheaper ones
+had run, and never returned; the same programs run alone finished (m = 1024, 2 x 2: eigh 0.45 s,
+SVD 1.0 s, Newton-Schulz 3.4 s). Run under `timeout`.
+
 Times are medians over reps of wall time after one compile run; the machine may be shared, so
 read ratios rather than absolute numbers.
 """

@@ -14,7 +14,8 @@ from absl import logging
 
 
 def main(workdir: str, cache: str, kill_at: int) -> None:
-  from vit_analysis import analyses, config_lib, main as main_lib, resume  # pylint: disable=g-import-not-at-top
+  from vit_analysis import analyses, config_lib, resume  # pylint: disable=g-import-not-at-top
+  from vit_analysis import main as main_lib
   if kill_at > 0:
     calls = [0]
     real = resume.Checkpointer.maybe_save

@@ -5,6 +5,7 @@ from helpers import FAST, make_context, run_analysis
 
 from vit_analysis.analyses import attention_distance as ad
 
+
 def _uniform(b, h, n, cls):
   t = n + int(cls)
   return np.full((b, h, t, t), 1.0 / t, np.float32)

@@ -1,13 +1,12 @@
 """vit_analysis.cka against float64 NumPy references written from the equations (docs/method.md#minibatch-cka)."""
 import dataclasses
 
-import ml_dtypes
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from vit_analysis import cka
 

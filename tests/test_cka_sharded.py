@@ -10,17 +10,14 @@ import socket
 import subprocess
 import sys
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
-
-from vit_analysis import cka
-from vit_analysis import sharding
-
+import numpy as np
+import pytest
 from cka_distributed_worker import make_features
 from test_cka import ref_minibatch_cka
+
+from vit_analysis import cka, sharding
 
 TOL = 1e-6
 

@@ -74,6 +74,7 @@ def test_official_models_paths_and_overrides():
 def _param_count(entry, image_size=32):
   import jax
   import jax.numpy as jnp
+
   from vit_analysis.models import create_model
   overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(entry.overrides).items()}
   module = create_model(entry.name, entry.num_classes, **overrides)

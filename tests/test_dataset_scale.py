@@ -17,10 +17,8 @@ import pytest
 from helpers import run_analysis
 
 from vit_analysis import data as data_lib
-from vit_analysis import models
-from vit_analysis import sharding
-from vit_analysis.analyses import base
-from vit_analysis.analyses import dataset_scale
+from vit_analysis import models, sharding
+from vit_analysis.analyses import base, dataset_scale
 
 
 def test_nested_class_balanced_subsets():

@@ -7,10 +7,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-
 from helpers import run_analysis
 
-from vit_analysis import cka_runner, sharding
+from vit_analysis import cka_runner, representations, sharding
 from vit_analysis import data as data_lib
 from vit_analysis.analyses import base, localization
 
@@ -64,7 +63,7 @@ def test_synthetic_tokens_peak_at_their_own_patch():
   sides = {layer: localization.sides(model, layer) for layer in layers}
   assert all(g == 3 and len(t.names) == 9 for t, _, g in sides.values())
   # All three layers in one pass (one compile): rows layer-major, 9 positions each.
-  combined = cka_runner.Side(
+  combined = representations.Side(
       lambda v, x: {f"{ly}/{n}": a for ly in layers
                     for n, a in sides[ly][0].features(v, x).items()},
       model.variables, 12, tuple(f"{ly}/{n}" for ly in layers for n in sides[ly][0].names))

@@ -169,9 +169,9 @@ def test_cli_list_options_and_config_arguments(monkeypatch):
 
   config = parse("smoke", "--config.cka_intra.layers=block*/+sa,block??",
                  "--config.cka_intra.models=vit")
-  from vit_analysis import cka_runner
-  assert cka_runner.layer_spec(config.cka_intra.layers) == ("block*/+sa", "block??")
-  assert cka_runner.layer_spec("coarse") == "coarse"
+  from vit_analysis import representations
+  assert representations.layer_spec(config.cka_intra.layers) == ("block*/+sa", "block??")
+  assert representations.layer_spec("coarse") == "coarse"
   assert config_lib.names(config.cka_intra.models) == ("vit",)
   with pytest.raises(Exception, match="unknown config argument 'ful'.*did you mean 'full'"):
     parse("ful,ckpt_dir=/x")

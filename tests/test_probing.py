@@ -155,11 +155,9 @@ def test_pooling_against_numpy():
 def test_run_end_to_end(tmp_path):
   """run(config, ctx) on two tiny random models: files, shapes, and per-token == CLS consistency."""
   import ml_collections
-
-  from vit_analysis import data, models, sharding
   from helpers import run_analysis
 
-  from vit_analysis import compilation
+  from vit_analysis import compilation, data, models, sharding
   from vit_analysis.analyses import Context, LoadedModel
 
   loaded = {}

@@ -3,14 +3,14 @@ import json
 import os
 
 import flax.linen as nn
+import helpers
 import jax
 import jax.numpy as jnp
 import ml_collections
-import helpers
 import numpy as np
 import pytest
 
-from vit_analysis import cka_runner, models, sharding
+from vit_analysis import cka_runner, models, representations, sharding
 from vit_analysis import data as data_lib
 from vit_analysis.analyses import base, head_subsets, similarity
 from vit_analysis.plotting import similarity as plots
@@ -76,7 +76,7 @@ def _reference(feats_a, feats_b, indices, repeats):
 
 
 def _side(model, layers):
-  return cka_runner.Side(cka_runner.model_feature_fn(model, layers), model.variables,
+  return representations.Side(representations.model_feature_fn(model, layers), model.variables,
                          model.image_size, tuple(layers))
 
 
@@ -130,38 +130,38 @@ def test_cross_model_each_side_own_resolution():
 
 def test_presets_select_paper_granularity():
   vit = _loaded(models.create_model("ViT-smoke_8", 10), 32)
-  fine = cka_runner.resolve_layers(vit, "fine")
+  fine = representations.resolve_layers(vit, "fine")
   assert len(fine) == 2 + 6 * vit.module.num_layers
   assert fine[:3] == ["embedding", "block00/ln0", "block00/sa"] and fine[-1] == "encoder_norm"
-  assert len(cka_runner.resolve_layers(vit, "coarse")) == 2 + 4 * vit.module.num_layers
-  assert cka_runner.resolve_layers(vit, "blocks") == [
+  assert len(representations.resolve_layers(vit, "coarse")) == 2 + 4 * vit.module.num_layers
+  assert representations.resolve_layers(vit, "blocks") == [
       f"block{i:02d}" for i in range(vit.module.num_layers)]
   # Paper totals (docs/method.md#presets): B/32 fine 74, coarse 50; R50 fine 118 (7 per unit, +proj, root).
   b32 = base.LoadedModel("b", "ViT-B_32", models.create_model("ViT-B_32", 10), None, 224)
-  assert len(cka_runner.resolve_layers(b32, "fine")) == 74
-  assert len(cka_runner.resolve_layers(b32, "coarse")) == 50
+  assert len(representations.resolve_layers(b32, "fine")) == 74
+  assert len(representations.resolve_layers(b32, "coarse")) == 50
   # ResNet: root (2) + 7 per unit + a projection in each stage's first unit (R50: 118);
   # coarse 2 per unit (R50: 32, Fig H.2's axis). R-smoke has one unit per stage.
   rs = base.LoadedModel("r", "R-smoke", models.create_model("R-smoke", 10), None, 32)
-  assert len(cka_runner.resolve_layers(rs, "fine")) == 2 + 4 * 7 + 4
-  assert len(cka_runner.resolve_layers(rs, "coarse")) == 2 * 4
+  assert len(representations.resolve_layers(rs, "fine")) == 2 + 4 * 7 + 4
+  assert len(representations.resolve_layers(rs, "coarse")) == 2 * 4
   mixer = base.LoadedModel("x", "Mixer", models.create_model("Mixer-smoke_8", 10), None, 32)
   assert mixer.info.layer_presets == "mixer"
-  assert cka_runner.resolve_layers(mixer, "coarse")[:3] == [
+  assert representations.resolve_layers(mixer, "coarse")[:3] == [
       "stem", "block00/ln0", "block00/+token"]
   with pytest.raises(KeyError):
-    cka_runner.resolve_layers(vit, "medium")
+    representations.resolve_layers(vit, "medium")
   with pytest.raises(KeyError):
-    cka_runner.resolve_layers(vit, ["block*/nonexistent"])
+    representations.resolve_layers(vit, ["block*/nonexistent"])
 
 
 def test_token_modes():
   x = jnp.arange(2 * 5 * 3, dtype=jnp.float32).reshape(2, 5, 3)
-  np.testing.assert_array_equal(cka_runner.token_features(x, "cls_only", True), x[:, 0])
-  np.testing.assert_array_equal(cka_runner.token_features(x, "exclude_cls", True), x[:, 1:])
-  np.testing.assert_allclose(cka_runner.token_features(x, "token_mean", False), x.mean(1))
+  np.testing.assert_array_equal(representations.token_features(x, "cls_only", True), x[:, 0])
+  np.testing.assert_array_equal(representations.token_features(x, "exclude_cls", True), x[:, 1:])
+  np.testing.assert_allclose(representations.token_features(x, "token_mean", False), x.mean(1))
   with pytest.raises(ValueError):
-    cka_runner.token_features(x, "cls_only", False)
+    representations.token_features(x, "cls_only", False)
 
 
 def test_head_subsets_windows_and_cumulative():

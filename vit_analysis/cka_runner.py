@@ -1,4 +1,4 @@
-"""The CKA driver shared by every CKA-family analysis: sides, layer presets, the repeat loop.
+"""The CKA driver shared by every CKA-family analysis: the step, the repeat loop, the results.
 
 Protocol (docs/method.md#minibatch-cka): draw N examples without replacement, split them into N/m
 minibatches of m, sum the per-minibatch unbiased HSIC terms of every layer pair over the
@@ -14,153 +14,24 @@ carries `[minibatches, m, h, w, c]` images with the minibatch axis sharded over 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import json
 import os
 import time
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
+from jax.sharding import PartitionSpec as P
 
-from vit_analysis import capture, cka, config_lib, sharding, streaming
+from vit_analysis import cka, config_lib, sharding, streaming
 from vit_analysis import measures as measures_lib
 from vit_analysis import resume as resume_lib
+from vit_analysis.representations import Side
 
-if TYPE_CHECKING:  # the analyses' model record; imported for annotations only
-  from vit_analysis.analyses.base import LoadedModel
-
-FeatureFn = Callable[[Any, jax.Array], dict[str, jax.Array]]
-
-# Capture-point presets (docs/method.md#capture-points) as glob lists over the `out` names of
-# each family (`models.describe(...).layer_presets`).
-PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
-    "vit": {
-        "fine": ("embedding", "block*/ln0", "block*/sa", "block*/+sa", "block*/ln2",
-                 "block*/mlp_hidden", "block??", "encoder_norm"),
-        "coarse": ("embedding", "block*/ln0", "block*/+sa", "block*/ln2", "block??",
-                   "encoder_norm"),
-        "blocks": ("block??",),
-    },
-    "resnet": {
-        "fine": ("root/conv", "root", "block*/preact_a", "block*/proj", "block*/conv_a",
-                 "block*/preact_b", "block*/conv_b", "block*/preact_c", "block*/conv_c",
-                 "block?/unit??"),
-        "coarse": ("block*/preact_a", "block?/unit??"),
-        "blocks": ("block?/unit??",),
-    },
-    "mixer": {
-        "fine": ("stem", "block*/ln0", "block*/token_mixing", "block*/+token", "block*/ln1",
-                 "block*/channel_mixing", "block??", "pre_head_layer_norm"),
-        "coarse": ("stem", "block*/ln0", "block*/+token", "block*/ln1", "block??",
-                   "pre_head_layer_norm"),
-        "blocks": ("block??",),
-    },
-}
-PRESET_NAMES = ("fine", "coarse", "blocks")
-PRESETS["hybrid"] = {
-    "fine": ("resnet/root", "resnet/block?/unit??") + PRESETS["vit"]["fine"],
-    "coarse": ("resnet/block?/unit??",) + PRESETS["vit"]["coarse"],
-    "blocks": ("resnet/block?/unit??", "block??"),
-}
-TOKEN_MODES = ("all", "exclude_cls", "cls_only", "token_mean")
-
-
-def resolve_layers(model: LoadedModel, spec: str | Sequence[str]) -> list[str]:
-  """Layer names (forward order) from a preset name ('fine', 'coarse', 'blocks') or glob list."""
-  names = capture.layer_names(model.module, (model.image_size, model.image_size, 3))
-  if isinstance(spec, str):
-    presets = PRESETS.get(model.info.layer_presets, {})
-    if not presets:
-      raise KeyError(f"model {model.key!r} ({model.name}) is a {model.info.family!r} module with "
-                     f"no layer presets; give glob patterns of its layer names (e.g. "
-                     f"{capture.layer_names(model.module, (model.image_size,) * 2 + (3,))[:3]})")
-    if spec not in presets:
-      raise KeyError(f"unknown layer preset {spec!r}; known: {sorted(presets)} or a glob list")
-    patterns = _existing_patterns(names, presets[spec])
-  else:
-    patterns = list(spec)
-  return capture.select(names, patterns)
-
-
-def _existing_patterns(names: Sequence[str], patterns: Sequence[str]) -> list[str]:
-  # Presets name points that some variants lack (projection shortcuts, small stems): keep those
-  # that match, so a preset never fails on an architecture detail; user globs stay strict.
-  return [p for p in patterns if any(fnmatch.fnmatchcase(n, p) for n in names)]
-
-
-def token_features(x: jax.Array, mode: str, has_cls: bool, num_prefix: int | None = None
-                   ) -> jax.Array:
-  """Applies a token option (docs/method.md#minibatch-cka) to a ViT token array `x: [b, T, D]`.
-
-  'all' keeps every token, 'token_mean' averages them, 'cls_only' keeps token 0 and
-  'exclude_cls' drops the `num_prefix` tokens before the patch grid (CLS and registers; default
-  1 with a CLS token).
-  """
-  if mode == "all" or x.ndim != 3:
-    return x
-  if mode == "token_mean":
-    return x.mean(axis=1)
-  if not has_cls:
-    raise ValueError(f"token mode {mode!r} needs a CLS model")
-  prefix = 1 if num_prefix is None else int(num_prefix)
-  return x[:, prefix:] if mode == "exclude_cls" else x[:, 0]
-
-
-def model_feature_fn(model: LoadedModel, layers: Sequence[str],
-                     tokens: str = "all") -> FeatureFn:
-  """Pure `(variables, images) -> {layer: [b, ...]}` capturing only `layers` (traced in a jit)."""
-  if tokens not in TOKEN_MODES:
-    raise ValueError(f"tokens must be one of {TOKEN_MODES}, got {tokens!r}")
-  # One function object per (module, layers, tokens), so that models of one architecture (data
-  # subsets, fine-tuned copies) share one compiled step.
-  key = (model.module, tuple(layers), tokens)
-  try:
-    cached = _FEATURE_FNS.get(key)
-  except TypeError:  # an unhashable module field
-    return _feature_fn(model.module, layers, tokens, model.info)
-  if cached is None:
-    cached = _FEATURE_FNS[key] = _feature_fn(model.module, layers, tokens, model.info)
-  return cached
-
-
-_FEATURE_FNS: dict[Any, FeatureFn] = {}
 _STEPS: dict[Any, Callable[..., Any]] = {}
-
-
-def _feature_fn(module: Any, layers: Sequence[str], tokens: str, info: Any) -> FeatureFn:
-  fn = capture.make_capture_fn(module, list(layers))
-  tokenised = info.family in ("vit", "hybrid") and tokens != "all"
-
-  def features(variables, images):
-    out = fn(variables, images)
-    if tokenised:
-      out = {k: token_features(v, tokens, info.has_cls, info.num_prefix_tokens)
-             for k, v in out.items()}
-    return out
-  return features
-
-
-@dataclasses.dataclass(frozen=True)
-class Side:
-  """One side of a CKA comparison: what to compute from images, and at what resolution.
-
-  Attributes:
-    features: pure `(variables, images [b, s, s, 3] in [-1, 1]) -> {name: [b, ...]}`.
-    variables: passed to `features` (replicated on the mesh).
-    image_size: side `s` the images are resized to for this side.
-    names: the feature names in heatmap order.
-    normalization: how this side's pixels are normalised ('minus_one_one' or (mean, std) in
-      [0, 1] units; `models.describe(...).normalization`).
-  """
-  features: FeatureFn
-  variables: Any
-  image_size: int
-  names: tuple[str, ...]
-  normalization: Any = "minus_one_one"
 
 
 @dataclasses.dataclass
@@ -260,7 +131,8 @@ def _spread(values: np.ndarray) -> np.ndarray:
 
 
 def make_step(side_a: Side, side_b: Side | None, *, gram_precision: str = "highest",
-              extra_measures: tuple[tuple[str, tuple], ...] = ()) -> Callable[..., Any]:
+              extra_measures: tuple[tuple[str, tuple], ...] = (),
+              mesh: jax.sharding.Mesh | None = None) -> Callable[..., Any]:
   """The jitted per-step function: images of `s` minibatches -> per-minibatch terms.
 
   Cached per (feature functions, names, options), so repeated comparisons of one architecture
@@ -271,21 +143,25 @@ def make_step(side_a: Side, side_b: Side | None, *, gram_precision: str = "highe
     gram_precision: the Grams' matmul precision on GPU/TPU (`cka.minibatch_terms`).
     extra_measures: ((measure, sorted options), ...) of `vit_analysis.measures` computed from the
       same centred Grams in the same step (empty: linear CKA alone, the paper's path).
+    mesh: the device mesh (needed with `extra_measures`: they run per device, see below).
 
   Returns:
     `step(vars_a, images_a, vars_b, images_b, mask, perms) -> (cka.HSICTerms, {measure: terms})`
     ([s, ...] leaves, a few kB), images `[s, m, h, w, 3]` sharded on axis 0, `mask: [s]` (0 for
     padding minibatches), `perms: [P, m]` null permutations or None.
   """
-  key = (side_a.features, side_a.names, gram_precision, extra_measures) + (
+  if extra_measures and mesh is None:
+    raise ValueError("make_step: extra measures need the mesh")
+  key = (side_a.features, side_a.names, gram_precision, extra_measures, mesh) + (
       () if side_b is None else (side_b.features, side_b.names))
   if key not in _STEPS:
-    _STEPS[key] = _make_step(side_a, side_b, gram_precision, extra_measures)
+    _STEPS[key] = _make_step(side_a, side_b, gram_precision, extra_measures, mesh)
   return _STEPS[key]
 
 
 def _make_step(side_a: Side, side_b: Side | None, gram_precision: str,
-               extra_measures: tuple[tuple[str, tuple], ...]) -> Callable[..., Any]:
+               extra_measures: tuple[tuple[str, tuple], ...],
+               mesh: jax.sharding.Mesh | None) -> Callable[..., Any]:
 
   def features(side, variables, images):
     s, m = images.shape[:2]
@@ -307,9 +183,27 @@ def _make_step(side_a: Side, side_b: Side | None, gram_precision: str,
     ga, gb = grams(fa), None if fb is None else grams(fb)
     cross, sa, sb, ca, cb = jax.vmap(cka.terms_from_grams)(ga, gb)
     count = jnp.where(mask > 0, fa[0].shape[1], 0).astype(jnp.int32)
-    extra = measures_lib.terms({n: dict(o) for n, o in extra_measures}, ga, gb, perms=perms,
-                               stacked=True)
-    return cka.HSICTerms(cross, sa, sb, ca, cb, count), extra
+    return cka.HSICTerms(cross, sa, sb, ca, cb, count), measure_terms(ga, gb, perms)
+
+  spec = {n: dict(o) for n, o in extra_measures}
+
+  def measure_terms(ga, gb, perms):
+    # Per device (shard_map): the partitioner would all-gather the Grams around the measures'
+    # eigh / sort custom calls, and XLA:CPU can deadlock on collectives between asynchronously
+    # dispatched steps. Each minibatch is whole on its device, so nothing is exchanged.
+    args = [a for a in (ga, gb, perms) if a is not None]
+    specs = [P(sharding.DATA_AXIS)] * (1 + (gb is not None)) + [P()] * (perms is not None)
+
+    def local(*xs):
+      xs = list(xs)
+      a = xs.pop(0)
+      b = xs.pop(0) if gb is not None else None
+      p = xs.pop(0) if perms is not None else None
+      return measures_lib.terms(spec, a, b, perms=p, stacked=True)
+
+    # check_vma off: the measures' loops start from unsharded constants (a bisection's bounds).
+    return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs),
+                         out_specs=P(sharding.DATA_AXIS), check_vma=False)(*args)
 
   return jax.jit(step)
 
@@ -387,7 +281,7 @@ def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_exam
   spec = tuple((n, tuple(sorted(options[n].items()))) for n in extra_names)
   s = streaming.round_step(max(minibatches_per_step, 1), mesh)
   m = minibatch_size
-  step = make_step(side_a, side_b, gram_precision=gram_precision, extra_measures=spec)
+  step = make_step(side_a, side_b, gram_precision=gram_precision, extra_measures=spec, mesh=mesh)
   vars_a = sharding.replicate(side_a.variables, mesh)
   vars_b = None if side_b is None else sharding.replicate(side_b.variables, mesh)
   perms = None
@@ -525,30 +419,3 @@ def protocol(sub: Any) -> dict[str, Any]:
               measures=config_lib.names(sub.get("measures", ("linear_cka",))),
               measure_options=options, null_permutations=int(sub.get("null_permutations", 0)),
               gram_precision=str(sub.get("gram_precision", "highest")))
-
-
-def layer_spec(spec: Any) -> str | tuple[str, ...]:
-  """A preset name, or a tuple of globs from a tuple/list or a comma-separated string.
-
-  A string that names no preset ('block*/+sa,block??', or one glob 'block??') is a glob list, so
-  globs can be given on the command line (`--config.cka_intra.layers='block*/+sa,block??'`).
-  """
-  if isinstance(spec, str):
-    if spec in PRESET_NAMES:
-      return spec
-    return tuple(p.strip() for p in spec.split(",") if p.strip())
-  return tuple(spec)
-
-
-def model_side(model: LoadedModel, layers: str | Sequence[str],
-               tokens: str = "all", minibatch_size: int = 0) -> Side:
-  """The Side of `model` at the layers of a preset or glob list (see `resolve_layers`)."""
-  names = resolve_layers(model, layers)
-  if minibatch_size:  # memory plan (eval_shape, no compute): activations one minibatch keeps
-    plan = capture.plan_bytes(model.module, (model.image_size,) * 2 + (3,), minibatch_size,
-                              names)
-    logging.info("%s: %d layers, %.1f MiB of captured activations per minibatch of %d, "
-                 "largest %s", model.key, len(names), sum(plan.values()) / 2**20,
-                 minibatch_size, max(plan, key=plan.get))
-  return Side(model_feature_fn(model, names, tokens), model.variables, model.image_size,
-              tuple(names), model.info.normalization)

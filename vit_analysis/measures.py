@@ -365,6 +365,53 @@ def rbf_kernels(grams: jax.Array, sigma: float) -> jax.Array:
   return jax.vmap(one)(grams)
 
 
+def _host_lapack() -> bool:
+  # XLA:CPU's own eigh / svd kernels were seen to stall forever (no CPU time, no error) inside
+  # the Procrustes programs when several simulated devices share two cores; on CPU the same
+  # LAPACK routines run through NumPy on the host instead. Accelerators keep their solvers.
+  return jax.default_backend() == "cpu"
+
+
+def _eigh(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Eigenvalues (ascending) and eigenvectors of symmetric [..., m, m] matrices."""
+  if not _host_lapack():
+    return jnp.linalg.eigh(x)
+  out = (jax.ShapeDtypeStruct(x.shape[:-1], x.dtype), jax.ShapeDtypeStruct(x.shape, x.dtype))
+  return jax.pure_callback(
+      lambda a: _nan_where_bad(a, np.linalg.eigh(_finite_or_nan(a))), out, x,
+      vmap_method="expand_dims")
+
+
+def _nan_where_bad(a: np.ndarray, eig: tuple[np.ndarray, np.ndarray]) -> tuple:
+  bad = ~np.isfinite(a).all(axis=(-2, -1))
+  s, u = (v.astype(a.dtype) for v in eig)
+  s[bad], u[bad] = np.nan, np.nan
+  return s, u
+
+
+def _finite_or_nan(a: np.ndarray) -> np.ndarray:
+  # NumPy raises on NaN/Inf where XLA's kernels return NaN; NaN results are what the host
+  # accumulator's check reports, naming the layer.
+  a = np.array(a)
+  bad = ~np.isfinite(a).all(axis=(-2, -1))
+  a[bad] = 0.0
+  return a
+
+
+def _svdvals(x: jax.Array) -> jax.Array:
+  """Singular values of [..., r, r] matrices."""
+  if not _host_lapack():
+    return jnp.linalg.svd(x, compute_uv=False)
+  out = jax.ShapeDtypeStruct(x.shape[:-1], x.dtype)
+  def svdvals(a):
+    bad = ~np.isfinite(a).all(axis=(-2, -1))
+    v = np.linalg.svd(_finite_or_nan(a), compute_uv=False).astype(a.dtype)
+    v[bad] = np.nan
+    return v
+
+  return jax.pure_callback(svdvals, out, x, vmap_method="expand_dims")
+
+
 def gram_factors(grams: jax.Array, rank_rtol: float, max_rank: int | None = None) -> jax.Array:
   """Factors F [A, m, r] with F F^T = K (F = U sqrt(S)), eigenvalues <= rank_rtol * max zeroed.
 
@@ -375,7 +422,7 @@ def gram_factors(grams: jax.Array, rank_rtol: float, max_rank: int | None = None
   +-eps*|K| rather than 0; their square roots (~3e-4 sqrt|K|) would add spurious singular values to
   every nuclear norm, so components below the numerical rank are dropped.
   """
-  s, u = jnp.linalg.eigh(grams)  # ascending
+  s, u = _eigh(grams)  # ascending
   if max_rank is not None and max_rank < s.shape[-1]:
     s, u = s[:, -max_rank:], u[:, :, -max_rank:]
   s_max = jnp.max(s, axis=-1, keepdims=True)
@@ -394,7 +441,7 @@ def _nuclear_norms(fa: jax.Array, fb: jax.Array, method: str, iterations: int) -
   def row(f):
     mat = jnp.einsum("mi,bmj->bij", f, fb, precision=_HIGHEST)
     if method == "svd":
-      return jnp.sum(jnp.linalg.svd(mat, compute_uv=False), axis=-1)
+      return jnp.sum(_svdvals(mat), axis=-1)
     fro = jnp.sqrt(jnp.sum(mat * mat, axis=(-2, -1), keepdims=True))
     x0 = mat / jnp.where(fro > 0, fro, 1)
 

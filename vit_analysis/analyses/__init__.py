@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import ml_collections
-
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
   from vit_analysis.analyses.base import AnalysisResult, Context, LoadedModel

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import ml_collections
 import numpy as np
 
-from vit_analysis import cka_runner
+from vit_analysis import cka_runner, representations
 from vit_analysis import data as data_lib
 from vit_analysis import layers as layers_lib
 from vit_analysis import train as train_lib
@@ -121,8 +121,8 @@ def _train(ctx: base.Context, ref_key: str, tag: str, sources: dict[str, Any],
 def blockwise_cka(model_a: base.LoadedModel, model_b: base.LoadedModel, source: Any,
                   ctx: base.Context, layers: Any, desc: str) -> cka_runner.RepeatedCKA:
   """CKA of every captured layer of `model_a` with every one of `model_b` (same architecture)."""
-  side_a = cka_runner.model_side(model_a, layers, ctx.sub.tokens)
-  side_b = cka_runner.model_side(model_b, layers, ctx.sub.tokens)
+  side_a = representations.model_side(model_a, layers, ctx.sub.tokens)
+  side_b = representations.model_side(model_b, layers, ctx.sub.tokens)
   if side_a.names != side_b.names:
     raise ValueError(f"{desc}: the two models capture different layers")
   return cka_runner.cka_over_repeats(side_a, side_b, source, seed=ctx.seed, mesh=ctx.mesh,
@@ -151,7 +151,7 @@ def run(config: Any, ctx: base.Context) -> base.AnalysisResult:
   sub = ctx.sub
   ref_key = sub.reference
   ref = ctx.model(ref_key)
-  layers = cka_runner.layer_spec(sub.layers)
+  layers = representations.layer_spec(sub.layers)
   figures, metrics = [], {}
   panels = {}
   fractions = [float(f) for f in sub.fractions]

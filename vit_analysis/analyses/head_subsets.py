@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vit_analysis import capture, cka_runner, config_lib, layers
+from vit_analysis import capture, cka_runner, config_lib, layers, representations
 from vit_analysis.analyses import attention_distance, base
 from vit_analysis.models import vit as vit_lib
 from vit_analysis.plotting import similarity as plots
@@ -50,7 +50,7 @@ def head_subsets(distances: np.ndarray, mode: str = "window",
 
 
 def subset_side(model: base.LoadedModel, block: int, subsets: Sequence[tuple[int, ...]],
-                post_projection: bool = False) -> cka_runner.Side:
+                post_projection: bool = False) -> representations.Side:
   """A Side whose feature `subset{j}` is the heads of subset j: [b, T, |S|, d_h] (or [b, T, D])."""
   layer = layers.block(block, "attn_heads")
   fn = capture.make_capture_fn(model.module, [layer])
@@ -68,7 +68,7 @@ def subset_side(model: base.LoadedModel, block: int, subsets: Sequence[tuple[int
       out[name] = x
     return out
 
-  return cka_runner.Side(features, model.variables, model.image_size, names,
+  return representations.Side(features, model.variables, model.image_size, names,
                          model.info.normalization)
 
 
@@ -112,12 +112,12 @@ def run(config: Any, ctx: base.Context) -> base.AnalysisResult:
     if not vit.info.has_attention_weights:
       raise ValueError(f"head_subsets: {vit_key!r} ({vit.name}) is not a ViT (no attention "
                        "weights)")
-    spec = cka_runner.layer_spec(sub.layers) if sub.layers else None
+    spec = representations.layer_spec(sub.layers) if sub.layers else None
     if spec:
-      resnet_names = cka_runner.resolve_layers(resnet, spec)
+      resnet_names = representations.resolve_layers(resnet, spec)
     else:  # the paper's block1 unit1..3, block2 unit1..2: the first five unit outputs.
-      resnet_names = cka_runner.resolve_layers(resnet, "blocks")[:int(sub.num_units)]
-    resnet_side = cka_runner.Side(cka_runner.model_feature_fn(resnet, resnet_names),
+      resnet_names = representations.resolve_layers(resnet, "blocks")[:int(sub.num_units)]
+    resnet_side = representations.Side(representations.model_feature_fn(resnet, resnet_names),
                                   resnet.variables, resnet.image_size, tuple(resnet_names),
                                   resnet.info.normalization)
     distances, _ = attention_distance.model_distances(

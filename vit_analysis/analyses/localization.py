@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from absl import logging
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
-from vit_analysis import capture, cka_runner, config_lib, streaming
+from vit_analysis import capture, cka_runner, config_lib, representations, streaming
 from vit_analysis.analyses import base
 from vit_analysis.plotting import similarity as plots
 
@@ -58,7 +58,7 @@ def default_tokens(grid: int) -> list[tuple[int, int]]:
 
 def sides(model: base.LoadedModel, layer: str,
           patch_positions: Sequence[tuple[int, int]] | None = None,
-          ) -> tuple[cka_runner.Side, cka_runner.Side, int]:
+          ) -> tuple[representations.Side, representations.Side, int]:
   """The token side (one feature per grid position), the input-patch side (the positions in
   `patch_positions`, default all) and the grid size."""
   prefix = model.info.num_prefix_tokens
@@ -85,9 +85,9 @@ def sides(model: base.LoadedModel, layer: str,
 
   names = lambda prefix, ps: tuple(f"{prefix}{r}_{c}" for r, c in ps)  # noqa: E731
   norm = model.info.normalization
-  return (cka_runner.Side(tokens, model.variables, model.image_size, names("token", positions),
+  return (representations.Side(tokens, model.variables, model.image_size, names("token", positions),
                           norm),
-          cka_runner.Side(patches, {}, model.image_size, names("patch", patch_positions), norm),
+          representations.Side(patches, {}, model.image_size, names("patch", patch_positions), norm),
           g)
 
 
@@ -149,7 +149,7 @@ def _layers(sub: Any, key: str, model: base.LoadedModel) -> Sequence[str]:
   per_model = sub.get("layers_per_model", None) or {}
   if key in per_model:
     return config_lib.names(per_model[key])
-  return (cka_runner.resolve_layers(model, "blocks")[-1],)  # final block / final unit
+  return (representations.resolve_layers(model, "blocks")[-1],)  # final block / final unit
 
 
 def draw(stem: str, title: str, tokens: Sequence[tuple[int, int]], grid: int,

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
-from vit_analysis import cka_runner, config_lib
+from vit_analysis import cka_runner, config_lib, representations
 from vit_analysis import measures as measures_lib
 from vit_analysis.analyses import base
 from vit_analysis.plotting import similarity as plots
@@ -31,7 +31,7 @@ def default_config() -> ml_collections.ConfigDict:
 def layers_for(sub: Any, key: str) -> str | tuple[str, ...]:
   """The layer spec of model `key`: `layers_per_model[key]`, else `layers`."""
   per_model = sub.get("layers_per_model", None) or {}
-  return cka_runner.layer_spec(per_model.get(key, sub.layers))
+  return representations.layer_spec(per_model.get(key, sub.layers))
 
 
 def summary(rep: cka_runner.RepeatedCKA) -> dict[str, float]:
@@ -99,8 +99,8 @@ def _run(ctx: base.Context, pairs: Sequence[tuple[str, str | None]], title: str,
     model_a = ctx.model(key_a)
     model_b = None if key_b is None else ctx.model(key_b)
     m = settings["minibatch_size"]
-    side_a = cka_runner.model_side(model_a, layers_for(sub, key_a), sub.tokens, m)
-    side_b = None if model_b is None else cka_runner.model_side(
+    side_a = representations.model_side(model_a, layers_for(sub, key_a), sub.tokens, m)
+    side_b = None if model_b is None else representations.model_side(
         model_b, layers_for(sub, key_b), sub.tokens, m)
     tag = key_a if key_b is None else f"{key_a}_vs_{key_b}"
     rep = cka_runner.cka_over_repeats(side_a, side_b, source, seed=ctx.seed, mesh=ctx.mesh,

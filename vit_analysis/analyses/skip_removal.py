@@ -20,7 +20,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from vit_analysis import cka_runner, layers
+from vit_analysis import cka_runner, layers, representations
 from vit_analysis.analyses import base
 from vit_analysis.plotting import mechanisms
 
@@ -113,10 +113,10 @@ def run(config, ctx: base.Context) -> base.AnalysisResult:
 
   source = ctx.sources[cfg.split]
   settings = cka_runner.protocol(cfg)
-  spec = cka_runner.layer_spec(cfg.layers)
+  spec = representations.layer_spec(cfg.layers)
   matrices, metrics, accuracies = {}, {}, {}
   for key, model in models.items():
-    side = cka_runner.model_side(model, spec, cfg.tokens)
+    side = representations.model_side(model, spec, cfg.tokens)
     rep = cka_runner.cka_over_repeats(side, None, source, seed=ctx.seed, mesh=ctx.mesh,
                                       desc=f"skip_removal/{key}",
                                       resume=ctx.checkpointer(key), **settings)
