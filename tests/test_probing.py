@@ -234,3 +234,26 @@ def test_configs_and_chunking():
   shapes = {s.key: (50, 768) for s in specs}  # 1000 examples: 146.5 MB per layer.
   chunks = probes._chunks(specs, shapes, 1000, max_mb=300.0)
   assert [len(c) for c in chunks] == [2, 2, 1] and sum(chunks, []) == specs
+
+
+def test_extract_resumes_from_saved_features(tmp_path):
+  from helpers import loaded, random_source
+
+  from vit_analysis import models, probing, resume, sharding
+  lm = loaded(models.create_model("ViT-smoke_8", 10), 32)
+  src = random_source(40, 32, num_classes=4)
+  specs = [probing.FeatureSpec("block01", probing.Pooling("cls"))]
+  common = dict(image_size=32, batch_size=16, mesh=sharding.make_mesh(), fast=True)
+  full, labels = probing.extract(lm.module, lm.variables, src, np.arange(40), specs, **common)
+  # A run stopped after its first batch of 16: only that batch's features were saved.
+  partial = {k: np.where(np.arange(40)[:, None] < 16, v, 0) for k, v in full.items()}
+  ckpt = resume.Checkpointer(str(tmp_path / "p"), every_s=0.0)
+  ckpt.maybe_save({"feats": partial, "labels": np.where(np.arange(40) < 16, labels, 0)}, 1,
+                  force=True)
+  again, labels2 = probing.extract(lm.module, lm.variables, src, np.arange(40), specs, **common,
+                                   resume=ckpt)
+  for k in full:
+    np.testing.assert_array_equal(again[k], full[k])
+  np.testing.assert_array_equal(labels2, labels)
+  assert ckpt.restore()[1] == 3  # 40 examples = 3 batches of 16, all done
+

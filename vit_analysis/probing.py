@@ -515,13 +515,13 @@ def stack_units(feats: dict[str, Any], units: list[Unit]):
 
 def stream(module: Any, variables: Any, source: Any, indices: np.ndarray, step_fn, *,
            image_size: int, batch_size: int, mesh: jax.sharding.Mesh, extra: Any = None,
-           desc: str = "features", normalization: Any = "minus_one_one"):
+           desc: str = "features", normalization: Any = "minus_one_one", start_step: int = 0):
   """Runs the jitted `step_fn(variables, images, extra)` over `source[indices]`, batch by batch.
 
   The images come from `streaming.Stream` (one fixed global batch size, the last batch padded;
   decoded in worker threads ahead of the device, sharded over the mesh's data axis); each output
   leaf (leading axis = batch) comes back to the host trimmed to the real examples. Yields (numpy
-  outputs, labels [m]) per batch.
+  outputs, labels [m]) per batch, from batch `start_step` on (a resumed extraction).
   """
   del module  # the step function holds it
   if batch_size % mesh.devices.size:
@@ -530,7 +530,8 @@ def stream(module: Any, variables: Any, source: Any, indices: np.ndarray, step_f
   extra = sharding.replicate(extra, mesh) if extra is not None else None
   batches = streaming.Stream(source, np.asarray(indices, np.int64),
                              views={"image": (image_size, normalization)}, mesh=mesh,
-                             step_size=batch_size, desc=desc, with_labels=True)
+                             step_size=batch_size, desc=desc, with_labels=True,
+                             start_step=start_step)
   for batch in batches:
     out = step_fn(variables, batch.images["image"], extra)
     labels = batch.labels
@@ -544,10 +545,13 @@ def stream(module: Any, variables: Any, source: Any, indices: np.ndarray, step_f
 
 def extract(module, variables, source, indices, specs: list[FeatureSpec], *, image_size: int,
             batch_size: int, mesh, dtype=np.float32, fast: bool = False,
-            normalization: Any = "minus_one_one") -> tuple[dict[str, np.ndarray], np.ndarray]:
+            normalization: Any = "minus_one_one",
+            resume: Any = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """Pooled features of every spec for `source[indices]`, in one pass.
 
   Host memory is bounded by the planned size, n · Σ_spec prod(shape) · itemsize (preallocated).
+  With `resume` (a `resume.Checkpointer`), the features extracted so far and the next batch are
+  saved every `resume.every_s` seconds, and a rerun continues from the next batch.
 
   Returns:
     ({key: [n, d] or [n, positions, d]}, labels [n]).
@@ -556,14 +560,23 @@ def extract(module, variables, source, indices, specs: list[FeatureSpec], *, ima
   n = len(indices)
   feats = {k: np.zeros((n,) + s, dtype) for k, s in shapes.items()}
   labels = np.zeros(n, np.int64)
-  start = 0
+  step = 0
+  if resume is not None:
+    restored = resume.restore(like={"feats": feats, "labels": labels})
+    if restored is not None:
+      saved, step, _ = restored
+      feats, labels = dict(saved["feats"]), np.asarray(saved["labels"])
+  start = min(step * batch_size, n)
   for out, lab in stream(module, variables, source, indices, _feature_step(module, specs, fast),
                          image_size=image_size, batch_size=batch_size, mesh=mesh,
-                         normalization=normalization):
+                         normalization=normalization, start_step=step):
     for k, v in out.items():
       feats[k][start:start + len(lab)] = v
     labels[start:start + len(lab)] = lab
     start += len(lab)
+    step += 1
+    if resume is not None:
+      resume.maybe_save({"feats": feats, "labels": labels}, step)
   return feats, labels
 
 

@@ -65,6 +65,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.max_cached_mb = 512.0
   c.max_train_mb = 4096.0  # training features per pass; more specs -> several passes.
   c.fast_compile = None  # XLA:CPU optimisation level 0; None: config.train.fast_compile.
+  c.checkpoint_every_s = 60.0  # extracted features saved this often (resumable)
   c.figure_formats = ("png", "pdf")
   return c
 
@@ -222,9 +223,10 @@ def probe_model(lm: LoadedModel, sub, ctx: Context, seed: int) -> dict:
   shapes = probing.feature_shapes(lm.module, lm.variables, specs, lm.image_size)
   seconds = dict(extract=0.0, solve=0.0, test=0.0)
   names, acc, val_acc, best_reg = [], [], [], []
-  for chunk in _chunks(specs, shapes, len(train_idx), sub.max_train_mb):
+  for c, chunk in enumerate(_chunks(specs, shapes, len(train_idx), sub.max_train_mb)):
     t0 = time.time()
-    feats, labels = probing.extract(lm.module, lm.variables, train, train_idx, chunk, **common)
+    feats, labels = probing.extract(lm.module, lm.variables, train, train_idx, chunk, **common,
+                                    resume=ctx.checkpointer(f"{lm.key}_train{c}"))
     for k, v in feats.items():
       probing.check_features(v.reshape(v.shape[0], -1), labels, num_classes, what=f"{lm.key}/{k}")
     t1 = time.time()
@@ -237,7 +239,8 @@ def probe_model(lm: LoadedModel, sub, ctx: Context, seed: int) -> dict:
     del feats
     if len(test_idx) * per_example <= sub.max_cached_mb * 2**20:
       test_feats, test_labels = probing.extract(lm.module, lm.variables, test, test_idx, chunk,
-                                                **common)
+                                                **common,
+                                                resume=ctx.checkpointer(f"{lm.key}_test{c}"))
       chunk_acc = {d: (np.asarray(probing.predict_all(probes[d], jnp.asarray(
           probing.stack_units(test_feats, u)), fast=common["fast"])) == test_labels).mean(-1)
                    for d, u in groups.items()}
