@@ -1,9 +1,15 @@
-"""Helpers shared by the tests: random parameters without compiling `init`, contexts, analyses."""
+"""Helpers shared by the tests: random parameters without compiling `init`, contexts, analyses,
+float64 references, subprocess workers."""
+import os
+import socket
+import subprocess
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 
 from vit_analysis import data, main, models, sharding
 from vit_analysis.analyses import base
@@ -69,3 +75,41 @@ class TinyNet(nn.Module):
     x = nn.relu(nn.Conv(8, (3, 3), strides=(2, 2))(images))
     x = nn.relu(nn.Dense(16)(x.mean(axis=(1, 2))))
     return nn.Dense(self.classes, name="head")(x)
+
+
+def ref_hsic_unbiased(k, l):
+  """Unbiased HSIC_1 (Song et al. 2012, eq. 5) of [n, n] Grams, float64, zeroed diagonals."""
+  n = len(k)
+  k, l = np.array(k, np.float64), np.array(l, np.float64)
+  np.fill_diagonal(k, 0)
+  np.fill_diagonal(l, 0)
+  one = np.ones(n)
+  return (np.trace(k @ l) + (one @ k @ one) * (one @ l @ one) / ((n - 1) * (n - 2))
+          - 2 / (n - 2) * (one @ k @ l @ one)) / (n * (n - 3))
+
+
+def free_port() -> int:
+  """A free TCP port on the loopback interface (a jax.distributed coordinator)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def run_processes(commands, *, env=None, timeout=240, what="workers"):
+  """Runs the commands (argv lists) at once; fails the test naming `what` on a time-out or a
+  non-zero exit, with the end of that process's log."""
+  env = dict(os.environ if env is None else env, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)  # each worker sets its own device count
+  procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True) for c in commands]
+  logs = []
+  for p in procs:
+    try:
+      logs.append(p.communicate(timeout=timeout)[0])
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      pytest.fail(f"{what} timed out")
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, f"{what}: {log[-3000:]}"
+  return logs

@@ -7,6 +7,7 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from helpers import ref_hsic_unbiased
 
 from vit_analysis import cka
 
@@ -29,17 +30,6 @@ def ref_hsic_biased(k, l):
   n = len(k)
   c = np.eye(n) - np.ones((n, n)) / n  # centring matrix
   return np.trace(c @ k @ c @ c @ l @ c) / (n - 1) ** 2
-
-
-def ref_hsic_unbiased(k, l):
-  """Song et al. (2012) eq. (5), with zeroed diagonals."""
-  n = len(k)
-  k, l = k.copy(), l.copy()
-  np.fill_diagonal(k, 0)
-  np.fill_diagonal(l, 0)
-  one = np.ones(n)
-  return (np.trace(k @ l) + (one @ k @ one) * (one @ l @ one) / ((n - 1) * (n - 2))
-          - 2 / (n - 2) * (one @ k @ l @ one)) / (n * (n - 3))
 
 
 def ref_cka(x, y, debiased=False):

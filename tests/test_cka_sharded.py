@@ -6,14 +6,12 @@ collectives) needs subprocesses: tests/cka_distributed_worker.py.
 """
 import os
 import re
-import socket
-import subprocess
 import sys
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from cka_distributed_worker import make_features
 from test_cka import ref_minibatch_cka
 
@@ -70,32 +68,14 @@ def test_same_result_on_1_2_4_devices_without_collectives():
   np.testing.assert_array_equal(cka.result(per).cka, results[0])
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_jax_distributed(tmp_path):
   ref = _reference()
   here = os.path.dirname(os.path.abspath(__file__))
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
   prefix = str(tmp_path / "out")
-  port = _free_port()
-  procs = [subprocess.Popen([sys.executable, os.path.join(here, "cka_distributed_worker.py"),
-                             str(port), str(i), prefix], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  logs = []
-  for p in procs:
-    try:
-      logs.append(p.communicate(timeout=240)[0])
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      pytest.fail("distributed workers timed out")
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
+  port = helpers.free_port()
+  helpers.run_processes([[sys.executable, os.path.join(here, "cka_distributed_worker.py"),
+                          str(port), str(i), prefix] for i in range(2)],
+                        what="distributed workers")
   outs = [np.load(f"{prefix}{i}.npz") for i in range(2)]
   for out in outs:
     assert int(out["num_minibatches"]) == 4

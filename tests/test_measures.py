@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import ref_hsic_unbiased
 
 from vit_analysis import cka, measures
 
@@ -26,17 +27,6 @@ def ref_hsic_biased(k, l):
   n = len(k)
   c = np.eye(n) - np.ones((n, n)) / n
   return np.trace(c @ k @ c @ l) / (n - 1) ** 2
-
-
-def ref_hsic_unbiased(k, l):
-  """Song et al. (2012) eq. (5)."""
-  n = len(k)
-  k, l = k.copy(), l.copy()
-  np.fill_diagonal(k, 0)
-  np.fill_diagonal(l, 0)
-  one = np.ones(n)
-  return (np.trace(k @ l) + (one @ k @ one) * (one @ l @ one) / ((n - 1) * (n - 2))
-          - 2 / (n - 2) * (one @ k @ l @ one)) / (n * (n - 3))
 
 
 def ref_rbf_kernel(x, sigma):

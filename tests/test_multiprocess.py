@@ -7,14 +7,12 @@ the model cache, so that the analyses are compared alone; only process 0 writes;
 import glob
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import flax
+import helpers
 import jax
 import numpy as np
-import pytest
 
 from vit_analysis import config_lib, data, main, models, sharding
 from vit_analysis import train as train_lib
@@ -22,12 +20,6 @@ from vit_analysis import train as train_lib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Wall-clock and throughput fields differ between any two runs.
 _TIMING = {"seconds", "examples_per_s", "first_batch_seconds", "train_seconds"}
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _demo_smoke():
@@ -60,25 +52,12 @@ def test_two_processes_reproduce_one_process(tmp_path, model_cache):
   reference = str(tmp_path / "one")
   main.run(config, reference)  # 1 process x 4 devices (conftest); trains the models once
 
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
   workdir, out = str(tmp_path / "two"), str(tmp_path / "out")
   os.makedirs(out)
-  port = _free_port()
-  procs = [subprocess.Popen(
-      [sys.executable, os.path.join(REPO, "tests", "multiprocess_worker.py"), str(port), str(i),
-       workdir, model_cache, "smoke", out], env=env, cwd=REPO, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  logs = []
-  for p in procs:
-    try:
-      logs.append(p.communicate(timeout=900)[0])
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      pytest.fail("2-process workers timed out")
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-4000:]
+  port = helpers.free_port()
+  helpers.run_processes([[sys.executable, os.path.join(REPO, "tests", "multiprocess_worker.py"),
+                          str(port), str(i), workdir, model_cache, "smoke", out]
+                         for i in range(2)], timeout=900, what="2-process workers")
 
   with open(os.path.join(out, "writes1.json")) as f:
     assert json.load(f) == []  # process 1 wrote nothing under the workdir

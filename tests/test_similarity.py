@@ -50,16 +50,6 @@ def _loaded(module, size, key="m"):
 
 # ---- float64 NumPy reference, straight from docs/method.md#minibatch-cka ----
 
-def _hsic1(k, g):
-  n = k.shape[0]
-  k, g = k.copy(), g.copy()
-  np.fill_diagonal(k, 0)
-  np.fill_diagonal(g, 0)
-  one = np.ones(n)
-  return (np.trace(k @ g) + (one @ k @ one) * (one @ g @ one) / ((n - 1) * (n - 2))
-          - 2 / (n - 2) * (one @ k @ g @ one)) / (n * (n - 3))
-
-
 def _reference(feats_a, feats_b, indices, repeats):
   """feats_*: list of float64 [num_source, p] -> [R, A, B] minibatch CKA per repeat."""
   k = indices.shape[0] // repeats
@@ -70,7 +60,7 @@ def _reference(feats_a, feats_b, indices, repeats):
         xy = xx = yy = 0.0
         for row in indices[r * k:(r + 1) * k]:
           ka, kb = fa[row] @ fa[row].T, fb[row] @ fb[row].T
-          xy, xx, yy = xy + _hsic1(ka, kb), xx + _hsic1(ka, ka), yy + _hsic1(kb, kb)
+          xy, xx, yy = xy + helpers.ref_hsic_unbiased(ka, kb), xx + helpers.ref_hsic_unbiased(ka, ka), yy + helpers.ref_hsic_unbiased(kb, kb)
         out[r, i, j] = xy / np.sqrt(xx * yy)
   return out
 

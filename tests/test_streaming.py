@@ -2,11 +2,10 @@
 import collections
 import logging
 import os
-import socket
-import subprocess
 import sys
 import threading
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -307,27 +306,14 @@ def _mp_worker(port, process_id, out, ckdir):
 
 
 def test_two_processes_decode_their_rows_and_match_one_process(tmp_path):
-  with socket.socket() as sock:
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
+  port = helpers.free_port()
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       [os.path.dirname(os.path.dirname(os.path.abspath(streaming.__file__)))] +
       [p for p in [os.environ.get("PYTHONPATH")] if p]))
-  env.pop("XLA_FLAGS", None)
   ckdir = str(tmp_path / "ck")
-  procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(port), str(i),
-                             str(tmp_path / "out"), ckdir], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  logs = []
-  for p in procs:
-    try:
-      logs.append(p.communicate(timeout=240)[0])
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      pytest.fail("distributed stream workers timed out")
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
+  helpers.run_processes([[sys.executable, os.path.abspath(__file__), str(port), str(i),
+                          str(tmp_path / "out"), ckdir] for i in range(2)], env=env,
+                        what="distributed stream workers")
   assert os.listdir(ckdir) == [resume.FILENAME]  # one writer, no temporary files
   rows, sums, position = _mp_compute(str(tmp_path / "ck_single"))
   for i in range(2):

@@ -149,19 +149,13 @@ def model_distances(model: base.LoadedModel, source, mesh, *, num_images: int, b
 
 def default_config() -> ml_collections.ConfigDict:
   """Every option of the attention-distance analysis, with the paper's defaults."""
-  return ml_collections.ConfigDict(dict(
-      split="test",
+  return base.image_sample_config(
       num_images=5000,      # the paper's 5,000 ImageNet validation images
       batch_size=64,
-      seed=0,
-      models=(),            # model keys (tuple or comma-separated); empty = every ViT
       renormalize=False,    # CLS dropped as query and key, no renormalisation (method.md)
       unit="pixels",        # 'pixels' (grid step x patch size) | 'patches'
       blocks=(),            # blocks of the sorted-heads plot; empty = first two and last two
-      figure_formats=("png", "pdf"),
-      fast_compile=None,    # None: config.train.fast_compile
-      checkpoint_every_s=60.0,
-  ))
+  )
 
 
 def run(config, ctx: base.Context) -> base.AnalysisResult:

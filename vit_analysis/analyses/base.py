@@ -19,6 +19,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import matplotlib.pyplot as plt
+import ml_collections
 import numpy as np
 
 from vit_analysis import compilation, plotting, resume
@@ -187,6 +188,20 @@ class Context:
     elif not callable(figure):
       plt.close(figure)
     return rel
+
+
+def image_sample_config(num_images: int, batch_size: int, **options: Any) -> ml_collections.ConfigDict:
+  """The options of every analysis that streams a seeded sample of images, plus its `options`.
+
+  split, num_images, batch_size, seed (of the sample), models (keys, tuple or comma-separated;
+  empty = every model the analysis applies to), figure_formats, fast_compile (None:
+  config.train.fast_compile) and checkpoint_every_s (partial sums saved this often).
+  """
+  config = ml_collections.ConfigDict(dict(
+      split="test", num_images=num_images, batch_size=batch_size, seed=0, models=(),
+      figure_formats=("png", "pdf"), fast_compile=None, checkpoint_every_s=60.0))
+  config.update(options)
+  return config
 
 
 @dataclasses.dataclass

@@ -242,22 +242,16 @@ def centre_patch_mass(erf: np.ndarray, patch_size: int) -> float:
 
 def default_config() -> ml_collections.ConfigDict:
   """Every option of the receptive-field analysis, with the paper's defaults."""
-  return ml_collections.ConfigDict(dict(
-      split="test",
+  return base.image_sample_config(
       num_images=32,            # the paper's 32 images
       batch_size=8,
-      seed=0,
-      models=(),                # model keys (tuple or comma-separated); empty = all
       modes=("post", "branch"),  # after the skip add (Figs 6, C.1-C.3) / long branch (Fig C.4)
       layers={},                # model key -> globs, replaces the default layers of every mode
       per_channel=True,         # mean over channels of |per-channel gradient| (method.md)
       channel_chunk=32,         # channels pulled back at once (memory vs speed)
       rgb_reduce="mean",        # over the 3 input colour channels ('mean' | 'sum')
       mass_fraction=0.5,        # summary: fraction of the image holding this share of the mass
-      figure_formats=("png", "pdf"),
-      fast_compile=None,        # None: config.train.fast_compile
-      checkpoint_every_s=60.0,
-  ))
+  )
 
 
 def run(config, ctx: base.Context) -> base.AnalysisResult:

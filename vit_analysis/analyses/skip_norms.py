@@ -192,19 +192,13 @@ def _json_number(x: float):
 
 def default_config() -> ml_collections.ConfigDict:
   """Every option of the skip-norm analysis, with the paper's defaults."""
-  return ml_collections.ConfigDict(dict(
-      split="test",
+  return base.image_sample_config(
       num_images=5000,
       batch_size=64,
-      seed=0,
-      models=(),               # model keys (tuple or comma-separated); empty = all
       average="per_image",     # mean of per-image ratios | 'ratio_of_means' (method.md)
       cosine="out",            # cos(z, z + f(z)) | 'branch': cos(z, f(z))
       heatmap_tokens=10,       # tokens in the Fig 7 heatmap (0 = CLS); Fig E.1 shows all
-      figure_formats=("png", "pdf"),
-      fast_compile=None,       # None: config.train.fast_compile
-      checkpoint_every_s=60.0,
-  ))
+  )
 
 
 def run(config, ctx: base.Context) -> base.AnalysisResult:
