@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 Features = Sequence[jax.typing.ArrayLike] | Mapping[str, jax.typing.ArrayLike]
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -515,7 +516,6 @@ def _check_fingerprint(state: CKAState) -> None:
 def _host(x: Any) -> np.ndarray:
   """A (possibly multi-process sharded) array as a float64 host array."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     x = multihost_utils.process_allgather(x, tiled=True)
   return np.asarray(x, np.float64)
 

@@ -28,8 +28,11 @@ import io
 import os
 from typing import Any
 
+import cv2
 import grain
+import jax
 import numpy as np
+from PIL import Image
 
 NORMALIZATIONS = ("minus_one_one", "(mean, std)")
 DIGITS_TRAIN_PER_CLASS = 400   # of the 500 digits per class; the other 100 are the test split
@@ -148,6 +151,7 @@ class TfdsSource:
   """
 
   def __init__(self, name: str, split: str, data_dir: str | None = None):
+    # Imported here: tensorflow_datasets takes seconds to import, and only TFDS sources need it.
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     found = tfds_build_formats(name, data_dir)
     if found and "array_record" not in found:
@@ -210,7 +214,6 @@ class FolderSource:
 
 def decode_image(encoded: bytes) -> np.ndarray:
   """JPEG/PNG bytes -> uint8 [h, w, 3] RGB (grey, palette, CMYK and alpha images converted)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   with Image.open(io.BytesIO(encoded)) as im:
     if im.mode != "RGB":  # convert() on an RGB image would only copy it
       im = im.convert("RGB")
@@ -250,10 +253,6 @@ def get_source(data_config: Any, split: str):
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
   """One image: float32 [h, w, c] -> float32 [size, size, c], exactly `resize_bilinear`."""
-  try:
-    import cv2  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError("the bilinear resize needs OpenCV: pip install opencv-python-headless") from e
   out = cv2.resize(np.ascontiguousarray(image, np.float32), (size, size),
                    interpolation=cv2.INTER_LINEAR)
   return out[..., None] if out.ndim == 2 else out  # OpenCV drops a single channel axis
@@ -369,7 +368,6 @@ def preprocess(images: np.ndarray, image_size: int,
 
 
 def _host_slice(process_index, process_count, batch_size):
-  import jax  # pylint: disable=g-import-not-at-top
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
   if batch_size % count:

@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.stats
+from jax.experimental import multihost_utils
 
 from vit_analysis import cka
 
@@ -671,7 +672,6 @@ def _check_state(state: MeasureState) -> None:
 def _host(x: Any) -> np.ndarray:
   """A (possibly multi-process sharded) array as a float64 host array."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     x = multihost_utils.process_allgather(x, tiled=True)
   return np.asarray(x, np.float64)
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 FILENAME = "state.npz"
 _FORMAT = 1
@@ -207,7 +208,6 @@ class Checkpointer:
 def _check_same_position(position: int, path: str) -> None:
   """Every process must continue from the same step (-1: nothing restored); a collective."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     try:
       multihost_utils.assert_equal(np.int64(position), f"restored position of {path}")
     except AssertionError as e:
@@ -219,5 +219,4 @@ def _check_same_position(position: int, path: str) -> None:
 def _barrier(name: str) -> None:
   """Waits for every process (no-op with one)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from plotly.offline import get_plotlyjs
 
 from vit_analysis import layers as layers_lib
 
@@ -86,7 +87,6 @@ def to_json(obj: Any) -> str:
 
 def plotly_script() -> str:
   """The plotly.js bundle as one inline `<script>` element (include once per page)."""
-  from plotly.offline import get_plotlyjs  # pylint: disable=g-import-not-at-top
   return "<script>" + get_plotlyjs() + "</script>"
 
 
