@@ -324,8 +324,8 @@ def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_exam
             "measures": sums.add(state["measures"], extra, mask) if spec else {}}
 
   t0, done = time.time(), 0
-  # Where the time goes: waiting for decoded images, waiting for the device's results (after
-  # the host has done everything else), and the host's float64 accumulation.
+  # Where the time goes: waiting for decoded images, the device (dispatching a step, and waiting
+  # for its results once the host has nothing else to do), and the host's float64 accumulation.
   split = {"input": 0.0, "device": 0.0, "host": 0.0}
 
   def timed_add(state, pending):
@@ -355,7 +355,9 @@ def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_exam
       images_b = None if side_b is None else batch.images.get("b", batch.images["a"])
       # Dispatch is asynchronous: the device computes this step while the host adds the
       # previous step's terms (and the workers decode the next steps).
+      tic = time.perf_counter()  # dispatch (all of the step where it runs synchronously)
       terms = step(vars_a, batch.images["a"], vars_b, images_b, batch.mask, perms)
+      split["device"] += time.perf_counter() - tic
       if pending is not None:
         state = timed_add(state, pending)
         if resume is not None:  # `state` holds every step before this one
