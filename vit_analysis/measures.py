@@ -722,7 +722,7 @@ def accumulate(state: MeasureState, terms_: Mapping[str, Any],
                      f"(null {t.get(null_key, np.empty(0)).shape}); the state is [{a}, {b}], P={p}")
   count = t["count"].reshape(-1)
   if mask is not None:
-    mask = np.asarray(mask).reshape(-1)
+    mask = _host(mask).reshape(-1)  # a global array under several processes
     if mask.shape != count.shape:
       raise ValueError(f"mask has {mask.size} entries for {count.size} minibatches")
     count = np.where(mask > 0, count, 0)
