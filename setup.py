@@ -28,7 +28,7 @@ setuptools.setup(
         "mlxtend>=0.23",
         "pillow>=10",
         # cv2.resize: the tf.image.resize bilinear resize in C, 30-50x faster than NumPy, so
-        # that preprocessing costs less than JPEG decode (vit_analysis/data.py).
+        # that preprocessing costs less than JPEG decode (vit_analysis/input/data.py).
         "opencv-python-headless>=4.8",
         # The report's interactive figures: plotly.js, inlined once per page (works offline).
         "plotly>=5.24",

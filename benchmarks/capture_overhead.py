@@ -20,8 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from vit_analysis import capture
-from vit_analysis.models import create_model
+from vit_analysis.models import capture, create_model
 
 _MODELS = flags.DEFINE_list('models', ['ViT-Ti_16', 'R26x1'], 'Registry names.')
 _IMAGE_SIZE = flags.DEFINE_integer('image_size', 224, 'Input resolution.')

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_analysis import cka
+from vit_analysis.similarity import cka
 
 VIT = [(65, 192)] * 12
 RESNET = [(32, 32, 32)] * 4 + [(16, 16, 64)] * 4 + [(8, 8, 128)] * 4 + [(4, 4, 256)] * 4

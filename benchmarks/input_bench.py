@@ -114,7 +114,11 @@ def input_rates(root: str, *, image_size: int = 224, workers: tuple[int, ...] = 
   """
   import jax  # pylint: disable=g-import-not-at-top
 
-  from vit_analysis import data, sharding, streaming  # pylint: disable=g-import-not-at-top
+  from vit_analysis.input import (
+    data,
+    streaming,  # pylint: disable=g-import-not-at-top
+  )
+  from vit_analysis.runtime import sharding
   src = data.FolderSource(root)
   n = len(src)
   old_n = min(n, old_images or n)
@@ -161,8 +165,10 @@ def cka_step_rate(model_name: str, m: int, image_size: int, reps: int) -> tuple[
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  from vit_analysis import capture, cka, models  # pylint: disable=g-import-not-at-top
+  from vit_analysis import models
   from vit_analysis.analyses import similarity  # pylint: disable=g-import-not-at-top
+  from vit_analysis.models import capture
+  from vit_analysis.similarity import cka  # pylint: disable=g-import-not-at-top
   module = models.create_model(model_name, num_classes=1000, image_size=image_size)
   shape = (image_size, image_size, 3)
   names = capture.select(capture.layer_names(module, shape), similarity._existing_patterns(  # pylint: disable=protected-access

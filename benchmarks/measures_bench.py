@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_analysis import cka, measures
+from vit_analysis.similarity import cka, measures
 
 
 def variants(m: int):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from sklearn.linear_model import RidgeClassifier
 
-from vit_analysis import probing
+from vit_analysis.probing import probes as probing
 
 
 def make_features(layers, classes, per_class, dim, seed=0):

@@ -3,7 +3,7 @@ r"""Pre-training data scale (paper Fig 12) and fine-tuning (Fig G.1): per-block 
 Offline (digits): ViT-demo_4 trained on all 4,000 training digits is the reference; copies are
 trained on nested class-balanced 3/10/30 % subsets with the same number of steps, and fine-tuned
 on two digit tasks (inverted images; parity labels with a new 2-way head). All training runs go
-through vit_analysis.train and are cached under <workdir>/dataset_scale/.
+through vit_analysis.models.train and are cached under <workdir>/dataset_scale/.
   python -m vit_analysis.main --config=configs/dataset_scale.py --workdir=/tmp/dataset_scale
   python -m vit_analysis.main --config=configs/dataset_scale.py:smoke --workdir=/tmp/ds_smoke
 Full size (TPU VM; Fig G.1 with the official ViT-B/16 ImageNet-21k checkpoint fine-tuned on TFDS

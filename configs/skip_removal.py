@@ -1,7 +1,7 @@
 r"""ViTs trained without the skip connections of one block (paper Fig 8).
 
 Offline (digits; ViT-demo_4 (6 blocks) and one copy per block in `blocks`, each trained through
-vit_analysis.train and cached, then intra-model CKA on the test digits):
+vit_analysis.models.train and cached, then intra-model CKA on the test digits):
   python -m vit_analysis.main --config=configs/skip_removal.py --workdir=/tmp/skip_removal
   python -m vit_analysis.main --config=configs/skip_removal.py:smoke --workdir=/tmp/sr_smoke
 Full size (TPU VM; ViT-B/32 trained from scratch on TFDS imagenet2012 with the training loop,

@@ -27,7 +27,8 @@ def main(port: int, process_id: int, out_prefix: str) -> None:
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id,
                              initialization_timeout=120)
-  from vit_analysis import cka, sharding  # pylint: disable=g-import-not-at-top
+  from vit_analysis.runtime import sharding  # pylint: disable=g-import-not-at-top
+  from vit_analysis.similarity import cka
   assert jax.process_count() == 2 and jax.device_count() == 4, jax.devices()
   mesh = sharding.make_mesh()
   feats_a, feats_b = make_features()

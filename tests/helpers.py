@@ -11,8 +11,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from vit_analysis import data, main, models, sharding
+from vit_analysis import main, models
 from vit_analysis.analyses import base
+from vit_analysis.input import data
+from vit_analysis.runtime import sharding
 
 # XLA:CPU optimisation level 0: the tests' small programs compile about twice as fast.
 FAST = {"xla_backend_optimization_level": 0}

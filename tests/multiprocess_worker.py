@@ -24,14 +24,12 @@ def main(port: int, process_id: int, workdir: str, cache: str, arg: str, out: st
   import flax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from vit_analysis import (  # pylint: disable=g-import-not-at-top
-    config_lib,
-    data,  # pylint: disable=g-import-not-at-top
-    models,
-    sharding,
-  )
+  # pylint: disable=g-import-not-at-top
+  from vit_analysis import config_lib, models
   from vit_analysis import main as main_lib
-  from vit_analysis import train as train_lib  # pylint: disable=g-import-not-at-top
+  from vit_analysis.input import data
+  from vit_analysis.models import train as train_lib
+  from vit_analysis.runtime import sharding
   assert jax.process_count() == 2 and jax.device_count() == 4, jax.devices()
 
   writes = []

@@ -14,8 +14,9 @@ from absl import logging
 
 
 def main(workdir: str, cache: str, kill_at: int) -> None:
-  from vit_analysis import analyses, config_lib, resume  # pylint: disable=g-import-not-at-top
+  from vit_analysis import analyses, config_lib
   from vit_analysis import main as main_lib
+  from vit_analysis.runtime import resume  # pylint: disable=g-import-not-at-top
   if kill_at > 0:
     calls = [0]
     real = resume.Checkpointer.maybe_save

@@ -65,7 +65,7 @@ def test_run_matches_direct_computation_on_all_images(tmp_path):
   import jax
   import ml_collections
 
-  from vit_analysis import data
+  from vit_analysis.input import data
   ctx = make_context(tmp_path, {"m0": "ViT-smoke_8", "m1": "ViT-smoke_8-gap"})
   config = ml_collections.ConfigDict({"attention_distance": {
       "split": "test", "num_images": 7, "batch_size": 4, "seed": 3,

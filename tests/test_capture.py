@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_analysis import capture
-from vit_analysis.models import create_model
+from vit_analysis.models import capture, create_model
 
 SHAPE = (2, 32, 32, 3)
 

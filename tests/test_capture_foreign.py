@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_analysis import capture, cka
-from vit_analysis.models import create_model, describe
+from vit_analysis.models import capture, create_model, describe
+from vit_analysis.similarity import cka
 
 
 class Mlp(nn.Module):

@@ -10,8 +10,7 @@ import pytest
 from test_models_resnet import _official_keys as bit_keys
 from test_models_resnet import fast_jit, np_resnet
 
-from vit_analysis import checkpoints
-from vit_analysis.models import create_model
+from vit_analysis.models import checkpoints, create_model
 from vit_analysis.models.resnet import VARIANTS as RESNET_VARIANTS
 from vit_analysis.models.resnet import ResNetV2
 

@@ -7,8 +7,7 @@ The files are written here from big_vision's linen names (`MultiHeadDotProductAt
 import numpy as np
 import pytest
 
-from vit_analysis import capture, checkpoints
-from vit_analysis.models import create_model, describe, vit_blocks
+from vit_analysis.models import capture, checkpoints, create_model, describe, vit_blocks
 
 D, H, MLP, L, C = 32, 2, 64, 2, 5
 

@@ -14,8 +14,7 @@ import safetensors.numpy
 from etils import epath
 from etils.epath import testing as epath_testing
 
-from vit_analysis import checkpoints
-from vit_analysis.models import create_model
+from vit_analysis.models import checkpoints, create_model
 
 
 @pytest.fixture

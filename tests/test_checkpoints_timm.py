@@ -1,7 +1,7 @@
 """timm safetensors -> ViT: files written from timm's key list, checked against float64 NumPy.
 
 The state dicts are built here from timm's own names and shapes (written out below, not taken
-from vit_analysis.checkpoints_timm), and the reference forward pass re-implements timm's
+from vit_analysis.models.checkpoints_timm), and the reference forward pass re-implements timm's
 `VisionTransformer.forward_features` / `forward_head` and `Block` in float64.
 """
 import numpy as np
@@ -9,8 +9,7 @@ import pytest
 import safetensors.numpy
 import scipy.special
 
-from vit_analysis import capture, checkpoints
-from vit_analysis.models import create_model, describe
+from vit_analysis.models import capture, checkpoints, create_model, describe
 
 TINY = {'hidden_size': 32, 'num_layers': 2, 'num_heads': 2, 'mlp_dim': 64}
 

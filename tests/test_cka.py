@@ -1,4 +1,4 @@
-"""vit_analysis.cka against float64 NumPy references written from the equations (docs/method.md#minibatch-cka)."""
+"""vit_analysis.similarity.cka against float64 NumPy references written from the equations (docs/method.md#minibatch-cka)."""
 import dataclasses
 
 import jax
@@ -9,7 +9,7 @@ import orbax.checkpoint as ocp
 import pytest
 from helpers import ref_hsic_unbiased
 
-from vit_analysis import cka
+from vit_analysis.similarity import cka
 
 TOL = 1e-6
 MAX_DEV = {}  # adversarial case -> max |ours - reference|, printed at the end (pytest -s)

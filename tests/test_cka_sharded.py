@@ -15,7 +15,8 @@ import numpy as np
 from cka_distributed_worker import make_features
 from test_cka import ref_minibatch_cka
 
-from vit_analysis import cka, sharding
+from vit_analysis.runtime import sharding
+from vit_analysis.similarity import cka
 
 TOL = 1e-6
 

@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vit_analysis import compilation
+from vit_analysis.runtime import compilation
 
 
 def test_options_and_lookup():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vit_analysis import data
+from vit_analysis.input import data
 
 
 def test_digits_split_is_fixed_stratified_and_padded():

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from helpers import run_analysis
 
-from vit_analysis import data as data_lib
-from vit_analysis import models, sharding
+from vit_analysis import models
 from vit_analysis.analyses import base, dataset_scale
+from vit_analysis.input import data as data_lib
+from vit_analysis.runtime import sharding
 
 
 def test_nested_class_balanced_subsets():

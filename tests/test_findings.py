@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from vit_analysis.analyses import findings
+from vit_analysis.report import findings
 
 # models.json summaries as main writes them (the facts come from models.describe).
 MODELS = [{"key": "vit", "name": "ViT-B_32", "image_size": 224, "family": "vit", "has_cls": True,

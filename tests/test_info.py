@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_analysis import capture, models
-from vit_analysis.models import ModelInfo, create_model, describe
+from vit_analysis import models
+from vit_analysis.models import ModelInfo, capture, create_model, describe
 from vit_analysis.models.info import to_model_input
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

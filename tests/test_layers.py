@@ -1,7 +1,7 @@
 """Layer names: building and parsing agree, and the parser rejects what is not a block or unit."""
 import pytest
 
-from vit_analysis import layers
+from vit_analysis.models import layers
 
 
 def test_block_and_unit_round_trip():

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from helpers import run_analysis
 
-from vit_analysis import cka_runner, representations, sharding
-from vit_analysis import data as data_lib
 from vit_analysis.analyses import base, localization
+from vit_analysis.input import data as data_lib
+from vit_analysis.runtime import sharding
+from vit_analysis.similarity import cka_runner, representations
 
 
 class PatchTokens(nn.Module):

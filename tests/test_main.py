@@ -169,7 +169,7 @@ def test_cli_list_options_and_config_arguments(monkeypatch):
 
   config = parse("smoke", "--config.cka_intra.layers=block*/+sa,block??",
                  "--config.cka_intra.models=vit")
-  from vit_analysis import representations
+  from vit_analysis.similarity import representations
   assert representations.layer_spec(config.cka_intra.layers) == ("block*/+sa", "block??")
   assert representations.layer_spec("coarse") == "coarse"
   assert config_lib.names(config.cka_intra.models) == ("vit",)

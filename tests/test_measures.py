@@ -1,11 +1,11 @@
-"""vit_analysis.measures against float64 NumPy references computed from the features."""
+"""vit_analysis.similarity.measures against float64 NumPy references computed from the features."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import ref_hsic_unbiased
 
-from vit_analysis import cka, measures
+from vit_analysis.similarity import cka, measures
 
 MEASURES = measures.MEASURES
 

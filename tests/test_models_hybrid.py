@@ -12,7 +12,7 @@ import pytest
 from test_checkpoints import random_file, vit_keys
 from test_models_resnet import fast_jit
 
-from vit_analysis import checkpoints
+from vit_analysis.models import checkpoints
 from vit_analysis.models.hybrid import VARIANTS, HybridViT
 
 

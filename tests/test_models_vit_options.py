@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from vit_analysis import capture, checkpoints
-from vit_analysis.models import create_model
+from vit_analysis.models import capture, checkpoints, create_model
 
 
 def _keys(model):

@@ -14,8 +14,10 @@ import helpers
 import jax
 import numpy as np
 
-from vit_analysis import config_lib, data, main, models, sharding
-from vit_analysis import train as train_lib
+from vit_analysis import config_lib, main, models
+from vit_analysis.input import data
+from vit_analysis.models import train as train_lib
+from vit_analysis.runtime import sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Wall-clock and throughput fields differ between any two runs.

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression, Ridge, RidgeClassifier
 
-from vit_analysis import probing
+from vit_analysis.probing import probes as probing
 
 
 def _augment_np(x_fit, x):
@@ -157,8 +157,10 @@ def test_run_end_to_end(tmp_path):
   import ml_collections
   from helpers import run_analysis
 
-  from vit_analysis import compilation, data, models, sharding
+  from vit_analysis import models
   from vit_analysis.analyses import Context, LoadedModel
+  from vit_analysis.input import data
+  from vit_analysis.runtime import compilation, sharding
 
   loaded = {}
   for key, name in [("vit", "ViT-smoke_8"), ("resnet", "R-smoke")]:
@@ -239,7 +241,9 @@ def test_configs_and_chunking():
 def test_extract_resumes_from_saved_features(tmp_path):
   from helpers import loaded, random_source
 
-  from vit_analysis import models, probing, resume, sharding
+  from vit_analysis import models
+  from vit_analysis.probing import probes as probing
+  from vit_analysis.runtime import resume, sharding
   lm = loaded(models.create_model("ViT-smoke_8", 10), 32)
   src = random_source(40, 32, num_classes=4)
   specs = [probing.FeatureSpec("block01", probing.Pooling("cls"))]

@@ -12,9 +12,11 @@ import numpy as np
 import plotly.graph_objects as go
 import pytest
 
-from vit_analysis import plotting, report, report_figures
+from vit_analysis import plotting
 from vit_analysis.analyses.base import AnalysisResult
-from vit_analysis.plotting import interactive
+from vit_analysis.report import figures as report_figures
+from vit_analysis.report import interactive
+from vit_analysis.report import page as report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

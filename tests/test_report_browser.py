@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import test_report  # tests/ is on sys.path under pytest's default import mode
 
-from vit_analysis import report
+from vit_analysis.report import page as report
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
 WebDriverWait = pytest.importorskip("selenium.webdriver.support.ui").WebDriverWait

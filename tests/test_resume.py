@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from vit_analysis import cka, resume
+from vit_analysis.runtime import resume
+from vit_analysis.similarity import cka
 
 
 class FakeClock:

@@ -10,10 +10,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from vit_analysis import cka_runner, models, representations, sharding
-from vit_analysis import data as data_lib
+from vit_analysis import models
 from vit_analysis.analyses import base, head_subsets, similarity
+from vit_analysis.input import data as data_lib
 from vit_analysis.plotting import similarity as plots
+from vit_analysis.runtime import sharding
+from vit_analysis.similarity import cka_runner, representations
 
 _RNG = np.random.default_rng(0)
 _Q, _ = np.linalg.qr(_RNG.normal(size=(48, 48)))       # orthogonal

@@ -68,7 +68,7 @@ def test_run_vit_with_dead_mlp_and_resnet_units(tmp_path):
   import ml_collections
   from helpers import make_context, run_analysis
 
-  from vit_analysis import data
+  from vit_analysis.input import data
   ctx = make_context(tmp_path, {"vit": "ViT-smoke_8", "resnet": "R-smoke"}, num_images=6)
   block = ctx.models["vit"].variables["params"]["Transformer"]["encoderblock_1"]["MlpBlock_3"]
   block["Dense_1"] = jax.tree.map(np.zeros_like, block["Dense_1"])  # Block 1's MLP outputs 0.

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_analysis import data, progress, resume, sharding, streaming
+from vit_analysis.input import data, streaming
+from vit_analysis.runtime import progress, resume, sharding
 
 TIMM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -308,7 +309,7 @@ def _mp_worker(port, process_id, out, ckdir):
 def test_two_processes_decode_their_rows_and_match_one_process(tmp_path):
   port = helpers.free_port()
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      [os.path.dirname(os.path.dirname(os.path.abspath(streaming.__file__)))] +
+      [os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(streaming.__file__))))] +
       [p for p in [os.environ.get("PYTHONPATH")] if p]))
   ckdir = str(tmp_path / "ck")
   helpers.run_processes([[sys.executable, os.path.abspath(__file__), str(port), str(i),

@@ -6,8 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_analysis import config_lib, data, sharding, train
-from vit_analysis.models import create_model
+from vit_analysis import config_lib
+from vit_analysis.input import data
+from vit_analysis.models import create_model, train
+from vit_analysis.runtime import sharding
 
 
 def test_effective_config_merges_and_rejects_unknown_keys():

@@ -59,7 +59,7 @@ _DIGITS_RECIPES = {
 
 
 def train_defaults(smoke: bool = False) -> ml_collections.ConfigDict:
-  """Every key the training loop reads (vit_analysis.train), with defaults.
+  """Every key the training loop reads (vit_analysis.models.train), with defaults.
 
   A model's `train` entry only lists keys that differ from `config.train`; unknown keys are
   an error.
@@ -180,7 +180,7 @@ def _recipe_family(name: str) -> str:
 
 def digits_model(key: str, name: str, *, smoke: bool = False, train_steps: int | None = None,
                  overrides: dict | None = None, **train) -> ml_collections.ConfigDict:
-  """A `config.models[key]` entry: `name` trained on the digits through vit_analysis.train.
+  """A `config.models[key]` entry: `name` trained on the digits through vit_analysis.models.train.
 
   Args:
     key: the entry's key in config.models (for messages only).
@@ -235,7 +235,7 @@ def official_model(name: str, checkpoint: str, num_classes: int,
 
 def finetune_model(name: str, checkpoint: str, num_classes: int, *,
                    overrides: dict | None = None, **train) -> ml_collections.ConfigDict:
-  """An official checkpoint fine-tuned through vit_analysis.train: a fresh zero head of
+  """An official checkpoint fine-tuned through vit_analysis.models.train: a fresh zero head of
   `num_classes`, the ImageNet-21k pre_logits layer dropped (as vit_jax fine-tuning), the
   position embedding resized to the data's image size.
   """

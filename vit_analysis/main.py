@@ -6,7 +6,7 @@ r"""Entry point: builds the data and the models of a config, then runs its analy
 
 All logic lives in `run(config, workdir)`, which Colab calls directly. For each entry of
 `config.models` it loads the official checkpoint (if any), then trains through
-`vit_analysis.train` (if the entry has a `train` sub-config) or restores the cached result: trained
+`vit_analysis.models.train` (if the entry has a `train` sub-config) or restores the cached result: trained
 models live under `config.model_cache` (default `<workdir>/models`) in a folder named by a
 content hash of what determines their parameters, so re-running resumes or reuses them. Each
 analysis in `config.analyses` is looked up by name (`vit_analysis.analyses.get`), run, and its
@@ -33,11 +33,13 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from vit_analysis import analyses as analyses_lib
-from vit_analysis import checkpoints, config_lib, report, sharding
-from vit_analysis import data as data_lib
-from vit_analysis import train as train_lib
+from vit_analysis import config_lib
 from vit_analysis.analyses import base
-from vit_analysis.models import create_model, describe
+from vit_analysis.input import data as data_lib
+from vit_analysis.models import checkpoints, create_model, describe
+from vit_analysis.models import train as train_lib
+from vit_analysis.report import page as report
+from vit_analysis.runtime import sharding
 
 # Keys that change neither the models nor the results: ignored when comparing configs.
 _NON_RESULT_KEYS = ("overwrite", "model_cache", "distributed", "description")

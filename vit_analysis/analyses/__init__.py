@@ -59,7 +59,7 @@ def default_config(name: str) -> ml_collections.ConfigDict:
 
 
 def __getattr__(name: str):
-  # `base` imports JAX and Flax; importing it lazily keeps `vit_analysis.analyses.findings` (and
+  # `base` imports JAX and Flax; importing it lazily keeps `vit_analysis.report.findings` (and
   # with it the report, which reads only saved results) free of both.
   if name in ("AnalysisResult", "Context", "LoadedModel"):
     from vit_analysis.analyses import base  # pylint: disable=g-import-not-at-top

@@ -18,9 +18,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vit_analysis import capture, compilation, config_lib, streaming
+from vit_analysis import config_lib
 from vit_analysis.analyses import base
+from vit_analysis.input import streaming
+from vit_analysis.models import capture
 from vit_analysis.plotting import mechanisms
+from vit_analysis.runtime import compilation
 
 
 def patch_distances(grid: tuple[int, int], patch_size: float = 1.0) -> np.ndarray:

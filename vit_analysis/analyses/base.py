@@ -22,8 +22,9 @@ import matplotlib.pyplot as plt
 import ml_collections
 import numpy as np
 
-from vit_analysis import compilation, plotting, resume
+from vit_analysis import plotting
 from vit_analysis.models import ModelInfo, describe
+from vit_analysis.runtime import compilation, resume
 
 
 @dataclasses.dataclass
@@ -66,8 +67,8 @@ class Context:
   Attributes:
     workdir: the run's directory; results go to `workdir/results`, figures to `workdir/figures`.
     models: LoadedModel per config key, in config order.
-    sources: raw data sources per split name ('train', 'test'); see `vit_analysis.data`.
-    mesh: the 1-D device mesh (`vit_analysis.sharding.make_mesh`).
+    sources: raw data sources per split name ('train', 'test'); see `vit_analysis.input.data`.
+    mesh: the 1-D device mesh (`vit_analysis.runtime.sharding.make_mesh`).
     train_fn: trains a model from a model sub-config (used by analyses that need extra trained
       models: skip removal, dataset scale); signature `train_fn(model_key, model_config) ->
       LoadedModel`, cached by content hash like every configured model. None where training
@@ -106,7 +107,7 @@ class Context:
 
   @property
   def fast_compile(self) -> bool:
-    """The analysis' `fast_compile` (see `vit_analysis.compilation.fast_compile`)."""
+    """The analysis' `fast_compile` (see `vit_analysis.runtime.compilation.fast_compile`)."""
     return compilation.fast_compile(self.config, self.sub)
 
   def model(self, key: str) -> LoadedModel:

@@ -19,12 +19,12 @@ from typing import Any, Callable
 import ml_collections
 import numpy as np
 
-from vit_analysis import cka_runner, representations
-from vit_analysis import data as data_lib
-from vit_analysis import layers as layers_lib
-from vit_analysis import train as train_lib
 from vit_analysis.analyses import base
+from vit_analysis.input import data as data_lib
+from vit_analysis.models import layers as layers_lib
+from vit_analysis.models import train as train_lib
 from vit_analysis.plotting import similarity as plots
+from vit_analysis.similarity import cka_runner, representations
 
 
 class IndexedSource:

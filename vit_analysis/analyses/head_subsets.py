@@ -18,10 +18,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vit_analysis import capture, cka_runner, config_lib, layers, representations
+from vit_analysis import config_lib
 from vit_analysis.analyses import attention_distance, base
+from vit_analysis.models import capture, layers
 from vit_analysis.models import vit as vit_lib
 from vit_analysis.plotting import similarity as plots
+from vit_analysis.similarity import cka_runner, representations
 
 
 def head_subsets(distances: np.ndarray, mode: str = "window",

@@ -21,9 +21,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vit_analysis import capture, cka_runner, config_lib, representations, streaming
+from vit_analysis import config_lib
 from vit_analysis.analyses import base
+from vit_analysis.input import streaming
+from vit_analysis.models import capture
 from vit_analysis.plotting import similarity as plots
+from vit_analysis.similarity import cka_runner, representations
 
 
 def input_patches(images: jax.Array, patch: int) -> jax.Array:

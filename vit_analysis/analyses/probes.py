@@ -31,10 +31,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vit_analysis import capture, config_lib, probing
-from vit_analysis import layers as layers_lib
+from vit_analysis import config_lib
 from vit_analysis.analyses.base import AnalysisResult, Context, LoadedModel
+from vit_analysis.models import capture
+from vit_analysis.models import layers as layers_lib
 from vit_analysis.plotting import probes as plots
+from vit_analysis.probing import probes as probing
 
 NAME = "probe"
 

@@ -22,10 +22,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vit_analysis import capture, compilation, config_lib, streaming
-from vit_analysis import layers as layers_lib
+from vit_analysis import config_lib
 from vit_analysis.analyses import base
+from vit_analysis.input import streaming
+from vit_analysis.models import capture
+from vit_analysis.models import layers as layers_lib
 from vit_analysis.plotting import mechanisms
+from vit_analysis.runtime import compilation
 
 
 def centre_activations(features: jax.Array, *, grid: tuple[int, int] | None = None,

@@ -1,6 +1,6 @@
 """Layer-by-layer CKA heatmaps: within one model (Figs 1, B.1, H.1), across two (Figs 2, G.2, H.2).
 
-The sampling protocol, sides and repeat loop live in `vit_analysis.cka_runner`
+The sampling protocol, sides and repeat loop live in `vit_analysis.similarity.cka_runner`
 (docs/method.md#minibatch-cka); this module holds only the two analyses and their figures.
 """
 from __future__ import annotations
@@ -10,10 +10,11 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
-from vit_analysis import cka_runner, config_lib, representations
-from vit_analysis import measures as measures_lib
+from vit_analysis import config_lib
 from vit_analysis.analyses import base
 from vit_analysis.plotting import similarity as plots
+from vit_analysis.similarity import cka_runner, representations
+from vit_analysis.similarity import measures as measures_lib
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -21,9 +21,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vit_analysis import capture, compilation, config_lib, layers, streaming
+from vit_analysis import config_lib
 from vit_analysis.analyses import base
+from vit_analysis.input import streaming
+from vit_analysis.models import capture, layers
 from vit_analysis.plotting import mechanisms
+from vit_analysis.runtime import compilation
 
 
 def _norm(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
@@ -55,7 +58,7 @@ def cosine(a: jax.Array, b: jax.Array, axes: tuple[int, ...] = (-1,)) -> jax.Arr
 def skip_pairs(names: Sequence[str]) -> list[tuple[str, str, str]]:
   """(label, skip name, branch name) for every residual sublayer, in forward order.
 
-  Inferred from a model's `out` names (vit_analysis.capture.layer_names):
+  Inferred from a model's `out` names (vit_analysis.models.capture.layer_names):
     ViT: 'block{i}/sa' with skip = the previous block output (or 'embedding'), then
       'block{i}/mlp' with skip = 'block{i}/+sa'.
     Mixer: 'block{i}/token_mixing' (skip = previous block or 'stem'), 'block{i}/channel_mixing'

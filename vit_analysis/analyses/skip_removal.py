@@ -20,9 +20,10 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from vit_analysis import cka_runner, layers, representations
 from vit_analysis.analyses import base
+from vit_analysis.models import layers
 from vit_analysis.plotting import mechanisms
+from vit_analysis.similarity import cka_runner, representations
 
 
 def split_index(names: Sequence[str], block: int) -> int:

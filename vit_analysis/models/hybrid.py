@@ -22,8 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vit_analysis import layers
-from vit_analysis.models import vit
+from vit_analysis.models import layers, vit
 
 Array = jax.Array
 
@@ -62,7 +61,7 @@ class ResidualUnit(nn.Module):
 class ResNetStage(nn.Module):
   """Scope `block{s}`: units `unit1`, `unit2`, ...; the first one carries the stride.
 
-  `stage` (1-based) only names the outputs ('block{s}/unit{uu}', see vit_analysis/layers.py).
+  `stage` (1-based) only names the outputs ('block{s}/unit{uu}', see vit_analysis/models/layers.py).
   """
   units: int
   features: int

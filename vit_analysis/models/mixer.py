@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vit_analysis import layers
+from vit_analysis.models import layers
 
 Array = jax.Array
 LN_EPS = 1e-6

@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vit_analysis import layers
+from vit_analysis.models import layers
 
 Array = jax.Array
 
@@ -209,7 +209,7 @@ class _RootConv(nn.Module):
 class Stage(nn.Module):
   """Scope `block{s}`: `units` bottlenecks named unit01, unit02, ...; the first one strides.
 
-  `stage` (1-based) only names the outputs ('block{s}/unit{uu}/...', see vit_analysis/layers.py).
+  `stage` (1-based) only names the outputs ('block{s}/unit{uu}/...', see vit_analysis/models/layers.py).
   """
   units: int
   features: int
@@ -222,7 +222,7 @@ class Stage(nn.Module):
     """x: [b, h, w, c] -> ([b, h/s, w/s, 4*features], {'block1/unit01/preact_a': ..., ...})."""
     out = {}
     for u in range(1, self.units + 1):
-      # Parameter scope 'unit01' as in the BiT files; output names from vit_analysis.layers.
+      # Parameter scope 'unit01' as in the BiT files; output names from vit_analysis.models.layers.
       x, unit_out = BottleneckUnit(self.features, self.strides if u == 1 else 1,
                                    self.num_groups, name=f'unit{u:02d}')(x)
       out.update({layers.unit(self.stage, u, k): v for k, v in unit_out.items()})

@@ -10,7 +10,7 @@ The blocks (attention, MLP, encoder, MAP pooling) are in models/vit_blocks.py.
 
 Every forward pass returns `(logits, out)`, where `out` holds the named representations in forward
 order ('embedding', 'block00/ln0', ..., 'encoder_norm', 'pre_logits', 'logits'; see
-vit_analysis/layers.py).
+vit_analysis/models/layers.py).
 
 Options beyond vit_jax (all off by default, so the default ViT is vit_jax's, bit for bit), for
 the timm and big_vision families (models/timm_vit.py, models/big_vision_vit.py):

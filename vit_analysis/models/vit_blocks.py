@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vit_analysis import layers
+from vit_analysis.models import layers
 
 Array = jax.Array
 # Flax's LayerNorm default, and the value every official ViT/Mixer checkpoint was trained with.

@@ -11,7 +11,7 @@ import matplotlib.figure
 import matplotlib.pyplot as plt
 import numpy as np
 
-from vit_analysis import layers
+from vit_analysis.models import layers
 from vit_analysis.plotting import PANEL_INCHES, heatmap
 
 # Layer name -> the group its tick is labelled with: ViT/Mixer 'block03/...' -> 'B3',

@@ -8,7 +8,7 @@ preprocessing and resolution.
 
 Everything per minibatch happens inside one jitted step: the forward pass captures only the
 selected layers, the Grams and HSIC terms are computed where the activations live, and only the
-small per-minibatch terms leave the device (vit_analysis.cka holds all of the maths). A step
+small per-minibatch terms leave the device (vit_analysis.similarity.cka holds all of the maths). A step
 carries `[minibatches, m, h, w, c]` images with the minibatch axis sharded over the device mesh.
 """
 from __future__ import annotations
@@ -26,10 +26,13 @@ import numpy as np
 from absl import logging
 from jax.sharding import PartitionSpec as P
 
-from vit_analysis import cka, config_lib, sharding, streaming
-from vit_analysis import measures as measures_lib
-from vit_analysis import resume as resume_lib
-from vit_analysis.representations import Side
+from vit_analysis import config_lib
+from vit_analysis.input import streaming
+from vit_analysis.runtime import resume as resume_lib
+from vit_analysis.runtime import sharding
+from vit_analysis.similarity import cka
+from vit_analysis.similarity import measures as measures_lib
+from vit_analysis.similarity.representations import Side
 
 _STEPS: dict[Any, Callable[..., Any]] = {}
 
@@ -46,7 +49,7 @@ class RepeatedCKA:
     examples_counted: [R] examples the accumulator actually summed per repeat (= num_examples
       unless a step was lost or counted twice, e.g. across an interruption).
     measures: {measure: {'values', 'stderr'[, 'null_mean', 'null_std']: [R, A, B]}} of the other
-      similarity measures (`vit_analysis.measures`).
+      similarity measures (`vit_analysis.similarity.measures`).
     null: {'null_mean', 'null_std': [R, A, B]} of linear CKA under the shuffle null, or None.
   """
   names_a: list[str]
@@ -141,7 +144,7 @@ def make_step(side_a: Side, side_b: Side | None, *, gram_precision: str = "highe
   Args:
     side_a, side_b: the two sides (`side_b=None`: intra-model).
     gram_precision: the Grams' matmul precision on GPU/TPU (`cka.minibatch_terms`).
-    extra_measures: ((measure, sorted options), ...) of `vit_analysis.measures` computed from the
+    extra_measures: ((measure, sorted options), ...) of `vit_analysis.similarity.measures` computed from the
       same centred Grams in the same step (empty: linear CKA alone, the paper's path).
     mesh: the device mesh (needed with `extra_measures`: they run per device, see below).
 
@@ -209,7 +212,7 @@ def _make_step(side_a: Side, side_b: Side | None, gram_precision: str,
 
 
 class _MeasureSums:
-  """Host float64 sums of the extra measures of one repeat (`vit_analysis.measures`)."""
+  """Host float64 sums of the extra measures of one repeat (`vit_analysis.similarity.measures`)."""
 
   def __init__(self, spec: tuple[tuple[str, tuple], ...], names_a, names_b, num_perms: int):
     self.spec, self.num_perms = spec, num_perms
@@ -253,7 +256,7 @@ def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_exam
       the stream position are saved every `resume.every_s` seconds, and a rerun continues from
       them with bit-identical results.
     measures: similarity measures computed from the same forward pass and Grams
-      (`vit_analysis.measures.MEASURES`); linear CKA, the paper's, is always computed.
+      (`vit_analysis.similarity.measures.MEASURES`); linear CKA, the paper's, is always computed.
     measure_options: {measure: options} (e.g. {'mutual_knn': {'k': 5}}).
     null_permutations: P > 0 also scores side b with its examples shuffled within each minibatch
       by P fixed permutations, giving every cell of every measure a null mean, std and z-score.

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from plotly.offline import get_plotlyjs
 
-from vit_analysis import layers as layers_lib
+from vit_analysis.models import layers as layers_lib
 
 SIGNIFICANT_DIGITS = 4
 CONFIG = {"displaylogo": False, "responsive": True, "scrollZoom": False,

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from vit_analysis import layers as layers_lib
+from vit_analysis.models import layers as layers_lib
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Built-in models (vit_analysis.models), and any module whose `apply(v, images, train=False)`
 returns `(logits, out)`, give `out`: a plain dict of '/'-joined names filled in forward order
-(see vit_analysis/layers.py). Any other Flax linen module is used unchanged: its forward pass
+(see vit_analysis/models/layers.py). Any other Flax linen module is used unchanged: its forward pass
 `model.apply(variables, images[, train=False])` runs under `nn.intercept_methods`, and the output of every
 submodule `__call__` is recorded under the submodule's scope path ('Encoder_0/Block_3/Mlp_0'),
 in the order the calls return (a block after its children), with the module's own output as

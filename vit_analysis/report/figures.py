@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from vit_analysis.plotting import interactive
+from vit_analysis.report import interactive
 
 Figure = tuple[str, dict[str, Any]]
 _CKA_FAMILY = ("cka_intra", "cka_cross", "skip_removal", "head_subsets", "localization",

@@ -24,9 +24,11 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from vit_analysis import compilation, config_lib, sharding, streaming
-from vit_analysis import data as data_lib
+from vit_analysis import config_lib
+from vit_analysis.input import data as data_lib
+from vit_analysis.input import streaming
 from vit_analysis.models import describe
+from vit_analysis.runtime import compilation, sharding
 
 
 @dataclasses.dataclass
@@ -266,7 +268,7 @@ def train(module: nn.Module, train_config: ml_collections.ConfigDict, *, train_s
       os.path.abspath(os.path.join(workdir, "ckpt")),
       options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True))
   # The training input is grain's shuffled, repeated stream: its iterator position is saved in
-  # the orbax train state (analyses walk fixed plans through vit_analysis.streaming instead).
+  # the orbax train state (analyses walk fixed plans through vit_analysis.input.streaming instead).
   it = data_lib.batches(train_source, cfg.batch_size, seed=seed, shuffle=True, num_epochs=None,
                         image_size=image_size,
                         normalization=describe(module, image_size).normalization)

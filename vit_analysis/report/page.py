@@ -3,7 +3,7 @@ r"""One self-contained HTML page per workdir, rebuilt from its saved results alo
   python -m vit_analysis.report --workdir=runs/demo      # rewrites runs/demo/report.html
   python -m vit_analysis.report --workdir=runs/a --compare=runs/b --out=/tmp/a_vs_b.html
 
-The page opens with the paper's findings checked on this run (`vit_analysis.analyses.findings`),
+The page opens with the paper's findings checked on this run (`vit_analysis.report.findings`),
 then the models, then one section per analysis: interactive figures (hover: full layer names,
 value, standard error over minibatches, spread over repeats; zoom and pan), the static PNGs the
 analysis wrote, and its metrics. `--compare` puts two runs side by side and adds difference
@@ -23,9 +23,9 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from vit_analysis import report_figures, report_html
-from vit_analysis.analyses import findings
-from vit_analysis.plotting import interactive
+from vit_analysis.report import figures as report_figures
+from vit_analysis.report import findings, interactive
+from vit_analysis.report import html as report_html
 
 _RESULT_FIELDS = ("name", "title", "caption", "figures", "metrics", "seconds")
 
@@ -277,6 +277,3 @@ def main(argv: Sequence[str] | None = None) -> str:
   print(f"{path} ({os.path.getsize(path) / 2**20:.1f} MiB)")
   return path
 
-
-if __name__ == "__main__":
-  main()

@@ -25,7 +25,9 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from vit_analysis import capture, compilation, sharding, streaming
+from vit_analysis.input import streaming
+from vit_analysis.models import capture
+from vit_analysis.runtime import compilation, sharding
 
 BIAS_CONSTANT = 100.0  # big_vision: large, so the bias weight is effectively unregularised.
 STD_EPS = 1e-5

@@ -9,7 +9,7 @@ A *source* is random access: `len(src)`, `src[i] -> {'image': uint8 [h, w, c], '
   TFRecord-only build is refused with the commands that make an ArrayRecord one.
 * 'folder:<path>': class-per-subfolder JPEG/PNG images (ImageNet val as most people hold it),
   listed once with `os.scandir` and decoded with PIL in `__getitem__`, so that the worker threads
-  of `vit_analysis.streaming` decode in parallel.
+  of `vit_analysis.input.streaming` decode in parallel.
 
 Preprocessing (`preprocess`, `preprocess_image`) is vit_jax's evaluation input: a bilinear resize
 with `tf.image.resize` semantics (OpenCV in C, see `resize_bilinear`), then a value mapping:

@@ -35,9 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_analysis import data, sharding
-from vit_analysis import progress as progress_lib
-from vit_analysis import resume as resume_lib
+from vit_analysis.input import data
+from vit_analysis.runtime import progress as progress_lib
+from vit_analysis.runtime import resume as resume_lib
+from vit_analysis.runtime import sharding
 
 View = tuple[int, Any]  # (image side, normalisation: 'minus_one_one' or (mean, std) in [0, 1])
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import jax
 from absl import logging
 
-from vit_analysis import capture
+from vit_analysis.models import capture
 
 if TYPE_CHECKING:  # the analyses' model record; imported for annotations only
   from vit_analysis.analyses.base import LoadedModel

@@ -10,7 +10,7 @@ Handled on the way (all visible in `load_npz`'s arguments):
   * an `opt/target/` prefix (old exports) is stripped;
   * big_vision layouts (`params/img/` or `params/` prefixes, scanned `Transformer/encoderblock/`
     arrays, linen-numbered block children, top-level `pos_embedding`) are renamed to vit_jax's
-    (vit_analysis.checkpoints_big_vision);
+    (vit_analysis.models.checkpoints_big_vision);
   * old GroupNorm scale/bias of shape (1, 1, 1, C) are squeezed to (C,) (vit_jax `_fix_groupnorm`);
   * the position embedding is resized when the token grid differs (vit_jax
     `interpolate_posembed`: CLS kept, square grid, `scipy.ndimage.zoom(order=1)`, corner-aligned);
@@ -18,7 +18,7 @@ Handled on the way (all visible in `load_npz`'s arguments):
   * `drop_pre_logits=True` ignores an ImageNet-21k `pre_logits` layer the model does not have.
 
 timm state dicts saved with safetensors load through `load_safetensors` (key map in
-vit_analysis.checkpoints_timm); Flax msgpack params files through `load_msgpack`. Every path
+vit_analysis.models.checkpoints_timm); Flax msgpack params files through `load_msgpack`. Every path
 is opened with `etils.epath`, so `gs://...` works wherever epath has a backend for it.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ import safetensors.numpy
 import scipy.ndimage
 from etils import epath
 
-from vit_analysis import checkpoints_big_vision, checkpoints_timm
+from vit_analysis.models import checkpoints_big_vision, checkpoints_timm
 from vit_analysis.models import info as model_info
 
 PREFIX = 'opt/target/'

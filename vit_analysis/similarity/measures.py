@@ -55,7 +55,7 @@ import numpy as np
 import scipy.stats
 from jax.experimental import multihost_utils
 
-from vit_analysis import cka
+from vit_analysis.similarity import cka
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 # |value| beyond [lower, 1] by more than this is a bug or corrupted input, not rounding.

@@ -1,0 +1,1 @@
+"""Images in: sources (digits, TFDS, folders), preprocessing, and the one streaming engine."""

@@ -1,0 +1,1 @@
+"""Comparing representations: CKA maths, the other measures, sides of a comparison, the runner."""
