@@ -50,21 +50,22 @@ def random_source(n=64, size=16, seed=0, num_classes=1):
                           np.arange(n) % num_classes, num_classes)
 
 
-def make_context(tmp_path, names, num_images=10, config=None, **kwargs):
+def make_context(tmp_path, names, num_images=10, **kwargs):
   """A Context over randomly initialised registry models ({key: name}) and random images."""
   models_ = {}
   for i, (key, name) in enumerate(names.items()):
     models_[key] = loaded(models.create_model(name, 10), 32, key, seed=i, name=name)
   src = random_source(num_images, 32, num_classes=10)
   return base.Context(str(tmp_path), models_, {"test": src, "train": src}, sharding.make_mesh(),
-                      config=config, **kwargs)
+                      **kwargs)
 
 
 def run_analysis(name, config, ctx):
   """Runs analysis `name` of `config` as `main.run` does (merged sub-config, saved result)."""
   if not isinstance(config, ml_collections.ConfigDict):
     config = ml_collections.ConfigDict(config)
-  ctx = base.Context(ctx.workdir, ctx.models, ctx.sources, ctx.mesh, ctx.train_fn, config)
+  ctx = base.Context.for_experiment(config, ctx.workdir, ctx.models, ctx.sources, ctx.mesh,
+                                    ctx.train_fn)
   return main.run_analysis(config, ctx, name)
 
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from helpers import FAST, make_context, run_analysis
 
-from vit_analysis.analyses import attention_distance as ad
+from vit_analysis.models import attention as ad
 
 
 def _uniform(b, h, n, cls):

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from vit_analysis import main
+from vit_analysis import main, options
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
@@ -37,7 +37,7 @@ def test_configs_exist():
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
 def test_full_config_validates(path):
   config = load_config_module(path).get_config(None)
-  main.validate_config(config)
+  options.validate_config(config)
   assert not any(m.name.startswith(("ViT-smoke", "R-smoke", "Mixer-smoke"))
                  for m in config.models.values()), "the full config must not use smoke models"
 
@@ -45,7 +45,7 @@ def test_full_config_validates(path):
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
 def test_smoke_config_runs(path, tmp_path, model_cache):
   config = load_config_module(path).get_config("smoke")
-  main.validate_config(config)
+  options.validate_config(config)
   config.model_cache = model_cache
   workdir = str(tmp_path / "work")
   results = main.run(config, workdir)

@@ -12,7 +12,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from vit_analysis import analyses as analyses_lib
-from vit_analysis import config_lib, main
+from vit_analysis import config_lib, main, options
+from vit_analysis.models import build
 from vit_analysis.analyses import base
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,10 +41,10 @@ def _smoke_config(model_cache, **changes):
 ])
 def test_validate_config_names_the_bad_key(mutate, message):
   config = config_lib.base_config("smoke")
-  main.validate_config(config)
+  options.validate_config(config)
   mutate(config)
   with pytest.raises(KeyError, match=message):
-    main.validate_config(config)
+    options.validate_config(config)
 
 
 def test_command_line_override_of_unknown_key_is_an_error(monkeypatch):
@@ -65,31 +66,31 @@ def test_command_line_override_of_unknown_key_is_an_error(monkeypatch):
 
 def test_model_hash_is_content_based():
   config = config_lib.base_config("smoke")
-  same = main.model_hash(config, config_lib.digits_model("other_key", "ViT-demo_4", smoke=True))
-  assert same == main.model_hash(config, config.models.vit)
-  assert main.model_hash(config, config.models.vit) != main.model_hash(config, config.models.resnet)
+  same = build.model_hash(config, config_lib.digits_model("other_key", "ViT-demo_4", smoke=True))
+  assert same == build.model_hash(config, config.models.vit)
+  assert build.model_hash(config, config.models.vit) != build.model_hash(config, config.models.resnet)
   config.train.learning_rate = 0.5
-  assert main.model_hash(config, config.models.vit) != same
+  assert build.model_hash(config, config.models.vit) != same
   config.train.learning_rate = config_lib.train_defaults(True).learning_rate
   config.seed = 1
-  assert main.model_hash(config, config.models.vit) != same
+  assert build.model_hash(config, config.models.vit) != same
 
 
 def test_run_dispatches_analyses_trains_skip_removed_and_guards_workdir(
     tmp_path, model_cache, monkeypatch):
   seen = {}
 
-  def fake_analysis(config, ctx):
-    # ctx.sub: the analysis' defaults updated by the config's values.
-    assert sorted(ctx.models) == ["resnet", "vit"] and ctx.sub.repeats == 7
-    assert ctx.sub.minibatch_size == 1024 and ctx.name == "cka_intra"
+  def fake_analysis(ctx, cfg):
+    # cfg: the analysis' defaults updated by the config's values.
+    assert sorted(ctx.models) == ["resnet", "vit"] and cfg.repeats == 7
+    assert cfg.minibatch_size == 1024 and ctx.name == "cka_intra"
     seen["calls"] = seen.get("calls", 0) + 1
     assert len(ctx.sources["train"]) == 4000 and len(ctx.sources["test"]) == 1000
     for m in ctx.models.values():
       assert 0 <= m.test_accuracy <= 1 and m.image_size == 32
     # train_fn (extra models for skip removal, dataset scale) goes through the same cache:
     # the same content under another key is restored, not retrained.
-    again = ctx.train_fn("again", config.models.vit.to_dict())
+    again = ctx.train_fn("again", ctx.model_entry("vit").to_dict())
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(again.variables),
                  jax.device_get(ctx.models["vit"].variables))
     seen["again_acc"] = again.test_accuracy
@@ -132,7 +133,7 @@ def test_unknown_analysis_option_and_missing_files_fail_before_training(tmp_path
   config.analyses = ("cka_intra",)
   config.cka_intra = ml_collections.ConfigDict({"repeat": 3})
   with pytest.raises(KeyError, match="cka_intra.repeat.*did you mean 'repeats'"):
-    main.validate_config(config)
+    options.validate_config(config)
   # A missing checkpoint of the SECOND model is reported before the first one trains.
   config = config_lib.base_config("smoke")
   config.models.resnet = config_lib.official_model("R50x1", str(tmp_path / "BiT.npz"), 10)
@@ -144,16 +145,16 @@ def test_unknown_analysis_option_and_missing_files_fail_before_training(tmp_path
   config.data = config_lib.digits_data()
   config.data.name = f"folder:{tmp_path / 'nowhere'}"
   with pytest.raises(FileNotFoundError, match="subfolder of images per class"):
-    main.check_files(config)
+    options.check_files(config)
 
 
 def test_analysis_config_merges_defaults_and_replaces_dicts():
   config = ml_collections.ConfigDict({"cka_intra": {"repeats": 3,
                                                     "layers_per_model": {"vit": "coarse"}}})
-  merged = main.analysis_config(config, "cka_intra")
+  merged = options.analysis_config(config, "cka_intra")
   assert merged.repeats == 3 and merged.num_examples == 10240  # the paper's default
   assert dict(merged.layers_per_model) == {"vit": "coarse"}
-  assert main.analysis_config(ml_collections.ConfigDict(), "probe").kind == "fewshot"
+  assert options.analysis_config(ml_collections.ConfigDict(), "probe").kind == "fewshot"
 
 
 def test_cli_list_options_and_config_arguments(monkeypatch):

@@ -220,7 +220,7 @@ def test_configs_and_chunking():
   import importlib.util
   import pathlib
 
-  from vit_analysis import main
+  from vit_analysis import options
   from vit_analysis.analyses import probes
   root = pathlib.Path(__file__).resolve().parents[1] / "configs"
   for name, args in [("probe_digits", (None, "smoke", "kind=logistic")),
@@ -230,7 +230,7 @@ def test_configs_and_chunking():
     spec.loader.exec_module(module)
     for arg in args:
       config = module.get_config(arg)
-      main.validate_config(config)
+      options.validate_config(config)
       assert config.analyses == ("probe",) and set(config.probe) <= set(probes.default_config())
   specs = [probing.FeatureSpec(f"block{i:02d}", probing.Pooling("tokens")) for i in range(5)]
   shapes = {s.key: (50, 768) for s in specs}  # 1000 examples: 146.5 MB per layer.

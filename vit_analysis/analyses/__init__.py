@@ -1,6 +1,9 @@
-"""Analyses by name. Each entry is `module:function` with `function(config, ctx) -> AnalysisResult`.
+"""Analyses by name. Each entry is `module:function` with `function(ctx, cfg) -> AnalysisResult`.
 
-Modules are imported on first use, so a config that runs one analysis pays for one import.
+`cfg` is the analysis' own sub-config: `default_config(name)` updated by the experiment's
+`config.<name>` (`vit_analysis.options.analysis_config`); it is the only place an analysis reads
+options from, like a big_vision evaluator's. Modules are imported on first use, so a config that
+runs one analysis pays for one import.
 """
 from __future__ import annotations
 
@@ -38,8 +41,8 @@ def _module(name: str):
   return importlib.import_module(f"vit_analysis.analyses.{module_name}"), fn_name
 
 
-def get(name: str) -> Callable[..., AnalysisResult]:
-  """The analysis function registered as `name`.
+def get(name: str) -> Callable[[Context, ml_collections.ConfigDict], AnalysisResult]:
+  """The analysis function registered as `name`: `run(ctx, cfg) -> AnalysisResult`.
 
   Raises:
     KeyError: naming the unknown analysis and the closest known names.

@@ -1,11 +1,13 @@
 """What every analysis receives and returns.
 
-An analysis is a function `run(config, ctx) -> AnalysisResult`. `config` is the whole experiment
-ConfigDict; `ctx` holds what the entry point prepared: the workdir, the models (trained, restored
-or loaded from official checkpoints), the raw data sources, the device mesh and the analysis'
-merged sub-config `ctx.sub`. The analysis writes arrays under `results/` and figures under
-`figures/` through `ctx` (process 0 only) and returns a summary; `main.run` saves it as
-`results/<name>.json` and the report renders it.
+An analysis is a function `run(ctx, cfg) -> AnalysisResult`, like a big_vision evaluator: `cfg`
+is its own sub-config (its `default_config()` updated by the experiment's `config.<name>`), the
+only place it reads options from; `ctx` holds what the entry point prepared: the workdir, the
+models (trained, restored or loaded from official checkpoints), the raw data sources, the device
+mesh and the few experiment-level facts an analysis may need (seed, model entries, training
+defaults). The analysis writes arrays under `results/` and figures under `figures/` through
+`ctx` (process 0 only) and returns a summary; `main.run` saves it as `results/<name>.json` and
+the report renders it.
 """
 from __future__ import annotations
 
@@ -14,55 +16,31 @@ import difflib
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import matplotlib.pyplot as plt
 import ml_collections
 import numpy as np
 
 from vit_analysis import plotting
-from vit_analysis.models import ModelInfo, describe
+from vit_analysis.models.build import LoadedModel
 from vit_analysis.runtime import compilation, resume
 
-
-@dataclasses.dataclass
-class LoadedModel:
-  """A model ready for analysis.
-
-  Attributes:
-    key: the model's key in `config.models` (e.g. 'vit', 'resnet').
-    name: its registry name (e.g. 'ViT-Ti_4', 'R26x1-small', 'ViT-B_32').
-    module: the Flax module; `module.apply(variables, images, train=False) -> (logits, out)`.
-    variables: `{'params': ...}`.
-    image_size: side in pixels of the square images the model takes.
-    test_accuracy: top-1 accuracy on the test split, if it was measured.
-    fingerprint: what determines the parameters (content hash or checkpoint path); partial
-      results of another model are never resumed.
-  """
-  key: str
-  name: str
-  module: nn.Module
-  variables: Any
-  image_size: int
-  test_accuracy: float | None = None
-  fingerprint: str = ""
-
-  @property
-  def info(self) -> ModelInfo:
-    """The model's facts at its image size (family, CLS, grid, ...): `models.describe`."""
-    return describe(self.module, self.image_size)
+__all__ = ["AnalysisResult", "Context", "LoadedModel", "image_sample_config", "save_result"]
 
 
 @dataclasses.dataclass
 class Context:
   """What the entry point hands to every analysis, and the analyses' shared epilogue.
 
-  `main.run` builds one Context per experiment and gives each analysis `ctx.for_analysis(name,
-  sub)`, which carries that analysis' merged sub-config. Analyses look models up with
-  `ctx.model(key)`, write figures with `ctx.save_figure` and arrays with `ctx.save_arrays` (both
-  on process 0 only); `main.run` alone writes the `AnalysisResult`.
+  `main.run` builds one Context per experiment and calls each analysis as
+  `run(ctx.for_analysis(name, cfg), cfg)`. Analyses look models up with `ctx.model(key)`, write
+  figures with `ctx.save_figure` and arrays with `ctx.save_arrays` (both on process 0 only);
+  `main.run` alone writes the `AnalysisResult`. The context keeps the running analysis' `cfg`
+  privately, for its epilogue alone: the checkpointer's fingerprint and interval, the figure
+  formats and `fast_compile`.
 
   Attributes:
     workdir: the run's directory; results go to `workdir/results`, figures to `workdir/figures`.
@@ -71,24 +49,41 @@ class Context:
     mesh: the 1-D device mesh (`vit_analysis.runtime.sharding.make_mesh`).
     train_fn: trains a model from a model sub-config (used by analyses that need extra trained
       models: skip removal, dataset scale); signature `train_fn(model_key, model_config) ->
-      LoadedModel`, cached by content hash like every configured model. None where training
-      is unavailable.
-    config: the whole experiment config.
+      LoadedModel`, cached by content hash like every configured model
+      (`models.build.ModelBuilder.build`). None where training is unavailable.
+    seed: the experiment's `config.seed` (CKA example order, subsets, probe splits).
+    model_entries: the experiment's `config.models` entries, from which analyses derive extra
+      models for `train_fn`.
+    train_defaults: the experiment's `config.train` (None: none); the fallback of
+      `fast_compile` and what training an extra model starts from.
     name: the running analysis' name ('' outside an analysis).
-    sub: the running analysis' sub-config, its `default_config()` updated by the config's.
   """
   workdir: str
   models: dict[str, LoadedModel]
   sources: dict[str, Any]
   mesh: jax.sharding.Mesh
   train_fn: Callable[..., LoadedModel] | None = None
-  config: Any = None
+  seed: int = 0
+  model_entries: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  train_defaults: Any = None
   name: str = ""
-  sub: Any = None
+  # The running analysis' sub-config, for the epilogue only (analyses read their `cfg`).
+  _cfg: Any = dataclasses.field(default=None, init=False, repr=False)
 
-  def for_analysis(self, name: str, sub: Any) -> "Context":
-    """This context for analysis `name` with its merged sub-config `sub`."""
-    return dataclasses.replace(self, name=name, sub=sub)
+  @classmethod
+  def for_experiment(cls, config: Any, workdir: str, models: dict[str, LoadedModel],
+                     sources: dict[str, Any], mesh: jax.sharding.Mesh,
+                     train_fn: Callable[..., LoadedModel] | None = None) -> Context:
+    """The context of experiment `config`: its seed, model entries and training defaults."""
+    return cls(workdir, models, sources, mesh, train_fn, seed=int(config.get("seed", 0)),
+               model_entries=config.get("models", None) or {},
+               train_defaults=config.get("train", None))
+
+  def for_analysis(self, name: str, cfg: Any) -> Context:
+    """This context while analysis `name` runs with its merged sub-config `cfg`."""
+    ctx = dataclasses.replace(self, name=name)
+    ctx._cfg = cfg  # pylint: disable=protected-access
+    return ctx
 
   def path(self, *parts: str) -> str:
     """`workdir/parts...`, creating the parent folder."""
@@ -102,13 +97,22 @@ class Context:
     return jax.process_index() == 0
 
   @property
-  def seed(self) -> int:
-    return int(self.config.get("seed", 0)) if self.config is not None else 0
-
-  @property
   def fast_compile(self) -> bool:
-    """The analysis' `fast_compile` (see `vit_analysis.runtime.compilation.fast_compile`)."""
-    return compilation.fast_compile(self.config, self.sub)
+    """The running analysis' `fast_compile`: its `cfg.fast_compile`, or if None the training
+    defaults' (`vit_analysis.runtime.compilation.fast_compile`)."""
+    return compilation.fast_compile({"train": self.train_defaults}, self._cfg)
+
+  def model_entry(self, key: str) -> ml_collections.ConfigDict:
+    """A copy of the experiment's `config.models[key]` entry, to derive another model from.
+
+    Raises:
+      KeyError: naming the analysis, the unknown key and the known keys.
+    """
+    if key not in self.model_entries:
+      raise KeyError(f"{self.name or 'analysis'}: no model entry {key!r}; known: "
+                     f"{list(self.model_entries)}")
+    entry = self.model_entries[key]
+    return ml_collections.ConfigDict(entry.to_dict() if hasattr(entry, "to_dict") else dict(entry))
 
   def model(self, key: str) -> LoadedModel:
     """The model of `config.models[key]`.
@@ -147,8 +151,8 @@ class Context:
     fingerprint covers the analysis' sub-config, the seed and every model's fingerprint, so a
     changed run never resumes another's partial sums.
     """
-    every = self.sub.get("checkpoint_every_s", 60.0) if self.sub is not None else 60.0
-    sub = self.sub.to_json_best_effort(sort_keys=True) if self.sub is not None else ""
+    every = self._cfg.get("checkpoint_every_s", 60.0) if self._cfg is not None else 60.0
+    sub = self._cfg.to_json_best_effort(sort_keys=True) if self._cfg is not None else ""
     content = json.dumps([self.name, tag, sub, self.seed,
                           sorted((k, m.name, m.fingerprint) for k, m in self.models.items())])
     return resume.Checkpointer(os.path.join(self.workdir, "partial", self.name, tag),
@@ -180,7 +184,7 @@ class Context:
     Returns:
       The first format's path relative to the workdir (the same on every process).
     """
-    formats = tuple((self.sub.get("figure_formats", None) if self.sub is not None else None)
+    formats = tuple((self._cfg.get("figure_formats", None) if self._cfg is not None else None)
                     or ("png", "pdf"))
     rel = os.path.join("figures", f"{name}.{formats[0]}")
     if self.is_main:

@@ -94,8 +94,9 @@ def task_sources(task: Any, ctx: base.Context) -> dict[str, Any]:
           "test": data_lib.get_source(cfg, task.get("test_split", "test"))}
 
 
-def _train(ctx: base.Context, ref_key: str, tag: str, sources: dict[str, Any],
-           data_tag: str, init_from: base.LoadedModel | None = None) -> base.LoadedModel:
+def _train(ctx: base.Context, cfg: ml_collections.ConfigDict, ref_key: str, tag: str,
+           sources: dict[str, Any], data_tag: str,
+           init_from: base.LoadedModel | None = None) -> base.LoadedModel:
   """A copy of model `ref_key` (its architecture and resolution, a head for this data) trained
   through `ctx.train_fn`, so it is cached and content-hashed like every configured model.
 
@@ -104,13 +105,12 @@ def _train(ctx: base.Context, ref_key: str, tag: str, sources: dict[str, Any],
   """
   if ctx.train_fn is None:
     raise ValueError("dataset_scale trains models, but this context has no train_fn")
-  sub = ctx.sub
-  entry = ml_collections.ConfigDict(ctx.config.models[ref_key].to_dict())
-  extra = dict(sub.finetune_train if init_from is not None else sub.subset_train)
-  if init_from is None and sub.same_steps and not extra.get("num_steps"):
+  entry = ctx.model_entry(ref_key)
+  extra = dict(cfg.finetune_train if init_from is not None else cfg.subset_train)
+  if init_from is None and cfg.same_steps and not extra.get("num_steps"):
     # Same optimisation budget as the reference (the subset is revisited more often).
-    cfg = train_lib.effective_config(ctx.config.get("train", None), entry.get("train", None))
-    extra["num_steps"] = train_lib.total_steps(cfg, len(ctx.sources["train"]))
+    train = train_lib.effective_config(ctx.train_defaults, entry.get("train", None))
+    extra["num_steps"] = train_lib.total_steps(train, len(ctx.sources["train"]))
   entry.train = ml_collections.ConfigDict(dict(entry.get("train", None) or {}, **extra))
   entry.num_classes = int(sources["train"].num_classes)
   entry.checkpoint = ""
@@ -119,15 +119,16 @@ def _train(ctx: base.Context, ref_key: str, tag: str, sources: dict[str, Any],
 
 
 def blockwise_cka(model_a: base.LoadedModel, model_b: base.LoadedModel, source: Any,
-                  ctx: base.Context, layers: Any, desc: str) -> cka_runner.RepeatedCKA:
+                  ctx: base.Context, cfg: ml_collections.ConfigDict, layers: Any,
+                  desc: str) -> cka_runner.RepeatedCKA:
   """CKA of every captured layer of `model_a` with every one of `model_b` (same architecture)."""
-  side_a = representations.model_side(model_a, layers, ctx.sub.tokens)
-  side_b = representations.model_side(model_b, layers, ctx.sub.tokens)
+  side_a = representations.model_side(model_a, layers, cfg.tokens)
+  side_b = representations.model_side(model_b, layers, cfg.tokens)
   if side_a.names != side_b.names:
     raise ValueError(f"{desc}: the two models capture different layers")
   return cka_runner.cka_over_repeats(side_a, side_b, source, seed=ctx.seed, mesh=ctx.mesh,
                                      desc=desc, resume=ctx.checkpointer(desc.split("/")[-1]),
-                                     **cka_runner.protocol(ctx.sub))
+                                     **cka_runner.protocol(cfg))
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -145,16 +146,14 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def run(config: Any, ctx: base.Context) -> base.AnalysisResult:
+def run(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResult:
   """Trains the subset and fine-tuned models (cached) and compares them block by block."""
-  del config
-  sub = ctx.sub
-  ref_key = sub.reference
+  ref_key = cfg.reference
   ref = ctx.model(ref_key)
-  layers = representations.layer_spec(sub.layers)
+  layers = representations.layer_spec(cfg.layers)
   figures, metrics = [], {}
   panels = {}
-  fractions = [float(f) for f in sub.fractions]
+  fractions = [float(f) for f in cfg.fractions]
   if fractions:
     subsets = nested_subsets(_labels(ctx.sources["train"]), fractions, ctx.seed)
     curves = {}
@@ -162,23 +161,23 @@ def run(config: Any, ctx: base.Context) -> base.AnalysisResult:
       tag = f"{ref_key}_frac{f:g}"
       sources = {"train": IndexedSource(ctx.sources["train"], subsets[f]),
                  "test": ctx.sources["test"]}
-      model = _train(ctx, ref_key, tag, sources, f"subset fraction={f:g} seed={ctx.seed}")
-      rep = blockwise_cka(ref, model, ctx.sources[sub.split], ctx, layers,
+      model = _train(ctx, cfg, ref_key, tag, sources, f"subset fraction={f:g} seed={ctx.seed}")
+      rep = blockwise_cka(ref, model, ctx.sources[cfg.split], ctx, cfg, layers,
                           f"dataset_scale/{tag}")
       curves[f"{100 * f:g}%"] = rep
       metrics[tag] = dict(fraction=f, train_examples=int(len(subsets[f])),
                           test_accuracy=model.test_accuracy,
                           block_cka=np.diag(rep.mean).tolist())
     panels["data_fraction"] = (curves, f"{ref.name}: subset model vs 100% model")
-  tasks = dict(sub.finetune or {})
+  tasks = dict(cfg.finetune or {})
   if tasks:
     curves = {}
     for label, task in tasks.items():
       sources = task_sources(task, ctx)
       tag = f"{ref_key}_ft_{label}"
       task_json = json.dumps(dict(task), sort_keys=True, default=str)
-      model = _train(ctx, ref_key, tag, sources, f"finetune {task_json}", init_from=ref)
-      rep = blockwise_cka(ref, model, sources["test"], ctx, layers, f"dataset_scale/{tag}")
+      model = _train(ctx, cfg, ref_key, tag, sources, f"finetune {task_json}", init_from=ref)
+      rep = blockwise_cka(ref, model, sources["test"], ctx, cfg, layers, f"dataset_scale/{tag}")
       curves[label] = rep
       metrics[tag] = dict(task=task["data"], test_accuracy=model.test_accuracy,
                           block_cka=np.diag(rep.mean).tolist())

@@ -11,7 +11,7 @@ monotonically as the subset's mean distance grows, for every ResNet layer.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +19,8 @@ import ml_collections
 import numpy as np
 
 from vit_analysis import config_lib
-from vit_analysis.analyses import attention_distance, base
-from vit_analysis.models import capture, layers
+from vit_analysis.analyses import base
+from vit_analysis.models import attention, capture, layers
 from vit_analysis.models import vit as vit_lib
 from vit_analysis.plotting import similarity as plots
 from vit_analysis.similarity import cka_runner, representations
@@ -98,41 +98,39 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def run(config: Any, ctx: base.Context) -> base.AnalysisResult:
+def run(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResult:
   """Head-subset CKA for every (vit key, other key) in `head_subsets.pairs`.
 
   The other model is a ResNet in the paper (its lower unit outputs: `layers` globs, default the
   first `num_units` = 5 unit outputs); any model whose 'blocks' preset exists works.
   """
-  del config
-  sub = ctx.sub
-  source = ctx.sources[sub.split]
-  settings = cka_runner.protocol(sub)
+  source = ctx.sources[cfg.split]
+  settings = cka_runner.protocol(cfg)
   figures, metrics = [], {}
-  for vit_key, resnet_key in config_lib.pairs(sub.pairs):
+  for vit_key, resnet_key in config_lib.pairs(cfg.pairs):
     vit, resnet = ctx.model(vit_key), ctx.model(resnet_key)
     if not vit.info.has_attention_weights:
       raise ValueError(f"head_subsets: {vit_key!r} ({vit.name}) is not a ViT (no attention "
                        "weights)")
-    spec = representations.layer_spec(sub.layers) if sub.layers else None
+    spec = representations.layer_spec(cfg.layers) if cfg.layers else None
     if spec:
       resnet_names = representations.resolve_layers(resnet, spec)
     else:  # the paper's block1 unit1..3, block2 unit1..2: the first five unit outputs.
-      resnet_names = representations.resolve_layers(resnet, "blocks")[:int(sub.num_units)]
+      resnet_names = representations.resolve_layers(resnet, "blocks")[:int(cfg.num_units)]
     resnet_side = representations.Side(representations.model_feature_fn(resnet, resnet_names),
                                   resnet.variables, resnet.image_size, tuple(resnet_names),
                                   resnet.info.normalization)
-    distances, _ = attention_distance.model_distances(
-        vit, source, ctx.mesh, num_images=int(sub.distance_examples), batch_size=64,
-        seed=int(sub.distance_seed), fast=ctx.fast_compile,
+    distances, _ = attention.model_distances(
+        vit, source, ctx.mesh, num_images=int(cfg.distance_examples), batch_size=64,
+        seed=int(cfg.distance_seed), fast=ctx.fast_compile,
         resume=ctx.checkpointer(f"{vit_key}_distances"))
-    for block in (int(b) for b in sub.blocks):
+    for block in (int(b) for b in cfg.blocks):
       if not 0 <= block < distances.shape[0]:
         raise ValueError(f"head_subsets.blocks: {block} out of range for {vit.name}")
       dist = distances[block]
-      subsets = head_subsets(dist, sub.mode, int(sub.size))
+      subsets = head_subsets(dist, cfg.mode, int(cfg.size))
       subset_dist = np.asarray([dist[list(s)].mean() for s in subsets])
-      side = subset_side(vit, block, subsets, bool(sub.post_projection))
+      side = subset_side(vit, block, subsets, bool(cfg.post_projection))
       tag = f"{vit_key}_block{block:02d}_vs_{resnet_key}"
       rep = cka_runner.cka_over_repeats(side, resnet_side, source, seed=ctx.seed, mesh=ctx.mesh,
                                         desc=f"head_subsets/{vit_key}/block{block}",

@@ -148,8 +148,8 @@ def scores(matrix: np.ndarray) -> dict[str, float]:
               own_cka=float(own.mean()), tokens_scored=int(keep.sum()))
 
 
-def _layers(sub: Any, key: str, model: base.LoadedModel) -> Sequence[str]:
-  per_model = sub.get("layers_per_model", None) or {}
+def _layers(cfg: Any, key: str, model: base.LoadedModel) -> Sequence[str]:
+  per_model = cfg.get("layers_per_model", None) or {}
   if key in per_model:
     return config_lib.names(per_model[key])
   return (representations.resolve_layers(model, "blocks")[-1],)  # final block / final unit
@@ -175,27 +175,25 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def run(config: Any, ctx: base.Context) -> base.AnalysisResult:
+def run(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResult:
   """Localisation maps and scores for every model in `localization.models` (default all)."""
-  del config
-  sub = ctx.sub
-  source = ctx.sources[sub.split]
-  settings = cka_runner.protocol(sub)
+  source = ctx.sources[cfg.split]
+  settings = cka_runner.protocol(cfg)
   figures, metrics = [], {}
-  for key in ctx.model_keys(config_lib.names(sub.models)):
+  for key in ctx.model_keys(config_lib.names(cfg.models)):
     model = ctx.model(key)
-    for layer in _layers(sub, key, model):
+    for layer in _layers(cfg, key, model):
       token_side, patch_side, g = sides(model, layer)
       # The images of the first repeat (up to 2048) decide which patches are constant.
       check = streaming.cka_plan(len(source), settings["num_examples"],
                                  settings["minibatch_size"], 1, ctx.seed).reshape(-1)[:2048]
       positions = varying_positions(source, check, model.image_size, g,
-                                    float(sub.min_patch_variation), model.info.normalization)
+                                    float(cfg.min_patch_variation), model.info.normalization)
       if len(positions) < g * g:
         logging.info("localization/%s: %d of %d input patches are constant and left out", key,
                      g * g - len(positions), g * g)
         token_side, patch_side, g = sides(model, layer, positions)
-      tokens = [tuple(int(v) for v in t) for t in (sub.tokens or default_tokens(g))]
+      tokens = [tuple(int(v) for v in t) for t in (cfg.tokens or default_tokens(g))]
       bad = [t for t in tokens if not (0 <= t[0] < g and 0 <= t[1] < g)]
       if bad:
         raise ValueError(f"localization.tokens {bad} outside the {g}x{g} grid of {key}/{layer}")
@@ -210,7 +208,7 @@ def run(config: Any, ctx: base.Context) -> base.AnalysisResult:
         rep.save(stem, grid=g, tokens=np.asarray(tokens))
       figures.append(ctx.save_figure(
           lambda: draw(stem, f"{model.name} {layer}: CKA(token, input patch)", tokens, g,
-                       sub.vmax), f"localization_{tag}"))
+                       cfg.vmax), f"localization_{tag}"))
   return base.AnalysisResult(
       name="localization", title="Spatial localisation (Figs 9, 10, D.1-D.3)",
       caption="CKA between one output token (red cross) and the raw input patch at every grid "

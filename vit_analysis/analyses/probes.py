@@ -89,19 +89,19 @@ def _has_cls(lm: LoadedModel) -> bool:
   return lm.info.has_cls
 
 
-def _specs(lm: LoadedModel, sub) -> tuple[list[probing.FeatureSpec], dict, dict]:
+def _specs(lm: LoadedModel, cfg) -> tuple[list[probing.FeatureSpec], dict, dict]:
   """Feature specs of one model, plus {method: [spec key per layer]} and {token layer: spec key}."""
   names = capture.layer_names(lm.module, (lm.image_size, lm.image_size, 3))
   family = _family(lm)
   layers = capture.select(names, config_lib.names(
-      sub.layers_by_model.get(lm.key, sub.layers[family])))
+      cfg.layers_by_model.get(lm.key, cfg.layers[family])))
   shapes = capture.layer_shapes(lm.module, (lm.image_size, lm.image_size, 3))
   if family == "R":
     final = shapes[[n for n in layers_lib.block_outputs(names)
                     if layers_lib.parse(n).kind == "unit"][-1]].shape
   default = {"ViT": ("cls", "mean_no_cls", "mean") if _has_cls(lm) else ("first", "mean"),
              "R": ("s2d",), "Mixer": ("mean",)}[family]
-  methods = tuple(sub.poolings.get(lm.key, default))
+  methods = tuple(cfg.poolings.get(lm.key, default))
   if "cls" in methods and not _has_cls(lm):
     raise ValueError(f"pooling 'cls' asked for model {lm.key!r} ({lm.name}), which has no CLS "
                      "token")
@@ -115,7 +115,7 @@ def _specs(lm: LoadedModel, sub) -> tuple[list[probing.FeatureSpec], dict, dict]
     return probing.Pooling(method)
 
   agg = {m: [probing.FeatureSpec(l, pooling(l, m)) for l in layers] for m in methods}
-  token_globs = sub.token_layers.get(family, ())
+  token_globs = cfg.token_layers.get(family, ())
   token_layers = capture.select(names, token_globs) if token_globs else []
   token_method = "s2d_tokens" if family == "R" else "tokens"
   tokens = {l: probing.FeatureSpec(l, pooling(l, token_method)) for l in token_layers
@@ -162,20 +162,20 @@ def _chunks(specs, shapes: dict, n: int, max_mb: float) -> list[list]:
   return chunks
 
 
-def _solve(sub, feats, labels, fit_idx, val_idx, num_classes, fast):
+def _solve(cfg, feats, labels, fit_idx, val_idx, num_classes, fast):
   """Probes of every width group of `feats`: {d: (units, probes, val_acc, best)}, grid."""
   out = {}
   for d, units in probing.group_units({k: v.shape[1:] for k, v in feats.items()}).items():
     x = jnp.asarray(probing.stack_units(feats, units))
-    if sub.kind == "logistic":
-      grid = np.asarray(sub.weight_decays, np.float32)
+    if cfg.kind == "logistic":
+      grid = np.asarray(cfg.weight_decays, np.float32)
       va, b, p = probing.logistic_all(x[:, fit_idx[0]], jnp.asarray(labels[fit_idx[0]]),
                                       x[:, val_idx[0]], jnp.asarray(labels[val_idx[0]]),
                                       jnp.asarray(grid), num_classes=num_classes,
-                                      num_steps=sub.num_steps, fast=fast)
+                                      num_steps=cfg.num_steps, fast=fast)
       va, b, p = va[None], b[None], jax.tree.map(lambda a: a[None], p)
     else:
-      grid = 2.0 ** np.arange(sub.l2_exponents[0], sub.l2_exponents[1] + 1)
+      grid = 2.0 ** np.arange(cfg.l2_exponents[0], cfg.l2_exponents[1] + 1)
       va, b, p = probing.fewshot_all(x, jnp.asarray(labels), jnp.asarray(fit_idx),
                                      jnp.asarray(val_idx), jnp.asarray(grid, x.dtype),
                                      num_classes=num_classes, fast=fast)
@@ -183,23 +183,24 @@ def _solve(sub, feats, labels, fit_idx, val_idx, num_classes, fast):
   return out, grid
 
 
-def probe_model(lm: LoadedModel, sub, ctx: Context, seed: int) -> dict:
+def probe_model(lm: LoadedModel, cfg: ml_collections.ConfigDict, ctx: Context,
+                seed: int) -> dict:
   """Every probe of one model; returns per-unit arrays (see `run`).
 
-  Specs are processed in chunks whose training features fit in `sub.max_train_mb` (per-token
+  Specs are processed in chunks whose training features fit in `cfg.max_train_mb` (per-token
   probes of a large model on 10-shot ImageNet would otherwise need ~100 GB); each chunk is one
   pass over the training examples and one over the test examples.
   """
   train, test = ctx.sources["train"], ctx.sources["test"]
   num_classes = train.num_classes
-  specs, agg, tokens = _specs(lm, sub)
-  common = dict(image_size=lm.image_size, batch_size=sub.batch_size, mesh=ctx.mesh,
+  specs, agg, tokens = _specs(lm, cfg)
+  common = dict(image_size=lm.image_size, batch_size=cfg.batch_size, mesh=ctx.mesh,
                 fast=ctx.fast_compile, normalization=lm.info.normalization)
-  if sub.kind == "fewshot":
-    pool = _label_pool(train, num_classes, 3 * (sub.shots + sub.holdout_per_class), seed)
-    splits = [probing.fewshot_split(_labels_of(train, pool), num_classes, sub.shots,
-                                    sub.holdout_per_class, seed * 1000 + s)
-              for s in range(sub.seeds)]
+  if cfg.kind == "fewshot":
+    pool = _label_pool(train, num_classes, 3 * (cfg.shots + cfg.holdout_per_class), seed)
+    splits = [probing.fewshot_split(_labels_of(train, pool), num_classes, cfg.shots,
+                                    cfg.holdout_per_class, seed * 1000 + s)
+              for s in range(cfg.seeds)]
     needed = np.unique(np.concatenate([np.concatenate(sp) for sp in splits]))  # pool positions
     row = np.zeros(len(pool), np.int64)
     row[needed] = np.arange(len(needed))  # pool position -> row of the extracted features
@@ -207,39 +208,39 @@ def probe_model(lm: LoadedModel, sub, ctx: Context, seed: int) -> dict:
     val_idx = np.stack([row[v] for _, v in splits])
     train_idx = pool[needed]
   else:
-    n = sub.num_train or len(train)
-    if not 0 < sub.num_val < n:
-      raise ValueError(f"probe.num_val={sub.num_val} must be in (0, num_train={n})")
+    n = cfg.num_train or len(train)
+    if not 0 < cfg.num_val < n:
+      raise ValueError(f"probe.num_val={cfg.num_val} must be in (0, num_train={n})")
     # 'given': the split's own order (paper's CIFAR protocol: first 45k fit, last 5k validate);
     # 'shuffle': a seeded random subset/order, needed for class-sorted sources (the digits).
-    if sub.train_order == "given":
+    if cfg.train_order == "given":
       train_idx = np.arange(n)
-    elif sub.train_order == "shuffle":
+    elif cfg.train_order == "shuffle":
       train_idx = np.random.default_rng(seed).permutation(len(train))[:n]
     else:
-      raise ValueError(f"probe.train_order must be 'given' or 'shuffle', got {sub.train_order!r}")
-    fit_idx, val_idx = np.arange(n - sub.num_val)[None], np.arange(n - sub.num_val, n)[None]
+      raise ValueError(f"probe.train_order must be 'given' or 'shuffle', got {cfg.train_order!r}")
+    fit_idx, val_idx = np.arange(n - cfg.num_val)[None], np.arange(n - cfg.num_val, n)[None]
   test_idx = np.arange(len(test))
-  if sub.num_test:
-    test_idx = np.sort(np.random.default_rng(seed).permutation(len(test))[:sub.num_test])
+  if cfg.num_test:
+    test_idx = np.sort(np.random.default_rng(seed).permutation(len(test))[:cfg.num_test])
   shapes = probing.feature_shapes(lm.module, lm.variables, specs, lm.image_size)
   seconds = dict(extract=0.0, solve=0.0, test=0.0)
   names, acc, val_acc, best_reg = [], [], [], []
-  for c, chunk in enumerate(_chunks(specs, shapes, len(train_idx), sub.max_train_mb)):
+  for c, chunk in enumerate(_chunks(specs, shapes, len(train_idx), cfg.max_train_mb)):
     t0 = time.time()
     feats, labels = probing.extract(lm.module, lm.variables, train, train_idx, chunk, **common,
                                     resume=ctx.checkpointer(f"{lm.key}_train{c}"))
     for k, v in feats.items():
       probing.check_features(v.reshape(v.shape[0], -1), labels, num_classes, what=f"{lm.key}/{k}")
     t1 = time.time()
-    solved, grid = _solve(sub, feats, labels, fit_idx, val_idx, num_classes, common["fast"])
+    solved, grid = _solve(cfg, feats, labels, fit_idx, val_idx, num_classes, common["fast"])
     jax.block_until_ready([p for _, p, _, _ in solved.values()])
     t2 = time.time()
     groups = {d: u for d, (u, _, _, _) in solved.items()}
     probes = {d: p for d, (_, p, _, _) in solved.items()}
     per_example = sum(v[0].size * v.itemsize for v in feats.values())
     del feats
-    if len(test_idx) * per_example <= sub.max_cached_mb * 2**20:
+    if len(test_idx) * per_example <= cfg.max_cached_mb * 2**20:
       test_feats, test_labels = probing.extract(lm.module, lm.variables, test, test_idx, chunk,
                                                 **common,
                                                 resume=ctx.checkpointer(f"{lm.key}_test{c}"))
@@ -287,20 +288,19 @@ def _summaries(r: dict) -> dict:
   return out
 
 
-def run(config: ml_collections.ConfigDict, ctx: Context) -> AnalysisResult:
+def run(ctx: Context, cfg: ml_collections.ConfigDict) -> AnalysisResult:
   """Probes every configured layer of every model.
 
   Writes results/probe.npz (per model: 'units' names '<layer>:<pooling>[@token]', 'acc' [S, U]
   test accuracy per seed, 'val_acc' [S, U, K] held-out accuracy per regulariser, 'best_reg'
   [S, U], 'grid' [K]), results/probe.json (the summary below) and figures/probe_*.png.
   """
-  sub = ctx.sub
-  if sub.kind not in ("fewshot", "ridge", "logistic"):
-    raise ValueError(f"probe.kind must be 'fewshot', 'ridge' or 'logistic', got {sub.kind!r}")
+  if cfg.kind not in ("fewshot", "ridge", "logistic"):
+    raise ValueError(f"probe.kind must be 'fewshot', 'ridge' or 'logistic', got {cfg.kind!r}")
   raw, summary, arrays = {}, {}, {}
   for key, lm in ctx.models.items():
     logging.info("probe: model %s (%s)", key, lm.name)
-    r = raw[key] = probe_model(lm, sub, ctx, ctx.seed)
+    r = raw[key] = probe_model(lm, cfg, ctx, ctx.seed)
     summary[key] = _summaries(r)
     for field in ("units", "acc", "val_acc", "best_reg", "grid"):
       arrays[f"{key}/{field}"] = np.asarray(r[field])
@@ -308,7 +308,7 @@ def run(config: ml_collections.ConfigDict, ctx: Context) -> AnalysisResult:
   for key, s in summary.items():
     r = raw[key]
     metrics[key] = dict(
-        name=ctx.models[key].name, kind=sub.kind, num_fit=r["num_fit"], num_test=r["num_test"],
+        name=ctx.models[key].name, kind=cfg.kind, num_fit=r["num_fit"], num_test=r["num_test"],
         seconds={k: round(v, 2) for k, v in r["seconds"].items()},
         aggregated={m: dict(layers=c["layers"], acc_mean=np.round(c["acc_mean"], 4).tolist(),
                             acc_std=np.round(c["acc_std"], 4).tolist(),
@@ -319,9 +319,9 @@ def run(config: ml_collections.ConfigDict, ctx: Context) -> AnalysisResult:
   curves = [dict(label=f"{key} ({_head(raw[key])}); {m}", layers=c["layers"],
                  mean=c["acc_mean"], std=c["acc_std"])
             for key, s in summary.items() for m, c in s["aggregated"].items()]
-  shots = f"{sub.shots}-shot " if sub.kind == "fewshot" else ""
+  shots = f"{cfg.shots}-shot " if cfg.kind == "fewshot" else ""
   figures = [ctx.save_figure(lambda: plots.layer_curves(
-      curves, title=f"{shots}{sub.kind} probes, aggregated representations"), f"{NAME}_layers")]
+      curves, title=f"{shots}{cfg.kind} probes, aggregated representations"), f"{NAME}_layers")]
   token_curves = [dict(label=f"{key} ({_head(raw[key])})", layers=list(s["tokens"]),
                        mean=np.array([c["acc_mean"] for c in s["tokens"].values()]),
                        std=np.array([c["acc_std"] for c in s["tokens"].values()]))
@@ -329,7 +329,7 @@ def run(config: ml_collections.ConfigDict, ctx: Context) -> AnalysisResult:
   if token_curves:
     figures.append(ctx.save_figure(lambda: plots.layer_curves(
         token_curves, title=f"{shots}per-token probes (mean over tokens)"), f"{NAME}_tokens"))
-    rows = [(f"{key} ({_head(raw[key])})", _pick(s["grids"], sub.grid_layers))
+    rows = [(f"{key} ({_head(raw[key])})", _pick(s["grids"], cfg.grid_layers))
             for key, s in summary.items() if s["grids"]]
     if rows:
       figures.append(ctx.save_figure(lambda: plots.token_grids(rows), f"{NAME}_token_grids"))

@@ -257,10 +257,8 @@ def default_config() -> ml_collections.ConfigDict:
   )
 
 
-def run(config, ctx: base.Context) -> base.AnalysisResult:
+def run(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResult:
   """Effective receptive fields of every model in `ctx.models` (Figs 6, C.1-C.4)."""
-  del config
-  cfg = ctx.sub
   keys = ctx.model_keys(config_lib.names(cfg.models))
   source = ctx.sources[cfg.split]
   fraction = float(cfg.mass_fraction)

@@ -29,10 +29,10 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def layers_for(sub: Any, key: str) -> str | tuple[str, ...]:
+def layers_for(cfg: Any, key: str) -> str | tuple[str, ...]:
   """The layer spec of model `key`: `layers_per_model[key]`, else `layers`."""
-  per_model = sub.get("layers_per_model", None) or {}
-  return representations.layer_spec(per_model.get(key, sub.layers))
+  per_model = cfg.get("layers_per_model", None) or {}
+  return representations.layer_spec(per_model.get(key, cfg.layers))
 
 
 def summary(rep: cka_runner.RepeatedCKA) -> dict[str, float]:
@@ -90,19 +90,18 @@ def draw(stem: str, title: str, model_a: str, model_b: str):
                            spread=rep.std if len(rep.values) > 1 else None)
 
 
-def _run(ctx: base.Context, pairs: Sequence[tuple[str, str | None]], title: str,
-         caption: str) -> base.AnalysisResult:
-  sub = ctx.sub
-  source = ctx.sources[sub.split]
-  settings = cka_runner.protocol(sub)
+def _run(ctx: base.Context, cfg: ml_collections.ConfigDict,
+         pairs: Sequence[tuple[str, str | None]], title: str, caption: str) -> base.AnalysisResult:
+  source = ctx.sources[cfg.split]
+  settings = cka_runner.protocol(cfg)
   figures, metrics = [], {}
   for key_a, key_b in pairs:
     model_a = ctx.model(key_a)
     model_b = None if key_b is None else ctx.model(key_b)
     m = settings["minibatch_size"]
-    side_a = representations.model_side(model_a, layers_for(sub, key_a), sub.tokens, m)
+    side_a = representations.model_side(model_a, layers_for(cfg, key_a), cfg.tokens, m)
     side_b = None if model_b is None else representations.model_side(
-        model_b, layers_for(sub, key_b), sub.tokens, m)
+        model_b, layers_for(cfg, key_b), cfg.tokens, m)
     tag = key_a if key_b is None else f"{key_a}_vs_{key_b}"
     rep = cka_runner.cka_over_repeats(side_a, side_b, source, seed=ctx.seed, mesh=ctx.mesh,
                                       desc=f"{ctx.name}/{tag}", resume=ctx.checkpointer(tag),
@@ -120,24 +119,22 @@ def _run(ctx: base.Context, pairs: Sequence[tuple[str, str | None]], title: str,
           lambda: draw_measures(stem, f"{model_a.name} vs {label_b}", model_a.name, label_b),
           f"{ctx.name}_{tag}_measures"))
   return base.AnalysisResult(name=ctx.name, title=title, caption=caption, figures=figures,
-                             metrics=dict(settings, tokens=sub.tokens, **metrics))
+                             metrics=dict(settings, tokens=cfg.tokens, **metrics))
 
 
-def run_intra(config: Any, ctx: base.Context) -> base.AnalysisResult:
+def run_intra(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResult:
   """Intra-model CKA heatmap of every model in `cka_intra.models` (default: all)."""
-  del config  # everything comes through ctx.sub
-  keys = ctx.model_keys(config_lib.names(ctx.sub.models))
-  return _run(ctx, [(k, None) for k in keys], "Intra-model CKA (Figs 1, B.1, H.1)",
+  keys = ctx.model_keys(config_lib.names(cfg.models))
+  return _run(ctx, cfg, [(k, None) for k in keys], "Intra-model CKA (Figs 1, B.1, H.1)",
               "CKA between every pair of captured layers of one model (mean over repeats; right: "
               "spread). The paper finds ViTs uniform across depth with a grid texture, ResNets "
               "block-diagonal by stage, Mixers two uncorrelated blocks.")
 
 
-def run_cross(config: Any, ctx: base.Context) -> base.AnalysisResult:
+def run_cross(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResult:
   """Cross-model CKA heatmap for every `(row_key, col_key)` in `cka_cross.pairs`."""
-  del config
-  pairs = config_lib.pairs(ctx.sub.pairs) or [tuple(ctx.models)[:2]]
-  return _run(ctx, pairs, "Cross-model CKA (Figs 2, B.1, G.2, H.2)",
+  pairs = config_lib.pairs(cfg.pairs) or [tuple(ctx.models)[:2]]
+  return _run(ctx, cfg, pairs, "Cross-model CKA (Figs 2, B.1, G.2, H.2)",
               "CKA between every layer of one model (rows) and of another (columns), the same "
               "images in the same minibatches. The paper finds the lower half of R50 layers "
               "matching the lowest quarter of ViT layers and the top third of ViT matching none.")

@@ -204,10 +204,8 @@ def default_config() -> ml_collections.ConfigDict:
   )
 
 
-def run(config, ctx: base.Context) -> base.AnalysisResult:
+def run(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResult:
   """Skip/branch norm ratios and cosines of every model in `ctx.models` (Figs 7, E.1, E.2)."""
-  del config
-  cfg = ctx.sub
   keys = ctx.model_keys(config_lib.names(cfg.models))
   source = ctx.sources[cfg.split]
   if cfg.cosine not in ("out", "branch"):

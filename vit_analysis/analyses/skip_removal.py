@@ -90,9 +90,8 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def run(config, ctx: base.Context) -> base.AnalysisResult:
+def run(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResult:
   """Trains ViTs without the skips of one block and compares them (Fig 8)."""
-  cfg = ctx.sub
   base_key = cfg.base_model
   base_model = ctx.model(base_key)
   info = base_model.info
@@ -110,7 +109,7 @@ def run(config, ctx: base.Context) -> base.AnalysisResult:
   models = {base_key: base_model}
   for b in blocks:
     key = f"{base_key}_noskip{b:02d}"
-    models[key] = ctx.train_fn(key, removed_entry(config.models[base_key], b))
+    models[key] = ctx.train_fn(key, removed_entry(ctx.model_entry(base_key), b))
 
   source = ctx.sources[cfg.split]
   settings = cka_runner.protocol(cfg)

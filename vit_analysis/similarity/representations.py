@@ -17,8 +17,8 @@ from absl import logging
 
 from vit_analysis.models import capture
 
-if TYPE_CHECKING:  # the analyses' model record; imported for annotations only
-  from vit_analysis.analyses.base import LoadedModel
+if TYPE_CHECKING:  # for annotations only: building models pulls in training
+  from vit_analysis.models.build import LoadedModel
 
 FeatureFn = Callable[[Any, jax.Array], dict[str, jax.Array]]
 
