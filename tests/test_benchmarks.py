@@ -40,7 +40,7 @@ def _run(case: str) -> subprocess.CompletedProcess:
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
   try:
     return subprocess.run([sys.executable, _script(case), *CASES[case][0]], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
+                          capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
   except subprocess.TimeoutExpired as e:
     return subprocess.CompletedProcess(e.cmd, -1, e.stdout or "", f"timed out after {TIMEOUT_S} s")
 

@@ -28,9 +28,8 @@ from jax.sharding import PartitionSpec as P
 
 from vit_analysis import config_lib
 from vit_analysis.input import streaming
-from vit_analysis.runtime import jit_cache
+from vit_analysis.runtime import jit_cache, sharding
 from vit_analysis.runtime import resume as resume_lib
-from vit_analysis.runtime import sharding
 from vit_analysis.similarity import cka
 from vit_analysis.similarity import measures as measures_lib
 from vit_analysis.similarity.representations import Side
