@@ -11,6 +11,7 @@ The ratios blocks/forward and grams/forward are printed; the target is <= 1.25x.
   python benchmarks/capture_overhead.py                      # ViT-Ti_16 and R26x1, 224 px, b=64
   python benchmarks/capture_overhead.py --batch=16 --repeats=3
   python benchmarks/capture_overhead.py --models=ViT-smoke_8 --image_size=32
+  python benchmarks/capture_overhead.py --smoke   # seconds: ViT-smoke_8 and R-smoke, 32 px, b=4
 """
 import statistics
 import time
@@ -26,6 +27,8 @@ _MODELS = flags.DEFINE_list('models', ['ViT-Ti_16', 'R26x1'], 'Registry names.')
 _IMAGE_SIZE = flags.DEFINE_integer('image_size', 224, 'Input resolution.')
 _BATCH = flags.DEFINE_integer('batch', 64, 'Batch size.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per variant (median reported).')
+_SMOKE = flags.DEFINE_bool('smoke', False, 'Seconds, every path (tests/test_benchmarks.py): '
+                           'ViT-smoke_8 and R-smoke at 32 px, batch 4, 1 repeat.')
 
 
 def gram(x: jax.Array) -> jax.Array:
@@ -85,10 +88,14 @@ def bench_model(name: str, image_size: int, batch: int, repeats: int) -> dict[st
 
 def main(argv):
   del argv
+  models, image_size, batch, repeats = (
+      _MODELS.value, _IMAGE_SIZE.value, _BATCH.value, _REPEATS.value)
+  if _SMOKE.value:  # One ViT-like and one ResNet: both block patterns.
+    models, image_size, batch, repeats = ['ViT-smoke_8', 'R-smoke'], 32, 4, 1
   print(f'jax {jax.__version__}, devices {jax.devices()}')
   rows = []
-  for name in _MODELS.value:
-    m = bench_model(name, _IMAGE_SIZE.value, _BATCH.value, _REPEATS.value)
+  for name in models:
+    m = bench_model(name, image_size, batch, repeats)
     rows.append((name, m))
   print(f'\n{"model":<14}{"forward s":>11}{"blocks s":>10}{"grams s":>10}'
         f'{"blocks/fwd":>12}{"grams/fwd":>11}')

@@ -18,7 +18,10 @@ scaled to k.
 
 Usage:
   python benchmarks/cka_bench.py [--m 128 256 1024] [--minibatches 10] [--reps 5] [--quick]
-      [--peers]
+      [--peers] [--smoke]
+  # seconds (tests/test_benchmarks.py): m = 8, one minibatch, one repetition, the same layers,
+  # both tables (the installed peers run, the others print as unavailable):
+  python benchmarks/cka_bench.py --smoke
   # OpenBLAS at its native kernel (this machine's environment may pin an old one):
   env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/cka_bench.py --peers
 
@@ -283,16 +286,20 @@ def main() -> None:
   parser.add_argument("--peers", action="store_true",
                       help="table 2: cka-pytorch, torch-cka, NumPy SYRK (extra 'bench')")
   parser.add_argument("--torch_cka_minibatches", type=int, default=1)
+  parser.add_argument("--smoke", action="store_true",
+                      help="seconds: m = 8, 1 minibatch, 1 repetition, tables 1 and 2")
   args = parser.parse_args()
+  if args.smoke:
+    args.m, args.minibatches, args.reps = [8], 1, 1
   if args.quick:
     args.minibatches, args.reps = 3, 3
     args.m = args.m or [128, 256]
   ms = args.m or ([128, 256] if args.peers else [128, 256, 1024])
   for m in ms:
     k = minibatches_for(m, args.minibatches)
-    if args.peers:
+    if args.peers or args.smoke:
       bench_peers(m, k, args.reps, min(args.torch_cka_minibatches, k))
-    else:
+    if not args.peers or args.smoke:
       bench_engine(m, k, args.reps)
 
 

@@ -7,7 +7,7 @@ two files are equal, quality 90) in a temporary folder with 4 class subfolders, 
 
 * decode only: `FolderSource[i]` (file read + PIL decode), main thread;
 * old path: decode + the NumPy bilinear resize that `data.resize_bilinear` used before it moved
-  to OpenCV + [-1, 1] mapping, image by image in the main thread (`similarity._host_step`);
+  to OpenCV + [-1, 1] mapping, image by image in the main thread (the analyses' old host step);
 * `streaming.Stream` at 224 px, 1 and 2 worker threads, ending on host NumPy (no mesh) and on
   the device (a mesh of this machine's devices; the images are `block_until_ready`);
 * the ViT-B/16 fine-preset CKA step (capture of every fine layer + `cka.minibatch_terms`, one
@@ -17,9 +17,11 @@ Then the arithmetic for a TPU-VM host: how many decode workers keep up with N im
 throughput, from the measured per-worker rate.
 
 Usage:
-  python benchmarks/input_bench.py [--images 384] [--reps 3] [--m 8] [--quick]
+  python benchmarks/input_bench.py [--images 384] [--reps 3] [--m 8] [--quick | --smoke]
 
-`--quick` is a smoke run (32 small-count images, 1 repetition, a tiny ViT instead of ViT-B/16).
+`--quick`: 32 images, 1 repetition, ViT-Ti/16 instead of ViT-B/16. `--smoke` (seconds; run by
+tests/test_benchmarks.py so that the script cannot rot): 8 small JPEGs, 32 px, 1 repetition, the
+smoke ViT; every path is still measured and printed.
 
 Measured 2026-12-01 on the 2-core development machine while 5 other jobs shared it (load
 average 8-9, so this process got about a third of a core: wall rates are far below what the
@@ -130,7 +132,7 @@ def input_rates(root: str, *, image_size: int = 224, workers: tuple[int, ...] = 
     for i in range(n):
       src[i]
 
-  def old_path():  # as similarity._host_step: per image, main thread
+  def old_path():  # as the analyses' old host step: per image, main thread
     out = [(_old_resize(src[i]["image"][None], image_size) - 127.5) / 127.5 for i in range(old_n)]
     return np.concatenate(out)
 
@@ -165,16 +167,18 @@ def cka_step_rate(model_name: str, m: int, image_size: int, reps: int) -> tuple[
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
+  # pylint: disable=g-import-not-at-top
   from vit_analysis import models
-  from vit_analysis.analyses import similarity  # pylint: disable=g-import-not-at-top
+  from vit_analysis.analyses.base import LoadedModel
   from vit_analysis.models import capture
-  from vit_analysis.similarity import cka  # pylint: disable=g-import-not-at-top
+  from vit_analysis.similarity import cka, representations
+  # pylint: enable=g-import-not-at-top
   module = models.create_model(model_name, num_classes=1000, image_size=image_size)
   shape = (image_size, image_size, 3)
-  names = capture.select(capture.layer_names(module, shape), similarity._existing_patterns(  # pylint: disable=protected-access
-      capture.layer_names(module, shape), similarity.PRESETS["vit"]["fine"]))
   variables = jax.jit(lambda k: module.init(k, jnp.zeros((1,) + shape), train=False))(
       jax.random.key(0))
+  names = representations.resolve_layers(
+      LoadedModel("bench", model_name, module, variables, image_size), "fine")
   fn = capture.make_capture_fn(module, names)
 
   @jax.jit
@@ -197,15 +201,22 @@ def main() -> None:
   parser.add_argument("--m", type=int, default=8, help="CKA minibatch size on this CPU")
   parser.add_argument("--model", default="ViT-B_16")
   parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--smoke", action="store_true",
+                      help="seconds: 8 JPEGs of 64x48, 32 px, 1 repetition, ViT-smoke_8")
   args = parser.parse_args()
+  size, jpeg, step_size = 224, (500, 375), 32
   if args.quick:
     args.images, args.reps, args.m, args.model = 32, 1, 4, "ViT-Ti_16"
+  if args.smoke:
+    args.images, args.reps, args.m, args.model = 8, 1, 4, "ViT-smoke_8"
+    size, jpeg, step_size = 32, (64, 48), 4
   with tempfile.TemporaryDirectory() as root:
-    write_images(root, args.images)
-    rates = input_rates(root, reps=args.reps, old_images=max(32, args.images // 3))
+    write_images(root, args.images, size=jpeg)
+    rates = input_rates(root, image_size=size, reps=args.reps, step_size=step_size,
+                        old_images=max(32, args.images // 3))
   cores = os.cpu_count()
-  print(f"input at 224 px, {args.images} JPEGs of 500x375 (q90), {cores} cores, median of "
-        f"{args.reps} (wall images/s; CPU ms per image, all threads):")
+  print(f"input at {size} px, {args.images} JPEGs of {jpeg[0]}x{jpeg[1]} (q90), {cores} cores, "
+        f"median of {args.reps} (wall images/s; CPU ms per image, all threads):")
   labels = {"decode": "decode only (file + PIL), main thread",
             "old_path": "old path (decode + NumPy resize), main thread"}
   for w in (1, 2):
@@ -217,7 +228,7 @@ def main() -> None:
   print(f"  speed-up, Stream 2 workers to device vs old path: "
         f"{rates['stream_device_w2'][0] / rates['old_path'][0]:.2f}x wall, "
         f"{rates['old_path'][1] / rates['stream_device_w2'][1]:.2f}x CPU")
-  rate, layers, compile_s = cka_step_rate(args.model, args.m, 224, args.reps)
+  rate, layers, compile_s = cka_step_rate(args.model, args.m, size, args.reps)
   print(f"  {args.model} fine-preset CKA step ({layers} layers, m={args.m}, random weights) "
         f"on this CPU: {rate:.1f} images/s (compile {compile_s:.0f} s)")
   # One worker thread keeps one core busy; its rate on an idle core is 1000 / (CPU ms/image).

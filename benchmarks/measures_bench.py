@@ -24,6 +24,7 @@ iterations of two [m, m] GEMMs), so its ratio to linear CKA grows about 4x from 
 Usage:
   python benchmarks/measures_bench.py [--m 256] [--big_m 1024] [--reps 3] [--perms 8]
   python benchmarks/measures_bench.py --null_only   # the shuffle-null table alone (~1 min)
+  python benchmarks/measures_bench.py --smoke       # seconds, every table (tests/test_benchmarks.py)
 
 Known issue (XLA:CPU, jax 0.10.2, 2 shared cores): in three of four runs the process stopped using
 CPU inside a Procrustes program (m = 1024 SVD twice; m = 256 Newton-Schulz) after the cheaper ones
@@ -102,10 +103,12 @@ def table(a: int, b: int, m: int, reps: int, perms: int, null_for=("linear_cka",
   return out
 
 
-def gram_cost(m: int, reps: int) -> None:
-  x = jax.random.normal(jax.random.key(0), (m, 197 * 768))
+def gram_cost(m: int, reps: int, p: int = 197 * 768) -> None:
+  """Seconds of one [m, p] -> [m, m] Gram (p = 151,296: one ViT-B/16 token layer)."""
+  x = jax.random.normal(jax.random.key(0), (m, p))
   sec, _ = timed(cka.gram_linear, x, reps=reps)
-  print(f"\nGram of one ViT-B/16 token layer (m = {m}, p = 151,296): {sec:.3f} s; "
+  what = "one ViT-B/16 token layer" if p == 197 * 768 else "one layer"
+  print(f"\nGram of {what} (m = {m}, p = {p:,}): {sec:.3f} s; "
         f"44 such layers: {44 * sec:.1f} s per minibatch (shared by all measures)")
 
 
@@ -146,17 +149,23 @@ def main() -> None:
   parser.add_argument("--reps", type=int, default=3)
   parser.add_argument("--perms", type=int, default=8)
   parser.add_argument("--null_only", action="store_true", help="only the shuffle-null table")
+  parser.add_argument("--smoke", action="store_true",
+                      help="seconds: 2 x 2 layers, m = 16 (no big m), 1 rep, P = 2, small null")
   args = parser.parse_args()
+  null_sizes, gram_p = {}, 197 * 768
+  if args.smoke:
+    args.m, args.big_m, args.layers_a, args.layers_b, args.reps, args.perms = 16, 0, 2, 2, 1, 2
+    null_sizes, gram_p = {"m": 16, "p": 32, "minibatches": 2, "perms": 4}, 1024
   if args.null_only:
-    null_demo()
+    null_demo(**null_sizes)
     return
   print(f"backend: {jax.default_backend()}, devices: {jax.devices()}")
   table(args.layers_a, args.layers_b, args.m, args.reps, args.perms)
   if args.big_m:
     table(2, 2, args.big_m, args.reps, 0)
     table(2, 2, args.m, args.reps, 0)  # the same small grid at the small m: the m-scaling
-  gram_cost(args.m, args.reps)
-  null_demo()
+  gram_cost(args.m, args.reps, gram_p)
+  null_demo(**null_sizes)
 
 
 if __name__ == "__main__":

@@ -246,23 +246,6 @@ def test_progress_rate_excludes_first_update(caplog):
   assert p.close() == stats  # idempotent, logs once
 
 
-def test_input_benchmark_core_runs_on_tiny_jpegs(tmp_path):
-  import importlib.util
-  import os
-  import pathlib
-  path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "input_bench.py")
-  spec = importlib.util.spec_from_file_location("input_bench", path)
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
-  paths = bench.write_images(str(tmp_path), 4, size=(40, 30))
-  assert len({pathlib.Path(p).read_bytes() for p in paths}) == 4  # four different files
-  assert data.FolderSource(str(tmp_path))[0]["image"].shape == (30, 40, 3)
-  rates = bench.input_rates(str(tmp_path), image_size=16, reps=1, step_size=4)
-  assert set(rates) == {"decode", "old_path", "stream_host_w1", "stream_device_w1",
-                        "stream_host_w2", "stream_device_w2"}
-  assert all(r > 0 and ms >= 0 for r, ms in rates.values())
-
-
 # ---------------------------------------------------------------------------------------------
 # Two processes (jax.distributed, gloo): each decodes its own rows; the global arrays, the sums
 # and the checkpoint (written by process 0 only) match one process with 4 devices.

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_analysis.models import info as model_info
+from vit_analysis.runtime import jit_cache
 
 Array = jax.Array
 Patterns = str | Sequence[str]
@@ -57,7 +58,7 @@ def _image_struct(image_shape: Sequence[int], batch: int = 1) -> jax.ShapeDtypeS
   return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
-_MODE_CACHE: dict[Any, str] = {}
+_MODE_CACHE: jit_cache.JitCache[str] = jit_cache.JitCache()
 
 
 def _find_mode(model: nn.Module, image_shape: Sequence[int]) -> str:
@@ -74,14 +75,8 @@ def _find_mode(model: nn.Module, image_shape: Sequence[int]) -> str:
 
 
 def _mode(model: nn.Module, image_shape: Sequence[int]) -> str:
-  key = (model, tuple(image_shape)[-3:])
-  try:
-    cached = _MODE_CACHE.get(key)
-  except TypeError:  # An unhashable module field: decide every time.
-    return _find_mode(model, image_shape)
-  if cached is None:
-    cached = _MODE_CACHE[key] = _find_mode(model, image_shape)
-  return cached
+  return _MODE_CACHE.get((model, tuple(image_shape)[-3:]),
+                         lambda: _find_mode(model, image_shape))
 
 
 def uses_interception(model: nn.Module, image_shape: Sequence[int]) -> bool:
@@ -153,18 +148,11 @@ def _trace(model: nn.Module, images: jax.ShapeDtypeStruct) -> dict[str, jax.Shap
   return {name: shapes[name] for name in order}
 
 
-_SHAPES_CACHE: dict[Any, dict[str, jax.ShapeDtypeStruct]] = {}
+_SHAPES_CACHE: jit_cache.JitCache[dict[str, jax.ShapeDtypeStruct]] = jit_cache.JitCache()
 
 
 def _shapes(model: nn.Module, images: jax.ShapeDtypeStruct) -> dict[str, jax.ShapeDtypeStruct]:
-  key = (model, images.shape)
-  try:
-    cached = _SHAPES_CACHE.get(key)
-  except TypeError:  # An unhashable module field: trace every time.
-    return _trace(model, images)
-  if cached is None:
-    cached = _SHAPES_CACHE[key] = _trace(model, images)
-  return cached
+  return _SHAPES_CACHE.get((model, images.shape), lambda: _trace(model, images))
 
 
 def layer_names(model: nn.Module, image_shape: Sequence[int]) -> list[str]:
@@ -244,23 +232,13 @@ def make_capture_fn(model: nn.Module, layers: Patterns,
   return fn
 
 
-_JIT_CACHE: dict[Any, Callable[..., dict[str, Array]]] = {}
 # Bounded, oldest evicted first: a `reduce` written as an inline lambda is a new key on every call.
-_JIT_CACHE_SIZE = 32
+_JIT_CACHE = jit_cache.JitCache(max_size=32)
 
 
 def _jitted(model: nn.Module, names: tuple[str, ...], reduce: Reduce):
   """One jitted capture per (model, selection, reduce); jit caches per shape/dtype itself."""
-  key = (model, names, reduce)
-  try:
-    fn = _JIT_CACHE.get(key)
-  except TypeError:  # An unhashable module field: no caching.
-    return jax.jit(make_capture_fn(model, names, reduce))
-  if fn is None:
-    if len(_JIT_CACHE) >= _JIT_CACHE_SIZE:
-      del _JIT_CACHE[next(iter(_JIT_CACHE))]
-    fn = _JIT_CACHE[key] = jax.jit(make_capture_fn(model, names, reduce))
-  return fn
+  return _JIT_CACHE.jit(make_capture_fn(model, names, reduce), key=(model, names, reduce))
 
 
 def capture(model: nn.Module, variables: Any, images: Array, layers: Patterns = '*',

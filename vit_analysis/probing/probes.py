@@ -27,25 +27,18 @@ from jax.experimental import multihost_utils
 
 from vit_analysis.input import streaming
 from vit_analysis.models import capture
-from vit_analysis.runtime import compilation, sharding
+from vit_analysis.runtime import jit_cache, sharding
 
 BIAS_CONSTANT = 100.0  # big_vision: large, so the bias weight is effectively unregularised.
 STD_EPS = 1e-5
 HIGHEST = jax.lax.Precision.HIGHEST  # No TF32/bf16 passes in Grams: eigenvalues span ~10 decades.
 
-_JITS: dict[Any, Any] = {}
+_JITS = jit_cache.JitCache()
 
 
-def _jit(fn, fast: bool, cache: bool = True, **kwargs):
+def _jit(fn, fast: bool, **kwargs):
   """`jax.jit(fn, **kwargs)`, with fast XLA:CPU compilation when asked; cached per (fn, fast)."""
-  options = compilation.compiler_options(bool(fast))
-  fast = options is not None
-  if not cache:
-    return jax.jit(fn, compiler_options=options, **kwargs)
-  key = (fn, fast)
-  if key not in _JITS:
-    _JITS[key] = jax.jit(fn, compiler_options=options, **kwargs)
-  return _JITS[key]
+  return _JITS.jit(fn, fast=fast, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -474,22 +467,13 @@ def make_feature_fn(module: Any, specs: list[FeatureSpec]):
   return fn
 
 
-_STEPS: dict[Any, Any] = {}
+_STEPS = jit_cache.JitCache()
 
 
 def _feature_step(module: Any, specs: list[FeatureSpec], fast: bool = False):
   """Jitted (variables, images, _) -> features, cached so train and test passes compile once."""
-  key = (module, tuple(specs), fast)
-  try:
-    step = _STEPS.get(key)
-  except TypeError:  # unhashable module field
-    key, step = None, None
-  if step is None:
-    fn = make_feature_fn(module, specs)
-    step = _jit(lambda v, x, _: fn(v, x), fast, cache=False)
-    if key is not None:
-      _STEPS[key] = step
-  return step
+  fn = make_feature_fn(module, specs)
+  return _STEPS.jit(lambda v, x, _: fn(v, x), key=(module, tuple(specs)), fast=fast)
 
 
 def feature_shapes(module: Any, variables: Any, specs: list[FeatureSpec],
@@ -604,7 +588,10 @@ def evaluate(module, variables, source, indices, specs: list[FeatureSpec],
   probes = {str(d): p for d, p in probes.items()}
   correct = {d: 0 for d in groups}
   n = 0
-  for out, labels in stream(module, variables, source, indices, _jit(step, fast, cache=False),
+  # `step` is made from (module, specs, groups) alone: one compile per seed loop, not per call.
+  key = (module, tuple(specs), tuple((d, tuple(u)) for d, u in groups.items()))
+  step_fn = _STEPS.jit(step, key=key, fast=fast)
+  for out, labels in stream(module, variables, source, indices, step_fn,
                             image_size=image_size, batch_size=batch_size, mesh=mesh,
                             extra=probes, desc="test", normalization=normalization):
     for d in groups:

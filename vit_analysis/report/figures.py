@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from vit_analysis.report import interactive
+from vit_analysis.report import results as results_lib
 
 Figure = tuple[str, dict[str, Any]]
 _CKA_FAMILY = ("cka_intra", "cka_cross", "skip_removal", "head_subsets", "localization",
@@ -80,20 +81,12 @@ def _model_name(models: Mapping[str, Mapping[str, Any]], key: str) -> str:
   return f"{key} ({name})" if name else key
 
 
-def _split_tag(tag: str, models: Mapping[str, Any]) -> tuple[str, str]:
-  parts = tag.split("_vs_")
-  for i in range(1, len(parts)):
-    a, b = "_vs_".join(parts[:i]), "_vs_".join(parts[i:])
-    if a in models and b in models:
-      return a, b
-  return (parts[0], "_vs_".join(parts[1:])) if len(parts) > 1 else (tag, tag)
-
-
 def _similarity(run_dir, result, models) -> list[Figure]:
   figs = []
   for stem in comparison_stems(run_dir, result["name"]):
     tag = stem[len(result["name"]) + 1:]
-    a, b = _split_tag(tag, models) if "_vs_" in tag else (tag, tag)
+    pair = results_lib.split_tag(tag, models) if "_vs_" in tag else (tag, tag)
+    a, b = pair or tag.split("_vs_", 1)  # keys not in models.json: split at the first "_vs_"
     z = load_npz(os.path.join(run_dir, "results", stem + ".npz"))
     figs += cka_figures(z, f"{_model_name(models, a)} vs {_model_name(models, b)}",
                         _model_name(models, a), _model_name(models, b))

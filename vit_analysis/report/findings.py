@@ -12,14 +12,13 @@ figures; each is printed next to its verdict, so a reader can judge it.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from vit_analysis.models import layers as layers_lib
+from vit_analysis.report import results as results_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,32 +62,17 @@ class SavedRun:
 
   @classmethod
   def from_workdir(cls, workdir: str) -> SavedRun:
-    """Reads `results/<analysis>.json` and `models.json` of a workdir."""
-    metrics = {}
-    results = os.path.join(workdir, "results")
-    for stem in sorted(os.listdir(results)) if os.path.isdir(results) else []:
-      if stem.endswith(".json"):
-        with open(os.path.join(results, stem)) as f:
-          d = json.load(f)
-        if isinstance(d, dict) and {"name", "metrics"} <= set(d):
-          metrics[d["name"]] = d["metrics"]
-    models = []
-    if os.path.exists(os.path.join(workdir, "models.json")):
-      with open(os.path.join(workdir, "models.json")) as f:
-        models = json.load(f)
-    return cls(metrics, models, workdir=workdir)
+    """The run saved in a workdir, read the report's way (`vit_analysis.report.results`)."""
+    metrics = {r["name"]: r["metrics"] for r in results_lib.load_results(workdir)}
+    return cls(metrics, results_lib.load_models(workdir), workdir=workdir)
 
   def arrays(self, stem: str) -> Mapping[str, np.ndarray] | None:
     """The arrays of `results/<stem>.npz`, or None when absent."""
-    if stem in self._arrays:
-      return self._arrays[stem]
-    if self.workdir:
-      path = os.path.join(self.workdir, "results", stem + ".npz")
-      if os.path.exists(path):
-        with np.load(path) as z:
-          self._arrays[stem] = {k: z[k] for k in z.files}
-        return self._arrays[stem]
-    return None
+    if stem not in self._arrays and self.workdir:
+      arrays = results_lib.load_arrays(self.workdir, stem)
+      if arrays is not None:
+        self._arrays[stem] = arrays
+    return self._arrays.get(stem)
 
   def family(self, key: str) -> str:
     """'vit', 'resnet', 'mixer', 'hybrid' or 'other' for a model key: its summary's 'family'
@@ -110,16 +94,6 @@ def _per_key(metrics: Mapping[str, Any], field: str) -> dict[str, Mapping[str, A
 
 def _absent(analysis: str, expectation: str, threshold: str, why: str) -> Finding:
   return Finding(analysis, expectation, why, threshold, None)
-
-
-def _split_tag(tag: str, keys: Sequence[str]) -> tuple[str, str] | None:
-  """'vit_gap_vs_resnet' -> ('vit_gap', 'resnet') using the known model keys."""
-  parts = tag.split("_vs_")
-  for i in range(1, len(parts)):
-    a, b = "_vs_".join(parts[:i]), "_vs_".join(parts[i:])
-    if a in keys and b in keys:
-      return a, b
-  return None
 
 
 def _rank_corr(x: np.ndarray, y: np.ndarray) -> float:
@@ -197,7 +171,7 @@ def check_cka_cross(run: SavedRun) -> list[Finding]:
                 "mean best CKA of the top-third ViT layers < that of the lower two thirds")
   out = []
   for tag in _per_key(run.metrics.get(name, {}), "mean_cka"):
-    pair = _split_tag(tag, list(run.models))
+    pair = results_lib.split_tag(tag, run.models)
     z = run.arrays(f"{name}_{tag}")
     if pair is None or z is None:
       continue

@@ -26,44 +26,13 @@ from typing import Any
 from vit_analysis.report import figures as report_figures
 from vit_analysis.report import findings, interactive
 from vit_analysis.report import html as report_html
-
-_RESULT_FIELDS = ("name", "title", "caption", "figures", "metrics", "seconds")
-
+from vit_analysis.report import results as results_lib
 
 # ----------------------------------------------------------------------------------------------
-# Loading a workdir.
+# Loading a workdir: `vit_analysis.report.results` (re-exported here as the public names).
 
-
-def as_result(result: Any) -> dict[str, Any]:
-  """An AnalysisResult (or its JSON dict) as a plain dict of its fields."""
-  if isinstance(result, Mapping):
-    missing = [f for f in _RESULT_FIELDS[:5] if f not in result]
-    if missing:
-      raise ValueError(f"result {result.get('name', '?')!r} lacks the fields {missing}")
-    return {f: result.get(f, 0.0) for f in _RESULT_FIELDS}
-  return {f: getattr(result, f) for f in _RESULT_FIELDS}
-
-
-def _read_json(path: str, default: Any = None) -> Any:
-  if not os.path.exists(path):
-    return default
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
-
-
-def load_results(workdir: str) -> list[dict[str, Any]]:
-  """The saved analysis summaries `results/<analysis>.json`, in the config's analysis order."""
-  folder = os.path.join(workdir, "results")
-  if not os.path.isdir(folder):
-    raise FileNotFoundError(f"{workdir!r} has no results/ folder: is it a vit_analysis workdir?")
-  found = {}
-  for fname in sorted(os.listdir(folder)):
-    if fname.endswith(".json"):
-      d = _read_json(os.path.join(folder, fname))
-      if isinstance(d, dict) and set(_RESULT_FIELDS[:5]) <= set(d):
-        found[d["name"]] = as_result(d)
-  order = list((_read_json(os.path.join(workdir, "config.json"), {}) or {}).get("analyses", ()))
-  return [found[n] for n in order if n in found] + [r for n, r in found.items() if n not in order]
+as_result = results_lib.as_result
+load_results = results_lib.load_results
 
 
 class Run:
@@ -77,12 +46,11 @@ class Run:
     self.label = label or os.path.basename(os.path.normpath(workdir)) or workdir
     self.results = ([as_result(r) for r in results] if results is not None
                     else load_results(workdir))
-    self.models = list(models if models is not None
-                       else _read_json(os.path.join(workdir, "models.json"), []))
+    self.models = list(models if models is not None else results_lib.load_models(workdir))
     self.config = dict(config if config is not None
-                       else _read_json(os.path.join(workdir, "config.json"), {}))
+                       else results_lib.read_json(os.path.join(workdir, "config.json"), {}))
     self.timings = dict(timings if timings is not None
-                        else _read_json(os.path.join(workdir, "timings.json"), {}))
+                        else results_lib.read_json(os.path.join(workdir, "timings.json"), {}))
     fnd = findings
     saved = fnd.SavedRun({r["name"]: r["metrics"] for r in self.results}, self.models,
                          workdir=workdir)

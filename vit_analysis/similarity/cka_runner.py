@@ -28,13 +28,13 @@ from jax.sharding import PartitionSpec as P
 
 from vit_analysis import config_lib
 from vit_analysis.input import streaming
+from vit_analysis.runtime import jit_cache, sharding
 from vit_analysis.runtime import resume as resume_lib
-from vit_analysis.runtime import sharding
 from vit_analysis.similarity import cka
 from vit_analysis.similarity import measures as measures_lib
 from vit_analysis.similarity.representations import Side
 
-_STEPS: dict[Any, Callable[..., Any]] = {}
+_STEPS: jit_cache.JitCache[Callable[..., Any]] = jit_cache.JitCache()
 
 
 @dataclasses.dataclass
@@ -157,9 +157,7 @@ def make_step(side_a: Side, side_b: Side | None, *, gram_precision: str = "highe
     raise ValueError("make_step: extra measures need the mesh")
   key = (side_a.features, side_a.names, gram_precision, extra_measures, mesh) + (
       () if side_b is None else (side_b.features, side_b.names))
-  if key not in _STEPS:
-    _STEPS[key] = _make_step(side_a, side_b, gram_precision, extra_measures, mesh)
-  return _STEPS[key]
+  return _STEPS.get(key, lambda: _make_step(side_a, side_b, gram_precision, extra_measures, mesh))
 
 
 def _make_step(side_a: Side, side_b: Side | None, gram_precision: str,

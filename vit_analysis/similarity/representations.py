@@ -16,6 +16,7 @@ import jax
 from absl import logging
 
 from vit_analysis.models import capture
+from vit_analysis.runtime import jit_cache
 
 if TYPE_CHECKING:  # for annotations only: building models pulls in training
   from vit_analysis.models.build import LoadedModel
@@ -104,17 +105,11 @@ def model_feature_fn(model: LoadedModel, layers: Sequence[str],
     raise ValueError(f"tokens must be one of {TOKEN_MODES}, got {tokens!r}")
   # One function object per (module, layers, tokens), so that models of one architecture (data
   # subsets, fine-tuned copies) share one compiled step.
-  key = (model.module, tuple(layers), tokens)
-  try:
-    cached = _FEATURE_FNS.get(key)
-  except TypeError:  # an unhashable module field
-    return _feature_fn(model.module, layers, tokens, model.info)
-  if cached is None:
-    cached = _FEATURE_FNS[key] = _feature_fn(model.module, layers, tokens, model.info)
-  return cached
+  return _FEATURE_FNS.get((model.module, tuple(layers), tokens),
+                          lambda: _feature_fn(model.module, layers, tokens, model.info))
 
 
-_FEATURE_FNS: dict[Any, FeatureFn] = {}
+_FEATURE_FNS: jit_cache.JitCache[FeatureFn] = jit_cache.JitCache()
 
 
 def _feature_fn(module: Any, layers: Sequence[str], tokens: str, info: Any) -> FeatureFn:
