@@ -169,7 +169,7 @@ def cka_step_rate(model_name: str, m: int, image_size: int, reps: int) -> tuple[
 
   # pylint: disable=g-import-not-at-top
   from vit_analysis import models
-  from vit_analysis.analyses.base import LoadedModel
+  from vit_analysis.models.build import LoadedModel
   from vit_analysis.models import capture
   from vit_analysis.similarity import cka, representations
   # pylint: enable=g-import-not-at-top

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from vit_analysis.report import interactive
-from vit_analysis.report import results as results_lib
+from vit_analysis.report import reader
 
 Figure = tuple[str, dict[str, Any]]
 _CKA_FAMILY = ("cka_intra", "cka_cross", "skip_removal", "head_subsets", "localization",
@@ -85,7 +85,7 @@ def _similarity(run_dir, result, models) -> list[Figure]:
   figs = []
   for stem in comparison_stems(run_dir, result["name"]):
     tag = stem[len(result["name"]) + 1:]
-    pair = results_lib.split_tag(tag, models) if "_vs_" in tag else (tag, tag)
+    pair = reader.split_tag(tag, models) if "_vs_" in tag else (tag, tag)
     a, b = pair or tag.split("_vs_", 1)  # keys not in models.json: split at the first "_vs_"
     z = load_npz(os.path.join(run_dir, "results", stem + ".npz"))
     figs += cka_figures(z, f"{_model_name(models, a)} vs {_model_name(models, b)}",

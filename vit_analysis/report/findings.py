@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from vit_analysis.models import layers as layers_lib
-from vit_analysis.report import results as results_lib
+from vit_analysis.report import reader
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,13 +63,13 @@ class SavedRun:
   @classmethod
   def from_workdir(cls, workdir: str) -> SavedRun:
     """The run saved in a workdir, read the report's way (`vit_analysis.report.results`)."""
-    metrics = {r["name"]: r["metrics"] for r in results_lib.load_results(workdir)}
-    return cls(metrics, results_lib.load_models(workdir), workdir=workdir)
+    metrics = {r["name"]: r["metrics"] for r in reader.load_results(workdir)}
+    return cls(metrics, reader.load_models(workdir), workdir=workdir)
 
   def arrays(self, stem: str) -> Mapping[str, np.ndarray] | None:
     """The arrays of `results/<stem>.npz`, or None when absent."""
     if stem not in self._arrays and self.workdir:
-      arrays = results_lib.load_arrays(self.workdir, stem)
+      arrays = reader.load_arrays(self.workdir, stem)
       if arrays is not None:
         self._arrays[stem] = arrays
     return self._arrays.get(stem)
@@ -171,7 +171,7 @@ def check_cka_cross(run: SavedRun) -> list[Finding]:
                 "mean best CKA of the top-third ViT layers < that of the lower two thirds")
   out = []
   for tag in _per_key(run.metrics.get(name, {}), "mean_cka"):
-    pair = results_lib.split_tag(tag, run.models)
+    pair = reader.split_tag(tag, run.models)
     z = run.arrays(f"{name}_{tag}")
     if pair is None or z is None:
       continue

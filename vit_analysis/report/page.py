@@ -26,13 +26,13 @@ from typing import Any
 from vit_analysis.report import figures as report_figures
 from vit_analysis.report import findings, interactive
 from vit_analysis.report import html as report_html
-from vit_analysis.report import results as results_lib
+from vit_analysis.report import reader
 
 # ----------------------------------------------------------------------------------------------
 # Loading a workdir: `vit_analysis.report.results` (re-exported here as the public names).
 
-as_result = results_lib.as_result
-load_results = results_lib.load_results
+as_result = reader.as_result
+load_results = reader.load_results
 
 
 class Run:
@@ -46,11 +46,11 @@ class Run:
     self.label = label or os.path.basename(os.path.normpath(workdir)) or workdir
     self.results = ([as_result(r) for r in results] if results is not None
                     else load_results(workdir))
-    self.models = list(models if models is not None else results_lib.load_models(workdir))
+    self.models = list(models if models is not None else reader.load_models(workdir))
     self.config = dict(config if config is not None
-                       else results_lib.read_json(os.path.join(workdir, "config.json"), {}))
+                       else reader.read_json(os.path.join(workdir, "config.json"), {}))
     self.timings = dict(timings if timings is not None
-                        else results_lib.read_json(os.path.join(workdir, "timings.json"), {}))
+                        else reader.read_json(os.path.join(workdir, "timings.json"), {}))
     fnd = findings
     saved = fnd.SavedRun({r["name"]: r["metrics"] for r in self.results}, self.models,
                          workdir=workdir)
