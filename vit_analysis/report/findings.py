@@ -287,7 +287,7 @@ def check_cka_intra(run: SavedRun) -> list[Finding]:
   contrasts = {}
   for key in res:
     z = run.arrays(f"{name}_{key}")
-    if z is not None:
+    if z is not None and "names_a" in z:
       names = [str(n) for n in z["names_a"]]
       contrasts[key] = over_repeats(z, lambda g, names=names: stage_contrast(g, names))
   if contrasts:
