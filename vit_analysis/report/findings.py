@@ -714,7 +714,8 @@ def check_dataset_scale(run: SavedRun) -> list[Finding]:
     pct = f"{100 * fractions[key]['fraction']:g}%"
     out.append(Finding(name, f"low blocks similar even at small data (Fig 12) [{pct}]",
                        f"{_fmt(low(c))}", "mean CKA of the lowest quarter of blocks with the "
-                       "full-data model >= 0.8, at the smallest fraction", INCONCLUSIVE, _NO_SPREAD_REPEATS))
+                       "full-data model >= 0.8, at the smallest fraction", INCONCLUSIVE,
+                       _NO_SPREAD_REPEATS))
     out.append(Finding(name, f"upper blocks diverge more than lower ones (Fig 12) [{pct}]",
                        f"top {_fmt(high(c))} vs lowest {_fmt(low(c))}",
                        "mean CKA of the top quarter of blocks < the lowest quarter's",
