@@ -1,8 +1,11 @@
-"""Each finding check on constructed metrics that show the paper's expectation and that do not."""
+"""Each finding check on constructed metrics that show the paper's expectation, that do not, and
+whose uncertainty leaves it open."""
 import numpy as np
 import pytest
 
 from vit_analysis.report import findings
+
+S, N, I = "shown", "not shown", "inconclusive"
 
 # models.json summaries as main writes them (the facts come from models.describe).
 MODELS = [{"key": "vit", "name": "ViT-B_32", "image_size": 224, "family": "vit", "has_cls": True,
@@ -22,7 +25,27 @@ def _shown(name, metrics, arrays=None, match=""):
   assert out, f"no finding of {name} matches {match!r}"
   for f in out:
     assert f.threshold and f.measured
-  return [f.shown for f in out]
+  return [f.verdict for f in out]
+
+
+def _repeats(grid, spread, mask=None, r=4):
+  """Saved arrays with `r` per-repeat grids: `grid` + spread x [-1.5, -0.5, 0.5, 1.5] on `mask`.
+
+  The repeats' mean is `grid`; a statistic linear in the masked cells has SE 0.645 x spread.
+  """
+  grid = np.asarray(grid, np.float64)
+  mask = np.ones(grid.shape, bool) if mask is None else mask
+  offsets = spread * (np.arange(r) - (r - 1) / 2)
+  return np.stack([grid + o * mask for o in offsets])
+
+
+def _intra_arrays(vit_offdiag, res_offdiag, spread, n=10):
+  off = ~np.eye(n, dtype=bool)
+  grid = lambda v: np.where(off, v, 1.0)
+  return {"cka_intra_vit": {"values": _repeats(grid(vit_offdiag), spread, off),
+                            "mean": grid(vit_offdiag)},
+          "cka_intra_resnet": {"values": _repeats(grid(res_offdiag), spread, off),
+                               "mean": grid(res_offdiag)}}
 
 
 def test_family_and_cls_from_the_summaries():
@@ -40,30 +63,66 @@ def _intra(vit_mean, res_mean, n=10, first_last=(0.6, 0.3)):
 
 
 def test_cka_intra_uniformity_uses_off_diagonal_means():
-  # n = 10: off-diagonal mean = (100 m - 10) / 90.
-  assert _shown("cka_intra", _intra(0.8, 0.7), match="uniform") == [True]
-  assert _shown("cka_intra", _intra(0.7, 0.8), match="uniform") == [False]
+  # n = 10: off-diagonal mean = (100 m - 10) / 90. Without per-repeat grids: no uncertainty.
   f = findings.check_cka_intra(_run("cka_intra", _intra(0.82, 0.7)))[0]
   assert f.measured == f"vit {(82 - 10) / 90:.3g}, resnet {(70 - 10) / 90:.3g}"
-  assert _shown("cka_intra", _intra(0.8, 0.7, first_last=(0.2, 0.3)), match="lowest") == [False]
+  assert f.verdict == I and "no per-repeat grids saved" in f.interval
+  # The difference of two models' statistics, SE sqrt(se1² + se2²) over repeats.
+  assert _shown("cka_intra", _intra(0.8, 0.7), _intra_arrays(0.8, 0.7, 0.01), "uniform") == [S]
+  assert _shown("cka_intra", _intra(0.8, 0.7), _intra_arrays(0.8, 0.7, 0.2), "uniform") == [I]
+  assert _shown("cka_intra", _intra(0.7, 0.8), _intra_arrays(0.7, 0.8, 0.01), "uniform") == [N]
+  f = findings.check_cka_intra(_run("cka_intra", _intra(0.8, 0.7), _intra_arrays(0.8, 0.7, 0.01)))
+  # Off-diagonal 0.8 - 0.7 = 0.1; each SE 0.645 x 0.01, the difference's sqrt(2) x that.
+  half = 1.959963984540054 * np.hypot(*[0.01 * np.std([-1.5, -0.5, 0.5, 1.5], ddof=1) / 2] * 2)
+  assert f[0].interval == f"[{0.1 - half:.3g}, {0.1 + half:.3g}] vs > 0 (over 4 repeats)"
+  # First-last CKA from the same grids: the constant off-diagonal gives ViT 0.8 vs ResNet 0.7.
+  assert [x.verdict for x in f if "lowest" in x.expectation] == [S]
+  assert _shown("cka_intra", _intra(0.8, 0.7), _intra_arrays(0.2, 0.3, 0.01), "lowest") == [N]
   assert _shown("cka_intra", {"vit": _intra(0.8, 0.7)["vit"]}, match="uniform") == [None]
 
 
-def _stage_grid(contrast):
+def test_every_vit_above_every_resnet_is_the_weakest_pair():
+  metrics = {**_intra(0.8, 0.7), "vit_gap": {"mean_cka": 0.8, "first_last": 0.5,
+                                             "num_layers_a": 10}}
+  arrays = _intra_arrays(0.8, 0.7, 0.01)
+  for spread, verdict in ((0.01, S), (0.2, I)):  # one pair shown, the other open: inconclusive
+    off = ~np.eye(10, dtype=bool)
+    grid = np.where(off, 0.75, 1.0)
+    arrays["cka_intra_vit_gap"] = {"values": _repeats(grid, spread, off), "mean": grid}
+    f = findings.check_cka_intra(_run("cka_intra", metrics, arrays))[0]
+    assert f.verdict == verdict
+  assert f.interval.startswith("vit_gap - resnet:")
+  arrays["cka_intra_vit_gap"]["values"] = _repeats(np.where(off, 0.5, 1.0), 0.01, off)
+  assert findings.check_cka_intra(_run("cka_intra", metrics, arrays))[0].verdict == N
+
+
+def _stage_grid(contrast, spread=0.01):
+  """A ResNet grid whose repeats' stage contrasts are `contrast` + spread x [-1.5 .. 1.5]."""
   names = ["root"] + [f"block{s}/unit{u:02d}" for s in (1, 2) for u in (1, 2, 3)]
   stages = np.array([0, 1, 1, 1, 2, 2, 2])
   same = stages[:, None] == stages[None, :]
   m = np.where(same, 0.5 + contrast, 0.5)
   np.fill_diagonal(m, 1.0)
-  return {"mean": m, "names_a": np.array(names)}
+  within = same & ~np.eye(len(names), dtype=bool)
+  return {"mean": m, "values": _repeats(m, spread, within), "names_a": np.array(names)}
 
 
 def test_cka_intra_stage_structure_from_the_saved_grid():
   metrics = _intra(0.8, 0.7)
   assert findings.stage_contrast(_stage_grid(0.3)["mean"], _stage_grid(0.3)["names_a"]) == (
       pytest.approx(0.3))
-  assert _shown("cka_intra", metrics, {"cka_intra_resnet": _stage_grid(0.3)}, "stage") == [True]
-  assert _shown("cka_intra", metrics, {"cka_intra_resnet": _stage_grid(0.05)}, "stage") == [False]
+  # Same mean contrast 0.3 (threshold 0.1): tight repeats decide, wide ones leave it open.
+  assert _shown("cka_intra", metrics, {"cka_intra_resnet": _stage_grid(0.3)}, "stage") == [S]
+  assert _shown("cka_intra", metrics, {"cka_intra_resnet": _stage_grid(0.3, 0.3)},
+                "stage") == [I]
+  assert _shown("cka_intra", metrics, {"cka_intra_resnet": _stage_grid(0.05)}, "stage") == [N]
+  f = [x for x in findings.check_cka_intra(_run("cka_intra", metrics, {
+      "cka_intra_resnet": _stage_grid(0.3, 0.3)})) if "stage" in x.expectation][0]
+  half = 1.959963984540054 * 0.3 * np.std([-1.5, -0.5, 0.5, 1.5], ddof=1) / 2
+  assert f.interval == f"[{0.3 - half:.3g}, {0.3 + half:.3g}] vs > 0.1 (over 4 repeats)"
+  one = _stage_grid(0.3)
+  one["values"] = one["values"][:1]  # one repeat: no spread, so no verdict
+  assert _shown("cka_intra", metrics, {"cka_intra_resnet": one}, "stage") == [I]
   assert _shown("cka_intra", metrics, None, "stage") == [None]
 
 
@@ -73,7 +132,7 @@ def _cross(low_match_depth, top_best):
   m[low_match_depth, :3] = 0.9
   m[:6, 3:] = 0.7
   m[6:, :] = top_best if low_match_depth < 6 else np.maximum(m[6:, :], top_best)
-  return {"mean": m}
+  return {"mean": m, "values": np.stack([m] * 3)}  # identical repeats: SE 0
 
 
 @pytest.mark.parametrize("transpose", [False, True])
@@ -82,21 +141,35 @@ def test_cka_cross_lower_layers_and_top_third(transpose):
   arrays = {"cka_cross_vit_vs_resnet": _cross(1, 0.2)}
   if transpose:  # ResNet rows, ViT columns: the check orients the grid itself.
     metrics = {"resnet_vs_vit": {"mean_cka": 0.5}}
-    arrays = {"cka_cross_resnet_vs_vit": {"mean": arrays["cka_cross_vit_vs_resnet"]["mean"].T}}
-  assert _shown("cka_cross", metrics, arrays, "lower half") == [True]
-  assert _shown("cka_cross", metrics, arrays, "top third") == [True]
+    m = arrays["cka_cross_vit_vs_resnet"]["mean"].T
+    arrays = {"cka_cross_resnet_vs_vit": {"mean": m, "values": np.stack([m] * 3)}}
+  assert _shown("cka_cross", metrics, arrays, "lower half") == [S]
+  assert _shown("cka_cross", metrics, arrays, "top third") == [S]
   bad = _cross(7, 0.95)
-  arrays = {k: ({"mean": bad["mean"].T} if transpose else bad) for k in arrays}
-  assert _shown("cka_cross", metrics, arrays, "lower half") == [False]
-  assert _shown("cka_cross", metrics, arrays, "top third") == [False]
+  t = lambda z: {"mean": z["mean"].T, "values": z["values"].transpose(0, 2, 1)}
+  arrays = {k: (t(bad) if transpose else bad) for k in arrays}
+  assert _shown("cka_cross", metrics, arrays, "lower half") == [N]
+  assert _shown("cka_cross", metrics, arrays, "top third") == [N]
+  mean_only = {k: {"mean": v["mean"]} for k, v in arrays.items()}
+  assert _shown("cka_cross", metrics, mean_only) == [I, I]
   assert _shown("cka_cross", metrics, None) == [None, None]
 
 
+def _heads(rho, n=7):
+  return {"vit_block00_vs_resnet": {"spearman": dict(zip(("block1/unit01", "block1/unit02"), rho)),
+                                    "subset_distance": list(range(n))}}
+
+
 def test_head_subsets_spearman_negative():
-  good = {"vit_block00_vs_resnet": {"spearman": {"block1/unit01": -0.9, "block1/unit02": -0.2}}}
-  bad = {"vit_block00_vs_resnet": {"spearman": {"block1/unit01": -0.9, "block1/unit02": 0.1}}}
-  assert _shown("head_subsets", good) == [True]
-  assert _shown("head_subsets", bad) == [False]
+  # Fisher z: atanh(rho) ± 1.96 x 1.06 / sqrt(n - 3), back-transformed.
+  assert _shown("head_subsets", _heads((-0.9, -0.95))) == [S]
+  assert _shown("head_subsets", _heads((-0.9, -0.2))) == [I]  # -0.2 over 7 subsets: open
+  assert _shown("head_subsets", _heads((-0.9, 0.9))) == [N]
+  assert _shown("head_subsets", _heads((-0.99, -0.99), n=3)) == [I]  # n < 4: no interval
+  f = findings.check_head_subsets(_run("head_subsets", _heads((-0.9, -0.2))))[0]
+  half = 1.959963984540054 * 1.06 / 2
+  assert f.interval == (f"block1/unit02: [{np.tanh(np.arctanh(-0.2) - half):.3g}, "
+                        f"{np.tanh(np.arctanh(-0.2) + half):.3g}] vs < 0 (Fisher z over 7 points)")
 
 
 def _attn(lo, hi, last, u=100.0):
@@ -104,12 +177,14 @@ def _attn(lo, hi, last, u=100.0):
                       "last_block_mean": last}}
 
 
-def test_attention_distance_thresholds():
-  assert _shown("attention_distance", _attn(20, 90, 95), match="spans") == [True]
-  assert _shown("attention_distance", _attn(55, 90, 95), match="spans") == [False]  # not local
-  assert _shown("attention_distance", _attn(20, 75, 95), match="spans") == [False]  # not global
-  assert _shown("attention_distance", _attn(20, 90, 95), match="last") == [True]
-  assert _shown("attention_distance", _attn(20, 90, 70), match="last") == [False]
+def test_attention_distance_without_saved_spread_is_inconclusive():
+  # Only per-head means over images are saved: no interval, so never a silent 'shown'.
+  for attn in (_attn(20, 90, 95), _attn(55, 90, 95), _attn(20, 90, 70)):
+    out = findings.check_attention_distance(_run("attention_distance", attn))
+    assert [f.verdict for f in out] == [I, I]
+    assert all("no uncertainty saved" in f.interval for f in out)
+  f = findings.check_attention_distance(_run("attention_distance", _attn(20, 90, 95)))[0]
+  assert f.measured == "min 20, max 90, uniform 100"
 
 
 def _rf(res_area, vit_area, centre):
@@ -122,9 +197,15 @@ def test_receptive_field_checks():
   # ViT-B_32 at 224 px: the centre patch is 1/49 of the image.
   good = _rf([0.01, 0.02, 0.05, 0.1], [0.2, 0.5], 0.1)
   bad = _rf([0.1, 0.05, 0.02, 0.01], [0.01, 0.5], 0.03)
-  for match in ("grow", "larger", "centre"):
-    assert _shown("receptive_field", good, match=match) == [True]
-    assert _shown("receptive_field", bad, match=match) == [False]
+  # Rank correlation over 4 layers: rho = ±1 is decided even with Fisher-z SE 1.06.
+  assert _shown("receptive_field", good, match="grow") == [S]
+  assert _shown("receptive_field", bad, match="grow") == [N]
+  assert _shown("receptive_field", _rf([0.01, 0.02, 0.05], [0.2], 0.1), match="grow") == [I]
+  assert _shown("receptive_field", _rf([0.01, 0.02, 0.05, 0.1, 0.08], [0.2], 0.1),
+                match="grow") == [I]  # rho 0.9 over 5 layers: the interval reaches below 0.8
+  for match in ("larger", "centre"):  # ERF areas: no spread over images saved
+    assert _shown("receptive_field", good, match=match) == [I]
+    assert _shown("receptive_field", bad, match=match) == [I]
 
 
 def _skip_arrays(cls_early, cls_late, spatial=2.0):
@@ -137,31 +218,46 @@ def _skip_arrays(cls_early, cls_late, spatial=2.0):
 def test_skip_norms_checks():
   metrics = {"vit": {"sa": {"ratio_mean": 30.0}, "mlp": {"ratio_mean": 10.0}},
              "resnet": {"unit": {"ratio_mean": 2.0}}}
-  assert _shown("skip_norms", metrics, match="far above") == [True]
-  metrics["resnet"]["unit"]["ratio_mean"] = 6.0
-  assert _shown("skip_norms", metrics, match="far above") == [False]
-  assert _shown("skip_norms", metrics, _skip_arrays(50, 0.5), "early") == [True]
-  assert _shown("skip_norms", metrics, _skip_arrays(50, 0.5), "phase") == [True]
-  assert _shown("skip_norms", metrics, _skip_arrays(1, 5), "early") == [False]
-  assert _shown("skip_norms", metrics, _skip_arrays(1, 5), "phase") == [False]
+  # Norm ratios are saved as means over images only: inconclusive, with the reason.
+  assert _shown("skip_norms", metrics, match="far above") == [I]
+  assert _shown("skip_norms", metrics, _skip_arrays(50, 0.5), "early") == [I]
+  assert _shown("skip_norms", metrics, _skip_arrays(1, 5), "phase") == [I]
+  f = findings.check_skip_norms(_run("skip_norms", metrics, _skip_arrays(50, 0.5)))
+  assert all("no uncertainty saved" in x.interval for x in f)
+  assert "vit sa: CLS 50 vs spatial 2" in f[1].measured
   assert _shown("skip_norms", metrics, None, "early") == [None]
 
 
+def _removal(base, removed, n):
+  extra = {"num_test": n} if n else {}
+  return {"vit": {"skip_removed": [], "test_accuracy": base, **extra},
+          "vit_noskip05": {"skip_removed": [5], "test_accuracy": removed,
+                           "accuracy_drop": base - removed, "split": {"contrast": 0.4},
+                           "split_unmodified": {"contrast": 0.1}, **extra}}
+
+
 def test_skip_removal_accuracy_and_split():
-  good = {"vit": {"skip_removed": []},
-          "vit_noskip05": {"skip_removed": [5], "accuracy_drop": 0.04,
-                           "split": {"contrast": 0.4}, "split_unmodified": {"contrast": 0.1}}}
-  assert _shown("skip_removal", good) == [True, True]
-  bad = {"vit_noskip05": {"skip_removed": [5], "accuracy_drop": -0.003,
-                          "split": {"contrast": 0.12}, "split_unmodified": {"contrast": 0.1}}}
+  # Binomial SE per accuracy over the test images, SE of the drop sqrt(se1² + se2²).
+  assert _shown("skip_removal", _removal(0.95, 0.91, 10000)) == [S, I]  # split: no repeats saved
+  f = findings.check_skip_removal(_run("skip_removal", _removal(0.95, 0.953, 10000)))
+  assert f[0].verdict == N and f[0].measured == "drop -0.30 points (skips removed: 95.3%)"
+  se = 100 * np.hypot(np.sqrt(0.95 * 0.05 / 1e4), np.sqrt(0.953 * 0.047 / 1e4))
+  lo, hi = -0.3 - 1.959963984540054 * se, -0.3 + 1.959963984540054 * se
+  assert f[0].interval == f"[{lo:.3g}, {hi:.3g}] vs > 1 (over 10000 test images)"
+  # A 0.3-point drop on 1,000 images: the interval (±1.9 points) reaches past 1 point.
+  assert _shown("skip_removal", _removal(0.953, 0.95, 1000)) == [I, I]
+  assert _shown("skip_removal", _removal(0.953, 0.95, 10000)) == [N, I]
+  f = findings.check_skip_removal(_run("skip_removal", _removal(0.99, 0.5, None)))[0]
+  assert f.verdict == I and "number of test images unknown" in f.interval
+  bad = {"vit_noskip05": {"skip_removed": [5], "accuracy_drop": -0.003}}
   f = findings.check_skip_removal(_run("skip_removal", bad))
-  assert [x.shown for x in f] == [False, False] and f[0].measured == "drop -0.30 points"
+  assert [x.verdict for x in f] == [I, None] and f[0].measured == "drop -0.30 points"
 
 
 def _loc_grid(own, other, g=4):
   m = np.full((g * g, g * g), other)
   np.fill_diagonal(m, own)
-  return {"mean": m}
+  return {"mean": m, "values": np.stack([m] * 3)}
 
 
 def test_localization_checks():
@@ -169,16 +265,17 @@ def test_localization_checks():
              "vit_gap/block11": {"own_contrast": 0.1, "grid": 4},
              "resnet/block4/unit03": {"own_contrast": 0.05, "grid": 4}}
   arrays = {"localization_vit_block11": _loc_grid(0.8, 0.3)}
-  assert _shown("localization", metrics, arrays, "interior") == [True]
+  assert _shown("localization", metrics, arrays, "interior") == [S]
   assert _shown("localization", metrics, {"localization_vit_block11": _loc_grid(0.2, 0.3)},
-                "interior") == [False]
-  assert _shown("localization", metrics, None, "interior") == [False]  # own_is_best 0.2
-  assert _shown("localization", metrics, match="GAP") == [True]
-  assert _shown("localization", metrics, match="ResNet") == [True]
-  metrics["vit_gap/block11"]["own_contrast"] = 0.5
-  metrics["resnet/block4/unit03"]["own_contrast"] = 0.45
-  assert _shown("localization", metrics, match="GAP") == [False]
-  assert _shown("localization", metrics, match="ResNet") == [False]
+                "interior") == [N]
+  # Repeats that disagree (own patch best in 2 of 3): fraction 2/3 ± 0.33, open against 0.5.
+  mixed = _loc_grid(0.8, 0.3)
+  mixed["values"] = np.stack([_loc_grid(o, 0.3)["mean"] for o in (0.8, 0.8, 0.2)])
+  assert _shown("localization", metrics, {"localization_vit_block11": mixed}, "interior") == [I]
+  assert _shown("localization", metrics, None, "interior") == [I]  # own_is_best: no spread
+  # Own-patch contrasts are saved as means over repeats only.
+  assert _shown("localization", metrics, match="GAP") == [I]
+  assert _shown("localization", metrics, match="ResNet") == [I]
 
 
 def _probe(cls_tok, gap_tok, res_tok, cls_cls, gap_mean, gap_first):
@@ -195,18 +292,30 @@ def test_probe_checks():
                 gap_first=0.56)
   bad = _probe(cls_tok=0.5, gap_tok=0.52, res_tok=0.4, cls_cls=0.52, gap_mean=0.7,
                gap_first=0.3)
-  assert _shown("probe", good) == [True] * 5
-  assert _shown("probe", bad) == [False] * 5
+  assert _shown("probe", good) == [I] * 5  # no num_test saved: no binomial error
+  for m in (*good.values(), *bad.values()):
+    m["num_test"] = 10000
+  assert _shown("probe", good) == [S] * 5
+  assert _shown("probe", bad) == [N] * 5
+  # |0.60 - 0.58| < 5 points on 10,000 images is shown; on 100 images it is open.
+  for m in good.values():
+    m["num_test"] = 100
+  assert _shown("probe", good, match="nearly equal") == [I]
+  f = [x for x in findings.check_probe(_run("probe", good)) if "nearly equal" in x.expectation]
+  assert f[0].interval.endswith("vs within ±0.05 (over 100 test images)")
 
 
 def test_dataset_scale_checks():
   good = {"vit_frac0.03": {"fraction": 0.03, "block_cka": [0.95, 0.9, 0.7, 0.4]},
           "vit_frac0.3": {"fraction": 0.3, "block_cka": [0.2, 0.2, 0.2, 0.2]},
           "vit_ft_c10": {"task": "cifar10", "block_cka": [0.99, 0.9, 0.8, 0.5]}}
-  assert _shown("dataset_scale", good) == [True, True, True]  # the 3% model is the one checked
+  # Per-block CKA means only: the 3% model is the one checked, each inconclusive with its reason.
+  out = findings.check_dataset_scale(_run("dataset_scale", good))
+  assert [f.verdict for f in out] == [I, I, I] and "[3%]" in out[0].expectation
+  assert all("no uncertainty saved" in f.interval for f in out)
   bad = {"vit_frac0.03": {"fraction": 0.03, "block_cka": [0.5, 0.6, 0.7, 0.8]},
          "vit_ft_c10": {"task": "cifar10", "block_cka": [0.6, 0.9]}}
-  assert _shown("dataset_scale", bad) == [False, False, False]
+  assert _shown("dataset_scale", bad) == [I, I, I]
 
 
 def test_check_covers_only_analyses_that_ran_and_absent_results_are_none():

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -15,8 +16,10 @@ import pytest
 from vit_analysis import plotting
 from vit_analysis.analyses.base import AnalysisResult
 from vit_analysis.report import figures as report_figures
+from vit_analysis.report import html as report_html
 from vit_analysis.report import interactive
 from vit_analysis.report import page as report
+from vit_analysis.report.findings import Finding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -397,3 +400,17 @@ def test_every_analysis_layout_gives_valid_figures(tmp_path):
                     "localization": 1, "dataset_scale": 2, "attention_distance": 1,
                     "skip_norms": 4, "receptive_field": 1, "probe": 3}
   assert {f.analysis for f in run.findings} == set(counts)
+
+
+def test_findings_table_shows_three_verdicts_and_intervals():
+  rows = [Finding("a", "e1", "0.3", "> 0.1", "shown", "[0.2, 0.4] vs > 0.1 (over 4 repeats)"),
+          Finding("a", "e2", "0.1", "> 0.1", "inconclusive", "no uncertainty saved"),
+          Finding("a", "e3", "0.0", "> 0.1", "not shown", "[-0.1, 0.05] vs > 0.1 (over 4 repeats)"),
+          Finding("a", "e4", "absent", "> 0.1", None)]
+  text = report_html.findings_table([types.SimpleNamespace(label="run", findings=rows)])
+  for cls, word in (("shown", "shown"), ("notshown", "not shown"),
+                    ("inconclusive", "inconclusive"), ("absent", "not measured")):
+    assert f'<td class="{cls}">{word}</td>' in text
+  assert "95% interval" in text and "[0.2, 0.4] vs &gt; 0.1 (over 4 repeats)" in text
+  assert "run: 1 shown, 1 not shown, 1 inconclusive of 3" in text
+  assert [f.shown for f in rows] == [True, None, False, None]

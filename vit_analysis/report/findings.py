@@ -1,17 +1,20 @@
 """The paper's findings as checks on an analysis' saved metrics and arrays.
 
 Each check states the expectation, the number it measured and the threshold it applied, and
-returns `Finding.shown` True / False, or None when the result it needs is absent (the analysis
-did not run, or the run has no model of the family the expectation is about). The report opens
-with these rows, so a reader sees at once which findings a run reproduces.
+decides with the uncertainty of what it compares (docs/method.md#significance): its 95% interval
+against the threshold gives `Finding.verdict` 'shown', 'not shown' or 'inconclusive', or None when
+the result it needs is absent (the analysis did not run, or the run has no model of the family the
+expectation is about). A check whose saved files hold no uncertainty is inconclusive and says so.
+The report opens with these rows, so a reader sees at once which findings a run reproduces.
 
 Only NumPy and the saved files are used (no JAX): `vit_analysis.report` rebuilds the page, and
 these checks, from a workdir alone. The thresholds are this project's reading of the paper's
-figures; each is printed next to its verdict, so a reader can judge it.
+figures; each is printed next to its verdict, with the interval it used, so a reader can judge it.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -19,6 +22,10 @@ import numpy as np
 
 from vit_analysis.models import layers as layers_lib
 from vit_analysis.report import reader
+from vit_analysis.similarity import significance
+
+SHOWN, NOT_SHOWN, INCONCLUSIVE = (significance.SHOWN, significance.NOT_SHOWN,
+                                  significance.INCONCLUSIVE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,14 +36,22 @@ class Finding:
     analysis: the analysis name ('cka_intra', ...).
     expectation: what the paper found, in one line.
     measured: the measured number(s), as text.
-    threshold: the rule that decides `shown`, as text.
-    shown: True (reproduced), False (not), None (the needed result is absent).
+    threshold: the rule that decides the verdict, as text.
+    verdict: 'shown', 'not shown', 'inconclusive' (the 95% interval contains the threshold, or
+      no uncertainty was saved), or None (the needed result is absent).
+    interval: the 95% interval the verdict used and where its uncertainty comes from, as text.
   """
   analysis: str
   expectation: str
   measured: str
   threshold: str
-  shown: bool | None
+  verdict: str | None
+  interval: str = ""
+
+  @property
+  def shown(self) -> bool | None:
+    """True if shown, False if not shown, None if inconclusive or not measured."""
+    return {SHOWN: True, NOT_SHOWN: False}.get(self.verdict)
 
 
 class SavedRun:
@@ -96,6 +111,120 @@ def _absent(analysis: str, expectation: str, threshold: str, why: str) -> Findin
   return Finding(analysis, expectation, why, threshold, None)
 
 
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+  """A measured quantity with its standard error and where that error comes from.
+
+  Attributes:
+    value: the estimate.
+    stderr: its standard error; NaN when the saved files hold no uncertainty.
+    source: where the error comes from ('over 3 repeats', ...), or why there is none.
+    fisher: True for a rank correlation whose value and error are on the Fisher-z scale
+      atanh(rho); thresholds are transformed and intervals back-transformed.
+  """
+  value: float
+  stderr: float
+  source: str
+  fisher: bool = False
+
+
+def _unknown(value: float, why: str = "no uncertainty saved") -> Estimate:
+  return Estimate(float(value), float("nan"), why)
+
+
+def _difference(a: Estimate, b: Estimate) -> Estimate:
+  """a - b with SE sqrt(se_a² + se_b²), treating the two as independent (docs/method.md)."""
+  source = a.source if a.source == b.source else f"{a.source}; {b.source}"
+  return Estimate(a.value - b.value, math.hypot(a.stderr, b.stderr), source)
+
+
+def over_repeats(arrays: Mapping[str, np.ndarray] | None,
+                 statistic: Callable[[np.ndarray], float]) -> Estimate | None:
+  """A statistic of a saved CKA grid: its mean ± std / sqrt(R) over the R per-repeat grids.
+
+  Args:
+    arrays: a saved comparison (`values` [R, A, B], as `cka_runner.RepeatedCKA.save` writes).
+    statistic: grid [A, B] -> float.
+
+  Returns:
+    The estimate (stderr NaN, with the reason, when fewer than two repeats were saved), or None
+    without a saved grid.
+  """
+  if arrays is None:
+    return None
+  if "values" not in arrays:
+    return _unknown(statistic(np.asarray(arrays["mean"], np.float64)), "no per-repeat grids saved")
+  values = np.asarray(arrays["values"], np.float64)
+  stats = np.asarray([statistic(v) for v in values], np.float64)
+  if len(stats) < 2:
+    return _unknown(float(stats.mean()), "one repeat: no spread")
+  # Sample std (ddof=1): the repeats are draws of the CKA estimate's sampling distribution.
+  return Estimate(float(stats.mean()), float(stats.std(ddof=1) / math.sqrt(len(stats))),
+                  f"over {len(stats)} repeats")
+
+
+def accuracy(a: float, n: int | None) -> Estimate:
+  """A test accuracy with its binomial SE sqrt(a (1 - a) / n) over n test images."""
+  if not n or n <= 0:
+    return _unknown(a, "no uncertainty saved (number of test images unknown)")
+  a = float(a)
+  return Estimate(a, math.sqrt(max(a * (1 - a), 0.0) / n), f"over {int(n)} test images")
+
+
+def rank_correlation(rho: float, n: int) -> Estimate:
+  """Spearman's rho on the Fisher-z scale, SE 1.06 / sqrt(n - 3) (Fieller et al. 1957)."""
+  if n < 4 or not math.isfinite(rho):
+    return _unknown(rho, f"{n} points: too few for an interval" if n < 4 else "undefined")
+  # Clipping keeps rho = ±1 (a perfect ordering) finite on the z scale.
+  z = math.atanh(float(np.clip(rho, -1 + 1e-9, 1 - 1e-9)))
+  return Estimate(z, 1.06 / math.sqrt(n - 3), f"Fisher z over {n} points", fisher=True)
+
+
+def decide(estimates: Mapping[str, Estimate], threshold: float, *,
+           above: bool = True) -> tuple[str, str]:
+  """One verdict for `every estimate > threshold` (or `<`, `above=False`) and its interval text.
+
+  Shown only if every estimate is shown, not shown if any is not shown, else inconclusive; the
+  interval printed is the deciding one (the first not shown, else the first inconclusive, else
+  the one closest to the threshold).
+  """
+  rows = []
+  for label, e in estimates.items():
+    thr = math.atanh(float(np.clip(threshold, -1 + 1e-9, 1 - 1e-9))) if e.fisher else threshold
+    v, (lo, hi) = significance.verdict(e.value, e.stderr, thr, above=above)
+    if e.fisher:
+      lo, hi = math.tanh(lo), math.tanh(hi)
+    rows.append((label, e, v, lo, hi))
+  if not rows:
+    return INCONCLUSIVE, "nothing to compare"
+  verdicts = [r[2] for r in rows]
+  verdict = (SHOWN if all(v == SHOWN for v in verdicts) else
+             NOT_SHOWN if NOT_SHOWN in verdicts else INCONCLUSIVE)
+  if verdict == SHOWN:
+    key = lambda r: (r[3] - threshold) if above else (threshold - r[4])
+    label, e, _, lo, hi = min(rows, key=key)
+  else:
+    label, e, _, lo, hi = next(r for r in rows if r[2] == verdict)
+  prefix = f"{label}: " if len(rows) > 1 and label else ""
+  side = f"{'>' if above else '<'} {threshold:g}"
+  if math.isnan(lo):
+    return verdict, f"{prefix}{e.source}"
+  return verdict, f"{prefix}[{_fmt(lo)}, {_fmt(hi)}] vs {side} ({e.source})"
+
+
+def _decided(analysis: str, expectation: str, measured: str, threshold: str,
+             estimates: Mapping[str, Estimate], bound: float, above: bool = True) -> Finding:
+  verdict, interval = decide(estimates, bound, above=above)
+  return Finding(analysis, expectation, measured, threshold, verdict, interval)
+
+
+def _pairwise(high: Mapping[str, Estimate], low: Mapping[str, Estimate],
+              margin: float = 0.0) -> dict[str, Estimate]:
+  """`every high > every low + margin` as the differences of every pair, minus the margin."""
+  return {f"{h} - {l}": dataclasses.replace(_difference(eh, el), value=eh.value - el.value - margin)
+          for h, eh in high.items() for l, el in low.items()}
+
+
 def _rank_corr(x: np.ndarray, y: np.ndarray) -> float:
   if len(x) < 2:
     return float("nan")
@@ -114,27 +243,43 @@ def _offdiag(mean_cka: float, n: int) -> float:
   return (mean_cka * n * n - n) / (n * n - n) if n > 1 else float("nan")
 
 
+def _offdiag_grid(cka: np.ndarray) -> float:
+  n = cka.shape[0]
+  return float(cka[~np.eye(n, dtype=bool)].mean()) if n > 1 else float("nan")
+
+
+def _intra_estimate(run: SavedRun, key: str, statistic: Callable[[np.ndarray], float],
+                    point: float) -> Estimate:
+  """The statistic over the repeats of `cka_intra_<key>`, else the metric with no uncertainty."""
+  est = over_repeats(run.arrays(f"cka_intra_{key}"), statistic)
+  return est if est is not None else _unknown(point, "no per-repeat grids saved")
+
+
 def check_cka_intra(run: SavedRun) -> list[Finding]:
   name = "cka_intra"
   per = _per_key(run.metrics.get(name, {}), "mean_cka")
-  vit = {k: v for k, v in per.items() if run.family(k) == "vit"}
-  res = {k: v for k, v in per.items() if run.family(k) == "resnet"}
+  vit = [k for k in per if run.family(k) == "vit"]
+  res = [k for k in per if run.family(k) == "resnet"]
   out = []
   exp, thr = ("ViT more uniform across depth than ResNet (Fig 1)",
               "mean off-diagonal CKA of every ViT > that of every ResNet")
   if vit and res:
-    od = {k: _offdiag(v["mean_cka"], int(v["num_layers_a"])) for k, v in {**vit, **res}.items()}
-    text = ", ".join(f"{k} {_fmt(x)}" for k, x in od.items())
-    out.append(Finding(name, exp, text, thr,
-                       min(od[k] for k in vit) > max(od[k] for k in res)))
+    od = {k: _intra_estimate(run, k, _offdiag_grid,
+                             _offdiag(per[k]["mean_cka"], int(per[k]["num_layers_a"])))
+          for k in vit + res}
+    text = ", ".join(f"{k} {_fmt(e.value)}" for k, e in od.items())
+    out.append(_decided(name, exp, text, thr, _pairwise({k: od[k] for k in vit},
+                                                        {k: od[k] for k in res}), 0.0))
   else:
     out.append(_absent(name, exp, thr, "needs intra-model CKA of a ViT and a ResNet"))
   exp, thr = ("ViT lowest and highest layers more similar than ResNet's (Fig 1)",
               "CKA(first layer, last layer) of every ViT > that of every ResNet")
   if vit and res:
-    text = ", ".join(f"{k} {_fmt(v['first_last'])}" for k, v in {**vit, **res}.items())
-    out.append(Finding(name, exp, text, thr, min(v["first_last"] for v in vit.values()) >
-                       max(v["first_last"] for v in res.values())))
+    fl = {k: _intra_estimate(run, k, lambda g: float(g[0, -1]), float(per[k]["first_last"]))
+          for k in vit + res}
+    text = ", ".join(f"{k} {_fmt(e.value)}" for k, e in fl.items())
+    out.append(_decided(name, exp, text, thr, _pairwise({k: fl[k] for k in vit},
+                                                        {k: fl[k] for k in res}), 0.0))
   else:
     out.append(_absent(name, exp, thr, "needs intra-model CKA of a ViT and a ResNet"))
   exp, thr = ("ResNet similarity is block-diagonal by stage (Fig 1)",
@@ -142,11 +287,12 @@ def check_cka_intra(run: SavedRun) -> list[Finding]:
   contrasts = {}
   for key in res:
     z = run.arrays(f"{name}_{key}")
-    if z is not None:
-      contrasts[key] = stage_contrast(np.asarray(z["mean"]), [str(n) for n in z["names_a"]])
+    if z is not None and "names_a" in z:
+      names = [str(n) for n in z["names_a"]]
+      contrasts[key] = over_repeats(z, lambda g, names=names: stage_contrast(g, names))
   if contrasts:
-    out.append(Finding(name, exp, ", ".join(f"{k} {_fmt(c)}" for k, c in contrasts.items()), thr,
-                       all(c > 0.1 for c in contrasts.values())))
+    out.append(_decided(name, exp, ", ".join(f"{k} {_fmt(e.value)}" for k, e in contrasts.items()),
+                        thr, contrasts, 0.1))
   else:
     out.append(_absent(name, exp, thr, "needs a ResNet's saved intra-model CKA grid"))
   return out
@@ -160,6 +306,20 @@ def stage_contrast(cka: np.ndarray, names: Sequence[str]) -> float:
   if not (same & off).any() or not (~same).any():
     return float("nan")
   return float(cka[same & off].mean() - cka[~same].mean())
+
+
+def _best_match_depth(cka: np.ndarray) -> float:
+  """Mean normalised depth of the best-matching ViT row of each lower-half ResNet column."""
+  n_vit, n_res = cka.shape
+  return float((np.nanargmax(cka[:, :max(1, n_res // 2)], axis=0) / max(n_vit - 1, 1)).mean())
+
+
+def _top_third_gap(cka: np.ndarray) -> float:
+  """Mean best CKA of the lower two thirds of ViT rows minus that of the top third."""
+  n_vit = cka.shape[0]
+  top = max(1, n_vit // 3)
+  best = np.nanmax(cka, axis=1)
+  return float(best[:-top].mean() - best[-top:].mean()) if n_vit > top else float("nan")
 
 
 def check_cka_cross(run: SavedRun) -> list[Finding]:
@@ -178,18 +338,21 @@ def check_cka_cross(run: SavedRun) -> list[Finding]:
     fams = tuple(run.family(k) for k in pair)
     if sorted(fams) != ["resnet", "vit"]:
       continue
-    cka = np.asarray(z["mean"], np.float64)
-    if fams[0] == "resnet":
-      cka = cka.T  # rows: ViT layers, columns: ResNet layers.
-    n_vit, n_res = cka.shape
-    best_vit = np.nanargmax(cka[:, :max(1, n_res // 2)], axis=0) / max(n_vit - 1, 1)
-    depth = float(best_vit.mean())
-    out.append(Finding(name, f"{exp1} [{tag}]", f"{_fmt(depth)}", thr1, depth < 0.5))
-    top = max(1, n_vit // 3)
+    # Rows: ViT layers, columns: ResNet layers.
+    orient = (lambda g: np.asarray(g, np.float64).T) if fams[0] == "resnet" else (
+        lambda g: np.asarray(g, np.float64))
+    depth = over_repeats(z, lambda g: _best_match_depth(orient(g)))
+    out.append(_decided(name, f"{exp1} [{tag}]", _fmt(depth.value), thr1, {tag: depth}, 0.5,
+                        above=False))
+    cka = orient(z["mean"])
+    top = max(1, cka.shape[0] // 3)
     best = np.nanmax(cka, axis=1)
-    hi, lo = float(best[-top:].mean()), float(best[:-top].mean()) if n_vit > top else np.nan
-    out.append(Finding(name, f"{exp2} [{tag}]", f"top {_fmt(hi)} vs lower {_fmt(lo)}", thr2,
-                       bool(hi < lo)))
+    hi = float(best[-top:].mean())
+    lo = float(best[:-top].mean()) if cka.shape[0] > top else float("nan")
+    # Paired within each repeat: the lower rows' best minus the top rows' best.
+    gap = over_repeats(z, lambda g: _top_third_gap(orient(g)))
+    out.append(_decided(name, f"{exp2} [{tag}]", f"top {_fmt(hi)} vs lower {_fmt(lo)}", thr2,
+                        {"lower - top": gap}, 0.0))
   if not out:
     out = [_absent(name, e, t, "needs a saved ViT vs ResNet cross-model grid")
            for e, t in ((exp1, thr1), (exp2, thr2))]
@@ -203,14 +366,19 @@ def check_head_subsets(run: SavedRun) -> list[Finding]:
   out = []
   for tag, m in _per_key(run.metrics.get(name, {}), "spearman").items():
     rho = {k: float(v) for k, v in m["spearman"].items()}
+    n = len(m.get("subset_distance") or m.get("subsets") or ())
     text = ", ".join(f"{k} {_fmt(v)}" for k, v in rho.items())
-    out.append(Finding(name, f"{exp} [{tag}]", text, thr,
-                       bool(rho) and all(v < 0 for v in rho.values())))
+    out.append(_decided(name, f"{exp} [{tag}]", text, thr,
+                        {k: rank_correlation(v, n) for k, v in rho.items()}, 0.0, above=False))
   return out or [_absent(name, exp, thr, "no head-subset result")]
 
 
 # ----------------------------------------------------------------------------------------------
 # Mechanisms.
+
+
+# Analyses that save per-image means only: no spread over images to decide with.
+_NO_SPREAD_IMAGES = "no uncertainty saved (per-image spread not saved)"
 
 
 def check_attention_distance(run: SavedRun) -> list[Finding]:
@@ -222,12 +390,13 @@ def check_attention_distance(run: SavedRun) -> list[Finding]:
     out.append(Finding(
         name, f"block 0 spans local and global heads (Fig 3) [{key}]",
         f"min {_fmt(lo)}, max {_fmt(hi)}, uniform {_fmt(u)}",
-        "min head < 0.5 x uniform-attention distance and max head > 0.8 x", lo < 0.5 * u and
-        hi > 0.8 * u))
+        "min head < 0.5 x uniform-attention distance and max head > 0.8 x", INCONCLUSIVE,
+        _NO_SPREAD_IMAGES))
     last = float(m["last_block_mean"])
     out.append(Finding(name, f"the last block's heads are all global (Fig 3) [{key}]",
                        f"mean {_fmt(last)}, uniform {_fmt(u)}",
-                       "mean head distance of the last block > 0.8 x uniform", last > 0.8 * u))
+                       "mean head distance of the last block > 0.8 x uniform", INCONCLUSIVE,
+                       _NO_SPREAD_IMAGES))
   return out or [_absent(name, "block 0 spans local and global heads (Fig 3)",
                          "min head < 0.5 x uniform and max > 0.8 x", "no ViT was measured")]
 
@@ -244,8 +413,9 @@ def check_receptive_field(run: SavedRun) -> list[Finding]:
   if res:
     rho = {k: _rank_corr(np.arange(len(v["area_fraction"])), np.asarray(v["area_fraction"]))
            for k, v in res.items()}
-    out.append(Finding(name, exp, ", ".join(f"{k} {_fmt(r)}" for k, r in rho.items()), thr,
-                       all(r > 0.8 for r in rho.values())))
+    out.append(_decided(name, exp, ", ".join(f"{k} {_fmt(r)}" for k, r in rho.items()), thr,
+                        {k: rank_correlation(r, len(res[k]["area_fraction"]))
+                         for k, r in rho.items()}, 0.8))
   else:
     out.append(_absent(name, exp, thr, "no ResNet receptive field"))
   exp, thr = ("ViT receptive fields are larger than ResNet's in the lower layers (Fig 6)",
@@ -254,7 +424,7 @@ def check_receptive_field(run: SavedRun) -> list[Finding]:
     low = {k: float(np.mean(v["area_fraction"][:max(1, len(v["area_fraction"]) // 2)]))
            for k, v in {**vit, **res}.items()}
     out.append(Finding(name, exp, ", ".join(f"{k} {_fmt(a)}" for k, a in low.items()), thr,
-                       min(low[k] for k in vit) > max(low[k] for k in res)))
+                       INCONCLUSIVE, _NO_SPREAD_IMAGES))
   else:
     out.append(_absent(name, exp, thr, "needs a ViT and a ResNet"))
   exp, thr = ("ViT receptive fields keep a peak at the centre patch (Fig 6)",
@@ -268,7 +438,7 @@ def check_receptive_field(run: SavedRun) -> list[Finding]:
   if shares:
     out.append(Finding(name, exp, ", ".join(f"{k} {_fmt(s)} (image share {_fmt(u)})"
                                             for k, (s, u) in shares.items()), thr,
-                       all(s > 2 * u for s, u in shares.values())))
+                       INCONCLUSIVE, _NO_SPREAD_IMAGES))
   else:
     out.append(_absent(name, exp, thr, "needs a ViT's centre-patch mass and patch size"))
   return out
@@ -292,8 +462,7 @@ def check_skip_norms(run: SavedRun) -> list[Finding]:
   res_r = {k: float(v["unit"]["ratio_mean"]) for k, v in res.items() if "unit" in v}
   if vit_r and res_r:
     text = ", ".join(f"{k} {_fmt(x)}" for k, x in {**vit_r, **res_r}.items())
-    out.append(Finding(name, exp, text,
-                       thr, min(vit_r.values()) > 2 * max(res_r.values())))
+    out.append(Finding(name, exp, text, thr, INCONCLUSIVE, _NO_SPREAD_IMAGES))
   else:
     out.append(_absent(name, exp, thr, "needs a ViT and a ResNet"))
   cls_keys = [k for k in vit if run.has_cls(k)]
@@ -314,9 +483,9 @@ def check_skip_norms(run: SavedRun) -> list[Finding]:
         part = slice(0, max(1, n // 2)) if half == 0 else slice(n // 2, n)
         rows[f"{key} {kind}"] = (float(np.mean(cls[part])), float(np.mean(spatial[part])))
     if rows:
-      ok = all((c > s) if half == 0 else (c < s) for c, s in rows.values())
       out.append(Finding(name, exp, ", ".join(f"{k}: CLS {_fmt(c)} vs spatial {_fmt(s)}"
-                                              for k, (c, s) in rows.items()), thr, ok))
+                                              for k, (c, s) in rows.items()), thr, INCONCLUSIVE,
+                         _NO_SPREAD_IMAGES))
     else:
       out.append(_absent(name, exp, thr, "needs a CLS ViT's per-token ratios"))
   return out
@@ -337,10 +506,20 @@ def _cls_spatial(run: SavedRun, key: str, kind: str):
   return None, None
 
 
+def _num_test(run: SavedRun, key: str, metrics: Mapping[str, Any]) -> int | None:
+  """How many test images an accuracy was measured on (its metrics, else the model summary)."""
+  for source in (metrics, run.models.get(key, {})):
+    for field in ("num_test", "test_examples"):
+      if source.get(field):
+        return int(source[field])
+  return None
+
+
 def check_skip_removal(run: SavedRun) -> list[Finding]:
   name = "skip_removal"
+  per = _per_key(run.metrics.get(name, {}), "skip_removed")
   out = []
-  for key, m in _per_key(run.metrics.get(name, {}), "skip_removed").items():
+  for key, m in per.items():
     if not m["skip_removed"]:
       continue
     blocks = ",".join(map(str, m["skip_removed"]))
@@ -351,14 +530,26 @@ def check_skip_removal(run: SavedRun) -> list[Finding]:
       acc = m.get("test_accuracy")
       text = f"drop {drop:+.2f} points" + (f" (skips removed: {100 * acc:.1f}%)"
                                            if acc is not None else "")
-      out.append(Finding(name, exp, text, thr, drop > 1.0))
+      base_key = key.rsplit("_noskip", 1)[0]
+      base = per.get(base_key, {})
+      if acc is not None and base.get("test_accuracy") is not None:
+        # Both accuracies on the same test images: adding the variances ignores their positive
+        # correlation, so the interval is conservative (wider than a paired one).
+        est = _difference(accuracy(base["test_accuracy"], _num_test(run, base_key, base)),
+                          accuracy(acc, _num_test(run, key, m)))
+        est = dataclasses.replace(est, value=float(m["accuracy_drop"]))
+      else:
+        est = _unknown(float(m["accuracy_drop"]), "no uncertainty saved (accuracies not saved)")
+      scaled = dataclasses.replace(est, value=100 * est.value, stderr=100 * est.stderr)
+      out.append(_decided(name, exp, text, thr, {key: scaled}, 1.0))
     else:
       out.append(_absent(name, exp, thr, "accuracies not measured"))
     exp = f"similarity splits before / after block {blocks} (Fig 8) [{key}]"
     thr = "within-minus-across CKA contrast exceeds the unmodified model's by > 0.05"
     if "split" in m and "split_unmodified" in m:
       a, b = float(m["split"]["contrast"]), float(m["split_unmodified"]["contrast"])
-      out.append(Finding(name, exp, f"{_fmt(a)} vs unmodified {_fmt(b)}", thr, a - b > 0.05))
+      out.append(Finding(name, exp, f"{_fmt(a)} vs unmodified {_fmt(b)}", thr, INCONCLUSIVE,
+                         "no uncertainty saved (per-repeat split contrasts not saved)"))
     else:
       out.append(_absent(name, exp, thr, "no split contrast saved"))
   return out or [_absent(name, "removing the skips of a block costs accuracy (Fig 8)",
@@ -396,11 +587,12 @@ def check_localization(run: SavedRun) -> list[Finding]:
   for key, (tag, m) in cls.items():
     z = run.arrays(f"{name}_{key}_{tag.split('/', 1)[1].replace('/', '-')}")
     g = int(m.get("grid", 0))
-    fractions[key] = (_interior_own_best(np.asarray(z["mean"], np.float64), g)
-                      if z is not None and g > 2 else float(m["own_is_best"]))
+    fractions[key] = (over_repeats(z, lambda grid, g=g: _interior_own_best(grid, g))
+                      if z is not None and g > 2 else
+                      _unknown(float(m["own_is_best"]), "no per-repeat grids saved"))
   if fractions:
-    out.append(Finding(name, exp, ", ".join(f"{k} {_fmt(f)}" for k, f in fractions.items()), thr,
-                       all(f >= 0.5 for f in fractions.values())))
+    out.append(_decided(name, exp, ", ".join(f"{k} {_fmt(f.value)}"
+                                             for k, f in fractions.items()), thr, fractions, 0.5))
   else:
     out.append(_absent(name, exp, thr, "no CLS ViT localisation"))
   for others, exp in ((gap, "a GAP ViT is less localised than the CLS ViT (Fig 10)"),
@@ -410,7 +602,8 @@ def check_localization(run: SavedRun) -> list[Finding]:
     if cls and others:
       vals = {k: float(m["own_contrast"]) for k, (_, m) in {**cls, **others}.items()}
       out.append(Finding(name, exp, ", ".join(f"{k} {_fmt(v)}" for k, v in vals.items()), thr,
-                         min(vals[k] for k in cls) > max(vals[k] for k in others)))
+                         INCONCLUSIVE,
+                         "no uncertainty saved (per-repeat own-patch contrasts not saved)"))
     else:
       out.append(_absent(name, exp, thr, "needs a CLS ViT and the compared model"))
   return out
@@ -418,6 +611,28 @@ def check_localization(run: SavedRun) -> list[Finding]:
 
 def _last(curve: Mapping[str, Any]) -> float:
   return float(curve["acc_mean"][-1])
+
+
+def _within(analysis: str, expectation: str, measured: str, threshold: str,
+            estimates: Mapping[str, Estimate], margin: float) -> Finding:
+  """`|every estimate| < margin`: an interval inside (-margin, margin) is shown, one wholly
+  outside it not shown; combined as in `decide`."""
+  rows = []
+  for label, e in estimates.items():
+    low, _ = significance.verdict(e.value, e.stderr, -margin, above=True)
+    high, (lo, hi) = significance.verdict(e.value, e.stderr, margin, above=False)
+    v = (SHOWN if (low, high) == (SHOWN, SHOWN) else
+         NOT_SHOWN if NOT_SHOWN in (low, high) else INCONCLUSIVE)
+    rows.append((label, e, v, lo, hi))
+  verdicts = [r[2] for r in rows]
+  verdict = (SHOWN if all(v == SHOWN for v in verdicts) else
+             NOT_SHOWN if NOT_SHOWN in verdicts else INCONCLUSIVE)
+  label, e, _, lo, hi = (max(rows, key=lambda r: abs(r[1].value)) if verdict == SHOWN else
+                         next(r for r in rows if r[2] == verdict))
+  prefix = f"{label}: " if len(rows) > 1 else ""
+  interval = (f"{prefix}{e.source}" if math.isnan(lo) else
+              f"{prefix}[{_fmt(lo)}, {_fmt(hi)}] vs within ±{margin:g} ({e.source})")
+  return Finding(analysis, expectation, measured, threshold, verdict, interval)
 
 
 def check_probe(run: SavedRun) -> list[Finding]:
@@ -428,6 +643,9 @@ def check_probe(run: SavedRun) -> list[Finding]:
   gap = {k: v for k, v in vit.items() if "cls" not in v["aggregated"]}
   res = {k: v for k, v in per.items() if run.family(k) == "resnet"}
   token = lambda m: float(list(m["tokens"].values())[-1]["acc_mean"]) if m.get("tokens") else None
+  # Probe accuracies are over the num_test test images (a per-token mean: conservatively the
+  # SE of one token's accuracy).
+  acc = lambda key, m, a: accuracy(a, _num_test(run, key, m))
   out = []
 
   def compare(exp, thr, good, poor, value, margin):
@@ -437,7 +655,9 @@ def check_probe(run: SavedRun) -> list[Finding]:
       out.append(_absent(name, exp, thr, "needs both models' probes"))
       return
     text = ", ".join(f"{k} {100 * x:.1f}%" for k, x in {**vg, **vp}.items())
-    out.append(Finding(name, exp, text, thr, min(vg.values()) > max(vp.values()) + margin))
+    out.append(_decided(name, exp, text, thr, _pairwise(
+        {k: acc(k, good[k], x) for k, x in vg.items()},
+        {k: acc(k, poor[k], x) for k, x in vp.items()}, margin), 0.0))
 
   compare("GAP-ViT tokens become good at the top while CLS-ViT tokens stay poor (Fig 11a)",
           "last-layer per-token accuracy: every GAP ViT > every CLS ViT + 5 points", gap, cls,
@@ -450,27 +670,33 @@ def check_probe(run: SavedRun) -> list[Finding]:
   rows = {k: (_last(v["aggregated"]["cls"]), token(v)) for k, v in cls.items()
           if token(v) is not None}
   if rows:
-    out.append(Finding(name, exp, ", ".join(f"{k}: CLS {100 * a:.1f}% vs tokens {100 * t:.1f}%"
-                                            for k, (a, t) in rows.items()), thr,
-                       all(a > t + 0.05 for a, t in rows.values())))
+    diffs = {k: _difference(acc(k, cls[k], a), acc(k, cls[k], t)) for k, (a, t) in rows.items()}
+    out.append(_decided(name, exp, ", ".join(f"{k}: CLS {100 * a:.1f}% vs tokens {100 * t:.1f}%"
+                                             for k, (a, t) in rows.items()), thr, diffs, 0.05))
   else:
     out.append(_absent(name, exp, thr, "needs a CLS ViT with per-token probes"))
   for exp, thr, pairs in (
       ("CLS;CLS and GAP;GAP probes nearly equal at the last layer (Fig 11b)",
        "|CLS-token probe of the CLS ViT - mean-token probe of the GAP ViT| < 5 points",
-       [(f"{c} cls vs {g} mean", _last(cv["aggregated"]["cls"]), _last(gv["aggregated"]["mean"]))
+       [(f"{c} cls vs {g} mean", acc(c, cv, _last(cv["aggregated"]["cls"])),
+         acc(g, gv, _last(gv["aggregated"]["mean"])))
         for c, cv in cls.items() for g, gv in gap.items() if "mean" in gv["aggregated"]]),
       ("GAP;first-token nearly matches GAP;GAP at the last layer (Fig 11b)",
        "|first-token probe - mean-token probe| of the GAP ViT < 5 points",
-       [(g, _last(gv["aggregated"]["first"]), _last(gv["aggregated"]["mean"]))
+       [(g, acc(g, gv, _last(gv["aggregated"]["first"])),
+         acc(g, gv, _last(gv["aggregated"]["mean"])))
         for g, gv in gap.items() if {"first", "mean"} <= set(gv["aggregated"])])):
     if pairs:
-      out.append(Finding(name, exp, ", ".join(f"{k}: {100 * a:.1f}% vs {100 * b:.1f}%"
+      out.append(_within(name, exp, ", ".join(f"{k}: {100 * a.value:.1f}% vs {100 * b.value:.1f}%"
                                               for k, a, b in pairs), thr,
-                         all(abs(a - b) < 0.05 for _, a, b in pairs)))
+                         {k: _difference(a, b) for k, a, b in pairs}, 0.05))
     else:
       out.append(_absent(name, exp, thr, "needs a CLS and a GAP ViT"))
   return out
+
+
+# The per-block CKA metrics are means over repeats; the checks do not read the per-repeat grids.
+_NO_SPREAD_REPEATS = "no uncertainty saved (per-block CKA over repeats not in the metrics)"
 
 
 def check_dataset_scale(run: SavedRun) -> list[Finding]:
@@ -488,11 +714,12 @@ def check_dataset_scale(run: SavedRun) -> list[Finding]:
     pct = f"{100 * fractions[key]['fraction']:g}%"
     out.append(Finding(name, f"low blocks similar even at small data (Fig 12) [{pct}]",
                        f"{_fmt(low(c))}", "mean CKA of the lowest quarter of blocks with the "
-                       "full-data model >= 0.8, at the smallest fraction", low(c) >= 0.8))
+                       "full-data model >= 0.8, at the smallest fraction", INCONCLUSIVE,
+                       _NO_SPREAD_REPEATS))
     out.append(Finding(name, f"upper blocks diverge more than lower ones (Fig 12) [{pct}]",
                        f"top {_fmt(high(c))} vs lowest {_fmt(low(c))}",
                        "mean CKA of the top quarter of blocks < the lowest quarter's",
-                       high(c) < low(c)))
+                       INCONCLUSIVE, _NO_SPREAD_REPEATS))
   else:
     out.append(_absent(name, "low blocks similar even at small data (Fig 12)",
                        "lowest-quarter mean CKA >= 0.8", "no data-fraction model"))
@@ -500,7 +727,7 @@ def check_dataset_scale(run: SavedRun) -> list[Finding]:
     c = v["block_cka"]
     out.append(Finding(name, f"lower blocks preserved by fine-tuning (Fig G.1) [{v['task']}]",
                        f"{_fmt(low(c))}", "mean CKA of the lowest quarter of blocks before vs "
-                       "after fine-tuning >= 0.8", low(c) >= 0.8))
+                       "after fine-tuning >= 0.8", INCONCLUSIVE, _NO_SPREAD_REPEATS))
   return out
 
 

@@ -21,7 +21,8 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
 td,th{border:1px solid #ddd;padding:.25em .6em;text-align:left;vertical-align:top}
 th{background:#f4f4f4}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
-td.shown{background:#e6f4e6} td.notshown{background:#fbe9e7} td.absent{color:#888}
+td.shown{background:#e6f4e6} td.notshown{background:#fbe9e7}
+td.inconclusive{background:#fff8e1;font-style:italic} td.absent{color:#888}
 .caption{color:#333;margin:.4em 0 .8em 0}
 .figs img{max-width:min(100%,760px);border:1px solid #eee;margin:.3em 0}
 .plot{width:100%;min-width:320px}
@@ -32,8 +33,9 @@ details{margin:.6em 0}
 """
 
 _ERROR_KEYS = ("std", "se", "stderr", "sem")
-_VERDICT = {True: ("shown", "shown"), False: ("not shown", "notshown"),
-            None: ("not measured", "absent")}
+# Finding.verdict -> (text, CSS class); None: the needed result is absent.
+_VERDICT = {"shown": ("shown", "shown"), "not shown": ("not shown", "notshown"),
+            "inconclusive": ("inconclusive", "inconclusive"), None: ("not measured", "absent")}
 
 
 def format_number(x: Any) -> str:
@@ -97,13 +99,15 @@ def cell(text: str, numeric: bool = False, cls: str = "") -> str:
   return f'<td class="{classes}">{text}</td>' if classes else f"<td>{text}</td>"
 
 
-def verdict_cell(shown: bool | None) -> str:
-  text, cls = _VERDICT[shown]
+def verdict_cell(verdict: str | None) -> str:
+  """'shown', 'not shown', 'inconclusive' or None (not measured), each in its own style."""
+  text, cls = _VERDICT[verdict]
   return cell(text, cls=cls)
 
 
 def findings_table(runs: Sequence[Any]) -> str:
-  """The findings table: expectation, threshold, then measured value and verdict per run."""
+  """The findings table: expectation, threshold, then per run the measured value, the verdict and
+  the 95% interval it used, after a count of the verdicts per run."""
   keys = []
   per_run = []
   for run in runs:
@@ -117,7 +121,7 @@ def findings_table(runs: Sequence[Any]) -> str:
   header = ["analysis", "expectation", "threshold"]
   for run in runs:
     prefix = f"{run.label}: " if len(runs) > 1 else ""
-    header += [f"{prefix}measured", f"{prefix}verdict"]
+    header += [f"{prefix}measured", f"{prefix}verdict", f"{prefix}95% interval"]
   rows = []
   for k in keys:
     first = next(r[k] for r in per_run if k in r)
@@ -125,14 +129,16 @@ def findings_table(runs: Sequence[Any]) -> str:
            cell(html.escape(k[1])), cell(html.escape(first.threshold))]
     for r in per_run:
       f = r.get(k)
-      row += ([cell(html.escape(f.measured)), verdict_cell(f.shown)] if f else
-              [cell("–"), verdict_cell(None)])
+      row += ([cell(html.escape(f.measured)), verdict_cell(f.verdict),
+               cell(html.escape(f.interval))] if f else
+              [cell("–"), verdict_cell(None), cell("")])
     rows.append(row)
   counts = []
   for run in runs:
-    n = sum(f.shown is True for f in run.findings)
-    m = sum(f.shown is not None for f in run.findings)
-    counts.append(f"{html.escape(run.label)}: {n} of {m} checked findings shown")
+    verdicts = [f.verdict for f in run.findings]
+    n, m, k = (verdicts.count(v) for v in ("shown", "not shown", "inconclusive"))
+    counts.append(f"{html.escape(run.label)}: {n} shown, {m} not shown, {k} inconclusive "
+                  f"of {n + m + k}")
   return ("<p class='meta'>" + " · ".join(counts) + "</p>" + table(header, rows)) if keys else (
       "<p class='meta'>no findings to check: no analysis with checks ran</p>")
 
