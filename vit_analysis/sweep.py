@@ -244,7 +244,8 @@ def point_names(points: Sequence[Point]) -> list[str]:
   labels = {}
   for k in named:
     parts = k.split(".")
-    for n in range(1, len(parts) + 1):
+    # A model entry's key reads with its model ('vit.name', not 'name').
+    for n in range(2 if k.startswith("models.") else 1, len(parts) + 1):
       label = ".".join(parts[-n:])
       if not any(o != k and (o == label or o.endswith("." + label)) for o in named):
         break
