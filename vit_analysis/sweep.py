@@ -345,6 +345,14 @@ class Sweep:
       out.append((p["name"], plain, tpu))
     return out
 
+  def read_index(self) -> dict[str, Any]:
+    """WORKDIR/sweep.json as saved ({} if there is none)."""
+    path = os.path.join(self.workdir, INDEX)
+    if not os.path.exists(path):
+      return {}
+    with open(path) as f:
+      return json.load(f)
+
   def write_index(self, entries: list[dict[str, Any]]) -> None:
     """WORKDIR/sweep.json, atomically (process 0)."""
     if not sharding.is_main_process():
@@ -369,8 +377,10 @@ class Sweep:
       RuntimeError: naming the failed points, after every point has had its turn.
     """
     run_fn = run_fn or main_lib.run
+    before = {e["name"]: e for e in self.read_index().get("points", [])}
     entries = [dict(name=p["name"], workdir=p["name"], overrides=_jsonable(p["overrides"]),
-                    status=self.status(i), seconds=None, error=None)
+                    status=self.status(i), seconds=before.get(p["name"], {}).get("seconds"),
+                    error=None)
                for i, p in enumerate(self.points)]
     self.write_index(entries)
     for i, (entry, config) in enumerate(zip(entries, self.configs)):
