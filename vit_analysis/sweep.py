@@ -189,11 +189,15 @@ def apply(config: ml_collections.ConfigDict, overrides: Point) -> ml_collections
       close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
       hint = f" (did you mean {close[0]!r}?)" if close else ""
       raise KeyError(f"unknown sweep key {raw_key!r}{hint}; the config has no such key")
-    if isinstance(parent, ml_collections.ConfigDict):
-      with parent.unlocked():
+    try:
+      if isinstance(parent, ml_collections.ConfigDict):
+        with parent.unlocked():
+          parent[leaf] = _coerce(parent.get(leaf, None), value)
+      else:
         parent[leaf] = _coerce(parent.get(leaf, None), value)
-    else:
-      parent[leaf] = _coerce(parent.get(leaf, None), value)
+    except (TypeError, ValueError) as e:
+      raise TypeError(f"sweep key {key}={value!r}: the config's {key} is "
+                      f"{parent.get(leaf, None)!r} ({e})") from e
   return config
 
 
