@@ -265,6 +265,11 @@ def point_names(points: Sequence[Point]) -> list[str]:
 
 
 def _load_module(path: str) -> Any:
+  """The config file `path`; a relative 'configs/...' missing here is read from the checkout
+  this package lives in (a notebook's working directory is seldom the repository)."""
+  beside = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+  if not os.path.exists(path) and not os.path.isabs(path) and os.path.exists(beside):
+    path = beside
   spec = importlib.util.spec_from_file_location(
       f"_sweep_config_{os.path.basename(path)[:-3]}", path)
   if spec is None or spec.loader is None:
