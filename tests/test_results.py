@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-
 import smoke_sweep
+
 from vit_analysis import results
 
 

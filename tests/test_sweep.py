@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 import smoke_sweep
+
 from vit_analysis import sweep
 
 REPO = smoke_sweep.REPO
@@ -26,8 +26,9 @@ def test_hyper_sweep_fixed_product_zipit_chainit():
   assert H.product([H.sweep("a", [1, 2]), H.sweep("b", [])]) == []
   nested = H.product([H.zipit([H.sweep("n", ["B", "L"]), H.sweep("c", ["b.npz", "l.npz"])]),
                       H.sweep("s", [0, 1]), H.fixed("r", 5)])
-  assert nested == [{"n": "B", "c": "b.npz", "s": 0, "r": 5}, {"n": "B", "c": "b.npz", "s": 1, "r": 5},
-                    {"n": "L", "c": "l.npz", "s": 0, "r": 5}, {"n": "L", "c": "l.npz", "s": 1, "r": 5}]
+  assert nested == [
+      {"n": "B", "c": "b.npz", "s": 0, "r": 5}, {"n": "B", "c": "b.npz", "s": 1, "r": 5},
+      {"n": "L", "c": "l.npz", "s": 0, "r": 5}, {"n": "L", "c": "l.npz", "s": 1, "r": 5}]
 
 
 def test_hyper_errors():
@@ -97,7 +98,7 @@ def test_unknown_key_names_the_closest(tmp_path):
 
 
 def test_bad_value_and_duplicate_names(tmp_path):
-  with pytest.raises(TypeError, match="cka_intra.repeats=.abc.: the config.s cka_intra.repeats is 2"):
+  with pytest.raises(TypeError, match="repeats=.abc.: the config.s cka_intra.repeats is 2"):
     sweep.Sweep(CKA_SMOKE, str(tmp_path), sweep=["cka_intra.repeats=2,abc"], config_sweep=False)
   with pytest.raises(ValueError, match=r"named \['seed=0'\]"):
     sweep.Sweep(CKA_SMOKE, str(tmp_path), sweep=["seed=0,1,0"], config_sweep=False)
@@ -109,7 +110,8 @@ def test_empty_and_missing_sweeps(tmp_path):
       "from vit_analysis import config_lib\n"
       "def get_config(arg=None):\n  return config_lib.base_config(arg)\n"
       "def get_hyper(hyper):\n"
-      "  return hyper.product([hyper.sweep('config.seed', [0, 1]), hyper.sweep('config.seed', [])])\n")
+      "  return hyper.product([hyper.sweep('config.seed', [0, 1]),\n"
+      "                        hyper.sweep('config.seed', [])])\n")
   with pytest.raises(ValueError, match="has no points"):
     sweep.Sweep(str(config), str(tmp_path / "w"))
   with pytest.raises(ValueError, match="declares no sweep"):
@@ -141,23 +143,26 @@ def test_dry_run_prints_both_forms():
       cwd=REPO, capture_output=True, text=True, check=True).stdout
   common = ("--config=configs/cka_intra.py:smoke --workdir=/tmp/fig1/{name} "
             "--config.cka_intra.repeats=3 --config.model_cache=/tmp/fig1/models {rest}")
-  points = [("vit.name=ViT-smoke_8", "--config.models.vit.name=ViT-smoke_8 --config.cka_intra.models=vit"),
+  points = [("vit.name=ViT-smoke_8",
+             "--config.models.vit.name=ViT-smoke_8 --config.cka_intra.models=vit"),
             ("vit.name=ViT-smoke_8-gap",
              "--config.models.vit.name=ViT-smoke_8-gap --config.cka_intra.models=vit"),
-            ("resnet.name=R-smoke", "--config.models.resnet.name=R-smoke --config.cka_intra.models=resnet")]
+            ("resnet.name=R-smoke",
+             "--config.models.resnet.name=R-smoke --config.cka_intra.models=resnet")]
   expected = []
   for name, rest in points:
     args = common.format(name=name, rest=rest)
-    expected += [f"# {name}", f"python -m vit_analysis.main {args}",
-                 "gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=all "
-                 f'--command="python -m vit_analysis.main {args}"']
+    tpu = ("gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=all "
+           f'--command="python -m vit_analysis.main {args}"')
+    expected += [f"# {name}", f"python -m vit_analysis.main {args}", tpu]
   assert out.splitlines() == expected
 
 
 def test_dry_run_quotes_for_the_shell():
   s = sweep.Sweep(CKA_SMOKE, "/tmp/a b", sweep=["description=x y,$HOME"], config_sweep=False)
   _, plain, tpu = s.commands()[1]
-  assert "'--config.description=$HOME'" in plain and "'--workdir=/tmp/a b/description=_HOME'" in plain
+  assert "'--config.description=$HOME'" in plain
+  assert "'--workdir=/tmp/a b/description=_HOME'" in plain
   assert '--command="python -m vit_analysis.main' in tpu and "\\$HOME" in tpu
 
 
@@ -192,7 +197,8 @@ def test_interrupted_point_resumes_and_failures_are_recorded(tmp_path):
                   overrides=smoke_sweep.OVERRIDES, config_sweep=False)
   # A point started but not finished (config.json, no result) runs again; finished ones do not.
   result = os.path.join(workdir, "seed=1", "results", "cka_intra.json")
-  saved = open(result).read()
+  with open(result) as f:
+    saved = f.read()
   os.remove(result)
   assert s.status(1) == "running"
   ran = []

@@ -93,7 +93,8 @@ def _heatmaps(run: str, analyses: list[str]) -> list[pd.DataFrame]:
       shape = arrays[mean].shape
       cols = {"comparison": name[len(analysis) + 1:], "analysis": analysis, "kind": "cell",
               "measure": measure,
-              "layer_a": np.repeat(names_a, len(names_b)), "layer_b": np.tile(names_b, len(names_a)),
+              "layer_a": np.repeat(names_a, len(names_b)),
+              "layer_b": np.tile(names_b, len(names_a)),
               "value": arrays[mean].reshape(-1)}
       for col, key in (("stderr", stderr), ("std", std), ("null_z", null_z)):
         a = arrays.get(key)

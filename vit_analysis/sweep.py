@@ -35,7 +35,6 @@ import json
 import os
 import re
 import shlex
-import sys
 import time
 from typing import Any, Callable, Iterable, Sequence
 
@@ -306,7 +305,8 @@ class Sweep:
     grids = [g for g in (config_points(module, arg) if config_sweep else None,
                          cli_points(sweep)) if g is not None]
     if not grids:
-      raise ValueError(f"{config_file} declares no sweep (get_hyper or sweep); give --sweep=KEY=V,...")
+      raise ValueError(f"{config_file} declares no sweep (get_hyper or sweep); give "
+                       "--sweep=KEY=V1,V2,...")
     points = Hyper.product(grids)
     if not points:
       raise ValueError(f"the sweep of {config_file} has no points (an empty sweep in a product?)")
