@@ -36,6 +36,9 @@ setuptools.setup(
         "safetensors>=0.4",
         # Checkpoint paths: epath opens gs:// (and local) files alike (checkpoints.py).
         "etils[epath]>=1.5",
+        # The results table: every run's heatmap cells and metrics as one DataFrame
+        # (vit_analysis/results.py).
+        "pandas>=2",
     ],
     extras_require={
         "dev": [

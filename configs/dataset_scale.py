@@ -11,6 +11,9 @@ tasks at 224 px; Fig 12 additionally needs from-scratch training on subsets: add
 fractions=(0.03, 0.1, 0.3) and a from-scratch reference, docs/method.md#dataset-scale-and-fine-tuning):
   python -m vit_analysis.main --config=configs/dataset_scale.py:full,ckpt_dir=$CKPT \
       --workdir=$WORKDIR
+Fig 12 as a sweep (digits): two ViT sizes x the 3/10/30 % subsets, one point each, the
+reference models shared through the sweep's model cache:
+  python -m vit_analysis.sweep --config=configs/dataset_scale.py --workdir=/tmp/fig12
 """
 import ml_collections
 
@@ -55,3 +58,23 @@ def get_config(arg=None):
     config.dataset_scale.update(dict(fractions=(), num_examples=10240, minibatch_size=1024,
                                      repeats=20))
   return config
+
+
+def get_hyper(hyper, arg=None):
+  """Fig 12's data-scale sweep: model size x data fraction, one subset model per point.
+
+  Fine-tuning (Fig G.1) is left out of these points. `:smoke` sweeps two fractions of the tiny
+  ViT. At `:full` the subset models would need a from-scratch ImageNet reference, which this
+  config does not define (module docstring), so there is no full-size sweep.
+  """
+  flags = config_lib.parse_arg(arg, ("full", "ckpt_dir"))
+  if flags.get("full", False):
+    raise ValueError("configs/dataset_scale.py:full has no Fig 12 sweep: the subset models "
+                     "need a from-scratch reference trained on ImageNet (see the docstring)")
+  names = ("ViT-smoke_8",) if flags.smoke else ("ViT-demo_4", "ViT-Ti_4")
+  fractions = ((0.1,), (0.3,)) if flags.smoke else ((0.03,), (0.1,), (0.3,))
+  return hyper.product([
+      hyper.sweep("config.models.vit.name", names),
+      hyper.sweep("config.dataset_scale.fractions", fractions),
+      hyper.fixed("config.dataset_scale.finetune", {}),
+  ])
