@@ -388,9 +388,11 @@ def test_200_minibatches_and_jackknife():
   ref, hs = _ref_cells([a0, a1], [b0])
   # A third layer on side a is 2 * b0: CKA 1 and (up to rounding) zero error.
   state = cka.update(cka.init(3, 1), [a0, a1, 2 * b0], [b0], stacked=True)
-  # The state's size does not grow with the number of examples.
+  # The state keeps k rows of per-minibatch values (not the examples); a template made with
+  # capacity=k has the shapes of every state of the repeat (checkpoints restore into it).
   assert [np.shape(v) for v in jax.tree.leaves(state)] == [
-      np.shape(v) for v in jax.tree.leaves(cka.init(3, 1))]
+      np.shape(v) for v in jax.tree.leaves(cka.init(3, 1, capacity=k))]
+  assert np.shape(state.cross) == (k, 3, 1)
   res = cka.result(state)
   assert abs(res.cka[2, 0] - 1) < TOL and res.stderr[2, 0] < 1e-5
   res = dataclasses.replace(res, cka=res.cka[:2], stderr=res.stderr[:2])
