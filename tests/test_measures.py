@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from helpers import ref_hsic_unbiased
 
-from vit_analysis.similarity import cka, measures
+from vit_analysis.similarity import agreement, cka, measures
 
 MEASURES = measures.MEASURES
 
@@ -414,7 +414,7 @@ def test_rank_agreement_known_values():
   a = np.array([[1.0, 2.0], [3.0, 4.0]])
   b = np.array([[1.0, 3.0], [2.0, 4.0]])  # two middle cells swapped
   c = -a
-  got = measures.rank_agreement({"a": a, "b": b, "c": c})
+  got = agreement.rank_agreement({"a": a, "b": b, "c": c})
   # rho = 1 - 6 sum d^2 / (n (n^2 - 1)) = 1 - 6 * 2 / 60.
   assert got[("a", "b")] == pytest.approx(0.8)
   assert got[("a", "c")] == pytest.approx(-1.0)
@@ -424,12 +424,12 @@ def test_rank_agreement_known_values():
   t = s.copy()
   t[0, 1] = t[1, 0] = 7.0  # cell (0, 1) moves from lowest to highest
   np.fill_diagonal(t, -5.0)
-  rho = measures.rank_agreement({"s": s, "t": t}, intra=True)[("s", "t")]
+  rho = agreement.rank_agreement({"s": s, "t": t}, intra=True)[("s", "t")]
   ranks_t = np.array([6, 1, 2, 3, 4, 5])  # upper-triangle order (0,1),(0,2),(0,3),(1,2),(1,3),(2,3)
   want = 1 - 6 * np.sum((np.arange(1, 7) - ranks_t) ** 2) / (6 * 35)
   assert rho == pytest.approx(want)
   with pytest.raises(ValueError, match="same"):
-    measures.rank_agreement({"a": a, "b": s})
+    agreement.rank_agreement({"a": a, "b": s})
 
 
 def test_disagreements_names_the_flipped_cell():
@@ -438,14 +438,14 @@ def test_disagreements_names_the_flipped_cell():
   b = a.copy()
   i, j = np.unravel_index(np.argmax(a), a.shape)
   b[i, j] = a.min() - 1  # highest under a, lowest under b
-  out = measures.disagreements({"a": a, "b": b}, ["r0", "r1", "r2"], ["c0", "c1", "c2", "c3"],
+  out = agreement.disagreements({"a": a, "b": b}, ["r0", "r1", "r2"], ["c0", "c1", "c2", "c3"],
                                top=2)
   assert (out[0]["a"], out[0]["b"]) == (f"r{i}", f"c{j}")
   assert out[0]["spread"] == pytest.approx(1.0)
   assert out[0]["percentile"] == {"a": 1.0, "b": 0.0}
   assert out[0]["value"]["a"] == a[i, j]
   assert out[1]["spread"] == pytest.approx(1 / 11)  # every other cell moved up by one rank
-  same = measures.disagreements({"a": a, "b": 2 * a + 1}, ["r0", "r1", "r2"],
+  same = agreement.disagreements({"a": a, "b": 2 * a + 1}, ["r0", "r1", "r2"],
                                 ["c0", "c1", "c2", "c3"])
   assert [d["spread"] for d in same] == [0.0] * 5
   assert [(d["a"], d["b"]) for d in same] == [("r0", "c0"), ("r0", "c1"), ("r0", "c2"),

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from vit_analysis.models import layers as layers_lib
+from vit_analysis.similarity import agreement
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,15 +121,6 @@ def _split_tag(tag: str, keys: Sequence[str]) -> tuple[str, str] | None:
     if a in keys and b in keys:
       return a, b
   return None
-
-
-def _rank_corr(x: np.ndarray, y: np.ndarray) -> float:
-  if len(x) < 2:
-    return float("nan")
-  rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
-  if rx.std() == 0 or ry.std() == 0:
-    return float("nan")
-  return float(np.corrcoef(rx, ry)[0, 1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,7 +260,7 @@ def check_receptive_field(run: SavedRun) -> list[Finding]:
   exp, thr = ("ResNet receptive fields grow gradually with depth (Fig 6)",
               "Spearman rho(depth, ERF area) > 0.8 for every ResNet")
   if res:
-    rho = {k: _rank_corr(np.arange(len(v["area_fraction"])), np.asarray(v["area_fraction"]))
+    rho = {k: agreement.rank_correlation(np.arange(len(v["area_fraction"])), v["area_fraction"])
            for k, v in res.items()}
     out.append(Finding(name, exp, ", ".join(f"{k} {_fmt(r)}" for k, r in rho.items()), thr,
                        all(r > 0.8 for r in rho.values())))

@@ -177,8 +177,8 @@ def _ordered_sum(x: jax.Array) -> jax.Array:
   return x[..., 0]
 
 
-def _u_centre(k: jax.Array) -> jax.Array:
-  """U-centring (Szekely & Rizzo 2014): <U(K), U(L)> = n(n-3) HSIC_1(K, L) exactly."""
+def u_centre(k: jax.Array) -> jax.Array:
+  """U-centring (Szekely & Rizzo 2014) of k [n, n]: <U(K), U(L)> = n(n-3) HSIC_1(K, L) exactly."""
   n = k.shape[-1]
   off = ~jnp.eye(n, dtype=bool)
   k = jnp.where(off, k, 0)
@@ -200,17 +200,17 @@ def _check_grams(k: jax.Array, l: jax.Array, min_n: int) -> int:
 def hsic_unbiased(k: jax.Array, l: jax.Array) -> jax.Array:
   """Unbiased HSIC_1 (Song et al. 2012) via U-centring. k, l: [n, n] Grams, n >= 4. Can be < 0."""
   n = _check_grams(k, l, 4)
-  return jnp.sum(_u_centre(k) * _u_centre(l)) / (n * (n - 3))
+  return jnp.sum(u_centre(k) * u_centre(l)) / (n * (n - 3))
 
 
 @jax.jit
 def hsic_biased(k: jax.Array, l: jax.Array) -> jax.Array:
   """Biased HSIC_0 = <CKC, CLC> / (n-1)^2 (Gretton et al. 2005). k, l: [n, n] Grams."""
   n = _check_grams(k, l, 2)
-  return jnp.sum(_double_centre(k) * _double_centre(l)) / (n - 1) ** 2
+  return jnp.sum(double_centre(k) * double_centre(l)) / (n - 1) ** 2
 
 
-def _double_centre(g: jax.Array) -> jax.Array:
+def double_centre(g: jax.Array) -> jax.Array:
   """C G C. Needed even for a Gram of centred features: their float32 column means are off by
   rounding (a column shift, which C -- like U-centring -- removes)."""
   return g - jnp.mean(g, 0, keepdims=True) - jnp.mean(g, 1, keepdims=True) + jnp.mean(g)
@@ -221,8 +221,8 @@ def _full_batch_terms(x, y):
   """Both estimators in one program (one compilation per shape): [2 (biased, unbiased), 3], [2]."""
   n = x.shape[0]
   kx, ky = gram_linear(x), gram_linear(y)
-  cx, cy = _double_centre(kx), _double_centre(ky)
-  ux, uy = _u_centre(kx), _u_centre(ky)
+  cx, cy = double_centre(kx), double_centre(ky)
+  ux, uy = u_centre(kx), u_centre(ky)
   dot = lambda a, b: jnp.sum(a * b)
   h = [jnp.stack([dot(cx, cy), dot(cx, cx), dot(cy, cy)]) / (n - 1) ** 2,
        jnp.stack([dot(ux, uy), dot(ux, ux), dot(uy, uy)]) / (n * (n - 3))]
@@ -327,7 +327,7 @@ def terms_from_grams(grams_a: jax.Array, grams_b: jax.Array | None = None
 def _terms_from_grams(grams_a, grams_b):
   m = grams_a.shape[-1]
   norm = m * (m - 3)
-  u = jax.vmap(_u_centre)
+  u = jax.vmap(u_centre)
   ua, ta = u(grams_a), _ordered_sum(jnp.diagonal(grams_a, axis1=1, axis2=2))
   if grams_b is None:  # intra-model: self terms are the diagonal of the cross matrix.
     cross = jnp.einsum("aij,bij->ab", ua, ua, precision=_HIGHEST) / norm
@@ -532,11 +532,11 @@ def host(x: Any) -> np.ndarray:
   return np.asarray(x, np.float64)
 
 
-def _append(rows: np.ndarray, used: int, new: np.ndarray) -> np.ndarray:
-  """rows [c, ...] with new [n, ...] written into rows used..used+n (grown if c is too small)."""
-  out = np.zeros((max(rows.shape[0], used + new.shape[0]),) + rows.shape[1:], np.float64)
-  out[:used] = rows[:used]
-  out[used:used + new.shape[0]] = new
+def append_rows(rows: np.ndarray, used: int, new: np.ndarray, min_rows: int = 0) -> np.ndarray:
+  """Per-minibatch rows: rows[:used] [c, ...] followed by new [n, ...], in a fresh float64 array
+  of max(c, min_rows, used + n) rows (the room beyond is zero)."""
+  out = np.zeros((max(len(rows), min_rows, used + len(new)),) + np.shape(rows)[1:], np.float64)
+  out[:used], out[used:used + len(new)] = rows[:used], new
   return out
 
 
@@ -572,8 +572,8 @@ def accumulate(state: CKAState, terms: HSICTerms) -> CKAState:
     scale_a += ca[i]
     scale_b += cb[i]
   return dataclasses.replace(
-      state, cross=_append(state.cross, k, cross), self_a=_append(state.self_a, k, sa),
-      self_b=_append(state.self_b, k, sb), scale_a=scale_a, scale_b=scale_b,
+      state, cross=append_rows(state.cross, k, cross), self_a=append_rows(state.self_a, k, sa),
+      self_b=append_rows(state.self_b, k, sb), scale_a=scale_a, scale_b=scale_b,
       num_minibatches=state.num_minibatches + int(valid.sum()),
       num_examples=state.num_examples + int(t.count.reshape(-1)[valid].sum()))
 
@@ -592,13 +592,7 @@ def merge(s1: CKAState, s2: CKAState) -> CKAState:
     raise ValueError(f"cannot merge CKA states over different layers: {s1.names_a} x "
                      f"{s1.names_b} vs {s2.names_a} x {s2.names_b}")
   k1, k2 = int(s1.num_minibatches), int(s2.num_minibatches)
-
-  def rows(field):
-    u, v = getattr(s1, field), getattr(s2, field)
-    out = np.zeros((max(len(u), len(v), k1 + k2),) + u.shape[1:], np.float64)
-    out[:k1], out[k1:k1 + k2] = u[:k1], v[:k2]
-    return out
-
+  rows = lambda f: append_rows(getattr(s1, f), k1, getattr(s2, f)[:k2], len(getattr(s2, f)))
   return dataclasses.replace(
       s1, cross=rows("cross"), self_a=rows("self_a"), self_b=rows("self_b"),
       scale_a=s1.scale_a + s2.scale_a, scale_b=s1.scale_b + s2.scale_b,
