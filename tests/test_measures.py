@@ -125,9 +125,11 @@ def test_full_batch_against_references(p1, p2):
     for debiased in (False, True):
       assert measures.rbf_cka(x, y, sigma, debiased) == pytest.approx(
           ref_rbf_cka(x, y, sigma, debiased), abs=2e-6)
-  assert measures.procrustes(x, y) == pytest.approx(ref_procrustes(x, y), abs=1e-12)
+  # One minibatch of the per-minibatch path: float32 Grams, so float32 agreement.
+  assert measures.procrustes(x, y) == pytest.approx(ref_procrustes(x, y), abs=2e-6)
   for k in (1, 5, 10):
-    assert measures.mutual_knn(x, y, k) == pytest.approx(ref_knn(x, y, k), abs=1e-12)
+    # shared / (n k) divided in float32 on device: exact up to one float32 rounding.
+    assert measures.mutual_knn(x, y, k) == pytest.approx(ref_knn(x, y, k), abs=1e-7)
   assert measures.linear_cka(x, y) == pytest.approx(_ref_linear(x, y, False), abs=1e-6)
 
 
@@ -187,10 +189,10 @@ def tie_features():
 def test_knn_ties_lower_index_first():
   x = tie_features()
   # Example 0's neighbours by cosine: 1, 2, 3 tie (cos 0.707); k = 2 must pick 1 and 2.
-  nb = measures._neighbours_np(centred(x), 2)  # pylint: disable=protected-access
-  assert set(nb[0]) == {1, 2}
   ind = np.asarray(measures.knn_indicators(grams([x]), 2))[0]
-  assert np.array_equal(ind, np.eye(8)[nb].sum(1))  # device top_k breaks ties the same way
+  assert set(np.flatnonzero(ind[0])) == {1, 2}  # device top_k: the lower index first
+  nb = np.array([sorted(n) for n in ref_neighbours(x, 2)])
+  assert np.array_equal(ind, np.eye(8)[nb].sum(1))
   y = x[:, ::-1].copy()
   for k in (1, 2, 3):
     assert measures.mutual_knn(x, y, k) == pytest.approx(ref_knn(x, y, k), abs=1e-12)

@@ -133,29 +133,32 @@ def _check_pair(x: Any, y: Any, min_n: int = 4) -> tuple[np.ndarray, np.ndarray]
   return x, y
 
 
+def _full_batch(measure: str, x: Any, y: Any, **options: Any) -> float:
+  """One minibatch of the per-minibatch path: the n examples' centred Grams, the measure's
+  `minibatch_terms`, and `result` of a state holding that one minibatch."""
+  opts = resolve_options(measure, **options)
+  x, y = _check_pair(x, y)
+  if measure == "mutual_knn" and opts["k"] >= x.shape[0]:
+    raise ValueError(f"mutual_knn needs k < n, got k = {opts['k']}, n = {x.shape[0]}")
+  # Centred in float64 here (a large offset survives), then float32 Grams as on device.
+  grams = [cka.centred_grams([v.astype(np.float32)]) for v in (x, y)]
+  state = accumulate(init(measure, 1, 1, **opts), minibatch_terms(measure, *grams, **opts))
+  return float(result(state).value[0, 0])
+
+
 def linear_cka(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike,
                debiased: bool = False) -> float:
-  """Full-batch linear CKA (`cka.linear_cka`). x: [n, ...], y: [n, ...]; biased by default."""
-  _check_pair(x, y)
-  return cka.linear_cka(x, y, debiased=debiased)
-
-
-def _rbf_kernel_np(x: np.ndarray, sigma: float) -> np.ndarray:
-  """Gaussian kernel of centred float64 x [n, p] with the median-heuristic bandwidth."""
-  g = x @ x.T
-  d = np.diagonal(g)
-  d2 = np.maximum(d[:, None] + d[None, :] - 2 * g, 0)
-  np.fill_diagonal(d2, 0)
-  med = np.median(d2)  # over all n^2 entries, the zero diagonal included
-  if not med > 0:
-    raise ValueError("RBF bandwidth undefined: the median squared distance is 0 (more than half "
-                     "of the example pairs coincide)")
-  return np.exp(-d2 / (2 * sigma ** 2 * med))
+  """Full-batch linear CKA: one minibatch of the `linear_cka` terms (the same number as
+  `cka.linear_cka`). x: [n, ...], y: [n, ...] (n >= 4); biased HSIC_0 by default."""
+  return _full_batch("linear_cka", x, y, debiased=debiased)
 
 
 def rbf_cka(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike, sigma: float = 0.5,
             debiased: bool = False) -> float:
   """Full-batch CKA with Gaussian kernels (bandwidth sigma^2 * median squared distance).
+
+  One minibatch of the `rbf_cka` terms: kernels from the float32 centred Grams (`rbf_kernels`),
+  the median over all n^2 squared distances, the zero diagonal included.
 
   Args:
     x: [n, ...] features (n >= 4), flattened per example.
@@ -166,77 +169,43 @@ def rbf_cka(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike, sigma: float = 0.5
   Returns:
     RBF CKA as a float.
   """
-  resolve_options("rbf_cka", sigma=sigma)
-  x, y = _check_pair(x, y)
-  # Kernels in float64 here; the HSIC estimators are cka's (float32 on kernels in [0, 1]).
-  kx = jnp.asarray(_rbf_kernel_np(x, float(sigma)), jnp.float32)
-  ky = jnp.asarray(_rbf_kernel_np(y, float(sigma)), jnp.float32)
-  hsic = cka.hsic_unbiased if debiased else cka.hsic_biased
-  h = [float(hsic(a, b)) for a, b in ((kx, ky), (kx, kx), (ky, ky))]
-  if not (h[1] > 0 and h[2] > 0):
-    raise ValueError(f"RBF self-HSIC not positive ({h[1]}, {h[2]}): constant kernel")
-  return float(np.clip(h[0] / np.sqrt(h[1] * h[2]), -1.0, 1.0))
+  return _full_batch("rbf_cka", x, y, sigma=sigma, debiased=debiased)
 
 
-def _factor_np(x: np.ndarray) -> np.ndarray:
-  """A factor F [n, r] with F F^T = X X^T: X itself if narrow, else from the Gram's eigh."""
-  n, p = x.shape
-  if p <= n:
-    return x
-  s, u = np.linalg.eigh(x @ x.T)
-  keep = s > s[-1] * n * np.finfo(np.float64).eps
-  return u[:, keep] * np.sqrt(s[keep])[None, :]
-
-
-def procrustes(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike) -> float:
+def procrustes(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike, **options: Any) -> float:
   """Full-batch orthogonal-Procrustes similarity |X^T Y|_* / (|X|_F |Y|_F), in [0, 1].
 
   X, Y are the column-centred features. |X^T Y|_* = max over orthogonal Q of tr(Q^T X^T Y), so this
   is the cosine of the angle between X and the best rotation of Y (its arccos: angular shape
-  metric). Computed in float64 as the singular values of F_x^T F_y for Gram factors F (see the
-  module docstring), which costs O(n min(n, p)^2) instead of an SVD of the [p1, p2] matrix X^T Y.
+  metric). One minibatch of the `procrustes` terms: the singular values of F_x^T F_y for Gram
+  factors F (see the module docstring), O(n min(n, p)^2) instead of an SVD of the [p1, p2]
+  matrix X^T Y; float32 Grams, components below `rank_rtol` of the largest eigenvalue dropped.
 
   Args:
-    x: [n, ...] features, flattened per example.
+    x: [n, ...] features (n >= 4), flattened per example.
     y: [n, ...] features of the same examples.
+    **options: `OPTIONS['procrustes']` (method, rank_rtol, iterations, max_rank).
   """
-  x, y = _check_pair(x, y, min_n=2)
-  nuc = np.linalg.svd(_factor_np(x).T @ _factor_np(y), compute_uv=False).sum()
-  value = nuc / (np.linalg.norm(x) * np.linalg.norm(y))
-  return float(np.clip(value, 0.0, 1.0))
-
-
-def _neighbours_np(x: np.ndarray, k: int) -> np.ndarray:
-  """[n, k] indices of each example's k most cosine-similar others (ties: lower index first)."""
-  norm = np.linalg.norm(x, axis=1)
-  safe = np.where(norm > 0, norm, 1.0)
-  cos = (x @ x.T) / (safe[:, None] * safe[None, :])
-  np.fill_diagonal(cos, -np.inf)
-  return np.argsort(-cos, axis=1, kind="stable")[:, :k]
+  return _full_batch("procrustes", x, y, **options)
 
 
 def mutual_knn(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike, k: int = 10) -> float:
   """Full-batch mutual k-nearest-neighbour alignment, in [0, 1].
 
   For example i, N_x(i) are the k examples j != i with the largest cosine similarity of centred
-  features; the value is mean_i |N_x(i) & N_y(i)| / k.
+  features; the value is mean_i |N_x(i) & N_y(i)| / k. One minibatch of the `mutual_knn` terms
+  (`knn_indicators` on the float32 centred Gram).
 
   Ties (equal similarities, e.g. duplicate examples) are broken deterministically: the lower example
-  index ranks first (a stable sort on descending similarity; `jax.lax.top_k` on device does the
-  same). An example equal to the mean (zero centred norm) has similarity 0 to every other.
+  index ranks first (`jax.lax.top_k`). An example equal to the mean (zero centred norm) has
+  similarity 0 to every other.
 
   Args:
-    x: [n, ...] features, flattened per example.
+    x: [n, ...] features (n >= 4), flattened per example.
     y: [n, ...] features of the same examples.
     k: neighbours per example, 1 <= k < n.
   """
-  resolve_options("mutual_knn", k=k)
-  x, y = _check_pair(x, y, min_n=2)
-  if k >= x.shape[0]:
-    raise ValueError(f"mutual_knn needs k < n, got k = {k}, n = {x.shape[0]}")
-  nx, ny = _neighbours_np(x, k), _neighbours_np(y, k)
-  shared = [np.intersect1d(a, b).size for a, b in zip(nx, ny)]
-  return float(np.mean(shared) / k)
+  return _full_batch("mutual_knn", x, y, k=k)
 
 
 # ---------------------------------------------------------------------------------------------
