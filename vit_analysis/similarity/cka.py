@@ -16,9 +16,10 @@ Two halves:
   inside the jit that captures the activations, so activations never leave the device. Per
   minibatch it is `terms_from_grams(centred_grams(feats_a), centred_grams(feats_b))`: other
   Gram-based similarity measures can share those Grams inside the same jitted step.
-* On the host, float64: `accumulate(state, terms)` adds them to a fixed-size `CKAState` (sums and
-  second moments; size independent of the number of examples), `merge` adds two states
-  (associative), `result` divides once and returns a `CKAResult` with a jackknife standard error.
+* On the host, float64: `accumulate(state, terms)` appends them to a `CKAState` (the per-minibatch
+  values, [k, A, B] + [k, A] + [k, B]: independent of m), `merge` concatenates two states
+  (associative), `result` divides once and returns a `CKAResult` with the exact
+  leave-one-minibatch-out jackknife standard error.
 `update(state, feats_a, feats_b, stacked=False)` does both for features you already hold: one
 minibatch `[m, ...]` per layer, or with `stacked=True` a global step `[k, m, ...]` (shapes alone
 cannot tell `[k, m, p]` from `[m, h, w]`, hence the explicit flag).
@@ -28,7 +29,8 @@ column offsets, and a 1e4 offset would otherwise cancel catastrophically inside 
 precision=HIGHEST unless `gram_precision` says otherwise (GPU/TPU only); ratios and sums over
 minibatches are float64 on the host, added minibatch by minibatch in order, and the sums on device
 have a fixed order: a minibatch's terms, and so the result, are bitwise the same whether its
-minibatches come one per call, stacked, through `minibatch_cka` or on 1, 2 or 4 devices (tested).
+minibatches come one per call, stacked, through `minibatch_cka` or on 1, 2 or 4 devices (tested);
+`result` sums them in a canonical order, so merging in any order or grouping changes no bit.
 """
 from __future__ import annotations
 

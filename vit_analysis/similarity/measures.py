@@ -2,7 +2,7 @@
 
 Four measures of how alike two representations x: [n, p1], y: [n, p2] of the same n examples are
 (features flattened per example, as for CKA):
-* `linear_cka`: the paper's measure (delegates to `cka`).
+* `linear_cka`: the paper's measure (cka's HSIC estimators, biased or unbiased per minibatch).
 * `rbf_cka`: CKA with Gaussian kernels K_ij = exp(-d2_ij / (2 s2)), d2_ij = |x_i - x_j|^2, and the
   bandwidth s2 = sigma^2 * median(d2) over all n^2 pairs, the zero diagonal included (Kornblith et
   al. 2019's reference code).
@@ -19,12 +19,13 @@ Everything is computable from the column-centred linear Gram K = C X X^T C of ea
   the nuclear norm ignores orthonormal factors), here F = U sqrt(S) from eigh(K) once per layer.
 
 Two halves, as in `cka`:
-* Full batch (host, float64 where the maths is not CKA's): `linear_cka`, `rbf_cka`, `procrustes`,
-  `mutual_knn` on features, each returning a float.
+* Full batch: `linear_cka`, `rbf_cka`, `procrustes`, `mutual_knn` on features `(x, y, ...)`, each
+  returning a float: one minibatch of the per-minibatch path below (the same code, n = m).
 * Minibatch (device, pure jnp, jit/vmap-able): `minibatch_terms(measure, grams_a, grams_b)` maps
-  one minibatch's centred Grams [A, m, m], [B, m, m] to a few small arrays; the host sums them in
-  float64 (`init` / `accumulate` / `merge` / `result`). CKA-type measures sum per-minibatch
-  HSIC terms and divide once (minibatch CKA); Procrustes and kNN average per-minibatch values.
+  one minibatch's centred Grams [A, m, m], [B, m, m] to a few small arrays; the host keeps them
+  per minibatch in float64 (`init` / `accumulate` / `merge` / `result`). CKA-type measures sum
+  per-minibatch HSIC terms and divide once (minibatch CKA); Procrustes and kNN average
+  per-minibatch values; both get the exact leave-one-minibatch-out jackknife error.
 * Shuffle null: with `perms` [P, m] (from `null_permutations`) every minibatch also scores side b
   with its examples permuted (L -> L[pi][:, pi]), giving per cell a null mean, std and z-score.
 Agreement between measures (rank statistics, NumPy only) lives in `agreement`.
