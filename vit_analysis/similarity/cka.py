@@ -441,8 +441,9 @@ class CKAState:
   """The per-minibatch HSIC values h_ab = HSIC_1(K_ai, L_bi), h_aa, h_bb of every minibatch i.
 
   Kept per minibatch (k x (A B + A + B) float64 values, a few MB for hundreds of layers) so that
-  `result` computes the exact leave-one-minibatch-out jackknife (docs/method.md#error-bars-
-  jackknife-over-minibatches-spread-over-repeats). Rows from `num_minibatches` on are unused
+  `result` computes the exact leave-one-minibatch-out jackknife
+  (docs/method.md#error-bars-jackknife-over-minibatches-spread-over-repeats). Rows from
+  `num_minibatches` on are unused
   room: `init(..., capacity=k)` makes a state whose leaves keep their shapes over a repeat of k
   minibatches (a checkpoint template, `runtime/resume.py`); more minibatches grow the rows.
   float64 NumPy leaves, so orbax and `resume` save it as is.
@@ -649,9 +650,10 @@ def canonical_sum(rows: np.ndarray) -> np.ndarray:
 def jackknife_stderr(theta_loo: np.ndarray) -> np.ndarray:
   """Jackknife standard error from the k leave-one-out values theta_loo [k, ...].
 
-  SE^2 = (k-1)/k * sum_i (theta_(-i) - mean)^2 (docs/method.md#error-bars-jackknife-over-
-  minibatches-spread-over-repeats), with the deviations taken from the mean (two passes, no raw
-  second moments to cancel) in a canonical order; NaN when k < 2.
+  SE^2 = (k-1)/k * sum_i (theta_(-i) - mean)^2
+  (docs/method.md#error-bars-jackknife-over-minibatches-spread-over-repeats), with the deviations
+  taken from the mean (two passes, no raw second moments to cancel) in a canonical order; NaN when
+  k < 2.
   """
   k = theta_loo.shape[0]
   if k < 2:
