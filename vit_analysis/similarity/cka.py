@@ -443,10 +443,9 @@ class CKAState:
   Kept per minibatch (k x (A B + A + B) float64 values, a few MB for hundreds of layers) so that
   `result` computes the exact leave-one-minibatch-out jackknife
   (docs/method.md#error-bars-jackknife-over-minibatches-spread-over-repeats). Rows from
-  `num_minibatches` on are unused
-  room: `init(..., capacity=k)` makes a state whose leaves keep their shapes over a repeat of k
-  minibatches (a checkpoint template, `runtime/resume.py`); more minibatches grow the rows.
-  float64 NumPy leaves, so orbax and `resume` save it as is.
+  `num_minibatches` on are unused room: `init(..., capacity=k)` makes a state whose leaves keep
+  their shapes over a repeat of k minibatches (a checkpoint template, `runtime/resume.py`); more
+  minibatches grow the rows. float64 NumPy leaves, so orbax and `resume` save it as is.
   """
   cross: np.ndarray            # [c, A, B] h_ab of minibatch i in row i
   self_a: np.ndarray           # [c, A]    h_aa
