@@ -87,7 +87,7 @@ def test_hsic_functions_match_reference_and_u_centring_identity():
     raw = jnp.asarray(x @ x.T)
     assert abs(float(cka.hsic_unbiased(raw, lj)) - ref_hsic_unbiased(k, l)) < 1e-12
     # U-centring identity: <U(K), U(L)> = n(n-3) HSIC_1(K, L).
-    u = float(jax.jit(lambda a, b: jnp.sum(cka._u_centre(a) * cka._u_centre(b)))(kj, lj))
+    u = float(jax.jit(lambda a, b: jnp.sum(cka.u_centre(a) * cka.u_centre(b)))(kj, lj))
     assert abs(u - 30 * 27 * ref_hsic_unbiased(k, l)) < 1e-9 * abs(u)
   g = np.asarray(cka.gram_linear(x.astype(np.float32)), np.float64)  # float32 path
   np.testing.assert_allclose(g, k, rtol=0, atol=1e-5 * np.abs(k).max())
@@ -388,9 +388,11 @@ def test_200_minibatches_and_jackknife():
   ref, hs = _ref_cells([a0, a1], [b0])
   # A third layer on side a is 2 * b0: CKA 1 and (up to rounding) zero error.
   state = cka.update(cka.init(3, 1), [a0, a1, 2 * b0], [b0], stacked=True)
-  # The state's size does not grow with the number of examples.
+  # The state keeps k rows of per-minibatch values (not the examples); a template made with
+  # capacity=k has the shapes of every state of the repeat (checkpoints restore into it).
   assert [np.shape(v) for v in jax.tree.leaves(state)] == [
-      np.shape(v) for v in jax.tree.leaves(cka.init(3, 1))]
+      np.shape(v) for v in jax.tree.leaves(cka.init(3, 1, capacity=k))]
+  assert np.shape(state.cross) == (k, 3, 1)
   res = cka.result(state)
   assert abs(res.cka[2, 0] - 1) < TOL and res.stderr[2, 0] < 1e-5
   res = dataclasses.replace(res, cka=res.cka[:2], stderr=res.stderr[:2])

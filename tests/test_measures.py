@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from helpers import ref_hsic_unbiased
 
-from vit_analysis.similarity import cka, measures
+from vit_analysis.similarity import agreement, cka, measures
 
 MEASURES = measures.MEASURES
 
@@ -125,9 +125,11 @@ def test_full_batch_against_references(p1, p2):
     for debiased in (False, True):
       assert measures.rbf_cka(x, y, sigma, debiased) == pytest.approx(
           ref_rbf_cka(x, y, sigma, debiased), abs=2e-6)
-  assert measures.procrustes(x, y) == pytest.approx(ref_procrustes(x, y), abs=1e-12)
+  # One minibatch of the per-minibatch path: float32 Grams, so float32 agreement.
+  assert measures.procrustes(x, y) == pytest.approx(ref_procrustes(x, y), abs=2e-6)
   for k in (1, 5, 10):
-    assert measures.mutual_knn(x, y, k) == pytest.approx(ref_knn(x, y, k), abs=1e-12)
+    # shared / (n k) divided in float32 on device: exact up to one float32 rounding.
+    assert measures.mutual_knn(x, y, k) == pytest.approx(ref_knn(x, y, k), abs=1e-7)
   assert measures.linear_cka(x, y) == pytest.approx(_ref_linear(x, y, False), abs=1e-6)
 
 
@@ -187,10 +189,10 @@ def tie_features():
 def test_knn_ties_lower_index_first():
   x = tie_features()
   # Example 0's neighbours by cosine: 1, 2, 3 tie (cos 0.707); k = 2 must pick 1 and 2.
-  nb = measures._neighbours_np(centred(x), 2)  # pylint: disable=protected-access
-  assert set(nb[0]) == {1, 2}
   ind = np.asarray(measures.knn_indicators(grams([x]), 2))[0]
-  assert np.array_equal(ind, np.eye(8)[nb].sum(1))  # device top_k breaks ties the same way
+  assert set(np.flatnonzero(ind[0])) == {1, 2}  # device top_k: the lower index first
+  nb = np.array([sorted(n) for n in ref_neighbours(x, 2)])
+  assert np.array_equal(ind, np.eye(8)[nb].sum(1))
   y = x[:, ::-1].copy()
   for k in (1, 2, 3):
     assert measures.mutual_knn(x, y, k) == pytest.approx(ref_knn(x, y, k), abs=1e-12)
@@ -414,7 +416,7 @@ def test_rank_agreement_known_values():
   a = np.array([[1.0, 2.0], [3.0, 4.0]])
   b = np.array([[1.0, 3.0], [2.0, 4.0]])  # two middle cells swapped
   c = -a
-  got = measures.rank_agreement({"a": a, "b": b, "c": c})
+  got = agreement.rank_agreement({"a": a, "b": b, "c": c})
   # rho = 1 - 6 sum d^2 / (n (n^2 - 1)) = 1 - 6 * 2 / 60.
   assert got[("a", "b")] == pytest.approx(0.8)
   assert got[("a", "c")] == pytest.approx(-1.0)
@@ -424,12 +426,12 @@ def test_rank_agreement_known_values():
   t = s.copy()
   t[0, 1] = t[1, 0] = 7.0  # cell (0, 1) moves from lowest to highest
   np.fill_diagonal(t, -5.0)
-  rho = measures.rank_agreement({"s": s, "t": t}, intra=True)[("s", "t")]
+  rho = agreement.rank_agreement({"s": s, "t": t}, intra=True)[("s", "t")]
   ranks_t = np.array([6, 1, 2, 3, 4, 5])  # upper-triangle order (0,1),(0,2),(0,3),(1,2),(1,3),(2,3)
   want = 1 - 6 * np.sum((np.arange(1, 7) - ranks_t) ** 2) / (6 * 35)
   assert rho == pytest.approx(want)
   with pytest.raises(ValueError, match="same"):
-    measures.rank_agreement({"a": a, "b": s})
+    agreement.rank_agreement({"a": a, "b": s})
 
 
 def test_disagreements_names_the_flipped_cell():
@@ -438,14 +440,14 @@ def test_disagreements_names_the_flipped_cell():
   b = a.copy()
   i, j = np.unravel_index(np.argmax(a), a.shape)
   b[i, j] = a.min() - 1  # highest under a, lowest under b
-  out = measures.disagreements({"a": a, "b": b}, ["r0", "r1", "r2"], ["c0", "c1", "c2", "c3"],
+  out = agreement.disagreements({"a": a, "b": b}, ["r0", "r1", "r2"], ["c0", "c1", "c2", "c3"],
                                top=2)
   assert (out[0]["a"], out[0]["b"]) == (f"r{i}", f"c{j}")
   assert out[0]["spread"] == pytest.approx(1.0)
   assert out[0]["percentile"] == {"a": 1.0, "b": 0.0}
   assert out[0]["value"]["a"] == a[i, j]
   assert out[1]["spread"] == pytest.approx(1 / 11)  # every other cell moved up by one rank
-  same = measures.disagreements({"a": a, "b": 2 * a + 1}, ["r0", "r1", "r2"],
+  same = agreement.disagreements({"a": a, "b": 2 * a + 1}, ["r0", "r1", "r2"],
                                 ["c0", "c1", "c2", "c3"])
   assert [d["spread"] for d in same] == [0.0] * 5
   assert [(d["a"], d["b"]) for d in same] == [("r0", "c0"), ("r0", "c1"), ("r0", "c2"),

@@ -52,13 +52,13 @@ def test_round_trip_nested_with_and_without_template(tmp_path):
 def test_round_trip_cka_state(tmp_path):
   names_a, names_b = ("x", "y", "z"), ("p", "q")
   rng = np.random.default_rng(0)
-  template = cka.init(names_a, names_b)
+  template = cka.init(names_a, names_b, capacity=5)  # room for 5 minibatches, 4 used
   state = dataclasses.replace(
-      template, cross=rng.normal(size=(3, 2)), self_a=rng.normal(size=3),
+      template, cross=rng.normal(size=(5, 3, 2)), self_a=rng.normal(size=(5, 3)),
       num_minibatches=np.asarray(4, np.int64), num_examples=np.asarray(64, np.int64))
   ck = resume.Checkpointer(str(tmp_path), fingerprint="m")
   ck.maybe_save(state, 3, force=True)
-  got, position, _ = ck.restore(like=cka.init(names_a, names_b))
+  got, position, _ = ck.restore(like=cka.init(names_a, names_b, capacity=5))
   assert isinstance(got, cka.CKAState) and position == 3
   assert (got.names_a, got.names_b, got.intra) == (names_a, names_b, state.intra)
   for f in dataclasses.fields(cka.CKAState):
@@ -66,7 +66,7 @@ def test_round_trip_cka_state(tmp_path):
       _assert_same(getattr(got, f.name), getattr(state, f.name))
   # A template of another shape is refused, not silently reshaped.
   with pytest.raises(resume.CheckpointError, match="shape"):
-    ck.restore(like=cka.init(("x",), names_b))
+    ck.restore(like=cka.init(("x",), names_b, capacity=5))
 
 
 def test_fingerprint_mismatch_names_both(tmp_path):

@@ -13,8 +13,7 @@ import numpy as np
 from vit_analysis import config_lib
 from vit_analysis.analyses import base
 from vit_analysis.plotting import similarity as plots
-from vit_analysis.similarity import cka_runner, representations
-from vit_analysis.similarity import measures as measures_lib
+from vit_analysis.similarity import agreement, cka_runner, representations
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -61,8 +60,8 @@ def measure_summary(rep: cka_runner.RepeatedCKA, intra: bool) -> dict[str, Any]:
     values = measure_values(rep)
     out["measure_mean"] = {n: float(v.mean()) for n, v in values.items()}
     out["measure_agreement"] = {f"{a} ~ {b}": rho for (a, b), rho in
-                                measures_lib.rank_agreement(values, intra=intra).items()}
-    out["measure_disagreements"] = measures_lib.disagreements(
+                                agreement.rank_agreement(values, intra=intra).items()}
+    out["measure_disagreements"] = agreement.disagreements(
         values, rep.names_a, rep.names_b, top=5, intra=intra)
   above = {n[:-len("_null_z")]: float(np.mean(np.nan_to_num(z, nan=-np.inf) >= 2.0))
            for n, z in arrays.items() if n.endswith("_null_z")}

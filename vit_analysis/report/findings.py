@@ -22,7 +22,7 @@ import numpy as np
 
 from vit_analysis.models import layers as layers_lib
 from vit_analysis.report import reader
-from vit_analysis.similarity import significance
+from vit_analysis.similarity import agreement, significance
 
 SHOWN, NOT_SHOWN, INCONCLUSIVE = (significance.SHOWN, significance.NOT_SHOWN,
                                   significance.INCONCLUSIVE)
@@ -225,15 +225,6 @@ def _pairwise(high: Mapping[str, Estimate], low: Mapping[str, Estimate],
           for h, eh in high.items() for l, el in low.items()}
 
 
-def _rank_corr(x: np.ndarray, y: np.ndarray) -> float:
-  if len(x) < 2:
-    return float("nan")
-  rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
-  if rx.std() == 0 or ry.std() == 0:
-    return float("nan")
-  return float(np.corrcoef(rx, ry)[0, 1])
-
-
 # ----------------------------------------------------------------------------------------------
 # CKA heatmaps.
 
@@ -411,7 +402,7 @@ def check_receptive_field(run: SavedRun) -> list[Finding]:
   exp, thr = ("ResNet receptive fields grow gradually with depth (Fig 6)",
               "Spearman rho(depth, ERF area) > 0.8 for every ResNet")
   if res:
-    rho = {k: _rank_corr(np.arange(len(v["area_fraction"])), np.asarray(v["area_fraction"]))
+    rho = {k: agreement.rank_correlation(np.arange(len(v["area_fraction"])), v["area_fraction"])
            for k, v in res.items()}
     out.append(_decided(name, exp, ", ".join(f"{k} {_fmt(r)}" for k, r in rho.items()), thr,
                         {k: rank_correlation(r, len(res[k]["area_fraction"]))

@@ -16,9 +16,10 @@ Two halves:
   inside the jit that captures the activations, so activations never leave the device. Per
   minibatch it is `terms_from_grams(centred_grams(feats_a), centred_grams(feats_b))`: other
   Gram-based similarity measures can share those Grams inside the same jitted step.
-* On the host, float64: `accumulate(state, terms)` adds them to a fixed-size `CKAState` (sums and
-  second moments; size independent of the number of examples), `merge` adds two states
-  (associative), `result` divides once and returns a `CKAResult` with a jackknife standard error.
+* On the host, float64: `accumulate(state, terms)` appends them to a `CKAState` (the per-minibatch
+  values, [k, A, B] + [k, A] + [k, B]: independent of m), `merge` concatenates two states
+  (associative), `result` divides once and returns a `CKAResult` with the exact
+  leave-one-minibatch-out jackknife standard error.
 `update(state, feats_a, feats_b, stacked=False)` does both for features you already hold: one
 minibatch `[m, ...]` per layer, or with `stacked=True` a global step `[k, m, ...]` (shapes alone
 cannot tell `[k, m, p]` from `[m, h, w]`, hence the explicit flag).
@@ -28,7 +29,8 @@ column offsets, and a 1e4 offset would otherwise cancel catastrophically inside 
 precision=HIGHEST unless `gram_precision` says otherwise (GPU/TPU only); ratios and sums over
 minibatches are float64 on the host, added minibatch by minibatch in order, and the sums on device
 have a fixed order: a minibatch's terms, and so the result, are bitwise the same whether its
-minibatches come one per call, stacked, through `minibatch_cka` or on 1, 2 or 4 devices (tested).
+minibatches come one per call, stacked, through `minibatch_cka` or on 1, 2 or 4 devices (tested);
+`result` sums them in a canonical order, so merging in any order or grouping changes no bit.
 """
 from __future__ import annotations
 
@@ -49,9 +51,9 @@ Features = Sequence[jax.typing.ArrayLike] | Mapping[str, jax.typing.ArrayLike]
 _HIGHEST = jax.lax.Precision.HIGHEST
 # A layer whose self-HSIC is below this fraction of (trace of its centred Gram)^2 is constant up
 # to float32 rounding (a constant layer gives ~eps^2 = 1e-14; real layers with p features >= 1/p).
-_CONSTANT_RTOL = 1e-10
+CONSTANT_RTOL = 1e-10
 # |CKA| <= 1 by Cauchy-Schwarz; anything beyond rounding is a bug or corrupted input.
-_RANGE_ATOL = 1e-5
+RANGE_ATOL = 1e-5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,8 +179,8 @@ def _ordered_sum(x: jax.Array) -> jax.Array:
   return x[..., 0]
 
 
-def _u_centre(k: jax.Array) -> jax.Array:
-  """U-centring (Szekely & Rizzo 2014): <U(K), U(L)> = n(n-3) HSIC_1(K, L) exactly."""
+def u_centre(k: jax.Array) -> jax.Array:
+  """U-centring (Szekely & Rizzo 2014) of k [n, n]: <U(K), U(L)> = n(n-3) HSIC_1(K, L) exactly."""
   n = k.shape[-1]
   off = ~jnp.eye(n, dtype=bool)
   k = jnp.where(off, k, 0)
@@ -200,17 +202,17 @@ def _check_grams(k: jax.Array, l: jax.Array, min_n: int) -> int:
 def hsic_unbiased(k: jax.Array, l: jax.Array) -> jax.Array:
   """Unbiased HSIC_1 (Song et al. 2012) via U-centring. k, l: [n, n] Grams, n >= 4. Can be < 0."""
   n = _check_grams(k, l, 4)
-  return jnp.sum(_u_centre(k) * _u_centre(l)) / (n * (n - 3))
+  return jnp.sum(u_centre(k) * u_centre(l)) / (n * (n - 3))
 
 
 @jax.jit
 def hsic_biased(k: jax.Array, l: jax.Array) -> jax.Array:
   """Biased HSIC_0 = <CKC, CLC> / (n-1)^2 (Gretton et al. 2005). k, l: [n, n] Grams."""
   n = _check_grams(k, l, 2)
-  return jnp.sum(_double_centre(k) * _double_centre(l)) / (n - 1) ** 2
+  return jnp.sum(double_centre(k) * double_centre(l)) / (n - 1) ** 2
 
 
-def _double_centre(g: jax.Array) -> jax.Array:
+def double_centre(g: jax.Array) -> jax.Array:
   """C G C. Needed even for a Gram of centred features: their float32 column means are off by
   rounding (a column shift, which C -- like U-centring -- removes)."""
   return g - jnp.mean(g, 0, keepdims=True) - jnp.mean(g, 1, keepdims=True) + jnp.mean(g)
@@ -221,8 +223,8 @@ def _full_batch_terms(x, y):
   """Both estimators in one program (one compilation per shape): [2 (biased, unbiased), 3], [2]."""
   n = x.shape[0]
   kx, ky = gram_linear(x), gram_linear(y)
-  cx, cy = _double_centre(kx), _double_centre(ky)
-  ux, uy = _u_centre(kx), _u_centre(ky)
+  cx, cy = double_centre(kx), double_centre(ky)
+  ux, uy = u_centre(kx), u_centre(ky)
   dot = lambda a, b: jnp.sum(a * b)
   h = [jnp.stack([dot(cx, cy), dot(cx, cx), dot(cy, cy)]) / (n - 1) ** 2,
        jnp.stack([dot(ux, uy), dot(ux, ux), dot(uy, uy)]) / (n * (n - 3))]
@@ -248,7 +250,7 @@ def linear_cka(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike, *,
   h, t = jax.tree.map(lambda v: np.asarray(v, np.float64), _full_batch_terms(x, y))
   h = h[int(debiased)]
   scale = t ** 2 / (n * (n - 3) if debiased else (n - 1) ** 2)
-  return float(_ratio(h[0], h[1:2], h[2:3], scale[:1], scale[1:], ("x",), ("y",),
+  return float(check_ratio(h[0], h[1:2], h[2:3], scale[:1], scale[1:], ("x",), ("y",),
                       lower=-1.0 if debiased else 0.0)[0, 0])
 
 
@@ -327,7 +329,7 @@ def terms_from_grams(grams_a: jax.Array, grams_b: jax.Array | None = None
 def _terms_from_grams(grams_a, grams_b):
   m = grams_a.shape[-1]
   norm = m * (m - 3)
-  u = jax.vmap(_u_centre)
+  u = jax.vmap(u_centre)
   ua, ta = u(grams_a), _ordered_sum(jnp.diagonal(grams_a, axis1=1, axis2=2))
   if grams_b is None:  # intra-model: self terms are the diagonal of the cross matrix.
     cross = jnp.einsum("aij,bij->ab", ua, ua, precision=_HIGHEST) / norm
@@ -428,8 +430,7 @@ def _check_features(xs, ys, *, stacked: bool, min_m: int = 4) -> tuple[int, int]
 # Host half: float64 accumulator state (clu Metric protocol: init = empty, merge, result).
 
 
-_DATA_FIELDS = ("cross", "self_a", "self_b", "cross_sq", "cross_self_a", "cross_self_b",
-                "self_ab", "self_a_sq", "self_b_sq", "scale_a", "scale_b", "num_minibatches",
+_DATA_FIELDS = ("cross", "self_a", "self_b", "scale_a", "scale_b", "num_minibatches",
                 "num_examples", "fingerprint")
 
 
@@ -437,29 +438,32 @@ _DATA_FIELDS = ("cross", "self_a", "self_b", "cross_sq", "cross_self_a", "cross_
                    meta_fields=["names_a", "names_b", "intra"])
 @dataclasses.dataclass(frozen=True)
 class CKAState:
-  """Sums over minibatches i of h_ab = HSIC_1(K_ai, L_bi), h_aa, h_bb and their products.
+  """The per-minibatch HSIC values h_ab = HSIC_1(K_ai, L_bi), h_aa, h_bb of every minibatch i.
 
-  Fixed size (independent of the number of examples); float64 NumPy leaves, so orbax saves it as
-  is. The second moments give the jackknife error without storing per-minibatch values.
+  Kept per minibatch (k x (A B + A + B) float64 values, a few MB for hundreds of layers) so that
+  `result` computes the exact leave-one-minibatch-out jackknife
+  (docs/method.md#error-bars-jackknife-over-minibatches-spread-over-repeats). Rows from
+  `num_minibatches` on are unused room: `init(..., capacity=k)` makes a state whose leaves keep
+  their shapes over a repeat of k minibatches (a checkpoint template, `runtime/resume.py`); more
+  minibatches grow the rows. float64 NumPy leaves, so orbax and `resume` save it as is.
   """
-  cross: np.ndarray            # [A, B] sum h_ab
-  self_a: np.ndarray           # [A]    sum h_aa
-  self_b: np.ndarray           # [B]    sum h_bb
-  cross_sq: np.ndarray         # [A, B] sum h_ab^2
-  cross_self_a: np.ndarray     # [A, B] sum h_ab h_aa
-  cross_self_b: np.ndarray     # [A, B] sum h_ab h_bb
-  self_ab: np.ndarray          # [A, B] sum h_aa h_bb
-  self_a_sq: np.ndarray        # [A]    sum h_aa^2
-  self_b_sq: np.ndarray        # [B]    sum h_bb^2
-  scale_a: np.ndarray          # [A]    sum tr(K_a)^2/(m(m-3))
+  cross: np.ndarray            # [c, A, B] h_ab of minibatch i in row i
+  self_a: np.ndarray           # [c, A]    h_aa
+  self_b: np.ndarray           # [c, B]    h_bb
+  scale_a: np.ndarray          # [A]       sum tr(K_a)^2/(m(m-3)): yardstick for constant layers
   scale_b: np.ndarray          # [B]
-  num_minibatches: np.ndarray  # []     int64
-  num_examples: np.ndarray     # []     int64
-  fingerprint: np.ndarray      # []     int64 CRC of the layer names: catches restoring into the
-                               #        wrong template (orbax saves arrays, not names)
+  num_minibatches: np.ndarray  # []        int64, rows in use
+  num_examples: np.ndarray     # []        int64
+  fingerprint: np.ndarray      # []        int64 CRC of the layer names: catches restoring into the
+                               #           wrong template (orbax saves arrays, not names)
   names_a: tuple[str, ...] | None = None
   names_b: tuple[str, ...] | None = None
   intra: bool = False
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    """(A, B): the layer grid."""
+    return tuple(np.shape(self.cross)[1:])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -477,13 +481,17 @@ def _fingerprint(names_a, names_b, intra, a, b) -> np.ndarray:
   return np.asarray(zlib.crc32(repr((names_a, names_b, intra, a, b)).encode()), np.int64)
 
 
-def init(num_a: int | Sequence[str], num_b: int | Sequence[str] | None = None) -> CKAState:
+def init(num_a: int | Sequence[str], num_b: int | Sequence[str] | None = None, *,
+         capacity: int = 0) -> CKAState:
   """An empty state.
 
   Args:
     num_a: number of layers on side a, or their names (then dict features are matched by name).
       With a number, the first dict `update` adopts the dict's keys as names.
     num_b: the same for side b; None means intra-model CKA (side b is side a).
+    capacity: rows reserved for per-minibatch values. A state restored from a checkpoint must
+      have the template's shapes: give the number of minibatches of a repeat, and every state of
+      that repeat has the same shapes. More minibatches are always accepted (the rows grow).
   """
   names_a = None if isinstance(num_a, (int, np.integer)) else tuple(map(str, num_a))
   a = len(names_a) if names_a is not None else int(num_a)
@@ -495,17 +503,20 @@ def init(num_a: int | Sequence[str], num_b: int | Sequence[str] | None = None) -
     b = len(names_b) if names_b is not None else int(num_b)
   if a < 1 or b < 1:
     raise ValueError(f"need at least one layer per side, got {a} and {b}")
+  if capacity < 0:
+    raise ValueError(f"capacity must be >= 0, got {capacity}")
   for names in (names_a, names_b):
     if names is not None and len(set(names)) != len(names):
       raise ValueError(f"layer names must be unique, got {names}")
   z = lambda *s: np.zeros(s, np.float64)
-  return CKAState(z(a, b), z(a), z(b), z(a, b), z(a, b), z(a, b), z(a, b), z(a), z(b), z(a),
-                  z(b), np.asarray(0, np.int64), np.asarray(0, np.int64),
-                  _fingerprint(names_a, names_b, intra, a, b), names_a, names_b, intra)
+  c = int(capacity)
+  return CKAState(z(c, a, b), z(c, a), z(c, b), z(a), z(b), np.asarray(0, np.int64),
+                  np.asarray(0, np.int64), _fingerprint(names_a, names_b, intra, a, b), names_a,
+                  names_b, intra)
 
 
 def _check_fingerprint(state: CKAState) -> None:
-  a, b = state.cross.shape
+  a, b = state.shape
   if int(state.fingerprint) != int(_fingerprint(state.names_a, state.names_b, state.intra, a, b)):
     raise ValueError(
         "CKA state does not match its layer names (restored into a template made with other "
@@ -513,15 +524,26 @@ def _check_fingerprint(state: CKAState) -> None:
         "init(<the names used when saving>)")
 
 
-def _host(x: Any) -> np.ndarray:
-  """A (possibly multi-process sharded) array as a float64 host array."""
+def host(x: Any) -> np.ndarray:
+  """A (possibly multi-process sharded) device array as a float64 host array.
+
+  With several processes every process must call it (a sharded array is all-gathered).
+  """
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     x = multihost_utils.process_allgather(x, tiled=True)
   return np.asarray(x, np.float64)
 
 
+def append_rows(rows: np.ndarray, used: int, new: np.ndarray, min_rows: int = 0) -> np.ndarray:
+  """Per-minibatch rows: rows[:used] [c, ...] followed by new [n, ...], in a fresh float64 array
+  of max(c, min_rows, used + n) rows (the room beyond is zero)."""
+  out = np.zeros((max(len(rows), min_rows, used + len(new)),) + np.shape(rows)[1:], np.float64)
+  out[:used], out[used:used + len(new)] = rows[:used], new
+  return out
+
+
 def accumulate(state: CKAState, terms: HSICTerms) -> CKAState:
-  """Adds the per-minibatch terms of one step (from `minibatch_terms`) in float64.
+  """Appends the per-minibatch terms of one step (from `minibatch_terms`) in float64.
 
   With several processes every process must call it (it gathers the tiny sharded terms).
 
@@ -530,8 +552,8 @@ def accumulate(state: CKAState, terms: HSICTerms) -> CKAState:
       layers; shape mismatch with the state. Nothing is accumulated then.
   """
   _check_fingerprint(state)
-  a, b = state.cross.shape
-  t = HSICTerms(*map(_host, terms))
+  a, b = state.shape
+  t = HSICTerms(*map(host, terms))
   if t.cross.shape[-2:] != (a, b) or t.self_a.shape[-1:] != (a,) or t.self_b.shape[-1:] != (b,):
     raise ValueError(f"terms for a {t.cross.shape[-2:]} layer grid, the state is [{a}, {b}]")
   valid = t.count.reshape(-1) > 0
@@ -546,47 +568,58 @@ def accumulate(state: CKAState, terms: HSICTerms) -> CKAState:
         "non-finite HSIC (NaN/Inf in the features, or float32 overflow); nothing accumulated. "
         f"Layers a: {[na[i] for i in np.flatnonzero(bad_a)]}, "
         f"layers b: {[nb[i] for i in np.flatnonzero(bad_b)]}")
-  # Minibatch by minibatch, in order: the float64 sums are then bitwise the same whether the
-  # minibatches come one per call, stacked, or from several steps.
-  f = {name: getattr(state, name).copy() for name in _DATA_FIELDS[:11]}
-  for i in range(cross.shape[0]):
-    h, a_, b_ = cross[i], sa[i], sb[i]
-    f["cross"] += h
-    f["self_a"] += a_
-    f["self_b"] += b_
-    f["cross_sq"] += h * h
-    f["cross_self_a"] += h * a_[:, None]
-    f["cross_self_b"] += h * b_[None, :]
-    f["self_ab"] += np.outer(a_, b_)
-    f["self_a_sq"] += a_ * a_
-    f["self_b_sq"] += b_ * b_
-    f["scale_a"] += ca[i]
-    f["scale_b"] += cb[i]
+  k = int(state.num_minibatches)
+  scale_a, scale_b = state.scale_a.copy(), state.scale_b.copy()
+  for i in range(cross.shape[0]):  # in order: the same sums however the minibatches arrive
+    scale_a += ca[i]
+    scale_b += cb[i]
   return dataclasses.replace(
-      state, **f,
+      state, cross=append_rows(state.cross, k, cross), self_a=append_rows(state.self_a, k, sa),
+      self_b=append_rows(state.self_b, k, sb), scale_a=scale_a, scale_b=scale_b,
       num_minibatches=state.num_minibatches + int(valid.sum()),
       num_examples=state.num_examples + int(t.count.reshape(-1)[valid].sum()))
 
 
 def merge(s1: CKAState, s2: CKAState) -> CKAState:
-  """Combines two states of disjoint minibatches (devices, hosts, resumed runs). Associative."""
+  """Combines two states of disjoint minibatches (devices, hosts, resumed runs).
+
+  The per-minibatch rows of s2 follow those of s1, so merging is associative; and `result` reads
+  the rows in a canonical order, so it is bit for bit the same in whatever order or grouping the
+  minibatches were accumulated and merged.
+  """
   _check_fingerprint(s1)
   _check_fingerprint(s2)
-  if (s1.names_a, s1.names_b, s1.intra, s1.cross.shape) != (
-      s2.names_a, s2.names_b, s2.intra, s2.cross.shape):
+  if (s1.names_a, s1.names_b, s1.intra, s1.shape) != (s2.names_a, s2.names_b, s2.intra,
+                                                      s2.shape):
     raise ValueError(f"cannot merge CKA states over different layers: {s1.names_a} x "
                      f"{s1.names_b} vs {s2.names_a} x {s2.names_b}")
-  return dataclasses.replace(s1, **{f: getattr(s1, f) + getattr(s2, f)
-                                    for f in _DATA_FIELDS if f != "fingerprint"})
+  k1, k2 = int(s1.num_minibatches), int(s2.num_minibatches)
+  rows = lambda f: append_rows(getattr(s1, f), k1, getattr(s2, f)[:k2], len(getattr(s2, f)))
+  return dataclasses.replace(
+      s1, cross=rows("cross"), self_a=rows("self_a"), self_b=rows("self_b"),
+      scale_a=s1.scale_a + s2.scale_a, scale_b=s1.scale_b + s2.scale_b,
+      num_minibatches=s1.num_minibatches + s2.num_minibatches,
+      num_examples=s1.num_examples + s2.num_examples)
 
 
 def _names(state: CKAState) -> tuple[tuple[str, ...], tuple[str, ...]]:
-  a, b = state.cross.shape
+  a, b = state.shape
   return (state.names_a or tuple(map(str, range(a))), state.names_b or tuple(map(str, range(b))))
 
 
-def _ratio(cross, self_a, self_b, scale_a, scale_b, names_a, names_b, lower):
-  """cross / sqrt(self_a self_b) in float64, refusing constant layers, NaN and |CKA| > 1."""
+def check_ratio(cross, self_a, self_b, scale_a, scale_b, names_a, names_b, lower) -> np.ndarray:
+  """cross / sqrt(self_a self_b) in float64, refusing constant layers, NaN and |CKA| > 1.
+
+  Args:
+    cross: [A, B] summed cross HSIC; self_a [A], self_b [B] summed self HSIC.
+    scale_a, scale_b: [A], [B] yardsticks (tr(K)^2 / norm): a self-HSIC below `CONSTANT_RTOL`
+      of it is a constant layer.
+    names_a, names_b: layer names for the errors.
+    lower: the estimator's lower bound (-1 unbiased, 0 biased).
+
+  Returns:
+    [A, B] float64 CKA clipped to [lower, 1] (after refusing anything beyond rounding).
+  """
   self_a, self_b = np.asarray(self_a, np.float64), np.asarray(self_b, np.float64)
   for side, s, c, names in (("a", self_a, scale_a, names_a), ("b", self_b, scale_b, names_b)):
     bad = ~(np.isfinite(s) & np.isfinite(c))
@@ -594,12 +627,12 @@ def _ratio(cross, self_a, self_b, scale_a, scale_b, names_a, names_b, lower):
       raise ValueError(f"non-finite HSIC on side {side} (NaN/Inf in the features, or float32 "
                        f"overflow): {[names[i] for i in np.flatnonzero(bad)]}")
   for side, s, c, names in (("a", self_a, scale_a, names_a), ("b", self_b, scale_b, names_b)):
-    const = ~(s > _CONSTANT_RTOL * np.asarray(c))
+    const = ~(s > CONSTANT_RTOL * np.asarray(c))
     if const.any():
       raise ValueError(f"constant layer(s) on side {side} (self-HSIC ~ 0, CKA undefined): "
                        f"{[names[i] for i in np.flatnonzero(const)]}")
   cka = np.reshape(cross, (self_a.size, self_b.size)) / np.sqrt(np.outer(self_a, self_b))
-  bad = ~((cka >= lower - _RANGE_ATOL) & (cka <= 1 + _RANGE_ATOL))  # also catches NaN
+  bad = ~((cka >= lower - RANGE_ATOL) & (cka <= 1 + RANGE_ATOL))  # also catches NaN
   if bad.any():
     i, j = np.argwhere(bad)[0]
     raise ValueError(f"CKA out of [{lower}, 1] (or NaN) at {bad.sum()} cell(s), e.g. "
@@ -607,35 +640,62 @@ def _ratio(cross, self_a, self_b, scale_a, scale_b, names_a, names_b, lower):
   return np.clip(cka, lower, 1.0)
 
 
+def canonical_sum(rows: np.ndarray) -> np.ndarray:
+  """Sum over axis 0 in a canonical order (ascending values per entry): the float64 result then
+  depends only on the set of rows, not on the order they were accumulated or merged in."""
+  return np.sort(rows, axis=0).sum(0)
+
+
+def jackknife_stderr(theta_loo: np.ndarray) -> np.ndarray:
+  """Jackknife standard error from the k leave-one-out values theta_loo [k, ...].
+
+  SE^2 = (k-1)/k * sum_i (theta_(-i) - mean)^2
+  (docs/method.md#error-bars-jackknife-over-minibatches-spread-over-repeats), with the deviations
+  taken from the mean (two passes, no raw second moments to cancel) in a canonical order; NaN when
+  k < 2.
+  """
+  k = theta_loo.shape[0]
+  if k < 2:
+    return np.full(theta_loo.shape[1:], np.nan)
+  theta = np.sort(theta_loo, axis=0)
+  dev = theta - theta.mean(0, keepdims=True)
+  return np.sqrt((k - 1) / k * (dev * dev).sum(0))
+
+
+def per_minibatch(state: CKAState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The accumulated minibatches' values: cross [k, A, B] (symmetrised per minibatch for an
+  intra-model state), self_a [k, A], self_b [k, B]."""
+  _check_fingerprint(state)
+  k = int(state.num_minibatches)
+  cross = state.cross[:k]
+  if state.intra:
+    cross = (cross + np.swapaxes(cross, 1, 2)) / 2
+  return cross, state.self_a[:k], state.self_b[:k]
+
+
 def result(state: CKAState) -> CKAResult:
   """Divides once: CKA_ab = sum h_ab / sqrt(sum h_aa sum h_bb), plus its jackknife error.
 
-  The error is the first-order (delta-method) jackknife over minibatches: with per-minibatch
-  means a, b of h_aa, h_bb and theta = CKA, the leave-one-minibatch-out values linearise to
-  theta - g.(h_i - mean)/(k-1), g = (1/sqrt(ab), -theta/(2a), -theta/(2b)), and g.mean = 0, so
-  SE^2 = sum_i (g.h_i)^2 / (k(k-1)), a quadratic form in the stored second moments.
+  The error is the exact leave-one-minibatch-out jackknife: for every minibatch i the ratio of
+  the sums without it, CKA_(-i) = (H_ab - h_abi) / sqrt((H_aa - h_aai)(H_bb - h_bbi)) with H the
+  sums over all k minibatches, and SE = sqrt((k-1)/k sum_i (CKA_(-i) - mean_i CKA_(-i))^2).
+  Every CKA_(-i) is a ratio of positive sums, computed without cancellation, so the error stays
+  exact where CKA is near 1 and whatever the layers' scales; it is 0 only where every minibatch
+  gives the same ratio (e.g. a layer against itself).
 
   Raises:
     ValueError: nothing accumulated, a constant layer (named), CKA NaN or outside [-1, 1].
   """
-  _check_fingerprint(state)
-  k = int(state.num_minibatches)
+  cross, sa, sb = per_minibatch(state)
+  k = cross.shape[0]
   if k == 0:
     raise ValueError("no minibatches accumulated")
   names_a, names_b = _names(state)
-  sym = (lambda x: (x + x.T) / 2) if state.intra else (lambda x: x)
-  cka = sym(_ratio(state.cross, state.self_a, state.self_b, state.scale_a, state.scale_b,
-                   names_a, names_b, lower=-1.0))
-  if k < 2:
-    stderr = np.full_like(cka, np.nan)
-  else:
-    a, b = state.self_a[:, None] / k, state.self_b[None, :] / k
-    q = (sym(state.cross_sq) / (a * b)
-         + cka ** 2 * (state.self_a_sq[:, None] / (4 * a * a) + state.self_b_sq[None, :]
-                       / (4 * b * b) + sym(state.self_ab) / (2 * a * b))
-         - cka / np.sqrt(a * b) * (sym(state.cross_self_a) / a + sym(state.cross_self_b) / b))
-    stderr = np.sqrt(np.maximum(q, 0) / (k * (k - 1)))
-  return CKAResult(cka, stderr, names_a, names_b, k, int(state.num_examples))
+  total, ta, tb = canonical_sum(cross), canonical_sum(sa), canonical_sum(sb)
+  cka = check_ratio(total, ta, tb, state.scale_a, state.scale_b, names_a, names_b, lower=-1.0)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    loo = (total[None] - cross) / np.sqrt((ta[None] - sa)[:, :, None] * (tb[None] - sb)[:, None])
+  return CKAResult(cka, jackknife_stderr(loo), names_a, names_b, k, int(state.num_examples))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -675,7 +735,7 @@ def _dispatch(state: CKAState, feats_a: Features, feats_b: Features | None, stac
   if state.intra != (feats_b is None):
     raise ValueError("an intra-model state (init(num_a)) takes feats_b=None; a cross-model state "
                      "(init(num_a, num_b)) needs feats_b")
-  a, b = state.cross.shape
+  a, b = state.shape
   xs, names_a = _ordered(feats_a, state.names_a, a, "a")
   ys, names_b = (None, names_a) if state.intra else _ordered(feats_b, state.names_b, b, "b")
   if (names_a, names_b) != (state.names_a, state.names_b):  # adopt the first dict's names

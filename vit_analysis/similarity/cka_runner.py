@@ -212,13 +212,14 @@ def _make_step(side_a: Side, side_b: Side | None, gram_precision: str,
 class _MeasureSums:
   """Host float64 sums of the extra measures of one repeat (`vit_analysis.similarity.measures`)."""
 
-  def __init__(self, spec: tuple[tuple[str, tuple], ...], names_a, names_b, num_perms: int):
-    self.spec, self.num_perms = spec, num_perms
+  def __init__(self, spec: tuple[tuple[str, tuple], ...], names_a, names_b, num_perms: int,
+               capacity: int = 0):
+    self.spec, self.num_perms, self.capacity = spec, num_perms, capacity
     self.names_a, self.names_b = tuple(names_a), None if names_b is None else tuple(names_b)
 
   def empty(self) -> dict[str, Any]:
     return {n: measures_lib.init(n, self.names_a, self.names_b, num_perms=self.num_perms,
-                                 **dict(o)) for n, o in self.spec}
+                                 capacity=self.capacity, **dict(o)) for n, o in self.spec}
 
   @staticmethod
   def add(states: dict[str, Any], terms: dict[str, Any], mask: Any) -> dict[str, Any]:
@@ -295,8 +296,10 @@ def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_exam
   k = num_examples // m
   steps_per_repeat = -(-k // s)
   names_b = tuple(side_a.names if side_b is None else side_b.names)
-  sums = _MeasureSums(spec, side_a.names, None if side_b is None else names_b, null_permutations)
-  empty = {"cka": cka.init(side_a.names, None if side_b is None else side_b.names),
+  sums = _MeasureSums(spec, side_a.names, None if side_b is None else names_b, null_permutations,
+                      capacity=k)
+  # capacity=k: a repeat's k minibatches fit, so a checkpointed state has the template's shapes.
+  empty = {"cka": cka.init(side_a.names, None if side_b is None else side_b.names, capacity=k),
            "measures": sums.empty()}
   shape = (repeats, len(side_a.names), len(names_b))
   fields = ("values", "stderr", "null_mean", "null_std")

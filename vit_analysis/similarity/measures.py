@@ -1,8 +1,8 @@
-"""Similarity measures beyond linear CKA from the same minibatch Grams; shuffle nulls; agreement.
+"""Similarity measures beyond linear CKA from the same minibatch Grams; shuffle nulls.
 
 Four measures of how alike two representations x: [n, p1], y: [n, p2] of the same n examples are
 (features flattened per example, as for CKA):
-* `linear_cka`: the paper's measure (delegates to `cka`).
+* `linear_cka`: the paper's measure (cka's HSIC estimators, biased or unbiased per minibatch).
 * `rbf_cka`: CKA with Gaussian kernels K_ij = exp(-d2_ij / (2 s2)), d2_ij = |x_i - x_j|^2, and the
   bandwidth s2 = sigma^2 * median(d2) over all n^2 pairs, the zero diagonal included (Kornblith et
   al. 2019's reference code).
@@ -19,15 +19,16 @@ Everything is computable from the column-centred linear Gram K = C X X^T C of ea
   the nuclear norm ignores orthonormal factors), here F = U sqrt(S) from eigh(K) once per layer.
 
 Two halves, as in `cka`:
-* Full batch (host, float64 where the maths is not CKA's): `linear_cka`, `rbf_cka`, `procrustes`,
-  `mutual_knn` on features, each returning a float.
+* Full batch: `linear_cka`, `rbf_cka`, `procrustes`, `mutual_knn` on features `(x, y, ...)`, each
+  returning a float: one minibatch of the per-minibatch path below (the same code, n = m).
 * Minibatch (device, pure jnp, jit/vmap-able): `minibatch_terms(measure, grams_a, grams_b)` maps
-  one minibatch's centred Grams [A, m, m], [B, m, m] to a few small arrays; the host sums them in
-  float64 (`init` / `accumulate` / `merge` / `result`). CKA-type measures sum per-minibatch
-  HSIC terms and divide once (minibatch CKA); Procrustes and kNN average per-minibatch values.
+  one minibatch's centred Grams [A, m, m], [B, m, m] to a few small arrays; the host keeps them
+  per minibatch in float64 (`init` / `accumulate` / `merge` / `result`). CKA-type measures sum
+  per-minibatch HSIC terms and divide once (minibatch CKA); Procrustes and kNN average
+  per-minibatch values; both get the exact leave-one-minibatch-out jackknife error.
 * Shuffle null: with `perms` [P, m] (from `null_permutations`) every minibatch also scores side b
   with its examples permuted (L -> L[pi][:, pi]), giving per cell a null mean, std and z-score.
-* Agreement: `rank_agreement` (Spearman between measures over cells) and `disagreements`.
+Agreement between measures (rank statistics, NumPy only) lives in `agreement`.
 
 Use inside the jitted step that builds the Grams (k minibatches, axis 0 possibly sharded):
   perms = jnp.asarray(null_permutations(seed, P, m))          # once, replicated
@@ -52,17 +53,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.stats
-from jax.experimental import multihost_utils
 
 from vit_analysis.similarity import cka
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-# |value| beyond [lower, 1] by more than this is a bug or corrupted input, not rounding.
-_RANGE_ATOL = 1e-5
-# A layer whose unbiased self-HSIC is below this fraction of tr(K)^2 / (m(m-3)) is constant (the
-# same rule as cka); cosine neighbours and Procrustes are undefined for it.
-_CONSTANT_RTOL = 1e-10
 
 MEASURES = ("linear_cka", "rbf_cka", "procrustes", "mutual_knn")
 # Options of the minibatch terms, with defaults. CKA-type measures default to the unbiased
@@ -140,29 +134,32 @@ def _check_pair(x: Any, y: Any, min_n: int = 4) -> tuple[np.ndarray, np.ndarray]
   return x, y
 
 
+def _full_batch(measure: str, x: Any, y: Any, **options: Any) -> float:
+  """One minibatch of the per-minibatch path: the n examples' centred Grams, the measure's
+  `minibatch_terms`, and `result` of a state holding that one minibatch."""
+  opts = resolve_options(measure, **options)
+  x, y = _check_pair(x, y)
+  if measure == "mutual_knn" and opts["k"] >= x.shape[0]:
+    raise ValueError(f"mutual_knn needs k < n, got k = {opts['k']}, n = {x.shape[0]}")
+  # Centred in float64 here (a large offset survives), then float32 Grams as on device.
+  grams = [cka.centred_grams([v.astype(np.float32)]) for v in (x, y)]
+  state = accumulate(init(measure, 1, 1, **opts), minibatch_terms(measure, *grams, **opts))
+  return float(result(state).value[0, 0])
+
+
 def linear_cka(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike,
                debiased: bool = False) -> float:
-  """Full-batch linear CKA (`cka.linear_cka`). x: [n, ...], y: [n, ...]; biased by default."""
-  _check_pair(x, y)
-  return cka.linear_cka(x, y, debiased=debiased)
-
-
-def _rbf_kernel_np(x: np.ndarray, sigma: float) -> np.ndarray:
-  """Gaussian kernel of centred float64 x [n, p] with the median-heuristic bandwidth."""
-  g = x @ x.T
-  d = np.diagonal(g)
-  d2 = np.maximum(d[:, None] + d[None, :] - 2 * g, 0)
-  np.fill_diagonal(d2, 0)
-  med = np.median(d2)  # over all n^2 entries, the zero diagonal included
-  if not med > 0:
-    raise ValueError("RBF bandwidth undefined: the median squared distance is 0 (more than half "
-                     "of the example pairs coincide)")
-  return np.exp(-d2 / (2 * sigma ** 2 * med))
+  """Full-batch linear CKA: one minibatch of the `linear_cka` terms (the same number as
+  `cka.linear_cka`). x: [n, ...], y: [n, ...] (n >= 4); biased HSIC_0 by default."""
+  return _full_batch("linear_cka", x, y, debiased=debiased)
 
 
 def rbf_cka(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike, sigma: float = 0.5,
             debiased: bool = False) -> float:
   """Full-batch CKA with Gaussian kernels (bandwidth sigma^2 * median squared distance).
+
+  One minibatch of the `rbf_cka` terms: kernels from the float32 centred Grams (`rbf_kernels`),
+  the median over all n^2 squared distances, the zero diagonal included.
 
   Args:
     x: [n, ...] features (n >= 4), flattened per example.
@@ -173,77 +170,43 @@ def rbf_cka(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike, sigma: float = 0.5
   Returns:
     RBF CKA as a float.
   """
-  resolve_options("rbf_cka", sigma=sigma)
-  x, y = _check_pair(x, y)
-  # Kernels in float64 here; the HSIC estimators are cka's (float32 on kernels in [0, 1]).
-  kx = jnp.asarray(_rbf_kernel_np(x, float(sigma)), jnp.float32)
-  ky = jnp.asarray(_rbf_kernel_np(y, float(sigma)), jnp.float32)
-  hsic = cka.hsic_unbiased if debiased else cka.hsic_biased
-  h = [float(hsic(a, b)) for a, b in ((kx, ky), (kx, kx), (ky, ky))]
-  if not (h[1] > 0 and h[2] > 0):
-    raise ValueError(f"RBF self-HSIC not positive ({h[1]}, {h[2]}): constant kernel")
-  return float(np.clip(h[0] / np.sqrt(h[1] * h[2]), -1.0, 1.0))
+  return _full_batch("rbf_cka", x, y, sigma=sigma, debiased=debiased)
 
 
-def _factor_np(x: np.ndarray) -> np.ndarray:
-  """A factor F [n, r] with F F^T = X X^T: X itself if narrow, else from the Gram's eigh."""
-  n, p = x.shape
-  if p <= n:
-    return x
-  s, u = np.linalg.eigh(x @ x.T)
-  keep = s > s[-1] * n * np.finfo(np.float64).eps
-  return u[:, keep] * np.sqrt(s[keep])[None, :]
-
-
-def procrustes(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike) -> float:
+def procrustes(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike, **options: Any) -> float:
   """Full-batch orthogonal-Procrustes similarity |X^T Y|_* / (|X|_F |Y|_F), in [0, 1].
 
   X, Y are the column-centred features. |X^T Y|_* = max over orthogonal Q of tr(Q^T X^T Y), so this
   is the cosine of the angle between X and the best rotation of Y (its arccos: angular shape
-  metric). Computed in float64 as the singular values of F_x^T F_y for Gram factors F (see the
-  module docstring), which costs O(n min(n, p)^2) instead of an SVD of the [p1, p2] matrix X^T Y.
+  metric). One minibatch of the `procrustes` terms: the singular values of F_x^T F_y for Gram
+  factors F (see the module docstring), O(n min(n, p)^2) instead of an SVD of the [p1, p2]
+  matrix X^T Y; float32 Grams, components below `rank_rtol` of the largest eigenvalue dropped.
 
   Args:
-    x: [n, ...] features, flattened per example.
+    x: [n, ...] features (n >= 4), flattened per example.
     y: [n, ...] features of the same examples.
+    **options: `OPTIONS['procrustes']` (method, rank_rtol, iterations, max_rank).
   """
-  x, y = _check_pair(x, y, min_n=2)
-  nuc = np.linalg.svd(_factor_np(x).T @ _factor_np(y), compute_uv=False).sum()
-  value = nuc / (np.linalg.norm(x) * np.linalg.norm(y))
-  return float(np.clip(value, 0.0, 1.0))
-
-
-def _neighbours_np(x: np.ndarray, k: int) -> np.ndarray:
-  """[n, k] indices of each example's k most cosine-similar others (ties: lower index first)."""
-  norm = np.linalg.norm(x, axis=1)
-  safe = np.where(norm > 0, norm, 1.0)
-  cos = (x @ x.T) / (safe[:, None] * safe[None, :])
-  np.fill_diagonal(cos, -np.inf)
-  return np.argsort(-cos, axis=1, kind="stable")[:, :k]
+  return _full_batch("procrustes", x, y, **options)
 
 
 def mutual_knn(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike, k: int = 10) -> float:
   """Full-batch mutual k-nearest-neighbour alignment, in [0, 1].
 
   For example i, N_x(i) are the k examples j != i with the largest cosine similarity of centred
-  features; the value is mean_i |N_x(i) & N_y(i)| / k.
+  features; the value is mean_i |N_x(i) & N_y(i)| / k. One minibatch of the `mutual_knn` terms
+  (`knn_indicators` on the float32 centred Gram).
 
   Ties (equal similarities, e.g. duplicate examples) are broken deterministically: the lower example
-  index ranks first (a stable sort on descending similarity; `jax.lax.top_k` on device does the
-  same). An example equal to the mean (zero centred norm) has similarity 0 to every other.
+  index ranks first (`jax.lax.top_k`). An example equal to the mean (zero centred norm) has
+  similarity 0 to every other.
 
   Args:
-    x: [n, ...] features, flattened per example.
+    x: [n, ...] features (n >= 4), flattened per example.
     y: [n, ...] features of the same examples.
     k: neighbours per example, 1 <= k < n.
   """
-  resolve_options("mutual_knn", k=k)
-  x, y = _check_pair(x, y, min_n=2)
-  if k >= x.shape[0]:
-    raise ValueError(f"mutual_knn needs k < n, got k = {k}, n = {x.shape[0]}")
-  nx, ny = _neighbours_np(x, k), _neighbours_np(y, k)
-  shared = [np.intersect1d(a, b).size for a, b in zip(nx, ny)]
-  return float(np.mean(shared) / k)
+  return _full_batch("mutual_knn", x, y, k=k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +232,7 @@ def null_permutations(key_or_seed: int | jax.Array, num: int, m: int) -> np.ndar
 def _self_terms(grams: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Unbiased self-HSIC [A] and its scale tr(K)^2/(m(m-3)) [A]: NaN and constant-layer checks."""
   m = grams.shape[-1]
-  u = jax.vmap(cka._u_centre)(grams)  # pylint: disable=protected-access
+  u = jax.vmap(cka.u_centre)(grams)
   tr = jnp.trace(grams, axis1=-2, axis2=-1)
   return jnp.sum(u * u, axis=(-2, -1)) / (m * (m - 3)), tr * tr / (m * (m - 3))
 
@@ -305,9 +268,9 @@ def _ratio_terms(kern_a, kern_b, perms, debiased: bool) -> dict[str, jax.Array]:
   """HSIC terms of one minibatch's kernels (cka's estimators); kern_b None: intra-model."""
   m = kern_a.shape[-1]
   if debiased:
-    centre, norm = cka._u_centre, m * (m - 3)  # pylint: disable=protected-access
+    centre, norm = cka.u_centre, m * (m - 3)
   else:
-    centre, norm = cka._double_centre, (m - 1) ** 2  # pylint: disable=protected-access
+    centre, norm = cka.double_centre, (m - 1) ** 2
   ca = jax.vmap(centre)(kern_a)
   cb = ca if kern_b is None else jax.vmap(centre)(kern_b)
   cross, null = _pair_products(ca, cb, perms)
@@ -573,24 +536,23 @@ def terms(measures: Sequence[str] | Mapping[str, Mapping[str, Any]], grams_a: ja
 # Host half: float64 accumulation over minibatches (init, accumulate, merge, result).
 
 
-_STATE_FIELDS = ("hsic", "value", "value_sq", "null", "num_minibatches", "num_examples",
-                 "fingerprint")
+_STATE_FIELDS = ("hsic", "value", "null", "num_minibatches", "num_examples", "fingerprint")
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=list(_STATE_FIELDS),
                    meta_fields=["measure", "options", "names_a", "names_b", "intra"])
 @dataclasses.dataclass(frozen=True)
 class MeasureState:
-  """Fixed-size float64 sums over minibatches for one measure (orbax saves it as is).
+  """float64 per-minibatch values of one measure (orbax and `resume` save it as is).
 
-  CKA-type measures keep a `cka.CKAState` of their HSIC terms (the jackknife error and the
-  constant-layer checks are cka's); Procrustes and kNN keep the sum and sum of squares of the
-  per-minibatch values. `null` sums the per-permutation null numerators (CKA-type: cross HSIC)
-  or values, [P, A, B] (P = 0 without a null).
+  CKA-type measures keep a `cka.CKAState` of their per-minibatch HSIC terms (the exact jackknife
+  error and the constant-layer checks are cka's); Procrustes and kNN keep their per-minibatch
+  values, rows as in `cka.CKAState` (`capacity` rows reserved, grown when needed). `null` sums the
+  per-permutation null numerators (CKA-type: cross HSIC) or values, [P, A, B] (P = 0 without a
+  null): its spread is over permutations, not minibatches, so sums suffice.
   """
   hsic: cka.CKAState | None      # CKA-type only
-  value: np.ndarray | None       # [A, B] sum of per-minibatch values (mean-type only)
-  value_sq: np.ndarray | None    # [A, B] sum of squares (mean-type only)
+  value: np.ndarray | None       # [c, A, B] per-minibatch values, row i = minibatch i (mean-type)
   null: np.ndarray               # [P, A, B]
   num_minibatches: np.ndarray    # [] int64
   num_examples: np.ndarray       # [] int64
@@ -631,7 +593,7 @@ def _state_fingerprint(measure, options, names_a, names_b, intra, num_perms) -> 
 
 
 def init(measure: str, names_a: int | Sequence[str], names_b: int | Sequence[str] | None = None,
-         *, num_perms: int = 0, **options: Any) -> MeasureState:
+         *, num_perms: int = 0, capacity: int = 0, **options: Any) -> MeasureState:
   """An empty state for one measure.
 
   Args:
@@ -639,6 +601,8 @@ def init(measure: str, names_a: int | Sequence[str], names_b: int | Sequence[str
     names_a: number of layers on side a, or their names.
     names_b: the same for side b; None: intra-model (side b is side a).
     num_perms: P, the number of null permutations the terms carry (0: no null).
+    capacity: rows reserved for per-minibatch values (a repeat's k: a checkpoint template then
+      has the shapes of every state of the repeat; see `cka.init`).
     **options: the measure's options, as given to `minibatch_terms` (stored for the record).
   """
   opts = resolve_options(measure, **options)
@@ -652,10 +616,9 @@ def init(measure: str, names_a: int | Sequence[str], names_b: int | Sequence[str
   a, b = len(na), len(nb)
   z = lambda *s: np.zeros(s, np.float64)
   ratio = _KIND[measure] == "ratio"
-  hsic = (cka.init(na) if intra else cka.init(na, nb)) if ratio else None
+  hsic = cka.init(na, None if intra else nb, capacity=capacity) if ratio else None
   options_t = tuple(sorted(opts.items()))
-  return MeasureState(hsic, None if ratio else z(a, b), None if ratio else z(a, b),
-                      z(num_perms, a, b), np.asarray(0, np.int64), np.asarray(0, np.int64),
+  return MeasureState(hsic, None if ratio else z(capacity, a, b), z(num_perms, a, b), np.asarray(0, np.int64), np.asarray(0, np.int64),
                       _state_fingerprint(measure, options_t, na, nb, intra, num_perms),
                       measure, options_t, na, nb, intra)
 
@@ -667,13 +630,6 @@ def _check_state(state: MeasureState) -> None:
     raise ValueError(f"{state.measure} state does not match its measure/options/layer names "
                      "(restored into a template made differently?); restore into init(<the same "
                      "arguments as when saving>)")
-
-
-def _host(x: Any) -> np.ndarray:
-  """A (possibly multi-process sharded) array as a float64 host array."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    x = multihost_utils.process_allgather(x, tiled=True)
-  return np.asarray(x, np.float64)
 
 
 def _bad_layers(state, sa, ca, sb, cb, value) -> None:
@@ -688,8 +644,8 @@ def _bad_layers(state, sa, ca, sb, cb, value) -> None:
   nonfinite = "non-finite terms (NaN/Inf in the features, or float32 overflow)"
   fail(nonfinite, ~(np.isfinite(sa) & np.isfinite(ca)).all(0),
        ~(np.isfinite(sb) & np.isfinite(cb)).all(0))
-  fail("constant layer(s) (similarity undefined)", ~(sa > _CONSTANT_RTOL * ca).all(0),
-       ~(sb > _CONSTANT_RTOL * cb).all(0))
+  fail("constant layer(s) (similarity undefined)", ~(sa > cka.CONSTANT_RTOL * ca).all(0),
+       ~(sb > cka.CONSTANT_RTOL * cb).all(0))
   fail(nonfinite, ~np.isfinite(value).all((0, 2)), ~np.isfinite(value).all((0, 1)))
 
 
@@ -706,7 +662,7 @@ def accumulate(state: MeasureState, terms_: Mapping[str, Any],
     ValueError: non-finite terms or a constant layer (named), shapes not matching the state.
   """
   _check_state(state)
-  t = {k: _host(v) for k, v in terms_.items()}
+  t = {k: cka.host(v) for k, v in terms_.items()}
   a, b = len(state.names_a), len(state.names_b)
   p = state.null.shape[0]
   ratio = _KIND[state.measure] == "ratio"
@@ -722,7 +678,7 @@ def accumulate(state: MeasureState, terms_: Mapping[str, Any],
                      f"(null {t.get(null_key, np.empty(0)).shape}); the state is [{a}, {b}], P={p}")
   count = t["count"].reshape(-1)
   if mask is not None:
-    mask = _host(mask).reshape(-1)  # a global array under several processes
+    mask = cka.host(mask).reshape(-1)  # a global array under several processes
     if mask.shape != count.shape:
       raise ValueError(f"mask has {mask.size} entries for {count.size} minibatches")
     count = np.where(mask > 0, count, 0)
@@ -733,15 +689,15 @@ def accumulate(state: MeasureState, terms_: Mapping[str, Any],
   if ratio:
     hsic = cka.accumulate(state.hsic, cka.HSICTerms(
         t["cross"], t["self_a"], t["self_b"], t["scale_a"], t["scale_b"], count))
-    value = value_sq = None
+    value = None
   else:
     hsic = None
     v = t["value"].reshape(-1, a, b)[valid]
     _bad_layers(state, t["self_a"].reshape(-1, a)[valid], t["scale_a"].reshape(-1, a)[valid],
                 t["self_b"].reshape(-1, b)[valid], t["scale_b"].reshape(-1, b)[valid], v)
-    value, value_sq = state.value + v.sum(0), state.value_sq + (v * v).sum(0)
+    value = cka.append_rows(state.value, int(state.num_minibatches), v)
   return dataclasses.replace(
-      state, hsic=hsic, value=value, value_sq=value_sq, null=state.null + null.sum(0),
+      state, hsic=hsic, value=value, null=state.null + null.sum(0),
       num_minibatches=state.num_minibatches + int(valid.sum()),
       num_examples=state.num_examples + int(count[valid].sum()))
 
@@ -753,10 +709,11 @@ def merge(s1: MeasureState, s2: MeasureState) -> MeasureState:
   if int(s1.fingerprint) != int(s2.fingerprint):
     raise ValueError(f"cannot merge states of different measures/options/layers: {s1.measure} "
                      f"{s1.options} vs {s2.measure} {s2.options}")
-  add = lambda u, v: None if u is None else u + v
+  k1, k2 = int(s1.num_minibatches), int(s2.num_minibatches)
   return dataclasses.replace(
       s1, hsic=None if s1.hsic is None else cka.merge(s1.hsic, s2.hsic),
-      value=add(s1.value, s2.value), value_sq=add(s1.value_sq, s2.value_sq),
+      value=None if s1.value is None else cka.append_rows(s1.value, k1, s2.value[:k2],
+                                                             len(s2.value)),
       null=s1.null + s2.null, num_minibatches=s1.num_minibatches + s2.num_minibatches,
       num_examples=s1.num_examples + s2.num_examples)
 
@@ -775,24 +732,26 @@ def result(state: MeasureState) -> MeasureResult:
   k = int(state.num_minibatches)
   if k == 0:
     raise ValueError(f"{state.measure}: no minibatches accumulated")
-  sym = (lambda x: (x + x.T) / 2) if state.intra else (lambda x: x)
+  sym = (lambda x: (x + np.swapaxes(x, -1, -2)) / 2) if state.intra else (lambda x: x)
   if state.hsic is not None:
     r = cka.result(state.hsic)
     value, stderr = r.cka, r.stderr
-    null = state.null / np.sqrt(np.outer(state.hsic.self_a, state.hsic.self_b))[None]
+    _, sa, sb = cka.per_minibatch(state.hsic)
+    null = state.null / np.sqrt(np.outer(cka.canonical_sum(sa), cka.canonical_sum(sb)))[None]
   else:
-    value = sym(state.value / k)
-    bad = ~((value >= -_RANGE_ATOL) & (value <= 1 + _RANGE_ATOL))
+    # The mean over minibatches; its jackknife (leave-one-out means (total - v_i) / (k - 1)) is
+    # exactly the standard error of the mean, std(v, ddof=1) / sqrt(k), here from deviations.
+    per = sym(state.value[:k])
+    total = cka.canonical_sum(per)
+    value = total / k
+    bad = ~((value >= -cka.RANGE_ATOL) & (value <= 1 + cka.RANGE_ATOL))
     if bad.any():
       i, j = np.argwhere(bad)[0]
       raise ValueError(f"{state.measure} out of [0, 1] (or NaN) at {bad.sum()} cell(s), e.g. "
                        f"({state.names_a[i]}, {state.names_b[j]}) = {value[i, j]}")
     value = np.clip(value, 0.0, 1.0)
-    if k < 2:
-      stderr = np.full_like(value, np.nan)
-    else:
-      var = (sym(state.value_sq) - k * value ** 2) / (k - 1)
-      stderr = np.sqrt(np.maximum(var, 0) / k)
+    with np.errstate(divide="ignore", invalid="ignore"):
+      stderr = cka.jackknife_stderr((total[None] - per) / (k - 1))
     null = state.null / k
   null_mean = null_std = z = None
   if null.shape[0]:
@@ -807,92 +766,8 @@ def result(state: MeasureState) -> MeasureResult:
                        dict(state.options))
 
 
-# ---------------------------------------------------------------------------------------------
-# Agreement between measures.
-
-
-def _cells(values: Mapping[str, Any], intra: bool) -> tuple[list[str], np.ndarray, np.ndarray]:
-  """Measure names, [M, cells] values and [cells, 2] (row, col) indices of the cells used."""
-  names = list(values)
-  if len(names) < 2:
-    raise ValueError(f"need at least two measures, got {names}")
-  arrays = [np.asarray(values[n], np.float64) for n in names]
-  shape = arrays[0].shape
-  for n, v in zip(names, arrays):
-    if v.ndim != 2 or v.shape != shape:
-      raise ValueError(f"every measure needs the same [A, B] matrix; {n} has {v.shape}, "
-                       f"{names[0]} has {shape}")
-    if not np.isfinite(v).all():
-      raise ValueError(f"{n} has non-finite cells")
-  if intra:
-    if shape[0] != shape[1]:
-      raise ValueError(f"intra-model matrices must be square, got {shape}")
-    idx = np.stack(np.triu_indices(shape[0], 1), axis=1)
-  else:
-    idx = np.stack(np.unravel_index(np.arange(np.prod(shape)), shape), axis=1)
-  if len(idx) < 3:
-    raise ValueError(f"need at least 3 cells to rank, got {len(idx)}")
-  return names, np.stack([v[idx[:, 0], idx[:, 1]] for v in arrays]), idx
-
-
-def rank_agreement(values: Mapping[str, np.ndarray], *,
-                   intra: bool = False) -> dict[tuple[str, str], float]:
-  """Spearman rank correlation between every two measures over the cells of their [A, B] maps.
-
-  Args:
-    values: {measure: [A, B] matrix} for one comparison.
-    intra: the matrices are intra-model (symmetric): use the upper triangle without the diagonal
-      (each pair of layers once; the diagonal is 1 by definition).
-
-  Returns:
-    {(m1, m2): rho} for m1 before m2 in `values`' order; NaN where a measure is constant.
-  """
-  names, cells, _ = _cells(values, intra)
-  ranks = np.stack([scipy.stats.rankdata(c) for c in cells])  # ties get their average rank
-  out = {}
-  for i, n1 in enumerate(names):
-    for j in range(i + 1, len(names)):
-      r1, r2 = ranks[i] - ranks[i].mean(), ranks[j] - ranks[j].mean()
-      den = np.sqrt((r1 @ r1) * (r2 @ r2))
-      out[(n1, names[j])] = float(r1 @ r2 / den) if den > 0 else float("nan")
-  return out
-
-
-def disagreements(values: Mapping[str, np.ndarray], names_a: Sequence[str],
-                  names_b: Sequence[str] | None = None, top: int = 5, *,
-                  intra: bool = False) -> list[dict[str, Any]]:
-  """The layer pairs whose rank among all cells differs most between measures.
-
-  Each cell's rank under each measure is scaled to a percentile in [0, 1] (average ranks for
-  ties); a cell's spread is max - min percentile over measures. Cells are sorted by spread,
-  descending, ties by cell order (row-major).
-
-  Args:
-    values: {measure: [A, B]}.
-    names_a: A row layer names; names_b: B column names (default names_a).
-    top: how many cells to return.
-    intra: use the upper triangle without the diagonal (as `rank_agreement`).
-
-  Returns:
-    [{'a': name, 'b': name, 'spread': float, 'percentile': {measure: p}, 'value': {measure: v}}].
-  """
-  names_b = names_a if names_b is None else names_b
-  names, cells, idx = _cells(values, intra)
-  shape = np.shape(values[names[0]])
-  if (len(names_a), len(names_b)) != shape:
-    raise ValueError(f"{len(names_a)} x {len(names_b)} names for {shape} matrices")
-  n = cells.shape[1]
-  pct = np.stack([(scipy.stats.rankdata(c) - 1) / (n - 1) for c in cells])
-  spread = pct.max(0) - pct.min(0)
-  order = np.argsort(-spread, kind="stable")[:top]
-  return [{"a": str(names_a[idx[c, 0]]), "b": str(names_b[idx[c, 1]]),
-           "spread": float(spread[c]),
-           "percentile": {m: float(pct[i, c]) for i, m in enumerate(names)},
-           "value": {m: float(cells[i, c]) for i, m in enumerate(names)}} for c in order]
-
-
-__all__ = ["MEASURES", "OPTIONS", "MeasureResult", "MeasureState", "accumulate",
-           "disagreements", "gram_factors", "init", "knn_indicators", "linear_cka", "merge",
-           "minibatch_terms", "mutual_knn", "null_permutations", "procrustes", "rank_agreement",
-           "rbf_cka", "rbf_kernels", "resolve_options", "result", "terms"]
+__all__ = ["MEASURES", "OPTIONS", "MeasureResult", "MeasureState", "accumulate", "gram_factors",
+           "init", "knn_indicators", "linear_cka", "merge", "minibatch_terms", "mutual_knn",
+           "null_permutations", "procrustes", "rbf_cka", "rbf_kernels", "resolve_options",
+           "result", "terms"]
 
