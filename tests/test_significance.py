@@ -79,3 +79,19 @@ def test_verdicts():
   verdict, (low, high) = v(1.0, 0.1, 0.0)
   assert (low, high) == pytest.approx((1 - 0.196, 1 + 0.196), abs=1e-4)
   assert verdict == significance.SHOWN
+
+
+def test_heatmap_discoveries_test_each_pair_of_an_intra_heatmap_once():
+  rng = np.random.default_rng(3)
+  p = rng.uniform(size=(6, 6))
+  p[0, 5] = p[5, 0] = 1e-4
+  p = np.minimum(p, p.T)
+  found, tested = significance.heatmap_discoveries(p, 0.05, symmetric=True)
+  assert tested == 15
+  upper = np.triu_indices(6, k=1)
+  np.testing.assert_array_equal(found[upper], _bh_direct(p[upper], 0.05))
+  np.testing.assert_array_equal(found, found.T)
+  assert found.diagonal().all()
+  found, tested = significance.heatmap_discoveries(p[:, :4], 0.05)
+  assert tested == 24
+  np.testing.assert_array_equal(found.ravel(), _bh_direct(p[:, :4], 0.05))

@@ -253,6 +253,16 @@ def test_measures_and_null_from_the_same_pass_on_1_and_4_devices():
   arrays = rep.arrays()
   assert arrays["cka_null_z"][i, r] > 5 and abs(arrays["cka_null_mean"][i, r]) < 0.2
   assert arrays["procrustes_null_z"].shape == (4, 4)
+  # The null of the mean over repeats: permutation p's value averaged over the repeats, so its
+  # mean over permutations is the repeats' mean null; p-values count it (add-one).
+  for name in ("cka", "procrustes"):
+    null = arrays[f"{name}_null_values"]
+    assert null.shape == (4, 4, 4)
+    np.testing.assert_allclose(null.mean(0), arrays[f"{name}_null_mean"], rtol=1e-10, atol=1e-12)
+    mean = arrays["mean" if name == "cka" else f"{name}_mean"]
+    count = sum((null[k] >= mean).astype(int) for k in range(4))
+    np.testing.assert_array_equal(arrays[f"{name}_null_p"], (1 + count) / 5)
+  assert arrays["cka_null_p"][i, r] == pytest.approx(1 / 5)
   with pytest.raises(ValueError, match="unknown measures"):
     cka_runner.cka_over_repeats(side, None, src, mesh=sharding.make_mesh(),
                                 measures=("cca",), **common)
@@ -274,5 +284,9 @@ def test_measure_results_save_load_and_summary(tmp_path):
   assert -1 <= summary["measure_agreement"]["linear_cka ~ procrustes"] <= 1
   assert len(summary["measure_disagreements"]) == 5
   assert set(summary["cells_above_null"]) == {"linear_cka", "procrustes"}
-  fig = similarity.draw_measures(stem, "t", "a", "a")
+  pairs = len(LAYERS) * (len(LAYERS) - 1) // 2
+  assert summary["cells_above_null"]["linear_cka"].endswith(f"of {pairs}")
+  # 2 permutations: the smallest p-value is 1/3, so BH over the heatmap can call nothing.
+  assert "use null_permutations >= " in summary["null_too_few_permutations"]
+  fig = similarity.draw_measures(stem, "t", "a", "a", True)
   assert len(fig.axes) >= 2

@@ -5,15 +5,17 @@ The sampling protocol, sides and repeat loop live in `vit_analysis.similarity.ck
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Sequence
 
 import ml_collections
 import numpy as np
+from absl import logging
 
 from vit_analysis import config_lib
 from vit_analysis.analyses import base
 from vit_analysis.plotting import similarity as plots
-from vit_analysis.similarity import agreement, cka_runner, representations
+from vit_analysis.similarity import agreement, cka_runner, representations, significance
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -52,7 +54,9 @@ def measure_summary(rep: cka_runner.RepeatedCKA, intra: bool) -> dict[str, Any]:
 
   Rank correlation (Spearman) between every two measures over all cells (intra-model: each
   pair of layers once), the five layer pairs whose rank differs most between measures, and per
-  measure the fraction of cells with z >= 2 against the null.
+  measure how many cells are above the shuffle null by Benjamini–Hochberg at q = 0.05 over the
+  heatmap's cells (docs/method.md#significance), or that the run had too few permutations to
+  call any cell.
   """
   out: dict[str, Any] = {}
   arrays = rep.arrays()
@@ -63,22 +67,52 @@ def measure_summary(rep: cka_runner.RepeatedCKA, intra: bool) -> dict[str, Any]:
                                 agreement.rank_agreement(values, intra=intra).items()}
     out["measure_disagreements"] = agreement.disagreements(
         values, rep.names_a, rep.names_b, top=5, intra=intra)
-  above = {n[:-len("_null_z")]: float(np.mean(np.nan_to_num(z, nan=-np.inf) >= 2.0))
-           for n, z in arrays.items() if n.endswith("_null_z")}
+  above, tested = {}, 0
+  for name, found in null_discoveries(arrays, intra).items():
+    above[name], tested = found
   if above:
-    out["cells_above_null"] = {("linear_cka" if n == "cka" else n): v for n, v in above.items()}
+    out["cells_above_null"] = {n: f"{int(c)} of {tested}" for n, c in above.items()}
+    out["cells_above_null_fraction"] = {n: float(c) / max(tested, 1) for n, c in above.items()}
+    perms = int(next(v for k, v in arrays.items() if k.endswith("_null_values")).shape[0])
+    need = significance.min_permutations(tested, NULL_FDR)
+    if perms < need:
+      out["null_too_few_permutations"] = (
+          f"{perms} permutations cannot call any of {tested} cells at q = {NULL_FDR} (the "
+          f"smallest p-value is 1/{perms + 1}); use null_permutations >= {need}")
+      logging.warning("%s", out["null_too_few_permutations"])
   return out
 
 
-def draw_measures(stem: str, title: str, model_a: str, model_b: str):
+NULL_FDR = 0.05  # Benjamini–Hochberg false-discovery rate over a heatmap's cells
+
+
+def null_discoveries(arrays: Mapping[str, np.ndarray],
+                     intra: bool) -> dict[str, tuple[int, int]]:
+  """{measure: (cells above the null, cells tested)} from the saved `<measure>_null_p`."""
+  out = {}
+  for key, p in arrays.items():
+    if key.endswith("_null_p"):
+      name = key[:-len("_null_p")]
+      found, tested = significance.heatmap_discoveries(p, NULL_FDR, symmetric=intra)
+      count = int((found & ~np.eye(*found.shape, dtype=bool)).sum()) // 2 if intra else int(
+          found.sum())
+      out["linear_cka" if name == "cka" else name] = (count, tested)
+  return out
+
+
+def null_masks(arrays: Mapping[str, np.ndarray], intra: bool) -> dict[str, np.ndarray]:
+  """{measure: [A, B] bool, True where the cell is above the null (BH, q = NULL_FDR)}."""
+  return {("linear_cka" if k == "cka_null_p" else k[:-len("_null_p")]):
+          significance.heatmap_discoveries(p, NULL_FDR, symmetric=intra)[0]
+          for k, p in arrays.items() if k.endswith("_null_p")}
+
+
+def draw_measures(stem: str, title: str, model_a: str, model_b: str, intra: bool):
   """Every measure of a saved comparison side by side (cells not above the null blank)."""
   rep = cka_runner.RepeatedCKA.load(stem)
-  arrays = rep.arrays()
-  null_z = {("linear_cka" if n == "cka_null_z" else n[:-len("_null_z")]): z
-            for n, z in arrays.items() if n.endswith("_null_z")}
   return plots.measure_heatmaps(measure_values(rep), row_names=rep.names_a,
                                 col_names=rep.names_b, row_model=model_a, col_model=model_b,
-                                null_z=null_z or None, title=title)
+                                above_null=null_masks(rep.arrays(), intra) or None, title=title)
 
 
 def draw(stem: str, title: str, model_a: str, model_b: str):
@@ -115,7 +149,8 @@ def _run(ctx: base.Context, cfg: ml_collections.ConfigDict,
         f"{ctx.name}_{tag}"))
     if rep.measures:
       figures.append(ctx.save_figure(
-          lambda: draw_measures(stem, f"{model_a.name} vs {label_b}", model_a.name, label_b),
+          lambda: draw_measures(stem, f"{model_a.name} vs {label_b}", model_a.name, label_b,
+                                key_b is None),
           f"{ctx.name}_{tag}_measures"))
   return base.AnalysisResult(name=ctx.name, title=title, caption=caption, figures=figures,
                              metrics=dict(settings, tokens=cfg.tokens, **metrics))

@@ -110,7 +110,7 @@ def cka_heatmap(matrix: np.ndarray, *, row_names: Sequence[str] | None = None,
 
 def measure_heatmaps(values: Mapping[str, np.ndarray], *, row_names: Sequence[str],
                      col_names: Sequence[str], row_model: str = "", col_model: str = "",
-                     null_z: Mapping[str, np.ndarray] | None = None, z_threshold: float = 2.0,
+                     above_null: Mapping[str, np.ndarray] | None = None,
                      title: str = "") -> matplotlib.figure.Figure:
   """One heatmap per similarity measure, side by side, on one colour range [0, 1].
 
@@ -118,8 +118,9 @@ def measure_heatmaps(values: Mapping[str, np.ndarray], *, row_names: Sequence[st
     values: {measure: [rows, cols]} (mean over repeats), e.g. linear CKA, RBF CKA, Procrustes.
     row_names, col_names: layer names for the tick labels.
     row_model, col_model: model names written on the axes.
-    null_z: optional {measure: [rows, cols]} z-scores against the shuffle null; cells with
-      z < `z_threshold` (not above the null) are masked (drawn blank).
+    above_null: optional {measure: [rows, cols] bool}: the cells above the shuffle null
+      (Benjamini–Hochberg over the heatmap, docs/method.md#significance); the others are masked
+      (drawn blank) and the panel title counts them.
     title: figure title.
   """
   if not values:
@@ -132,9 +133,10 @@ def measure_heatmaps(values: Mapping[str, np.ndarray], *, row_names: Sequence[st
       raise ValueError(f"{name}: shape {matrix.shape} for {len(row_names)} x {len(col_names)} "
                        "names")
     label = name
-    if null_z is not None and name in null_z:
-      matrix = np.where(np.asarray(null_z[name]) >= z_threshold, matrix, np.nan)
-      label = f"{name} (z >= {z_threshold:g})"
+    if above_null is not None and name in above_null:
+      keep = np.asarray(above_null[name], bool)
+      matrix = np.where(keep, matrix, np.nan)
+      label = f"{name} ({int((~keep).sum())} cells not above the null blank)"
     heatmap(ax, matrix, title=label)
     _label_axis(ax, col_names, "x", col_model)
     _label_axis(ax, row_names, "y", row_model)

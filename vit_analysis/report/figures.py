@@ -50,8 +50,17 @@ def measures(z: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray | No
   for key in z:
     if key.endswith("_mean") and np.ndim(z[key]) == 2:
       m = key[:-len("_mean")]
-      out[m] = {"mean": z[key], "stderr": z.get(f"{m}_stderr"), "null_z": z.get(f"{m}_null_z")}
+      out[m] = {"mean": z[key], "stderr": z.get(f"{m}_stderr"), "null_z": z.get(f"{m}_null_z"),
+                "null_p": z.get(f"{m}_null_p")}
   return out
+
+
+# Measures in [0, 1] share CKA's colour range, so that side-by-side panels compare.
+_MEASURE_RANGE = {m: (0.0, 1.0) for m in ("linear_cka", "rbf_cka", "procrustes", "mutual_knn")}
+
+
+def _null_p(p: np.ndarray | None) -> dict[str, np.ndarray] | None:
+  return None if p is None else {"null p (permutations)": p}
 
 
 def _names(z: Mapping[str, np.ndarray], key: str) -> list[str]:
@@ -65,14 +74,15 @@ def cka_figures(z: Mapping[str, np.ndarray], title: str, model_a: str = "",
   repeats = len(z["values"]) if "values" in z else 1
   figs = [(f"{title}: CKA, mean over {repeats} repeat(s)", interactive.cka_heatmap(
       z["mean"], names_a, names_b, stderr=_stderr(z), spread=_spread(z),
-      null_z=z.get("cka_null_z", z.get("null_z")), title=title, model_a=model_a,
-      model_b=model_b))]
+      null_z=z.get("cka_null_z", z.get("null_z")), extra=_null_p(z.get("cka_null_p")),
+      title=title, model_a=model_a, model_b=model_b))]
   for m, f in measures(z).items():
     if m == "cka":
       continue
     figs.append((f"{title}: {m}", interactive.cka_heatmap(
-        f["mean"], names_a, names_b, stderr=f["stderr"], null_z=f["null_z"], title=f"{title}: {m}",
-        model_a=model_a, model_b=model_b, measure=m, value_range=(None, None))))
+        f["mean"], names_a, names_b, stderr=f["stderr"], null_z=f["null_z"],
+        extra=_null_p(f["null_p"]), title=f"{title}: {m}", model_a=model_a, model_b=model_b,
+        measure=m, value_range=_MEASURE_RANGE.get(m, (None, None)))))
   return figs
 
 

@@ -30,7 +30,7 @@ from vit_analysis import config_lib
 from vit_analysis.input import streaming
 from vit_analysis.runtime import jit_cache, sharding
 from vit_analysis.runtime import resume as resume_lib
-from vit_analysis.similarity import cka
+from vit_analysis.similarity import cka, significance
 from vit_analysis.similarity import measures as measures_lib
 from vit_analysis.similarity.representations import Side
 
@@ -48,9 +48,13 @@ class RepeatedCKA:
     num_examples, minibatch_size: per repeat.
     examples_counted: [R] examples the accumulator actually summed per repeat (= num_examples
       unless a step was lost or counted twice, e.g. across an interruption).
-    measures: {measure: {'values', 'stderr'[, 'null_mean', 'null_std']: [R, A, B]}} of the other
-      similarity measures (`vit_analysis.similarity.measures`).
-    null: {'null_mean', 'null_std': [R, A, B]} of linear CKA under the shuffle null, or None.
+    measures: {measure: {'values', 'stderr'[, 'null_mean', 'null_std']: [R, A, B][,
+      'null_values': [P, A, B]]}} of the other similarity measures
+      (`vit_analysis.similarity.measures`).
+    null: {'null_mean', 'null_std': [R, A, B], 'null_values': [P, A, B]} of linear CKA under the
+      shuffle null, or None. `null_values[p]` is the mean over repeats of permutation p's value:
+      a draw of the null of the mean over repeats, which the p-values compare the mean with
+      (docs/method.md#significance).
   """
   names_a: list[str]
   names_b: list[str]
@@ -71,8 +75,8 @@ class RepeatedCKA:
     return _spread(self.values)
 
   def arrays(self) -> dict[str, np.ndarray]:
-    """Every saved array: linear CKA as values/stderr/mean/std (+ cka_null_{mean,std,z}), each
-    other measure as <measure>_{values,stderr,mean,std} (+ _null_{mean,std,z})."""
+    """Every saved array: linear CKA as values/stderr/mean/std (+ cka_null_{mean,std,z,p,values}),
+    each other measure as <measure>_{values,stderr,mean,std} (+ _null_{mean,std,z,p,values})."""
     out = dict(values=self.values, stderr=self.stderr, mean=self.mean, std=self.std)
     groups = [("cka", dict(values=self.values, **(self.null or {})))] if self.null else []
     for name, v in self.measures.items():
@@ -86,6 +90,9 @@ class RepeatedCKA:
         z = (mean - null_mean) / null_std
       out.update({f"{name}_null_mean": null_mean, f"{name}_null_std": null_std,
                   f"{name}_null_z": z})
+      if "null_values" in v:
+        out[f"{name}_null_values"] = v["null_values"]
+        out[f"{name}_null_p"] = significance.permutation_p_values(mean, v["null_values"])
     return out
 
   def save(self, path_without_ext: str, **extra: Any) -> None:
@@ -118,11 +125,13 @@ class RepeatedCKA:
         measures[name].update(null_mean=np.broadcast_to(z[f"{name}_null_mean"],
                                                         z[f"{name}_values"].shape),
                               null_std=np.broadcast_to(z[f"{name}_null_std"],
-                                                       z[f"{name}_values"].shape))
+                                                       z[f"{name}_values"].shape),
+                              null_values=z[f"{name}_null_values"])
     null = None
     if meta.get("null"):
       null = {k: np.broadcast_to(z[f"cka_{k}"], z["values"].shape)
               for k in ("null_mean", "null_std")}
+      null["null_values"] = z["cka_null_values"]
     return cls(list(z["names_a"]), list(z["names_b"]), z["values"], z["stderr"],
                meta["num_examples"], meta["minibatch_size"], z.get("examples_counted"),
                measures, null)
@@ -303,9 +312,11 @@ def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_exam
            "measures": sums.empty()}
   shape = (repeats, len(side_a.names), len(names_b))
   fields = ("values", "stderr", "null_mean", "null_std")
+  null_shape = (null_permutations,) + shape[1:]
   out = {"cka": {f: np.zeros(shape) for f in fields[:2]},
          "counted": np.zeros((repeats,), np.int64),
-         "measures": {n: {f: np.zeros(shape) for f in fields} for n, _ in spec}}
+         "measures": {n: {**{f: np.zeros(shape) for f in fields},
+                          "null_values": np.zeros(null_shape)} for n, _ in spec}}
   state, position = empty, 0
   plan_id = streaming.plan_fingerprint(plan.reshape(-1), s * m, views) + repr(
       (spec, null_permutations, gram_precision))
@@ -378,6 +389,7 @@ def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_exam
       o["values"][r], o["stderr"][r] = result.value, result.stderr
       if result.null_mean is not None:
         o["null_mean"][r], o["null_std"][r] = result.null_mean, result.null_std
+        o["null_values"] += result.null / repeats
     if resume is not None:
       resume.maybe_save({"state": empty, "out": out}, (r + 1) * steps_per_repeat,
                         {"plan": plan_id})
@@ -392,7 +404,7 @@ def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_exam
     extra = {n: {f: v[f] for f in fields[:2]} for n, v in extra.items()}
   return RepeatedCKA(list(side_a.names), list(names_b), out["cka"]["values"],
                      out["cka"]["stderr"], num_examples, minibatch_size, out["counted"], extra,
-                     None if null is None else {f: null[f] for f in fields[2:]})
+                     None if null is None else {f: null[f] for f in (*fields[2:], "null_values")})
 
 
 def protocol_config() -> ml_collections.ConfigDict:

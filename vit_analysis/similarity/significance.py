@@ -107,3 +107,31 @@ def verdict(estimate: float, stderr: float, threshold: float, *, above: bool = T
   if (high < threshold) if above else (low > threshold):
     return NOT_SHOWN, (low, high)
   return INCONCLUSIVE, (low, high)
+
+
+def heatmap_discoveries(p_values: np.ndarray, q: float = 0.05, *,
+                        symmetric: bool = False) -> tuple[np.ndarray, int]:
+  """Cells of one heatmap above the null, by Benjamini–Hochberg over its cells.
+
+  Args:
+    p_values: [A, B] permutation p-values of one heatmap.
+    q: the false-discovery rate.
+    symmetric: an intra-model heatmap: each pair of layers is tested once (i < j) and the
+      decision mirrored; the diagonal (a layer with itself) is not tested and left unmasked.
+
+  Returns:
+    ([A, B] bool mask of the cells above the null, the number of cells tested).
+  """
+  p = np.asarray(p_values, np.float64)
+  if p.ndim != 2:
+    raise ValueError(f"p_values must be [A, B], got {p.shape}")
+  if not symmetric:
+    return benjamini_hochberg(p, q), int((~np.isnan(p)).sum())
+  if p.shape[0] != p.shape[1]:
+    raise ValueError(f"a symmetric heatmap must be square, got {p.shape}")
+  upper = np.triu_indices(p.shape[0], k=1)
+  found = np.zeros(p.shape, bool)
+  found[upper] = benjamini_hochberg(p[upper], q)
+  found |= found.T
+  np.fill_diagonal(found, True)
+  return found, int((~np.isnan(p[upper])).sum())
