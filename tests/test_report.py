@@ -414,3 +414,22 @@ def test_findings_table_shows_three_verdicts_and_intervals():
   assert "95% interval" in text and "[0.2, 0.4] vs &gt; 0.1 (over 4 repeats)" in text
   assert "run: 1 shown, 1 not shown, 1 inconclusive of 3" in text
   assert [f.shown for f in rows] == [True, None, False, None]
+
+
+def test_null_heatmaps_on_their_measures_scale_and_measures_share_one():
+  rng = np.random.default_rng(0)
+  names = [f"block{i:02d}" for i in range(4)]
+  m = rng.uniform(0.5, 1.0, (4, 4))
+  z = dict(names_a=np.array(names), names_b=np.array(names), mean=m, values=m[None],
+           cka_null_mean=rng.normal(0, 0.002, (4, 4)), procrustes_mean=m / 2,
+           procrustes_null_mean=m / 3, newmeasure_mean=m - 0.8,
+           newmeasure_null_mean=rng.normal(0, 0.01, (4, 4)))
+  figs = dict(report_figures.cka_figures(z, "t"))
+  ranges = {k: (f["data"][0].get("zmin"), f["data"][0].get("zmax"), f["data"][0]["colorscale"])
+            for k, f in figs.items()}
+  # Noise around 0 drawn on CKA's [0, 1], not stretched over its own tiny range.
+  assert ranges["t: linear_cka, mean under the shuffle null"][:2] == (0.0, 1.0)
+  assert ranges["t: procrustes"][:2] == (0.0, 1.0)
+  assert ranges["t: procrustes, mean under the shuffle null"][:2] == (0.0, 1.0)
+  low, high, scale = ranges["t: newmeasure, mean under the shuffle null"]
+  assert low == -high and scale == "RdBu"

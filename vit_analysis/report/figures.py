@@ -79,11 +79,28 @@ def cka_figures(z: Mapping[str, np.ndarray], title: str, model_a: str = "",
   for m, f in measures(z).items():
     if m == "cka":
       continue
+    if m.endswith("_null"):
+      # A null's mean on its measure's own scale, so that noise near 0 looks like noise; a
+      # measure of unknown range on a diverging scale centred at 0.
+      base = "linear_cka" if m == "cka_null" else m[:-len("_null")]
+      figs.append((f"{title}: {base}, mean under the shuffle null", interactive.cka_heatmap(
+          f["mean"], names_a, names_b, title=f"{title}: {base} under the shuffle null",
+          model_a=model_a, model_b=model_b, measure=f"{base} (null mean)",
+          **_null_scale(base, f["mean"]))))
+      continue
     figs.append((f"{title}: {m}", interactive.cka_heatmap(
         f["mean"], names_a, names_b, stderr=f["stderr"], null_z=f["null_z"],
         extra=_null_p(f["null_p"]), title=f"{title}: {m}", model_a=model_a, model_b=model_b,
         measure=m, value_range=_MEASURE_RANGE.get(m, (None, None)))))
   return figs
+
+
+def _null_scale(measure: str, mean: np.ndarray) -> dict[str, Any]:
+  if measure in _MEASURE_RANGE:
+    return {"value_range": _MEASURE_RANGE[measure]}
+  finite = np.abs(np.asarray(mean, np.float64))
+  bound = float(finite[np.isfinite(finite)].max(initial=0.0)) or 1.0
+  return {"value_range": (-bound, bound), "colorscale": "RdBu"}
 
 
 def _model_name(models: Mapping[str, Mapping[str, Any]], key: str) -> str:

@@ -185,7 +185,8 @@ def cka_heatmap(mean: np.ndarray, names_a: Sequence[str], names_b: Sequence[str]
                 null_z: np.ndarray | None = None,
                 extra: Mapping[str, np.ndarray | None] | None = None, title: str = "",
                 model_a: str = "", model_b: str = "", measure: str = "CKA",
-                value_range: tuple[float | None, float | None] = (0.0, 1.0)) -> dict[str, Any]:
+                value_range: tuple[float | None, float | None] = (0.0, 1.0),
+                colorscale: str = "magma") -> dict[str, Any]:
   """A CKA (or other similarity measure) grid of one saved comparison.
 
   Args:
@@ -195,12 +196,14 @@ def cka_heatmap(mean: np.ndarray, names_a: Sequence[str], names_b: Sequence[str]
     spread: [A, B] standard deviation over repeats (None for one repeat).
     null_z: [A, B] z-score of the value against a shuffle null, when the run computed one.
     extra: more per-cell hover fields, name -> [A, B].
+    value_range: the colour range (None: from the data).
+    colorscale: 'magma' (a similarity) or a diverging scale such as 'RdBu' (centred at 0).
   """
   fields = {"stderr (minibatches)": stderr, "std over repeats": spread, "null z": null_z}
   fields.update(extra or {})
   return heatmap(mean, row_names=names_a, col_names=names_b, title=title,
                  row_title=model_a or "rows", col_title=model_b or "columns", value_name=measure,
-                 fields=fields, zmin=value_range[0], zmax=value_range[1],
+                 fields=fields, zmin=value_range[0], zmax=value_range[1], colorscale=colorscale,
                  square=list(names_a) == list(names_b))
 
 
