@@ -433,3 +433,17 @@ def test_null_heatmaps_on_their_measures_scale_and_measures_share_one():
   assert ranges["t: procrustes, mean under the shuffle null"][:2] == (0.0, 1.0)
   low, high, scale = ranges["t: newmeasure, mean under the shuffle null"]
   assert low == -high and scale == "RdBu"
+
+
+def test_probe_token_grids_in_model_depth_order(tmp_path):
+  os.makedirs(tmp_path / "results")
+  # Saved grouped by feature shape (stages 1 and 3 share one): the panels still follow depth.
+  saved = ["block1/unit01", "block3/unit01", "block2/unit01", "block4/unit01"]
+  units = [f"{layer}:tokens@{t}" for layer in saved for t in range(4)]
+  acc = np.arange(len(units), dtype=float)[None] / 100
+  np.savez(tmp_path / "results" / "probe.npz",
+           **{"res/units": np.asarray(units), "res/acc": acc})
+  depth = ["block1/unit01", "block2/unit01", "block3/unit01", "block4/unit01"]
+  result = {"name": "probe", "metrics": {"res": {"aggregated": {"gap": {"layers": depth}}}}}
+  ((key, grids),) = report_figures.probe_token_grids(str(tmp_path), result)
+  assert [layer for layer, _ in grids] == depth

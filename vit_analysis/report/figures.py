@@ -256,10 +256,12 @@ def _probe(run_dir, result, models) -> list[Figure]:
       errors[label] = 100 * np.asarray(c["acc_std"], np.float64)
       names[label] = c["layers"]
     if m.get("tokens"):
-      token_curves[key] = 100 * np.asarray([t["acc_mean"] for t in m["tokens"].values()])
-      token_names[key] = list(m["tokens"])
       # Place each probed layer at its depth among the model's aggregated layers.
       depth = next(iter(m["aggregated"].values()), {}).get("layers", [])
+      tokens = sorted(m["tokens"].items(),
+                      key=lambda kv: depth.index(kv[0]) if kv[0] in depth else len(depth))
+      token_curves[key] = 100 * np.asarray([t["acc_mean"] for _, t in tokens])
+      token_names[key] = [name for name, _ in tokens]
       if all(t in depth for t in token_names[key]) and len(depth) > 1:
         token_x[key] = [depth.index(t) / (len(depth) - 1) for t in token_names[key]]
   figs = []
@@ -300,8 +302,12 @@ def probe_token_grids(run_dir: str, result: Mapping[str, Any],
       if "@" in u:
         layer = u.split(":")[0]
         per_layer.setdefault(layer, {})[int(u.split("@")[1])] = a
+    # Panels in the model's depth order (the aggregated probes list the layers in forward
+    # order); the saved units are grouped by feature shape, which interleaves ResNet stages.
+    depth = next(iter(m.get("aggregated", {}).values()), {}).get("layers", [])
+    order = {layer: i for i, layer in enumerate(depth)}
     grids = []
-    for layer, vals in per_layer.items():
+    for layer, vals in sorted(per_layer.items(), key=lambda kv: order.get(kv[0], len(order))):
       positions = sorted(vals)[1:] if has_cls else sorted(vals)
       side = round(float(np.sqrt(len(positions))))
       if side * side == len(positions) and side > 0:
