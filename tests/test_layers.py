@@ -29,3 +29,8 @@ def test_other_names_and_bad_indices():
     layers.block(-1)
   with pytest.raises(ValueError, match="stages"):
     layers.unit(0, 1)
+
+
+def test_token_labels_number_patches_from_zero_with_or_without_cls():
+  assert layers.token_labels(3, has_cls=True) == ["CLS", "patch 0", "patch 1"]
+  assert layers.token_labels(2, has_cls=False) == ["patch 0", "patch 1"]

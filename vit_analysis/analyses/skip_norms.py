@@ -251,10 +251,11 @@ def run(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResul
     if ratio.shape[1] > 1:
       panels = {f"identity / {kind}": ratio[idx] for kind, idx in kinds.items()}
       figures.append(ctx.save_figure(lambda: mechanisms.token_block_heatmaps(
-          panels, max_tokens=cfg.heatmap_tokens,
+          panels, max_tokens=cfg.heatmap_tokens, has_cls=has_cls,
           title=f"{key} ({model.name}): norm ratio, first tokens"), f"skip_norms_{key}_tokens"))
       figures.append(ctx.save_figure(lambda: mechanisms.token_block_heatmaps(
-          panels, title=f"{key} ({model.name}): all tokens"), f"skip_norms_{key}_all"))
+          panels, has_cls=has_cls, title=f"{key} ({model.name}): all tokens"),
+          f"skip_norms_{key}_all"))
   figures.insert(0, ctx.save_figure(lambda: mechanisms.depth_lines(
       ratio_lines, "||z|| / ||f(z)||", log=True, title="skip / branch norm ratio"),
       "skip_norms_ratio"))

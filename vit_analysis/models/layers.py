@@ -87,3 +87,12 @@ def block_outputs(names: list[str] | tuple[str, ...]) -> list[str]:
 def literal(name: str) -> str:
   """A glob that matches exactly `name` ('?', '*' and '[' are pattern syntax in globs)."""
   return re.sub(r"([\[\]*?])", r"[\1]", name)
+
+
+def token_labels(num_tokens: int, has_cls: bool) -> list[str]:
+  """The one token-indexing convention of every figure: 'CLS', then 'patch 0', 'patch 1', ...
+
+  Patches are numbered from 0 in row-major order whether or not a CLS token precedes them, so
+  the same patch has the same label in a CLS and a GAP model.
+  """
+  return (["CLS"] if has_cls else []) + [f"patch {i}" for i in range(num_tokens - int(has_cls))]

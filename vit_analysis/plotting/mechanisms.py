@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
+from vit_analysis.models import layers
 from vit_analysis.plotting import PANEL_INCHES, heatmap
 
 
@@ -105,13 +106,14 @@ def receptive_fields(erfs: Mapping[str, np.ndarray], title: str = "", columns: i
 
 
 def token_block_heatmaps(panels: Mapping[str, np.ndarray], max_tokens: int | None = None,
-                         title: str = "", log: bool = True):
-  """Heatmaps x = token (0 = CLS), y = block, colour = value (Fig 7 left, Fig E.1).
+                         title: str = "", log: bool = True, has_cls: bool = True):
+  """Heatmaps x = token ('CLS', 'patch 0', ...), y = block, colour = value (Fig 7, Fig E.1).
 
   Args:
     panels: panel label -> [L, T] (e.g. 'identity / SelfAttn' ratios).
     max_tokens: show the first tokens only (the paper's Fig 7 shows ~10).
     log: colour by log10 (ratios span decades).
+    has_cls: token 0 is a CLS token (labels: `models.layers.token_labels`).
   """
   n = len(panels)
   fig, axes = plt.subplots(1, n, figsize=(PANEL_INCHES * n, PANEL_INCHES * 0.9), squeeze=False)
@@ -120,9 +122,12 @@ def token_block_heatmaps(panels: Mapping[str, np.ndarray], max_tokens: int | Non
     shown = np.log10(np.clip(m, 1e-6, 1e12)) if log else m
     finite = shown[np.isfinite(shown)]
     lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
-    heatmap(ax, shown, vmin=lo, vmax=max(hi, lo + 1e-6), cmap="viridis", xlabel="token (0 = CLS)",
+    heatmap(ax, shown, vmin=lo, vmax=max(hi, lo + 1e-6), cmap="viridis", xlabel="token",
             ylabel="block", title=f"{label}{' (log10)' if log else ''}")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ticks = [int(t) for t in ax.get_xticks() if 0 <= t < m.shape[1]]
+    names = layers.token_labels(m.shape[1], has_cls)  # m holds the first tokens only
+    ax.set_xticks(ticks, [names[t].replace("patch ", "p") for t in ticks], rotation=90)
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
   if title:
     fig.suptitle(title)

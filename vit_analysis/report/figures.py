@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from vit_analysis.models import layers
 from vit_analysis.report import interactive
 from vit_analysis.report import reader
 
@@ -220,7 +221,7 @@ def _skip_norms(run_dir, result, models) -> list[Figure]:
       if has_cls:
         ratio[label + "-CLS"], cos[label + "-CLS"] = r[idx, 0], c[idx, 0]
         names[label + "-CLS"] = block_names
-      tokens = ["CLS" if has_cls and t == 0 else f"token {t}" for t in range(r.shape[1])]
+      tokens = layers.token_labels(r.shape[1], has_cls)
       figs.append((f"{key} {kind}: ratio per token", interactive.heatmap(
           r[idx], row_names=block_names, col_names=tokens, title=f"{_model_name(models, key)}: "
           f"||z|| / ||f(z)||, {kind}", row_title="block", col_title="token", value_name="ratio",
