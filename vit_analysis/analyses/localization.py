@@ -160,6 +160,9 @@ def draw(stem: str, title: str, tokens: Sequence[tuple[int, int]], grid: int,
   """The maps figure of a saved result (`stem.npz`) for the chosen tokens."""
   mean = cka_runner.RepeatedCKA.load(stem).mean.reshape(grid * grid, grid, grid)
   maps = np.stack([mean[r * grid + c] for r, c in tokens])
+  blank = int(np.isnan(mean).all(0).sum())
+  if blank:
+    title = f"{title}\n{blank} of {grid * grid} input patches constant, left out (blank)"
   return plots.localization_maps(maps, tokens, title=title, vmax=vmax)
 
 
@@ -213,5 +216,7 @@ def run(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResul
       name="localization", title="Spatial localisation (Figs 9, 10, D.1-D.3)",
       caption="CKA between one output token (red cross) and the raw input patch at every grid "
               "position. The paper finds interior CLS-ViT tokens peaking at their own patch, a GAP "
-              "ViT clearly less localised, and ResNet final units diffuse.",
+              "ViT clearly less localised, and ResNet final units diffuse. Input patches that are "
+              "(nearly) constant over the images, such as the empty border of every digit, have "
+              "no defined CKA: they are left out and drawn blank (each figure counts them).",
       figures=figures, metrics=dict(settings, **metrics))

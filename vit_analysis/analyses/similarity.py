@@ -160,8 +160,9 @@ def run_intra(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.Analysi
   """Intra-model CKA heatmap of every model in `cka_intra.models` (default: all)."""
   keys = ctx.model_keys(config_lib.names(cfg.models))
   return _run(ctx, cfg, [(k, None) for k in keys], "Intra-model CKA (Figs 1, B.1, H.1)",
-              "CKA between every pair of captured layers of one model (mean over repeats; right: "
-              "spread). The paper finds ViTs uniform across depth with a grid texture, ResNets "
+              "CKA between every pair of captured layers of one model, mean over repeats (the "
+              "hover, and the static figure's right panel, give the spread over repeats; the hover "
+              "also the standard error over minibatches). The paper finds ViTs uniform across depth with a grid texture, ResNets "
               "block-diagonal by stage, Mixers two uncorrelated blocks.")
 
 

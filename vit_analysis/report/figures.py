@@ -154,9 +154,11 @@ def _localization(run_dir, result, models) -> list[Figure]:
     g = int(z["grid"])
     tokens = [tuple(int(v) for v in t) for t in np.asarray(z["tokens"]).reshape(-1, 2)]
     title = stem[len("localization_"):]
+    blank = int(np.isnan(np.asarray(z["mean"], np.float64)).all(0).sum())
+    note = f"; {blank} of {g * g} input patches constant, left out (blank)" if blank else ""
     figs.append((title, interactive.localization_maps(
         z["mean"], g, tokens, stderr=_stderr(z), spread=_spread(z),
-        title=f"{title}: CKA(token, input patch)")))
+        title=f"{title}: CKA(token, input patch){note}")))
   return figs
 
 
