@@ -172,3 +172,28 @@ def test_same_ratio_in_every_minibatch_gives_zero_only_there():
   assert res.stderr[0, 0] < 1e-6 and res.stderr[1, 0] < 1e-6 and res.stderr[2, 0] > 1e-3
   one = cka.result(dataclasses.replace(state, num_minibatches=np.asarray(1, np.int64)))
   assert np.isnan(one.stderr).all()
+
+
+def ref_max_leave_one_out(h):
+  """max_i |CKA_(-i) - CKA| from the per-minibatch HSIC values h: [k, 3]."""
+  k = len(h)
+  full = h[:, 0].sum() / np.sqrt(h[:, 1].sum() * h[:, 2].sum())
+  keep = [np.arange(k) != i for i in range(k)]
+  return max(abs(h[s, 0].sum() / np.sqrt(h[s, 1].sum() * h[s, 2].sum()) - full) for s in keep)
+
+
+def test_max_leave_one_out_change_finds_an_outlying_minibatch():
+  layers = _chain(2, 3)
+  # One minibatch where the last layer is unrelated to the others: CKA moves when it is left out.
+  rng = np.random.default_rng(5)
+  layers[2] = layers[2].copy()
+  layers[2][3] = rng.normal(size=(M, P)).astype(np.float32) * 5
+  res = cka.result(cka.update(cka.init(3, 3), layers, layers, stacked=True))
+  for i in range(3):
+    for j in range(3):
+      ref = ref_max_leave_one_out(ref_terms(layers[i], layers[j]))
+      np.testing.assert_allclose(res.max_leave_one_out[i, j], ref, rtol=RTOL, atol=1e-7)
+  intra = cka.result(cka.update(cka.init(3), layers, stacked=True))
+  assert (np.diagonal(intra.max_leave_one_out) == 0).all()
+  # The outlier moves the (0, 2) cell by more than its standard error.
+  assert res.max_leave_one_out[0, 2] > res.stderr[0, 2]

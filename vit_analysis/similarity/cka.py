@@ -475,6 +475,9 @@ class CKAResult:
   names_b: tuple[str, ...]
   num_minibatches: int
   num_examples: int
+  # [A, B] the largest |CKA_(-i) - CKA| over the minibatches i: how far leaving one minibatch
+  # out moves the cell (one outlying minibatch can move CKA; docs/method.md#cka-pitfalls).
+  max_leave_one_out: np.ndarray | None = None
 
 
 def _fingerprint(names_a, names_b, intra, a, b) -> np.ndarray:
@@ -695,7 +698,14 @@ def result(state: CKAState) -> CKAResult:
   cka = check_ratio(total, ta, tb, state.scale_a, state.scale_b, names_a, names_b, lower=-1.0)
   with np.errstate(divide="ignore", invalid="ignore"):
     loo = (total[None] - cross) / np.sqrt((ta[None] - sa)[:, :, None] * (tb[None] - sb)[:, None])
-  return CKAResult(cka, jackknife_stderr(loo), names_a, names_b, k, int(state.num_examples))
+  if k > 1:
+    max_loo = np.abs(loo - cka[None]).max(0)
+    if state.intra:
+      np.fill_diagonal(max_loo, 0.0)
+  else:
+    max_loo = np.full_like(cka, np.nan)
+  return CKAResult(cka, jackknife_stderr(loo), names_a, names_b, k, int(state.num_examples),
+                   max_loo)
 
 
 # ---------------------------------------------------------------------------------------------
