@@ -342,12 +342,17 @@ def train(module: nn.Module, train_config: ml_collections.ConfigDict, *, train_s
       restored = manager.restore(latest, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
     except (ValueError, KeyError, TypeError, OSError) as e:  # another architecture, a torn file
+      manager.close()
       raise errors.UserError(
           f"the saved train state in {manager.directory} (step {latest}) does not fit model "
           f"{name!r} or cannot be read ({errors.message(e)[:300]}): delete the folder "
           f"{workdir} and rerun to train the model again.") from e
     state = restored["state"]
-    _check_restored(state, workdir)
+    try:
+      _check_restored(state, workdir)
+    except errors.UserError:
+      manager.close()
+      raise
     it.set_state(restored["data"])
     logging.info("[%s] resumed from step %d of %d in %s", name, latest, steps, workdir)
   step = int(state["step"])
