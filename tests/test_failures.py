@@ -62,7 +62,7 @@ def test_diverging_training_stops_at_the_first_non_finite_step(tmp_path):
   assert not os.path.exists(cache / entry / "summary.json")
   assert os.listdir(cache / entry / "ckpt") == []
   metrics = cache / entry / "metrics.jsonl"  # none before the first log line (step 4)
-  for line in open(metrics).readlines() if os.path.exists(metrics) else []:
+  for line in metrics.read_text().splitlines() if metrics.exists() else []:
     assert all(math.isfinite(v) for v in json.loads(line).values()), line
   assert not os.path.exists(workdir / "models.json")
   assert not os.path.exists(workdir / "report.html")

@@ -113,7 +113,8 @@ def override_problem(argv: list[str]) -> str | None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config(arg) if arg else module.get_config()
-  except Exception:  # pylint: disable=broad-exception-caught
+  except (IndexError, OSError, ImportError, SyntaxError, AttributeError, TypeError, ValueError,
+          KeyError):
     return None  # config_flags' own message then
   for arg in argv[1:]:
     if not arg.startswith("--config."):
