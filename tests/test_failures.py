@@ -173,3 +173,14 @@ def test_sigterm_saves_says_how_to_resume_and_the_rerun_finishes(tmp_path, model
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert os.path.exists(workdir / "results" / "cka_intra.json")
   assert os.path.exists(workdir / "report.html")
+
+
+def test_interrupt_endings(capsys):
+  """Ctrl-C ends with 130 and SIGTERM with 143, both with the same one line (the real SIGINT
+  path differs from the SIGTERM one above only in the signal: Python raises KeyboardInterrupt)."""
+  assert errors.plain_ending(KeyboardInterrupt(), "analysis probes", False) == 130
+  assert errors.plain_ending(errors.Interrupted(signal.SIGTERM), "model vit", False) == 143
+  assert capsys.readouterr().err.splitlines() == [
+      "interrupted at analysis probes; rerun the same command to resume",
+      "interrupted at model vit; rerun the same command to resume"]
+  assert errors.plain_ending(RuntimeError("a bug"), "x", False) is None  # keeps its traceback
