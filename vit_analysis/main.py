@@ -10,10 +10,9 @@ checkpoint, then training or the content-hashed model cache), runs each analysis
 `config.analyses` as `run(ctx, cfg)` with its merged sub-config, saves its summary, and has
 `vit_analysis.report` write `report.html`. Only process 0 writes files.
 
-The command line ends every expected failure (`runtime.errors`: a bad option, a missing file, a
-checkpoint that does not fit, a workdir problem, diverged training) with one paragraph on stderr
-and exit status 1, and Ctrl-C / SIGTERM with "interrupted at <stage>; rerun the same command to
-resume" and 130 / 143; `--verbosity=1` or VIT_ANALYSIS_TRACEBACK=1 adds the traceback.
+The command line ends an expected failure (`runtime.errors`) with one paragraph on stderr and
+exit status 1 (2 for a bad override), Ctrl-C / SIGTERM with "interrupted at <stage>; rerun the
+same command to resume" and 130 / 143; `--verbosity=1` or VIT_ANALYSIS_TRACEBACK=1 adds tracebacks.
 """
 from __future__ import annotations
 
@@ -109,8 +108,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[base.AnalysisRe
   """
   start = time.time()
   _STAGE[0] = "validation"
-  # Marked expected (see runtime.errors): the command line prints them as one paragraph.
-  with errors.expected(KeyError, ValueError, FileNotFoundError):
+  with errors.expected(KeyError, ValueError, FileNotFoundError):  # printed as one paragraph
     options.validate_config(config)
     options.check_files(config)
   sharding.maybe_initialize_distributed(
