@@ -9,12 +9,17 @@ All logic lives in `run(config, workdir)`, which Colab calls directly. It checks
 checkpoint, then training or the content-hashed model cache), runs each analysis of
 `config.analyses` as `run(ctx, cfg)` with its merged sub-config, saves its summary, and has
 `vit_analysis.report` write `report.html`. Only process 0 writes files.
+
+The command line ends an expected failure (`runtime.errors`) with one paragraph on stderr and
+exit status 1 (2 for a bad override), Ctrl-C / SIGTERM with "interrupted at <stage>; rerun the
+same command to resume" and 130 / 143; `--verbosity=1` or VIT_ANALYSIS_TRACEBACK=1 adds tracebacks.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -28,7 +33,10 @@ from vit_analysis import options
 from vit_analysis.analyses import base
 from vit_analysis.models import build
 from vit_analysis.report import page as report
-from vit_analysis.runtime import sharding
+from vit_analysis.runtime import errors, sharding
+
+# What the run is doing, for the message of an interrupted run ("interrupted at <stage>").
+_STAGE = ["start-up"]
 
 # Keys that change neither the models nor the results: ignored when comparing configs.
 _NON_RESULT_KEYS = ("overwrite", "model_cache", "distributed", "description")
@@ -44,7 +52,11 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
 
   Raises:
     ValueError: naming the top-level keys that differ, unless `config.overwrite` is True.
+    errors.UserError: for a workdir that is not a folder.
   """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise errors.UserError(f"workdir {workdir!r} is a file, not a folder: pass another --workdir "
+                           "or move the file away")
   path = os.path.join(workdir, "config.json")
   view = _result_view(config)
   if os.path.exists(path):
@@ -76,6 +88,7 @@ def run_analysis(config: ml_collections.ConfigDict, ctx: base.Context,
   Its partial state (`workdir/partial/<name>`) is removed once the result is saved.
   """
   t0 = time.time()
+  _STAGE[0] = f"analysis {name}"
   logging.info("analysis %s ...", name)
   cfg = options.analysis_config(config, name)
   result = analyses_lib.get(name)(ctx.for_analysis(name, cfg), cfg)
@@ -94,17 +107,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[base.AnalysisRe
   resumes interrupted ones from their partial state (`workdir/partial`).
   """
   start = time.time()
-  options.validate_config(config)
-  options.check_files(config)
+  _STAGE[0] = "validation"
+  with errors.expected(KeyError, ValueError, FileNotFoundError):  # printed as one paragraph
+    options.validate_config(config)
+    options.check_files(config)
   sharding.maybe_initialize_distributed(
       {"auto": None, "yes": True, "no": False}[config.get("distributed", "auto")])
-  check_workdir(config, workdir)
   mesh = sharding.make_mesh()
-  builder = build.ModelBuilder(config, workdir, mesh)
+  with errors.expected(KeyError, ValueError, OSError, context="data: "):
+    builder = build.ModelBuilder(config, workdir, mesh)
+  # Written only now, once options, files, data and workdir are checked.
+  with errors.expected(ValueError, OSError):
+    check_workdir(config, workdir)
   models, timings = {}, {}
   for key, entry in config.models.items():
     t0 = time.time()
-    models[key] = builder.build(key, entry)
+    _STAGE[0] = f"model {key}"
+    with errors.expected(KeyError, ValueError, OSError, context=f"model {key!r}: "):
+      models[key] = builder.build(key, entry)
     timings[f"model: {key}"] = time.time() - t0
   ctx = base.Context.for_experiment(config, workdir, models, builder.sources, mesh,
                                     train_fn=builder.build)
@@ -123,6 +143,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[base.AnalysisRe
       continue
     results.append(run_analysis(config, ctx, name))
   timings["total"] = time.time() - start
+  _STAGE[0] = "report"
   if sharding.is_main_process():
     builder.write_summaries(os.path.join(workdir, "models.json"))
     path = report.write_report(workdir, config, results, builder.summaries, timings=timings)
@@ -144,17 +165,36 @@ class _QuietOrbax:
     return record.levelno >= 30 or "orbax" not in record.pathname
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with config_flags' error for an unknown override as one line."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (KeyError, AttributeError, TypeError, ValueError) as e:
+    text = options.override_problem(argv) or errors.message(e)
+    errors.report(e, f"error: {text}", errors.with_traceback(argv))
+    sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietOrbax())
   if _COMPILATION_CACHE.value:
     jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)
-  results = run(_CONFIG.value, _WORKDIR.value)
+  errors.raise_on_sigterm()  # a preemption unwinds like Ctrl-C: periodic saves are kept
+  try:
+    with errors.expected(OSError, context="--config: "):
+      list(_CONFIG.value)  # a config file that failed to load raises only when read
+    results = run(_CONFIG.value, _WORKDIR.value)
+  except BaseException as e:  # pylint: disable=broad-exception-caught
+    status = errors.plain_ending(e, _STAGE[0], errors.with_traceback())
+    if status is None:
+      raise
+    sys.exit(status)
   for r in results:
     logging.info("%s: %s", r.name, r.metrics)
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

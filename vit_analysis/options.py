@@ -8,6 +8,7 @@ typo costs seconds, not a training run. `analysis_config` is what each analysis 
 from __future__ import annotations
 
 import difflib
+import importlib.util
 from collections.abc import Iterable
 
 import ml_collections
@@ -92,6 +93,49 @@ def check_files(config: ml_collections.ConfigDict) -> None:
                     "folder that holds the prepared dataset (see README, TPU section)")
   if problems:
     raise FileNotFoundError("; ".join(problems))
+
+
+def override_problem(argv: list[str]) -> str | None:
+  """One line naming the first `--config.a.b=v` override of `argv` whose key the config lacks.
+
+  config_flags refuses such an override while absl parses the `--config` flag, before any of
+  our code runs and before the flag holds the config, with a long traceback; the command line
+  loads the config file again here and prints this line instead.
+
+  Returns:
+    the bad key, its closest match and the keys valid at that level, or None when every
+    override names an existing key or the config file cannot be loaded.
+  """
+  specs = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
+  try:
+    path, _, arg = specs[-1].partition(":")
+    spec = importlib.util.spec_from_file_location("_vit_analysis_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+  except (IndexError, OSError, ImportError, SyntaxError, AttributeError, TypeError, ValueError,
+          KeyError):
+    return None  # config_flags' own message then
+  for arg in argv[1:]:
+    if not arg.startswith("--config."):
+      continue
+    path = arg[len("--config."):].split("=", 1)[0]
+    node, done = config, []
+    for part in path.split("."):
+      if isinstance(node, (ml_collections.ConfigDict, dict)) and part in node:
+        node, done = node[part], done + [part]
+        continue
+      if not isinstance(node, (ml_collections.ConfigDict, dict)):
+        return (f"--config.{path}: config.{'.'.join(done)} is a value "
+                f"({type(node).__name__}), it has no key {part!r}")
+      where = f"config.{'.'.join(done)}" if done else "the config"
+      hint = ""
+      if not done and part in analyses_lib.NAMES:
+        hint = (f" ({part!r} is an analysis this config does not run; its configs/{part}.py "
+                "does, or a config that lists it in analyses)")
+      return (f"--config.{path}: unknown config key {path!r}{_close(part, node)}{hint}; "
+              f"{where} has: {sorted(node)}")
+  return None
 
 
 def _close(word: str, choices: Iterable) -> str:

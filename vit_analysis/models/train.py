@@ -5,6 +5,9 @@ fine-tunes official checkpoints. The train state (step, params, optimizer state)
 iterator's position are saved together by an orbax CheckpointManager, and the per-step
 randomness is `fold_in(key, step)`, so a run that is killed and restarted with the same workdir
 continues from its last checkpoint and ends at the same parameters as an uninterrupted run.
+Training that diverges stops at the first non-finite loss, gradient or parameter (a `UserError`
+naming the step and the likely cause), before anything of that step is logged or saved, and a
+restored train state is checked to fit the module and to be finite before it is reused.
 Metrics go to the absl log and to `workdir/metrics.jsonl` (clu's writers import TensorFlow).
 """
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import time
 from typing import Any
@@ -20,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
@@ -28,7 +33,7 @@ from vit_analysis import config_lib
 from vit_analysis.input import data as data_lib
 from vit_analysis.input import streaming
 from vit_analysis.models import describe
-from vit_analysis.runtime import compilation, sharding
+from vit_analysis.runtime import compilation, errors, sharding
 
 
 @dataclasses.dataclass
@@ -152,7 +157,11 @@ def make_train_step(module: nn.Module, tx: optax.GradientTransformation,
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+    grad_norm = optax.tree.norm(grads)
+    # One fused reduction: the new parameters too, so that nothing non-finite is ever saved.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.all(
+        jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
                "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
@@ -223,6 +232,57 @@ class _MetricsLog:
         f.write(json.dumps(record) + "\n")
 
 
+class _FiniteWatch:
+  """Stops training at the first step whose loss, gradient or new parameters are not finite.
+
+  A step's flag is read one step late (`check` after the next step is dispatched), so that the
+  host does not wait for the device every step; `check` is also called before anything of the
+  current step is logged, evaluated or saved, so a non-finite state is never written.
+  """
+
+  def __init__(self, name: str, cfg: ml_collections.ConfigDict, schedule: optax.Schedule,
+               workdir: str):
+    self.name, self.cfg, self.schedule, self.workdir = name, cfg, schedule, workdir
+    self.pending: tuple[int, dict[str, Any]] | None = None
+    self.last_finite: tuple[int, float] | None = None
+
+  def check(self) -> None:
+    """Raises `errors.UserError` when the pending step was not finite."""
+    if self.pending is None:
+      return
+    step, metrics = self.pending
+    self.pending = None
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if bool(metrics["finite"]):
+      self.last_finite = (step, loss)
+      return
+    what = ("loss" if not math.isfinite(loss) else
+            "gradient norm" if not math.isfinite(grad_norm) else "updated parameters")
+    last = (f"last finite loss {self.last_finite[1]:.4g} at step {self.last_finite[0]}"
+            if self.last_finite else "no finite step before it in this run")
+    if step == 1:
+      cause = ("already at the first step, so the inputs or the initial parameters hold NaN/Inf "
+               "(or the model overflows in float32)")
+    else:
+      cause = (f"the learning rate is most likely too high (peak {self.cfg.learning_rate:g}, "
+               f"{float(self.schedule(step - 1)):.3g} at this step): lower train.learning_rate "
+               "or raise warmup_steps")
+    raise errors.UserError(
+        f"training of model {self.name!r} diverged at step {step}: the {what} became non-finite "
+        f"({last}); {cause}; nothing of the diverged steps was saved in {self.workdir}.")
+
+
+def _check_restored(state: Any, path: str) -> None:
+  """Refuses a restored train state with non-finite parameters (a poisoned model cache entry)."""
+  flat = jax.tree_util.tree_flatten_with_path(jax.device_get(state["params"]))[0]
+  bad = [jax.tree_util.keystr(k) for k, v in flat if not np.isfinite(np.asarray(v)).all()]
+  if bad:
+    raise errors.UserError(
+        f"the saved model in {path} holds non-finite parameters ({len(bad)} of {len(flat)} "
+        f"arrays, e.g. {bad[0]}), so it is not reused: delete the folder {path} and rerun to "
+        "train the model again.")
+
+
 def _format_seconds(s: float) -> str:
   s = int(s)
   return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -278,9 +338,21 @@ def train(module: nn.Module, train_config: ml_collections.ConfigDict, *, train_s
   else:  # the restore target's shapes come from eval_shape: restoring compiles nothing
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
                             jax.eval_shape(shapes_only))
-    restored = manager.restore(latest, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+    try:
+      restored = manager.restore(latest, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+    except (ValueError, KeyError, TypeError, OSError) as e:  # another architecture, a torn file
+      manager.close()
+      raise errors.UserError(
+          f"the saved train state in {manager.directory} (step {latest}) does not fit model "
+          f"{name!r} or cannot be read ({errors.message(e)[:300]}): delete the folder "
+          f"{workdir} and rerun to train the model again.") from e
     state = restored["state"]
+    try:
+      _check_restored(state, workdir)
+    except errors.UserError:
+      manager.close()
+      raise
     it.set_state(restored["data"])
     logging.info("[%s] resumed from step %d of %d in %s", name, latest, steps, workdir)
   step = int(state["step"])
@@ -313,11 +385,19 @@ def train(module: nn.Module, train_config: ml_collections.ConfigDict, *, train_s
     return acc
 
   first_step, tick, tick_step, acc = step, time.time(), step, None
+  watch = _FiniteWatch(name, cfg, schedule, workdir)
   while step < steps:
     state, metrics = train_step(state, sharding.shard_batch(next(it), mesh))
     step += 1
+    watch.check()  # the previous step's flag: the device is done with it by now
+    watch.pending = (step, metrics)
+    if (step % cfg.log_every_steps == 0 or step % cfg.checkpoint_every_steps == 0
+        or step % eval_every == 0 or step == steps
+        or (interrupt_at_step is not None and step >= interrupt_at_step)):
+      watch.check()  # this step's, before anything of it is logged, evaluated or saved
     if step % cfg.log_every_steps == 0 or step == steps:
       metrics = jax.tree.map(float, jax.device_get(metrics))
+      metrics.pop("finite")
       now = time.time()
       rate = (step - tick_step) * cfg.batch_size / max(now - tick, 1e-9)
       eta = (steps - step) * cfg.batch_size / max(rate, 1e-9)

@@ -23,6 +23,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from vit_analysis.runtime import errors
+
 FILENAME = "state.npz"
 _FORMAT = 1
 
@@ -70,8 +72,12 @@ def _nested(paths: list[list[list[Any]]], leaves: list[Any]) -> Any:
   return lists(root)
 
 
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be used: another fingerprint, a corrupt file, another structure."""
+class CheckpointError(errors.UserError, ValueError):
+  """A checkpoint that cannot be used: another fingerprint, a corrupt file, another structure.
+
+  A `UserError` (the command line prints it plainly: deleting the file is the fix) and, as
+  before, a ValueError.
+  """
 
 
 class Checkpointer:
