@@ -43,7 +43,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vit_analysis import analyses as analyses_lib
-from vit_analysis import config_lib
+from vit_analysis import config_lib, options
 from vit_analysis import main as main_lib
 from vit_analysis.runtime import sharding
 
@@ -320,7 +320,7 @@ class Sweep:
     for name, point in zip(names, points):
       try:
         config = apply(base, point)
-        main_lib.validate_config(config)
+        options.validate_config(config)
       except (KeyError, ValueError, TypeError) as e:
         raise type(e)(f"sweep point {name!r}: {e.args[0] if e.args else e}") from e
       self.configs.append(config)
