@@ -34,8 +34,13 @@ setuptools.setup(
         "plotly>=5.24",
         # timm-layout ViT weights (DeiT, DINO, DINOv2, MAE, CLIP) are read with its NumPy API.
         "safetensors>=0.4",
-        # Checkpoint paths: epath opens gs:// (and local) files alike (checkpoints.py).
+        # Checkpoint paths and the workdir: epath opens gs:// (and local) files alike
+        # (checkpoints.py, runtime/workdir.py).
         "etils[epath]>=1.5",
+        # epath's gs:// backend where TensorFlow is absent (vit_analysis never imports it):
+        # a --workdir=gs://... on a TPU VM reads and writes through gcsfs (orbax's model
+        # checkpoints go through tensorstore, which speaks gs:// itself).
+        "gcsfs>=2024.2",
         # The results table: every run's heatmap cells and metrics as one DataFrame
         # (vit_analysis/results.py).
         "pandas>=2",
@@ -51,6 +56,8 @@ setuptools.setup(
             "ruff>=0.4",
             # tests/test_report_browser.py drives the system Chromium (apt: chromium-driver).
             "selenium>=4.11",
+            # tests/test_gcs.py: a Cloud Storage API server on localhost, for runs on gs://.
+            "gcp-storage-emulator>=2024.8",
         ],
         # Side-by-side peers for benchmarks/cka_bench.py --peers only; never imported by the
         # package or tests. The default torch wheel on PyPI brings CUDA libraries (GBs); a CPU

@@ -17,8 +17,6 @@ same command to resume" and 130 / 143; `--verbosity=1` or VIT_ANALYSIS_TRACEBACK
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 import time
 from typing import Any
@@ -34,6 +32,7 @@ from vit_analysis.analyses import base
 from vit_analysis.models import build
 from vit_analysis.report import page as report
 from vit_analysis.runtime import errors, sharding
+from vit_analysis.runtime import workdir as workdir_lib
 
 # What the run is doing, for the message of an interrupted run ("interrupted at <stage>").
 _STAGE = ["start-up"]
@@ -54,30 +53,24 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     ValueError: naming the top-level keys that differ, unless `config.overwrite` is True.
     errors.UserError: for a workdir that is not a folder.
   """
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  run_dir = workdir_lib.Layout(workdir)
+  if workdir_lib.isfile(workdir):
     raise errors.UserError(f"workdir {workdir!r} is a file, not a folder: pass another --workdir "
                            "or move the file away")
-  path = os.path.join(workdir, "config.json")
   view = _result_view(config)
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    if old != view:
-      differ = sorted(k for k in set(old) | set(view) if old.get(k) != view.get(k))
-      if not config.get("overwrite", False):
-        raise ValueError(
-            f"workdir {workdir!r} holds results of a different config (keys {differ} differ); "
-            "use another --workdir or set --config.overwrite=True")
-      logging.warning("overwriting results of a different config in %s (keys %s)", workdir,
-                      differ)
-      if sharding.is_main_process():  # none of the other config's results may be reused
-        for folder in ("results", "partial", "figures"):
-          shutil.rmtree(os.path.join(workdir, folder), ignore_errors=True)
+  old = workdir_lib.read_json(run_dir.config)
+  if old is not None and old != view:
+    differ = sorted(k for k in set(old) | set(view) if old.get(k) != view.get(k))
+    if not config.get("overwrite", False):
+      raise ValueError(
+          f"workdir {workdir!r} holds results of a different config (keys {differ} differ); "
+          "use another --workdir or set --config.overwrite=True")
+    logging.warning("overwriting results of a different config in %s (keys %s)", workdir, differ)
+    if sharding.is_main_process():  # none of the other config's results may be reused
+      for folder in (workdir_lib.RESULTS, workdir_lib.PARTIAL, workdir_lib.FIGURES):
+        workdir_lib.rmtree(run_dir.join(folder))
   if sharding.is_main_process():
-    os.makedirs(workdir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-      json.dump(view, f, indent=1, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    workdir_lib.write_json(run_dir.config, view, sort_keys=True)
 
 
 def run_analysis(config: ml_collections.ConfigDict, ctx: base.Context,
@@ -96,7 +89,7 @@ def run_analysis(config: ml_collections.ConfigDict, ctx: base.Context,
   logging.info("analysis %s done in %.1f s: %s", name, result.seconds, result.metrics)
   if sharding.is_main_process():
     base.save_result(ctx, result)
-    shutil.rmtree(os.path.join(ctx.workdir, "partial", name), ignore_errors=True)
+    workdir_lib.rmtree(workdir_lib.Layout(ctx.workdir).partial(name))
   return result
 
 
@@ -130,14 +123,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[base.AnalysisRe
                                     train_fn=builder.build)
   # Decided once, before any analysis runs, so that every process skips the same ones.
   # check_workdir guarantees that the same config produced what is saved.
-  saved = {name: os.path.join(workdir, "results", f"{name}.json")
-           for name in config.get("analyses", ())}
-  saved = {name: path for name, path in saved.items() if os.path.exists(path)}
+  run_dir = workdir_lib.Layout(workdir)
+  saved = {name: run_dir.result(name) for name in config.get("analyses", ())}
+  saved = {name: path for name, path in saved.items() if workdir_lib.exists(path)}
   results = []
   for name in config.get("analyses", ()):
     if name in saved:
-      with open(saved[name]) as f:
-        result = base.AnalysisResult.from_json(f.read())
+      result = base.AnalysisResult.from_json(workdir_lib.read_text(saved[name]))
       logging.info("analysis %s: finished in an earlier run, not recomputed", name)
       results.append(result)
       continue
@@ -145,7 +137,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[base.AnalysisRe
   timings["total"] = time.time() - start
   _STAGE[0] = "report"
   if sharding.is_main_process():
-    builder.write_summaries(os.path.join(workdir, "models.json"))
+    builder.write_summaries(run_dir.models_json)
     path = report.write_report(workdir, config, results, builder.summaries, timings=timings)
     logging.info("report: %s", path)
   return results

@@ -17,7 +17,6 @@ Reads files only: no JAX, so it works in any notebook.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any
@@ -26,18 +25,19 @@ import numpy as np
 import pandas as pd
 
 from vit_analysis.report import page as report
+from vit_analysis.runtime import workdir as workdir_lib
 
 # Columns every frame has, in this order; swept config keys follow.
 COLUMNS = ("run", "workdir", "analysis", "comparison", "kind", "measure", "layer_a", "layer_b",
            "value", "stderr", "std", "null_z")
-_SKIP_DIRS = {"models", "partial", "figures", "results"}
+_SKIP_DIRS = {workdir_lib.MODELS, workdir_lib.PARTIAL, workdir_lib.FIGURES, workdir_lib.RESULTS}
 
 
 def find_runs(path: str) -> list[str]:
   """Every run folder at or under `path` (config.json + results/), sorted."""
   runs = []
-  for folder, dirs, files in os.walk(path):
-    if "config.json" in files and os.path.isdir(os.path.join(folder, "results")):
+  for folder, dirs, files in workdir_lib.walk(path):
+    if workdir_lib.CONFIG in files and workdir_lib.RESULTS in dirs:
       runs.append(folder)
     dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
   return sorted(runs)
@@ -45,43 +45,38 @@ def find_runs(path: str) -> list[str]:
 
 def swept_values(run: str) -> dict[str, Any]:
   """The run's point overrides from the nearest `sweep.json` above it that lists it ({} if none)."""
-  run = os.path.abspath(run)
-  folder = os.path.dirname(run)
-  while True:
-    index = os.path.join(folder, "sweep.json")
-    if os.path.exists(index):
-      with open(index) as f:
-        points = json.load(f).get("points", [])
-      rel = os.path.relpath(run, folder)
-      for p in points:
+  run = workdir_lib.absolute(run).rstrip("/")
+  folder = workdir_lib.parent(run)
+  while folder is not None:
+    index = workdir_lib.read_json(workdir_lib.Layout(folder).sweep)
+    if index is not None:
+      rel = workdir_lib.relpath(run, folder)
+      for p in index.get("points", []):
         if os.path.normpath(p.get("workdir", p.get("name", ""))) == rel:
           return {k: tuple(v) if isinstance(v, list) else v
                   for k, v in p.get("overrides", {}).items()}
-    parent = os.path.dirname(folder)
-    if parent == folder:
-      return {}
-    folder = parent
+    folder = workdir_lib.parent(folder)
+  return {}
 
 
 def _heatmaps(run: str, analyses: list[str]) -> list[pd.DataFrame]:
   """One frame per saved comparison of a finished analysis: a row per (measure, cell)."""
-  folder = os.path.join(run, "results")
+  folder = workdir_lib.Layout(run).results_dir
+  names = workdir_lib.listdir(folder)
   frames = []
-  for fname in sorted(os.listdir(folder)):
-    stem = os.path.join(folder, fname[:-len(".npz")])
-    if not fname.endswith(".npz") or not os.path.exists(stem + ".json"):
+  for fname in names:
+    name = fname[:-len(".npz")]
+    stem = workdir_lib.join(folder, name)
+    if not fname.endswith(".npz") or name + ".json" not in names:  # .json: written last
       continue
-    with open(stem + ".json") as f:
-      meta = json.load(f)
+    meta = workdir_lib.read_json(stem + ".json")
     if not isinstance(meta, dict) or "names_a" not in meta:
       continue
-    name = os.path.basename(stem)
     owners = [a for a in analyses if name.startswith(a + "_")]
     if not owners:  # arrays of an analysis whose result is not saved (yet)
       continue
     analysis = max(owners, key=len)
-    with np.load(stem + ".npz") as z:
-      arrays = {k: z[k] for k in z.files}
+    arrays = workdir_lib.load_npz(stem + ".npz")
     names_a, names_b = [str(n) for n in meta["names_a"]], [str(n) for n in meta["names_b"]]
     # linear CKA: 'mean', per-repeat 'stderr' [R, A, B]; other measures '<m>_mean', '<m>_stderr'.
     measures = {"linear_cka": ("mean", "stderr", "std", "cka_null_z")}
@@ -156,9 +151,9 @@ def load(path: str) -> pd.DataFrame:
     if not parts:
       continue
     frame = pd.concat(parts, ignore_index=True)
-    rel = os.path.relpath(run, path)
-    frame.insert(0, "run", os.path.basename(os.path.abspath(run)) if rel == "." else rel)
-    frame.insert(1, "workdir", os.path.abspath(run))
+    rel = workdir_lib.relpath(run, path)
+    frame.insert(0, "run", workdir_lib.basename(workdir_lib.absolute(run)) if rel == "." else rel)
+    frame.insert(1, "workdir", workdir_lib.absolute(run))
     for key, value in swept_values(run).items():
       swept_keys.append(key)
       frame[key] = [value] * len(frame)

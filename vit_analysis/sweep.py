@@ -46,10 +46,11 @@ from vit_analysis import analyses as analyses_lib
 from vit_analysis import config_lib, options
 from vit_analysis import main as main_lib
 from vit_analysis.runtime import sharding
+from vit_analysis.runtime import workdir as workdir_lib
 
 Point = dict[str, Any]
 
-INDEX = "sweep.json"
+INDEX = workdir_lib.SWEEP
 # Status of a point in the index.
 PENDING, RUNNING, FINISHED, FAILED = "pending", "running", "finished", "failed"
 
@@ -300,7 +301,7 @@ class Sweep:
     base = apply(module.get_config(arg), self.overrides)
     if not base.get("model_cache", ""):
       # The points share trained models (model_cache changes no result, main._NON_RESULT_KEYS).
-      self.overrides["model_cache"] = os.path.join(workdir, "models")
+      self.overrides["model_cache"] = workdir_lib.Layout(workdir).models
       base = apply(base, {"model_cache": self.overrides["model_cache"]})
     grids = [g for g in (config_points(module, arg) if config_sweep else None,
                          cli_points(sweep)) if g is not None]
@@ -324,19 +325,19 @@ class Sweep:
       except (KeyError, ValueError, TypeError) as e:
         raise type(e)(f"sweep point {name!r}: {e.args[0] if e.args else e}") from e
       self.configs.append(config)
-    self.points = [dict(name=n, overrides=p, workdir=os.path.join(workdir, n))
+    self.points = [dict(name=n, overrides=p, workdir=workdir_lib.join(workdir, n))
                    for n, p in zip(names, points)]
 
   def status(self, i: int) -> str:
     """'finished' where point i's every analysis result is saved for this same config."""
     config, folder = self.configs[i], self.points[i]["workdir"]
-    saved = os.path.join(folder, "config.json")
-    if not os.path.exists(saved):
+    run = workdir_lib.Layout(folder)
+    saved = workdir_lib.read_json(run.config)
+    if saved is None:
       return PENDING
-    with open(saved) as f:
-      if json.load(f) != main_lib._result_view(config):  # what main.check_workdir compares
-        return PENDING  # main.run will say what differs
-    done = all(os.path.exists(os.path.join(folder, "results", f"{a}.json"))
+    if saved != main_lib._result_view(config):  # what main.check_workdir compares
+      return PENDING  # main.run will say what differs
+    done = all(workdir_lib.exists(run.result(a))
                for a in config.get("analyses", ()))
     return FINISHED if done else RUNNING  # started, not finished: it resumes
 
@@ -356,25 +357,17 @@ class Sweep:
 
   def read_index(self) -> dict[str, Any]:
     """WORKDIR/sweep.json as saved ({} if there is none)."""
-    path = os.path.join(self.workdir, INDEX)
-    if not os.path.exists(path):
-      return {}
-    with open(path) as f:
-      return json.load(f)
+    return workdir_lib.read_json(workdir_lib.Layout(self.workdir).sweep, {})
 
   def write_index(self, entries: list[dict[str, Any]]) -> None:
     """WORKDIR/sweep.json, atomically (process 0)."""
     if not sharding.is_main_process():
       return
-    os.makedirs(self.workdir, exist_ok=True)
     index = dict(config=self.config_file, overrides=_jsonable(self.overrides),
                  keys=list(dict.fromkeys(k for p in self.points for k in p["overrides"])),
                  updated=datetime.datetime.now().isoformat(timespec="seconds"),
                  points=entries)
-    path = os.path.join(self.workdir, INDEX)
-    with open(path + ".tmp", "w") as f:
-      json.dump(index, f, indent=1)
-    os.replace(path + ".tmp", path)
+    workdir_lib.write_json(workdir_lib.Layout(self.workdir).sweep, index)
 
   def run(self, run_fn: Callable[[ml_collections.ConfigDict, str], Any] | None = None
           ) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import io
 import json
 import os
 from collections.abc import Mapping
@@ -24,9 +25,9 @@ import matplotlib.pyplot as plt
 import ml_collections
 import numpy as np
 
-from vit_analysis import plotting
 from vit_analysis.models.build import LoadedModel
 from vit_analysis.runtime import compilation, resume
+from vit_analysis.runtime import workdir as workdir_lib
 
 __all__ = ["AnalysisResult", "Context", "LoadedModel", "image_sample_config", "save_result"]
 
@@ -85,10 +86,15 @@ class Context:
     ctx._cfg = cfg  # pylint: disable=protected-access
     return ctx
 
+  @property
+  def layout(self) -> workdir_lib.Layout:
+    """The run folder's paths (`vit_analysis.runtime.workdir`)."""
+    return workdir_lib.Layout(self.workdir)
+
   def path(self, *parts: str) -> str:
-    """`workdir/parts...`, creating the parent folder."""
-    p = os.path.join(self.workdir, *parts)
-    os.makedirs(os.path.dirname(p), exist_ok=True)
+    """`workdir/parts...` (a local parent folder is created; a `gs://` prefix needs none)."""
+    p = self.layout.join(*parts)
+    workdir_lib.makedirs(os.path.dirname(p))
     return p
 
   @property
@@ -155,22 +161,20 @@ class Context:
     sub = self._cfg.to_json_best_effort(sort_keys=True) if self._cfg is not None else ""
     content = json.dumps([self.name, tag, sub, self.seed,
                           sorted((k, m.name, m.fingerprint) for k, m in self.models.items())])
-    return resume.Checkpointer(os.path.join(self.workdir, "partial", self.name, tag),
+    return resume.Checkpointer(self.layout.partial(self.name, tag),
                                every_s=float(every),
                                fingerprint=hashlib.sha256(content.encode()).hexdigest()[:16])
 
   def results_stem(self, name: str) -> str:
-    """`workdir/results/<name>` (no extension), its folder created."""
-    return self.path("results", name)
+    """`workdir/results/<name>` (no extension), for `RepeatedCKA.save` / `load`."""
+    return self.path(workdir_lib.RESULTS, name)
 
   def save_arrays(self, name: str, **arrays: Any) -> str:
-    """Writes `results/<name>.npz` atomically on process 0; returns its workdir-relative path."""
-    rel = os.path.join("results", f"{name}.npz")
+    """Writes `results/<name>.npz` in one write (`runtime.workdir.write_bytes`) on process 0;
+    returns its workdir-relative path."""
+    rel = os.path.join(workdir_lib.RESULTS, f"{name}.npz")
     if self.is_main:
-      path = self.path(rel)
-      tmp = path + ".tmp.npz"
-      np.savez(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
-      os.replace(tmp, path)
+      workdir_lib.save_npz(self.layout.join(rel), **arrays)
     return rel
 
   def save_figure(self, figure: Any, name: str) -> str:
@@ -186,10 +190,14 @@ class Context:
     """
     formats = tuple((self._cfg.get("figure_formats", None) if self._cfg is not None else None)
                     or ("png", "pdf"))
-    rel = os.path.join("figures", f"{name}.{formats[0]}")
+    rel = os.path.join(workdir_lib.FIGURES, f"{name}.{formats[0]}")
     if self.is_main:
       fig = figure() if callable(figure) else figure
-      plotting.save_figure(fig, self.path("figures", name), formats)
+      for fmt in formats:  # drawn in memory, then one write per file (local or gs://)
+        buf = io.BytesIO()
+        fig.savefig(buf, bbox_inches="tight", format=fmt)
+        workdir_lib.write_bytes(self.layout.figure(name, fmt), buf.getvalue())
+      plt.close(fig)
     elif not callable(figure):
       plt.close(figure)
     return rel
@@ -245,10 +253,9 @@ def _json_default(x):
 
 
 def save_result(ctx: Context, result: AnalysisResult) -> str:
-  """Writes `results/<name>.json` atomically (temp file + rename); returns its path."""
-  path = ctx.path("results", f"{result.name}.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(result.to_json())
-  os.replace(tmp, path)
-  return path
+  """Writes `results/<name>.json` in one write; returns its path.
+
+  Written last, after the analysis' arrays and figures: its presence is what marks the analysis
+  finished (`main.run` skips it on a rerun), on a local disk and on `gs://` alike.
+  """
+  return workdir_lib.write_text(ctx.layout.result(result.name), result.to_json())

@@ -23,6 +23,7 @@ from vit_analysis.analyses import base
 from vit_analysis.models import attention, capture, layers
 from vit_analysis.models import vit as vit_lib
 from vit_analysis.plotting import similarity as plots
+from vit_analysis.runtime import workdir as workdir_lib
 from vit_analysis.similarity import cka_runner, representations
 
 
@@ -158,7 +159,7 @@ def run(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResul
 def draw(stem: str, title: str):
   """The figure of a saved head-subset result, without recomputation."""
   rep = cka_runner.RepeatedCKA.load(stem)
-  distance = np.load(stem + ".npz")["subset_distance"]
+  distance = workdir_lib.load_npz(stem + ".npz")["subset_distance"]  # local or gs://
   error = rep.std.T if len(rep.values) > 1 else None
   return plots.head_subset_lines(distance, rep.mean.T, layer_names=rep.names_b, title=title,
                                  error=error)

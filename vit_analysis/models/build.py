@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import importlib
 import json
-import os
 import time
 from typing import Any
 
@@ -32,6 +31,7 @@ from vit_analysis.input import data as data_lib
 from vit_analysis.models import ModelInfo, checkpoints, create_model, describe
 from vit_analysis.models import train as train_lib
 from vit_analysis.runtime import sharding
+from vit_analysis.runtime import workdir as workdir_lib
 
 
 @dataclasses.dataclass
@@ -139,7 +139,7 @@ class ModelBuilder:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh):
     self.config, self.mesh = config, mesh
-    self.cache = config.get("model_cache", "") or os.path.join(workdir, "models")
+    self.cache = config.get("model_cache", "") or workdir_lib.Layout(workdir).models
     self.image_size = int(config.data.image_size)
     self.sources = {
         "train": data_lib.get_source(config.data, config.data.get("train_split", "train")),
@@ -199,7 +199,7 @@ class ModelBuilder:
     fingerprint = model_hash(self.config, entry, extra)
     if entry.get("train") is not None:
       cfg = train_lib.effective_config(self.config.get("train"), entry.train)
-      folder = os.path.join(self.cache, f"{entry.name}-{fingerprint}")
+      folder = workdir_lib.join(self.cache, f"{entry.name}-{fingerprint}")
       outcome = train_lib.train(
           module, cfg, train_source=sources["train"], test_source=sources["test"],
           image_size=image_size, mesh=self.mesh, workdir=folder, seed=self.seed, params=params,
@@ -239,7 +239,7 @@ class ModelBuilder:
     if info.family == "other":
       return _user_params(path, module, image_size)
     if path.startswith(config_lib.SYNTHETIC_CHECKPOINT):
-      path = _write_synthetic(path, os.path.join(self.cache, "synthetic"))
+      path = _write_synthetic(path, workdir_lib.join(self.cache, "synthetic"))
     if path.endswith(".safetensors"):
       return checkpoints.load_safetensors(path, module, image_size=image_size,
                                           **options)["params"]
@@ -249,9 +249,7 @@ class ModelBuilder:
 
   def write_summaries(self, path: str) -> None:
     """Writes the built models' summaries to `path` (JSON) atomically."""
-    with open(path + ".tmp", "w") as f:
-      json.dump(self.summaries, f, indent=1)
-    os.replace(path + ".tmp", path)
+    workdir_lib.write_json(path, self.summaries)
 
 
 def _import(spec: str, what: str) -> Any:
@@ -304,15 +302,14 @@ def _write_synthetic(spec: str, folder: str) -> str:
   """
   name, options = config_lib.parse_synthetic_checkpoint(spec)
   digest = hashlib.sha256(spec.encode()).hexdigest()[:12]
-  path = os.path.join(folder, f"{name}-{digest}.npz")
-  if sharding.is_main_process() and not os.path.exists(path):
+  path = workdir_lib.join(folder, f"{name}-{digest}.npz")
+  if sharding.is_main_process() and not workdir_lib.exists(path):
     num_classes = int(options.pop("num_classes", 1000))
     model = create_model(name, num_classes, **options)
     rng = np.random.default_rng(0)
     flat = {k: (0.02 * rng.standard_normal(s.shape)).astype(np.float32)
             for k, s in checkpoints.param_shapes(model).items()}
-    os.makedirs(folder, exist_ok=True)
-    checkpoints.save_npz(flax.traverse_util.unflatten_dict(flat, sep="/"), path)
+    workdir_lib.save_npz(path, **flat)  # the official flat '/'-keyed layout, one write
   if jax.process_count() > 1:  # the others read the file only once process 0 has written it
     multihost_utils.sync_global_devices(f"synthetic checkpoint {path}")
   return path

@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import time
 from typing import Any
 
@@ -34,6 +33,7 @@ from vit_analysis.input import data as data_lib
 from vit_analysis.input import streaming
 from vit_analysis.models import describe
 from vit_analysis.runtime import compilation, errors, sharding
+from vit_analysis.runtime import workdir as workdir_lib
 
 
 @dataclasses.dataclass
@@ -220,16 +220,18 @@ class _MetricsLog:
   def __init__(self, path: str, resume_step: int):
     self.path = path
     self.enabled = sharding.is_main_process()
-    if self.enabled and os.path.exists(path):
-      with open(path) as f:
-        kept = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= resume_step]
-      with open(path, "w") as f:
-        f.writelines(kept)
+    self.lines: list[str] = []
+    if self.enabled and workdir_lib.exists(path):
+      self.lines = [l + "\n" for l in workdir_lib.read_text(path).splitlines()
+                    if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+      workdir_lib.write_text(path, "".join(self.lines))
 
   def write(self, record: dict[str, Any]) -> None:
+    # The whole (small) file is rewritten: an object store has no append, and a reader never
+    # sees a half line.
     if self.enabled:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+      self.lines.append(json.dumps(record) + "\n")
+      workdir_lib.write_text(self.path, "".join(self.lines))
 
 
 class _FiniteWatch:
@@ -323,9 +325,9 @@ def train(module: nn.Module, train_config: ml_collections.ConfigDict, *, train_s
   shapes_only = lambda: new_state(params if params is not None else module.init(
       {"params": _key(seed, 0)}, images, train=False)["params"])
 
-  os.makedirs(workdir, exist_ok=True)
-  manager = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "ckpt")),
+  workdir_lib.makedirs(workdir)
+  manager = ocp.CheckpointManager(  # orbax (tensorstore) writes gs:// itself
+      workdir_lib.absolute(workdir_lib.join(workdir, "ckpt")),
       options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True))
   # The training input is grain's shuffled, repeated stream: its iterator position is saved in
   # the orbax train state (analyses walk fixed plans through vit_analysis.input.streaming instead).
@@ -356,18 +358,17 @@ def train(module: nn.Module, train_config: ml_collections.ConfigDict, *, train_s
     it.set_state(restored["data"])
     logging.info("[%s] resumed from step %d of %d in %s", name, latest, steps, workdir)
   step = int(state["step"])
-  summary_path = os.path.join(workdir, "summary.json")
+  summary_path = workdir_lib.join(workdir, "summary.json")
   if step >= steps:  # finished earlier: only restore
     manager.close()
-    if os.path.exists(summary_path):
-      with open(summary_path) as f:
-        acc = json.load(f)["test_accuracy"]
+    if workdir_lib.exists(summary_path):
+      acc = workdir_lib.read_json(summary_path)["test_accuracy"]
     else:  # e.g. killed between the last save and the summary
       acc = evaluate(module, state["params"], test_source, image_size=image_size,
                      batch_size=cfg.eval_batch_size, mesh=mesh, fast_compile=cfg.fast_compile)
     return TrainOutcome(state["params"], step, steps, True, acc, time.time() - start_time)
 
-  log = _MetricsLog(os.path.join(workdir, "metrics.jsonl"), step)
+  log = _MetricsLog(workdir_lib.join(workdir, "metrics.jsonl"), step)
   train_step = _cached_train_step(module, json.dumps(cfg.to_dict(), sort_keys=True),
                                   num_classes, steps, seed, mesh)
 
@@ -420,8 +421,8 @@ def train(module: nn.Module, train_config: ml_collections.ConfigDict, *, train_s
   manager.close()
   seconds = time.time() - start_time
   if sharding.is_main_process():
-    with open(summary_path, "w") as f:
-      json.dump({"test_accuracy": acc, "steps": steps, "seconds_last_run": seconds,
-                 "steps_last_run": step - first_step}, f)
+    workdir_lib.write_json(summary_path, {"test_accuracy": acc, "steps": steps,
+                                          "seconds_last_run": seconds,
+                                          "steps_last_run": step - first_step}, indent=None)
   logging.info("[%s] done: %d steps, test accuracy %.4f, %.1f s", name, steps, acc, seconds)
   return TrainOutcome(state["params"], step, steps, True, acc, seconds)

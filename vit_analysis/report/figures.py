@@ -9,7 +9,7 @@ arrays of one analysis into (caption, plotly figure) pairs; `differences(dir_a, 
 """
 from __future__ import annotations
 
-import glob
+import fnmatch
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -19,6 +19,7 @@ import numpy as np
 from vit_analysis.models import layers
 from vit_analysis.report import interactive
 from vit_analysis.report import reader
+from vit_analysis.runtime import workdir as workdir_lib
 
 Figure = tuple[str, dict[str, Any]]
 _CKA_FAMILY = ("cka_intra", "cka_cross", "skip_removal", "head_subsets", "localization",
@@ -26,14 +27,13 @@ _CKA_FAMILY = ("cka_intra", "cka_cross", "skip_removal", "head_subsets", "locali
 
 
 def load_npz(path: str) -> dict[str, np.ndarray]:
-  with np.load(path) as z:
-    return {k: z[k] for k in z.files}
+  return workdir_lib.load_npz(path)  # local or gs://
 
 
 def comparison_stems(run_dir: str, analysis: str) -> list[str]:
   """Stems `<analysis>_<tag>` of the saved CKA-family comparisons of one analysis, sorted."""
-  paths = sorted(glob.glob(os.path.join(run_dir, "results", f"{analysis}_*.npz")))
-  return [os.path.basename(p)[:-4] for p in paths]
+  names = workdir_lib.listdir(workdir_lib.Layout(run_dir).results_dir)
+  return [n[:-4] for n in names if fnmatch.fnmatchcase(n, f"{analysis}_*.npz")]
 
 
 def _stderr(z: Mapping[str, np.ndarray]) -> np.ndarray | None:
@@ -185,7 +185,7 @@ def _dataset_scale(run_dir, result, models) -> list[Figure]:
 
 def _attention_distance(run_dir, result, models) -> list[Figure]:
   path = os.path.join(run_dir, "results", "attention_distance.npz")
-  if not os.path.exists(path):
+  if not workdir_lib.exists(path):
     return []
   z = load_npz(path)
   metrics = result["metrics"]
@@ -197,7 +197,7 @@ def _attention_distance(run_dir, result, models) -> list[Figure]:
 
 def _skip_norms(run_dir, result, models) -> list[Figure]:
   path = os.path.join(run_dir, "results", "skip_norms.npz")
-  if not os.path.exists(path):
+  if not workdir_lib.exists(path):
     return []
   z = load_npz(path)
   keys = list(dict.fromkeys(k.split("/")[0] for k in z))  # model order of the saved file
@@ -291,7 +291,7 @@ def probe_token_grids(run_dir: str, result: Mapping[str, Any],
   CLS token at position 0, which is left out of the grid (Fig D.4).
   """
   path = os.path.join(run_dir, "results", "probe.npz")
-  if not os.path.exists(path):
+  if not workdir_lib.exists(path):
     return []
   z = load_npz(path)
   rows = []

@@ -16,10 +16,10 @@ figures are JSON, so the page makes no network request and opens offline.
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime
 import html
 import json
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,6 +27,7 @@ from vit_analysis.report import figures as report_figures
 from vit_analysis.report import findings, interactive
 from vit_analysis.report import html as report_html
 from vit_analysis.report import reader
+from vit_analysis.runtime import workdir as workdir_lib
 
 # ----------------------------------------------------------------------------------------------
 # Loading a workdir: `vit_analysis.report.results` (re-exported here as the public names).
@@ -43,14 +44,14 @@ class Run:
                config: Mapping[str, Any] | None = None,
                timings: Mapping[str, float] | None = None, label: str = ""):
     self.workdir = workdir
-    self.label = label or os.path.basename(os.path.normpath(workdir)) or workdir
+    self.label = label or workdir_lib.basename(workdir) or workdir
     self.results = ([as_result(r) for r in results] if results is not None
                     else load_results(workdir))
     self.models = list(models if models is not None else reader.load_models(workdir))
     self.config = dict(config if config is not None
-                       else reader.read_json(os.path.join(workdir, "config.json"), {}))
+                       else reader.read_json(workdir_lib.Layout(workdir).config, {}))
     self.timings = dict(timings if timings is not None
-                        else reader.read_json(os.path.join(workdir, "timings.json"), {}))
+                        else reader.read_json(workdir_lib.Layout(workdir).timings, {}))
     fnd = findings
     saved = fnd.SavedRun({r["name"]: r["metrics"] for r in self.results}, self.models,
                          workdir=workdir)
@@ -82,13 +83,34 @@ def _figures_html(run: Run, result: Mapping[str, Any], ids: _Ids) -> str:
   return "".join(parts)
 
 
+def _image_tag(workdir: str, relpath: str) -> str | None:
+  """The PNG `relpath` of the run inlined as an <img>, or None when the file is absent."""
+  path = workdir_lib.join(workdir, relpath)
+  if not relpath.lower().endswith(".png"):
+    raise ValueError(f"report figures must be PNG files, got {relpath!r}")
+  if not workdir_lib.exists(path):
+    return None
+  data = base64.b64encode(workdir_lib.read_bytes(path)).decode("ascii")
+  alt = html.escape(workdir_lib.basename(relpath))
+  return f'<img alt="{alt}" src="data:image/png;base64,{data}">'
+
+
 def _static_html(run: Run, result: Mapping[str, Any]) -> str:
   pngs = list(result["figures"])
-  imgs = "".join(report_html.image_tag(run.workdir, f) for f in pngs)
+  tags = [_image_tag(run.workdir, f) for f in pngs]
+  imgs = "".join(t for t in tags if t)
+  # figures/ may be gone (not copied, deleted): the interactive figures above come from
+  # results/ alone, so the page says which static PNGs are absent instead of failing.
+  missing = [f for f, t in zip(pngs, tags) if t is None]
   out = ""
   if imgs:
-    out += (f"<details><summary>static figures ({len(pngs)} PNG; PDFs next to them in "
-            f"figures/)</summary><div class='figs'>{imgs}</div></details>")
+    out += (f"<details><summary>static figures ({len(pngs) - len(missing)} PNG; PDFs next to "
+            f"them in figures/)</summary><div class='figs'>{imgs}</div></details>")
+  if missing:
+    out += ("<p class='note'>static figure" + ("s " if len(missing) > 1 else " ") +
+            ", ".join(f"<code>{html.escape(f)}</code>" for f in missing) +
+            " absent from the workdir; the interactive figures above are drawn from results/ "
+            "and show the same data.</p>")
   if result["metrics"]:
     out += ("<details open><summary>metrics</summary>" +
             report_html.metrics_table(result["metrics"]) + "</details>")
@@ -191,12 +213,7 @@ def render_report(config: Mapping[str, Any], results: Sequence[Any],
 
 
 def _write(path: str, text: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
-  return path
+  return workdir_lib.write_text(path, text)  # local or gs://, never half a page
 
 
 def write_report(workdir: str, config: Mapping[str, Any], results: Sequence[Any],
@@ -208,9 +225,9 @@ def write_report(workdir: str, config: Mapping[str, Any], results: Sequence[Any]
   if hasattr(config, "to_dict"):
     config = config.to_dict()
   if kwargs.get("timings"):
-    _write(os.path.join(workdir, "timings.json"), json.dumps(dict(kwargs["timings"]), indent=1))
+    workdir_lib.write_json(workdir_lib.Layout(workdir).timings, dict(kwargs["timings"]))
   page = render_report(config, results, model_summaries, workdir, **kwargs)
-  return _write(os.path.join(workdir, "report.html"), page)
+  return _write(workdir_lib.Layout(workdir).report, page)
 
 
 def rebuild(workdir: str, *, compare: str | None = None, out: str | None = None,
@@ -227,8 +244,8 @@ def rebuild(workdir: str, *, compare: str | None = None, out: str | None = None,
     if runs[0].label == runs[1].label:
       runs[0].label, runs[1].label = f"A: {runs[0].label}", f"B: {runs[1].label}"
   if out is None:
-    out = os.path.join(workdir, "report.html" if not compare else
-                       f"compare_{os.path.basename(os.path.normpath(compare))}.html")
+    out = workdir_lib.join(workdir, workdir_lib.REPORT if not compare else
+                           f"compare_{workdir_lib.basename(compare)}.html")
   return _write(out, render_page(runs, title=title))
 
 
@@ -242,6 +259,6 @@ def main(argv: Sequence[str] | None = None) -> str:
   parser.add_argument("--title", default="vit_analysis report")
   args = parser.parse_args(argv)
   path = rebuild(args.workdir, compare=args.compare, out=args.out, title=args.title)
-  print(f"{path} ({os.path.getsize(path) / 2**20:.1f} MiB)")
+  print(f"{path} ({len(workdir_lib.read_bytes(path)) / 2**20:.1f} MiB)")
   return path
 

@@ -3,17 +3,17 @@
 A checkpoint is one `.npz` file, `<directory>/state.npz`: the leaves of the state pytree (float64
 CKA sums, running attention-distance sums, ...), their tree paths, the position (e.g. the next
 global step) and a small JSON `extra`, with the caller's fingerprint (a hash of the config and
-model) so that a rerun with another setting never continues someone else's sums. Writes go to a
-temporary file in the same directory, are flushed to disk and then `os.replace`d over the old
-file: a crash at any point leaves either the old checkpoint or the new one, never a mixture. Only
+model) so that a rerun with another setting never continues someone else's sums. The file is
+built in memory and written by `runtime.workdir.write_bytes` (local: a temporary file, fsynced,
+`os.replace`d; `gs://`: one object upload): a crash at any point leaves either the old checkpoint
+or the new one, never a mixture. Only
 process 0 writes; every process reads the same file, and with several processes the restored
 position is checked to be equal on all of them.
 """
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable
@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vit_analysis.runtime import errors
+from vit_analysis.runtime import errors, workdir
 
 FILENAME = "state.npz"
 _FORMAT = 1
@@ -99,7 +99,7 @@ class Checkpointer:
 
   @property
   def path(self) -> str:
-    return os.path.join(self.directory, FILENAME)
+    return workdir.join(self.directory, FILENAME)
 
   def restore(self, like: Any = None) -> tuple[Any, int, dict[str, Any]] | None:
     """The saved `(state, position, extra)`, or None when nothing was saved.
@@ -117,11 +117,11 @@ class Checkpointer:
         structure or shape that does not match `like`, or processes that restored different
         positions (a workdir that not every host sees).
     """
-    if not os.path.exists(self.path):
+    if not workdir.exists(self.path):
       _check_same_position(-1, self.path)
       return None
     try:
-      with np.load(self.path, allow_pickle=False) as z:
+      with np.load(io.BytesIO(workdir.read_bytes(self.path)), allow_pickle=False) as z:
         meta = json.loads(str(z["__meta__"]))
         leaves = [z[f"leaf_{i:05d}"] for i in range(meta["num_leaves"])]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as e:
@@ -189,25 +189,15 @@ class Checkpointer:
             "extra": extra or {}, "paths": paths, "num_leaves": len(arrays),
             "kinds": ["scalar" if isinstance(leaf, (bool, int, float, np.generic)) else "array"
                       for leaf in leaves]}
-    os.makedirs(self.directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".npz.tmp", dir=self.directory)
-    try:
-      with os.fdopen(fd, "wb") as f:
-        np.savez(f, __meta__=np.asarray(json.dumps(meta)),
-                 **{f"leaf_{i:05d}": a for i, a in enumerate(arrays)})
-        f.flush()
-        os.fsync(f.fileno())
-      os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the checkpoint from the group
-      os.replace(tmp, self.path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-      raise
+    buf = io.BytesIO()
+    np.savez(buf, __meta__=np.asarray(json.dumps(meta)),
+             **{f"leaf_{i:05d}": a for i, a in enumerate(arrays)})
+    workdir.write_bytes(self.path, buf.getvalue())
 
   def clear(self) -> None:
     """Deletes the checkpoint (process 0), e.g. once the final result is saved; a barrier."""
-    if jax.process_index() == 0 and os.path.exists(self.path):
-      os.remove(self.path)
+    if jax.process_index() == 0:
+      workdir.remove(self.path)
     _barrier(f"resume clear {self.path}")
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -30,6 +29,7 @@ from vit_analysis import config_lib
 from vit_analysis.input import streaming
 from vit_analysis.runtime import jit_cache, sharding
 from vit_analysis.runtime import resume as resume_lib
+from vit_analysis.runtime import workdir as workdir_lib
 from vit_analysis.similarity import cka, significance
 from vit_analysis.similarity import measures as measures_lib
 from vit_analysis.similarity.representations import Side
@@ -96,32 +96,31 @@ class RepeatedCKA:
     return out
 
   def save(self, path_without_ext: str, **extra: Any) -> None:
-    """Writes `.npz` (arrays) and `.json` (names, mean, std, settings) for redrawing."""
+    """Writes `.npz` (arrays) and `.json` (names, mean, std, settings) for redrawing.
+
+    Each file is one write of `runtime.workdir` (local or `gs://`); the `.json`, written last,
+    marks the pair complete (`vit_analysis.results` reads only stems that have it).
+    """
     counted = (np.full(len(self.values), self.num_examples) if self.examples_counted is None
                else np.asarray(self.examples_counted))
-    tmp = path_without_ext + ".tmp.npz"
-    np.savez(tmp, names_a=np.asarray(self.names_a), names_b=np.asarray(self.names_b),
-             examples_counted=counted, **self.arrays(),
-             **{k: np.asarray(v) for k, v in extra.items()})
-    os.replace(tmp, path_without_ext + ".npz")
-    with open(path_without_ext + ".json.tmp", "w") as f:
-      json.dump(dict(names_a=self.names_a, names_b=self.names_b, mean=self.mean.tolist(),
-                     std=self.std.tolist(), repeats=len(self.values),
-                     num_examples=self.num_examples, minibatch_size=self.minibatch_size,
-                     examples_counted=counted.tolist(), measures=sorted(self.measures),
-                     null=self.null is not None), f)
-    os.replace(path_without_ext + ".json.tmp", path_without_ext + ".json")
+    workdir_lib.save_npz(path_without_ext + ".npz", names_a=np.asarray(self.names_a),
+                         names_b=np.asarray(self.names_b), examples_counted=counted,
+                         **self.arrays(), **extra)
+    workdir_lib.write_json(path_without_ext + ".json", dict(
+        names_a=self.names_a, names_b=self.names_b, mean=self.mean.tolist(),
+        std=self.std.tolist(), repeats=len(self.values), num_examples=self.num_examples,
+        minibatch_size=self.minibatch_size, examples_counted=counted.tolist(),
+        measures=sorted(self.measures), null=self.null is not None), indent=None)
 
   @classmethod
   def load(cls, path_without_ext: str) -> "RepeatedCKA":
-    z = np.load(path_without_ext + ".npz")
-    with open(path_without_ext + ".json") as f:
-      meta = json.load(f)
+    z = workdir_lib.load_npz(path_without_ext + ".npz")
+    meta = json.loads(workdir_lib.read_text(path_without_ext + ".json"))
     measures = {}
     for name in meta.get("measures", []):
       measures[name] = {"values": z[f"{name}_values"],
                         "stderr": np.broadcast_to(z[f"{name}_stderr"], z[f"{name}_values"].shape)}
-      if f"{name}_null_mean" in z.files:
+      if f"{name}_null_mean" in z:
         measures[name].update(null_mean=np.broadcast_to(z[f"{name}_null_mean"],
                                                         z[f"{name}_values"].shape),
                               null_std=np.broadcast_to(z[f"{name}_null_std"],
