@@ -45,7 +45,7 @@ def find_runs(path: str) -> list[str]:
 
 def swept_values(run: str) -> dict[str, Any]:
   """The run's point overrides from the nearest `sweep.json` above it that lists it ({} if none)."""
-  run = workdir_lib.absolute(run).rstrip("/")
+  run = workdir_lib.absolute(run).rstrip("/") or "/"
   folder = workdir_lib.parent(run)
   while folder is not None:
     index = workdir_lib.read_json(workdir_lib.Layout(folder).sweep)

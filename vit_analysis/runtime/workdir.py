@@ -76,12 +76,13 @@ def basename(path: str | os.PathLike) -> str:
 
 def parent(path: str) -> str | None:
   """The folder holding `path`; None above the root (`/`, or the bucket of a `gs://` path)."""
-  path = os.fspath(path).rstrip("/")
+  path = os.fspath(path)
   if is_remote(path):
-    scheme, rest = path.split("://", 1)
+    scheme, rest = path.rstrip("/").split("://", 1)
     return f"{scheme}://{rest.rsplit('/', 1)[0]}" if "/" in rest else None
-  up = os.path.dirname(os.path.abspath(path))
-  return None if up == os.path.abspath(path) else up
+  path = os.path.abspath(path)
+  up = os.path.dirname(path)
+  return None if up == path else up
 
 
 def relpath(path: str, start: str) -> str:
