@@ -19,6 +19,7 @@ import contextlib
 import importlib.util
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -46,16 +47,19 @@ def emulator(timeout_s: float = 30.0):
   """Runs the server; yields (url, env) or raises RuntimeError naming why it did not start."""
   port = helpers.free_port()
   url = f"http://127.0.0.1:{port}"
+  # Its request log goes to a file: an unread pipe would fill and stall every client.
+  log = tempfile.TemporaryFile(mode="w+")
   proc = subprocess.Popen(
       [sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
        f"--port={port}", "--in-memory", f"--default-bucket={BUCKET}"],
-      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+      stdout=log, stderr=subprocess.STDOUT, text=True)
   try:
     deadline = time.monotonic() + timeout_s
     while True:
       if proc.poll() is not None:
+        log.seek(0)
         raise RuntimeError(f"gcp-storage-emulator exited with {proc.returncode}: "
-                           f"{proc.stderr.read()[-1000:]}")
+                           f"{log.read()[-1000:]}")
       try:
         urllib.request.urlopen(f"{url}/storage/v1/b/{BUCKET}", timeout=1).close()
         break
@@ -71,3 +75,4 @@ def emulator(timeout_s: float = 30.0):
     except subprocess.TimeoutExpired:
       proc.kill()
       proc.wait()
+    log.close()
