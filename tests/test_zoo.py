@@ -1,6 +1,5 @@
 """cka_zoo: one pass for N models equals the separate cka_intra / cka_cross analyses; 1 vs 4
 devices; resume after an interruption; the memory plan and its refusal."""
-import glob
 import json
 import os
 
@@ -14,6 +13,8 @@ from test_similarity import LAYERS, Transforms, _side, _source
 from vit_analysis import models
 from vit_analysis.analyses import base, zoo
 from vit_analysis.input import streaming
+from vit_analysis.report import figures as report_figures
+from vit_analysis.report import interactive
 from vit_analysis.runtime import resume, sharding
 from vit_analysis.similarity import cka_runner
 
@@ -68,6 +69,13 @@ def test_zoo_equals_separate_analyses(tmp_path):
   assert "figures/cka_zoo_grid.png" in figures and len(figures) == 2 * 6 + 1
   for fig in figures:
     assert os.path.exists(os.path.join(ctx.workdir, fig))
+  # The report (no JAX): the summary, the panel grid, then every grid (CKA + mutual_knn).
+  go = pytest.importorskip("plotly.graph_objects")
+  figs = report_figures.figures(ctx.workdir, {"name": "cka_zoo"}, {})
+  assert len(figs) >= 2 + 2 * 6 and "diagonal band" in figs[0][0]
+  assert len(figs[1][1]["data"]) == 9  # 3 x 3 panels
+  for _, fig in figs:
+    go.Figure(json.loads(interactive.to_json(fig)))
 
 
 def test_zoo_on_1_and_4_devices_and_as_separate_runs():
