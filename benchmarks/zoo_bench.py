@@ -140,8 +140,8 @@ def main():
   r = measure(model, size, images, m, args.layers)
   print(f"\n3 x {model} at {size} px, {r['layers']} layers each, {images} images, m = {m}, "
         f"1 repeat: 3 intra + 3 cross grids")
-  print(f"zoo (one pass, 3 forwards/image)             {r["zoo"]:8.2f} s")
-  print(f"separate (3 intra + 3 cross, 9 forwards/image) {r["separate"]:6.2f} s")
+  print(f"zoo (one pass, 3 forwards/image)             {r['zoo']:8.2f} s")
+  print(f"separate (3 intra + 3 cross, 9 forwards/image) {r['separate']:6.2f} s")
   print(f"speed-up {r['separate'] / r['zoo']:.2f}x; max |zoo - separate| CKA {r['diff']:.1e}")
   images_p, m_p = PAPER_PROTOCOL["images"], PAPER_PROTOCOL["m"]
   print(f"\nprojected TPU v3-8 time of the paper protocol ({images_p:,} images, m = {m_p}, fine "
