@@ -235,3 +235,57 @@ def per_block_lines(curves: Mapping[str, np.ndarray], *, block_labels: Sequence[
   ax.legend(fontsize=6)
   fig.tight_layout()
   return fig
+
+
+def zoo_figure(means: Mapping[str, np.ndarray], keys: Sequence[str], names: Sequence[str],
+               band: np.ndarray) -> matplotlib.figure.Figure:
+  """Every grid of a CKA zoo as an N x N panel grid, plus the model x model summary heatmap.
+
+  Args:
+    means: {tag: [A, B] mean CKA}, tags `<key>` (intra) and `<a>_vs_<b>` (cross, a before b in
+      `keys`).
+    keys, names: the N model keys in order and their model names.
+    band: [N, N] model x model summary (mean CKA of each grid's diagonal band).
+
+  Returns:
+    The figure: panel (i, j) above the diagonal is model i's layers (rows) against model j's
+    (columns), the diagonal the intra grids, below it the transposes; the last column the summary.
+  """
+  n = len(keys)
+  band = np.asarray(band, np.float64)
+  if band.shape != (n, n):
+    raise ValueError(f"summary shape {band.shape} != ({n}, {n}) for models {list(keys)}")
+  size = 0.6 * PANEL_INCHES
+  fig, axes = plt.subplots(n, n + 1, figsize=(size * (n + 1.6), size * n), squeeze=False)
+  for i in range(n):
+    for j in range(n):
+      ax = axes[i, j]
+      if i == j:
+        matrix = means.get(keys[i])
+      elif i < j:
+        matrix = means.get(f"{keys[i]}_vs_{keys[j]}")
+      else:
+        cross = means.get(f"{keys[j]}_vs_{keys[i]}")
+        matrix = None if cross is None else np.asarray(cross).T
+      if matrix is None:
+        ax.axis("off")
+        continue
+      heatmap(ax, matrix, colorbar=False)
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if i == n - 1:
+        ax.set_xlabel(names[j], fontsize=7)
+      if j == 0:
+        ax.set_ylabel(names[i], fontsize=7)
+  for i in range(1, n):
+    axes[i, n].axis("off")
+  ax = axes[0, n]
+  heatmap(ax, band, origin="upper", title="band mean CKA")
+  ax.set_xticks(range(n), names, rotation=90, fontsize=6)
+  ax.set_yticks(range(n), names, fontsize=6)
+  for (i, j), v in np.ndenumerate(band):
+    if np.isfinite(v):
+      ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
+              color="white" if v < 0.6 else "black")
+  fig.tight_layout()
+  return fig

@@ -21,7 +21,7 @@ from vit_analysis.report import interactive
 from vit_analysis.report import reader
 
 Figure = tuple[str, dict[str, Any]]
-_CKA_FAMILY = ("cka_intra", "cka_cross", "skip_removal", "head_subsets", "localization",
+_CKA_FAMILY = ("cka_intra", "cka_cross", "cka_zoo", "skip_removal", "head_subsets", "localization",
                "dataset_scale")
 
 
@@ -119,6 +119,39 @@ def _similarity(run_dir, result, models) -> list[Figure]:
     figs += cka_figures(z, f"{_model_name(models, a)} vs {_model_name(models, b)}",
                         _model_name(models, a), _model_name(models, b))
   return figs
+
+
+def _zoo(run_dir, result, models) -> list[Figure]:
+  """A CKA zoo: the model x model summary, every grid as one panel figure, then each grid."""
+  name = result["name"]
+  summary = os.path.join(run_dir, "results", f"{name}_summary.npz")
+  if not os.path.exists(summary):
+    return []
+  z = load_npz(summary)
+  keys = [str(k) for k in z["keys"]]
+  labels = [_model_name(models, k) for k in keys]
+  figs = [("Which models resemble which: mean CKA of each grid's diagonal band (layers within "
+           "10% of relative depth)", interactive.heatmap(
+               z["band_mean"], row_names=labels, col_names=labels, title="CKA zoo summary",
+               value_name="band mean CKA", zmin=0.0, zmax=1.0, square=True, height=420))]
+  grids, per_grid = {}, []
+  for stem in comparison_stems(run_dir, name):
+    tag = stem[len(name) + 1:]
+    if tag == "summary":
+      continue
+    a, b = (reader.split_tag(tag, keys) or ("", "")) if "_vs_" in tag else (tag, tag)
+    if a not in keys or b not in keys:
+      continue
+    arrays = load_npz(os.path.join(run_dir, "results", stem + ".npz"))
+    i, j = keys.index(a), keys.index(b)
+    grids[(i, j)] = arrays["mean"]
+    if i != j:
+      grids[(j, i)] = np.asarray(arrays["mean"]).T
+    per_grid += cka_figures(arrays, f"{_model_name(models, a)} vs {_model_name(models, b)}",
+                            _model_name(models, a), _model_name(models, b))
+  figs.append(("Every intra-model (diagonal) and cross-model grid of the zoo, one pass",
+               interactive.zoo_grid(grids, labels, title="CKA zoo")))
+  return figs + per_grid
 
 
 def _skip_removal(run_dir, result, models) -> list[Figure]:
@@ -330,10 +363,17 @@ _BUILDERS: dict[str, Callable[[str, Mapping[str, Any], Mapping[str, Any]], list[
 }
 
 
+# Builders of analyses outside tests/test_report.py's full-workdir fixture (cka_zoo has its own
+# report test in tests/test_zoo.py).
+_MORE_BUILDERS: dict[str, Callable[[str, Mapping[str, Any], Mapping[str, Any]], list[Figure]]] = {
+    "cka_zoo": _zoo,
+}
+
+
 def figures(run_dir: str, result: Mapping[str, Any],
             models: Mapping[str, Mapping[str, Any]]) -> list[Figure]:
   """(caption, plotly figure) pairs for one analysis' saved results (empty if unknown)."""
-  builder = _BUILDERS.get(result["name"])
+  builder = _BUILDERS.get(result["name"]) or _MORE_BUILDERS.get(result["name"])
   return builder(run_dir, result, models) if builder else []
 
 
