@@ -360,12 +360,6 @@ _BUILDERS: dict[str, Callable[[str, Mapping[str, Any], Mapping[str, Any]], list[
     "head_subsets": _head_subsets, "localization": _localization,
     "dataset_scale": _dataset_scale, "attention_distance": _attention_distance,
     "skip_norms": _skip_norms, "receptive_field": _receptive_field, "probe": _probe,
-}
-
-
-# Builders of analyses outside tests/test_report.py's full-workdir fixture (cka_zoo has its own
-# report test in tests/test_zoo.py).
-_MORE_BUILDERS: dict[str, Callable[[str, Mapping[str, Any], Mapping[str, Any]], list[Figure]]] = {
     "cka_zoo": _zoo,
 }
 
@@ -373,7 +367,7 @@ _MORE_BUILDERS: dict[str, Callable[[str, Mapping[str, Any], Mapping[str, Any]], 
 def figures(run_dir: str, result: Mapping[str, Any],
             models: Mapping[str, Mapping[str, Any]]) -> list[Figure]:
   """(caption, plotly figure) pairs for one analysis' saved results (empty if unknown)."""
-  builder = _BUILDERS.get(result["name"]) or _MORE_BUILDERS.get(result["name"])
+  builder = _BUILDERS.get(result["name"])
   return builder(run_dir, result, models) if builder else []
 
 
