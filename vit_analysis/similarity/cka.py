@@ -149,7 +149,9 @@ def gram_linear(x: jax.Array, *, gram_precision: str = "highest") -> jax.Array:
   the subtraction into the GEMM, which measured 15-25% slower.) Chunked float32 summation is
   also a little more accurate. The Gram is symmetric, so on CPU only the row blocks on and below
   the diagonal are multiplied (b = clip(m // 64, 1, 8) blocks: (b+1)/(2b) of the FLOPs, 5/8 at
-  m = 256, 9/16 from m = 512 on); GPU/TPU run one GEMM with the centring fused.
+  m = 256, 9/16 from m = 512 on); GPU/TPU run one GEMM with the centring fused. OpenBLAS's SYRK
+  (one triangle) called through `jax.pure_callback` was measured against this on XLA:CPU and was
+  not faster end to end, so every backend stays on XLA's GEMM (docs/method.md#numerics-and-checks).
 
   Args:
     x: [n, ...] features (flattened per example); float16/bfloat16/int are computed in float32.
