@@ -290,3 +290,16 @@ def test_measure_results_save_load_and_summary(tmp_path):
   assert "use null_permutations >= " in summary["null_too_few_permutations"]
   fig = similarity.draw_measures(stem, "t", "a", "a", True)
   assert len(fig.axes) >= 2
+
+
+def test_summary_counts_cells_carried_by_one_minibatch():
+  values = np.full((2, 2, 3), 0.5)
+  stderr = np.full((2, 2, 3), 0.01)
+  loo = np.full((2, 2, 3), 0.02)
+  loo[1, 0, 2] = 0.05  # > 3 standard errors in repeat 2 only
+  rep = cka_runner.RepeatedCKA(["a0", "a1"], ["b0", "b1", "b2"], values, stderr, 64, 16,
+                               max_leave_one_out=loo)
+  out = similarity.summary(rep)
+  assert out["cells_moved_by_one_minibatch"] == 1
+  assert out["max_leave_one_out"] == pytest.approx(0.05)
+  assert "max_leave_one_out" in rep.arrays()

@@ -36,12 +36,24 @@ def layers_for(cfg: Any, key: str) -> str | tuple[str, ...]:
   return representations.layer_spec(per_model.get(key, cfg.layers))
 
 
-def summary(rep: cka_runner.RepeatedCKA) -> dict[str, float]:
-  """Headline numbers of one heatmap (mean over cells, first-to-last layer, error bars)."""
+# A cell is "carried by one minibatch" when leaving that minibatch out moves it by more than this
+# many of its standard errors (docs/method.md#cka-pitfalls).
+ONE_MINIBATCH_FACTOR = 3.0
+
+
+def summary(rep: cka_runner.RepeatedCKA) -> dict[str, Any]:
+  """Headline numbers of one heatmap (mean over cells, first-to-last layer, error bars), and how
+  many cells one minibatch can move by more than ONE_MINIBATCH_FACTOR standard errors."""
   mean = rep.mean
-  return dict(mean_cka=float(mean.mean()), first_last=float(mean[0, -1]),
-              max_std=float(rep.std.max()), max_stderr=float(rep.stderr.max()),
-              num_layers_a=len(rep.names_a), num_layers_b=len(rep.names_b))
+  out = dict(mean_cka=float(mean.mean()), first_last=float(mean[0, -1]),
+             max_std=float(rep.std.max()), max_stderr=float(rep.stderr.max()),
+             num_layers_a=len(rep.names_a), num_layers_b=len(rep.names_b))
+  if rep.max_leave_one_out is not None and len(rep.max_leave_one_out):
+    with np.errstate(invalid="ignore"):
+      moved = (rep.max_leave_one_out > ONE_MINIBATCH_FACTOR * rep.stderr).any(0)
+    out["cells_moved_by_one_minibatch"] = int(moved.sum())
+    out["max_leave_one_out"] = float(np.nanmax(rep.max_leave_one_out))
+  return out
 
 
 def measure_values(rep: cka_runner.RepeatedCKA) -> dict[str, np.ndarray]:

@@ -60,6 +60,13 @@ def measures(z: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray | No
 _MEASURE_RANGE = {m: (0.0, 1.0) for m in ("linear_cka", "rbf_cka", "procrustes", "mutual_knn")}
 
 
+def _loo(z: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The largest change of the cell when one minibatch is left out (max over repeats)."""
+  if "max_leave_one_out" not in z:
+    return {}
+  return {"max change, one minibatch left out": np.asarray(z["max_leave_one_out"]).max(0)}
+
+
 def _null_p(p: np.ndarray | None) -> dict[str, np.ndarray] | None:
   return None if p is None else {"null p (permutations)": p}
 
@@ -75,7 +82,8 @@ def cka_figures(z: Mapping[str, np.ndarray], title: str, model_a: str = "",
   repeats = len(z["values"]) if "values" in z else 1
   figs = [(f"{title}: CKA, mean over {repeats} repeat(s)", interactive.cka_heatmap(
       z["mean"], names_a, names_b, stderr=_stderr(z), spread=_spread(z),
-      null_z=z.get("cka_null_z", z.get("null_z")), extra=_null_p(z.get("cka_null_p")),
+      null_z=z.get("cka_null_z", z.get("null_z")),
+      extra={**(_null_p(z.get("cka_null_p")) or {}), **_loo(z)},
       title=title, model_a=model_a, model_b=model_b))]
   for m, f in measures(z).items():
     if m == "cka":

@@ -55,6 +55,8 @@ class RepeatedCKA:
       shuffle null, or None. `null_values[p]` is the mean over repeats of permutation p's value:
       a draw of the null of the mean over repeats, which the p-values compare the mean with
       (docs/method.md#significance).
+    max_leave_one_out: [R, A, B] the largest change of linear CKA when one minibatch of the repeat
+      is left out (docs/method.md#cka-pitfalls), or None.
   """
   names_a: list[str]
   names_b: list[str]
@@ -65,6 +67,7 @@ class RepeatedCKA:
   examples_counted: np.ndarray | None = None
   measures: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
   null: dict[str, np.ndarray] | None = None
+  max_leave_one_out: np.ndarray | None = None
 
   @property
   def mean(self) -> np.ndarray:
@@ -78,6 +81,8 @@ class RepeatedCKA:
     """Every saved array: linear CKA as values/stderr/mean/std (+ cka_null_{mean,std,z,p,values}),
     each other measure as <measure>_{values,stderr,mean,std} (+ _null_{mean,std,z,p,values})."""
     out = dict(values=self.values, stderr=self.stderr, mean=self.mean, std=self.std)
+    if self.max_leave_one_out is not None:
+      out["max_leave_one_out"] = self.max_leave_one_out
     groups = [("cka", dict(values=self.values, **(self.null or {})))] if self.null else []
     for name, v in self.measures.items():
       out.update({f"{name}_values": v["values"], f"{name}_stderr": v["stderr"].mean(0),
@@ -134,7 +139,7 @@ class RepeatedCKA:
       null["null_values"] = z["cka_null_values"]
     return cls(list(z["names_a"]), list(z["names_b"]), z["values"], z["stderr"],
                meta["num_examples"], meta["minibatch_size"], z.get("examples_counted"),
-               measures, null)
+               measures, null, z.get("max_leave_one_out"))
 
 
 def _spread(values: np.ndarray) -> np.ndarray:
@@ -469,7 +474,7 @@ def cka_pairs_over_repeats(sides: Mapping[str, Side], pairs: Sequence[Pair], sou
   def zeros(p):
     na, nb = names[p]
     shape = (repeats, len(na), len(na if nb is None else nb))
-    return {"cka": {f: np.zeros(shape) for f in fields[:2]},
+    return {"cka": {f: np.zeros(shape) for f in (*fields[:2], "max_leave_one_out")},
             "counted": np.zeros((repeats,), np.int64),
             "measures": {n: {**{f: np.zeros(shape) for f in fields},
                              "null_values": np.zeros((null_permutations,) + shape[1:])}
@@ -549,6 +554,7 @@ def cka_pairs_over_repeats(sides: Mapping[str, Side], pairs: Sequence[Pair], sou
       o, st = out[tags[p]], state[tags[p]]
       res = cka.result(st["cka"])
       o["cka"]["values"][r], o["cka"]["stderr"][r] = res.cka, res.stderr
+      o["cka"]["max_leave_one_out"][r] = res.max_leave_one_out
       o["counted"][r] = int(res.num_examples)
       for name, result in sums[p].results(st["measures"]).items():
         om = o["measures"][name]
@@ -575,7 +581,8 @@ def cka_pairs_over_repeats(sides: Mapping[str, Side], pairs: Sequence[Pair], sou
     reps[p] = RepeatedCKA(
         list(na), list(na if nb is None else nb), o["cka"]["values"], o["cka"]["stderr"],
         num_examples, minibatch_size, o["counted"], extra,
-        None if null is None else {f: null[f] for f in (*fields[2:], "null_values")})
+        None if null is None else {f: null[f] for f in (*fields[2:], "null_values")},
+        o["cka"]["max_leave_one_out"])
   return reps
 
 
