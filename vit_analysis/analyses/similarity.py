@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -15,7 +17,7 @@ from absl import logging
 from vit_analysis import config_lib
 from vit_analysis.analyses import base
 from vit_analysis.plotting import similarity as plots
-from vit_analysis.similarity import agreement, cka_runner, representations, significance
+from vit_analysis.similarity import agreement, cka, cka_runner, representations, significance
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -140,6 +142,7 @@ def _run(ctx: base.Context, cfg: ml_collections.ConfigDict,
   source = ctx.sources[cfg.split]
   settings = cka_runner.protocol(cfg)
   figures, metrics = [], {}
+  widths = [0, 0]
   for key_a, key_b in pairs:
     model_a = ctx.model(key_a)
     model_b = None if key_b is None else ctx.model(key_b)
@@ -148,6 +151,7 @@ def _run(ctx: base.Context, cfg: ml_collections.ConfigDict,
     side_b = None if model_b is None else representations.model_side(
         model_b, layers_for(cfg, key_b), cfg.tokens, m)
     tag = key_a if key_b is None else f"{key_a}_vs_{key_b}"
+    widths = [max(widths[0], widest(side_a, m)), max(widths[1], widest(side_b or side_a, m))]
     rep = cka_runner.cka_over_repeats(side_a, side_b, source, seed=ctx.seed, mesh=ctx.mesh,
                                       desc=f"{ctx.name}/{tag}", resume=ctx.checkpointer(tag),
                                       **settings)
@@ -164,8 +168,22 @@ def _run(ctx: base.Context, cfg: ml_collections.ConfigDict,
           lambda: draw_measures(stem, f"{model_a.name} vs {label_b}", model_a.name, label_b,
                                 key_b is None),
           f"{ctx.name}_{tag}_measures"))
+  mean, se = cka.null_bias_check(settings["minibatch_size"], *widths, seed=ctx.seed)
+  check = dict(minibatch_size=settings["minibatch_size"], width_a=widths[0], width_b=widths[1],
+               cka=mean, stderr=se,
+               statement=f"on independent random features at m = {settings['minibatch_size']} "
+                         f"and widths {widths[0]} x {widths[1]} (capped at 4096), this "
+                         f"estimator gives {mean:.4f} ± {se:.4f} (population value 0)")
   return base.AnalysisResult(name=ctx.name, title=title, caption=caption, figures=figures,
-                             metrics=dict(settings, tokens=cfg.tokens, **metrics))
+                             metrics=dict(settings, tokens=cfg.tokens, null_bias_check=check,
+                                          **metrics))
+
+
+def widest(side: representations.Side, m: int) -> int:
+  """The largest per-example feature width among a side's layers (from shapes, no compute)."""
+  images = jax.ShapeDtypeStruct((m, side.image_size, side.image_size, 3), jnp.float32)
+  shapes = jax.eval_shape(side.features, side.variables, images)
+  return max(int(np.prod(s.shape[1:])) for s in shapes.values())
 
 
 def run_intra(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResult:
@@ -173,9 +191,10 @@ def run_intra(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.Analysi
   keys = ctx.model_keys(config_lib.names(cfg.models))
   return _run(ctx, cfg, [(k, None) for k in keys], "Intra-model CKA (Figs 1, B.1, H.1)",
               "CKA between every pair of captured layers of one model, mean over repeats (the "
-              "hover, and the static figure's right panel, give the spread over repeats; the hover "
-              "also the standard error over minibatches). The paper finds ViTs uniform across depth with a grid texture, ResNets "
-              "block-diagonal by stage, Mixers two uncorrelated blocks.")
+              "hover, and the static figure's right panel, give the spread over repeats; the "
+              "hover also the standard error over minibatches). The paper finds ViTs uniform "
+              "across depth with a grid texture, ResNets block-diagonal by stage, Mixers two "
+              "uncorrelated blocks.")
 
 
 def run_cross(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResult:

@@ -829,3 +829,24 @@ def minibatch_cka(batches: Iterable[Any], *, stacked: bool = False,
   if state is None:
     raise ValueError("no minibatches given")
   return result(accumulate(state, pending)).cka
+
+
+def null_bias_check(m: int, width_a: int, width_b: int, *, num_minibatches: int = 8,
+                    seed: int = 0, max_width: int = 4096) -> tuple[float, float]:
+  """This estimator on independent random features: (CKA, its jackknife standard error).
+
+  Independent representations have population CKA 0. The unbiased minibatch estimator should
+  give 0 within its error at the run's minibatch size and widths, where the biased one is pulled
+  towards 1 as the width grows past m (docs/method.md#cka-pitfalls). Widths above `max_width`
+  are capped: the estimator's bias is already visible far below, and the check stays cheap.
+
+  Args:
+    m: minibatch size; width_a, width_b: feature widths of the two sides.
+    num_minibatches: k minibatches of independent standard-normal features [k, m, width].
+  """
+  rng = np.random.default_rng(seed)
+  wa, wb = min(int(width_a), max_width), min(int(width_b), max_width)
+  x = rng.standard_normal((num_minibatches, m, wa), dtype=np.float32)
+  y = rng.standard_normal((num_minibatches, m, wb), dtype=np.float32)
+  res = result(update(init(1, 1), [x], [y], stacked=True))
+  return float(res.cka[0, 0]), float(res.stderr[0, 0])
