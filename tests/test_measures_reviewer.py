@@ -170,7 +170,7 @@ REF = {"svcca": ref_svcca, "pwcca": ref_pwcca, "rsa": ref_rsa,
        "distance_correlation": lambda x, y: ref_dcor2(x, y, debiased=True),
        "procrustes_distance": lambda x, y: np.arccos(min(ref_procrustes(x, y), 1.0))}
 # Options of the minibatch path in the parametrised tests (a fixed ridge alpha: sklearn's).
-OPTS = {"linear_predictivity": {"alphas": (0.1,)}}
+OPTS = {"linear_predictivity": {"alphas": (0.1,)}, "distance_correlation": {"debiased": True}}
 
 
 def data(seed, m=32, p1=8, p2=12, noise=0.7):
@@ -234,14 +234,16 @@ def test_ridge_lambda_by_leave_one_out_matches_brute_force():
   assert measures.linear_predictivity(x, y, heldout="none") > measures.linear_predictivity(x, y)
 
 
-@pytest.mark.parametrize("p", [10, 50])
-def test_heldout_against_references(p):
-  x, y = data(p + 1, 32, p, p)
+@pytest.mark.parametrize("m,p", [(32, 10), (64, 50)])
+def test_heldout_against_references(m, p):
+  # The CCA fit is unique when the kept directions of both sides fit in the training rows
+  # (r_x + r_y <= t; here r <= 5 of t = m / 2): no training correlation is forced to 1.
+  x, y = data(p + 1, m, p, p)
   assert measures.procrustes(x, y, heldout="kfold") == pytest.approx(
       ref_heldout_procrustes(x, y), abs=1e-4)
   assert measures.procrustes_distance(x, y, heldout="kfold") == pytest.approx(
       np.arccos(ref_heldout_procrustes(x, y)), abs=2e-4)
-  for keep in (0.9, 0.99):
+  for keep in (0.7, 0.9):
     assert measures.svcca(x, y, keep, heldout="kfold") == pytest.approx(
         ref_heldout_cca(x, y, keep, False), abs=2e-4)
     assert measures.pwcca(x, y, keep, heldout="kfold") == pytest.approx(
@@ -275,7 +277,9 @@ def test_invariances(measure):
 def test_cca_invariant_to_invertible_maps_and_others_are_not():
   x, y = data(22, 40, 8, 12)
   r = rng(23)
-  g = r.normal(size=(8, 8)) * np.exp(r.normal(size=8))  # a general invertible map, not orthogonal
+  q1, _ = np.linalg.qr(r.normal(size=(8, 8)))
+  q2, _ = np.linalg.qr(r.normal(size=(8, 8)))
+  g = q1 @ np.diag(np.exp(r.uniform(-1, 1, size=8))) @ q2  # invertible, not orthogonal
   h = r.normal(size=(12, 12))
   # Without truncation (keep=1) the canonical correlations see only the column spaces.
   assert measures.svcca(x @ g, y @ h, keep=1.0) == pytest.approx(
@@ -298,17 +302,20 @@ def test_more_features_than_examples_heldout_near_chance():
   sit at their chance level 0, truncation to few directions is far below 1."""
   r = rng(30)
   x, y = r.normal(size=(64, 400)), r.normal(size=(64, 400))
-  assert measures.svcca(x, y) > 0.99  # the documented bias
+  assert measures.svcca(x, y) > 0.95  # the documented bias
   for f in (measures.svcca, measures.pwcca, measures.procrustes):
     assert abs(f(x, y, heldout="kfold")) < 0.1, f
   assert measures.procrustes_distance(x, y, heldout="kfold") == pytest.approx(np.pi / 2, abs=0.1)
   assert measures.linear_predictivity(x, y) < 0.05  # R^2 chance level: <= 0
   assert measures.linear_predictivity(x, y, heldout="none") > 0.5  # in-sample: overfits
   assert measures.svcca(x, y, keep=0.3) < 0.6
-  # A real relation is still found held out.
-  z = x[:, :300] @ r.normal(size=(300, 50)) / 20 + 0.3 * r.normal(size=(64, 50))
-  assert measures.svcca(x, z, heldout="kfold") > 0.3
-  assert measures.linear_predictivity(x, z) > 0.3
+  # A shared low-dimensional signal is still found held out (truncation keeps its directions).
+  latent = r.normal(size=(64, 4))
+  u = latent @ r.normal(size=(4, 400)) + 0.3 * r.normal(size=(64, 400))
+  v = latent @ r.normal(size=(4, 300)) + 0.3 * r.normal(size=(64, 300))
+  assert measures.svcca(u, v, keep=0.9, heldout="kfold") > 0.8
+  assert measures.procrustes(u, v, heldout="kfold") > 0.5
+  assert measures.linear_predictivity(u, v) > 0.5
 
 
 @pytest.mark.parametrize("measure", NEW)
@@ -353,7 +360,7 @@ def test_options_checked():
     measures.linear_predictivity(x, y, alphas=(0.1, -1.0))
   with pytest.raises(ValueError, match="folds"):
     measures.procrustes(x[:6], y[:6], heldout="kfold", folds=4)
-  with pytest.raises(ValueError, match="newton_schulz"):
+  with pytest.raises(ValueError, match="supports method='svd'"):
     measures.procrustes(x, y, heldout="kfold", method="newton_schulz")
   assert measures.higher_is_similar("svcca") and not measures.higher_is_similar(
       "procrustes_distance")
@@ -416,8 +423,13 @@ def test_intra_model(measure):
   np.testing.assert_allclose(intra.value, cross.value, atol=2e-5)
   if measure not in ("pwcca", "linear_predictivity"):
     np.testing.assert_allclose(intra.value, intra.value.T, atol=1e-12)
-  self_value = 0.0 if measure == "procrustes_distance" else 1.0
-  np.testing.assert_allclose(np.diagonal(intra.value), self_value, atol=3e-3)
+  if measure == "linear_predictivity":
+    # A layer predicts its own held-out rows only within the span of the t = m / 2 training rows:
+    # R^2 < 1 when its rank exceeds t (docs/method.md#other-similarity-measures).
+    assert np.all(np.diagonal(intra.value) > 0.85), np.diagonal(intra.value)
+  else:
+    self_value = 0.0 if measure == "procrustes_distance" else 1.0
+    np.testing.assert_allclose(np.diagonal(intra.value), self_value, atol=3e-3)
 
 
 def test_z_and_p_direction_for_a_distance():
@@ -481,6 +493,8 @@ def test_every_measure_from_the_same_pass_on_1_and_4_devices():
   i, r = LAYERS.index("identity"), LAYERS.index("rotated")
   for name in NEW:
     assert f"{name}_null_p" in arrays and arrays[f"{name}_stderr"].shape == (4, 4), name
+    if name == "linear_predictivity":  # 48 features from 8 training rows: R^2 < 1 even for a copy
+      continue
     want = 0.0 if name == "procrustes_distance" else 1.0
     assert arrays[f"{name}_mean"][i, r] == pytest.approx(want, abs=2e-3), name
   null, mean = arrays["procrustes_distance_null_values"], arrays["procrustes_distance_mean"]
