@@ -1,6 +1,6 @@
 """Similarity measures beyond linear CKA from the same minibatch Grams; shuffle nulls.
 
-Four measures of how alike two representations x: [n, p1], y: [n, p2] of the same n examples are
+Ten measures of how alike two representations x: [n, p1], y: [n, p2] of the same n examples are
 (features flattened per example, as for CKA):
 * `linear_cka`: the paper's measure (cka's HSIC estimators, biased or unbiased per minibatch).
 * `rbf_cka`: CKA with Gaussian kernels K_ij = exp(-d2_ij / (2 s2)), d2_ij = |x_i - x_j|^2, and the
@@ -12,6 +12,18 @@ Four measures of how alike two representations x: [n, p1], y: [n, p2] of the sam
 * `mutual_knn`: mutual k-nearest-neighbour alignment (Huh et al. 2024): for every example the
   fraction of its k nearest neighbours (cosine similarity of the centred features, itself
   excluded) that the two representations share, averaged over examples.
+* `svcca`, `pwcca`: SVD truncation to a variance fraction (the Gram's top eigenvectors U_r), then
+  CCA: the canonical correlations are the singular values of U_r,x^T U_r,y; mean (SVCCA) or
+  weighted by side a's variance along each variate (PWCCA, Gram form of Morcos et al. 2018).
+* `rsa`: Euclidean or cosine RDMs from the Gram, compared by Spearman or Pearson over i < j.
+* `linear_predictivity`: held-out R^2 of ridge from a to b (kernel ridge on Gram blocks, lambda
+  by leave-one-out).
+* `distance_correlation`: dCor^2, CKA with the kernel -D (D the Euclidean distances).
+* `procrustes_distance`: arccos of `procrustes` (a distance: lower = more similar,
+  `higher_is_similar` False, so its null test uses the lower tail).
+Procrustes, the CCA family and ridge take heldout='kfold' (folds within each minibatch, fitted on
+k - 1 and scored on the other, from Gram sub-blocks). docs/method.md#other-similarity-measures
+derives every formula.
 
 Everything is computable from the column-centred linear Gram K = C X X^T C of each layer:
   d2_ij = K_ii + K_jj - 2 K_ij;   cos_ij = K_ij / sqrt(K_ii K_jj);
@@ -37,9 +49,10 @@ Use inside the jitted step that builds the Grams (k minibatches, axis 0 possibly
 and on the host, per measure: state = init(name, names_a, names_b, num_perms=P, **options);
 state = accumulate(state, out[name], mask=<[k] valid minibatches>); result(state).
 
-Cost per minibatch (benchmarks/measures_bench.py): RBF, kNN and the nulls of CKA-type measures and
-kNN are O(A B m^2) like linear CKA; Procrustes is O((A + B) m^3 + A B m^3) (and P times that with a
-null), so it is the one measure to budget for.
+Cost per minibatch (benchmarks/measures_bench.py): RBF, kNN, RSA, distance correlation and their
+nulls are O(A B m^2) like linear CKA; Procrustes, its angle, SVCCA and PWCCA are
+O((A + B) m^3 + A B m^3) (and P times that with a null), ridge O(A B L m^3) for L alphas: those
+are the measures to budget for.
 """
 from __future__ import annotations
 
