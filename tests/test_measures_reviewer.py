@@ -501,3 +501,15 @@ def test_every_measure_from_the_same_pass_on_1_and_4_devices():
   np.testing.assert_array_equal(arrays["procrustes_distance_null_p"],
                                 (1 + (null <= mean).sum(0)) / 5)
   assert arrays["procrustes_distance_null_p"][i, r] == pytest.approx(1 / 5)
+
+
+def test_side_by_side_figure_uses_each_measures_range():
+  from vit_analysis.plotting import similarity as plots  # pylint: disable=g-import-not-at-top
+  v = np.array([[0.2, -0.4], [0.9, 0.1]])
+  fig = plots.measure_heatmaps({"linear_cka": v.clip(0), "rsa": v, "procrustes_distance": v.clip(0),
+                                "linear_predictivity": v - 1}, row_names=["a", "b"],
+                               col_names=["c", "d"])
+  clims = [ax.images[0].get_clim() for ax in fig.axes if ax.images]
+  assert clims[:3] == [(0.0, 1.0), (-1.0, 1.0), (0.0, np.pi / 2)]
+  assert clims[3] == (pytest.approx(-1.4), 1.0)
+  assert "lower = more similar" in fig.axes[2].get_title()
