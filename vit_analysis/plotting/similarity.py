@@ -108,11 +108,20 @@ def cka_heatmap(matrix: np.ndarray, *, row_names: Sequence[str] | None = None,
   return fig
 
 
+# Measures not in [0, 1] (docs/method.md#other-similarity-measures): RSA is a rank correlation,
+# ridge R^2 is unbounded below (None: the panel's minimum, at most 0), the Procrustes angle is in
+# [0, pi/2] radians with lower = more similar.
+_VALUE_RANGE = {"rsa": (-1.0, 1.0), "linear_predictivity": (None, 1.0),
+                "procrustes_distance": (0.0, np.pi / 2)}
+_LOWER_IS_SIMILAR = ("procrustes_distance",)
+
+
 def measure_heatmaps(values: Mapping[str, np.ndarray], *, row_names: Sequence[str],
                      col_names: Sequence[str], row_model: str = "", col_model: str = "",
                      above_null: Mapping[str, np.ndarray] | None = None,
                      title: str = "") -> matplotlib.figure.Figure:
-  """One heatmap per similarity measure, side by side, on one colour range [0, 1].
+  """One heatmap per similarity measure, side by side, on one colour range [0, 1] (a measure with
+  another range, e.g. RSA's [-1, 1] or the Procrustes angle, on its own: `_VALUE_RANGE`).
 
   Args:
     values: {measure: [rows, cols]} (mean over repeats), e.g. linear CKA, RBF CKA, Procrustes.
@@ -137,7 +146,13 @@ def measure_heatmaps(values: Mapping[str, np.ndarray], *, row_names: Sequence[st
       keep = np.asarray(above_null[name], bool)
       matrix = np.where(keep, matrix, np.nan)
       label = f"{name} ({int((~keep).sum())} cells not above the null blank)"
-    heatmap(ax, matrix, title=label)
+    lo, hi = _VALUE_RANGE.get(name, (0.0, 1.0))
+    if lo is None:
+      finite = matrix[np.isfinite(matrix)]
+      lo = min(0.0, float(finite.min())) if finite.size else 0.0
+    if name in _LOWER_IS_SIMILAR:
+      label += " (lower = more similar)"
+    heatmap(ax, matrix, vmin=lo, vmax=hi, title=label)
     _label_axis(ax, col_names, "x", col_model)
     _label_axis(ax, row_names, "y", row_model)
   if title:

@@ -57,7 +57,12 @@ def measures(z: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray | No
 
 
 # Measures in [0, 1] share CKA's colour range, so that side-by-side panels compare.
-_MEASURE_RANGE = {m: (0.0, 1.0) for m in ("linear_cka", "rbf_cka", "procrustes", "mutual_knn")}
+_MEASURE_RANGE = {m: (0.0, 1.0) for m in ("linear_cka", "rbf_cka", "procrustes", "mutual_knn",
+                                          "svcca", "pwcca", "distance_correlation")}
+# Their true ranges (docs/method.md#other-similarity-measures): rank correlation, R^2 (unbounded
+# below: the colour range follows the data there), an angle in radians (lower is more similar).
+_MEASURE_RANGE.update(rsa=(-1.0, 1.0), linear_predictivity=(None, 1.0),
+                      procrustes_distance=(0.0, 1.5707963267948966))
 
 
 def _loo(z: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -97,7 +97,10 @@ class RepeatedCKA:
                   f"{name}_null_z": z})
       if "null_values" in v:
         out[f"{name}_null_values"] = v["null_values"]
-        out[f"{name}_null_p"] = significance.permutation_p_values(mean, v["null_values"])
+        # Distances (measures_lib.higher_is_similar False) are similar in the lower tail.
+        sign = 1.0 if name == "cka" or measures_lib.higher_is_similar(name) else -1.0
+        out[f"{name}_null_p"] = significance.permutation_p_values(sign * mean,
+                                                                  sign * v["null_values"])
     return out
 
   def save(self, path_without_ext: str, **extra: Any) -> None:
@@ -601,7 +604,7 @@ def protocol_config() -> ml_collections.ConfigDict:
       checkpoint_every_s=60.0,  # partial accumulators saved this often (resumable)
       fast_compile=None,        # None: config.train.fast_compile
       # Similarity measures from the same Grams (docs/method.md#other-similarity-measures):
-      measures=("linear_cka",),  # + 'rbf_cka', 'procrustes', 'mutual_knn'
+      measures=("linear_cka",),  # + any of similarity.measures.MEASURES
       measure_options={},       # measure -> options, e.g. {'mutual_knn': {'k': 5}}
       null_permutations=0,      # P > 0: shuffle null (mean, std, z) on every cell
       gram_precision="highest",  # GPU/TPU Gram matmuls: 'highest' | 'high' | 'default'
