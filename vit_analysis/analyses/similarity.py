@@ -18,6 +18,7 @@ from vit_analysis import config_lib
 from vit_analysis.analyses import base
 from vit_analysis.plotting import similarity as plots
 from vit_analysis.similarity import agreement, cka, cka_runner, representations, significance
+from vit_analysis.similarity import measures as measures_lib
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -77,10 +78,15 @@ def measure_summary(rep: cka_runner.RepeatedCKA, intra: bool) -> dict[str, Any]:
   if rep.measures:
     values = measure_values(rep)
     out["measure_mean"] = {n: float(v.mean()) for n, v in values.items()}
+    # Agreement is about which cells are more alike: a distance enters with its sign flipped.
+    alike = {n: v if measures_lib.higher_is_similar(n) else -v for n, v in values.items()}
     out["measure_agreement"] = {f"{a} ~ {b}": rho for (a, b), rho in
-                                agreement.rank_agreement(values, intra=intra).items()}
+                                agreement.rank_agreement(alike, intra=intra).items()}
     out["measure_disagreements"] = agreement.disagreements(
-        values, rep.names_a, rep.names_b, top=5, intra=intra)
+        alike, rep.names_a, rep.names_b, top=5, intra=intra)
+    for d in out["measure_disagreements"]:  # the values as measured, not sign-flipped
+      d["value"] = {n: v if measures_lib.higher_is_similar(n) else -v
+                    for n, v in d["value"].items()}
   above, tested = {}, 0
   for name, found in null_discoveries(arrays, intra).items():
     above[name], tested = found
