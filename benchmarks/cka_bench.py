@@ -11,10 +11,13 @@ host sums, result), cross-model and intra-model (28 x 28); the floor is XLA's ba
 Grams: only the row blocks on and below the diagonal are multiplied.
 
 Table 2 (--peers; needs `pip install -e ".[bench]"`): the same arrays through cka-pytorch (one
-epoch, and its default of 10), torch-cka, and NumPy's `x @ x.T` (OpenBLAS SYRK: half the FLOPs)
-Grams alone, with the max |CKA - float64 reference| of each. torch-cka recomputes every layer-b
-Gram for every layer a (12x the Gram work), so it runs on fewer minibatches and its time is
-scaled to k.
+epoch, and its default of 10), torch-cka, and NumPy's `x @ x.T` (OpenBLAS SYRK: one triangle, half
+the FLOPs) Grams alone, with the max |CKA - float64 reference| of each. "ours: centred Grams alone"
+is `cka.centred_grams` of every layer (centring and the symmetric Grams, no HSIC), so the Gram's
+cost stands beside NumPy's SYRK and cka-pytorch's one epoch: wall and CPU time, and the median
+per-repetition ratios to each ("vs SYRK", "vs 1 epoch"; CPU-time ratios in parentheses).
+torch-cka recomputes every layer-b Gram for every layer a (12x the Gram work), so it runs on fewer
+minibatches and its time is scaled to k.
 
 Usage:
   python benchmarks/cka_bench.py [--m 128 256 1024] [--minibatches 10] [--reps 5] [--quick]
@@ -24,6 +27,9 @@ Usage:
   python benchmarks/cka_bench.py --smoke
   # OpenBLAS at its native kernel (this machine's environment may pin an old one):
   env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/cka_bench.py --peers
+  # one thread each (XLA, OpenBLAS, torch): per-core work, steady on a loaded machine:
+  OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 XLA_FLAGS="--xla_cpu_multi_thread_eigen=false \
+      intra_op_parallelism_threads=1" python benchmarks/cka_bench.py --peers
 
 Method: the contenders alternate within each repetition, so load changes on a shared machine hit
 all alike; the printed times are medians over repetitions and each ratio is the median of the
@@ -217,6 +223,10 @@ def _peer_runs(vit_np, resnet_np, k: int, torch_cka_minibatches: int):
   return runs, unavailable, torch
 
 
+SYRK = "NumPy x @ x.T Grams alone (SYRK)"
+EPOCH = "cka-pytorch, 1 epoch"
+
+
 def blas_info() -> str:
   try:
     from threadpoolctl import threadpool_info  # pylint: disable=g-import-not-at-top
@@ -230,49 +240,67 @@ def blas_info() -> str:
 
 
 def bench_peers(m: int, k: int, reps: int, torch_cka_minibatches: int) -> None:
-  """Table 2: one table of time and max |dCKA| against float64 for every implementation."""
+  """Table 2: time, CPU time and max |dCKA| against float64 for every implementation, and the
+  cost of our centred Grams alone beside NumPy's SYRK Grams and cka-pytorch's one epoch."""
   vit, resnet = make_features(m, VIT, 0), make_features(m, RESNET, 1)
   vit_np = [np.asarray(x) for x in vit]  # views of the same buffers on CPU
   resnet_np = [np.asarray(y) for y in resnet]
   ref = reference_cka(vit_np, resnet_np)
   host = [x.reshape(m, -1) for x in vit_np + resnet_np]
   ours = lambda: cka.minibatch_cka([(vit, resnet)] * k)
+  # Our Grams alone: every layer's centred Gram (what `minibatch_terms` computes before HSIC).
+  grams = lambda: [jax.block_until_ready(cka.centred_grams(vit + resnet)) for _ in range(k)]
   syrk = lambda: [[x @ x.T for x in host] for _ in range(k)]
   runs, unavailable, torch = _peer_runs(vit_np, resnet_np, k, torch_cka_minibatches)
   contenders = {"ours: cka.minibatch_cka": (ours, k, None),
-                "NumPy x @ x.T Grams alone (SYRK)": (syrk, k, None), **runs}
+                "ours: centred Grams alone": (grams, k, None),
+                SYRK: (syrk, k, None), **runs}
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # peers warn about read-only arrays, unnamed models
     outs = {name: run() for name, (run, _, _) in contenders.items()
             if name not in ("cka-pytorch, default 10 epochs", "torch-cka")}  # compile / warm up
     wall = {name: [] for name in contenders}
+    cpu = {name: [] for name in contenders}
     for rep in range(reps):
       for name, (run, _, only) in contenders.items():
         if only is not None and rep >= only:
           continue
-        outs[name], w, _ = timed(run)
+        outs[name], w, c = timed(run)
         wall[name].append(w)
+        cpu[name].append(c)
   print(f"\nm={m}, k={k} minibatches, {len(VIT)} ViT x {len(RESNET)} ResNet layers, float32, "
         f"{gflop(m, k):.0f} GFLOP of full Grams; medians of {reps} interleaved repetitions "
-        f"(fewer where noted)")
+        f"(fewer where noted); backend {jax.default_backend()}")
   print(f"  BLAS: {blas_info()}")
   if torch is not None:
     print(f"  torch {torch.__version__}, {torch.get_num_threads()} threads")
-  ours_t = float(np.median(wall["ours: cka.minibatch_cka"]))
-  print(f"  {'implementation':40s} {'time s':>8s} {'vs ours':>8s} {'max |dCKA|':>11s}")
+  # Times scaled to k minibatches; a ratio is the median of the per-repetition ratios.
+  scaled = lambda t, name: np.asarray(t[name]) * k / contenders[name][1]
+
+  def ratio(t, name, base):
+    if base not in t or not t[base]:
+      return "-"
+    n = min(len(t[name]), len(t[base]))
+    return f"{np.median(scaled(t, name)[:n] / scaled(t, base)[:n]):.2f}x"
+
+  print(f"  {'implementation':34s} {'wall s':>7s} {'cpu s':>7s}   {'vs ours':>7s} "
+        f"{'vs SYRK (cpu)':>14s} {'vs 1 epoch (cpu)':>17s} {'max |dCKA|':>10s}")
   for name, (_, covers, only) in contenders.items():
-    t = float(np.median(wall[name])) * k / covers
     note = []
     if covers != k:
       note.append(f"{covers} of {k} minibatches, time x{k / covers:g}")
     if only is not None:
       note.append(f"{min(only, reps)} rep")
     out = outs[name]
-    dev = "-" if name.startswith("NumPy") else f"{np.abs(np.asarray(out) - ref).max():.1e}"
-    print(f"  {name:40s} {t:8.3f} {t / ours_t:7.2f}x {dev:>11s}"
-          + (f"   ({', '.join(note)})" if note else ""))
+    dev = ("-" if name in (SYRK, "ours: centred Grams alone")
+           else f"{np.abs(np.asarray(out) - ref).max():.1e}")
+    vs_syrk = f"{ratio(wall, name, SYRK)} ({ratio(cpu, name, SYRK)})"
+    vs_epoch = f"{ratio(wall, name, EPOCH)} ({ratio(cpu, name, EPOCH)})"
+    print(f"  {name:34s} {np.median(scaled(wall, name)):7.3f} {np.median(scaled(cpu, name)):7.3f}"
+          f"   {ratio(wall, name, 'ours: cka.minibatch_cka'):>7s} {vs_syrk:>14s} "
+          f"{vs_epoch:>17s} {dev:>10s}" + (f"   ({', '.join(note)})" if note else ""))
   for name, why in unavailable.items():
-    print(f"  {name:40s} {'unavailable':>8s}   ({why}; pip install -e '.[bench]')")
+    print(f"  {name:34s} {'unavailable':>7s}   ({why}; pip install -e '.[bench]')")
 
 
 def main() -> None:

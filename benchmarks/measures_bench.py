@@ -8,6 +8,9 @@ the arithmetic), as the analyses will compute them once for all measures. Every 
 jitted program `measures.minibatch_terms(name, grams_a, grams_b)`; "linear_cka" is its U-centring
 plus the all-pairs HSIC contraction, i.e. what `cka` does per minibatch after the Grams.
 
+The reviewer's measures (SVCCA, PWCCA, RSA, ridge predictivity, distance correlation, the
+Procrustes angle; held-out k-fold variants of the fitted ones) are timed the same way.
+
 Procrustes variants: exact SVD per pair, GEMM-only Newton-Schulz, and both on the top m/4
 components of every Gram (`max_rank`: Procrustes of the rank-m/4 PCA approximations, pair cost
 /64); their deviation from the full-rank SVD values is printed.
@@ -25,6 +28,7 @@ Usage:
   python benchmarks/measures_bench.py [--m 256] [--big_m 1024] [--reps 3] [--perms 8]
   python benchmarks/measures_bench.py --null_only   # the shuffle-null table alone (~1 min)
   python benchmarks/measures_bench.py --smoke       # seconds, every table (tests/test_benchmarks.py)
+  python benchmarks/measures_bench.py --layers_a 4 --layers_b 4 --costs_only  # cost ratios only
 
 Known issue (XLA:CPU, jax 0.10.2, 2 shared cores): in three of four runs the process stopped using
 CPU inside a Procrustes program (m = 1024 SVD twice; m = 256 Newton-Schulz) after the cheaper ones
@@ -50,7 +54,11 @@ def variants(m: int):
   return (("linear_cka", {}), ("rbf_cka", {}), ("mutual_knn", {}),
           ("procrustes", {"method": "svd"}), ("procrustes", {"method": "newton_schulz"}),
           ("procrustes", {"method": "svd", "max_rank": m // 4}),
-          ("procrustes", {"method": "newton_schulz", "max_rank": m // 4}))
+          ("procrustes", {"method": "newton_schulz", "max_rank": m // 4}),
+          ("procrustes", {"heldout": "kfold"}), ("procrustes_distance", {}),
+          ("svcca", {}), ("svcca", {"heldout": "kfold"}), ("pwcca", {}),
+          ("pwcca", {"heldout": "kfold"}), ("rsa", {}), ("rsa", {"compare": "pearson"}),
+          ("linear_predictivity", {}), ("distance_correlation", {}))
 
 
 def make_grams(num: int, m: int, seed: int) -> jax.Array:
@@ -125,7 +133,15 @@ def null_demo(m: int = 128, p: int = 512, minibatches: int = 4, perms: int = 32)
            ("linear_cka (unbiased)", "linear_cka", {}),
            ("rbf_cka (biased)", "rbf_cka", {"debiased": False}),
            ("rbf_cka (unbiased)", "rbf_cka", {}),
-           ("procrustes", "procrustes", {}), ("mutual_knn (k=10)", "mutual_knn", {}))
+           ("procrustes", "procrustes", {}), ("mutual_knn (k=10)", "mutual_knn", {}),
+           ("procrustes (held out)", "procrustes", {"heldout": "kfold"}),
+           ("procrustes_distance", "procrustes_distance", {}),
+           ("svcca", "svcca", {}), ("svcca (held out)", "svcca", {"heldout": "kfold"}),
+           ("pwcca", "pwcca", {}), ("pwcca (held out)", "pwcca", {"heldout": "kfold"}),
+           ("rsa (spearman)", "rsa", {}), ("rsa (pearson)", "rsa", {"compare": "pearson"}),
+           ("linear_predictivity", "linear_predictivity", {}),
+           ("distance_corr. (biased)", "distance_correlation", {"debiased": False}),
+           ("distance_corr. (unbiased)", "distance_correlation", {}))
   for label, name, opts in specs:
     res = []
     for other in (ys, xs):
@@ -149,6 +165,8 @@ def main() -> None:
   parser.add_argument("--reps", type=int, default=3)
   parser.add_argument("--perms", type=int, default=8)
   parser.add_argument("--null_only", action="store_true", help="only the shuffle-null table")
+  parser.add_argument("--costs_only", action="store_true",
+                      help="only the cost tables (no Gram timing, no null table)")
   parser.add_argument("--smoke", action="store_true",
                       help="seconds: 2 x 2 layers, m = 16 (no big m), 1 rep, P = 2, small null")
   args = parser.parse_args()
@@ -164,6 +182,8 @@ def main() -> None:
   if args.big_m:
     table(2, 2, args.big_m, args.reps, 0)
     table(2, 2, args.m, args.reps, 0)  # the same small grid at the small m: the m-scaling
+  if args.costs_only:
+    return
   gram_cost(args.m, args.reps, gram_p)
   null_demo(**null_sizes)
 

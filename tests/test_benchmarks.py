@@ -27,6 +27,8 @@ CASES = {
     "measures_bench": (["--smoke"], ["x linear_cka", "procrustes (method=newton_schulz)",
                                      "z (X vs X)", "Gram of one layer"]),
     "probe_bench": (["--smoke"], ["max |acc diff|", "l2 agree 100%"]),
+    "zoo_bench": (["--smoke"], ["zoo (one pass", "separate (3 intra + 3 cross", "speed-up",
+                                "projected TPU v3-8: zoo of"]),
 }
 
 

@@ -197,3 +197,12 @@ def test_max_leave_one_out_change_finds_an_outlying_minibatch():
   assert (np.diagonal(intra.max_leave_one_out) == 0).all()
   # The outlier moves the (0, 2) cell by more than its standard error.
   assert res.max_leave_one_out[0, 2] > res.stderr[0, 2]
+
+
+def test_null_bias_check_is_zero_within_error_where_biased_cka_is_not():
+  mean, se = cka.null_bias_check(32, 2048, 1024, num_minibatches=8)
+  assert abs(mean) < 4 * se + 1e-3
+  # The biased (full-batch) estimator on the same kind of data is far from 0 at p >> m.
+  rng = np.random.default_rng(0)
+  x, y = rng.standard_normal((32, 2048)), rng.standard_normal((32, 1024))
+  assert float(cka.linear_cka(x, y, debiased=False)) > 0.5

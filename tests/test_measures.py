@@ -7,7 +7,8 @@ from helpers import ref_hsic_unbiased
 
 from vit_analysis.similarity import agreement, cka, measures
 
-MEASURES = measures.MEASURES
+# The first four measures; the reviewer's measures are tests/test_measures_reviewer.py's.
+MEASURES = measures.MEASURES[:4]
 
 
 def rng(seed):

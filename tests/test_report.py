@@ -380,6 +380,12 @@ def make_full_workdir(workdir, seed=0):
       "aggregated": {"cls": {"layers": ["embedding", "block01"], "acc_mean": [0.1, 0.5],
                              "acc_std": [0.01, 0.02]}},
       "tokens": {"block01": {"acc_mean": 0.2, "acc_std": 0.01}}}})
+  for stem, (a, b) in {"cka_zoo_vit": (vit, vit), "cka_zoo_resnet": (res, res),
+                       "cka_zoo_vit_vs_resnet": (vit, res)}.items():
+    save_comparison(workdir, stem, rng.random((len(a), len(b))), a, b)
+  np.savez(os.path.join(workdir, "results", "cka_zoo_summary.npz"),
+           band_mean=np.array([[1.0, 0.4], [0.4, 1.0]]), keys=np.array(["vit", "resnet"]))
+  _save_result(workdir, "cka_zoo", {"vit_vs_resnet": {"mean_cka": 0.5}})
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump({"analyses": list(report_figures._BUILDERS)}, f)
   return arrays
@@ -398,8 +404,10 @@ def test_every_analysis_layout_gives_valid_figures(tmp_path):
       go.Figure(json.loads(interactive.to_json(fig)))
   assert counts == {"cka_intra": 2, "cka_cross": 1, "skip_removal": 2, "head_subsets": 1,
                     "localization": 1, "dataset_scale": 2, "attention_distance": 1,
-                    "skip_norms": 4, "receptive_field": 1, "probe": 3}
-  assert {f.analysis for f in run.findings} == set(counts)
+                    "skip_norms": 4, "receptive_field": 1, "probe": 3,
+                    "cka_zoo": 5}  # summary, all grids as panels, then each of the 3 grids
+  # The zoo's grids are cka_intra's and cka_cross's; the findings are checked on those analyses.
+  assert {f.analysis for f in run.findings} == set(counts) - {"cka_zoo"}
 
 
 def test_findings_table_shows_three_verdicts_and_intervals():

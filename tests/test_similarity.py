@@ -290,3 +290,30 @@ def test_measure_results_save_load_and_summary(tmp_path):
   assert "use null_permutations >= " in summary["null_too_few_permutations"]
   fig = similarity.draw_measures(stem, "t", "a", "a", True)
   assert len(fig.axes) >= 2
+
+
+def test_summary_counts_cells_carried_by_one_minibatch():
+  values = np.full((2, 2, 3), 0.5)
+  stderr = np.full((2, 2, 3), 0.01)
+  loo = np.full((2, 2, 3), 0.02)
+  loo[1, 0, 2] = 0.05  # > 3 standard errors in repeat 2 only
+  rep = cka_runner.RepeatedCKA(["a0", "a1"], ["b0", "b1", "b2"], values, stderr, 64, 16,
+                               max_leave_one_out=loo)
+  out = similarity.summary(rep)
+  assert out["cells_moved_by_one_minibatch"] == 1
+  assert out["max_leave_one_out"] == pytest.approx(0.05)
+  assert "max_leave_one_out" in rep.arrays()
+
+
+def test_a_distance_agrees_with_its_similarity_in_the_summary():
+  rng = np.random.default_rng(0)
+  sim = rng.uniform(0.1, 0.9, (1, 3, 4))
+  measures = {"procrustes": {"values": sim, "stderr": sim * 0},
+              "procrustes_distance": {"values": np.arccos(sim), "stderr": sim * 0}}
+  rep = cka_runner.RepeatedCKA(["a0", "a1", "a2"], ["b0", "b1", "b2", "b3"], sim, sim * 0, 64,
+                               16, measures=measures)
+  out = similarity.measure_summary(rep, intra=False)
+  assert out["measure_agreement"]["procrustes ~ procrustes_distance"] == pytest.approx(1.0)
+  d = out["measure_disagreements"][0]
+  i, j = ["a0", "a1", "a2"].index(d["a"]), ["b0", "b1", "b2", "b3"].index(d["b"])
+  assert d["value"]["procrustes_distance"] == pytest.approx(np.arccos(sim[0, i, j]))

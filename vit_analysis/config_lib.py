@@ -123,10 +123,14 @@ def parse_arg(arg: str | None, accepted: Iterable[str]) -> ml_collections.Config
 
 
 def names(value: Any) -> tuple[str, ...]:
-  """A tuple of names from a tuple/list or a comma-separated string ('vit,resnet')."""
+  """A tuple of names from a tuple/list or a comma-separated string ('vit,resnet').
+
+  A tuple option set on the command line arrives as a 1-tuple of the comma-separated string
+  (`--config.cka_cross.measures=linear_cka,rbf_cka`), so every element is split at commas too.
+  """
   if isinstance(value, str):
     return tuple(v.strip() for v in value.split(",") if v.strip())
-  return tuple(str(v) for v in (value or ()))
+  return tuple(n for v in (value or ()) for n in names(str(v)))
 
 
 def pairs(value: Any) -> list[tuple[str, str]]:

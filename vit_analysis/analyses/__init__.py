@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 _REGISTRY: dict[str, str] = {
     "cka_intra": "similarity:run_intra",             # Figs 1, B.1, H.1
     "cka_cross": "similarity:run_cross",             # Figs 2, B.1, G.2, H.2
+    "cka_zoo": "zoo:run",                            # Figs 1 and 2 for N models, one pass
     "head_subsets": "head_subsets:run",              # Fig 5
     "localization": "localization:run",              # Figs 9, 10, D.1-D.3
     "dataset_scale": "dataset_scale:run",            # Figs 12, G.1

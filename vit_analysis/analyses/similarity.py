@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -15,7 +17,8 @@ from absl import logging
 from vit_analysis import config_lib
 from vit_analysis.analyses import base
 from vit_analysis.plotting import similarity as plots
-from vit_analysis.similarity import agreement, cka_runner, representations, significance
+from vit_analysis.similarity import agreement, cka, cka_runner, representations, significance
+from vit_analysis.similarity import measures as measures_lib
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -36,12 +39,24 @@ def layers_for(cfg: Any, key: str) -> str | tuple[str, ...]:
   return representations.layer_spec(per_model.get(key, cfg.layers))
 
 
-def summary(rep: cka_runner.RepeatedCKA) -> dict[str, float]:
-  """Headline numbers of one heatmap (mean over cells, first-to-last layer, error bars)."""
+# A cell is "carried by one minibatch" when leaving that minibatch out moves it by more than this
+# many of its standard errors (docs/method.md#cka-pitfalls).
+ONE_MINIBATCH_FACTOR = 3.0
+
+
+def summary(rep: cka_runner.RepeatedCKA) -> dict[str, Any]:
+  """Headline numbers of one heatmap (mean over cells, first-to-last layer, error bars), and how
+  many cells one minibatch can move by more than ONE_MINIBATCH_FACTOR standard errors."""
   mean = rep.mean
-  return dict(mean_cka=float(mean.mean()), first_last=float(mean[0, -1]),
-              max_std=float(rep.std.max()), max_stderr=float(rep.stderr.max()),
-              num_layers_a=len(rep.names_a), num_layers_b=len(rep.names_b))
+  out = dict(mean_cka=float(mean.mean()), first_last=float(mean[0, -1]),
+             max_std=float(rep.std.max()), max_stderr=float(rep.stderr.max()),
+             num_layers_a=len(rep.names_a), num_layers_b=len(rep.names_b))
+  if rep.max_leave_one_out is not None and len(rep.max_leave_one_out):
+    with np.errstate(invalid="ignore"):
+      moved = (rep.max_leave_one_out > ONE_MINIBATCH_FACTOR * rep.stderr).any(0)
+    out["cells_moved_by_one_minibatch"] = int(moved.sum())
+    out["max_leave_one_out"] = float(np.nanmax(rep.max_leave_one_out))
+  return out
 
 
 def measure_values(rep: cka_runner.RepeatedCKA) -> dict[str, np.ndarray]:
@@ -63,10 +78,15 @@ def measure_summary(rep: cka_runner.RepeatedCKA, intra: bool) -> dict[str, Any]:
   if rep.measures:
     values = measure_values(rep)
     out["measure_mean"] = {n: float(v.mean()) for n, v in values.items()}
+    # Agreement is about which cells are more alike: a distance enters with its sign flipped.
+    alike = {n: v if measures_lib.higher_is_similar(n) else -v for n, v in values.items()}
     out["measure_agreement"] = {f"{a} ~ {b}": rho for (a, b), rho in
-                                agreement.rank_agreement(values, intra=intra).items()}
+                                agreement.rank_agreement(alike, intra=intra).items()}
     out["measure_disagreements"] = agreement.disagreements(
-        values, rep.names_a, rep.names_b, top=5, intra=intra)
+        alike, rep.names_a, rep.names_b, top=5, intra=intra)
+    for d in out["measure_disagreements"]:  # the values as measured, not sign-flipped
+      d["value"] = {n: v if measures_lib.higher_is_similar(n) else -v
+                    for n, v in d["value"].items()}
   above, tested = {}, 0
   for name, found in null_discoveries(arrays, intra).items():
     above[name], tested = found
@@ -128,6 +148,7 @@ def _run(ctx: base.Context, cfg: ml_collections.ConfigDict,
   source = ctx.sources[cfg.split]
   settings = cka_runner.protocol(cfg)
   figures, metrics = [], {}
+  widths = [0, 0]
   for key_a, key_b in pairs:
     model_a = ctx.model(key_a)
     model_b = None if key_b is None else ctx.model(key_b)
@@ -136,6 +157,7 @@ def _run(ctx: base.Context, cfg: ml_collections.ConfigDict,
     side_b = None if model_b is None else representations.model_side(
         model_b, layers_for(cfg, key_b), cfg.tokens, m)
     tag = key_a if key_b is None else f"{key_a}_vs_{key_b}"
+    widths = [max(widths[0], widest(side_a, m)), max(widths[1], widest(side_b or side_a, m))]
     rep = cka_runner.cka_over_repeats(side_a, side_b, source, seed=ctx.seed, mesh=ctx.mesh,
                                       desc=f"{ctx.name}/{tag}", resume=ctx.checkpointer(tag),
                                       **settings)
@@ -152,8 +174,22 @@ def _run(ctx: base.Context, cfg: ml_collections.ConfigDict,
           lambda: draw_measures(stem, f"{model_a.name} vs {label_b}", model_a.name, label_b,
                                 key_b is None),
           f"{ctx.name}_{tag}_measures"))
+  mean, se = cka.null_bias_check(settings["minibatch_size"], *widths, seed=ctx.seed)
+  check = dict(minibatch_size=settings["minibatch_size"], width_a=widths[0], width_b=widths[1],
+               cka=mean, stderr=se,
+               statement=f"on independent random features at m = {settings['minibatch_size']} "
+                         f"and widths {widths[0]} x {widths[1]} (capped at 4096), this "
+                         f"estimator gives {mean:.4f} ± {se:.4f} (population value 0)")
   return base.AnalysisResult(name=ctx.name, title=title, caption=caption, figures=figures,
-                             metrics=dict(settings, tokens=cfg.tokens, **metrics))
+                             metrics=dict(settings, tokens=cfg.tokens, null_bias_check=check,
+                                          **metrics))
+
+
+def widest(side: representations.Side, m: int) -> int:
+  """The largest per-example feature width among a side's layers (from shapes, no compute)."""
+  images = jax.ShapeDtypeStruct((m, side.image_size, side.image_size, 3), jnp.float32)
+  shapes = jax.eval_shape(side.features, side.variables, images)
+  return max(int(np.prod(s.shape[1:])) for s in shapes.values())
 
 
 def run_intra(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResult:
@@ -161,9 +197,10 @@ def run_intra(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.Analysi
   keys = ctx.model_keys(config_lib.names(cfg.models))
   return _run(ctx, cfg, [(k, None) for k in keys], "Intra-model CKA (Figs 1, B.1, H.1)",
               "CKA between every pair of captured layers of one model, mean over repeats (the "
-              "hover, and the static figure's right panel, give the spread over repeats; the hover "
-              "also the standard error over minibatches). The paper finds ViTs uniform across depth with a grid texture, ResNets "
-              "block-diagonal by stage, Mixers two uncorrelated blocks.")
+              "hover, and the static figure's right panel, give the spread over repeats; the "
+              "hover also the standard error over minibatches). The paper finds ViTs uniform "
+              "across depth with a grid texture, ResNets block-diagonal by stage, Mixers two "
+              "uncorrelated blocks.")
 
 
 def run_cross(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResult:

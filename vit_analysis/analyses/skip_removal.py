@@ -123,6 +123,7 @@ def run(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResul
     matrices[key] = rep.mean
     accuracies[key] = model.test_accuracy
     metrics[key] = {"name": model.name, "test_accuracy": model.test_accuracy,
+                    "num_test": len(ctx.sources["test"]),
                     "skip_removed": list(getattr(model.module, "skip_removed", ()) or ()),
                     "num_layers": len(rep.names_a)}
     if ctx.is_main:

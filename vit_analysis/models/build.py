@@ -220,7 +220,10 @@ class ModelBuilder:
                  "n/a" if accuracy is None else f"{accuracy:.4f}", origin)
     self.summaries.append({
         "key": key, "name": entry.name, "params": int(sum(x.size for x in jax.tree.leaves(params))),
-        "image_size": image_size, "test_accuracy": accuracy, "train_seconds": time.time() - t0,
+        "image_size": image_size, "test_accuracy": accuracy,
+        # Accuracy is over the whole test split: its binomial error needs the count.
+        "num_test": None if accuracy is None else len(sources["test"]),
+        "train_seconds": time.time() - t0,
         "source": origin, "family": info.family, "has_cls": info.has_cls,
         "classifier": "token" if info.has_cls else "gap", "patch_size": info.patch_size,
         "num_prefix_tokens": info.num_prefix_tokens})

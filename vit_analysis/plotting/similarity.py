@@ -108,11 +108,20 @@ def cka_heatmap(matrix: np.ndarray, *, row_names: Sequence[str] | None = None,
   return fig
 
 
+# Measures not in [0, 1] (docs/method.md#other-similarity-measures): RSA is a rank correlation,
+# ridge R^2 is unbounded below (None: the panel's minimum, at most 0), the Procrustes angle is in
+# [0, pi/2] radians with lower = more similar.
+_VALUE_RANGE = {"rsa": (-1.0, 1.0), "linear_predictivity": (None, 1.0),
+                "procrustes_distance": (0.0, np.pi / 2)}
+_LOWER_IS_SIMILAR = ("procrustes_distance",)
+
+
 def measure_heatmaps(values: Mapping[str, np.ndarray], *, row_names: Sequence[str],
                      col_names: Sequence[str], row_model: str = "", col_model: str = "",
                      above_null: Mapping[str, np.ndarray] | None = None,
                      title: str = "") -> matplotlib.figure.Figure:
-  """One heatmap per similarity measure, side by side, on one colour range [0, 1].
+  """One heatmap per similarity measure, side by side, on one colour range [0, 1] (a measure with
+  another range, e.g. RSA's [-1, 1] or the Procrustes angle, on its own: `_VALUE_RANGE`).
 
   Args:
     values: {measure: [rows, cols]} (mean over repeats), e.g. linear CKA, RBF CKA, Procrustes.
@@ -137,7 +146,13 @@ def measure_heatmaps(values: Mapping[str, np.ndarray], *, row_names: Sequence[st
       keep = np.asarray(above_null[name], bool)
       matrix = np.where(keep, matrix, np.nan)
       label = f"{name} ({int((~keep).sum())} cells not above the null blank)"
-    heatmap(ax, matrix, title=label)
+    lo, hi = _VALUE_RANGE.get(name, (0.0, 1.0))
+    if lo is None:
+      finite = matrix[np.isfinite(matrix)]
+      lo = min(0.0, float(finite.min())) if finite.size else 0.0
+    if name in _LOWER_IS_SIMILAR:
+      label += " (lower = more similar)"
+    heatmap(ax, matrix, vmin=lo, vmax=hi, title=label)
     _label_axis(ax, col_names, "x", col_model)
     _label_axis(ax, row_names, "y", row_model)
   if title:
@@ -233,5 +248,59 @@ def per_block_lines(curves: Mapping[str, np.ndarray], *, block_labels: Sequence[
   ax.set_ylim(*ylim)
   ax.set_title(title)
   ax.legend(fontsize=6)
+  fig.tight_layout()
+  return fig
+
+
+def zoo_figure(means: Mapping[str, np.ndarray], keys: Sequence[str], names: Sequence[str],
+               band: np.ndarray) -> matplotlib.figure.Figure:
+  """Every grid of a CKA zoo as an N x N panel grid, plus the model x model summary heatmap.
+
+  Args:
+    means: {tag: [A, B] mean CKA}, tags `<key>` (intra) and `<a>_vs_<b>` (cross, a before b in
+      `keys`).
+    keys, names: the N model keys in order and their model names.
+    band: [N, N] model x model summary (mean CKA of each grid's diagonal band).
+
+  Returns:
+    The figure: panel (i, j) above the diagonal is model i's layers (rows) against model j's
+    (columns), the diagonal the intra grids, below it the transposes; the last column the summary.
+  """
+  n = len(keys)
+  band = np.asarray(band, np.float64)
+  if band.shape != (n, n):
+    raise ValueError(f"summary shape {band.shape} != ({n}, {n}) for models {list(keys)}")
+  size = 0.6 * PANEL_INCHES
+  fig, axes = plt.subplots(n, n + 1, figsize=(size * (n + 1.6), size * n), squeeze=False)
+  for i in range(n):
+    for j in range(n):
+      ax = axes[i, j]
+      if i == j:
+        matrix = means.get(keys[i])
+      elif i < j:
+        matrix = means.get(f"{keys[i]}_vs_{keys[j]}")
+      else:
+        cross = means.get(f"{keys[j]}_vs_{keys[i]}")
+        matrix = None if cross is None else np.asarray(cross).T
+      if matrix is None:
+        ax.axis("off")
+        continue
+      heatmap(ax, matrix, colorbar=False)
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if i == n - 1:
+        ax.set_xlabel(names[j], fontsize=7)
+      if j == 0:
+        ax.set_ylabel(names[i], fontsize=7)
+  for i in range(1, n):
+    axes[i, n].axis("off")
+  ax = axes[0, n]
+  heatmap(ax, band, origin="upper", title="band mean CKA")
+  ax.set_xticks(range(n), names, rotation=90, fontsize=6)
+  ax.set_yticks(range(n), names, fontsize=6)
+  for (i, j), v in np.ndenumerate(band):
+    if np.isfinite(v):
+      ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
+              color="white" if v < 0.6 else "black")
   fig.tight_layout()
   return fig

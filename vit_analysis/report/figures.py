@@ -22,7 +22,7 @@ from vit_analysis.report import reader
 from vit_analysis.runtime import workdir as workdir_lib
 
 Figure = tuple[str, dict[str, Any]]
-_CKA_FAMILY = ("cka_intra", "cka_cross", "skip_removal", "head_subsets", "localization",
+_CKA_FAMILY = ("cka_intra", "cka_cross", "cka_zoo", "skip_removal", "head_subsets", "localization",
                "dataset_scale")
 
 
@@ -57,7 +57,19 @@ def measures(z: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray | No
 
 
 # Measures in [0, 1] share CKA's colour range, so that side-by-side panels compare.
-_MEASURE_RANGE = {m: (0.0, 1.0) for m in ("linear_cka", "rbf_cka", "procrustes", "mutual_knn")}
+_MEASURE_RANGE = {m: (0.0, 1.0) for m in ("linear_cka", "rbf_cka", "procrustes", "mutual_knn",
+                                          "svcca", "pwcca", "distance_correlation")}
+# Their true ranges (docs/method.md#other-similarity-measures): rank correlation, R^2 (unbounded
+# below: the colour range follows the data there), an angle in radians (lower is more similar).
+_MEASURE_RANGE.update(rsa=(-1.0, 1.0), linear_predictivity=(None, 1.0),
+                      procrustes_distance=(0.0, 1.5707963267948966))
+
+
+def _loo(z: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The largest change of the cell when one minibatch is left out (max over repeats)."""
+  if "max_leave_one_out" not in z:
+    return {}
+  return {"max change, one minibatch left out": np.asarray(z["max_leave_one_out"]).max(0)}
 
 
 def _null_p(p: np.ndarray | None) -> dict[str, np.ndarray] | None:
@@ -75,7 +87,8 @@ def cka_figures(z: Mapping[str, np.ndarray], title: str, model_a: str = "",
   repeats = len(z["values"]) if "values" in z else 1
   figs = [(f"{title}: CKA, mean over {repeats} repeat(s)", interactive.cka_heatmap(
       z["mean"], names_a, names_b, stderr=_stderr(z), spread=_spread(z),
-      null_z=z.get("cka_null_z", z.get("null_z")), extra=_null_p(z.get("cka_null_p")),
+      null_z=z.get("cka_null_z", z.get("null_z")),
+      extra={**(_null_p(z.get("cka_null_p")) or {}), **_loo(z)},
       title=title, model_a=model_a, model_b=model_b))]
   for m, f in measures(z).items():
     if m == "cka":
@@ -119,6 +132,39 @@ def _similarity(run_dir, result, models) -> list[Figure]:
     figs += cka_figures(z, f"{_model_name(models, a)} vs {_model_name(models, b)}",
                         _model_name(models, a), _model_name(models, b))
   return figs
+
+
+def _zoo(run_dir, result, models) -> list[Figure]:
+  """A CKA zoo: the model x model summary, every grid as one panel figure, then each grid."""
+  name = result["name"]
+  summary = os.path.join(run_dir, "results", f"{name}_summary.npz")
+  if not os.path.exists(summary):
+    return []
+  z = load_npz(summary)
+  keys = [str(k) for k in z["keys"]]
+  labels = [_model_name(models, k) for k in keys]
+  figs = [("Which models resemble which: mean CKA of each grid's diagonal band (layers within "
+           "10% of relative depth)", interactive.heatmap(
+               z["band_mean"], row_names=labels, col_names=labels, title="CKA zoo summary",
+               value_name="band mean CKA", zmin=0.0, zmax=1.0, square=True, height=420))]
+  grids, per_grid = {}, []
+  for stem in comparison_stems(run_dir, name):
+    tag = stem[len(name) + 1:]
+    if tag == "summary":
+      continue
+    a, b = (reader.split_tag(tag, keys) or ("", "")) if "_vs_" in tag else (tag, tag)
+    if a not in keys or b not in keys:
+      continue
+    arrays = load_npz(os.path.join(run_dir, "results", stem + ".npz"))
+    i, j = keys.index(a), keys.index(b)
+    grids[(i, j)] = arrays["mean"]
+    if i != j:
+      grids[(j, i)] = np.asarray(arrays["mean"]).T
+    per_grid += cka_figures(arrays, f"{_model_name(models, a)} vs {_model_name(models, b)}",
+                            _model_name(models, a), _model_name(models, b))
+  figs.append(("Every intra-model (diagonal) and cross-model grid of the zoo, one pass",
+               interactive.zoo_grid(grids, labels, title="CKA zoo")))
+  return figs + per_grid
 
 
 def _skip_removal(run_dir, result, models) -> list[Figure]:
@@ -327,6 +373,7 @@ _BUILDERS: dict[str, Callable[[str, Mapping[str, Any], Mapping[str, Any]], list[
     "head_subsets": _head_subsets, "localization": _localization,
     "dataset_scale": _dataset_scale, "attention_distance": _attention_distance,
     "skip_norms": _skip_norms, "receptive_field": _receptive_field, "probe": _probe,
+    "cka_zoo": _zoo,
 }
 
 

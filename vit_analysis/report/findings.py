@@ -252,27 +252,23 @@ def check_cka_intra(run: SavedRun) -> list[Finding]:
   vit = [k for k in per if run.family(k) == "vit"]
   res = [k for k in per if run.family(k) == "resnet"]
   out = []
-  exp, thr = ("ViT more uniform across depth than ResNet (Fig 1)",
-              "mean off-diagonal CKA of every ViT > that of every ResNet")
-  if vit and res:
-    od = {k: _intra_estimate(run, k, _offdiag_grid,
-                             _offdiag(per[k]["mean_cka"], int(per[k]["num_layers_a"])))
-          for k in vit + res}
-    text = ", ".join(f"{k} {_fmt(e.value)}" for k, e in od.items())
-    out.append(_decided(name, exp, text, thr, _pairwise({k: od[k] for k in vit},
-                                                        {k: od[k] for k in res}), 0.0))
-  else:
-    out.append(_absent(name, exp, thr, "needs intra-model CKA of a ViT and a ResNet"))
-  exp, thr = ("ViT lowest and highest layers more similar than ResNet's (Fig 1)",
-              "CKA(first layer, last layer) of every ViT > that of every ResNet")
-  if vit and res:
-    fl = {k: _intra_estimate(run, k, lambda g: float(g[0, -1]), float(per[k]["first_last"]))
-          for k in vit + res}
-    text = ", ".join(f"{k} {_fmt(e.value)}" for k, e in fl.items())
-    out.append(_decided(name, exp, text, thr, _pairwise({k: fl[k] for k in vit},
-                                                        {k: fl[k] for k in res}), 0.0))
-  else:
-    out.append(_absent(name, exp, thr, "needs intra-model CKA of a ViT and a ResNet"))
+
+  def every_vit_above_every_resnet(exp, thr, statistic, saved):
+    if not (vit and res):
+      return _absent(name, exp, thr, "needs intra-model CKA of a ViT and a ResNet")
+    est = {k: _intra_estimate(run, k, statistic, saved(per[k])) for k in vit + res}
+    text = ", ".join(f"{k} {_fmt(e.value)}" for k, e in est.items())
+    return _decided(name, exp, text, thr, _pairwise({k: est[k] for k in vit},
+                                                    {k: est[k] for k in res}), 0.0)
+
+  out.append(every_vit_above_every_resnet(
+      "ViT more uniform across depth than ResNet (Fig 1)",
+      "mean off-diagonal CKA of every ViT > that of every ResNet", _offdiag_grid,
+      lambda m: _offdiag(m["mean_cka"], int(m["num_layers_a"]))))
+  out.append(every_vit_above_every_resnet(
+      "ViT lowest and highest layers more similar than ResNet's (Fig 1)",
+      "CKA(first layer, last layer) of every ViT > that of every ResNet",
+      lambda g: float(g[0, -1]), lambda m: float(m["first_last"])))
   exp, thr = ("ResNet similarity is block-diagonal by stage (Fig 1)",
               "mean CKA within a stage - across stages > 0.1 for every ResNet")
   contrasts = {}

@@ -462,3 +462,39 @@ def head_subset_lines(subset_distance: np.ndarray, cka: np.ndarray, layer_names:
                  "err": None if error is None else np.asarray(error)[i]}
                 for i, n in enumerate(layer_names)],
                title=title, x_title="mean distance of the subset's heads", y_title="CKA")
+
+
+def zoo_grid(grids: Mapping[tuple[int, int], np.ndarray], model_names: Sequence[str], *,
+             title: str = "", height: int = 0) -> dict[str, Any]:
+  """Every grid of a CKA zoo as one N x N panel figure (shared [0, 1] colour range).
+
+  Args:
+    grids: {(i, j): [A_i, A_j] mean CKA} of model i's layers (rows) against model j's (columns);
+      missing panels are left blank.
+    model_names: the N model names (row and column labels of the panel grid).
+    title: figure title.
+    height: pixels (default: 190 per panel row).
+  """
+  n = len(model_names)
+  gap = 0.02
+  size = (1.0 - gap * (n - 1)) / n
+  data, layout = [], {"title": {"text": html.escape(title), "font": {"size": 13}},
+                      "height": height or 120 + 190 * n, "font": _FONT,
+                      "margin": {"l": 90, "r": 20, "t": 40, "b": 90}}
+  for (i, j), z in sorted(grids.items()):
+    k = i * n + j + 1
+    z = np.asarray(z, np.float64)
+    # Row i from the top, rows of each panel from the bottom (layer 0 at the corner).
+    x0, y0 = j * (size + gap), 1.0 - (i + 1) * size - i * gap
+    data.append({"type": "heatmap", "z": z, "xaxis": f"x{k}", "yaxis": f"y{k}",
+                 "colorscale": "Magma", "zmin": 0.0, "zmax": 1.0, "showscale": not data,
+                 "colorbar": {"thickness": 12},
+                 "hovertemplate": (f"{html.escape(model_names[i])} layer %{{y}}<br>"
+                                   f"{html.escape(model_names[j])} layer %{{x}}<br>"
+                                   "CKA: %{z:.4~g}<extra></extra>")})
+    layout[f"xaxis{k}"] = {"domain": [x0, x0 + size], "anchor": f"y{k}", "showticklabels": False,
+                           "title": {"text": html.escape(model_names[j]) if i == n - 1 else ""}}
+    layout[f"yaxis{k}"] = {"domain": [max(y0, 0.0), y0 + size], "anchor": f"x{k}",
+                           "showticklabels": False,
+                           "title": {"text": html.escape(model_names[i]) if j == 0 else ""}}
+  return {"data": data, "layout": layout}

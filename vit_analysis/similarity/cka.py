@@ -149,7 +149,9 @@ def gram_linear(x: jax.Array, *, gram_precision: str = "highest") -> jax.Array:
   the subtraction into the GEMM, which measured 15-25% slower.) Chunked float32 summation is
   also a little more accurate. The Gram is symmetric, so on CPU only the row blocks on and below
   the diagonal are multiplied (b = clip(m // 64, 1, 8) blocks: (b+1)/(2b) of the FLOPs, 5/8 at
-  m = 256, 9/16 from m = 512 on); GPU/TPU run one GEMM with the centring fused.
+  m = 256, 9/16 from m = 512 on); GPU/TPU run one GEMM with the centring fused. OpenBLAS's SYRK
+  (one triangle) called through `jax.pure_callback` was measured against this on XLA:CPU and was
+  not faster end to end, so every backend stays on XLA's GEMM (docs/method.md#numerics-and-checks).
 
   Args:
     x: [n, ...] features (flattened per example); float16/bfloat16/int are computed in float32.
@@ -827,3 +829,24 @@ def minibatch_cka(batches: Iterable[Any], *, stacked: bool = False,
   if state is None:
     raise ValueError("no minibatches given")
   return result(accumulate(state, pending)).cka
+
+
+def null_bias_check(m: int, width_a: int, width_b: int, *, num_minibatches: int = 8,
+                    seed: int = 0, max_width: int = 4096) -> tuple[float, float]:
+  """This estimator on independent random features: (CKA, its jackknife standard error).
+
+  Independent representations have population CKA 0. The unbiased minibatch estimator should
+  give 0 within its error at the run's minibatch size and widths, where the biased one is pulled
+  towards 1 as the width grows past m (docs/method.md#cka-pitfalls). Widths above `max_width`
+  are capped: the estimator's bias is already visible far below, and the check stays cheap.
+
+  Args:
+    m: minibatch size; width_a, width_b: feature widths of the two sides.
+    num_minibatches: k minibatches of independent standard-normal features [k, m, width].
+  """
+  rng = np.random.default_rng(seed)
+  wa, wb = min(int(width_a), max_width), min(int(width_b), max_width)
+  x = rng.standard_normal((num_minibatches, m, wa), dtype=np.float32)
+  y = rng.standard_normal((num_minibatches, m, wb), dtype=np.float32)
+  res = result(update(init(1, 1), [x], [y], stacked=True))
+  return float(res.cka[0, 0]), float(res.stderr[0, 0])

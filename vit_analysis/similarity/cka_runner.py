@@ -55,6 +55,8 @@ class RepeatedCKA:
       shuffle null, or None. `null_values[p]` is the mean over repeats of permutation p's value:
       a draw of the null of the mean over repeats, which the p-values compare the mean with
       (docs/method.md#significance).
+    max_leave_one_out: [R, A, B] the largest change of linear CKA when one minibatch of the repeat
+      is left out (docs/method.md#cka-pitfalls), or None.
   """
   names_a: list[str]
   names_b: list[str]
@@ -65,6 +67,7 @@ class RepeatedCKA:
   examples_counted: np.ndarray | None = None
   measures: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
   null: dict[str, np.ndarray] | None = None
+  max_leave_one_out: np.ndarray | None = None
 
   @property
   def mean(self) -> np.ndarray:
@@ -78,6 +81,8 @@ class RepeatedCKA:
     """Every saved array: linear CKA as values/stderr/mean/std (+ cka_null_{mean,std,z,p,values}),
     each other measure as <measure>_{values,stderr,mean,std} (+ _null_{mean,std,z,p,values})."""
     out = dict(values=self.values, stderr=self.stderr, mean=self.mean, std=self.std)
+    if self.max_leave_one_out is not None:
+      out["max_leave_one_out"] = self.max_leave_one_out
     groups = [("cka", dict(values=self.values, **(self.null or {})))] if self.null else []
     for name, v in self.measures.items():
       out.update({f"{name}_values": v["values"], f"{name}_stderr": v["stderr"].mean(0),
@@ -92,7 +97,10 @@ class RepeatedCKA:
                   f"{name}_null_z": z})
       if "null_values" in v:
         out[f"{name}_null_values"] = v["null_values"]
-        out[f"{name}_null_p"] = significance.permutation_p_values(mean, v["null_values"])
+        # Distances (measures_lib.higher_is_similar False) are similar in the lower tail.
+        sign = 1.0 if name == "cka" or measures_lib.higher_is_similar(name) else -1.0
+        out[f"{name}_null_p"] = significance.permutation_p_values(sign * mean,
+                                                                  sign * v["null_values"])
     return out
 
   def save(self, path_without_ext: str, **extra: Any) -> None:
@@ -133,7 +141,7 @@ class RepeatedCKA:
       null["null_values"] = z["cka_null_values"]
     return cls(list(z["names_a"]), list(z["names_b"]), z["values"], z["stderr"],
                meta["num_examples"], meta["minibatch_size"], z.get("examples_counted"),
-               measures, null)
+               measures, null, z.get("max_leave_one_out"))
 
 
 def _spread(values: np.ndarray) -> np.ndarray:
@@ -141,35 +149,47 @@ def _spread(values: np.ndarray) -> np.ndarray:
   return values.std(0, ddof=1) if len(values) > 1 else np.zeros_like(values[0])
 
 
-def make_step(side_a: Side, side_b: Side | None, *, gram_precision: str = "highest",
+Pair = tuple[str, "str | None"]  # (row side, column side); column None: intra-model
+
+
+def make_step(sides: Mapping[str, Side], pairs: Sequence[Pair], *,
+              gram_precision: str = "highest",
               extra_measures: tuple[tuple[str, tuple], ...] = (),
               mesh: jax.sharding.Mesh | None = None) -> Callable[..., Any]:
-  """The jitted per-step function: images of `s` minibatches -> per-minibatch terms.
+  """The jitted per-step function: images of `s` minibatches -> per-minibatch terms of every pair.
 
-  Cached per (feature functions, names, options), so repeated comparisons of one architecture
-  compile once.
+  Each side is forwarded once and its centred Grams computed once per minibatch; every pair's
+  HSIC terms (and extra measures) come from those Grams (docs/method.md#one-pass-for-many-models).
+  Cached per (feature functions, names, pairs, options), so repeated comparisons of one
+  architecture compile once.
 
   Args:
-    side_a, side_b: the two sides (`side_b=None`: intra-model).
+    sides: {key: Side} in a fixed order.
+    pairs: (key_a, key_b) pairs of side keys; `key_b=None` is the intra-model comparison of
+      `key_a` (each Gram used once).
     gram_precision: the Grams' matmul precision on GPU/TPU (`cka.minibatch_terms`).
     extra_measures: ((measure, sorted options), ...) of `vit_analysis.similarity.measures` computed from the
       same centred Grams in the same step (empty: linear CKA alone, the paper's path).
     mesh: the device mesh (needed with `extra_measures`: they run per device, see below).
 
   Returns:
-    `step(vars_a, images_a, vars_b, images_b, mask, perms) -> (cka.HSICTerms, {measure: terms})`
-    ([s, ...] leaves, a few kB), images `[s, m, h, w, 3]` sharded on axis 0, `mask: [s]` (0 for
-    padding minibatches), `perms: [P, m]` null permutations or None.
+    `step(variables, images, mask, perms) -> [(cka.HSICTerms, {measure: terms})] per pair`
+    ([s, ...] leaves, a few kB), `variables` and `images` tuples in the order of `sides` (images
+    `[s, m, h, w, 3]` sharded on axis 0), `mask: [s]` (0 for padding minibatches), `perms:
+    [P, m]` null permutations or None.
   """
   if extra_measures and mesh is None:
     raise ValueError("make_step: extra measures need the mesh")
-  key = (side_a.features, side_a.names, gram_precision, extra_measures, mesh) + (
-      () if side_b is None else (side_b.features, side_b.names))
-  return _STEPS.get(key, lambda: _make_step(side_a, side_b, gram_precision, extra_measures, mesh))
+  keys = tuple(sides)
+  index = tuple((keys.index(a), None if b is None else keys.index(b)) for a, b in pairs)
+  key = (tuple((sides[k].features, sides[k].names) for k in keys), index, gram_precision,
+         extra_measures, mesh)
+  return _STEPS.get(key, lambda: _make_step([sides[k] for k in keys], index, gram_precision,
+                                            extra_measures, mesh))
 
 
-def _make_step(side_a: Side, side_b: Side | None, gram_precision: str,
-               extra_measures: tuple[tuple[str, tuple], ...],
+def _make_step(sides: Sequence[Side], pairs: Sequence[tuple[int, int | None]],
+               gram_precision: str, extra_measures: tuple[tuple[str, tuple], ...],
                mesh: jax.sharding.Mesh | None) -> Callable[..., Any]:
 
   def features(side, variables, images):
@@ -184,15 +204,21 @@ def _make_step(side_a: Side, side_b: Side | None, gram_precision: str,
     return jax.vmap(lambda *xs: cka.centred_grams(list(xs), gram_precision=gram_precision))(
         *feats)
 
-  def step(vars_a, images_a, vars_b, images_b, mask, perms):
-    fa = features(side_a, vars_a, images_a)
-    fb = None if side_b is None else features(side_b, vars_b, images_b)
-    if not extra_measures:
-      return cka.minibatch_terms(fa, fb, mask=mask, gram_precision=gram_precision), {}
-    ga, gb = grams(fa), None if fb is None else grams(fb)
-    cross, sa, sb, ca, cb = jax.vmap(cka.terms_from_grams)(ga, gb)
-    count = jnp.where(mask > 0, fa[0].shape[1], 0).astype(jnp.int32)
-    return cka.HSICTerms(cross, sa, sb, ca, cb, count), measure_terms(ga, gb, perms)
+  def step(variables, images, mask, perms):
+    feats = [features(side, v, x) for side, v, x in zip(sides, variables, images)]
+    if len(pairs) == 1 and not extra_measures:  # one comparison: the fused single-pair path
+      a, b = pairs[0]
+      return [(cka.minibatch_terms(feats[a], None if b is None else feats[b], mask=mask,
+                                   gram_precision=gram_precision), {})]
+    g = [grams(f) for f in feats]  # every side's Grams once, shared by all its pairs
+    count = jnp.where(mask > 0, feats[0][0].shape[1], 0).astype(jnp.int32)
+    out = []
+    for a, b in pairs:
+      ga, gb = g[a], None if b is None else g[b]
+      cross, sa, sb, ca, cb = jax.vmap(cka.terms_from_grams)(ga, gb)
+      out.append((cka.HSICTerms(cross, sa, sb, ca, cb, count),
+                  measure_terms(ga, gb, perms) if extra_measures else {}))
+    return out
 
   spec = {n: dict(o) for n, o in extra_measures}
 
@@ -217,6 +243,98 @@ def _make_step(side_a: Side, side_b: Side | None, gram_precision: str,
   return jax.jit(step)
 
 
+@dataclasses.dataclass
+class MemoryPlan:
+  """What one step holds per device at minibatch size m (from `jax.eval_shape`, no compute).
+
+  Attributes:
+    minibatch_size: m.
+    minibatches_per_device: minibatches of a step on each device.
+    weights: {side: bytes} of its variables (replicated on every device).
+    captured: {side: bytes} of its captured features per minibatch if all were kept.
+    largest_layer: {side: bytes} of its largest captured feature per minibatch.
+    grams: {side: bytes} of its [A, m, m] float32 centred Grams per minibatch.
+  """
+  minibatch_size: int
+  minibatches_per_device: int
+  weights: dict[str, int]
+  captured: dict[str, int]
+  largest_layer: dict[str, int]
+  grams: dict[str, int]
+
+  def total(self, m: int | None = None) -> int:
+    """Planned peak bytes per device at minibatch size m (default: the plan's).
+
+    The weights of every side, and per minibatch the Grams of every side (all kept: every pair
+    reads them) plus the largest captured feature (XLA frees each activation after its Gram).
+    Feature bytes scale with m, Gram bytes with m^2.
+    """
+    m = self.minibatch_size if m is None else m
+    r = m / self.minibatch_size
+    per_minibatch = (sum(self.grams.values()) * r * r + max(self.largest_layer.values()) * r)
+    return int(sum(self.weights.values()) + self.minibatches_per_device * per_minibatch)
+
+  def largest_fitting_m(self, limit_bytes: float) -> int:
+    """The largest m (>= 4) whose planned peak fits in `limit_bytes`, 0 if none does."""
+    lo, hi = 3, 4
+    while self.total(hi) <= limit_bytes and hi < 2**24:
+      lo, hi = hi, hi * 2
+    while hi - lo > 1:
+      mid = (lo + hi) // 2
+      lo, hi = (mid, hi) if self.total(mid) <= limit_bytes else (lo, mid)
+    return lo if lo >= 4 else 0
+
+  def describe(self) -> str:
+    mib = lambda b: f"{b / 2**20:,.1f} MiB"  # pylint: disable=unnecessary-lambda-assignment
+    sides = "; ".join(f"{k}: weights {mib(self.weights[k])}, captured features "
+                      f"{mib(self.captured[k])} (largest {mib(self.largest_layer[k])}), Grams "
+                      f"{mib(self.grams[k])}" for k in self.grams)
+    return (f"memory plan per device at m = {self.minibatch_size} "
+            f"({self.minibatches_per_device} minibatch(es) per device): {sides}; planned peak "
+            f"{mib(self.total())} (weights + Grams of every side + the largest captured feature)")
+
+  def check(self, limit_gb: float) -> None:
+    """Raises MemoryError naming the plan and the largest m that fits if it exceeds `limit_gb`."""
+    limit = limit_gb * 1e9
+    if self.total() > limit:
+      best = self.largest_fitting_m(limit)
+      raise MemoryError(
+          f"{self.describe()} does not fit the {limit_gb:g} GB per device; the largest "
+          f"minibatch size that fits is m = {best}" + (
+              "" if best else " (none: the weights alone do not fit)"))
+
+
+def memory_plan(sides: Mapping[str, Side], minibatch_size: int,
+                minibatches_per_device: int = 1) -> MemoryPlan:
+  """The per-device memory plan of a pass over `sides` at minibatch size m (`MemoryPlan`)."""
+  weights, captured, largest, grams = {}, {}, {}, {}
+  for key, side in sides.items():
+    images = jax.ShapeDtypeStruct((minibatch_size, side.image_size, side.image_size, 3),
+                                  jnp.float32)
+    shapes = jax.eval_shape(side.features, side.variables, images)
+    sizes = [int(np.prod(shapes[n].shape)) * np.dtype(shapes[n].dtype).itemsize
+             for n in side.names]
+    weights[key] = sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
+                       for x in jax.tree.leaves(side.variables))
+    captured[key], largest[key] = sum(sizes), max(sizes)
+    grams[key] = len(side.names) * minibatch_size**2 * 4
+  return MemoryPlan(minibatch_size, minibatches_per_device, weights, captured, largest, grams)
+
+
+def device_memory_gb(memory_limit_gb: float = 0.0) -> float:
+  """Memory per device to plan against: `memory_limit_gb` if > 0, else the first device's
+  `memory_stats()['bytes_limit']` where the backend reports it, else the host's available RAM."""
+  if memory_limit_gb > 0:
+    return float(memory_limit_gb)
+  try:
+    stats = jax.devices()[0].memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except  # backends without memory stats
+    stats = {}
+  if stats.get("bytes_limit"):
+    return stats["bytes_limit"] / 1e9
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") / 1e9
+
+
 class _MeasureSums:
   """Host float64 sums of the extra measures of one repeat (`vit_analysis.similarity.measures`)."""
 
@@ -238,18 +356,44 @@ class _MeasureSums:
     return {n: measures_lib.result(st) for n, st in states.items()}
 
 
-def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_examples: int,
-                     minibatch_size: int, repeats: int, seed: int, mesh: jax.sharding.Mesh,
-                     minibatches_per_step: int = 0, desc: str = "cka",
-                     resume: resume_lib.Checkpointer | None = None,
-                     measures: Sequence[str] = ("linear_cka",),
-                     measure_options: Mapping[str, Mapping[str, Any]] | None = None,
-                     null_permutations: int = 0,
-                     gram_precision: str = "highest") -> RepeatedCKA:
+def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, **kwargs: Any
+                     ) -> RepeatedCKA:
   """Minibatch CKA between every feature of `side_a` and of `side_b` (None: `side_a` with itself).
+
+  The one-pair case of `cka_pairs_over_repeats`.
 
   Args:
     side_a, side_b: the two representations; `side_b=None` is intra-model (each Gram once).
+    source: random-access raw data (`src[i]['image']` uint8).
+    **kwargs: the protocol of `cka_pairs_over_repeats` (num_examples, minibatch_size, repeats,
+      seed, mesh, ...).
+
+  Returns:
+    RepeatedCKA with `values: [R, A, B]` (linear CKA) and `measures` for the others.
+  """
+  sides = {"a": side_a} if side_b is None else {"a": side_a, "b": side_b}
+  pair = ("a", None if side_b is None else "b")
+  return cka_pairs_over_repeats(sides, [pair], source, **kwargs)[pair]
+
+
+def cka_pairs_over_repeats(sides: Mapping[str, Side], pairs: Sequence[Pair], source: Any, *,
+                           num_examples: int, minibatch_size: int, repeats: int, seed: int,
+                           mesh: jax.sharding.Mesh, minibatches_per_step: int = 0,
+                           desc: str = "cka", resume: resume_lib.Checkpointer | None = None,
+                           measures: Sequence[str] = ("linear_cka",),
+                           measure_options: Mapping[str, Mapping[str, Any]] | None = None,
+                           null_permutations: int = 0, gram_precision: str = "highest",
+                           memory_limit_gb: float = 0.0) -> dict[Pair, RepeatedCKA]:
+  """Minibatch CKA of every requested pair of sides from one pass: each side forwarded once.
+
+  Every minibatch is forwarded through each side once and each side's centred Grams are computed
+  once; every pair (intra-model `(a, None)` and cross-model `(a, b)`) takes its HSIC terms and
+  measures from those Grams (docs/method.md#one-pass-for-many-models). Each pair's result is
+  the one `cka_over_repeats` gives for that pair alone on the same images and seed.
+
+  Args:
+    sides: {key: Side}; each side is forwarded once per minibatch.
+    pairs: (key_a, key_b) pairs of `sides` keys; `key_b=None` is intra-model (each Gram once).
     source: random-access raw data (`src[i]['image']` uint8).
     num_examples: N examples per repeat, drawn without replacement (multiple of `minibatch_size`).
     minibatch_size: m (>= 4 for unbiased HSIC).
@@ -268,9 +412,11 @@ def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_exam
     null_permutations: P > 0 also scores side b with its examples shuffled within each minibatch
       by P fixed permutations, giving every cell of every measure a null mean, std and z-score.
     gram_precision: matmul precision of the Grams on GPU/TPU (ignored on CPU).
+    memory_limit_gb: > 0: check the memory plan (`memory_plan`) against this many GB per device
+      and refuse a plan that does not fit before the pass; 0: no check.
 
   Returns:
-    RepeatedCKA with `values: [R, A, B]` (linear CKA) and `measures` for the others.
+    {pair: RepeatedCKA with `values: [R, A, B]` (linear CKA) and `measures` for the others}.
   """
   if minibatch_size < 4:
     raise ValueError(f"minibatch_size must be >= 4 for unbiased HSIC, got {minibatch_size}")
@@ -279,6 +425,10 @@ def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_exam
                      f"minibatch_size {minibatch_size}")
   if num_examples > len(source):
     raise ValueError(f"num_examples {num_examples} > {len(source)} examples in the source")
+  pairs = [(a, b) for a, b in pairs]
+  unknown_sides = [k for p in pairs for k in p if k is not None and k not in sides]
+  if unknown_sides or not pairs or len(set(pairs)) != len(pairs):
+    raise ValueError(f"pairs {pairs} must be distinct pairs of side keys {list(sides)}")
   requested = tuple(dict.fromkeys(measures))
   unknown = [n for n in requested if n not in measures_lib.MEASURES]
   if unknown:
@@ -291,34 +441,53 @@ def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_exam
   spec = tuple((n, tuple(sorted(options[n].items()))) for n in extra_names)
   s = streaming.round_step(max(minibatches_per_step, 1), mesh)
   m = minibatch_size
-  step = make_step(side_a, side_b, gram_precision=gram_precision, extra_measures=spec, mesh=mesh)
-  vars_a = sharding.replicate(side_a.variables, mesh)
-  vars_b = None if side_b is None else sharding.replicate(side_b.variables, mesh)
+  # Only the sides some pair reads are forwarded.
+  used = [k for k in sides if any(k in p for p in pairs)]
+  sides = {k: sides[k] for k in used}
+  if memory_limit_gb:
+    plan = memory_plan(sides, m, minibatches_per_device=max(s // mesh.size, 1))
+    logging.info("%s: %s", desc, plan.describe())
+    plan.check(memory_limit_gb)
+  step = make_step(sides, pairs, gram_precision=gram_precision, extra_measures=spec, mesh=mesh)
+  variables = tuple(sharding.replicate(side.variables, mesh) for side in sides.values())
   perms = None
   if null_permutations:
     perms = sharding.replicate(measures_lib.null_permutations(seed, null_permutations, m), mesh)
-  views = {"a": (side_a.image_size, side_a.normalization)}
-  if side_b is not None and (side_b.image_size, side_b.normalization) != views["a"]:
-    views["b"] = (side_b.image_size, side_b.normalization)
-  plan = streaming.cka_plan(len(source), num_examples, m, repeats, seed)  # [R, k, m]
+  # One view per distinct (resolution, normalisation): each image is preprocessed once per view.
+  views: dict[str, Any] = {}
+  view_of: dict[str, str] = {}
+  for key, side in sides.items():
+    view = (side.image_size, side.normalization)
+    name = next((n for n, v in views.items() if v == view), "abcdefghijklmnopqrstuvwxyz"[
+        len(views)] if len(views) < 26 else f"v{len(views)}")
+    views[name], view_of[key] = view, name
+  sample = streaming.cka_plan(len(source), num_examples, m, repeats, seed)  # [R, k, m]
   k = num_examples // m
   steps_per_repeat = -(-k // s)
-  names_b = tuple(side_a.names if side_b is None else side_b.names)
-  sums = _MeasureSums(spec, side_a.names, None if side_b is None else names_b, null_permutations,
-                      capacity=k)
+  names = {(a, b): (tuple(sides[a].names), None if b is None else tuple(sides[b].names))
+           for a, b in pairs}
+  sums = {p: _MeasureSums(spec, *names[p], null_permutations, capacity=k) for p in pairs}
+  tags = {p: f"p{i}" for i, p in enumerate(pairs)}  # checkpoint keys
   # capacity=k: a repeat's k minibatches fit, so a checkpointed state has the template's shapes.
-  empty = {"cka": cka.init(side_a.names, None if side_b is None else side_b.names, capacity=k),
-           "measures": sums.empty()}
-  shape = (repeats, len(side_a.names), len(names_b))
+  empty = {tags[p]: {"cka": cka.init(*names[p], capacity=k), "measures": sums[p].empty()}
+           for p in pairs}
   fields = ("values", "stderr", "null_mean", "null_std")
-  null_shape = (null_permutations,) + shape[1:]
-  out = {"cka": {f: np.zeros(shape) for f in fields[:2]},
-         "counted": np.zeros((repeats,), np.int64),
-         "measures": {n: {**{f: np.zeros(shape) for f in fields},
-                          "null_values": np.zeros(null_shape)} for n, _ in spec}}
+
+  def zeros(p):
+    na, nb = names[p]
+    shape = (repeats, len(na), len(na if nb is None else nb))
+    return {"cka": {f: np.zeros(shape) for f in (*fields[:2], "max_leave_one_out")},
+            "counted": np.zeros((repeats,), np.int64),
+            "measures": {n: {**{f: np.zeros(shape) for f in fields},
+                             "null_values": np.zeros((null_permutations,) + shape[1:])}
+                         for n, _ in spec}}
+
+  out = {tags[p]: zeros(p) for p in pairs}
   state, position = empty, 0
-  plan_id = streaming.plan_fingerprint(plan.reshape(-1), s * m, views) + repr(
+  plan_id = streaming.plan_fingerprint(sample.reshape(-1), s * m, views) + repr(
       (spec, null_permutations, gram_precision))
+  if len(pairs) > 1:
+    plan_id += repr([(view_of[a], b and view_of[b]) for a, b in pairs])
   if resume is not None:
     restored = resume.restore(like={"state": empty, "out": out})
     if restored is not None:
@@ -333,9 +502,12 @@ def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_exam
                    steps_per_repeat)
 
   def add(state, terms, mask):
-    hsic, extra = terms
-    return {"cka": cka.accumulate(state["cka"], hsic),
-            "measures": sums.add(state["measures"], extra, mask) if spec else {}}
+    new = {}
+    for p, (hsic, extra) in zip(pairs, terms):
+      st = state[tags[p]]
+      new[tags[p]] = {"cka": cka.accumulate(st["cka"], hsic),
+                      "measures": sums[p].add(st["measures"], extra, mask) if spec else {}}
+    return new
 
   t0, done = time.time(), 0
   # Where the time goes: waiting for decoded images, the device (dispatching a step, and waiting
@@ -355,7 +527,7 @@ def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_exam
     start = position - r * steps_per_repeat if r == position // steps_per_repeat else 0
     if start == 0:
       state = empty
-    stream = streaming.Stream(source, plan[r].reshape(-1), views=views, mesh=mesh,
+    stream = streaming.Stream(source, sample[r].reshape(-1), views=views, mesh=mesh,
                               step_size=s * m, group=m, start_step=start,
                               desc=f"{desc} repeat {r + 1}/{repeats}")
     pending = None
@@ -366,11 +538,11 @@ def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_exam
       split["input"] += time.perf_counter() - tic
       if batch is None:
         break
-      images_b = None if side_b is None else batch.images.get("b", batch.images["a"])
+      images = tuple(batch.images[view_of[key]] for key in sides)
       # Dispatch is asynchronous: the device computes this step while the host adds the
       # previous step's terms (and the workers decode the next steps).
       tic = time.perf_counter()  # dispatch (all of the step where it runs synchronously)
-      terms = step(vars_a, batch.images["a"], vars_b, images_b, batch.mask, perms)
+      terms = step(variables, images, batch.mask, perms)
       split["device"] += time.perf_counter() - tic
       if pending is not None:
         state = timed_add(state, pending)
@@ -380,15 +552,18 @@ def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_exam
       pending = (terms, batch.mask)
       done += batch.num_real
     state = timed_add(state, pending)
-    res = cka.result(state["cka"])
-    out["cka"]["values"][r], out["cka"]["stderr"][r] = res.cka, res.stderr
-    out["counted"][r] = int(res.num_examples)
-    for name, result in sums.results(state["measures"]).items():
-      o = out["measures"][name]
-      o["values"][r], o["stderr"][r] = result.value, result.stderr
-      if result.null_mean is not None:
-        o["null_mean"][r], o["null_std"][r] = result.null_mean, result.null_std
-        o["null_values"] += result.null / repeats
+    for p in pairs:
+      o, st = out[tags[p]], state[tags[p]]
+      res = cka.result(st["cka"])
+      o["cka"]["values"][r], o["cka"]["stderr"][r] = res.cka, res.stderr
+      o["cka"]["max_leave_one_out"][r] = res.max_leave_one_out
+      o["counted"][r] = int(res.num_examples)
+      for name, result in sums[p].results(st["measures"]).items():
+        om = o["measures"][name]
+        om["values"][r], om["stderr"][r] = result.value, result.stderr
+        if result.null_mean is not None:
+          om["null_mean"][r], om["null_std"][r] = result.null_mean, result.null_std
+          om["null_values"] += result.null / repeats
     if resume is not None:
       resume.maybe_save({"state": empty, "out": out}, (r + 1) * steps_per_repeat,
                         {"plan": plan_id})
@@ -397,13 +572,20 @@ def cka_over_repeats(side_a: Side, side_b: Side | None, source: Any, *, num_exam
                  "%.1f s, for the device %.1f s, host accumulation %.1f s", desc, r + 1, repeats,
                  num_examples, done / max(elapsed, 1e-9), split["input"], split["device"],
                  split["host"])
-  extra = {n: dict(v) for n, v in out["measures"].items()}
-  null = extra.pop("linear_cka") if null_permutations else None  # its values are the main CKA
-  if not null_permutations:
-    extra = {n: {f: v[f] for f in fields[:2]} for n, v in extra.items()}
-  return RepeatedCKA(list(side_a.names), list(names_b), out["cka"]["values"],
-                     out["cka"]["stderr"], num_examples, minibatch_size, out["counted"], extra,
-                     None if null is None else {f: null[f] for f in (*fields[2:], "null_values")})
+  reps = {}
+  for p in pairs:
+    o = out[tags[p]]
+    extra = {n: dict(v) for n, v in o["measures"].items()}
+    null = extra.pop("linear_cka") if null_permutations else None  # its values are the main CKA
+    if not null_permutations:
+      extra = {n: {f: v[f] for f in fields[:2]} for n, v in extra.items()}
+    na, nb = names[p]
+    reps[p] = RepeatedCKA(
+        list(na), list(na if nb is None else nb), o["cka"]["values"], o["cka"]["stderr"],
+        num_examples, minibatch_size, o["counted"], extra,
+        None if null is None else {f: null[f] for f in (*fields[2:], "null_values")},
+        o["cka"]["max_leave_one_out"])
+  return reps
 
 
 def protocol_config() -> ml_collections.ConfigDict:
@@ -421,7 +603,7 @@ def protocol_config() -> ml_collections.ConfigDict:
       checkpoint_every_s=60.0,  # partial accumulators saved this often (resumable)
       fast_compile=None,        # None: config.train.fast_compile
       # Similarity measures from the same Grams (docs/method.md#other-similarity-measures):
-      measures=("linear_cka",),  # + 'rbf_cka', 'procrustes', 'mutual_knn'
+      measures=("linear_cka",),  # + any of similarity.measures.MEASURES
       measure_options={},       # measure -> options, e.g. {'mutual_knn': {'k': 5}}
       null_permutations=0,      # P > 0: shuffle null (mean, std, z) on every cell
       gram_precision="highest",  # GPU/TPU Gram matmuls: 'highest' | 'high' | 'default'

@@ -1,6 +1,6 @@
 """Similarity measures beyond linear CKA from the same minibatch Grams; shuffle nulls.
 
-Four measures of how alike two representations x: [n, p1], y: [n, p2] of the same n examples are
+Ten measures of how alike two representations x: [n, p1], y: [n, p2] of the same n examples are
 (features flattened per example, as for CKA):
 * `linear_cka`: the paper's measure (cka's HSIC estimators, biased or unbiased per minibatch).
 * `rbf_cka`: CKA with Gaussian kernels K_ij = exp(-d2_ij / (2 s2)), d2_ij = |x_i - x_j|^2, and the
@@ -12,6 +12,18 @@ Four measures of how alike two representations x: [n, p1], y: [n, p2] of the sam
 * `mutual_knn`: mutual k-nearest-neighbour alignment (Huh et al. 2024): for every example the
   fraction of its k nearest neighbours (cosine similarity of the centred features, itself
   excluded) that the two representations share, averaged over examples.
+* `svcca`, `pwcca`: SVD truncation to a variance fraction (the Gram's top eigenvectors U_r), then
+  CCA: the canonical correlations are the singular values of U_r,x^T U_r,y; mean (SVCCA) or
+  weighted by side a's variance along each variate (PWCCA, Gram form of Morcos et al. 2018).
+* `rsa`: Euclidean or cosine RDMs from the Gram, compared by Spearman or Pearson over i < j.
+* `linear_predictivity`: held-out R^2 of ridge from a to b (kernel ridge on Gram blocks, lambda
+  by leave-one-out).
+* `distance_correlation`: dCor^2, CKA with the kernel -D (D the Euclidean distances).
+* `procrustes_distance`: arccos of `procrustes` (a distance: lower = more similar,
+  `higher_is_similar` False, so its null test uses the lower tail).
+Procrustes, the CCA family and ridge take heldout='kfold' (folds within each minibatch, fitted on
+k - 1 and scored on the other, from Gram sub-blocks). docs/method.md#other-similarity-measures
+derives every formula.
 
 Everything is computable from the column-centred linear Gram K = C X X^T C of each layer:
   d2_ij = K_ii + K_jj - 2 K_ij;   cos_ij = K_ij / sqrt(K_ii K_jj);
@@ -37,9 +49,10 @@ Use inside the jitted step that builds the Grams (k minibatches, axis 0 possibly
 and on the host, per measure: state = init(name, names_a, names_b, num_perms=P, **options);
 state = accumulate(state, out[name], mask=<[k] valid minibatches>); result(state).
 
-Cost per minibatch (benchmarks/measures_bench.py): RBF, kNN and the nulls of CKA-type measures and
-kNN are O(A B m^2) like linear CKA; Procrustes is O((A + B) m^3 + A B m^3) (and P times that with a
-null), so it is the one measure to budget for.
+Cost per minibatch (benchmarks/measures_bench.py): RBF, kNN, RSA, distance correlation and their
+nulls are O(A B m^2) like linear CKA; Procrustes, its angle, SVCCA and PWCCA are
+O((A + B) m^3 + A B m^3) (and P times that with a null), ridge O(A B L m^3) for L alphas: those
+are the measures to budget for.
 """
 from __future__ import annotations
 
@@ -58,17 +71,54 @@ from vit_analysis.similarity import cka
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
-MEASURES = ("linear_cka", "rbf_cka", "procrustes", "mutual_knn")
+MEASURES = ("linear_cka", "rbf_cka", "procrustes", "mutual_knn", "svcca", "pwcca", "rsa",
+            "linear_predictivity", "distance_correlation", "procrustes_distance")
 # Options of the minibatch terms, with defaults. CKA-type measures default to the unbiased
 # per-minibatch HSIC_1 (the paper's minibatch CKA); debiased=False uses HSIC_0 per minibatch.
 OPTIONS: dict[str, dict[str, Any]] = {
     "linear_cka": {"debiased": True},
     "rbf_cka": {"sigma": 0.5, "debiased": True},
-    "procrustes": {"method": "svd", "rank_rtol": 1e-6, "iterations": 30, "max_rank": None},
+    "procrustes": {"method": "svd", "rank_rtol": 1e-6, "iterations": 30, "max_rank": None,
+                   "heldout": "none", "folds": 2},
     "mutual_knn": {"k": 10},
+    "svcca": {"keep": 0.99, "rank_rtol": 1e-6, "heldout": "none", "folds": 2},
+    "pwcca": {"keep": 0.99, "rank_rtol": 1e-6, "heldout": "none", "folds": 2},
+    "rsa": {"distance": "euclidean", "compare": "spearman"},
+    "linear_predictivity": {"alphas": (1e-3, 1e-2, 1e-1, 1.0, 10.0), "heldout": "kfold",
+                            "folds": 2},
+    "distance_correlation": {"debiased": True},
+    "procrustes_distance": {"method": "svd", "rank_rtol": 1e-6, "iterations": 30,
+                            "max_rank": None, "heldout": "none", "folds": 2},
 }
 # "ratio": sums of HSIC terms divided once (cka.CKAState); "mean": average of per-minibatch values.
-_KIND = {"linear_cka": "ratio", "rbf_cka": "ratio", "procrustes": "mean", "mutual_knn": "mean"}
+_KIND = {"linear_cka": "ratio", "rbf_cka": "ratio", "procrustes": "mean", "mutual_knn": "mean",
+         "svcca": "mean", "pwcca": "mean", "rsa": "mean", "linear_predictivity": "mean",
+         "distance_correlation": "ratio", "procrustes_distance": "mean"}
+# Measures whose value rises with similarity (the null test's upper tail); distances fall.
+_HIGHER_IS_SIMILAR = {name: name != "procrustes_distance" for name in _KIND}
+# Asymmetric measures (a's variance weights, a predicts b): intra-model grids are not symmetrised.
+_ASYMMETRIC = ("pwcca", "linear_predictivity")
+_FITTED = ("procrustes", "procrustes_distance", "svcca", "pwcca", "linear_predictivity")
+
+
+def higher_is_similar(measure: str) -> bool:
+  """True for similarities, False for distances (`procrustes_distance`): which tail of the shuffle
+  null counts as 'more similar than chance'."""
+  return _HIGHER_IS_SIMILAR[_check_measure(measure)]
+
+
+def value_range(measure: str, **options: Any) -> tuple[float, float]:
+  """[low, high] of a mean-type measure's per-minibatch values with these options (CKA-type
+  measures: cka's [-1, 1]). Held-out scores are correlations on new examples and can be < 0."""
+  opts = resolve_options(measure, **options)
+  heldout = opts.get("heldout", "none") != "none"
+  if measure == "linear_predictivity":
+    return (-np.inf, 1.0)
+  if measure == "procrustes_distance":
+    return (0.0, np.pi if heldout else np.pi / 2)
+  if measure == "rsa" or heldout or _KIND[measure] == "ratio":
+    return (-1.0, 1.0)
+  return (0.0, 1.0)
 
 
 def _check_measure(name: str) -> str:
@@ -90,10 +140,37 @@ def resolve_options(measure: str, **options: Any) -> dict[str, Any]:
     raise ValueError(f"rbf_cka: sigma must be a positive number, got {out['sigma']!r}")
   if measure == "mutual_knn" and not (isinstance(out["k"], (int, np.integer)) and out["k"] >= 1):
     raise ValueError(f"mutual_knn: k must be a positive int, got {out['k']!r}")
-  if measure == "procrustes":
+  if measure in _FITTED:
+    if out["heldout"] not in ("none", "kfold"):
+      raise ValueError(f"{measure}: heldout must be 'none' or 'kfold', got {out['heldout']!r}")
+    if not (isinstance(out["folds"], (int, np.integer)) and out["folds"] >= 2):
+      raise ValueError(f"{measure}: folds must be an int >= 2, got {out['folds']!r}")
+  if measure in ("svcca", "pwcca") and not 0 < float(out["keep"]) <= 1:
+    raise ValueError(f"{measure}: keep (variance fraction) must be in (0, 1], got {out['keep']!r}")
+  if measure in ("svcca", "pwcca") and not 0 <= float(out["rank_rtol"]) < 1:
+    raise ValueError(f"{measure}: rank_rtol must be in [0, 1), got {out['rank_rtol']!r}")
+  if measure == "rsa":
+    if out["distance"] not in ("euclidean", "cosine"):
+      hint = (" ('correlation' distance needs each example's mean over features, which the "
+              "column-centred Gram does not hold; 'cosine' is 1 - correlation of the "
+              "column-centred patterns without that mean)" if out["distance"] == "correlation"
+              else "")
+      raise ValueError(f"rsa: distance must be 'euclidean' or 'cosine', got "
+                       f"{out['distance']!r}{hint}")
+    if out["compare"] not in ("spearman", "pearson"):
+      raise ValueError(f"rsa: compare must be 'spearman' or 'pearson', got {out['compare']!r}")
+  if measure == "linear_predictivity":
+    a = out["alphas"]
+    a = (a,) if np.isscalar(a) else tuple(a)
+    if not a or not all(np.isscalar(v) and float(v) > 0 for v in a):
+      raise ValueError(f"linear_predictivity: alphas must be positive numbers, got {a!r}")
+    out["alphas"] = tuple(float(v) for v in a)
+  if measure in ("procrustes", "procrustes_distance"):
     if out["method"] not in ("svd", "newton_schulz"):
-      raise ValueError(f"procrustes: method must be 'svd' or 'newton_schulz', got "
+      raise ValueError(f"{measure}: method must be 'svd' or 'newton_schulz', got "
                        f"{out['method']!r}")
+    if out["heldout"] != "none" and (out["method"] != "svd" or out["max_rank"] is not None):
+      raise ValueError(f"{measure}: heldout='kfold' supports method='svd', max_rank=None only")
     if not 0 <= float(out["rank_rtol"]) < 1:
       raise ValueError(f"procrustes: rank_rtol must be in [0, 1), got {out['rank_rtol']!r}")
     r = out["max_rank"]
@@ -207,6 +284,89 @@ def mutual_knn(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike, k: int = 10) ->
     k: neighbours per example, 1 <= k < n.
   """
   return _full_batch("mutual_knn", x, y, k=k)
+
+
+def svcca(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike, keep: float = 0.99,
+          heldout: str = "none", folds: int = 2, rank_rtol: float = 1e-6) -> float:
+  """Full-batch SVCCA (Raghu et al. 2017): the mean canonical correlation of the truncated features.
+
+  Each side keeps its top principal directions holding `keep` of its variance (the leading
+  eigenvectors U_r of its centred Gram); the canonical correlations of the two truncated
+  representations are the singular values of U_r,x^T U_r,y (both orthonormal bases in example
+  space), averaged over the first min(r_x, r_y). One minibatch of the `svcca` terms.
+
+  Args:
+    x: [n, ...] features (n >= 4), flattened per example.
+    y: [n, ...] features of the same examples.
+    keep: variance fraction kept per side, in (0, 1].
+    heldout: 'none' (in-sample canonical correlations, in [0, 1]) or 'kfold' (directions fitted
+      on k - 1 folds, the mean correlation of the held-out fold's variates, in [-1, 1]).
+    folds: k for heldout='kfold' (example i in fold i % k).
+    rank_rtol: eigenvalues below this fraction of the largest are dropped.
+  """
+  return _full_batch("svcca", x, y, keep=keep, heldout=heldout, folds=folds,
+                     rank_rtol=rank_rtol)
+
+
+def pwcca(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike, keep: float = 0.99,
+          heldout: str = "none", folds: int = 2, rank_rtol: float = 1e-6) -> float:
+  """Full-batch projection-weighted CCA (Morcos et al. 2018), Gram form; asymmetric (weights: x).
+
+  The canonical correlations rho_i of `svcca`'s truncated representations, weighted by how much
+  of side x's variance its canonical variate h_i accounts for, alpha_i = |X^T h_i|_2^2 = h_i^T K_x
+  h_i: sum_i alpha_i rho_i / sum_i alpha_i. Morcos et al. weight by the L1 norm sum_j |<h_i, x_j>|
+  over neurons instead, which needs the features (docs/method.md#other-similarity-measures). One
+  minibatch of the `pwcca` terms; arguments as `svcca`.
+  """
+  return _full_batch("pwcca", x, y, keep=keep, heldout=heldout, folds=folds,
+                     rank_rtol=rank_rtol)
+
+
+def rsa(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike, distance: str = "euclidean",
+        compare: str = "spearman") -> float:
+  """Full-batch representational similarity analysis (Kriegeskorte et al. 2008), in [-1, 1].
+
+  RDMs of the centred features, Euclidean (sqrt(K_ii + K_jj - 2 K_ij)) or cosine
+  (1 - K_ij / sqrt(K_ii K_jj)) distances, compared over the n(n-1)/2 pairs i < j by Spearman's rho
+  (average ranks for ties) or Pearson's r. One minibatch of the `rsa` terms.
+  """
+  return _full_batch("rsa", x, y, distance=distance, compare=compare)
+
+
+def linear_predictivity(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike,
+                        alphas: float | Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0, 10.0),
+                        heldout: str = "kfold", folds: int = 2) -> float:
+  """Full-batch ridge predictivity of y from x: held-out R^2, in (-inf, 1]; asymmetric.
+
+  Per fold, ridge with intercept on the other folds (kernel ridge with the training-centred linear
+  Gram), lambda = alpha * tr(K_TT) / t chosen from `alphas` by leave-one-out on the training rows,
+  then R^2 = 1 - |Y_S - Yhat_S|_F^2 / |Y_S - mean(Y_S)|_F^2 on the test fold (sklearn's
+  multioutput='variance_weighted'), averaged over folds. heldout='none': in-sample R^2 of the fit
+  on all n. One minibatch of the `linear_predictivity` terms.
+  """
+  return _full_batch("linear_predictivity", x, y, alphas=alphas, heldout=heldout, folds=folds)
+
+
+def distance_correlation(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike,
+                         debiased: bool = False) -> float:
+  """Full-batch squared distance correlation dCor^2 (Szekely et al. 2007), in [0, 1].
+
+  dCov^2(X, Y) / sqrt(dCov^2(X, X) dCov^2(Y, Y)) from the doubly centred Euclidean distance
+  matrices; debiased=True uses the U-centred (bias-corrected, Szekely and Rizzo 2014) estimator,
+  which can be slightly negative. The `distance_correlation` terms are CKA's with the kernel -D.
+  """
+  return _full_batch("distance_correlation", x, y, debiased=debiased)
+
+
+def procrustes_distance(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike,
+                        **options: Any) -> float:
+  """Full-batch angular Procrustes distance arccos(`procrustes`) (Williams et al. 2021).
+
+  In [0, pi/2] radians; 0 for representations equal up to rotation and scale, LOWER means more
+  similar (its null test uses the lower tail). Options as `procrustes` (heldout='kfold': the angle
+  of the held-out score, in [0, pi]).
+  """
+  return _full_batch("procrustes_distance", x, y, **options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,6 +577,17 @@ def _nuclear_norms(fa: jax.Array, fb: jax.Array, method: str, iterations: int) -
   return jax.lax.map(row, fa)
 
 
+def _procrustes_heldout_terms(grams_a, grams_b, perms, rank_rtol, folds):
+  fa = gram_factors(grams_a, rank_rtol)
+  fb = fa if grams_b is None else gram_factors(grams_b, rank_rtol)
+  splits = fold_indices(grams_a.shape[-1], folds)
+  out = {"value": _heldout_procrustes(fa, fb, splits, rank_rtol)}
+  if perms is not None:
+    out["null"] = jax.lax.map(lambda p: _heldout_procrustes(fa, fb[:, p], splits, rank_rtol),
+                              perms)
+  return out
+
+
 def _procrustes_terms(grams_a, grams_b, perms, method, rank_rtol, iterations, max_rank):
   fa = gram_factors(grams_a, rank_rtol, max_rank)
   fb = fa if grams_b is None else gram_factors(grams_b, rank_rtol, max_rank)
@@ -464,6 +635,313 @@ def _knn_terms(grams_a, grams_b, perms, k):
   return out
 
 
+# ---------------------------------------------------------------------------------------------
+# The reviewer's measures (docs/method.md#other-similarity-measures): CCA family, RSA, ridge
+# predictivity, distance correlation, angular Procrustes. All from the centred Grams.
+
+
+def _svd(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Full SVD u [..., r, r], s [..., r], vt [..., c, c] of [..., r, c] (host LAPACK on CPU)."""
+  if not _host_lapack():
+    return jnp.linalg.svd(x, full_matrices=True)
+  *lead, r, c = x.shape
+  out = (jax.ShapeDtypeStruct((*lead, r, r), x.dtype),
+         jax.ShapeDtypeStruct((*lead, min(r, c)), x.dtype),
+         jax.ShapeDtypeStruct((*lead, c, c), x.dtype))
+
+  def svd(a):
+    bad = ~np.isfinite(a).all(axis=(-2, -1))
+    u, s, vt = (v.astype(a.dtype) for v in np.linalg.svd(_finite_or_nan(a), full_matrices=True))
+    u[bad], s[bad], vt[bad] = np.nan, np.nan, np.nan
+    return u, s, vt
+  return jax.pure_callback(svd, out, x, vmap_method="expand_dims")
+
+
+def fold_indices(m: int, folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
+  """(train, test) example indices of the k folds within a minibatch: example i is in fold i % k.
+
+  The analyses' minibatches are drawn in stream order from a shuffled split, so interleaved folds
+  are random folds; they are static (the same in every minibatch and on every device).
+  """
+  if not (isinstance(folds, (int, np.integer)) and 2 <= folds <= m // 2):
+    raise ValueError(f"heldout='kfold' needs 2 <= folds <= m / 2, got folds={folds!r}, m={m}")
+  i = np.arange(m)
+  return [(i[i % folds != f], i[i % folds == f]) for f in range(folds)]
+
+
+def cca_bases(grams: jax.Array, keep: float, rank_rtol: float) -> tuple[jax.Array, jax.Array,
+                                                                           jax.Array]:
+  """SVCCA's truncation from centred Grams: kept eigenvectors, eigenvalues and their number.
+
+  grams: [A, m, m]. Returns u [A, m, m] (columns in descending eigenvalue order, dropped ones
+  zero), s [A, m] (eigenvalues, dropped ones zero) and r [A] int. A component is kept while the
+  variance before it is below `keep` of the total (the smallest r with >= keep of the variance)
+  and its eigenvalue above `rank_rtol` of the largest. The kept columns are an orthonormal basis
+  of the column space of the truncated centred features X_r = U_r S_r^1/2 V_r^T (Raghu et al.
+  2017's SVD step: the features' top principal components are the Gram's top eigenvectors).
+  """
+  s, u = _eigh(grams)
+  s, u = jnp.maximum(s[..., ::-1], 0), u[..., ::-1]
+  before = jnp.cumsum(s, axis=-1) - s
+  mask = (before < keep * jnp.sum(s, axis=-1, keepdims=True)) & (s > rank_rtol * s[..., :1])
+  return u * mask[:, None, :], s * mask, jnp.sum(mask, axis=-1)
+
+
+def _first(n_min: jax.Array, size: int) -> jax.Array:
+  return (jnp.arange(size) < n_min).astype(jnp.float32)
+
+
+def _cca_pair(ua, sa, ra, ub, rb, weighted: bool) -> jax.Array:
+  """SVCCA / PWCCA of one layer a against every layer b (ub [B, m, m], rb [B]) -> [B]."""
+  mat = jnp.einsum("mi,bmj->bij", ua, ub, precision=_HIGHEST)
+  n_min = jnp.minimum(ra, rb)  # [B]
+  m = ua.shape[0]
+  if not weighted:  # canonical correlations: singular values of U_a^T U_b, mean of the first n_min
+    rho = _svdvals(mat)
+    first = jax.vmap(_first, (0, None))(n_min, m)
+    return jnp.sum(rho * first, -1) / jnp.maximum(n_min, 1)
+  p, rho, _ = _svd(mat)
+  # alpha_i = |X^T h_i|^2 = p_i^T S_a p_i for the variate h_i = U_a p_i (side a's variance it holds)
+  alpha = jnp.einsum("k,bki->bi", sa, p * p, precision=_HIGHEST)
+  alpha = alpha * jax.vmap(_first, (0, None))(n_min, m)
+  return jnp.sum(alpha * rho, -1) / jnp.sum(alpha, -1)
+
+
+def _cca_fold_side(u: jax.Array, s: jax.Array, train: np.ndarray, test: np.ndarray, rtol: float):
+  """One side's fit on the training rows of its truncated basis u [m, m] (s [m] eigenvalues).
+
+  U_T = Q Sigma V^T (rank tolerance rtol): Q [t, t] (masked) spans the training variates, Z = U_S V
+  Sigma^+ [s, t] maps test rows to the same whitened coordinates, Kq = Q^T K_TT Q [t, t] is the
+  training variance in them (K_TT of the truncated features), rank [] their number.
+  """
+  ut, us = u[train], u[test]
+  q, sig, vt = _svd(ut)  # q [t, t], sig [t], vt [m, m]
+  t = ut.shape[0]
+  keep = sig > rtol * jnp.maximum(sig[0], 1e-30)
+  inv = jnp.where(keep, 1 / jnp.where(keep, sig, 1), 0)
+  q = q * keep[None, :].astype(q.dtype)
+  z = jnp.einsum("sm,jm->sj", us, vt[:t], precision=_HIGHEST) * inv[None, :]
+  k_tt = jnp.einsum("im,m,jm->ij", ut, s, ut, precision=_HIGHEST)
+  kq = jnp.einsum("ti,tu,uj->ij", q, k_tt, q, precision=_HIGHEST)
+  return q, z, kq, jnp.sum(keep)
+
+
+def _test_correlations(ha: jax.Array, hb: jax.Array) -> jax.Array:
+  """Correlation over test rows of each column pair: ha, hb [s, n] -> [n] (0 where constant)."""
+  ha = ha - ha.mean(0, keepdims=True)
+  hb = hb - hb.mean(0, keepdims=True)
+  den = jnp.sqrt(jnp.sum(ha * ha, 0) * jnp.sum(hb * hb, 0))
+  return jnp.where(den > 0, jnp.sum(ha * hb, 0) / jnp.where(den > 0, den, 1), 0)
+
+
+def _cca_heldout_pair(fa, fb, weighted: bool) -> jax.Array:
+  """Held-out SVCCA / PWCCA of one fold: canonical directions fitted on the training rows, the
+  correlations of the test rows' variates along them. fa, fb: `_cca_fold_side` of each side."""
+  qa, za, kqa, ra = fa
+  qb, zb, _, rb = fb
+  p, _, rt = _svd(jnp.einsum("ti,tj->ij", qa, qb, precision=_HIGHEST))
+  corr = _test_correlations(za @ p, zb @ rt.T)
+  first = _first(jnp.minimum(ra, rb), corr.shape[0])
+  if not weighted:
+    return jnp.sum(corr * first) / jnp.maximum(jnp.sum(first), 1)
+  alpha = jnp.einsum("ki,kl,li->i", p, kqa, p, precision=_HIGHEST) * first
+  return jnp.sum(alpha * corr) / jnp.sum(alpha)
+
+
+def _cca_terms(grams_a, grams_b, perms, weighted, keep, rank_rtol, heldout, folds):
+  ua, sa, ra = cca_bases(grams_a, keep, rank_rtol)
+  ub, sb, rb = (ua, sa, ra) if grams_b is None else cca_bases(grams_b, keep, rank_rtol)
+  m = grams_a.shape[-1]
+  if heldout == "none":
+    def grid(ub_):
+      return jax.lax.map(lambda x: _cca_pair(*x, ub_, rb, weighted), (ua, sa, ra))
+  else:
+    splits = fold_indices(m, folds)
+    side = lambda u, s: [jax.vmap(lambda uu, ss: _cca_fold_side(uu, ss, tr, te, rank_rtol))(u, s)
+                         for tr, te in splits]
+    fit_a = side(ua, sa)
+
+    def grid(ub_):
+      fit_b = side(ub_, sb)
+      per_fold = [jax.lax.map(lambda fa1: jax.vmap(lambda fb1: _cca_heldout_pair(
+          fa1, fb1, weighted))(fb), fa) for fa, fb in zip(fit_a, fit_b)]
+      return sum(per_fold) / len(per_fold)
+  out = {"value": grid(ub)}
+  if perms is not None:  # the basis of L[pi][:, pi] is U_b[pi]: permute its rows
+    out["null"] = jax.lax.map(lambda p: grid(ub[:, p]), perms)
+  return out
+
+
+def _heldout_procrustes(fa, fb, splits, rank_rtol) -> jax.Array:
+  """Held-out Procrustes of factor rows: the rotation fitted on the training rows (the polar
+  factor of F_a,T^T F_b,T on its non-zero singular values), scored on the test rows:
+  tr(Q^T F_a,S^T F_b,S) / (|F_a,S| |F_b,S|). fa [A, m, r], fb [B, m, r] -> [A, B]."""
+  total = 0.0
+  for tr, te in splits:
+    na = jnp.sqrt(jnp.sum(fa[:, te] ** 2, axis=(-2, -1)))
+    nb = jnp.sqrt(jnp.sum(fb[:, te] ** 2, axis=(-2, -1)))
+
+    def row(f, na_=None):
+      fit = jnp.einsum("mi,bmj->bij", f[tr], fb[:, tr], precision=_HIGHEST)
+      u, s, vt = _svd(fit)
+      keep = (s > rank_rtol * jnp.maximum(s[:, :1], 1e-30)).astype(s.dtype)
+      q = jnp.einsum("bik,bk,bkj->bij", u, keep, vt, precision=_HIGHEST)
+      cross = jnp.einsum("mi,bmj->bij", f[te], fb[:, te], precision=_HIGHEST)
+      return jnp.sum(q * cross, axis=(-2, -1))
+    total = total + jax.lax.map(row, fa) / (na[:, None] * nb[None, :])
+  return total / len(splits)
+
+
+def _train_centring(g: jax.Array, train: np.ndarray) -> jax.Array:
+  """J G J^T with J = I - 1 w^T, w the training rows' mean weights: the Gram of features centred
+  on the training examples' mean (as a ridge fit with an intercept sees them). g [..., m, m]."""
+  m = g.shape[-1]
+  w = np.zeros(m, np.float32)
+  w[train] = 1.0 / len(train)
+  gw = jnp.einsum("...ij,j->...i", g, w, precision=_HIGHEST)  # G w
+  wgw = jnp.einsum("...i,i->...", gw, w, precision=_HIGHEST)
+  return g - gw[..., :, None] - gw[..., None, :] + wgw[..., None, None]
+
+
+def _ridge_fold_side(k: jax.Array, train: np.ndarray, test: np.ndarray, alphas: tuple):
+  """Side a's ridge operators for one fold and every lambda: k [m, m] training-centred Gram.
+
+  lambda = alpha * tr(K_TT) / t (scale-free). H = K_TT (K_TT + lambda I)^-1 [L, t, t] (the
+  training hat matrix) and P = K_ST (K_TT + lambda I)^-1 [L, s, t] (the test predictor).
+  """
+  k_tt, k_st = k[train][:, train], k[test][:, train]
+  lam_, v = _eigh(k_tt[None])
+  lam_, v = jnp.maximum(lam_[0], 0), v[0]
+  lam = jnp.asarray(alphas, jnp.float32)[:, None] * jnp.sum(lam_) / len(train)  # [L, 1]
+  inv = 1 / (lam_[None, :] + lam)  # [L, t]
+  h = jnp.einsum("ik,lk,jk->lij", v, lam_[None] * inv, v, precision=_HIGHEST)
+  g = jnp.einsum("ik,lk,jk->lij", v, inv, v, precision=_HIGHEST)
+  p = jnp.einsum("si,lij->lsj", k_st, g, precision=_HIGHEST)
+  return h, p
+
+
+def _ridge_pair(h, p, l, train, test, in_sample: bool) -> jax.Array:
+  """R^2 of one fold for one pair: lambda by leave-one-out on the training rows, then
+  1 - |Y_S - Yhat_S|^2 / |Y_S - mean_S|^2 from the Gram blocks of L (training-centred)."""
+  l_tt, l_st, l_ss = l[train][:, train], l[test][:, train], l[test][:, test]
+  t = len(train)
+  e = jnp.eye(t, dtype=l.dtype)[None] - h  # [L, t, t] I - H
+  res = jnp.einsum("lij,jk,lmk->lim", e, l_tt, e, precision=_HIGHEST)  # (I-H) L (I-H)^T
+  d = jnp.diagonal(res, axis1=-2, axis2=-1)
+  lev = jnp.diagonal(e, axis1=-2, axis2=-1)
+  loo = jnp.sum(d / jnp.maximum(lev, 1e-12) ** 2, -1)  # sum of squared LOO residuals (Rifkin)
+  best = jnp.argmin(loo)
+  if in_sample:
+    sse, sst = jnp.trace(res[best]), jnp.trace(l_tt)
+    return 1 - sse / sst
+  pb = p[best]
+  sse = (jnp.trace(l_ss) - 2 * jnp.sum(pb * l_st)
+         + jnp.einsum("sj,jk,sk->", pb, l_tt, pb, precision=_HIGHEST))
+  s = len(test)
+  sst = jnp.trace(l_ss) - jnp.sum(l_ss) / s
+  return 1 - sse / sst
+
+
+def _ridge_terms(grams_a, grams_b, perms, alphas, heldout, folds):
+  m = grams_a.shape[-1]
+  gb_all = grams_a if grams_b is None else grams_b
+  if heldout == "none":
+    splits = [(np.arange(m), np.arange(m))]
+  else:
+    splits = fold_indices(m, folds)
+  fits = []
+  for tr, te in splits:
+    ka = _train_centring(grams_a, tr)
+    fits.append(jax.vmap(lambda k: _ridge_fold_side(k, tr, te, alphas))(ka))
+
+  def grid(gb):
+    total = 0.0
+    for (tr, te), (h, p) in zip(splits, fits):
+      lb = _train_centring(gb, tr)
+      total = total + jax.lax.map(lambda hp: jax.vmap(lambda l: _ridge_pair(
+          hp[0], hp[1], l, tr, te, heldout == "none"))(lb), (h, p))
+    return total / len(splits)
+  out = {"value": grid(gb_all)}
+  if perms is not None:
+    out["null"] = jax.lax.map(lambda p: grid(gb_all[:, p][:, :, p]), perms)
+  return out
+
+
+def _average_ranks(v: jax.Array) -> jax.Array:
+  """Ranks 1..n of v [n], ties at their average rank (scipy.stats.rankdata's default)."""
+  s = jnp.sort(v)
+  lo = jnp.searchsorted(s, v, side="left")
+  hi = jnp.searchsorted(s, v, side="right")
+  return (lo + hi + 1).astype(jnp.float32) / 2
+
+
+def rdm_standardised(grams: jax.Array, distance: str, compare: str) -> jax.Array:
+  """[A, m, m] symmetric matrices holding each layer's standardised upper-triangle RDM entries.
+
+  RDM_ij: Euclidean distance sqrt(K_ii + K_jj - 2 K_ij), or the cosine distance
+  1 - K_ij / sqrt(K_ii K_jj) of the column-centred patterns. compare='spearman' replaces the
+  m(m-1)/2 entries i < j by their average ranks; the entries are then centred and scaled to unit
+  norm, mirrored below the diagonal (zero diagonal), so <R_a, R_b> / 2 is Pearson's r over the
+  upper triangle, and the RDM of L[pi][:, pi] is R_b[pi][:, pi].
+  """
+  m = grams.shape[-1]
+  iu = np.triu_indices(m, 1)
+
+  def one(g):
+    d = jnp.diagonal(g)
+    if distance == "euclidean":
+      rdm = jnp.sqrt(jnp.maximum(d[:, None] + d[None, :] - 2 * g, 0))
+    else:
+      norm = jnp.sqrt(jnp.maximum(d, 0))
+      safe = jnp.where(norm > 0, norm, 1)
+      rdm = 1 - g / (safe[:, None] * safe[None, :])
+    v = rdm[iu]
+    if compare == "spearman":
+      v = _average_ranks(v)
+    v = v - v.mean()
+    n = jnp.sqrt(jnp.sum(v * v))
+    v = v / jnp.where(n > 0, n, jnp.nan)  # a constant RDM: NaN, refused by the host
+    half = jnp.zeros((m, m), jnp.float32).at[iu].set(v)
+    return half + half.T
+  return jax.vmap(one)(grams)
+
+
+def _rsa_terms(grams_a, grams_b, perms, distance, compare):
+  ra = rdm_standardised(grams_a, distance, compare)
+  rb = ra if grams_b is None else rdm_standardised(grams_b, distance, compare)
+  value, null = _pair_products(ra, rb, perms)
+  out = {"value": value / 2}
+  if null is not None:
+    out["null"] = null / 2
+  return out
+
+
+def distance_kernels(grams: jax.Array) -> jax.Array:
+  """-D [A, m, m]: minus the Euclidean distance matrices of the centred features (from the Gram).
+
+  Double-centring -D gives minus Szekely's doubly centred distance matrix, so HSIC of these
+  'kernels' is the distance covariance dCov^2 and their CKA is dCor^2.
+  """
+  def one(g):
+    d = jnp.diagonal(g)
+    d2 = d[:, None] + d[None, :] - 2 * g
+    return -jnp.sqrt(jnp.where((d2 > 0) & ~jnp.eye(g.shape[0], dtype=bool), d2, 0.0))
+  return jax.vmap(one)(grams)
+
+
+def _dcor_terms(grams_a, grams_b, perms, debiased):
+  da = distance_kernels(grams_a)
+  db = None if grams_b is None else distance_kernels(grams_b)
+  out = _ratio_terms(da, db, perms, debiased)
+  # tr(-D) = 0: the constant-layer yardstick is (sum_ij D_ij / m)^2 / norm instead.
+  m = grams_a.shape[-1]
+  norm = m * (m - 3) if debiased else (m - 1) ** 2
+  scale = lambda k: (jnp.sum(k, axis=(-2, -1)) / m) ** 2 / norm
+  out["scale_a"] = scale(da)
+  out["scale_b"] = out["scale_a"] if db is None else scale(db)
+  return out
+
+
 def minibatch_terms(measure: str, grams_a: jax.Array, grams_b: jax.Array | None = None, *,
                     perms: jax.Array | None = None, **options: Any) -> dict[str, jax.Array]:
   """Per-minibatch terms of one measure from centred linear Grams; pure, call it inside your jit.
@@ -500,9 +978,25 @@ def _terms_jit(measure, opts, grams_a, grams_b, perms):
   if measure == "rbf_cka":
     kb = None if grams_b is None else rbf_kernels(grams_b, float(opts["sigma"]))
     return _ratio_terms(rbf_kernels(grams_a, float(opts["sigma"])), kb, perms, opts["debiased"])
-  if measure == "procrustes":
-    out = _procrustes_terms(grams_a, grams_b, perms, opts["method"], float(opts["rank_rtol"]),
-                            int(opts["iterations"]), opts["max_rank"])
+  if measure == "distance_correlation":
+    return _dcor_terms(grams_a, grams_b, perms, opts["debiased"])
+  if measure in ("procrustes", "procrustes_distance"):
+    if opts["heldout"] == "none":
+      out = _procrustes_terms(grams_a, grams_b, perms, opts["method"], float(opts["rank_rtol"]),
+                              int(opts["iterations"]), opts["max_rank"])
+    else:
+      out = _procrustes_heldout_terms(grams_a, grams_b, perms, float(opts["rank_rtol"]),
+                                      int(opts["folds"]))
+    if measure == "procrustes_distance":  # Williams et al.'s angle, per minibatch
+      out = {k: jnp.arccos(jnp.clip(v, -1.0, 1.0)) for k, v in out.items()}
+  elif measure in ("svcca", "pwcca"):
+    out = _cca_terms(grams_a, grams_b, perms, measure == "pwcca", float(opts["keep"]),
+                     float(opts["rank_rtol"]), opts["heldout"], int(opts["folds"]))
+  elif measure == "rsa":
+    out = _rsa_terms(grams_a, grams_b, perms, opts["distance"], opts["compare"])
+  elif measure == "linear_predictivity":
+    out = _ridge_terms(grams_a, grams_b, perms, tuple(opts["alphas"]), opts["heldout"],
+                       int(opts["folds"]))
   else:
     out = _knn_terms(grams_a, grams_b, perms, int(opts["k"]))
   sa, ca = _self_terms(grams_a)
@@ -732,7 +1226,8 @@ def result(state: MeasureState) -> MeasureResult:
   k = int(state.num_minibatches)
   if k == 0:
     raise ValueError(f"{state.measure}: no minibatches accumulated")
-  sym = (lambda x: (x + np.swapaxes(x, -1, -2)) / 2) if state.intra else (lambda x: x)
+  sym = ((lambda x: (x + np.swapaxes(x, -1, -2)) / 2)
+         if state.intra and state.measure not in _ASYMMETRIC else (lambda x: x))
   if state.hsic is not None:
     r = cka.result(state.hsic)
     value, stderr = r.cka, r.stderr
@@ -744,12 +1239,13 @@ def result(state: MeasureState) -> MeasureResult:
     per = sym(state.value[:k])
     total = cka.canonical_sum(per)
     value = total / k
-    bad = ~((value >= -cka.RANGE_ATOL) & (value <= 1 + cka.RANGE_ATOL))
+    lo, hi = value_range(state.measure, **dict(state.options))
+    bad = ~((value >= lo - cka.RANGE_ATOL) & (value <= hi + cka.RANGE_ATOL))
     if bad.any():
       i, j = np.argwhere(bad)[0]
-      raise ValueError(f"{state.measure} out of [0, 1] (or NaN) at {bad.sum()} cell(s), e.g. "
-                       f"({state.names_a[i]}, {state.names_b[j]}) = {value[i, j]}")
-    value = np.clip(value, 0.0, 1.0)
+      raise ValueError(f"{state.measure} out of [{lo}, {hi}] (or NaN) at {bad.sum()} cell(s), "
+                       f"e.g. ({state.names_a[i]}, {state.names_b[j]}) = {value[i, j]}")
+    value = np.clip(value, lo, hi)
     with np.errstate(divide="ignore", invalid="ignore"):
       stderr = cka.jackknife_stderr((total[None] - per) / (k - 1))
     null = state.null / k
@@ -766,8 +1262,10 @@ def result(state: MeasureState) -> MeasureResult:
                        dict(state.options))
 
 
-__all__ = ["MEASURES", "OPTIONS", "MeasureResult", "MeasureState", "accumulate", "gram_factors",
-           "init", "knn_indicators", "linear_cka", "merge", "minibatch_terms", "mutual_knn",
-           "null_permutations", "procrustes", "rbf_cka", "rbf_kernels", "resolve_options",
-           "result", "terms"]
+__all__ = ["MEASURES", "OPTIONS", "MeasureResult", "MeasureState", "accumulate", "cca_bases",
+           "distance_correlation", "distance_kernels", "fold_indices", "gram_factors",
+           "higher_is_similar", "init", "knn_indicators", "linear_cka", "linear_predictivity",
+           "merge", "minibatch_terms", "mutual_knn", "null_permutations", "procrustes",
+           "procrustes_distance", "pwcca", "rbf_cka", "rbf_kernels", "rdm_standardised",
+           "resolve_options", "result", "rsa", "svcca", "terms", "value_range"]
 
