@@ -138,7 +138,7 @@ def _zoo(run_dir, result, models) -> list[Figure]:
   """A CKA zoo: the model x model summary, every grid as one panel figure, then each grid."""
   name = result["name"]
   summary = os.path.join(run_dir, "results", f"{name}_summary.npz")
-  if not os.path.exists(summary):
+  if not workdir_lib.exists(summary):  # local or gs://
     return []
   z = load_npz(summary)
   keys = [str(k) for k in z["keys"]]
