@@ -42,8 +42,15 @@ def test_a_row_per_cell_and_per_metric(sweep_dir):
     pivot = cells.pivot(index="layer_a", columns="layer_b", values="value").loc[names_a, names_b]
     np.testing.assert_array_equal(pivot.to_numpy(), mean)
     assert cells.stderr.notna().all() and cells.null_z.isna().all()
-    numeric = [k for k, v in metrics.items() if isinstance(v, (int, float))
-               and not isinstance(v, bool)] + [f"vit/{k}" for k in metrics["vit"]]
+    def leaves(d, prefix=""):
+      for k, v in d.items():
+        if isinstance(v, dict):
+          yield from leaves(v, f"{prefix}{k}/")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+          yield f"{prefix}{k}", v
+    flat = dict(leaves(metrics))
+    # A metric's `<name>_stderr` sibling is that row's error bar, not a row of its own.
+    numeric = [k for k in flat if not (k.endswith("_stderr") and k[:-len("_stderr")] in flat)]
     got = df[(df.run == run) & (df.kind == "metric")]
     assert sorted(got.measure) == sorted(numeric)
     assert got[got.measure == "vit/mean_cka"].value.item() == metrics["vit"]["mean_cka"]

@@ -176,7 +176,7 @@ def _run(ctx: base.Context, cfg: ml_collections.ConfigDict,
           f"{ctx.name}_{tag}_measures"))
   mean, se = cka.null_bias_check(settings["minibatch_size"], *widths, seed=ctx.seed)
   check = dict(minibatch_size=settings["minibatch_size"], width_a=widths[0], width_b=widths[1],
-               cka=mean, stderr=se,
+               cka=mean, cka_stderr=se,
                statement=f"on independent random features at m = {settings['minibatch_size']} "
                          f"and widths {widths[0]} x {widths[1]} (capped at 4096), this "
                          f"estimator gives {mean:.4f} ± {se:.4f} (population value 0)")
