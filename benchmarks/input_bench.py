@@ -1,4 +1,4 @@
-"""Host input at 224 px: the old main-thread path, the Stream with 1 and 2 workers, a CKA step.
+"""Host input at 224 px: a main-thread loop, the Stream with 1 and 2 workers, a CKA step.
 
 Workload: ImageNet-like JPEGs written by this script (500x375 crops and resizes of
 scikit-image's photographs astronaut, coffee, chelsea and rocket, flipped and shifted so that no
@@ -6,8 +6,8 @@ two files are equal, quality 90) in a temporary folder with 4 class subfolders, 
 `data.FolderSource`. Measured in one run, each as the median of `--reps` repetitions:
 
 * decode only: `FolderSource[i]` (file read + PIL decode), main thread;
-* old path: decode + the NumPy bilinear resize that `data.resize_bilinear` used before it moved
-  to OpenCV + [-1, 1] mapping, image by image in the main thread (the analyses' old host step);
+* main thread: decode + `data.preprocess_image` (OpenCV bilinear resize, [-1, 1]), image by
+  image in the main thread (what a plain loop without the Stream does);
 * `streaming.Stream` at 224 px, 1 and 2 worker threads, ending on host NumPy (no mesh) and on
   the device (a mesh of this machine's devices; the images are `block_until_ready`);
 * the ViT-B/16 fine-preset CKA step (capture of every fine layer + `cka.minibatch_terms`, one
@@ -27,7 +27,7 @@ Measured 2026-12-01 on the 2-core development machine while 5 other jobs shared 
 average 8-9, so this process got about a third of a core: wall rates are far below what the
 cores can do, and CPU ms per image is the steady figure):
   decode only (file + PIL), main thread       308 images/s   1.08 CPU ms/image
-  old path (decode + NumPy resize)             79 images/s   4.0-5.1 CPU ms/image
+  (a main-thread loop with the NumPy resize used before OpenCV: 79 images/s, 4.0-5.1 CPU ms)
   Stream, 1 worker, to device                 215 images/s   1.81 CPU ms/image
   Stream, 2 workers, to device                239 images/s   1.55 CPU ms/image
   ViT-B_16 fine-preset CKA step (74 layers, m=8): 0.7 images/s on this CPU (compile 25 s)
@@ -75,22 +75,6 @@ def write_images(root: str, num_images: int, size: tuple[int, int] = (500, 375),
   return paths
 
 
-def _old_resize(images: np.ndarray, size: int) -> np.ndarray:
-  """The NumPy bilinear resize of `data.resize_bilinear` before OpenCV (the old path's cost)."""
-  images = np.asarray(images, np.float32)
-
-  def axis_weights(n_in):
-    pos = np.clip((np.arange(size) + 0.5) * (n_in / size) - 0.5, 0, n_in - 1)
-    lo = np.floor(pos).astype(np.int64)
-    hi = np.minimum(lo + 1, n_in - 1)
-    return lo, hi, (pos - lo).astype(np.float32)
-
-  lo, hi, t = axis_weights(images.shape[1])
-  x = images[:, lo] * (1 - t)[None, :, None, None] + images[:, hi] * t[None, :, None, None]
-  lo, hi, t = axis_weights(images.shape[2])
-  return x[:, :, lo] * (1 - t)[None, None, :, None] + x[:, :, hi] * t[None, None, :, None]
-
-
 def _timed(fn) -> tuple[float, float]:
   """(wall seconds, CPU seconds of all threads of this process) of `fn()`."""
   c, t = time.process_time(), time.perf_counter()
@@ -133,8 +117,8 @@ def input_rates(root: str, *, image_size: int = 224, workers: tuple[int, ...] = 
       src[i]
 
   def old_path():  # as the analyses' old host step: per image, main thread
-    out = [(_old_resize(src[i]["image"][None], image_size) - 127.5) / 127.5 for i in range(old_n)]
-    return np.concatenate(out)
+    out = [data.preprocess_image(src[i]["image"], image_size) for i in range(old_n)]
+    return np.stack(out)
 
   def stream(w, to_device):
     def run():
@@ -169,8 +153,8 @@ def cka_step_rate(model_name: str, m: int, image_size: int, reps: int) -> tuple[
 
   # pylint: disable=g-import-not-at-top
   from vit_analysis import models
-  from vit_analysis.models.build import LoadedModel
   from vit_analysis.models import capture
+  from vit_analysis.models.build import LoadedModel
   from vit_analysis.similarity import cka, representations
   # pylint: enable=g-import-not-at-top
   module = models.create_model(model_name, num_classes=1000, image_size=image_size)
@@ -218,14 +202,14 @@ def main() -> None:
   print(f"input at {size} px, {args.images} JPEGs of {jpeg[0]}x{jpeg[1]} (q90), {cores} cores, "
         f"median of {args.reps} (wall images/s; CPU ms per image, all threads):")
   labels = {"decode": "decode only (file + PIL), main thread",
-            "old_path": "old path (decode + NumPy resize), main thread"}
+            "old_path": "decode + preprocess_image, main thread"}
   for w in (1, 2):
     for where in ("host", "device"):
       labels[f"stream_{where}_w{w}"] = (f"Stream, {w} worker{'s' if w > 1 else ''}, to "
                                         f"{'host NumPy' if where == 'host' else 'device'}")
   for k, label in labels.items():
     print(f"  {label:<48s} {rates[k][0]:8.1f} images/s   {rates[k][1]:5.2f} CPU ms/image")
-  print(f"  speed-up, Stream 2 workers to device vs old path: "
+  print(f"  speed-up, Stream 2 workers to device vs the main-thread loop: "
         f"{rates['stream_device_w2'][0] / rates['old_path'][0]:.2f}x wall, "
         f"{rates['old_path'][1] / rates['stream_device_w2'][1]:.2f}x CPU")
   rate, layers, compile_s = cka_step_rate(args.model, args.m, size, args.reps)

@@ -15,6 +15,7 @@ from vit_analysis import main, models
 from vit_analysis.analyses import base
 from vit_analysis.input import data
 from vit_analysis.runtime import sharding
+from vit_analysis.similarity import cka, measures
 
 # XLA:CPU optimisation level 0: the tests' small programs compile about twice as fast.
 FAST = {"xla_backend_optimization_level": 0}
@@ -116,3 +117,20 @@ def run_processes(commands, *, env=None, timeout=240, what="workers"):
   for p, log in zip(procs, logs):
     assert p.returncode == 0, f"{what}: {log[-3000:]}"
   return logs
+
+
+def measure_grams(feats):
+  """[A] features [m, ...] -> [A, m, m] centred float32 Grams (what the analyses' step computes)."""
+  return jnp.stack([cka.gram_linear(jnp.asarray(f, jnp.float32)) for f in feats])
+
+
+def run_measure(measure, feats_a, feats_b=None, perms=None, **options):
+  """`measure` over minibatches: feats_* are [minibatch][layer] feature lists -> MeasureResult."""
+  a = len(feats_a[0])
+  b = None if feats_b is None else len(feats_b[0])
+  state = measures.init(measure, a, b, num_perms=0 if perms is None else len(perms), **options)
+  for i, fa in enumerate(feats_a):
+    gb = None if feats_b is None else measure_grams(feats_b[i])
+    state = measures.accumulate(state, measures.minibatch_terms(
+        measure, measure_grams(fa), gb, perms=perms, **options))
+  return measures.result(state)

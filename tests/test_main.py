@@ -13,8 +13,8 @@ from ml_collections import config_flags
 
 from vit_analysis import analyses as analyses_lib
 from vit_analysis import config_lib, main, options
-from vit_analysis.models import build
 from vit_analysis.analyses import base
+from vit_analysis.models import build
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,5 @@
 """vit_analysis.similarity.measures against float64 NumPy references computed from the features."""
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,21 +80,7 @@ def _ref_linear(x, y, debiased):
   return h(k, l) / np.sqrt(h(k, k) * h(l, l))
 
 
-def grams(feats):
-  """[A] features [m, ...] -> [A, m, m] centred float32 Grams (what the lead's step computes)."""
-  return jnp.stack([cka.gram_linear(jnp.asarray(f, jnp.float32)) for f in feats])
-
-
-def run(measure, feats_a, feats_b=None, perms=None, **options):
-  """One minibatch per call to `feats_*` list of lists: [minibatch][layer] -> MeasureResult."""
-  a = len(feats_a[0])
-  b = None if feats_b is None else len(feats_b[0])
-  state = measures.init(measure, a, b, num_perms=0 if perms is None else len(perms), **options)
-  for i, fa in enumerate(feats_a):
-    gb = None if feats_b is None else grams(feats_b[i])
-    t = measures.minibatch_terms(measure, grams(fa), gb, perms=perms, **options)
-    state = measures.accumulate(state, t)
-  return measures.result(state)
+grams, run = helpers.measure_grams, helpers.run_measure
 
 
 @pytest.fixture(scope="module")
@@ -455,7 +442,8 @@ def test_disagreements_names_the_flipped_cell():
                                               ("r0", "c3"), ("r1", "c0")]  # ties: cell order
 
 
-@pytest.mark.parametrize("measure", ["rbf_cka", "mutual_knn"])  # a CKA-type and a mean-type state
+# CKA-type and mean-type states, of the first four measures and of the reviewers' ones.
+@pytest.mark.parametrize("measure", ["rbf_cka", "mutual_knn", "svcca", "distance_correlation"])
 def test_state_resumes_through_orbax(measure, tmp_path):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   m = 12
@@ -477,5 +465,6 @@ def test_state_resumes_through_orbax(measure, tmp_path):
     resumed = measures.accumulate(resumed, x)
   got, want = measures.result(resumed), measures.result(one_pass)
   np.testing.assert_allclose(got.value, want.value, rtol=1e-12)
+  np.testing.assert_allclose(got.stderr, want.stderr, rtol=1e-12)
   np.testing.assert_allclose(got.null, want.null, rtol=1e-12)
   assert got.num_minibatches == 3

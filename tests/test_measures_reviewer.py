@@ -2,13 +2,13 @@
 Procrustes) against float64 references written from the papers' definitions (NumPy, SciPy,
 scikit-learn; never our code), their invariances, held-out scores, edge cases and the minibatch
 path (null, jackknife, intra-model, resume, 1 vs 4 devices)."""
-import jax.numpy as jnp
+import helpers
 import numpy as np
 import pytest
 import scipy.spatial.distance
 import scipy.stats
 
-from vit_analysis.similarity import cka, measures
+from vit_analysis.similarity import measures
 
 NEW = ("svcca", "pwcca", "rsa", "linear_predictivity", "distance_correlation",
        "procrustes_distance")
@@ -182,20 +182,7 @@ def data(seed, m=32, p1=8, p2=12, noise=0.7):
   return x, y
 
 
-def grams(feats):
-  return jnp.stack([cka.gram_linear(jnp.asarray(f, jnp.float32)) for f in feats])
-
-
-def run(measure, feats_a, feats_b=None, perms=None, **options):
-  """[minibatch][layer] feature lists -> MeasureResult."""
-  a = len(feats_a[0])
-  b = None if feats_b is None else len(feats_b[0])
-  state = measures.init(measure, a, b, num_perms=0 if perms is None else len(perms), **options)
-  for i, fa in enumerate(feats_a):
-    gb = None if feats_b is None else grams(feats_b[i])
-    state = measures.accumulate(state, measures.minibatch_terms(measure, grams(fa), gb,
-                                                                perms=perms, **options))
-  return measures.result(state)
+grams, run = helpers.measure_grams, helpers.run_measure
 
 
 # ------------------------------------------------------------------------------------------------
@@ -448,35 +435,12 @@ def test_z_and_p_direction_for_a_distance():
     assert p[0, 0] == pytest.approx(1 / 20), measure
 
 
-@pytest.mark.parametrize("measure", ["svcca", "distance_correlation"])
-def test_state_resumes_through_orbax(measure, tmp_path):
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  m = 12
-  r = rng(90)
-  batches = [([r.normal(size=(m, 6))], [r.normal(size=(m, 4))]) for _ in range(3)]
-  perms = measures.null_permutations(0, 2, m)
-  t = [measures.minibatch_terms(measure, grams(a), grams(b), perms=perms) for a, b in batches]
-  init = lambda: measures.init(measure, ["a"], ["b"], num_perms=2)
-  one_pass = init()
-  for x in t:
-    one_pass = measures.accumulate(one_pass, x)
-  mngr = ocp.CheckpointManager(tmp_path / "ckpt")
-  mngr.save(1, args=ocp.args.StandardSave(measures.accumulate(init(), t[0])))
-  mngr.wait_until_finished()
-  resumed = mngr.restore(1, args=ocp.args.StandardRestore(init()))
-  for x in t[1:]:
-    resumed = measures.accumulate(resumed, x)
-  got, want = measures.result(resumed), measures.result(one_pass)
-  np.testing.assert_allclose(got.value, want.value, rtol=1e-12)
-  np.testing.assert_allclose(got.stderr, want.stderr, rtol=1e-12)
-  np.testing.assert_allclose(got.null, want.null, rtol=1e-12)
-
-
 def test_every_measure_from_the_same_pass_on_1_and_4_devices():
   """cka_runner: every measure with a null, identical on 1 and 4 devices; the distance's
   p-value counts the lower tail."""
   import jax  # pylint: disable=g-import-not-at-top
   from test_similarity import LAYERS, Transforms, _loaded, _side, _source  # pylint: disable=g-import-not-at-top
+
   from vit_analysis.runtime import sharding  # pylint: disable=g-import-not-at-top
   from vit_analysis.similarity import cka_runner  # pylint: disable=g-import-not-at-top
   side = _side(_loaded(Transforms(), 8), LAYERS)

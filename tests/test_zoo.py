@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from test_similarity import LAYERS, Transforms, _side, _source
 
-from vit_analysis import models
-from vit_analysis.analyses import base, zoo
+from vit_analysis.analyses import zoo
 from vit_analysis.input import streaming
 from vit_analysis.report import figures as report_figures
 from vit_analysis.report import interactive

@@ -17,8 +17,7 @@ from typing import Any
 import numpy as np
 
 from vit_analysis.models import layers
-from vit_analysis.report import interactive
-from vit_analysis.report import reader
+from vit_analysis.report import interactive, reader
 from vit_analysis.runtime import workdir as workdir_lib
 
 Figure = tuple[str, dict[str, Any]]

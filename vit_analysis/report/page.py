@@ -24,9 +24,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from vit_analysis.report import figures as report_figures
-from vit_analysis.report import findings, interactive
+from vit_analysis.report import findings, interactive, reader
 from vit_analysis.report import html as report_html
-from vit_analysis.report import reader
 from vit_analysis.runtime import workdir as workdir_lib
 
 # ----------------------------------------------------------------------------------------------
