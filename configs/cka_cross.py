@@ -15,14 +15,6 @@ def get_config(arg=None):
   config = config_lib.base_config(flags)
   config.analyses = ("cka_cross",)
   config.cka_cross = analyses.default_config("cka_cross")  # options and paper defaults
-  config.cka_cross.update(dict(pairs=(("vit", "resnet"),), num_examples=768, minibatch_size=128,
-                               repeats=5))
-  if flags.smoke:
-    config.cka_cross.update(dict(num_examples=64, minibatch_size=16, repeats=2))
-  if flags.get("full", False):
-    config.data = config_lib.tfds_data("imagenet2012", 224, test_split="validation")
-    config.models = config_lib.official_models(flags, {"vit": "ViT-L_16", "resnet": "R50x1"})
-    config.cka_cross.update(dict(num_examples=10240, minibatch_size=1024, repeats=20))
-  if flags.get("rehearsal", False):
-    config_lib.rehearsal(config, config.cka_cross, flags)
+  config.cka_cross.update(dict(pairs=(("vit", "resnet"),)))
+  config_lib.cka_protocol(config, config.cka_cross, flags, {"vit": "ViT-L_16", "resnet": "R50x1"})
   return config

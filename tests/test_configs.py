@@ -8,9 +8,10 @@ import importlib.util
 import json
 import os
 
+import ml_collections
 import pytest
 
-from vit_analysis import main, options
+from vit_analysis import config_lib, main, options
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
@@ -123,3 +124,17 @@ def test_full_configs_read_official_checkpoints_from_ckpt_dir(path):
   for key, m in config.models.items():
     if m.checkpoint and m.train is None and m.name in config_lib.OFFICIAL_FILES:
       assert m.checkpoint == f"/ckpt/{config_lib.OFFICIAL_FILES[m.name]}", (key, m.checkpoint)
+
+
+def test_cka_protocol_sizes_each_kind_of_run():
+  sizes = lambda s: (s.num_examples, s.minibatch_size, s.repeats)
+  for arg, want in ((None, (768, 128, 5)), ("smoke", (64, 16, 2)),
+                    ("full,ckpt_dir=/ck", (10240, 1024, 20))):
+    flags = config_lib.parse_arg(arg, ("full", "ckpt_dir"))
+    config = config_lib.base_config(flags)
+    sub = ml_collections.ConfigDict(dict(num_examples=0, minibatch_size=0, repeats=0))
+    config_lib.cka_protocol(config, sub, flags, {"vit": "ViT-L_16"})
+    assert sizes(sub) == want, arg
+    if arg and arg.startswith("full"):
+      assert config.data.name == "tfds:imagenet2012" and list(config.models) == ["vit"]
+      assert config.models.vit.checkpoint.startswith("/ck/")

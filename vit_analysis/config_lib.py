@@ -353,3 +353,23 @@ def rehearsal(config: ml_collections.ConfigDict, sub: ml_collections.ConfigDict,
           "train": None, "overrides": {}})
   sub.update(dict(layers="fine", num_examples=128, minibatch_size=64, repeats=2))
   config.description = f"dress rehearsal at 224 px on {data}: {names['vit']} and {names['resnet']}"
+
+
+def cka_protocol(config: ml_collections.ConfigDict, sub: ml_collections.ConfigDict, flags: Any,
+                 full_models: dict[str, str]) -> None:
+  """Sizes a CKA-family analysis' sub-config `sub` for the run `flags` asks for, in place.
+
+  Digits (default): 768 examples in minibatches of 128, 5 repeats; `:smoke`: 64 in 16, 2
+  repeats; `:full`: ImageNet validation with the official checkpoints `full_models` (key ->
+  name) and the paper's protocol, 10,240 examples in minibatches of 1,024, 20 repeats
+  (docs/method.md#protocol-defaults); `:rehearsal` as `rehearsal`.
+  """
+  sub.update(dict(num_examples=768, minibatch_size=128, repeats=5))
+  if flags.smoke:
+    sub.update(dict(num_examples=64, minibatch_size=16, repeats=2))
+  if flags.get("full", False):
+    config.data = tfds_data("imagenet2012", 224, test_split="validation")
+    config.models = official_models(flags, full_models)
+    sub.update(dict(num_examples=10240, minibatch_size=1024, repeats=20))
+  if flags.get("rehearsal", False):
+    rehearsal(config, sub, flags)
