@@ -66,3 +66,21 @@ def test_smoke_run_prints_its_table(runs, case):
   assert proc.returncode == 0, f"{_script(case)} {CASES[case][0]} failed:\n{log}"
   for line in CASES[case][1]:
     assert line in proc.stdout, f"{line!r} not printed by {_script(case)}:\n{log}"
+
+
+def test_input_benchmark_writes_distinct_jpegs_and_measures_every_path(tmp_path):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+
+  from vit_analysis.input import data  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("input_bench",
+                                                os.path.join(ROOT, _script("input_bench")))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  paths = bench.write_images(str(tmp_path), 4, size=(40, 30))
+  assert len({pathlib.Path(p).read_bytes() for p in paths}) == 4  # four different files
+  assert data.FolderSource(str(tmp_path))[0]["image"].shape == (30, 40, 3)
+  rates = bench.input_rates(str(tmp_path), image_size=16, reps=1, step_size=4)
+  assert set(rates) == {"decode", "old_path", "stream_host_w1", "stream_device_w1",
+                        "stream_host_w2", "stream_device_w2"}
+  assert all(r > 0 and ms >= 0 for r, ms in rates.values())
