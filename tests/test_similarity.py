@@ -317,3 +317,22 @@ def test_a_distance_agrees_with_its_similarity_in_the_summary():
   d = out["measure_disagreements"][0]
   i, j = ["a0", "a1", "a2"].index(d["a"]), ["b0", "b1", "b2", "b3"].index(d["b"])
   assert d["value"]["procrustes_distance"] == pytest.approx(np.arccos(sim[0, i, j]))
+
+
+class _Widths(nn.Module):
+  """Layers of 5, 96 (as [8, 12]) and 48 features per example."""
+
+  @nn.compact
+  def __call__(self, images, train=False):
+    del train
+    x = images.reshape(images.shape[0], -1)[:, :48]
+    out = {"narrow": x[:, :5], "wide": jnp.concatenate([x, -x], -1).reshape(-1, 8, 12),
+           "middle": x}
+    return x.sum(-1), out
+
+
+def test_widest_is_the_largest_flattened_feature_of_a_side():
+  model = _loaded(_Widths(), 8)
+  assert similarity.widest(_side(model, ["narrow", "wide", "middle"]), 4) == 96
+  assert similarity.widest(_side(model, ["narrow", "middle"]), 4) == 48
+  assert similarity.widest(_side(model, ["narrow"]), 4) == 5
