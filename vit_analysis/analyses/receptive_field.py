@@ -154,7 +154,9 @@ def erf_sum(centre_fn: Callable[[jax.Array], Any], images: jax.Array,
 
 def image_statistics(maps: jax.Array, fraction: float = 0.5,
                      patch_size: int | None = None) -> dict[str, jax.Array]:
-  """Per-image ERF summaries, for error bars over images (docs/method.md#effective-receptive-fields).
+  """Per-image ERF summaries, for error bars over images.
+
+  See docs/method.md#effective-receptive-fields.
 
   Args:
     maps: [b, H, W] per-image ERFs (`erf_maps`).
