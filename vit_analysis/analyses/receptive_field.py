@@ -9,6 +9,12 @@ Post-residual ERFs use the stream after the skip add ('block03/+sa', 'block03',
 The default is the literal per-channel absolute gradient: one VJP of the forward pass, pulled back
 once per channel (channels in chunks under `lax.scan`, so memory is `chunk * batch * image`).
 The cheap option (`per_channel=False`) takes abs(grad of the channel mean), one pull-back.
+
+Error bars over images: the same pass keeps each image's own ERF (`erf_maps`), and streams its
+area fraction and centre-patch and total masses (`image_statistics`) with their squares. The
+metrics give the per-image areas' mean and SE (`area_fraction_per_image[_stderr]`, also averaged
+over the lower half of the layers) and the delta-method SE of the mean ERF's centre-patch share
+(`centre_patch_mass_stderr`); `uncertainty_over` names the images.
 """
 from __future__ import annotations
 
