@@ -474,8 +474,8 @@ def check_receptive_field(run: SavedRun) -> list[Finding]:
       share = patch * patch / float(size * size)  # exact: the patch's share of the pixels
       est = over_images(v, "centre_patch_mass", index=-1)
       shares[key] = (est.value, share)
-      v_, text = decide({key: est}, 2 * share)
-      parts.append((v_, f"{key}: {text}" if len(vit) > 1 else text))
+      verdict, text = decide({key: est}, 2 * share)
+      parts.append((verdict, f"{key}: {text}" if len(vit) > 1 else text))
   if shares:
     verdict, interval = _all_of(parts)
     out.append(Finding(name, exp, ", ".join(f"{k} {_fmt(s)} (image share {_fmt(u)})"
@@ -501,13 +501,11 @@ def check_skip_norms(run: SavedRun) -> list[Finding]:
   exp, thr = ("ViT skip/branch norm ratios far above ResNet's (Fig 7)",
               "smallest mean ViT ratio (attention or MLP) > 2 x largest mean ResNet ratio "
               "(every pair: ViT - 2 x ResNet > 0, SEs over images combined)")
-  vit_r = {f"{k} {kind}": over_images({**v[kind], "uncertainty_over": v.get("uncertainty_over",
-                                                                             "images")},
-                                      "ratio_mean")
+  # A kind's metrics with the model's `uncertainty_over` (saved once per model).
+  of_kind = lambda v, kind: {**v.get(kind, {}), "uncertainty_over": v.get("uncertainty_over")}
+  vit_r = {f"{k} {kind}": over_images(of_kind(v, kind), "ratio_mean")
            for k, v in vit.items() for kind in ("sa", "mlp") if kind in v}
-  res_r = {f"2 x {k}": over_images({**v["unit"], "uncertainty_over": v.get("uncertainty_over",
-                                                                            "images")},
-                                   "ratio_mean", scale=2.0)
+  res_r = {f"2 x {k}": over_images(of_kind(v, "unit"), "ratio_mean", scale=2.0)
            for k, v in res.items() if "unit" in v}
   if vit_r and res_r:
     text = ", ".join([f"{k} {_fmt(e.value)}" for k, e in vit_r.items()] +
@@ -532,7 +530,7 @@ def check_skip_norms(run: SavedRun) -> list[Finding]:
         n = len(cls)
         part = slice(0, max(1, n // 2)) if half == "early" else slice(n // 2, n)
         rows[f"{key} {kind}"] = (float(np.mean(cls[part])), float(np.mean(spatial[part])))
-        m = {**vit[key].get(kind, {}), "uncertainty_over": vit[key].get("uncertainty_over")}
+        m = of_kind(vit[key], kind)
         field = f"cls_minus_spatial_{half}"
         # CLS - spatial, per image, averaged over the half's blocks: its SE over images.
         estimates[f"{key} {kind} CLS - spatial"] = (
