@@ -375,7 +375,8 @@ def check_head_subsets(run: SavedRun) -> list[Finding]:
       # The difference is linear in the CKA grid and carries the analysis' saved error
       # (docs/method.md#error-bars-of-cka-statistics); a rank correlation over a few subsets has
       # no interval.
-      diff = {k: _saved(v, se.get(k), m.get("cka_local_minus_global_over"), "no error saved")
+      diff = {k: _saved(v, se.get(k), m.get("cka_local_minus_global_over"),
+                        "no uncertainty saved for this layer")
               for k, v in m["cka_local_minus_global"].items()}
       text = ", ".join(f"{k} {e.value:+.3g} (rho {_fmt(rho[k])})" if k in rho else
                        f"{k} {e.value:+.3g}" for k, e in diff.items())
@@ -549,7 +550,7 @@ def check_skip_removal(run: SavedRun) -> list[Finding]:
       base = per.get(base_key, {})
       if m.get("accuracy_drop_stderr") is not None:
         est = _saved(m["accuracy_drop"], m["accuracy_drop_stderr"], m.get("accuracy_drop_over"),
-                     "")
+                     "no uncertainty saved")
       elif acc is not None and base.get("test_accuracy") is not None:
         # Both accuracies on the same test images: adding the variances ignores their positive
         # correlation, so the interval is conservative (wider than a paired one).
@@ -569,11 +570,12 @@ def check_skip_removal(run: SavedRun) -> list[Finding]:
       text = f"{_fmt(a)} vs unmodified {_fmt(b)}"
       change = m.get("split_change")
       if change is not None:  # paired within each repeat (the same images for both models)
-        est = _saved(change["value"], change.get("stderr"), change.get("over"), "")
-      elif m["split"].get("contrast_stderr") is not None:
-        est = _difference(*(_saved(c["contrast"], c.get("contrast_stderr"),
-                                   c.get("contrast_over"), "")
-                            for c in (m["split"], m["split_unmodified"])))
+        est = _saved(change["value"], change.get("stderr"), change.get("over"),
+                     "no uncertainty saved (split change)")
+      elif m["split"].get("contrast_stderr") is not None:  # the same images: errors added
+        est = _added(*(_saved(c["contrast"], c.get("contrast_stderr"),
+                              c.get("contrast_over"), "no uncertainty saved")
+                       for c in (m["split"], m["split_unmodified"])))
       else:
         est = _unknown(a - b, "no uncertainty saved (per-repeat split contrasts not saved)")
       out.append(_decided(name, exp, text, thr, {key: est}, 0.05))
