@@ -234,7 +234,7 @@ def run(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResul
       metrics[key]["accuracy_drop_stderr"] = accuracy_drop_stderr(
           accuracies[base_key], accuracies[key], n)
       metrics[key]["accuracy_drop_over"] = (
-          f"over {n} test images (binomial; the two accuracies taken as independent)")
+          f"over {n} test images, binomial, the two accuracies taken as independent")
   labels = {k: (f"{k}: unmodified" if k == base_key else f"{k}: block {k[-2:]} skips removed")
             for k in models}
   figures = [ctx.save_figure(lambda: mechanisms.skip_removal_heatmaps(
