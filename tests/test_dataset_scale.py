@@ -123,3 +123,4 @@ def test_blockwise_cka_curves_and_figures(tmp_path):
   np.testing.assert_allclose(m["block_cka_stderr"], diag.std(0, ddof=1) / np.sqrt(2),
                              rtol=1e-9, atol=1e-12)
   assert m["block_cka_over"] == "over 2 repeats" and m["block_cka_stderr"][1] > 0
+  assert m["num_test"] == result.metrics["vit_ft_parity"]["num_test"] == 80  # accuracy's images

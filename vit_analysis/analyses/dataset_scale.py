@@ -189,7 +189,8 @@ def run(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResul
                           f"dataset_scale/{tag}")
       curves[f"{100 * f:g}%"] = rep
       metrics[tag] = dict(fraction=f, train_examples=int(len(subsets[f])),
-                          test_accuracy=model.test_accuracy, **block_estimates(rep))
+                          test_accuracy=model.test_accuracy, num_test=len(sources["test"]),
+                          **block_estimates(rep))
     panels["data_fraction"] = (curves, f"{ref.name}: subset model vs 100% model")
   tasks = dict(cfg.finetune or {})
   if tasks:
@@ -202,7 +203,7 @@ def run(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResul
       rep = blockwise_cka(ref, model, sources["test"], ctx, cfg, layers, f"dataset_scale/{tag}")
       curves[label] = rep
       metrics[tag] = dict(task=task["data"], test_accuracy=model.test_accuracy,
-                          **block_estimates(rep))
+                          num_test=len(sources["test"]), **block_estimates(rep))
     panels["finetune"] = (curves, f"{ref.name}: before vs after fine-tuning")
   for panel, (curves, title) in panels.items():
     stems = {label: ctx.results_stem(f"dataset_scale_{panel}_{label.replace('%', 'pct')}")
