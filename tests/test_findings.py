@@ -454,7 +454,7 @@ def _rf_se(res_low, vit_low, se, centre, centre_se):
 
 def test_receptive_field_decides_with_the_se_over_images():
   larger = lambda *a: _shown("receptive_field", _rf_se(*a), match="larger")
-  # Difference of the per-image lower-half areas, SE sqrt(2) x se.
+  # Difference of the per-image lower-half areas of the same images: SE se + se.
   assert larger(0.02, 0.10, 0.01, 0.1, 0.01) == [S]
   assert larger(0.10, 0.02, 0.01, 0.1, 0.01) == [N]
   assert larger(0.02, 0.04, 0.01, 0.1, 0.01) == [I]  # 0.02 < 1.96 x 0.0141
@@ -463,9 +463,8 @@ def test_receptive_field_decides_with_the_se_over_images():
                                 match="centre")
   assert centre(0.1, 0.01) == [S] and centre(0.02, 0.005) == [N] and centre(0.05, 0.01) == [I]
   f = findings.check_receptive_field(_run("receptive_field", _rf_se(0.02, 0.1, 0.01, 0.1, 0.01)))
-  se = np.hypot(0.01, 0.01)
-  assert f[1].interval == (f"[{0.08 - Z * se:.3g}, {0.08 + Z * se:.3g}] vs > 0 "
-                           "(SE over images (n=32))")
+  assert f[1].interval == (f"[{0.08 - Z * 0.02:.3g}, {0.08 + Z * 0.02:.3g}] vs > 0 "
+                           "(SE over images (n=32); the two errors added)")
   assert f[1].measured == "vit 0.1, resnet 0.02"
   assert f[2].interval == f"[{0.1 - Z * 0.01:.3g}, {0.1 + Z * 0.01:.3g}] vs > {2 / 49:g} " \
                           "(SE over images (n=32))"
@@ -483,10 +482,11 @@ def _skip_se(vit_sa, vit_mlp, res, se, contrast, contrast_se):
 
 def test_skip_norms_decide_with_the_se_over_images():
   far = lambda *a: _shown("skip_norms", _skip_se(*a, (1, -1), 0.1), match="far above")
-  # ViT - 2 x ResNet for every pair, SE sqrt(se^2 + 4 se^2).
+  # ViT - 2 x ResNet for every pair, on the same images: SE se + 2 se.
   assert far(30, 10, 2, 0.5) == [S]
-  assert far(3, 10, 2, 0.1) == [N]      # 3 - 4 = -1, SE 0.22
-  assert far(4.5, 10, 2, 0.5) == [I]    # 0.5 < 1.96 x 1.12
+  assert far(3, 10, 2, 0.1) == [N]      # 3 - 4 = -1, SE 0.3
+  assert far(5.5, 10, 2, 0.5) == [I]    # 1.5 < 1.96 x 1.5
+  assert far(5.5, 10, 2, 0.2) == [S]    # 1.5 > 1.96 x 0.6
   arrays = _skip_arrays(50, 0.5)
   phase = lambda contrast, se: (
       _shown("skip_norms", _skip_se(30, 10, 2, 0.5, contrast, se), arrays, "early") +
@@ -498,9 +498,8 @@ def test_skip_norms_decide_with_the_se_over_images():
   f = findings.check_skip_norms(_run("skip_norms", _skip_se(30, 10, 2, 0.5, (48, -3), 1.0),
                                      arrays))
   assert f[0].measured == "vit sa 30, vit mlp 10, resnet 2"
-  se = np.hypot(0.5, 1.0)
-  assert f[0].interval == (f"vit mlp - 2 x resnet: [{6 - Z * se:.3g}, {6 + Z * se:.3g}] vs > 0 "
-                           "(SE over images (n=500))")
+  assert f[0].interval == (f"vit mlp - 2 x resnet: [{6 - Z * 1.5:.3g}, {6 + Z * 1.5:.3g}] vs > 0 "
+                           "(SE over images (n=500); the two errors added)")
   assert "vit sa: CLS 50 vs spatial 2" in f[1].measured
   assert f[2].interval.endswith("vs < 0 (SE over images (n=500))")
   # A dead branch (no SE saved for it) leaves the comparison open.

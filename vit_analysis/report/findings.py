@@ -422,6 +422,14 @@ def over_images(metrics: Mapping[str, Any], field: str, index: int | None = None
   return Estimate(scale * v, abs(scale) * float(se), f"SE over {over}")
 
 
+def _same_images(high: Mapping[str, Estimate], low: Mapping[str, Estimate]
+                 ) -> dict[str, Estimate]:
+  """`every high > every low` as every pair's difference, for two models measured on the same
+  images: their errors are correlated, so the SEs are added (`_added`, a bound whatever the
+  correlation) rather than combined as independent."""
+  return {f"{h} - {l}": _added(eh, el) for h, eh in high.items() for l, el in low.items()}
+
+
 def _all_of(parts: Sequence[tuple[str, str]]) -> tuple[str, str]:
   """One verdict for several conditions that must all hold (as `decide` combines estimates)."""
   verdicts = [v for v, _ in parts]
@@ -477,12 +485,13 @@ def check_receptive_field(run: SavedRun) -> list[Finding]:
     both = {**vit, **res}
     if all("lower_half_area_per_image" in v for v in both.values()):
       # Each image's own ERF area, so that the spread over images gives an error bar
-      # (docs/method.md#effective-receptive-fields); every pair's difference, SEs combined.
+      # (docs/method.md#effective-receptive-fields); every pair's difference.
       thr = ("mean over images of each image's ERF area fraction, averaged over the lower half "
              "of layers: every ViT > every ResNet")
       est = {k: over_images(v, "lower_half_area_per_image") for k, v in both.items()}
       out.append(_decided(name, exp, ", ".join(f"{k} {_fmt(e.value)}" for k, e in est.items()),
-                          thr, _pairwise({k: est[k] for k in vit}, {k: est[k] for k in res}),
+                          thr + " (same images: the two SEs added)",
+                          _same_images({k: est[k] for k in vit}, {k: est[k] for k in res}),
                           0.0))
     else:
       thr = "mean ERF area fraction over the lower half of layers: every ViT > every ResNet"
@@ -529,7 +538,7 @@ def check_skip_norms(run: SavedRun) -> list[Finding]:
   res = {k: v for k, v in metrics.items() if isinstance(v, Mapping) and run.family(k) == "resnet"}
   exp, thr = ("ViT skip/branch norm ratios far above ResNet's (Fig 7)",
               "smallest mean ViT ratio (attention or MLP) > 2 x largest mean ResNet ratio "
-              "(every pair: ViT - 2 x ResNet > 0, SEs over images combined)")
+              "(every pair: ViT - 2 x ResNet > 0; same images: the two SEs added)")
   # A kind's metrics with the model's `uncertainty_over` (saved once per model).
   of_kind = lambda v, kind: {**v.get(kind, {}), "uncertainty_over": v.get("uncertainty_over")}
   vit_r = {f"{k} {kind}": over_images(of_kind(v, kind), "ratio_mean")
@@ -539,7 +548,7 @@ def check_skip_norms(run: SavedRun) -> list[Finding]:
   if vit_r and res_r:
     text = ", ".join([f"{k} {_fmt(e.value)}" for k, e in vit_r.items()] +
                      [f"{k[4:]} {_fmt(e.value / 2)}" for k, e in res_r.items()])
-    out.append(_decided(name, exp, text, thr, _pairwise(vit_r, res_r), 0.0))
+    out.append(_decided(name, exp, text, thr, _same_images(vit_r, res_r), 0.0))
   else:
     out.append(_absent(name, exp, thr, "needs a ViT and a ResNet"))
   cls_keys = [k for k in vit if run.has_cls(k)]
