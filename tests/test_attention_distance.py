@@ -73,17 +73,29 @@ def test_run_matches_direct_computation_on_all_images(tmp_path):
   result = run_analysis("attention_distance", config, ctx)
   saved = np.load(tmp_path / "results" / "attention_distance.npz")
   assert sorted(saved.files) == ["m0", "m1"]
+  saved_se = np.load(tmp_path / "results" / "attention_distance_stderr.npz")
   for key, has_cls in (("m0", True), ("m1", False)):
     m = ctx.models[key]
     idx = np.random.default_rng(3).permutation(10)[:7]
     images = data.preprocess(np.stack([ctx.sources["test"][int(i)]["image"] for i in idx]), 32)
     _, out = jax.jit(lambda v, x, m=m: m.module.apply(v, x, train=False)).lower(
         m.variables, images).compile(FAST)(m.variables, images)
-    direct = np.stack([np.asarray(ad.mean_attention_distance(
-        out[f"block{b:02d}/attn_weights"], (4, 4), 8, has_cls=has_cls)).mean(0)
-        for b in range(2)])
+    per_image = np.stack([np.asarray(ad.mean_attention_distance(
+        out[f"block{b:02d}/attn_weights"], (4, 4), 8, has_cls=has_cls), np.float64)
+        for b in range(2)], axis=1)  # [7, L, H]
+    direct = per_image.mean(0)
     assert saved[key].shape == (2, 2)
     np.testing.assert_allclose(saved[key], direct, rtol=1e-4)
+    # Error bars: the SE over the 7 images (padding excluded), per head and of the head mean.
+    se = per_image.std(0, ddof=1) / np.sqrt(7)
+    np.testing.assert_allclose(saved_se[key], se, rtol=2e-3)
+    m = result.metrics[key]
+    lo, hi = np.argmin(direct[0]), np.argmax(direct[0])
+    np.testing.assert_allclose([m["block0_min_head_stderr"], m["block0_max_head_stderr"]],
+                               [se[0, lo], se[0, hi]], rtol=2e-3)
+    np.testing.assert_allclose(m["last_block_mean_stderr"],
+                               per_image[:, -1].mean(1).std(ddof=1) / np.sqrt(7), rtol=2e-3)
+    assert m["uncertainty_over"] == "images (n=7)"
     # Random init attends almost uniformly: close to uniform attention's distance (CLS mass lost).
     assert 0.5 * 8 * 1.8 < saved[key].mean() < 8 * 2.5
   assert result.metrics["m0"]["num_images"] == 7

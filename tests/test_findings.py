@@ -415,3 +415,94 @@ def test_check_covers_only_analyses_that_ran_and_absent_results_are_none():
   assert {f.analysis for f in out} == {"attention_distance"}
   assert [f.shown for f in out] == [None]
   assert len(findings.check(run, analyses=list(findings.CHECKS))) >= len(findings.CHECKS)
+
+
+Z = 1.959963984540054  # the 95% interval's half-width in SEs
+
+
+def _attn_se(lo, hi, last, se, u=100.0):
+  m = _attn(lo, hi, last, u)
+  m["vit"].update(block0_min_head_stderr=se, block0_max_head_stderr=se,
+                  last_block_mean_stderr=se, uncertainty_over="images (n=500)")
+  return m
+
+
+def test_attention_distance_decides_with_the_se_over_images():
+  check = lambda m: [f.verdict for f in findings.check_attention_distance(
+      _run("attention_distance", m))]
+  # Thresholds: min < 50, max > 80, last-block mean > 80 (uniform 100).
+  assert check(_attn_se(40, 90, 90, 2.0)) == [S, S]
+  assert check(_attn_se(60, 90, 70, 2.0)) == [N, N]   # min and last wholly on the wrong side
+  assert check(_attn_se(40, 70, 90, 2.0)) == [N, S]   # the max head is not global
+  assert check(_attn_se(47, 90, 83, 2.0)) == [I, I]   # 47 + 1.96 x 2 > 50, 83 - 3.92 < 80
+  assert check(_attn_se(47, 90, 83, 1.0)) == [S, S]   # the same values with half the error
+  f = findings.check_attention_distance(_run("attention_distance", _attn_se(40, 90, 90, 2.0)))
+  assert f[0].interval == (f"min head [{40 - Z * 2:.3g}, {40 + Z * 2:.3g}] vs < 50 (SE over "
+                           f"images (n=500)); max head [{90 - Z * 2:.3g}, {90 + Z * 2:.3g}] vs "
+                           "> 80 (SE over images (n=500))")
+  assert f[1].interval == f"[{90 - Z * 2:.3g}, {90 + Z * 2:.3g}] vs > 80 (SE over images (n=500))"
+
+
+def _rf_se(res_low, vit_low, se, centre, centre_se):
+  m = _rf([0.01, 0.02, 0.05, 0.1], [0.2, 0.5], centre)
+  for key, low in (("resnet/post", res_low), ("vit/post", vit_low)):
+    m[key].update(lower_half_area_per_image=low, lower_half_area_per_image_stderr=se,
+                  uncertainty_over="images (n=32)")
+  m["vit/post"]["centre_patch_mass_stderr"] = [0.01, centre_se]
+  return m
+
+
+def test_receptive_field_decides_with_the_se_over_images():
+  larger = lambda *a: _shown("receptive_field", _rf_se(*a), match="larger")
+  # Difference of the per-image lower-half areas of the same images: SE se + se.
+  assert larger(0.02, 0.10, 0.01, 0.1, 0.01) == [S]
+  assert larger(0.10, 0.02, 0.01, 0.1, 0.01) == [N]
+  assert larger(0.02, 0.04, 0.01, 0.1, 0.01) == [I]  # 0.02 < 1.96 x 0.0141
+  # Centre share vs 2 x 1/49 = 0.0408 (ViT-B/32 at 224 px), the last layer's delta-method SE.
+  centre = lambda c, se: _shown("receptive_field", _rf_se(0.02, 0.1, 0.01, c, se),
+                                match="centre")
+  assert centre(0.1, 0.01) == [S] and centre(0.02, 0.005) == [N] and centre(0.05, 0.01) == [I]
+  f = findings.check_receptive_field(_run("receptive_field", _rf_se(0.02, 0.1, 0.01, 0.1, 0.01)))
+  assert f[1].interval == (f"[{0.08 - Z * 0.02:.3g}, {0.08 + Z * 0.02:.3g}] vs > 0 "
+                           "(SE over images (n=32); the two errors added)")
+  assert f[1].measured == "vit 0.1, resnet 0.02"
+  assert f[2].interval == f"[{0.1 - Z * 0.01:.3g}, {0.1 + Z * 0.01:.3g}] vs > {2 / 49:g} " \
+                          "(SE over images (n=32))"
+
+
+def _skip_se(vit_sa, vit_mlp, res, se, contrast, contrast_se):
+  """Skip-norm metrics with SEs; `contrast`: CLS - spatial (early, late) of both ViT kinds."""
+  kind = lambda r, **kw: {"ratio_mean": r, "ratio_mean_stderr": se, **kw}
+  cls = {"cls_minus_spatial_early": contrast[0], "cls_minus_spatial_early_stderr": contrast_se,
+         "cls_minus_spatial_late": contrast[1], "cls_minus_spatial_late_stderr": contrast_se}
+  return {"vit": {"sa": kind(vit_sa, **cls), "mlp": kind(vit_mlp, **cls),
+                  "uncertainty_over": "images (n=500)"},
+          "resnet": {"unit": kind(res), "uncertainty_over": "images (n=500)"}}
+
+
+def test_skip_norms_decide_with_the_se_over_images():
+  far = lambda *a: _shown("skip_norms", _skip_se(*a, (1, -1), 0.1), match="far above")
+  # ViT - 2 x ResNet for every pair, on the same images: SE se + 2 se.
+  assert far(30, 10, 2, 0.5) == [S]
+  assert far(3, 10, 2, 0.1) == [N]      # 3 - 4 = -1, SE 0.3
+  assert far(5.5, 10, 2, 0.5) == [I]    # 1.5 < 1.96 x 1.5
+  assert far(5.5, 10, 2, 0.2) == [S]    # 1.5 > 1.96 x 0.6
+  arrays = _skip_arrays(50, 0.5)
+  phase = lambda contrast, se: (
+      _shown("skip_norms", _skip_se(30, 10, 2, 0.5, contrast, se), arrays, "early") +
+      _shown("skip_norms", _skip_se(30, 10, 2, 0.5, contrast, se), arrays, "phase"))
+  assert phase((48, -3), 1.0) == [S, S]
+  assert phase((-1, 3), 0.2) == [N, N]
+  assert phase((48, -1.5), 1.0) == [S, I]   # late: [-3.46, 0.46] contains 0
+  assert phase((1, -1), 1.0) == [I, I]
+  f = findings.check_skip_norms(_run("skip_norms", _skip_se(30, 10, 2, 0.5, (48, -3), 1.0),
+                                     arrays))
+  assert f[0].measured == "vit sa 30, vit mlp 10, resnet 2"
+  assert f[0].interval == (f"vit mlp - 2 x resnet: [{6 - Z * 1.5:.3g}, {6 + Z * 1.5:.3g}] vs > 0 "
+                           "(SE over images (n=500); the two errors added)")
+  assert "vit sa: CLS 50 vs spatial 2" in f[1].measured
+  assert f[2].interval.endswith("vs < 0 (SE over images (n=500))")
+  # A dead branch (no SE saved for it) leaves the comparison open.
+  dead = _skip_se(30, 10, 2, 0.5, (48, -3), 1.0)
+  dead["vit"]["mlp"]["ratio_mean"], dead["vit"]["mlp"]["ratio_mean_stderr"] = "inf", None
+  assert _shown("skip_norms", dead, match="far above") == [I]

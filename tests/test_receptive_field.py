@@ -108,3 +108,60 @@ def test_run_vit_first_block_is_global_and_resnet_stem_is_local(tmp_path):
   assert m["centre_patch_mass"][0] == pytest.approx(1.0)
   assert m["area_fraction"][0] <= 64 / 1024 < m["area_fraction"][1]
   assert len(result.figures) == 2 and all((tmp_path / f).exists() for f in result.figures)
+  # Error bars over the 3 images, from each image's own ERF (its full Jacobian) in NumPy.
+  from vit_analysis.input import data
+  model = ctx.models["vit"]
+  idx = np.random.default_rng(0).permutation(6)[:3]
+  images = data.preprocess(np.stack([ctx.sources["test"][int(i)]["image"] for i in idx]), 32)
+  jacobian = jax.jit(jax.jacrev(lambda y: rf.centre_activations(model.module.apply(
+      model.variables, y[None], train=False)[1]["block00/+sa"], has_cls=True)[0]))
+  maps = np.stack([np.abs(np.asarray(jacobian(x), np.float64)).mean(axis=(0, 3))
+                   for x in images])  # [3, 32, 32]
+  area = np.array([rf.mass_area_fraction(e, 0.5) for e in maps])
+  se = lambda x: x.std(ddof=1) / np.sqrt(3)
+  assert m["uncertainty_over"] == "images (n=3)"
+  np.testing.assert_allclose(m["area_fraction_per_image"][1], area.mean(), atol=1 / 1024)
+  np.testing.assert_allclose(m["area_fraction_per_image_stderr"][1], se(area), atol=1 / 1024)
+  assert m["area_fraction_per_image_stderr"][0] == pytest.approx(0.0, abs=1e-9)  # linear embedding
+  c, t = maps[:, 16:24, 16:24].sum((1, 2)), maps.sum((1, 2))
+  share = c.sum() / t.sum()
+  np.testing.assert_allclose(m["centre_patch_mass"][1], share, rtol=1e-4)
+  np.testing.assert_allclose(m["centre_patch_mass_stderr"][1],
+                             np.sqrt(((c - share * t) ** 2).sum() / 6) / t.mean(), rtol=1e-3)
+  assert result.metrics["resnet/post"]["lower_half_area_per_image_stderr"] == pytest.approx(
+      0.0, abs=1e-9)  # one linear conv: every image has the same ERF
+
+
+def test_per_image_summaries_and_their_standard_errors_match_numpy():
+  # conv -> tanh -> conv: every image has its own ERF (a linear conv would give identical ones).
+  rng = np.random.default_rng(3)
+  k1 = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
+  k2 = jnp.asarray(rng.normal(size=(3, 3, 4, 3)), jnp.float32)
+  conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  centre = lambda x: rf.centre_activations(conv(jnp.tanh(2 * conv(x, k1)), k2))
+  images = jnp.asarray(rng.normal(size=(5, 8, 8, 3)), jnp.float32)
+  mask = jnp.asarray([1, 1, 1, 1, 0], jnp.float32)
+  maps, stats = jax.jit(lambda x, m: (lambda e: (e, rf.image_statistics(e, 0.5, 4)))(
+      rf.erf_maps(centre, x, m, channel_chunk=2)))(images, mask)
+  # Independent per-image ERFs: the full Jacobian of one image's centre channels.
+  jacobian = jax.jit(jax.jacrev(lambda y: centre(y[None])[0]))  # [c, H, W, 3]
+  ref = np.stack([np.abs(np.asarray(jacobian(images[i]), np.float64)).mean(axis=(0, 3))
+                  for i in range(4)])
+  np.testing.assert_allclose(np.asarray(maps)[:4], ref, rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(np.asarray(maps)[4], 0.0)  # padding
+  area = np.array([rf.mass_area_fraction(e, 0.5) for e in ref])
+  assert len(set(area)) > 1  # the images' areas differ: a spread to measure
+  np.testing.assert_allclose(np.asarray(stats["area"])[:4], area)
+  c, t = ref[:, 4:8, 4:8].sum((1, 2)), ref.sum((1, 2))  # centre patch of a 2x2 grid of 4 px
+  np.testing.assert_allclose(np.asarray(stats["centre"])[:4], c, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(stats["total"])[:4], t, rtol=1e-5)
+  # The centre share of the mean ERF, sum C / sum T, and its delta-method SE over 4 images.
+  share = c.sum() / t.sum()
+  se = np.sqrt(((c - share * t) ** 2).sum() / (4 * 3)) / t.mean()
+  got = rf.ratio_stderr(c.sum(), t.sum(), (c * c).sum(), (t * t).sum(), (c * t).sum(), 4)
+  np.testing.assert_allclose(got, se, rtol=1e-9)
+  # Exact for a ratio that is the same on every image; NaN for one image.
+  assert rf.ratio_stderr(2 * t.sum(), t.sum(), 4 * (t * t).sum(), (t * t).sum(),
+                         2 * (t * t).sum(), 4) == pytest.approx(0.0, abs=1e-12)
+  assert np.isnan(rf.ratio_stderr(1.0, 2.0, 1.0, 4.0, 2.0, 1))

@@ -92,10 +92,56 @@ def test_run_vit_with_dead_mlp_and_resnet_units(tmp_path):
       m.variables, images).compile({"xla_backend_optimization_level": 0})(m.variables, images)
   labels = list(res["resnet/labels"])
   assert labels == ["block1/unit01", "block2/unit01", "block3/unit01", "block4/unit01"]
+  per_image = []
   for i, unit in enumerate(labels):
     skip = out[f"{unit}/proj"] if f"{unit}/proj" in out else out[labels[i - 1]]
     z = np.asarray(skip, np.float64).reshape(5, -1)
     f = np.asarray(out[f"{unit}/conv_c"], np.float64).reshape(5, -1)
-    expected = (np.linalg.norm(z, axis=1) / np.linalg.norm(f, axis=1)).mean()
-    np.testing.assert_allclose(res["resnet/ratio"][i, 0], expected, rtol=1e-4)
+    per_image.append(np.linalg.norm(z, axis=1) / np.linalg.norm(f, axis=1))
+    np.testing.assert_allclose(res["resnet/ratio"][i, 0], per_image[-1].mean(), rtol=1e-4)
+  # Error bars over the 5 images: per unit, and of the mean over units (metrics).
+  se = lambda x: x.std(-1, ddof=1) / np.sqrt(5)
+  per_image = np.stack(per_image)  # [units, images]
+  np.testing.assert_allclose(res["resnet/ratio_stderr"][:, 0], se(per_image), rtol=2e-3)
+  unit = result.metrics["resnet"]["unit"]
+  np.testing.assert_allclose(unit["ratio_per_block_stderr"], se(per_image), rtol=2e-3)
+  np.testing.assert_allclose(unit["ratio_mean_stderr"], se(per_image.mean(0)), rtol=2e-3)
+  assert result.metrics["resnet"]["uncertainty_over"] == "images (n=5)"
+  # The dead MLP: no error bar for its blocks, nor for any average that includes them.
+  mlp = result.metrics["vit"]["mlp"]
+  assert mlp["ratio_mean_stderr"] is None and mlp["ratio_per_block_stderr"][1] is None
+  assert mlp["ratio_per_block_stderr"][0] > 0
+  assert result.metrics["vit"]["sa"]["ratio_mean_stderr"] > 0
   assert all((tmp_path / f).exists() for f in result.figures) and len(result.figures) == 4
+
+
+def test_standard_errors_over_images_match_numpy():
+  # 5 real images (the 6th is padding), 2 pairs, a prefix token and 4 patch tokens.
+  rng = np.random.default_rng(2)
+  z = rng.normal(size=(6, 5, 8))
+  f = rng.normal(size=(2, 6, 5, 8)) * rng.uniform(0.2, 1.0, size=(2, 6, 5, 1))
+  out = {"z": jnp.asarray(z, jnp.float32), "f0": jnp.asarray(f[0], jnp.float32),
+         "f1": jnp.asarray(f[1], jnp.float32)}
+  mask = jnp.asarray([1.0] * 5 + [0.0])
+  sums = sn.pair_statistics(out, [("a", "z", "f0"), ("b", "z", "f1")], mask, num_prefix=1)
+  res = sn.finalize({k: np.asarray(v) for k, v in sums.items()}, num_prefix=1)
+  r = np.linalg.norm(z[None, :5], axis=-1) / np.linalg.norm(f[:, :5], axis=-1)  # [P, n, T]
+  se = lambda x: x.std(axis=-1, ddof=1) / np.sqrt(5)  # over the last axis: images
+  np.testing.assert_allclose(res["ratio"], r.mean(1), rtol=1e-5)
+  np.testing.assert_allclose(res["ratio_stderr"], se(np.moveaxis(r, 1, -1)), rtol=1e-3)
+  # Any average over pairs of all-token / CLS / after-prefix ratios, e.g. the CLS-minus-spatial
+  # contrast over both pairs, and the all-token mean of pair b.
+  contrast = (r[:, :, 0] - r[:, :, 1:].mean(-1)).mean(0)  # [n]
+  w = np.zeros(6)
+  w[[2, 3]], w[[4, 5]] = 0.5, -0.5
+  np.testing.assert_allclose(sn.combination_stderr(res, w), se(contrast), rtol=1e-3)
+  np.testing.assert_allclose(sn.combination_stderr(res, np.eye(6)[1]), se(r[1].mean(-1)),
+                             rtol=1e-3)
+  # A dead branch gives no error bar (never NaN in the sums, no silent 0).
+  out["f1"] = jnp.zeros_like(out["f1"])
+  dead = sn.finalize({k: np.asarray(v) for k, v in sn.pair_statistics(
+      out, [("a", "z", "f0"), ("b", "z", "f1")], mask, num_prefix=1).items()}, num_prefix=1)
+  assert np.isnan(sn.combination_stderr(dead, w))
+  np.testing.assert_allclose(sn.combination_stderr(dead, np.eye(6)[0]), se(r[0].mean(-1)),
+                             rtol=1e-3)
+  assert np.all(np.isnan(dead["ratio_stderr"][1])) and np.all(np.isfinite(dead["ratio_stderr"][0]))

@@ -8,6 +8,7 @@ so a head that puts mass on CLS looks more local; `renormalize=True` divides by 
 from __future__ import annotations
 
 import ml_collections
+import numpy as np
 
 from vit_analysis import config_lib
 from vit_analysis.analyses import base
@@ -31,22 +32,33 @@ def run(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResul
   keys = ctx.model_keys(config_lib.names(cfg.models), where=lambda m: m.info.has_attention_weights,
                         what="ViT")
   source = ctx.sources[cfg.split]
-  distances, metrics = {}, {}
+  distances, stderrs, metrics = {}, {}, {}
   for key in keys:
     model = ctx.model(key)
-    d, stats = attention.model_distances(
+    result, stats = attention.model_distance_statistics(
         model, source, ctx.mesh, num_images=cfg.num_images, batch_size=cfg.batch_size,
         seed=cfg.seed, renormalize=cfg.renormalize, unit=cfg.unit, fast=ctx.fast_compile,
         resume=ctx.checkpointer(key))
+    d, se = result.mean, result.stderr
     distances[key] = d
+    stderrs[key] = se
     info = model.info
     step = 1.0 if cfg.unit == "patches" else float(info.patch_size)
+    # A minimum / maximum over heads carries the SE of the head that attains it
+    # (docs/method.md#attention-distance).
+    lo, hi = int(np.argmin(d[0])), int(np.argmax(d[0]))
     metrics[key] = {
         "uniform_attention": float(attention.patch_distances(info.grid, step).mean()),
-        "block0_min_head": float(d[0].min()), "block0_max_head": float(d[0].max()),
-        "last_block_mean": float(d[-1].mean()), "per_block_mean": d.mean(1).round(3).tolist(),
+        "block0_min_head": float(d[0, lo]), "block0_min_head_stderr": float(se[0, lo]),
+        "block0_max_head": float(d[0, hi]), "block0_max_head_stderr": float(se[0, hi]),
+        "last_block_mean": float(result.block_mean[-1]),
+        "last_block_mean_stderr": float(result.block_mean_stderr[-1]),
+        "per_block_mean": result.block_mean.round(3).tolist(),
+        "per_block_mean_stderr": result.block_mean_stderr.round(4).tolist(),
+        "uncertainty_over": f"images (n={result.num_images})",
         "num_images": stats["num_images"], "examples_per_s": round(stats["examples_per_s"], 2)}
   ctx.save_arrays("attention_distance", **distances)
+  ctx.save_arrays("attention_distance_stderr", **stderrs)
   labels = {k: f"{k} ({ctx.model(k).name})" for k in keys}
   figures = [
       ctx.save_figure(lambda: mechanisms.attention_distance_scatter(

@@ -9,9 +9,16 @@ Post-residual ERFs use the stream after the skip add ('block03/+sa', 'block03',
 The default is the literal per-channel absolute gradient: one VJP of the forward pass, pulled back
 once per channel (channels in chunks under `lax.scan`, so memory is `chunk * batch * image`).
 The cheap option (`per_channel=False`) takes abs(grad of the channel mean), one pull-back.
+
+Error bars over images: the same pass keeps each image's own ERF (`erf_maps`), and streams its
+area fraction and centre-patch and total masses (`image_statistics`) with their squares. The
+metrics give the per-image areas' mean and SE (`area_fraction_per_image[_stderr]`, also averaged
+over the lower half of the layers) and the delta-method SE of the mean ERF's centre-patch share
+(`centre_patch_mass_stderr`); `uncertainty_over` names the images.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable
@@ -63,26 +70,26 @@ def centre_activations(features: jax.Array, *, grid: tuple[int, int] | None = No
   return features[:, index, :]
 
 
-def erf_sum(centre_fn: Callable[[jax.Array], Any], images: jax.Array,
-            mask: jax.Array | None = None, *, per_channel: bool = True,
-            channel_chunk: int = 16, rgb_reduce: str = "mean") -> Any:
-  """Sum over the images of a batch of each image's ERF, for one or several layers at once.
+def erf_maps(centre_fn: Callable[[jax.Array], Any], images: jax.Array,
+             mask: jax.Array | None = None, *, per_channel: bool = True,
+             channel_chunk: int = 16, rgb_reduce: str = "mean") -> Any:
+  """Each image's ERF, for one or several layers at once.
 
   Images must not interact in `centre_fn` (true for eval-mode ViT/ResNet/Mixer: LayerNorm and
   GroupNorm are per example), so the gradient of sum_b F[b, c] w.r.t. x[b] is image b's own.
   Several layers share one forward pass: their centre channels are concatenated, pulled back in
-  chunks, and each channel's |gradient| is added to its own layer's map.
+  chunks, and each channel's |gradient| is added to its own layer's maps.
 
   Args:
     centre_fn: images [b, H, W, C] -> centre activations [b, c], or a dict name -> [b, c_name].
     images: [b, H, W, C].
-    mask: [b] 1 for real images, 0 for padding (padded images contribute nothing).
+    mask: [b] 1 for real images, 0 for padding (padded images get all-zero maps).
     per_channel: mean over c of |dF_c/dx| (paper default); else |d(mean_c F_c)/dx|.
     channel_chunk: channels pulled back together (memory: chunk * b * H * W * C floats).
     rgb_reduce: 'mean' or 'sum' over the input colour channels.
 
   Returns:
-    [H, W] float32 sum over the (unmasked) images; a dict of them if `centre_fn` returns one.
+    [b, H, W] float32 per-image maps; a dict of them if `centre_fn` returns one.
   """
   if images.ndim != 4:
     raise ValueError(f"images must be [b, H, W, C], got shape {images.shape}")
@@ -113,7 +120,7 @@ def erf_sum(centre_fn: Callable[[jax.Array], Any], images: jax.Array,
     # One pull-back per layer of the channel mean: cotangent 1/c_l on layer l's channels.
     cot = jax.nn.one_hot(layer_of, num_layers, dtype=centre.dtype).T * inv_width[:, None]
     (grads,) = jax.vmap(vjp_fn)(cot[:, None, :] * weight[None, :, None])  # [L, b, H, W, C]
-    total = reduce_rgb(jnp.abs(grads), axis=-1).sum(1)
+    maps = reduce_rgb(jnp.abs(grads), axis=-1)  # [L, b, H, W]
   else:
     chunk = max(1, min(int(channel_chunk), c))
     num_chunks = -(-c // chunk)
@@ -127,15 +134,83 @@ def erf_sum(centre_fn: Callable[[jax.Array], Any], images: jax.Array,
       chunk_ids, chunk_layers = xs
       cot = jax.nn.one_hot(chunk_ids, c, dtype=centre.dtype)[:, None, :] * weight[None, :, None]
       (grads,) = jax.vmap(vjp_fn)(cot)  # [chunk, b, H, W, C]
-      per_channel_map = reduce_rgb(jnp.abs(grads), axis=-1).sum(1)  # [chunk, H, W]
+      per_channel_map = reduce_rgb(jnp.abs(grads), axis=-1)  # [chunk, b, H, W]
       to_layer = jax.nn.one_hot(chunk_layers, num_layers, dtype=jnp.float32)  # [chunk, L]
-      return total + jnp.einsum("khw,kl->lhw", per_channel_map, to_layer), None
+      return total + jnp.einsum("kbhw,kl->lbhw", per_channel_map, to_layer), None
 
-    total = jnp.zeros((num_layers,) + images.shape[1:3], jnp.float32)
+    maps = jnp.zeros((num_layers, b) + images.shape[1:3], jnp.float32)
     xs = (jnp.asarray(ids.reshape(num_chunks, chunk)), jnp.asarray(lids.reshape(num_chunks, chunk)))
-    total, _ = jax.lax.scan(body, total, xs)
-    total = total * inv_width[:, None, None]
-  return total[0] if single else {n: total[i] for i, n in enumerate(names)}
+    maps, _ = jax.lax.scan(body, maps, xs)
+    maps = maps * inv_width[:, None, None, None]
+  return maps[0] if single else {n: maps[i] for i, n in enumerate(names)}
+
+
+def erf_sum(centre_fn: Callable[[jax.Array], Any], images: jax.Array,
+            mask: jax.Array | None = None, *, per_channel: bool = True,
+            channel_chunk: int = 16, rgb_reduce: str = "mean") -> Any:
+  """Sum over the images of a batch of each image's ERF (`erf_maps` summed over the batch).
+
+  Returns:
+    [H, W] float32 sum over the (unmasked) images; a dict of them if `centre_fn` returns one.
+  """
+  maps = erf_maps(centre_fn, images, mask, per_channel=per_channel,
+                  channel_chunk=channel_chunk, rgb_reduce=rgb_reduce)
+  return jax.tree.map(lambda m: m.sum(0), maps)
+
+
+def image_statistics(maps: jax.Array, fraction: float = 0.5,
+                     patch_size: int | None = None) -> dict[str, jax.Array]:
+  """Per-image ERF summaries, for error bars over images.
+
+  See docs/method.md#effective-receptive-fields.
+
+  Args:
+    maps: [b, H, W] per-image ERFs (`erf_maps`).
+    fraction: as in `mass_area_fraction`.
+    patch_size: with a patch size, the mass inside the centre patch (`centre_patch_mass`'s patch).
+
+  Returns:
+    {'area': [b] `mass_area_fraction` of each image's own ERF, 'total': [b] each ERF's mass} and,
+    with `patch_size`, 'centre': [b] the mass inside the centre patch.
+  """
+  b, h, w = maps.shape
+  flat = maps.reshape(b, h * w).astype(jnp.float32)
+  cum = jnp.cumsum(-jnp.sort(-flat, axis=1), axis=1)  # mass of the k largest pixels
+  total = cum[:, -1]
+  # The fewest pixels holding `fraction` of the mass: #{k : cum_k < fraction * total} + 1.
+  count = jnp.sum(cum < fraction * total[:, None], axis=1) + 1
+  area = jnp.where(total > 0, jnp.minimum(count, h * w) / (h * w), 0.0)
+  out = {"area": area, "total": flat.sum(1)}
+  if patch_size:
+    r0, c0 = (h // patch_size // 2) * patch_size, (w // patch_size // 2) * patch_size
+    out["centre"] = maps[:, r0:r0 + patch_size, c0:c0 + patch_size].astype(jnp.float32).sum((1, 2))
+  return out
+
+
+def ratio_stderr(num: np.ndarray, den: np.ndarray, num_sq: np.ndarray, den_sq: np.ndarray,
+                 cross: np.ndarray, n: float) -> np.ndarray:
+  """Delta-method SE over n images of R = sum C_i / sum T_i from streamed sums.
+
+  With R fixed, R - R_true ~ mean_i (C_i - R T_i) / mean_i T_i, so
+  SE(R)^2 = sum_i (C_i - R T_i)^2 / (n (n - 1)) / mean(T)^2, and
+  sum_i (C_i - R T_i)^2 = sum C^2 - 2 R sum C T + R^2 sum T^2.
+
+  Args:
+    num, den: [...] sum over images of C_i and T_i.
+    num_sq, den_sq, cross: [...] sums of C_i^2, T_i^2 and C_i T_i.
+    n: the number of images.
+
+  Returns:
+    [...] float64; NaN for n < 2 or where the denominator is 0.
+  """
+  num, den, num_sq, den_sq, cross = (np.asarray(x, np.float64)
+                                     for x in (num, den, num_sq, den_sq, cross))
+  if n < 2:
+    return np.full(num.shape, np.nan)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    r = num / den
+    ss = np.maximum(num_sq - 2 * r * cross + r * r * den_sq, 0.0)
+    return np.where(den > 0, np.sqrt(ss / (n * (n - 1))) / (den / n), np.nan)
 
 
 def mass_area_fraction(erf: np.ndarray, fraction: float = 0.5) -> float:
@@ -198,20 +273,49 @@ def default_layers(names: list[str], mode: str) -> list[str]:
   return layers
 
 
+@dataclasses.dataclass(frozen=True)
+class ErfSpread:
+  """Error bars over the n images of a model's ERF summaries (layers in the order asked for).
+
+  Attributes:
+    area_mean: [L] mean over images of each image's own `mass_area_fraction`.
+    area_cov: [L, L] sample covariance (ddof=1) over images of those per-image areas; the SE of
+      an average w . area over layers is sqrt(w^T area_cov w / n).
+    centre_share_stderr: [L] delta-method SE of the mean ERF's centre-patch share
+      (`centre_patch_mass`, a ratio of sums over images; `ratio_stderr`), or None without a patch.
+    num_images: n.
+  """
+  area_mean: np.ndarray
+  area_cov: np.ndarray
+  centre_share_stderr: np.ndarray | None
+  num_images: int
+
+  def stderr(self, weights: np.ndarray) -> float:
+    """SE over images of the weighted sum `weights . area_mean` ([L] weights)."""
+    if self.num_images < 2:
+      return float("nan")
+    w = np.asarray(weights, np.float64)
+    return float(np.sqrt(max(w @ self.area_cov @ w, 0.0) / self.num_images))
+
+
 def model_erfs(model: base.LoadedModel, layers: list[str], source, mesh, *, num_images: int,
                batch_size: int, seed: int = 0, per_channel: bool = True,
                channel_chunk: int = 16, rgb_reduce: str = "mean", fast: bool = False,
-               resume: Any = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+               resume: Any = None, fraction: float = 0.5
+               ) -> tuple[dict[str, np.ndarray], ErfSpread, dict[str, float]]:
   """Mean ERF over images of each of `layers` of one model (all layers in one jitted pass).
 
   The images are a seeded sample of `source` (`streaming.sample`); `resume` is an optional
-  `resume.Checkpointer` for the running sums.
+  `resume.Checkpointer` for the running sums. Each step also adds the per-image summaries of
+  `image_statistics` (with `fraction`; the centre patch for non-ResNets with a patch size) and
+  their squares, for the error bars.
 
   Returns:
-    ({layer: [image_size, image_size] float64}, streaming stats).
+    ({layer: [image_size, image_size] float64}, their spread over images, streaming stats).
   """
   info = model.info
   grid = info.grid if info.family in ("vit", "hybrid", "mixer") else None
+  patch = int(info.patch_size) if info.patch_size and info.family != "resnet" else None
   fn = capture.make_capture_fn(model.module, tuple(layers_lib.literal(n) for n in layers))
 
   def step_fn(variables, images, mask):
@@ -220,9 +324,21 @@ def model_erfs(model: base.LoadedModel, layers: list[str], source, mesh, *, num_
       return {n: centre_activations(out[n], grid=grid,
                                     num_prefix=info.num_prefix_tokens if out[n].ndim == 3 else 0)
               for n in layers}
-    return {"erf": erf_sum(centres, images, mask, per_channel=per_channel,
-                           channel_chunk=channel_chunk, rgb_reduce=rgb_reduce),
-            "count": mask.sum()}
+    maps = erf_maps(centres, images, mask, per_channel=per_channel,
+                    channel_chunk=channel_chunk, rgb_reduce=rgb_reduce)
+    # All layers' maps in one sort (one op to compile instead of one per layer).
+    stacked = jnp.stack([maps[n] for n in layers])  # [L, b, H, W]
+    per = image_statistics(stacked.reshape((-1,) + stacked.shape[2:]), fraction, patch)
+    stat = lambda k: per[k].reshape(stacked.shape[:2]).T  # [b, L]
+    area, total, w = stat("area"), stat("total"), mask.astype(jnp.float32)
+    sums = {"erf": jax.tree.map(lambda m: m.sum(0), maps), "count": mask.sum(),
+            "area": jnp.einsum("bl,b->l", area, w),
+            "area_outer": jnp.einsum("bk,bl,b->kl", area, area, w)}
+    if patch:
+      centre = stat("centre")  # padded images have all-zero maps: they add nothing below
+      sums.update(centre=centre.sum(0), total=total.sum(0), centre_sq=(centre * centre).sum(0),
+                  total_sq=(total * total).sum(0), centre_total=(centre * total).sum(0))
+    return sums
 
   indices = streaming.sample(len(source), min(int(num_images), len(source)), seed)
   sums, stats = streaming.stream_sums(
@@ -232,7 +348,14 @@ def model_erfs(model: base.LoadedModel, layers: list[str], source, mesh, *, num_
       desc=f"ERF {model.key}", compiler_options=compilation.compiler_options(fast),
       resume=resume)
   n = float(sums["count"])
-  return {k: np.asarray(v, np.float64) / n for k, v in sums["erf"].items()}, stats
+  area = np.asarray(sums["area"], np.float64) / n
+  cov = ((np.asarray(sums["area_outer"], np.float64) - n * np.outer(area, area)) / (n - 1)
+         if n >= 2 else np.full((len(layers),) * 2, np.nan))
+  centre_se = (ratio_stderr(sums["centre"], sums["total"], sums["centre_sq"], sums["total_sq"],
+                            sums["centre_total"], n) if patch else None)
+  spread = ErfSpread(area_mean=area, area_cov=cov, centre_share_stderr=centre_se,
+                     num_images=int(n))
+  return {k: np.asarray(v, np.float64) / n for k, v in sums["erf"].items()}, spread, stats
 
 
 def centre_patch_mass(erf: np.ndarray, patch_size: int) -> float:
@@ -241,6 +364,11 @@ def centre_patch_mass(erf: np.ndarray, patch_size: int) -> float:
   r0, c0 = (side // 2) * patch_size, (erf.shape[1] // patch_size // 2) * patch_size
   total = erf.sum()
   return float(erf[r0:r0 + patch_size, c0:c0 + patch_size].sum() / total) if total > 0 else 0.0
+
+
+def _num(x: float) -> float | None:
+  """A float for JSON; None where there is no value (NaN: fewer than 2 images)."""
+  return float(x) if np.isfinite(x) else None
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -270,18 +398,29 @@ def run(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResul
     for mode in config_lib.names(cfg.modes):
       layers = (capture.select(names, tuple(overrides[key])) if key in overrides
                 else default_layers(names, mode))
-      erfs, stats = model_erfs(
+      erfs, spread, stats = model_erfs(
           model, layers, source, ctx.mesh, num_images=cfg.num_images,
           batch_size=cfg.batch_size, seed=cfg.seed, per_channel=cfg.per_channel,
           channel_chunk=cfg.channel_chunk, rgb_reduce=cfg.rgb_reduce, fast=ctx.fast_compile,
-          resume=ctx.checkpointer(f"{key}_{mode}"))
+          resume=ctx.checkpointer(f"{key}_{mode}"), fraction=fraction)
       area = {n: mass_area_fraction(e, fraction) for n, e in erfs.items()}
+      # The lower half of the layers, as the 'larger in the lower layers' finding reads them.
+      lower = np.zeros(len(layers))
+      lower[:max(1, len(layers) // 2)] = 1.0 / max(1, len(layers) // 2)
       m = {"layers": layers, "area_fraction": [area[n] for n in layers],
            "radius_px": [mass_radius(erfs[n], fraction) for n in layers],
+           # Error bars need per-image values: the mean over images of each image's own area.
+           "area_fraction_per_image": [_num(x) for x in spread.area_mean],
+           "area_fraction_per_image_stderr": [_num(spread.stderr(np.eye(len(layers))[i]))
+                                              for i in range(len(layers))],
+           "lower_half_area_per_image": _num(lower @ spread.area_mean),
+           "lower_half_area_per_image_stderr": _num(spread.stderr(lower)),
+           "uncertainty_over": f"images (n={spread.num_images})",
            "num_images": stats["num_images"], "examples_per_s": round(stats["examples_per_s"], 3)}
-      if model.info.patch_size and model.info.family != "resnet":
+      if spread.centre_share_stderr is not None:
         m["centre_patch_mass"] = [centre_patch_mass(erfs[n], model.info.patch_size)
                                   for n in layers]
+        m["centre_patch_mass_stderr"] = [_num(x) for x in spread.centre_share_stderr]
       metrics[f"{key}/{mode}"] = m
       arrays.update({f"{key}/{mode}/{n}": erfs[n] for n in layers})
       title = (f"{key} ({model.name}): {_MODE_TITLES[mode]} ERFs, "

@@ -7,6 +7,10 @@ ResNet equivalent takes, per unit, z = the shortcut (the projection '.../proj' w
 one, else the unit input) and f = the residual branch '.../conv_c', norms over the flattened
 h*w*c tensor. Fig E.2's cosine is cos(z, z + f(z)) (option: cos(z, f(z))).
 
+Error bars: the standard error over images of every saved mean ratio ('ratio_stderr' per token,
+`<metric>_stderr` beside each metric), from per-image sums of squares and of outer products of
+per-image features streamed with the sums (docs/method.md#skip-norms).
+
 A branch that outputs exactly zero has an infinite ratio: it is kept as +inf and counted in
 `num_infinite` (never NaN), so a dead branch is visible in the results instead of silently
 poisoning a mean.
@@ -92,23 +96,33 @@ def skip_pairs(names: Sequence[str]) -> list[tuple[str, str, str]]:
 
 
 def pair_statistics(out: dict[str, jax.Array], pairs: Sequence[tuple[str, str, str]],
-                    mask: jax.Array) -> dict[str, jax.Array]:
+                    mask: jax.Array, num_prefix: int = 0) -> dict[str, jax.Array]:
   """Per-batch sums of the per-token statistics of every pair (for streaming over images).
 
   Token tensors [b, T, D] give per-token values [b, T]; feature maps [b, h, w, c] give one value
   per image ([b, 1]). Pairs must all have the same number of tokens (true within one model).
 
+  For the error bars over images, each image also gets 3P features (docs/method.md#skip-norms):
+  per pair its ratio averaged over all tokens, its token-0 (CLS) ratio and its ratio averaged over
+  the tokens after the `num_prefix` prefix tokens (all tokens when 0); their sums of outer
+  products give the covariance of any average of them over blocks. An infinite ratio enters these
+  squares as 0 (never NaN); `finalize` gives no error bar where a pair has one.
+
   Args:
     out: captured activations holding every skip and branch name.
     pairs: from `skip_pairs`.
     mask: [b] 1 for real images, 0 for padding.
+    num_prefix: tokens before the patch grid (CLS and registers).
 
   Returns:
-    {'ratio', 'skip_norm', 'branch_norm', 'cos_out', 'cos_branch', 'num_infinite'}: each [P, T]
-    summed over the (unmasked) images, plus 'count' (scalar, number of images).
+    {'ratio', 'ratio_sq', 'skip_norm', 'branch_norm', 'cos_out', 'cos_branch', 'num_infinite'}:
+    each [P, T] summed over the (unmasked) images; 'feature_outer' [3P, 3P], the sum over images
+    of v v^T with v = (all-token means [P], token-0 ratios [P], after-prefix means [P]); and
+    'count' (scalar, number of images).
   """
-  stats = {k: [] for k in ("ratio", "skip_norm", "branch_norm", "cos_out", "cos_branch",
-                           "num_infinite")}
+  stats = {k: [] for k in ("ratio", "ratio_sq", "skip_norm", "branch_norm", "cos_out",
+                           "cos_branch", "num_infinite")}
+  features = []
   w = mask.astype(jnp.float32)[:, None]  # [b, 1]
   for _, skip_name, branch_name in pairs:
     z, f = out[skip_name], out[branch_name]
@@ -122,25 +136,65 @@ def pair_statistics(out: dict[str, jax.Array], pairs: Sequence[tuple[str, str, s
 
     # Padded images get weight 0; where(...) keeps 0 * inf from becoming NaN.
     stats["ratio"].append(jnp.where(w > 0, ratio, 0.0).sum(0) * 1.0)
+    kept = jnp.where((w > 0) & finite, ratio, 0.0)  # [b, T]
+    stats["ratio_sq"].append((kept * kept).sum(0))
+    features.append(jnp.stack([kept.mean(1), kept[:, 0],
+                               kept[:, min(num_prefix, kept.shape[1] - 1):].mean(1)], 0))
     stats["num_infinite"].append(jnp.where(w > 0, ~finite, False).sum(0).astype(jnp.float32))
     stats["skip_norm"].append((tok(_norm(z, axes)) * w).sum(0))
     stats["branch_norm"].append((tok(_norm(f, axes)) * w).sum(0))
     stats["cos_out"].append((tok(cosine(z, z + f, axes)) * w).sum(0))
     stats["cos_branch"].append((tok(cosine(z, f, axes)) * w).sum(0))
   result = {k: jnp.stack(v) for k, v in stats.items()}
+  v = jnp.stack(features, 1).reshape(3 * len(pairs), -1)  # [3P, b]: all, token 0, after prefix
+  result["feature_outer"] = jnp.einsum("kb,lb->kl", v, v)  # padding rows are 0 already
   result["count"] = w.sum()
   return result
 
 
-def finalize(sums: dict[str, np.ndarray], average: str = "per_image") -> dict[str, np.ndarray]:
-  """Means over images from streamed `pair_statistics` sums.
+def features(ratio: np.ndarray, num_prefix: int = 0) -> np.ndarray:
+  """The per-image features of `pair_statistics` from mean ratios [P, T]: [3P] (all-token
+  means, token-0 ratios, after-prefix means), so that their means are this of the mean ratios."""
+  ratio = np.asarray(ratio, np.float64)
+  start = min(num_prefix, ratio.shape[1] - 1)
+  return np.concatenate([ratio.mean(1), ratio[:, 0], ratio[:, start:].mean(1)])
+
+
+def combination_stderr(result: dict[str, np.ndarray], weights: np.ndarray) -> float:
+  """SE over images of a weighted sum of `finalize`'s features, sqrt(w^T C w / n).
+
+  Args:
+    result: `finalize` output with 'feature_cov' [3P, 3P] and 'count'.
+    weights: [3P] over the features (`features` order).
+
+  Returns:
+    The standard error; NaN without a covariance (fewer than 2 images, `ratio_of_means`) or when
+    a weighted pair has an infinite ratio.
+  """
+  cov = result.get("feature_cov")
+  if cov is None:
+    return float("nan")
+  weights = np.asarray(weights, np.float64)
+  num_pairs = cov.shape[0] // 3
+  used = np.abs(weights).reshape(3, num_pairs).sum(0) > 0
+  if np.any(result["num_infinite"][used] > 0):
+    return float("nan")
+  return float(np.sqrt(max(weights @ cov @ weights, 0.0) / float(result["count"])))
+
+
+def finalize(sums: dict[str, np.ndarray], average: str = "per_image",
+             num_prefix: int = 0) -> dict[str, np.ndarray]:
+  """Means over images, and their standard errors, from streamed `pair_statistics` sums.
 
   Args:
     sums: host copies of the summed statistics.
     average: 'per_image' (mean of per-image ratios, paper default) or 'ratio_of_means'.
+    num_prefix: as passed to `pair_statistics`.
 
   Returns:
-    {'ratio', 'cos_out', 'cos_branch', 'num_infinite'}: float64 [P, T].
+    {'ratio', 'cos_out', 'cos_branch', 'num_infinite'}: float64 [P, T]; with 'per_image' and at
+    least 2 images also 'ratio_stderr' [P, T] (SE over images; NaN where a ratio is infinite),
+    'feature_cov' [3P, 3P] (sample covariance, ddof=1, of the per-image features) and 'count'.
   """
   if average not in ("per_image", "ratio_of_means"):
     raise ValueError(f"average must be 'per_image' or 'ratio_of_means', got {average!r}")
@@ -153,8 +207,18 @@ def finalize(sums: dict[str, np.ndarray], average: str = "per_image") -> dict[st
   else:
     b = get("branch_norm")
     ratio = np.where(b > 0, get("skip_norm") / np.where(b > 0, b, 1.0), np.inf)
-  return {"ratio": ratio, "cos_out": get("cos_out") / n, "cos_branch": get("cos_branch") / n,
-          "num_infinite": get("num_infinite")}
+  result = {"ratio": ratio, "cos_out": get("cos_out") / n, "cos_branch": get("cos_branch") / n,
+            "num_infinite": get("num_infinite")}
+  if average == "per_image" and n >= 2 and "ratio_sq" in sums:
+    # s^2 = (sum x^2 - n mean^2) / (n - 1) per token; C likewise for the feature vectors.
+    finite = result["num_infinite"] == 0
+    mean = np.where(finite, ratio, 0.0)
+    var = np.maximum(get("ratio_sq") - n * mean * mean, 0.0) / (n - 1)
+    result["ratio_stderr"] = np.where(finite, np.sqrt(var / n), np.nan)
+    f = features(mean, num_prefix)
+    result["feature_cov"] = (get("feature_outer") - n * np.outer(f, f)) / (n - 1)
+    result["count"] = np.asarray(n)
+  return result
 
 
 def model_skip_statistics(model: base.LoadedModel, source, mesh, *, num_images: int,
@@ -174,8 +238,10 @@ def model_skip_statistics(model: base.LoadedModel, source, mesh, *, num_images: 
   needed = sorted({n for _, skip, branch in pairs for n in (skip, branch)})
   fn = capture.make_capture_fn(model.module, tuple(layers.literal(n) for n in needed))
 
+  prefix = model.info.num_prefix_tokens
+
   def step_fn(variables, images, mask):
-    return pair_statistics(fn(variables, images), pairs, mask)
+    return pair_statistics(fn(variables, images), pairs, mask, prefix)
 
   indices = streaming.sample(len(source), min(int(num_images), len(source)), seed)
   sums, stats = streaming.stream_sums(
@@ -184,7 +250,13 @@ def model_skip_statistics(model: base.LoadedModel, source, mesh, *, num_images: 
       image_size=model.image_size, normalization=model.info.normalization, mesh=mesh,
       desc=f"skip norms {model.key}", compiler_options=compilation.compiler_options(fast),
       resume=resume)
-  return [p[0] for p in pairs], finalize(sums, average), stats
+  return [p[0] for p in pairs], finalize(sums, average, prefix), stats
+
+
+def _se(result: dict[str, np.ndarray], weights: np.ndarray):
+  """`combination_stderr` for JSON: NaN (no error bar) as None."""
+  se = combination_stderr(result, weights)
+  return float(se) if np.isfinite(se) else None
 
 
 def _json_number(x: float):
@@ -223,7 +295,17 @@ def run(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResul
     arrays[f"{key}/labels"] = np.asarray(labels)
     ratio, cos, num_inf = res["ratio"], res[cos_key], res["num_infinite"]
     m = {"num_images": stats["num_images"], "examples_per_s": round(stats["examples_per_s"], 2),
-         "num_infinite": int(num_inf.sum())}
+         "num_infinite": int(num_inf.sum()),
+         "uncertainty_over": (f"images (n={int(res['count'])})" if "feature_cov" in res else
+                              f"none (average={cfg.average!r} saves no per-image spread)")}
+    num_pairs = len(labels)
+
+    def weights(pairs, feature):
+      """[3P] weights averaging `feature` (0 all tokens, 1 CLS, 2 after prefix) over `pairs`."""
+      w = np.zeros(3 * num_pairs)
+      w[feature * num_pairs + np.asarray(pairs, int)] = 1.0 / len(pairs)
+      return w
+
     # Branches of residual sublayers: ViT 'sa'/'mlp', Mixer mixing, ResNet units (T = 1).
     kinds = {}
     for i, label in enumerate(labels):
@@ -243,10 +325,23 @@ def run(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResul
         ratio_lines[f"{key} ({model.name})"] = r[:, 0]
         cos_lines[f"{key} ({model.name})"] = c[:, 0]
       m[kind] = {"ratio_mean": _json_number(np.mean(r)),
+                 "ratio_mean_stderr": _se(res, weights(idx, 0)),
                  "ratio_per_block": [_json_number(x) for x in r.mean(1)],
+                 "ratio_per_block_stderr": [_se(res, weights([i], 0)) for i in idx],
                  "cosine_per_block": [round(float(x), 4) for x in c.mean(1)]}
       if r.shape[1] > 1 and has_cls:
         m[kind]["ratio_cls_per_block"] = [_json_number(x) for x in r[:, 0]]
+        m[kind]["ratio_cls_per_block_stderr"] = [_se(res, weights([i], 1)) for i in idx]
+        # CLS minus spatial-token ratio averaged over the first / second half of the blocks
+        # (the Fig 7 phase change), with its SE over images (docs/method.md#skip-norms).
+        halves = {"early": idx[:max(1, len(idx) // 2)], "late": idx[len(idx) // 2:]}
+        for half, part in halves.items():
+          w = weights(part, 1) - weights(part, 2)
+          part_ratio = ratio[part]
+          with np.errstate(invalid="ignore"):  # a dead branch: inf - inf is NaN, saved as 'nan'
+            m[kind][f"cls_minus_spatial_{half}"] = _json_number(
+                np.mean(part_ratio[:, 0] - part_ratio[:, prefix:].mean(1)))
+          m[kind][f"cls_minus_spatial_{half}_stderr"] = _se(res, w)
     metrics[key] = m
     if ratio.shape[1] > 1:
       panels = {f"identity / {kind}": ratio[idx] for kind, idx in kinds.items()}

@@ -6,11 +6,15 @@ image is mean_q sum_k a_hqk d(q, k). By default the CLS token is dropped as both
 and the remaining patch weights are NOT renormalised, so a head that puts mass on CLS looks more
 local; `renormalize=True` divides by the patch mass instead.
 
+Error bars: the standard error over images of each head's distance (and of each block's mean over
+heads), from per-image sums of squares streamed with the sums (`model_distance_statistics`).
+
 `mean_attention_distance` is the one implementation: the attention-distance analysis (Figs 3, 4)
 and the head-subset analysis (Fig 5, which orders heads from local to global) both read it.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -103,11 +107,58 @@ def block_attention_distances(out: dict[str, jax.Array], grid: tuple[int, int],
       for n in names], axis=1)
 
 
-def model_distances(model: LoadedModel, source, mesh, *, num_images: int, batch_size: int,
-                    seed: int = 0, renormalize: bool = False, unit: str = "pixels",
-                    fast: bool = False, resume: Any = None,
-                    indices: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, float]]:
-  """Mean attention distance of every head of every block of a ViT, averaged over images.
+@dataclasses.dataclass(frozen=True)
+class DistanceStatistics:
+  """Attention distances of a ViT's heads over a sample of images, with their error bars.
+
+  Attributes:
+    mean: [L, H] float64, each head's distance averaged over the n images.
+    stderr: [L, H] standard error of `mean` over images, s / sqrt(n) with s the sample standard
+      deviation (ddof=1) of the per-image head distances; NaN for n < 2.
+    block_mean: [L], the mean over heads of `mean` (one per block).
+    block_mean_stderr: [L] its standard error over images: the SE of the mean over images of each
+      image's head-averaged distance (it includes the correlation between heads).
+    num_images: n.
+  """
+  mean: np.ndarray
+  stderr: np.ndarray
+  block_mean: np.ndarray
+  block_mean_stderr: np.ndarray
+  num_images: int
+
+
+def stderr_from_sums(total: np.ndarray, total_sq: np.ndarray, n: float) -> np.ndarray:
+  """Standard error of a mean over n samples from their sum and sum of squares.
+
+  s^2 = (sum x^2 - (sum x)^2 / n) / (n - 1) is the sample variance (ddof=1) and SE = s / sqrt(n).
+  The sums are float32 accumulations, so s^2 carries a relative error of about
+  1e-6 E[x^2] / s^2 (negligible unless the spread is below ~0.1% of the values); rounding that
+  makes s^2 slightly negative is clipped to 0.
+
+  Args:
+    total: [...] sum over the samples.
+    total_sq: [...] sum of the squares.
+    n: the number of samples.
+
+  Returns:
+    [...] float64; NaN where n < 2.
+  """
+  total, total_sq = np.asarray(total, np.float64), np.asarray(total_sq, np.float64)
+  if n < 2:
+    return np.full(total.shape, np.nan)
+  var = np.maximum(total_sq - total * total / n, 0.0) / (n - 1)
+  return np.sqrt(var / n)
+
+
+def model_distance_statistics(model: LoadedModel, source, mesh, *, num_images: int,
+                              batch_size: int, seed: int = 0, renormalize: bool = False,
+                              unit: str = "pixels", fast: bool = False, resume: Any = None,
+                              indices: np.ndarray | None = None
+                              ) -> tuple[DistanceStatistics, dict[str, float]]:
+  """Mean attention distance of every head of every block of a ViT, with its SE over images.
+
+  One pass: each step adds the per-image distances d [b, L, H], their squares and the squares of
+  their head means, so the error bars cost no extra forward pass.
 
   Args:
     model: a ViT (or hybrid) whose `out` holds 'block*/attn_weights'.
@@ -122,7 +173,7 @@ def model_distances(model: LoadedModel, source, mesh, *, num_images: int, batch_
     indices: explicit example indices (overrides `num_images` / `seed`).
 
   Returns:
-    ([L, H] float64 distances, streaming stats).
+    (the distances and their standard errors, streaming stats).
   """
   info = model.info
   if not info.has_attention_weights:
@@ -137,7 +188,10 @@ def model_distances(model: LoadedModel, source, mesh, *, num_images: int, batch_
     d = block_attention_distances(fn(variables, images), info.grid, step,
                                   has_cls=info.has_cls, num_prefix=info.num_prefix_tokens,
                                   renormalize=renormalize)  # [b, L, H]
-    return {"sum": jnp.einsum("blh,b->lh", d, mask), "count": mask.sum()}
+    block = d.mean(-1)  # [b, L]
+    return {"sum": jnp.einsum("blh,b->lh", d, mask),
+            "sum_sq": jnp.einsum("blh,b->lh", d * d, mask),
+            "block_sum_sq": jnp.einsum("bl,b->l", block * block, mask), "count": mask.sum()}
 
   if indices is None:
     indices = streaming.sample(len(source), min(int(num_images), len(source)), seed)
@@ -146,4 +200,25 @@ def model_distances(model: LoadedModel, source, mesh, *, num_images: int, batch_
           min(int(batch_size), len(indices)), mesh), image_size=model.image_size,
       normalization=info.normalization, mesh=mesh, desc=f"attention distance {model.key}",
       compiler_options=compilation.compiler_options(fast), resume=resume)
-  return np.asarray(sums["sum"], np.float64) / float(sums["count"]), stats
+  n = float(sums["count"])
+  total = np.asarray(sums["sum"], np.float64)
+  return DistanceStatistics(
+      mean=total / n, stderr=stderr_from_sums(total, sums["sum_sq"], n),
+      block_mean=total.mean(1) / n,
+      block_mean_stderr=stderr_from_sums(total.mean(1), sums["block_sum_sq"], n),
+      num_images=int(n)), stats
+
+
+def model_distances(model: LoadedModel, source, mesh, *, num_images: int, batch_size: int,
+                    seed: int = 0, renormalize: bool = False, unit: str = "pixels",
+                    fast: bool = False, resume: Any = None,
+                    indices: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, float]]:
+  """`model_distance_statistics` without the error bars.
+
+  Returns:
+    ([L, H] float64 distances averaged over images, streaming stats).
+  """
+  result, stats = model_distance_statistics(
+      model, source, mesh, num_images=num_images, batch_size=batch_size, seed=seed,
+      renormalize=renormalize, unit=unit, fast=fast, resume=resume, indices=indices)
+  return result.mean, stats

@@ -393,26 +393,72 @@ def check_head_subsets(run: SavedRun) -> list[Finding]:
 # Mechanisms.
 
 
-# Analyses that save per-image means only: no spread over images to decide with.
+# Runs saved before the analyses kept their spread over images: inconclusive, saying so.
 _NO_SPREAD_IMAGES = "no uncertainty saved (per-image spread not saved)"
+
+
+def over_images(metrics: Mapping[str, Any], field: str, index: int | None = None,
+                scale: float = 1.0) -> Estimate:
+  """A saved metric with its `<field>_stderr` over images (`uncertainty_over` names them).
+
+  Args:
+    metrics: the metrics dict holding `field` (and, from runs that save it, `<field>_stderr`).
+    field: the metric's name.
+    index: for a per-layer list, the entry (of the value and of its SE).
+    scale: multiplies value and SE (e.g. 2 for "2 x the ResNet ratio").
+
+  Returns:
+    The estimate; stderr NaN with the reason when none was saved (or it is null: a dead branch,
+    fewer than two images).
+  """
+  pick = (lambda x: x) if index is None else (lambda x: x[index] if x is not None else None)
+  v = float(pick(metrics[field]))  # 'inf' (a dead skip-norm branch) stays infinite: inconclusive
+  if f"{field}_stderr" not in metrics:
+    return _unknown(scale * v, _NO_SPREAD_IMAGES)
+  se = pick(metrics[f"{field}_stderr"])
+  if se is None:
+    return _unknown(scale * v, "no uncertainty (fewer than 2 images, or an infinite ratio)")
+  over = metrics.get("uncertainty_over") or "images"
+  return Estimate(scale * v, abs(scale) * float(se), f"SE over {over}")
+
+
+def _same_images(high: Mapping[str, Estimate], low: Mapping[str, Estimate]
+                 ) -> dict[str, Estimate]:
+  """`every high > every low` as every pair's difference, for two models measured on the same
+  images: their errors are correlated, so the SEs are added (`_added`, a bound whatever the
+  correlation) rather than combined as independent."""
+  return {f"{h} - {l}": _added(eh, el) for h, eh in high.items() for l, el in low.items()}
+
+
+def _all_of(parts: Sequence[tuple[str, str]]) -> tuple[str, str]:
+  """One verdict for several conditions that must all hold (as `decide` combines estimates)."""
+  verdicts = [v for v, _ in parts]
+  verdict = (SHOWN if all(v == SHOWN for v in verdicts) else
+             NOT_SHOWN if NOT_SHOWN in verdicts else INCONCLUSIVE)
+  return verdict, "; ".join(text for _, text in parts)
 
 
 def check_attention_distance(run: SavedRun) -> list[Finding]:
   name = "attention_distance"
   out = []
   for key, m in _per_key(run.metrics.get(name, {}), "uniform_attention").items():
-    u = float(m["uniform_attention"])
-    lo, hi = float(m["block0_min_head"]), float(m["block0_max_head"])
+    u = float(m["uniform_attention"])  # exact: a function of the grid only
+    lo, hi = over_images(m, "block0_min_head"), over_images(m, "block0_max_head")
+    # The lowest / highest head of block 0 with that head's own SE over images (the choice of
+    # the extreme head among H is not corrected for; docs/method.md#attention-distance).
+    (v_lo, t_lo), (v_hi, t_hi) = (decide({"": lo}, 0.5 * u, above=False),
+                                  decide({"": hi}, 0.8 * u, above=True))
+    verdict, interval = _all_of([(v_lo, f"min head {t_lo}"), (v_hi, f"max head {t_hi}")])
     out.append(Finding(
         name, f"block 0 spans local and global heads (Fig 3) [{key}]",
-        f"min {_fmt(lo)}, max {_fmt(hi)}, uniform {_fmt(u)}",
-        "min head < 0.5 x uniform-attention distance and max head > 0.8 x", INCONCLUSIVE,
-        _NO_SPREAD_IMAGES))
-    last = float(m["last_block_mean"])
-    out.append(Finding(name, f"the last block's heads are all global (Fig 3) [{key}]",
-                       f"mean {_fmt(last)}, uniform {_fmt(u)}",
-                       "mean head distance of the last block > 0.8 x uniform", INCONCLUSIVE,
-                       _NO_SPREAD_IMAGES))
+        f"min {_fmt(lo.value)}, max {_fmt(hi.value)}, uniform {_fmt(u)}",
+        "min head < 0.5 x uniform-attention distance and max head > 0.8 x (each with the SE of "
+        "the head that attains it)", verdict, interval))
+    last = over_images(m, "last_block_mean")
+    out.append(_decided(name, f"the last block's heads are all global (Fig 3) [{key}]",
+                        f"mean {_fmt(last.value)}, uniform {_fmt(u)}",
+                        "mean head distance of the last block > 0.8 x uniform",
+                        {"": last}, 0.8 * u))
   return out or [_absent(name, "block 0 spans local and global heads (Fig 3)",
                          "min head < 0.5 x uniform and max > 0.8 x", "no ViT was measured")]
 
@@ -434,27 +480,46 @@ def check_receptive_field(run: SavedRun) -> list[Finding]:
                          for k, r in rho.items()}, 0.8))
   else:
     out.append(_absent(name, exp, thr, "no ResNet receptive field"))
-  exp, thr = ("ViT receptive fields are larger than ResNet's in the lower layers (Fig 6)",
-              "mean ERF area fraction over the lower half of layers: every ViT > every ResNet")
+  exp = "ViT receptive fields are larger than ResNet's in the lower layers (Fig 6)"
   if res and vit:
-    low = {k: float(np.mean(v["area_fraction"][:max(1, len(v["area_fraction"]) // 2)]))
-           for k, v in {**vit, **res}.items()}
-    out.append(Finding(name, exp, ", ".join(f"{k} {_fmt(a)}" for k, a in low.items()), thr,
-                       INCONCLUSIVE, _NO_SPREAD_IMAGES))
+    both = {**vit, **res}
+    if all("lower_half_area_per_image" in v for v in both.values()):
+      # Each image's own ERF area, so that the spread over images gives an error bar
+      # (docs/method.md#effective-receptive-fields); every pair's difference.
+      thr = ("mean over images of each image's ERF area fraction, averaged over the lower half "
+             "of layers: every ViT > every ResNet")
+      est = {k: over_images(v, "lower_half_area_per_image") for k, v in both.items()}
+      out.append(_decided(name, exp, ", ".join(f"{k} {_fmt(e.value)}" for k, e in est.items()),
+                          thr + " (same images: the two SEs added)",
+                          _same_images({k: est[k] for k in vit}, {k: est[k] for k in res}),
+                          0.0))
+    else:
+      thr = "mean ERF area fraction over the lower half of layers: every ViT > every ResNet"
+      low = {k: float(np.mean(v["area_fraction"][:max(1, len(v["area_fraction"]) // 2)]))
+             for k, v in both.items()}
+      out.append(Finding(name, exp, ", ".join(f"{k} {_fmt(a)}" for k, a in low.items()), thr,
+                         INCONCLUSIVE, _NO_SPREAD_IMAGES))
   else:
-    out.append(_absent(name, exp, thr, "needs a ViT and a ResNet"))
-  exp, thr = ("ViT receptive fields keep a peak at the centre patch (Fig 6)",
-              "centre-patch share of the last layer's ERF mass > 2 x its share of the image")
-  shares = {}
+    out.append(_absent(name, exp, "lower-half ERF area: every ViT > every ResNet",
+                       "needs a ViT and a ResNet"))
+  exp = "ViT receptive fields keep a peak at the centre patch (Fig 6)"
+  thr = "centre-patch share of the last layer's ERF mass > 2 x its share of the image"
+  shares, parts = {}, []
   for key, v in vit.items():
     patch = _patch_size(run, key)
     size = run.models.get(key, {}).get("image_size")
     if v.get("centre_patch_mass") and patch and size:
-      shares[key] = (float(v["centre_patch_mass"][-1]), patch * patch / float(size * size))
+      share = patch * patch / float(size * size)  # exact: the patch's share of the pixels
+      est = over_images(v, "centre_patch_mass", index=-1)
+      shares[key] = (est.value, share)
+      verdict, text = decide({key: est}, 2 * share)
+      parts.append((verdict, f"{key}: {text}" if len(vit) > 1 else text))
   if shares:
+    verdict, interval = _all_of(parts)
     out.append(Finding(name, exp, ", ".join(f"{k} {_fmt(s)} (image share {_fmt(u)})"
-                                            for k, (s, u) in shares.items()), thr,
-                       INCONCLUSIVE, _NO_SPREAD_IMAGES))
+                                            for k, (s, u) in shares.items()),
+                       thr + " (delta-method SE of a ratio of sums over images)", verdict,
+                       interval))
   else:
     out.append(_absent(name, exp, thr, "needs a ViT's centre-patch mass and patch size"))
   return out
@@ -472,36 +537,48 @@ def check_skip_norms(run: SavedRun) -> list[Finding]:
   vit = {k: v for k, v in metrics.items() if isinstance(v, Mapping) and run.family(k) == "vit"}
   res = {k: v for k, v in metrics.items() if isinstance(v, Mapping) and run.family(k) == "resnet"}
   exp, thr = ("ViT skip/branch norm ratios far above ResNet's (Fig 7)",
-              "smallest mean ViT ratio (attention or MLP) > 2 x largest mean ResNet ratio")
-  vit_r = {f"{k} {kind}": float(v[kind]["ratio_mean"]) for k, v in vit.items()
-           for kind in ("sa", "mlp") if kind in v}
-  res_r = {k: float(v["unit"]["ratio_mean"]) for k, v in res.items() if "unit" in v}
+              "smallest mean ViT ratio (attention or MLP) > 2 x largest mean ResNet ratio "
+              "(every pair: ViT - 2 x ResNet > 0; same images: the two SEs added)")
+  # A kind's metrics with the model's `uncertainty_over` (saved once per model).
+  of_kind = lambda v, kind: {**v.get(kind, {}), "uncertainty_over": v.get("uncertainty_over")}
+  vit_r = {f"{k} {kind}": over_images(of_kind(v, kind), "ratio_mean")
+           for k, v in vit.items() for kind in ("sa", "mlp") if kind in v}
+  res_r = {f"2 x {k}": over_images(of_kind(v, "unit"), "ratio_mean", scale=2.0)
+           for k, v in res.items() if "unit" in v}
   if vit_r and res_r:
-    text = ", ".join(f"{k} {_fmt(x)}" for k, x in {**vit_r, **res_r}.items())
-    out.append(Finding(name, exp, text, thr, INCONCLUSIVE, _NO_SPREAD_IMAGES))
+    text = ", ".join([f"{k} {_fmt(e.value)}" for k, e in vit_r.items()] +
+                     [f"{k[4:]} {_fmt(e.value / 2)}" for k, e in res_r.items()])
+    out.append(_decided(name, exp, text, thr, _same_images(vit_r, res_r), 0.0))
   else:
     out.append(_absent(name, exp, thr, "needs a ViT and a ResNet"))
   cls_keys = [k for k in vit if run.has_cls(k)]
   for half, exp, thr in (
-      (0, "CLS skip ratio large in the early blocks: the skip dominates CLS (Fig 7)",
+      ("early", "CLS skip ratio large in the early blocks: the skip dominates CLS (Fig 7)",
        ("mean CLS ratio over the first half of blocks > mean spatial-token ratio, "
        "attention and MLP")),
-      (1, "phase change at mid-depth: late blocks change CLS more than spatial tokens (Fig 7)",
+      ("late", "phase change at mid-depth: late blocks change CLS more than spatial tokens (Fig 7)",
        ("mean CLS ratio over the second half of blocks < mean spatial-token ratio, "
        "attention and MLP"))):
-    rows = {}
+    rows, estimates = {}, {}
     for key in cls_keys:
       for kind in ("sa", "mlp"):
         cls, spatial = _cls_spatial(run, key, kind)
         if cls is None:
           continue
         n = len(cls)
-        part = slice(0, max(1, n // 2)) if half == 0 else slice(n // 2, n)
+        part = slice(0, max(1, n // 2)) if half == "early" else slice(n // 2, n)
         rows[f"{key} {kind}"] = (float(np.mean(cls[part])), float(np.mean(spatial[part])))
+        m = of_kind(vit[key], kind)
+        field = f"cls_minus_spatial_{half}"
+        # CLS - spatial, per image, averaged over the half's blocks: its SE over images.
+        estimates[f"{key} {kind} CLS - spatial"] = (
+            over_images(m, field) if field in m else
+            _unknown(rows[f"{key} {kind}"][0] - rows[f"{key} {kind}"][1], _NO_SPREAD_IMAGES))
     if rows:
-      out.append(Finding(name, exp, ", ".join(f"{k}: CLS {_fmt(c)} vs spatial {_fmt(s)}"
-                                              for k, (c, s) in rows.items()), thr, INCONCLUSIVE,
-                         _NO_SPREAD_IMAGES))
+      out.append(_decided(name, exp, ", ".join(f"{k}: CLS {_fmt(c)} vs spatial {_fmt(s)}"
+                                               for k, (c, s) in rows.items()),
+                          thr + " (the difference's SE over images)", estimates, 0.0,
+                          above=half == "early"))
     else:
       out.append(_absent(name, exp, thr, "needs a CLS ViT's per-token ratios"))
   return out
