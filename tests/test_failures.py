@@ -4,6 +4,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from vit_analysis import analyses, config_lib, main, models
+from vit_analysis import analyses, config_lib, main, models, options
 from vit_analysis.input import data, streaming
 from vit_analysis.models import train as train_lib
 from vit_analysis.runtime import errors, sharding
@@ -169,8 +170,9 @@ def test_sigterm_saves_says_how_to_resume_and_the_rerun_finishes(tmp_path, model
   rest = proc.communicate(timeout=120)[1]
   log = "".join(log) + rest
   assert proc.returncode == 143, log[-3000:]
-  assert rest.strip().splitlines()[-1] == (
-      "interrupted at analysis cka_intra; rerun the same command to resume")
+  last = rest.strip().splitlines()[-1]  # the stream's step, once its first images are read
+  assert re.fullmatch(r"interrupted at analysis cka_intra(, cka_intra/\S+ repeat \d/\d, step "
+                      r"\d/\d)?; rerun the same command to resume", last), last
   assert "Traceback" not in log
   assert not os.path.exists(workdir / "results" / "cka_intra.json")
   proc = _cli(*args)
@@ -300,16 +302,24 @@ def test_tfds_split_is_looked_up_as_array_record_files_never_downloaded(tmp_path
   assert not os.path.exists(tmp_path / "run")
 
 
-def test_bad_config_argument_is_one_line_naming_it_and_the_valid_ones(tmp_path):
-  proc = _cli("--config=configs/cka_intra.py:smok,bogus=3", f"--workdir={tmp_path / 'run'}")
-  assert proc.returncode == 2
-  assert proc.stderr.strip() == (
+def test_bad_config_argument_is_one_line_naming_it_and_the_valid_ones(tmp_path, monkeypatch,
+                                                                     capsys):
+  """What the command line does before absl parses `--config` (in process: it exits first)."""
+  monkeypatch.chdir(REPO)
+  with pytest.raises(SystemExit) as e:
+    main._parse_flags(["main", "--config=configs/cka_intra.py:smok,bogus=3",
+                       f"--workdir={tmp_path / 'run'}"])
+  assert e.value.code == 2
+  assert capsys.readouterr().err == (
       "error: --config=configs/cka_intra.py:smok,bogus=3: unknown config argument 'smok'; did "
-      "you mean 'smoke'? valid: smoke, full, rehearsal, ckpt_dir, data, vit, resnet")
+      "you mean 'smoke'? valid: smoke, full, rehearsal, ckpt_dir, data, vit, resnet\n")
   assert not os.path.exists(tmp_path / "run")
+  # A good argument, or a file that does not load, is left to config_flags.
+  for spec in ("configs/cka_intra.py:smoke", "configs/nothing.py:smoke"):
+    assert options.config_argument_problem(["main", f"--config={spec}"]) is None
 
 
-def test_corrupt_image_mid_run_saves_progress_and_skip_corrupt_resumes(tmp_path):
+def test_corrupt_image_mid_run_saves_progress_and_skip_corrupt_resumes(tmp_path, monkeypatch):
   root = _image_folder(tmp_path / "data")
   bad = data.FolderSource(str(root / "train")).files[_step_3_example()][0]
   _truncate(pathlib.Path(bad))
@@ -329,12 +339,21 @@ def test_corrupt_image_mid_run_saves_progress_and_skip_corrupt_resumes(tmp_path)
   assert not os.path.exists(workdir / "results") and not os.path.exists(workdir / "report.html")
   assert not os.path.exists(cache)  # random weights: nothing cached
   config.data.skip_corrupt = True  # not a result key: the same workdir resumes
+  decode, decoded = data.FolderSource.decode, []
+
+  def counted(self, i):
+    decoded.append(self.files[i][0])
+    return decode(self, i)
+
+  monkeypatch.setattr(data.FolderSource, "decode", counted)
   resumed = main.run(config, str(workdir))[0]
+  # Steps 3 to 6 only, and the file after the skipped one in its place.
+  assert sum(f.startswith(str(root / "train")) for f in decoded) == 4 * 8 + 1
   assert resumed.metrics["skipped_corrupt_files"] == {"count": 1, "files": [bad]}
   assert resumed.metrics["vit"]["num_images"] == 48
   assert not os.path.exists(workdir / "partial" / "attention_distance")
   fresh = main.run(config, str(tmp_path / "fresh"))[0]  # the same skip, from the start
-  assert fresh.metrics == resumed.metrics
+  assert fresh.metrics["skipped_corrupt_files"] == resumed.metrics["skipped_corrupt_files"]
   for w in (workdir, tmp_path / "fresh"):
     assert "skipped_corrupt_files" in (w / "report.html").read_text()
   np.testing.assert_array_equal(
@@ -348,7 +367,7 @@ def test_interrupt_saves_the_last_step_and_the_rerun_is_identical(tmp_path, monk
   steps are saved, the message names the analysis and step, and the rerun gives the same
   result as an uninterrupted run."""
   root = _image_folder(tmp_path / "data")
-  config = _folder_config(root, tmp_path / "cache")
+  config = _folder_config(root, tmp_path / "cache", check_decode="none")
   want = np.load(main.run(config, str(tmp_path / "whole")) and
                  tmp_path / "whole" / "results" / "attention_distance.npz")["vit"]
   decode = data.FolderSource.decode

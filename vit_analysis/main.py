@@ -6,10 +6,11 @@ r"""Entry point: builds the data and the models of a config, then runs its analy
 
 All logic lives in `run(config, workdir)`, which Colab calls directly. It checks the config,
 the files it names, the data and the workdir (`vit_analysis.options`, `workdir_problems`) and
-reports every problem at once before anything is written, builds every entry of `config.models` (`models.build.ModelBuilder`:
-checkpoint, then training or the content-hashed model cache), runs each analysis of
-`config.analyses` as `run(ctx, cfg)` with its merged sub-config, saves its summary, and has
-`vit_analysis.report` write `report.html`. Only process 0 writes files.
+reports every problem at once before anything is written, builds every entry of
+`config.models` (`models.build.ModelBuilder`: checkpoint, then training or the content-hashed
+model cache), runs each analysis of `config.analyses` as `run(ctx, cfg)` with its merged
+sub-config, saves its summary, and has `vit_analysis.report` write `report.html`. Only process 0
+writes files.
 
 The command line ends an expected failure (`runtime.errors`) with one paragraph on stderr and
 exit status 1 (2 for a bad override or config argument), Ctrl-C / SIGTERM with "interrupted at

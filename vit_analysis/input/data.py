@@ -276,9 +276,10 @@ class FolderSource:
   """Images in `root/<class_name>/*.{jpg,jpeg,png}`; classes in sorted name order.
 
   The listing is one `os.scandir` per folder (directory entries carry their type, so no `stat`
-  per file: 50,000 '.JPEG' files in 1,000 class folders list in 0.25-0.55 s here). `__getitem__` reads the file
-  and decodes it with PIL at full resolution (no `Image.draft`: JPEG draft mode decodes at a
-  reduced DCT scale and changes the pixels), so decoding runs in whichever thread asks.
+  per file: 50,000 '.JPEG' files in 1,000 class folders list in 0.25-0.55 s here).
+  `__getitem__` reads the file and decodes it with PIL at full resolution (no `Image.draft`:
+  JPEG draft mode decodes at a reduced DCT scale and changes the pixels), so decoding runs in
+  whichever thread asks.
 
   Args:
     root: the folder of class subfolders.
