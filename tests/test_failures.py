@@ -361,33 +361,51 @@ def test_corrupt_image_mid_run_saves_progress_and_skip_corrupt_resumes(tmp_path,
       np.load(tmp_path / "fresh" / "results" / "attention_distance.npz")["vit"])
 
 
-def test_interrupt_saves_the_last_step_and_the_rerun_is_identical(tmp_path, monkeypatch,
-                                                                  capsys):
-  """Ctrl-C while the 3rd of 6 steps decodes (checkpoint_every_s far away): the two finished
-  steps are saved, the message names the analysis and step, and the rerun gives the same
-  result as an uninterrupted run."""
+_INTERRUPTING_CLI = """
+import os, signal, sys
+import jax
+from absl import app
+jax.config.update("jax_num_cpu_devices", 4)  # as in this process (conftest): the same sums
+from vit_analysis import main
+from vit_analysis.input import data
+decode = data.FolderSource.decode
+
+def interrupting(self, i):  # Ctrl-C as the image at plan position 40 (step 6 of 6) decodes
+  if i == {index}:
+    os.kill(os.getpid(), signal.SIGINT)
+  return decode(self, i)
+
+data.FolderSource.decode = interrupting
+sys.argv = ["main", "--config={config}", "--workdir={workdir}"]
+app.run(main.main, flags_parser=main._parse_flags)
+"""
+
+
+def test_ctrl_c_saves_the_last_step_and_the_rerun_is_identical(tmp_path):
+  """A real SIGINT while the last of 6 steps decodes, with checkpoint_every_s far away: the
+  finished steps are saved, the message names the analysis and step, exit 130, and the rerun
+  gives the same result as an uninterrupted run."""
   root = _image_folder(tmp_path / "data")
   config = _folder_config(root, tmp_path / "cache", check_decode="none")
-  want = np.load(main.run(config, str(tmp_path / "whole")) and
-                 tmp_path / "whole" / "results" / "attention_distance.npz")["vit"]
-  decode = data.FolderSource.decode
-
-  def interrupted(self, i):
-    if i == _step_3_example():
-      raise KeyboardInterrupt  # in a decode thread: re-raised where the step is awaited
-    return decode(self, i)
-
-  monkeypatch.setattr(data.FolderSource, "decode", interrupted)
+  main.run(config, str(tmp_path / "whole"))
+  (tmp_path / "config.json").write_text(config.to_json())
+  (tmp_path / "config.py").write_text(
+      "import json\nimport ml_collections\n\n\ndef get_config():\n  return "
+      f"ml_collections.ConfigDict(json.loads(open({str(tmp_path / 'config.json')!r}).read()))\n")
   workdir = tmp_path / "run"
-  with pytest.raises(KeyboardInterrupt) as e:
-    main.run(config, str(workdir))
-  assert errors.plain_ending(e.value, main._stage(), False) == 130
-  assert capsys.readouterr().err.splitlines()[-1] == (
-      "interrupted at analysis attention_distance, attention distance vit, step 3/6; rerun the "
-      "same command to resume")
-  assert _saved_position(workdir) == 2
-  assert not os.path.exists(workdir / "results")
-  monkeypatch.setattr(data.FolderSource, "decode", decode)
+  index = int(streaming.sample(48, 48, seed=0)[40])
+  script = _INTERRUPTING_CLI.format(index=index, config=tmp_path / "config.py", workdir=workdir)
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_env(), capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert proc.returncode == 130, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  # Decoding runs 2 steps ahead: step 6 decodes once steps 1-3 are done.
+  last = proc.stderr.strip().splitlines()[-1]
+  assert re.fullmatch(r"interrupted at analysis attention_distance, attention distance vit, "
+                      r"step [4-6]/6; rerun the same command to resume", last), last
+  assert 3 <= _saved_position(workdir) <= 5
+  assert not os.path.exists(workdir / "results") and not os.path.exists(tmp_path / "cache")
   main.run(config, str(workdir))
-  np.testing.assert_array_equal(np.load(workdir / "results" / "attention_distance.npz")["vit"],
-                                want)
+  np.testing.assert_array_equal(
+      np.load(workdir / "results" / "attention_distance.npz")["vit"],
+      np.load(tmp_path / "whole" / "results" / "attention_distance.npz")["vit"])

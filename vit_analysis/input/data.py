@@ -370,6 +370,7 @@ def _decode_checks(src: FolderSource, mode: str) -> tuple[list[CorruptImageError
       return e
     return None
 
+  logging.info("data check: decoding %d of the %d images in %s", len(indices), n, src.root)
   with concurrent.futures.ThreadPoolExecutor(max(1, min(32, os.cpu_count() or 1))) as pool:
     bad = [e for e in pool.map(check, indices) if e is not None]
   return bad, len(indices)
@@ -384,8 +385,8 @@ def check_data(data_config: Any) -> list[Exception]:
   `tfds_problems` for each split. 'digits': nothing to check.
 
   Returns:
-    one exception per problem (FileNotFoundError for what is missing, `CorruptImageError` or
-    ValueError for what is there but unusable), each one line naming the key and what to do.
+    one exception per problem (FileNotFoundError for what is missing, ValueError for what is
+    there but unusable), each one line naming the key and what to do.
   """
   name = str(data_config.get("name", ""))
   splits = list(dict.fromkeys(str(data_config.get(k, d)) for k, d in
