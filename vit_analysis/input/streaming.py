@@ -114,7 +114,11 @@ def _view_key(view: View) -> tuple[int, Any]:
 
 
 class ExampleError(RuntimeError):
-  """Loading or preprocessing one example failed in a worker; `index` is its source index."""
+  """Loading or preprocessing one example failed in a worker; `index` is its source index.
+
+  A `UserError` of the source (`data.CorruptImageError`) is not wrapped: it already names the
+  file, its index and what to do.
+  """
 
   def __init__(self, message: str, index: int):
     super().__init__(message)

@@ -4,6 +4,7 @@ A `UserError` is a problem the user can fix without reading code: a bad option, 
 a checkpoint or cache entry that does not fit, a workdir that cannot hold results, training that
 diverged. Its message says what is wrong, where, and what to do. The command line prints it on
 stderr without a traceback and exits non-zero; anything else is a bug and keeps its traceback.
+`Problems` holds several at once (validation reports every problem it finds, one line each).
 `Interrupted` is what SIGTERM (a preemption) raises, so that it ends a run the way Ctrl-C does.
 """
 from __future__ import annotations
