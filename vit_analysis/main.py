@@ -125,6 +125,7 @@ def run_analysis(config: ml_collections.ConfigDict, ctx: base.Context,
   t0 = time.time()
   _STAGE[0] = f"analysis {name}"
   progress_lib.at("")
+  resume.forget_unsaved()  # only this analysis' partial state is saved if it ends early
   partial = workdir_lib.Layout(ctx.workdir).partial(name)
   skipped_json = workdir_lib.join(partial, "skipped_files.json")
   data_lib.clear_skipped(workdir_lib.read_json(skipped_json) or {})
