@@ -3,18 +3,23 @@ non-finite or half-written left behind (issue #26)."""
 import json
 import math
 import os
+import pathlib
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from PIL import Image
 
-from vit_analysis import config_lib, main, models
-from vit_analysis.input import data
+from vit_analysis import analyses, config_lib, main, models, options
+from vit_analysis.input import data, streaming
 from vit_analysis.models import train as train_lib
 from vit_analysis.runtime import errors, sharding
 
@@ -165,8 +170,9 @@ def test_sigterm_saves_says_how_to_resume_and_the_rerun_finishes(tmp_path, model
   rest = proc.communicate(timeout=120)[1]
   log = "".join(log) + rest
   assert proc.returncode == 143, log[-3000:]
-  assert rest.strip().splitlines()[-1] == (
-      "interrupted at analysis cka_intra; rerun the same command to resume")
+  last = rest.strip().splitlines()[-1]  # the stream's step, once its first images are read
+  assert re.fullmatch(r"interrupted at analysis cka_intra(, cka_intra/\S+ repeat \d/\d, step "
+                      r"\d/\d)?; rerun the same command to resume", last), last
   assert "Traceback" not in log
   assert not os.path.exists(workdir / "results" / "cka_intra.json")
   proc = _cli(*args)
@@ -184,3 +190,222 @@ def test_interrupt_endings(capsys):
       "interrupted at analysis probes; rerun the same command to resume",
       "interrupted at model vit; rerun the same command to resume"]
   assert errors.plain_ending(RuntimeError("a bug"), "x", False) is None  # keeps its traceback
+
+
+# ---------------------------------------------------------------------------------------------
+# Data checked before anything runs; corrupt files and interrupts mid-analysis.
+
+
+def _image_folder(root, per_class=24, test_per_class=2, size=16):
+  """train/ and test/ splits of two classes of random JPEGs, in sorted (source) order."""
+  rng = np.random.default_rng(0)
+  for split, n in (("train", per_class), ("test", test_per_class)):
+    for cls in ("a", "b"):
+      os.makedirs(root / split / cls)
+      for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+            root / split / cls / f"{i:02d}.jpg", quality=90)
+  return root
+
+
+def _truncate(path):
+  path.write_bytes(path.read_bytes()[:160])  # a JPEG header without its scan: PIL fails on load
+
+
+def _folder_config(root, cache, **data_options):
+  """A random-weights ViT (nothing trained) and attention distance over the 48 train images in 6
+  steps of 8, partial state saved only at the end unless the run ends early."""
+  config = config_lib.base_config("smoke")
+  del config.models["resnet"]
+  config.models.vit.train = None
+  config.model_cache = str(cache)
+  config.data = ml_collections.ConfigDict({"name": f"folder:{root}", "image_size": 16,
+                                           "train_split": "train", "test_split": "test",
+                                           **data_options})
+  config.analyses = ("attention_distance",)
+  config.attention_distance = ml_collections.ConfigDict(dict(
+      split="train", num_images=48, batch_size=8, checkpoint_every_s=1e9,
+      figure_formats=("png",)))
+  return config
+
+
+def _saved_position(workdir):
+  with np.load(workdir / "partial" / "attention_distance" / "vit" / "state.npz") as z:
+    return json.loads(str(z["__meta__"]))["position"]
+
+
+def _step_3_example(source_len=48):
+  """The source index of the 21st image of attention distance's sample (in its 3rd step)."""
+  return int(streaming.sample(source_len, source_len, seed=0)[20])
+
+
+def test_every_problem_of_config_files_data_and_workdir_at_once(tmp_path):
+  root = _image_folder(tmp_path / "data", per_class=20)
+  files = data.FolderSource(str(root / "train")).files
+  _truncate(pathlib.Path(files[0][0]))  # the first file: 'sample' decodes it
+  (tmp_path / "notadir").write_text("mine")
+  config = _folder_config(root, tmp_path / "cache")
+  config.attention_distance.batchsize = 4
+  config.models.vit.checkpoint = str(tmp_path / "missing.npz")
+  config.data.check_decode = "sample"
+  with pytest.raises(errors.Problems) as e:
+    main.run(config, str(tmp_path / "notadir"))
+  assert _ending(e.value) == 1
+  assert e.value.problems == [
+      "unknown config key 'attention_distance.batchsize' (did you mean 'batch_size'?); "
+      f"attention_distance options: {sorted(analyses.default_config('attention_distance'))}",
+      f"models.vit.checkpoint = '{tmp_path / 'missing.npz'}' does not exist; it should be the "
+      "official-format checkpoint of ViT-smoke_8 (a vit_jax / BiT / Mixer npz, a big_vision npz "
+      "or a timm .safetensors file; see README, 'Reproduce the paper')",
+      f"data.name = 'folder:{root}': 1 of 32 sampled images of '{root / 'train'}' do not decode: "
+      f"'{files[0][0]}' (example 0: not a JPEG or PNG image PIL recognises); replace or remove "
+      "them, or set --config.data.skip_corrupt=True to skip unreadable files "
+      "(data.check_decode='all' checks every file)",
+      f"workdir '{tmp_path / 'notadir'}' is a file, not a folder: pass another --workdir or move "
+      "the file away"]
+  assert str(e.value).startswith("4 problems, nothing was run or written:\n  - unknown config")
+  # 'sample' decodes 32 of the 40 files, spread over the listing: not the 3rd one.
+  shutil.copy(root / "train" / "b" / "00.jpg", files[0][0])
+  _truncate(pathlib.Path(files[2][0]))
+  config = _folder_config(root, tmp_path / "cache", check_decode="sample")
+  assert data.check_data(config.data) == []
+  config.data.check_decode = "all"
+  (problem,) = data.check_data(config.data)
+  assert f"1 of 40 checked images of '{root / 'train'}' do not decode: '{files[2][0]}'" in str(
+      problem)
+  config.data.skip_corrupt = True  # logged, not refused
+  assert data.check_data(config.data) == []
+  assert not os.path.exists(tmp_path / "cache")
+
+
+def test_tfds_split_is_looked_up_as_array_record_files_never_downloaded(tmp_path):
+  config = _folder_config(tmp_path, tmp_path / "cache")
+  config.data = config_lib.tfds_data("cifar10", 32, data_dir=str(tmp_path / "tfds"))
+  (tmp_path / "tfds" / "mnist").mkdir(parents=True)
+  assert [str(p) for p in data.check_data(config.data)] == [
+      f"data.name = 'tfds:cifar10': no prepared build of 'cifar10' under the data dir "
+      f"'{tmp_path / 'tfds'}' (it holds ['mnist']); runs never download or build datasets: "
+      f"prepare it first (README, TPU section), e.g. `tfds build cifar10 "
+      f"--data_dir={tmp_path / 'tfds'} --file_format=array_record`, or set data.data_dir"] * 2
+  build = tmp_path / "tfds" / "cifar10" / "3.0.2"
+  build.mkdir(parents=True)
+  (build / "cifar10-train.array_record-00000-of-00001").write_bytes(b"")
+  (problem,) = data.check_data(config.data)  # the train split is there, the test split not
+  assert str(problem) == (f"data.name = 'tfds:cifar10': split 'test' has no ArrayRecord shards "
+                          f"under {build} (splits there: ['train']); set data.train_split / "
+                          "data.test_split to one of them")
+  (build / "cifar10-test.array_record-00000-of-00001").write_bytes(b"")
+  assert data.check_data(config.data) == []
+  with pytest.raises(FileNotFoundError, match="data_dir"):
+    config.data.data_dir = str(tmp_path / "nowhere")
+    main.run(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_bad_config_argument_is_one_line_naming_it_and_the_valid_ones(tmp_path, monkeypatch,
+                                                                     capsys):
+  """What the command line does before absl parses `--config` (in process: it exits first)."""
+  monkeypatch.chdir(REPO)
+  with pytest.raises(SystemExit) as e:
+    main._parse_flags(["main", "--config=configs/cka_intra.py:smok,bogus=3",
+                       f"--workdir={tmp_path / 'run'}"])
+  assert e.value.code == 2
+  assert capsys.readouterr().err == (
+      "error: --config=configs/cka_intra.py:smok,bogus=3: unknown config argument 'smok'; did "
+      "you mean 'smoke'? valid: smoke, full, rehearsal, ckpt_dir, data, vit, resnet\n")
+  assert not os.path.exists(tmp_path / "run")
+  # A good argument, or a file that does not load, is left to config_flags.
+  for spec in ("configs/cka_intra.py:smoke", "configs/nothing.py:smoke"):
+    assert options.config_argument_problem(["main", f"--config={spec}"]) is None
+
+
+def test_corrupt_image_mid_run_saves_progress_and_skip_corrupt_resumes(tmp_path, monkeypatch):
+  root = _image_folder(tmp_path / "data")
+  bad = data.FolderSource(str(root / "train")).files[_step_3_example()][0]
+  _truncate(pathlib.Path(bad))
+  cache, workdir = tmp_path / "cache", tmp_path / "run"
+  config = _folder_config(root, cache, check_decode="none")  # the data check would catch it
+  with pytest.raises(data.CorruptImageError) as e:
+    main.run(config, str(workdir))
+  assert _ending(e.value) == 1
+  assert errors.message(e.value) == (
+      f"cannot decode image file '{bad}' (example {_step_3_example()} of 48 in its folder: not a "
+      "JPEG or PNG image PIL recognises). The analysis' progress is saved: rerun the same command "
+      "with --config.data.skip_corrupt=True to skip unreadable files (it resumes here; skipped "
+      "files are counted and listed in the results), or replace the file with a readable copy "
+      "and rerun the same command; removing the file changes the index of every later file, so "
+      "then also delete the workdir's partial/ folder")
+  assert _saved_position(workdir) == 2  # the two steps before the one holding the file
+  assert not os.path.exists(workdir / "results") and not os.path.exists(workdir / "report.html")
+  assert not os.path.exists(cache)  # random weights: nothing cached
+  config.data.skip_corrupt = True  # not a result key: the same workdir resumes
+  decode, decoded = data.FolderSource.decode, []
+
+  def counted(self, i):
+    decoded.append(self.files[i][0])
+    return decode(self, i)
+
+  monkeypatch.setattr(data.FolderSource, "decode", counted)
+  resumed = main.run(config, str(workdir))[0]
+  # Steps 3 to 6 only, and the file after the skipped one in its place.
+  assert sum(f.startswith(str(root / "train")) for f in decoded) == 4 * 8 + 1
+  assert resumed.metrics["skipped_corrupt_files"] == {"count": 1, "files": [bad]}
+  assert resumed.metrics["vit"]["num_images"] == 48
+  assert not os.path.exists(workdir / "partial" / "attention_distance")
+  fresh = main.run(config, str(tmp_path / "fresh"))[0]  # the same skip, from the start
+  assert fresh.metrics["skipped_corrupt_files"] == resumed.metrics["skipped_corrupt_files"]
+  for w in (workdir, tmp_path / "fresh"):
+    assert "skipped_corrupt_files" in (w / "report.html").read_text()
+  np.testing.assert_array_equal(
+      np.load(workdir / "results" / "attention_distance.npz")["vit"],
+      np.load(tmp_path / "fresh" / "results" / "attention_distance.npz")["vit"])
+
+
+_INTERRUPTING_CLI = """
+import os, signal, sys
+import jax
+from absl import app
+jax.config.update("jax_num_cpu_devices", 4)  # as in this process (conftest): the same sums
+from vit_analysis import main
+from vit_analysis.input import data
+decode = data.FolderSource.decode
+
+def interrupting(self, i):  # Ctrl-C as the image at plan position 40 (step 6 of 6) decodes
+  if i == {index}:
+    os.kill(os.getpid(), signal.SIGINT)
+  return decode(self, i)
+
+data.FolderSource.decode = interrupting
+sys.argv = ["main", "--config={config}", "--workdir={workdir}"]
+app.run(main.main, flags_parser=main._parse_flags)
+"""
+
+
+def test_ctrl_c_saves_the_last_step_and_the_rerun_is_identical(tmp_path):
+  """A real SIGINT while the last of 6 steps decodes, with checkpoint_every_s far away: the
+  finished steps are saved, the message names the analysis and step, exit 130, and the rerun
+  gives the same result as an uninterrupted run."""
+  root = _image_folder(tmp_path / "data")
+  config = _folder_config(root, tmp_path / "cache", check_decode="none")
+  main.run(config, str(tmp_path / "whole"))
+  (tmp_path / "config.json").write_text(config.to_json())
+  (tmp_path / "config.py").write_text(
+      "import json\nimport ml_collections\n\n\ndef get_config():\n  return "
+      f"ml_collections.ConfigDict(json.loads(open({str(tmp_path / 'config.json')!r}).read()))\n")
+  workdir = tmp_path / "run"
+  index = int(streaming.sample(48, 48, seed=0)[40])
+  script = _INTERRUPTING_CLI.format(index=index, config=tmp_path / "config.py", workdir=workdir)
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_env(), capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert proc.returncode == 130, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  # Decoding runs 2 steps ahead: step 6 decodes once steps 1-3 are done.
+  last = proc.stderr.strip().splitlines()[-1]
+  assert re.fullmatch(r"interrupted at analysis attention_distance, attention distance vit, "
+                      r"step [4-6]/6; rerun the same command to resume", last), last
+  assert 3 <= _saved_position(workdir) <= 5
+  assert not os.path.exists(workdir / "results") and not os.path.exists(tmp_path / "cache")
+  main.run(config, str(workdir))
+  np.testing.assert_array_equal(
+      np.load(workdir / "results" / "attention_distance.npz")["vit"],
+      np.load(tmp_path / "whole" / "results" / "attention_distance.npz")["vit"])

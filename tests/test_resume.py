@@ -128,3 +128,27 @@ def test_every_s_throttles_with_an_injected_clock(tmp_path):
 def test_non_numeric_leaf_is_refused(tmp_path):
   with pytest.raises(TypeError, match="not numeric"):
     resume.Checkpointer(str(tmp_path)).maybe_save({"s": np.array([object()])}, 1, force=True)
+
+
+def test_unsaved_state_is_written_when_a_run_ends_early(tmp_path):
+  """Between periodic saves the newest state is remembered; `save_unsaved` writes it (what
+  `main.run` does on Ctrl-C or a corrupt file), `freeze` protects it from in-place changes."""
+  clock = FakeClock()
+  a = resume.Checkpointer(str(tmp_path / "a"), every_s=60.0, fingerprint="f", clock=clock)
+  b = resume.Checkpointer(str(tmp_path / "b"), every_s=60.0, fingerprint="f", clock=clock)
+  out = {"rows": np.zeros(3)}
+  assert not a.maybe_save({"out": out}, 1) and not b.maybe_save({"out": out}, 4)
+  assert not os.path.exists(a.path)  # throttled: remembered only
+  assert a.maybe_save({"out": out}, 2, force=True) and os.path.exists(a.path)
+  a.maybe_save({"out": out}, 3, {"plan": "p"})
+  a.freeze()
+  out["rows"][0] = 9.0  # e.g. a repeat's results filled in after the last remembered step
+  b.clear()  # a finished part: nothing of it is saved any more
+  assert resume.save_unsaved() == [a.path]
+  state, position, extra = a.restore()
+  assert position == 3 and extra == {"plan": "p"}
+  np.testing.assert_array_equal(state["out"]["rows"], [0.0, 0.0, 0.0])
+  assert not os.path.exists(b.path) and resume.save_unsaved() == []
+  a.maybe_save({"out": out}, 4)
+  resume.forget_unsaved()  # the analysis finished
+  assert resume.save_unsaved() == [] and a.restore()[1] == 3

@@ -309,3 +309,37 @@ def test_two_processes_decode_their_rows_and_match_one_process(tmp_path):
 
 if __name__ == "__main__":  # one process of the two-process test
   _mp_worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+
+
+def test_corrupt_file_is_named_or_skipped_the_same_way_on_any_worker_count(tmp_path):
+  """A file that does not decode ends the stream with the source's own error (file, index),
+  not an ExampleError; with skip_corrupt the next file takes its place, whatever the workers."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  os.makedirs(tmp_path / "a")
+  for i in range(12):
+    Image.fromarray(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)).save(
+        tmp_path / "a" / f"{i:02d}.png")
+  for i in (4, 11):  # 11: the last file, replaced by the first (wrapping around)
+    (tmp_path / "a" / f"{i:02d}.png").write_bytes(b"\x89PNG truncated")
+  view = {"a": (5, "minus_one_one")}
+  stream = streaming.Stream(data.FolderSource(str(tmp_path)), streaming.split(12), views=view,
+                            mesh=None, step_size=4, workers=2, desc="t")
+  with pytest.raises(data.CorruptImageError, match=r"04.png' \(example 4 of 12 in its folder"):
+    list(stream)
+  assert progress.where() == "t, step 2/3"
+  got = []
+  for workers in (1, 3):
+    data.clear_skipped()
+    src = data.FolderSource(str(tmp_path), skip_corrupt=True)
+    steps = streaming.Stream(src, streaming.split(12), views=view, mesh=None, step_size=4,
+                             workers=workers, with_labels=True)
+    got.append(np.concatenate([s.images["a"] for s in steps]))
+    assert data.skipped_files() == {str(tmp_path / "a" / "04.png"): 4,
+                                    str(tmp_path / "a" / "11.png"): 11}
+    assert progress.where() == ""  # finished
+  np.testing.assert_array_equal(got[0], got[1])
+  ok = data.FolderSource(str(tmp_path), skip_corrupt=True)
+  np.testing.assert_array_equal(got[0][4], data.preprocess_image(ok[5]["image"], 5))
+  np.testing.assert_array_equal(got[0][11], got[0][0])
+  data.clear_skipped()

@@ -116,7 +116,7 @@ def parse_arg(arg: str | None, accepted: Iterable[str]) -> ml_collections.Config
     key = key.strip()
     if key not in valid:
       close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-      hint = f"; did you mean {close[0]!r}?" if close else ""
+      hint = f"; did you mean {close[0]!r}?" if close else ";"
       raise ValueError(f"unknown config argument {key!r}{hint} valid: {', '.join(valid)}")
     flags[key] = _parse_value(value.strip()) if sep else True
   return ml_collections.ConfigDict(flags)

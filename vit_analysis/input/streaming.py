@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_analysis.input import data
+from vit_analysis.runtime import errors
 from vit_analysis.runtime import progress as progress_lib
 from vit_analysis.runtime import resume as resume_lib
 from vit_analysis.runtime import sharding
@@ -113,7 +114,11 @@ def _view_key(view: View) -> tuple[int, Any]:
 
 
 class ExampleError(RuntimeError):
-  """Loading or preprocessing one example failed in a worker; `index` is its source index."""
+  """Loading or preprocessing one example failed in a worker; `index` is its source index.
+
+  A `UserError` of the source (`data.CorruptImageError`) is not wrapped: it already names the
+  file, its index and what to do.
+  """
 
   def __init__(self, message: str, index: int):
     super().__init__(message)
@@ -282,6 +287,8 @@ class Stream:
         data.normalize(y, norm, out=buffers[name][row])
       if labels is not None:
         labels[row] = int(ex["label"])
+    except errors.UserError:  # e.g. a corrupt image file: it names the file and what to do
+      raise
     except Exception as e:  # pylint: disable=broad-except
       raise ExampleError(f"{self.desc or 'stream'}: example {int(index)} (plan position "
                          f"{position}, step {step}) failed: {type(e).__name__}: {e}",
@@ -328,10 +335,12 @@ class Stream:
           pending.append(self._submit(pool, next_submit))
           next_submit += 1
         _, idx, futures, buffers, labels = pending.popleft()
+        progress_lib.at(f"{self.desc or 'stream'}, step {step + 1}/{self.num_steps}")
         for f in futures:
           f.result()  # re-raises a worker's ExampleError here, in the caller's thread
         yield self._assemble(step, idx, buffers, labels)
         prog.update(self.num_real(step))
+      progress_lib.at("")  # finished: an interrupt from here on is not inside this stream
     finally:
       for _, _, futures, _, _ in pending:
         for f in futures:
@@ -388,7 +397,7 @@ def stream_sums(step_fn: Callable[..., Any], variables: Any, source: Any, indice
   total, start = None, 0
   if resume is not None:
     like = None
-    if os.path.exists(resume.path):  # the sums' structure, without compiling or computing
+    if resume_lib.workdir.exists(resume.path):  # the sums' structure, without computing
       spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32,
                                                 sharding=sharding.data_sharding(mesh))
       like = jax.eval_shape(fn, params, spec((step_size, image_size, image_size, 3)),

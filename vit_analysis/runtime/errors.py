@@ -4,6 +4,7 @@ A `UserError` is a problem the user can fix without reading code: a bad option, 
 a checkpoint or cache entry that does not fit, a workdir that cannot hold results, training that
 diverged. Its message says what is wrong, where, and what to do. The command line prints it on
 stderr without a traceback and exits non-zero; anything else is a bug and keeps its traceback.
+`Problems` holds several at once (validation reports every problem it finds, one line each).
 `Interrupted` is what SIGTERM (a preemption) raises, so that it ends a run the way Ctrl-C does.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import re
 import signal
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from types import FrameType
 
 from absl import logging
@@ -27,6 +28,38 @@ EXIT_SIGINT, EXIT_SIGTERM, EXIT_USER_ERROR = 128 + signal.SIGINT, 128 + signal.S
 
 class UserError(Exception):
   """A failure the user can fix; its message is one paragraph saying what to do."""
+
+
+class Problems(UserError):
+  """Several problems found together (validation): the message lists them one per line.
+
+  Attributes:
+    problems: one line each, what is wrong and what to do.
+  """
+
+  def __init__(self, problems: Sequence[str]):
+    self.problems = [" ".join(str(p).split()) for p in problems]
+    super().__init__(f"{len(self.problems)} problems, nothing was run or written:\n" +
+                     "\n".join(f"  - {p}" for p in self.problems))
+
+
+def raise_all(found: Sequence[BaseException]) -> None:
+  """Raises the problems of a validation at once: none, the one (its type kept), or `Problems`.
+
+  A single problem keeps its type (callers catch a KeyError for an unknown key); several become
+  one `Problems` whose lines carry each one's context (e.g. "model 'vit': ").
+  """
+  unique: dict[str, BaseException] = {}  # e.g. one bad `train` key, seen by every model
+  for e in found:
+    if not hasattr(e, "_vit_analysis_context"):
+      e._vit_analysis_context = ""  # pylint: disable=protected-access
+    unique.setdefault(e._vit_analysis_context + message(e), e)  # pylint: disable=protected-access
+  found = list(unique.values())
+  if len(found) == 1:
+    raise found[0]
+  if found:
+    raise Problems([e._vit_analysis_context + message(e)  # pylint: disable=protected-access
+                    for e in found]) from found[0]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -48,7 +81,10 @@ def raise_on_sigterm() -> None:
 
 
 def message(e: BaseException) -> str:
-  """The text of an exception as one paragraph (a KeyError's repr quotes are dropped)."""
+  """The text of an exception as one paragraph (a KeyError's repr quotes are dropped); the
+  lines of `Problems` are kept."""
+  if isinstance(e, Problems):
+    return str(e)
   text = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else str(e)
   return " ".join(str(text).split())
 

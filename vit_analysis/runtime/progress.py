@@ -4,6 +4,9 @@ The first `update` closes the "first batch", which on an accelerator includes co
 step; rates and ETAs count only what comes after it, so a 40 s compile does not make a 2,000
 images/s run look like 200 images/s. Nothing is printed except through `absl.logging.info`, so
 `--verbosity` (absl) is the only switch.
+
+`at(text)` records where the current stream is ("cka_intra/vit repeat 2/3, step 3/4"), so that an
+interrupted run can say where it stopped (`main`: "interrupted at <analysis, repeat, step>").
 """
 from __future__ import annotations
 
@@ -13,6 +16,17 @@ from collections.abc import Callable
 from absl import logging
 
 LOG_EVERY_S = 10.0
+_WHERE = [""]  # the position `at` last recorded
+
+
+def at(where: str) -> None:
+  """Records where the running loop is (e.g. "probe/vit features, step 3/8"); '' for nowhere."""
+  _WHERE[0] = where
+
+
+def where() -> str:
+  """What `at` last recorded ('' when nothing is running)."""
+  return _WHERE[0]
 
 
 class Progress:

@@ -9,11 +9,18 @@ built in memory and written by `runtime.workdir.write_bytes` (local: a temporary
 or the new one, never a mixture. Only
 process 0 writes; every process reads the same file, and with several processes the restored
 position is checked to be equal on all of them.
+
+Between two periodic saves a checkpointer remembers the newest state it was offered (a
+reference, no copy); `save_unsaved()` writes every such state at once. `main.run` calls it when
+an analysis ends early (Ctrl-C, SIGTERM, a corrupt input file), so a rerun loses no finished
+step, however long `checkpoint_every_s` is. A caller that changes a remembered state in place
+calls `freeze()` first (or changes only what a resumed run rewrites identically).
 """
 from __future__ import annotations
 
 import io
 import json
+import copy
 import time
 import zipfile
 from collections.abc import Callable
@@ -27,6 +34,8 @@ from vit_analysis.runtime import errors, workdir
 
 FILENAME = "state.npz"
 _FORMAT = 1
+# Checkpointers holding a state newer than their file, by path (`save_unsaved`).
+_UNSAVED: dict[str, "Checkpointer"] = {}
 
 
 def _path_entry(key: Any) -> list[Any]:
@@ -96,6 +105,7 @@ class Checkpointer:
     self.directory, self.every_s, self.fingerprint = directory, float(every_s), str(fingerprint)
     self._clock = clock
     self._last_save = clock()
+    self._unsaved: tuple[Any, int, dict[str, Any] | None] | None = None
 
   @property
   def path(self) -> str:
@@ -171,13 +181,48 @@ class Checkpointer:
     """
     now = self._clock()
     if not force and now - self._last_save < self.every_s:
+      self._unsaved = (state, position, extra)  # what an interrupt saves (`save_unsaved`)
+      _UNSAVED[self.path] = self
       return False
     self._last_save = now
+    self._forget()
     if jax.process_index() == 0:
       self._write(state, position, extra)
     if force:
       _barrier(f"resume save {self.path} {position}")
     return True
+
+  def freeze(self) -> None:
+    """Copies the remembered unsaved state, before its caller changes it in place.
+
+    E.g. the CKA repeat loop, which fills a repeat's row of its results after the last remembered
+    step; an interrupt there must save the results as they were at that step.
+    """
+    if self._unsaved is not None:
+      state, position, extra = self._unsaved
+      self._unsaved = (jax.tree.map(lambda x: x.copy() if isinstance(x, np.ndarray) else x, state),
+                       position, copy.deepcopy(extra))
+
+  def save_unsaved(self) -> bool:
+    """Writes the newest state offered to `maybe_save` since the last write (process 0), if any.
+
+    No barrier: it runs while a run ends early, when the processes need not be at the same step.
+
+    Returns:
+      whether there was such a state.
+    """
+    if self._unsaved is None:
+      return False
+    state, position, extra = self._unsaved
+    self._forget()
+    if jax.process_index() == 0:
+      self._write(state, position, extra)
+    return True
+
+  def _forget(self) -> None:
+    self._unsaved = None
+    if _UNSAVED.get(self.path) is self:
+      del _UNSAVED[self.path]
 
   def _write(self, state: Any, position: int, extra: dict[str, Any] | None) -> None:
     paths, leaves = _flatten(state)
@@ -196,9 +241,29 @@ class Checkpointer:
 
   def clear(self) -> None:
     """Deletes the checkpoint (process 0), e.g. once the final result is saved; a barrier."""
+    self._forget()
     if jax.process_index() == 0:
       workdir.remove(self.path)
     _barrier(f"resume clear {self.path}")
+
+
+def save_unsaved() -> list[str]:
+  """Writes every checkpointer's unsaved state (`Checkpointer.save_unsaved`); their paths.
+
+  Called when an analysis ends early (an interrupt, a corrupt input, any error), so that the
+  rerun continues from the last finished step instead of the last periodic save.
+  """
+  saved = []
+  for path, checkpointer in list(_UNSAVED.items()):
+    if checkpointer.save_unsaved():
+      saved.append(path)
+  return saved
+
+
+def forget_unsaved() -> None:
+  """Drops every remembered unsaved state (an analysis finished: its partial state is moot)."""
+  for checkpointer in list(_UNSAVED.values()):
+    checkpointer._forget()  # pylint: disable=protected-access
 
 
 def _check_same_position(position: int, path: str) -> None:

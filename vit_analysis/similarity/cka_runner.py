@@ -553,6 +553,8 @@ def cka_pairs_over_repeats(sides: Mapping[str, Side], pairs: Sequence[Pair], sou
       pending = (terms, batch.mask)
       done += batch.num_real
     state = timed_add(state, pending)
+    if resume is not None:  # `out` gets this repeat's row in place: an interrupt saves it as was
+      resume.freeze()
     for p in pairs:
       o, st = out[tags[p]], state[tags[p]]
       res = cka.result(st["cka"])
