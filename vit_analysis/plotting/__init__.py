@@ -1,8 +1,9 @@
 """Figures: pure functions from result arrays to matplotlib Figures, one module per figure family.
 
 `similarity` (CKA heatmaps, head subsets, localisation, dataset scale), `mechanisms` (attention
-distance, receptive fields, skip norms), `probes` (layer-wise probe accuracy). This module holds the
-pieces they share: the non-interactive backend, `save_figure` and `heatmap`.
+distance, receptive fields, skip norms), `probes` (layer-wise probe accuracy); `recipes` saves a
+figure's function and arguments under the run's results so that the report can redraw it. This
+module holds the pieces they share: the figure style, `save_figure` and `heatmap`.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def save_figure(fig: matplotlib.figure.Figure, path_without_ext: str,
 
 
 def heatmap(ax: matplotlib.axes.Axes, matrix: np.ndarray, *, vmin: float = 0.0, vmax: float = 1.0,
-            xlabel: str = "", ylabel: str = "", title: str = "", cmap: str = "magma",
+            xlabel: str = "", ylabel: str = "", title: str = "", cmap: str | matplotlib.colors.Colormap = "magma",
             colorbar: bool = True, origin: str = "lower") -> matplotlib.image.AxesImage:
   """Draws `matrix: [rows, cols]` with a fixed colour range (default [0, 1], as CKA) on `ax`.
 

@@ -6,7 +6,9 @@ r"""One self-contained HTML page per workdir, rebuilt from its saved results alo
 The page opens with the paper's findings checked on this run (`vit_analysis.report.findings`),
 then the models, then one section per analysis: interactive figures (hover: full layer names,
 value, standard error over minibatches, spread over repeats; zoom and pan), the static PNGs the
-analysis wrote, and its metrics. `--compare` puts two runs side by side and adds difference
+analysis wrote, and its metrics. A missing PNG is drawn again from its recipe under
+`results/recipes/` and written back to `figures/` (`vit_analysis.plotting.recipes`), so the page
+is complete from `results/` alone. `--compare` puts two runs side by side and adds difference
 heatmaps for the comparisons both saved with the same layer names.
 
 Nothing here imports JAX or builds a model: the page is made from `results/*.json|npz`,
@@ -20,9 +22,13 @@ import base64
 import datetime
 import html
 import json
+import logging
+import os
+import posixpath
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from vit_analysis.plotting import recipes
 from vit_analysis.report import figures as report_figures
 from vit_analysis.report import findings, interactive, reader
 from vit_analysis.report import html as report_html
@@ -82,6 +88,12 @@ def _figures_html(run: Run, result: Mapping[str, Any], ids: _Ids) -> str:
   return "".join(parts)
 
 
+def _png_tag(relpath: str, png: bytes) -> str:
+  data = base64.b64encode(png).decode("ascii")
+  alt = html.escape(workdir_lib.basename(relpath))
+  return f'<img alt="{alt}" src="data:image/png;base64,{data}">'
+
+
 def _image_tag(workdir: str, relpath: str) -> str | None:
   """The PNG `relpath` of the run inlined as an <img>, or None when the file is absent."""
   path = workdir_lib.join(workdir, relpath)
@@ -89,27 +101,52 @@ def _image_tag(workdir: str, relpath: str) -> str | None:
     raise ValueError(f"report figures must be PNG files, got {relpath!r}")
   if not workdir_lib.exists(path):
     return None
-  data = base64.b64encode(workdir_lib.read_bytes(path)).decode("ascii")
-  alt = html.escape(workdir_lib.basename(relpath))
-  return f'<img alt="{alt}" src="data:image/png;base64,{data}">'
+  return _png_tag(relpath, workdir_lib.read_bytes(path))
+
+
+def _redrawn_tag(workdir: str, relpath: str) -> tuple[str | None, str]:
+  """A missing `figures/<name>.png` drawn again from `results/recipes/<name>` and written back
+  (every format the analysis wrote): (its <img>, '') or (None or the <img>, what went wrong)."""
+  folder, name = posixpath.split(relpath.replace(os.sep, "/"))
+  if folder != workdir_lib.FIGURES:
+    return None, "not under figures/, so it has no recipe"
+  name = name[:-len(".png")]
+  try:
+    files = recipes.redraw(workdir, name)
+  except recipes.RecipeError as e:
+    return None, str(e)
+  if "png" not in files:
+    return None, f"its recipe writes {sorted(files)}, no PNG"
+  tag = _png_tag(relpath, files["png"])
+  try:
+    written = recipes.write_figure(workdir, name, files)
+  except OSError as e:  # a read-only workdir: the page still shows the figure
+    return tag, f"redrawn from its recipe but not written back ({e})"
+  logging.info("report: redrew %s from its recipe", ", ".join(written))
+  return tag, ""
 
 
 def _static_html(run: Run, result: Mapping[str, Any]) -> str:
   pngs = list(result["figures"])
-  tags = [_image_tag(run.workdir, f) for f in pngs]
+  tags, problems = [], []
+  for f in pngs:
+    tag = _image_tag(run.workdir, f)
+    if tag is None:
+      # figures/ may be gone (not copied, deleted): each figure is drawn again from its recipe
+      # under results/ (`plotting.recipes`), written back, and inlined.
+      tag, problem = _redrawn_tag(run.workdir, f)
+      if problem:
+        problems.append(f"static figure <code>{html.escape(f)}</code> " +
+                        ("" if tag else "absent and not redrawn") + f": {html.escape(problem)}")
+    tags.append(tag)
   imgs = "".join(t for t in tags if t)
-  # figures/ may be gone (not copied, deleted): the interactive figures above come from
-  # results/ alone, so the page says which static PNGs are absent instead of failing.
-  missing = [f for f, t in zip(pngs, tags) if t is None]
   out = ""
   if imgs:
-    out += (f"<details><summary>static figures ({len(pngs) - len(missing)} PNG; PDFs next to "
-            f"them in figures/)</summary><div class='figs'>{imgs}</div></details>")
-  if missing:
-    out += ("<p class='note'>static figure" + ("s " if len(missing) > 1 else " ") +
-            ", ".join(f"<code>{html.escape(f)}</code>" for f in missing) +
-            " absent from the workdir; the interactive figures above are drawn from results/ "
-            "and show the same data.</p>")
+    out += (f"<details><summary>static figures ({sum(t is not None for t in tags)} PNG; PDFs "
+            f"next to them in figures/)</summary><div class='figs'>{imgs}</div></details>")
+  if problems:
+    out += ("<p class='note'>" + "; ".join(problems) + ". The interactive figures above are "
+            "drawn from results/ and show the same data.</p>")
   if result["metrics"]:
     out += ("<details open><summary>metrics</summary>" +
             report_html.metrics_table(result["metrics"]) + "</details>")
