@@ -32,8 +32,8 @@ from vit_analysis.runtime import workdir as workdir_lib
 
 PACKAGE = "vit_analysis.plotting"
 _NAME = re.compile(r"vit_analysis\.plotting(\.[a-z][a-z0-9_]*)?:[a-z][A-Za-z0-9_]*")
-# Public functions of the package that are not figures of arrays (they write or take Axes).
-_NOT_PLOTS = frozenset({"save_figure", "heatmap"})
+# Public functions of the package that are not figures of arrays (they draw on given Axes).
+_NOT_PLOTS = frozenset({"heatmap"})
 _ARRAY = "__array__"
 
 

@@ -1,7 +1,8 @@
 """Figures of the representation-similarity analyses (Figs 1, 2, 5, 9, 10, 12, B.1, D.x, G.x, H.x).
 
-Pure functions: arrays and layer names in, a matplotlib Figure out (`save_figure` writes it). Every
-CKA colour scale is fixed to [0, 1] so that panels of different models compare by colour.
+Pure functions: arrays and layer names in, a matplotlib Figure out (`Context.save_figure` writes it
+and its recipe, `plotting.recipes`). Every CKA colour scale is fixed to [0, 1] so that panels of
+different models compare by colour.
 """
 from __future__ import annotations
 
@@ -221,8 +222,7 @@ def measure_heatmaps(values: Mapping[str, np.ndarray], *, row_names: Sequence[st
 def _masked_heatmap(ax, matrix: np.ndarray, lo: float, hi: float, diverging: bool,
                     title: str) -> None:
   """`heatmap` with NaN cells in `MASKED_COLOUR`; a diverging map (blue < 0 < red) if asked."""
-  cmap = plt.get_cmap("RdBu_r" if diverging else "magma").copy()
-  cmap.set_bad(MASKED_COLOUR)
+  cmap = plt.get_cmap("RdBu_r" if diverging else "magma").with_extremes(bad=MASKED_COLOUR)
   heatmap(ax, matrix, vmin=lo, vmax=hi, cmap=cmap, title=title)
 
 
