@@ -2,6 +2,7 @@ r"""One self-contained HTML page per workdir, rebuilt from its saved results alo
 
   python -m vit_analysis.report --workdir=runs/demo      # rewrites runs/demo/report.html
   python -m vit_analysis.report --workdir=runs/a --compare=runs/b --out=/tmp/a_vs_b.html
+  python -m vit_analysis.report --workdir=runs/sweep/seed=0 --compare=seed=1   # two sweep points
 
 The page opens with the paper's findings checked on this run (`vit_analysis.report.findings`),
 then the models, then one section per analysis: interactive figures (hover: full layer names,
@@ -266,6 +267,31 @@ def write_report(workdir: str, config: Mapping[str, Any], results: Sequence[Any]
   return _write(workdir_lib.Layout(workdir).report, page)
 
 
+def _is_run(path: str) -> bool:
+  return workdir_lib.isdir(workdir_lib.Layout(path).results_dir)
+
+
+def resolve_compare(workdir: str, compare: str) -> str:
+  """The run folder `--compare` names: a workdir, or the name of another point of the sweep
+  that `workdir` belongs to (`--workdir=DIR/seed=0 --compare=seed=1`, names as in `DIR/sweep.json`).
+
+  Raises:
+    FileNotFoundError: naming the sweep's points when `compare` is neither.
+  """
+  if _is_run(compare):
+    return compare
+  sweep_dir = workdir_lib.parent(workdir_lib.absolute(workdir).rstrip("/"))
+  index = workdir_lib.read_json(workdir_lib.Layout(sweep_dir).sweep) if sweep_dir else None
+  points = {p.get("name"): p.get("workdir", p.get("name")) for p in (index or {}).get("points", [])}
+  if compare in points:
+    path = workdir_lib.join(sweep_dir, points[compare])
+    if _is_run(path):
+      return path
+  where = (f"; the sweep {sweep_dir} has the points {sorted(points)}" if index else "")
+  raise FileNotFoundError(f"--compare={compare!r} is neither a run folder (with results/) nor a "
+                          f"point of {workdir!r}'s sweep{where}")
+
+
 def rebuild(workdir: str, *, compare: str | None = None, out: str | None = None,
             title: str = "vit_analysis report") -> str:
   """Rewrites the page of `workdir` (beside `compare` if given) from saved results alone.
@@ -276,6 +302,7 @@ def rebuild(workdir: str, *, compare: str | None = None, out: str | None = None,
   """
   runs = [Run(workdir)]
   if compare:
+    compare = resolve_compare(workdir, compare)
     runs.append(Run(compare))
     if runs[0].label == runs[1].label:
       runs[0].label, runs[1].label = f"A: {runs[0].label}", f"B: {runs[1].label}"
@@ -290,7 +317,9 @@ def main(argv: Sequence[str] | None = None) -> str:
       prog="python -m vit_analysis.report",
       description="Rebuild report.html from a workdir's saved results (no model, no JAX).")
   parser.add_argument("--workdir", required=True, help="the run's workdir")
-  parser.add_argument("--compare", default=None, help="a second workdir shown side by side")
+  parser.add_argument("--compare", default=None,
+                      help="a second workdir shown side by side, or the name of another point of "
+                           "the sweep that --workdir belongs to (e.g. seed=1)")
   parser.add_argument("--out", default=None, help="output path (default: in the workdir)")
   parser.add_argument("--title", default="vit_analysis report")
   args = parser.parse_args(argv)
