@@ -20,6 +20,7 @@ from vit_analysis import models
 from vit_analysis.analyses import base, dataset_scale
 from vit_analysis.input import data as data_lib
 from vit_analysis.runtime import sharding
+from vit_analysis.similarity import cka_runner
 
 
 def test_nested_class_balanced_subsets():
@@ -57,6 +58,22 @@ def _perturbed(ref, noise, seed):
   return base.LoadedModel(ref.key, ref.name, ref.module,
                           {"params": flax.traverse_util.unflatten_dict(flat, sep="/")},
                           ref.image_size, test_accuracy=0.5)
+
+
+def test_block_estimates_against_numpy():
+  from test_skip_removal import synthetic_comparison
+  rep, ref = synthetic_comparison(np.random.default_rng(4), k=6, a=3, b=3)
+  est = dataset_scale.block_estimates(rep)
+  # One repeat: each block's own leave-one-minibatch-out jackknife error, exact.
+  np.testing.assert_allclose(est["block_cka"], np.diag(ref["cka"]), rtol=1e-12)
+  np.testing.assert_allclose(est["block_cka_stderr"], np.diag(ref["se"]), rtol=1e-9)
+  assert est["block_cka_over"] == "jackknife over 6 minibatches"
+  values = np.random.default_rng(5).uniform(0, 1, (4, 3, 3))
+  est = dataset_scale.block_estimates(cka_runner.RepeatedCKA(
+      list("abc"), list("abc"), values, np.zeros_like(values), 32, 8))
+  diag = values[:, np.arange(3), np.arange(3)]
+  np.testing.assert_allclose(est["block_cka_stderr"], diag.std(0, ddof=1) / 2, rtol=1e-12)
+  assert est["block_cka_over"] == "over 4 repeats"
 
 
 def test_blockwise_cka_curves_and_figures(tmp_path):
@@ -98,3 +115,12 @@ def test_blockwise_cka_curves_and_figures(tmp_path):
     assert os.path.exists(os.path.join(str(tmp_path), fig))
   with open(os.path.join(str(tmp_path), "results", "dataset_scale.json")) as f:
     assert json.load(f)["metrics"]["vit_frac1"]["train_examples"] == 80
+  # Per-block errors over the 2 repeats, from the saved per-repeat grids.
+  saved = np.load(os.path.join(str(tmp_path), "results",
+                               "dataset_scale_data_fraction_25pct.npz"))["values"]
+  diag = saved[:, np.arange(2), np.arange(2)]
+  m = result.metrics["vit_frac0.25"]
+  np.testing.assert_allclose(m["block_cka_stderr"], diag.std(0, ddof=1) / np.sqrt(2),
+                             rtol=1e-9, atol=1e-12)
+  assert m["block_cka_over"] == "over 2 repeats" and m["block_cka_stderr"][1] > 0
+  assert m["num_test"] == result.metrics["vit_ft_parity"]["num_test"] == 80  # accuracy's images

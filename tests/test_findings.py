@@ -6,6 +6,7 @@ import pytest
 from vit_analysis.report import findings
 
 S, N, I = "shown", "not shown", "inconclusive"
+Z = 1.959963984540054  # two-sided 95%
 
 # models.json summaries as main writes them (the facts come from models.describe).
 MODELS = [{"key": "vit", "name": "ViT-B_32", "image_size": 224, "family": "vit", "has_cls": True,
@@ -172,6 +173,24 @@ def test_head_subsets_spearman_negative():
                         f"{np.tanh(np.arctanh(-0.2) + half):.3g}] vs < 0 (Fisher z over 7 points)")
 
 
+def test_head_subsets_local_minus_global_with_saved_errors():
+  # The analysis' saved difference and its error decide, whatever the number of subsets.
+  def heads(diff, se):
+    m = _heads((-1.0, -0.5), n=3)
+    m["vit_block00_vs_resnet"].update(
+        cka_local_minus_global=dict(zip(("block1/unit01", "block1/unit02"), diff)),
+        cka_local_minus_global_stderr=dict(zip(("block1/unit01", "block1/unit02"), se)),
+        cka_local_minus_global_over="over 3 repeats")
+    return m
+  assert _shown("head_subsets", heads((0.05, 0.04), (0.01, 0.01))) == [S]
+  assert _shown("head_subsets", heads((0.05, 0.04), (0.01, 0.03))) == [I]  # 0.04 ± 0.059
+  assert _shown("head_subsets", heads((0.05, -0.05), (0.01, 0.01))) == [N]
+  f = findings.check_head_subsets(_run("head_subsets", heads((0.05, 0.04), (0.01, 0.03))))[0]
+  lo, hi = 0.04 - Z * 0.03, 0.04 + Z * 0.03
+  assert f.interval == f"block1/unit02: [{lo:.3g}, {hi:.3g}] vs > 0 (over 3 repeats)"
+  assert f.measured == "block1/unit01 +0.05 (rho -1), block1/unit02 +0.04 (rho -0.5)"
+
+
 def _attn(lo, hi, last, u=100.0):
   return {"vit": {"uniform_attention": u, "block0_min_head": lo, "block0_max_head": hi,
                       "last_block_mean": last}}
@@ -254,6 +273,36 @@ def test_skip_removal_accuracy_and_split():
   assert [x.verdict for x in f] == [I, None] and f[0].measured == "drop -0.30 points"
 
 
+def test_skip_removal_split_with_saved_errors():
+  def removal(change, se, over="jackknife over 4 minibatches, cell errors added: an upper bound"):
+    m = _removal(0.95, 0.91, 10000)
+    m["vit_noskip05"]["split_change"] = {"value": change, "stderr": se, "over": over}
+    return m
+  # The paired change of the contrast against > 0.05.
+  assert _shown("skip_removal", removal(0.3, 0.05), match="splits") == [S]
+  assert _shown("skip_removal", removal(0.1, 0.05), match="splits") == [I]  # 0.1 ± 0.098
+  assert _shown("skip_removal", removal(0.0, 0.01), match="splits") == [N]
+  f = findings.check_skip_removal(_run("skip_removal", removal(0.1, 0.05)))[1]
+  assert f.interval == (f"[{0.1 - Z * 0.05:.3g}, {0.1 + Z * 0.05:.3g}] vs > 0.05 (jackknife over "
+                        "4 minibatches, cell errors added: an upper bound)")
+  assert f.measured == "0.4 vs unmodified 0.1"
+  # Only the two contrasts' errors saved: added (the same images), 0.3 ± 1.96 x 0.2.
+  m = _removal(0.95, 0.91, 10000)
+  m["vit_noskip05"]["split"]["contrast_stderr"] = 0.1
+  m["vit_noskip05"]["split_unmodified"]["contrast_stderr"] = 0.1
+  assert _shown("skip_removal", m, match="splits") == [I]
+  m["vit_noskip05"]["split"]["contrast_stderr"] = 0.02
+  m["vit_noskip05"]["split_unmodified"]["contrast_stderr"] = 0.02
+  assert _shown("skip_removal", m, match="splits") == [S]
+  # The analysis' saved drop error is the one used.
+  m = _removal(0.95, 0.91, None)
+  m["vit_noskip05"].update(accuracy_drop_stderr=0.03, accuracy_drop_over="over 40 test images")
+  f = findings.check_skip_removal(_run("skip_removal", m))[0]
+  assert f.verdict == I and f.interval.endswith("vs > 1 (over 40 test images)")
+  m["vit_noskip05"]["accuracy_drop_stderr"] = 0.005
+  assert findings.check_skip_removal(_run("skip_removal", m))[0].verdict == S
+
+
 def _loc_grid(own, other, g=4):
   m = np.full((g * g, g * g), other)
   np.fill_diagonal(m, own)
@@ -276,6 +325,24 @@ def test_localization_checks():
   # Own-patch contrasts are saved as means over repeats only.
   assert _shown("localization", metrics, match="GAP") == [I]
   assert _shown("localization", metrics, match="ResNet") == [I]
+
+
+def test_localization_contrasts_with_saved_errors():
+  def metrics(vit, gap, res, se, over="over 3 repeats"):
+    return {f"{k}/{layer}": {"own_contrast": v, "own_contrast_stderr": se,
+                             "own_contrast_over": over, "own_is_best": 0.8, "grid": 4}
+            for k, layer, v in (("vit", "block11", vit), ("vit_gap", "block11", gap),
+                                ("resnet", "block4/unit03", res))}
+  assert _shown("localization", metrics(0.4, 0.1, 0.05, 0.02), match="GAP") == [S]
+  assert _shown("localization", metrics(0.4, 0.1, 0.05, 0.02), match="ResNet") == [S]
+  # The same images for every model: the two errors are added, 0.3 ± 1.96 x 0.2.
+  assert _shown("localization", metrics(0.4, 0.1, 0.05, 0.1), match="GAP") == [I]
+  assert _shown("localization", metrics(0.05, 0.3, 0.4, 0.02), match="GAP") == [N]
+  assert _shown("localization", metrics(0.05, 0.3, 0.4, 0.02), match="ResNet") == [N]
+  f = [x for x in findings.check_localization(_run("localization", metrics(0.4, 0.1, 0.05, 0.1)))
+       if "GAP" in x.expectation][0]
+  assert f.interval == (f"[{0.3 - Z * 0.2:.3g}, {0.3 + Z * 0.2:.3g}] vs > 0 (over 3 repeats; "
+                        "the two errors added)")
 
 
 def _probe(cls_tok, gap_tok, res_tok, cls_cls, gap_mean, gap_first):
@@ -316,6 +383,30 @@ def test_dataset_scale_checks():
   bad = {"vit_frac0.03": {"fraction": 0.03, "block_cka": [0.5, 0.6, 0.7, 0.8]},
          "vit_ft_c10": {"task": "cifar10", "block_cka": [0.6, 0.9]}}
   assert _shown("dataset_scale", bad) == [I, I, I]
+
+
+def test_dataset_scale_checks_with_block_errors():
+  def scale(low_curve, se, tuned=(0.99, 0.9, 0.8, 0.5), over="jackknife over 4 minibatches"):
+    return {"vit_frac0.1": {"fraction": 0.1, "block_cka": list(low_curve),
+                            "block_cka_stderr": [se] * len(low_curve), "block_cka_over": over},
+            "vit_ft_c10": {"task": "cifar10", "block_cka": list(tuned),
+                           "block_cka_stderr": [se] * len(tuned), "block_cka_over": over}}
+  assert _shown("dataset_scale", scale((0.95, 0.9, 0.7, 0.4), 0.01)) == [S, S, S]
+  # 0.85 ± 0.098 straddles 0.8; 0.15 ± 2 x 0.098 straddles 0; 0.99 ± 0.098 does not.
+  assert _shown("dataset_scale", scale((0.85, 0.9, 0.7, 0.7), 0.05)) == [I, I, S]
+  assert _shown("dataset_scale", scale((0.5, 0.6, 0.7, 0.8), 0.01, (0.6, 0.9))) == [N, N, N]
+  out = findings.check_dataset_scale(_run("dataset_scale", scale((0.85, 0.9, 0.7, 0.7), 0.05)))
+  assert out[0].interval == (f"[{0.85 - Z * 0.05:.3g}, {0.85 + Z * 0.05:.3g}] vs > 0.8 "
+                             "(jackknife over 4 minibatches)")
+  assert out[1].interval == (f"[{0.15 - Z * 0.1:.3g}, {0.15 + Z * 0.1:.3g}] vs > 0 "
+                             "(jackknife over 4 minibatches; the two errors added)")
+  # Eight blocks: a quarter is two blocks, their errors added (mean of the two SEs).
+  eight = scale((0.9, 0.84, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2), 0.01, over="over 5 repeats")
+  eight["vit_frac0.1"]["block_cka_stderr"][1] = 0.03
+  out = findings.check_dataset_scale(_run("dataset_scale", eight))
+  assert out[0].verdict == S and out[0].interval == (
+      f"[{0.87 - Z * 0.02:.3g}, {0.87 + Z * 0.02:.3g}] vs > 0.8 (over 5 repeats; 2 blocks' "
+      "errors added)")
 
 
 def test_check_covers_only_analyses_that_ran_and_absent_results_are_none():

@@ -206,3 +206,25 @@ def test_null_bias_check_is_zero_within_error_where_biased_cka_is_not():
   rng = np.random.default_rng(0)
   x, y = rng.standard_normal((32, 2048)), rng.standard_normal((32, 1024))
   assert float(cka.linear_cka(x, y, debiased=False)) > 0.5
+
+
+def test_leave_one_out_grids_match_float64_ratios_without_each_minibatch():
+  layers = _chain(2, 3)
+  res = cka.result(cka.update(cka.init(3, 3), layers, layers, stacked=True))
+  k = res.num_minibatches
+  assert res.leave_one_out.shape == (k, 3, 3)
+  for i in range(3):
+    for j in range(3):
+      h = ref_terms(layers[i], layers[j])
+      keep = [np.arange(k) != n for n in range(k)]
+      ref = [h[s, 0].sum() / np.sqrt(h[s, 1].sum() * h[s, 2].sum()) for s in keep]
+      np.testing.assert_allclose(res.leave_one_out[:, i, j], ref, rtol=RTOL, atol=1e-7)
+  # The jackknife of a contrast of cells, from these grids, is a contrast's own jackknife.
+  w = np.array([[0, 1, -1], [0, 0, 0], [0, 0, 0]], np.float64)
+  contrast = np.einsum("kab,ab->k", res.leave_one_out, w)
+  assert cka.jackknife_stderr(contrast) > 0
+  one_cell = np.zeros((3, 3))
+  one_cell[0, 1] = 1.0
+  np.testing.assert_allclose(
+      cka.jackknife_stderr(np.einsum("kab,ab->k", res.leave_one_out, one_cell)),
+      res.stderr[0, 1], rtol=1e-12)

@@ -102,6 +102,27 @@ def test_scores_closed_form():
   assert localization.default_tokens(7) == [(0, 0), (2, 1), (4, 2), (4, 4)]
 
 
+def test_own_contrast_error_against_numpy_jackknife():
+  from test_skip_removal import jackknife, synthetic_comparison
+
+  from vit_analysis.analyses import skip_removal
+  rep, ref = synthetic_comparison(np.random.default_rng(3), k=4, a=9, b=9)
+  rep.values[:, :, 2] = ref["cka"][:, 2] = np.nan  # a constant input patch
+  w = localization.contrast_weights(rep.mean)
+  assert (np.nan_to_num(rep.mean) * w).sum() == pytest.approx(
+      localization.scores(rep.mean)["own_contrast"], rel=1e-12)
+  assert (w[2] == 0).all() and (w[:, 2] == 0).all()  # token 2's own patch is NaN: left out
+  est = skip_removal.linear_estimate([(rep, w)])
+  assert est["value"] == pytest.approx(localization.scores(ref["cka"])["own_contrast"], rel=1e-12)
+  # Per token: own - mean of the finite others, averaged over the 8 tokens with a finite own.
+  keep = [i for i in range(9) if i != 2]
+  others = lambda i: [j for j in keep if j != i]  # noqa: E731
+  bound = sum(ref["se"][i, i] + ref["se"][i, others(i)].sum() / 7 for i in keep) / 8
+  assert est["stderr"] == pytest.approx(bound, rel=1e-9)
+  loo = np.mean([ref["loo"][:, i, i] - ref["loo"][:, i, others(i)].mean(1) for i in keep], 0)
+  assert jackknife(loo) < est["stderr"]
+
+
 def test_end_to_end(tmp_path):
   # The synthetic model keeps this to one cheap compile; the ViT/ResNet layer handling is the
   # same code (token_grid) exercised above, and the smoke config runs real models.
@@ -121,6 +142,12 @@ def test_end_to_end(tmp_path):
   assert saved.mean.shape == (9, 9) and saved.names_a[5] == "token1_2"
   assert saved.mean[5, 3] == pytest.approx(1.0, abs=1e-5)  # token (1,2) is patch (1,0)
   assert saved.values.shape[0] == 2
+  # Two repeats: own_contrast's error is the spread of the per-repeat contrasts / sqrt(2).
+  per_repeat = [localization.scores(v)["own_contrast"] for v in saved.values]
+  m = result.metrics["toy/shifted"]
+  assert m["own_contrast_stderr"] == pytest.approx(np.std(per_repeat, ddof=1) / np.sqrt(2),
+                                                   rel=1e-9)
+  assert m["own_contrast_over"] == "over 2 repeats" and m["own_contrast_stderr"] > 0
 
 
 def test_constant_patches_left_out_and_scores_ignore_nan():

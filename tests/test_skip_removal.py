@@ -1,9 +1,98 @@
-"""Skip removal: split summary closed forms, entry rewriting, the analysis end to end."""
+"""Skip removal: split summary closed forms, entry rewriting, the analysis end to end; the
+standard errors of linear CKA statistics (`linear_estimate`) against float64 NumPy."""
 import ml_collections
 import numpy as np
 import pytest
 
 from vit_analysis.analyses import skip_removal as sr
+from vit_analysis.similarity import cka, cka_runner
+
+
+def synthetic_comparison(rng, k=5, a=4, b=4, m=16):
+  """One repeat of k minibatches of made-up HSIC terms, through the package's accumulator.
+
+  Returns:
+    (RepeatedCKA with values/stderr [1, a, b] from `cka.result`, the NumPy float64 reference
+    {'cka': [a, b], 'loo': [k, a, b] leave-one-minibatch-out CKA, 'se': [a, b] its jackknife}).
+  """
+  sa, sb = rng.uniform(1, 2, (k, a)), rng.uniform(1, 2, (k, b))
+  rho = rng.uniform(0.2, 0.9, (a, b)) * rng.uniform(0.9, 1.1, (k, a, b))
+  cross = rho * np.sqrt(sa[:, :, None] * sb[:, None, :])  # |c_i| < sqrt(a_i b_i)
+  terms = cka.HSICTerms(cross, sa, sb, sa, sb, np.full(k, m))
+  res = cka.result(cka.accumulate(cka.init(a, b), terms))
+  rep = cka_runner.RepeatedCKA([f"a{i}" for i in range(a)], [f"b{j}" for j in range(b)],
+                               res.cka[None], res.stderr[None], k * m, m)
+  # Independent reference: CKA_(-i) = (C - c_i) / sqrt((A - a_i)(B - b_i)), float64.
+  c, ta, tb = cross.sum(0), sa.sum(0), sb.sum(0)
+  full = c / np.sqrt(np.outer(ta, tb))
+  loo = np.stack([(c - cross[i]) / np.sqrt(np.outer(ta - sa[i], tb - sb[i])) for i in range(k)])
+  se = np.sqrt((k - 1) / k * ((loo - loo.mean(0)) ** 2).sum(0))
+  return rep, dict(cka=full, loo=loo, se=se)
+
+
+def jackknife(theta_loo):
+  """The jackknife SE of a scalar from its k leave-one-out values (float64 NumPy)."""
+  k = len(theta_loo)
+  return float(np.sqrt((k - 1) / k * ((theta_loo - theta_loo.mean()) ** 2).sum()))
+
+
+def test_linear_estimate_one_repeat_against_numpy_jackknife():
+  rng = np.random.default_rng(0)
+  rep, ref = synthetic_comparison(rng, k=5, a=6, b=6)
+  np.testing.assert_allclose(rep.stderr[0], ref["se"], rtol=1e-9)
+  w = sr.split_weights(6, 2)
+  est = sr.linear_estimate([(rep, w)])
+  assert est["value"] == pytest.approx((w * ref["cka"]).sum(), rel=1e-12)
+  # Saved: the cells' jackknife errors added with |w|, from the per-minibatch values.
+  assert est["stderr"] == pytest.approx((np.abs(w) * ref["se"]).sum(), rel=1e-9)
+  assert est["over"] == "jackknife over 5 minibatches, cell errors added: an upper bound"
+  # It bounds the statistic's own jackknife (from the leave-one-out grids) from above.
+  exact = jackknife((ref["loo"] * w).sum((1, 2)))
+  assert exact < est["stderr"]
+  # One cell: its exact jackknife error, said so.
+  one = np.zeros((6, 6))
+  one[2, 3] = -2.0
+  est = sr.linear_estimate([(rep, one)])
+  assert est["stderr"] == pytest.approx(jackknife(-2.0 * ref["loo"][:, 2, 3]), rel=1e-9)
+  assert est["over"] == "jackknife over 5 minibatches"
+  # Two comparisons of the same minibatches: the change's bound adds both grids' errors.
+  rep2, ref2 = synthetic_comparison(rng, k=5, a=6, b=6)
+  change = sr.linear_estimate([(rep2, w), (rep, -w)])
+  assert change["value"] == pytest.approx((w * (ref2["cka"] - ref["cka"])).sum(), rel=1e-12)
+  assert change["stderr"] == pytest.approx((np.abs(w) * (ref["se"] + ref2["se"])).sum(),
+                                           rel=1e-9)
+  assert jackknife((w * (ref2["loo"] - ref["loo"])).sum((1, 2))) < change["stderr"]
+
+
+def test_linear_estimate_over_repeats_is_paired():
+  rng = np.random.default_rng(1)
+  va, vb = rng.uniform(0, 1, (3, 5, 5)), rng.uniform(0, 1, (3, 5, 5))
+  va[:, 1, 1] = np.nan  # a NaN cell of weight 0 (here the diagonal) is ignored
+  rep = lambda v: cka_runner.RepeatedCKA(list("abcde"), list("abcde"), v,  # noqa: E731
+                                         np.full_like(v, 0.5), 64, 16)
+  w = sr.split_weights(5, 3)
+  est = sr.linear_estimate([(rep(va), w), (rep(vb), -w)])
+  per_repeat = np.nansum(va * w, (1, 2)) - (vb * w).sum((1, 2))
+  assert est["value"] == pytest.approx(per_repeat.mean(), rel=1e-12)
+  assert est["stderr"] == pytest.approx(per_repeat.std(ddof=1) / np.sqrt(3), rel=1e-12)
+  assert est["over"] == "over 3 repeats"
+  with pytest.raises(ValueError, match="repeats"):
+    sr.linear_estimate([(rep(va), w), (rep(vb[:2]), w)])
+  one = cka_runner.RepeatedCKA(["a"], ["b"], np.ones((1, 1, 1)), np.zeros((1, 1, 1)), 16, 16)
+  assert np.isnan(sr.linear_estimate([(one, np.ones((1, 1)))])["stderr"])
+
+
+@pytest.mark.parametrize("size,cut", [(6, 2), (6, 1), (5, 4), (7, 3)])
+def test_split_weights_give_split_contrast(size, cut):
+  m = np.random.default_rng(size + cut).uniform(0, 1, (size, size))
+  assert (sr.split_weights(size, cut) * m).sum() == pytest.approx(
+      sr.split_contrast(m, cut)["contrast"], rel=1e-12)
+
+
+def test_accuracy_drop_stderr_is_binomial():
+  assert sr.accuracy_drop_stderr(0.95, 0.9, 400) == pytest.approx(
+      np.sqrt(0.95 * 0.05 / 400 + 0.9 * 0.1 / 400), rel=1e-12)
+  assert np.isnan(sr.accuracy_drop_stderr(0.95, 0.9, 0))
 
 
 def test_split_contrast_of_a_two_block_matrix():
@@ -59,6 +148,21 @@ def test_run_trains_through_train_fn_and_draws_heatmaps(tmp_path):
   # the earlier ones (measured 0.41 vs 0.63 across the cut at random init).
   assert m["split"]["across"] < m["split_unmodified"]["across"] - 0.1
   saved = np.load(tmp_path / "results" / "skip_removal_vit_noskip01.npz")
+  unmodified = np.load(tmp_path / "results" / "skip_removal_vit.npz")
+  # One repeat of 4 minibatches: the contrasts' errors are the saved cells' jackknife errors
+  # added with the contrast's |weights|; the paired change adds both models'.
+  w = np.abs(sr.split_weights(10, sr.split_index([str(n) for n in saved["names_a"]], 1)))
+  se, se0 = (w * saved["stderr"][0]).sum(), (w * unmodified["stderr"][0]).sum()
+  assert m["split"]["contrast_stderr"] == pytest.approx(se, rel=1e-9) and se > 0
+  assert m["split_unmodified"]["contrast_stderr"] == pytest.approx(se0, rel=1e-9)
+  assert m["split_change"]["value"] == pytest.approx(
+      m["split"]["contrast"] - m["split_unmodified"]["contrast"], abs=1e-12)
+  assert m["split_change"]["stderr"] == pytest.approx(se + se0, rel=1e-9)
+  assert m["split"]["contrast_over"] == m["split_change"]["over"] == (
+      "jackknife over 4 minibatches, cell errors added: an upper bound")
+  assert m["accuracy_drop_stderr"] == pytest.approx(
+      np.sqrt(0.75 * 0.25 / 40 + 0.25 * 0.75 / 40), rel=1e-12)
+  assert m["accuracy_drop_over"].startswith("over 40 test images")
   assert saved["mean"].shape == (m["num_layers"],) * 2 == (10, 10)  # coarse: 1 + 4 * 2 + 1.
   np.testing.assert_allclose(np.diag(saved["mean"]), 1.0, atol=1e-4)
   assert all((tmp_path / f).exists() for f in result.figures)

@@ -10,6 +10,10 @@ Fig G.1: the same block-wise CKA between a model before and after fine-tuning on
 head; all other parameters start from the model), measured on the task's images at the model's
 resolution (docs/method.md#dataset-scale-and-fine-tuning). The paper finds natural-image tasks changing the representation
 little, and the first 4-5 blocks preserved on every task.
+
+Each block's CKA is saved with its standard error (`block_cka_stderr`: over repeats, or the exact
+leave-one-minibatch-out jackknife of that cell with one repeat; `block_cka_over` says which,
+docs/method.md#error-bars-of-cka-statistics).
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from typing import Any, Callable
 import ml_collections
 import numpy as np
 
-from vit_analysis.analyses import base
+from vit_analysis.analyses import base, skip_removal
 from vit_analysis.input import data as data_lib
 from vit_analysis.models import layers as layers_lib
 from vit_analysis.models import train as train_lib
@@ -131,6 +135,25 @@ def blockwise_cka(model_a: base.LoadedModel, model_b: base.LoadedModel, source: 
                                      **cka_runner.protocol(cfg))
 
 
+def block_estimates(rep: cka_runner.RepeatedCKA) -> dict[str, Any]:
+  """Per-block CKA (the diagonal of a block-by-block comparison) with standard errors.
+
+  Returns:
+    {'block_cka': [L] diagonal of the mean grid, 'block_cka_stderr': [L] its standard errors
+     (`skip_removal.linear_estimate` of each diagonal cell: over repeats, or with one repeat the
+     cell's own jackknife error, exact for a single cell), 'block_cka_over': what they are over}.
+  """
+  size = min(np.shape(rep.values)[1:])
+  out = []
+  for i in range(size):
+    w = np.zeros(np.shape(rep.values)[1:])
+    w[i, i] = 1.0
+    out.append(skip_removal.linear_estimate([(rep, w)]))
+  return dict(block_cka=np.diag(rep.mean).tolist(),
+              block_cka_stderr=[e["stderr"] for e in out],
+              block_cka_over=out[0]["over"] if out else "")
+
+
 def default_config() -> ml_collections.ConfigDict:
   """Every option of the data-scale / fine-tuning analysis, with the paper's defaults."""
   c = cka_runner.protocol_config()
@@ -166,8 +189,8 @@ def run(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResul
                           f"dataset_scale/{tag}")
       curves[f"{100 * f:g}%"] = rep
       metrics[tag] = dict(fraction=f, train_examples=int(len(subsets[f])),
-                          test_accuracy=model.test_accuracy,
-                          block_cka=np.diag(rep.mean).tolist())
+                          test_accuracy=model.test_accuracy, num_test=len(sources["test"]),
+                          **block_estimates(rep))
     panels["data_fraction"] = (curves, f"{ref.name}: subset model vs 100% model")
   tasks = dict(cfg.finetune or {})
   if tasks:
@@ -180,7 +203,7 @@ def run(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResul
       rep = blockwise_cka(ref, model, sources["test"], ctx, cfg, layers, f"dataset_scale/{tag}")
       curves[label] = rep
       metrics[tag] = dict(task=task["data"], test_accuracy=model.test_accuracy,
-                          block_cka=np.diag(rep.mean).tolist())
+                          num_test=len(sources["test"]), **block_estimates(rep))
     panels["finetune"] = (curves, f"{ref.name}: before vs after fine-tuning")
   for panel, (curves, title) in panels.items():
     stems = {label: ctx.results_stem(f"dataset_scale_{panel}_{label.replace('%', 'pct')}")

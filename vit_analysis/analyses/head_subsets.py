@@ -8,6 +8,12 @@ subset); option `post_projection` uses the subset's contribution after the proje
 `sum_{h in S} heads_h W_out[h]`.
 Each subset is compared by minibatch CKA with lower ResNet unit outputs. The paper finds CKA falling
 monotonically as the subset's mean distance grows, for every ResNet layer.
+
+The trend is saved two ways: Spearman's rho over the subsets, and the CKA of the most local subset
+minus that of the most global one (`cka_local_minus_global`), linear in the CKA grid and so saved
+with its standard error (`cka_local_minus_global_stderr`, over repeats or the minibatch jackknife,
+`cka_local_minus_global_over`; docs/method.md#error-bars-of-cka-statistics). The difference needs
+no minimum number of subsets, where a rank correlation over three subsets has no interval.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from vit_analysis import config_lib
-from vit_analysis.analyses import base
+from vit_analysis.analyses import base, skip_removal
 from vit_analysis.models import attention, capture, layers
 from vit_analysis.models import vit as vit_lib
 from vit_analysis.plotting import similarity as plots
@@ -82,6 +88,26 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
   return float(np.corrcoef(rx, ry)[0, 1])
 
 
+def local_minus_global(rep: cka_runner.RepeatedCKA) -> tuple[list[float], list[float], str]:
+  """CKA(most local subset) - CKA(most global subset) per comparison layer, with its errors.
+
+  Args:
+    rep: subsets (rows, most local first) x comparison layers (columns), values [R, S, U].
+
+  Returns:
+    ([U] differences, [U] standard errors, what they are over), each from
+    `skip_removal.linear_estimate` with weight +1 on row 0 and -1 on row S - 1 of the column.
+  """
+  subsets, units = np.shape(rep.values)[1:]
+  out = []
+  for u in range(units):
+    w = np.zeros((subsets, units))
+    w[0, u], w[-1, u] = 1.0, -1.0
+    out.append(skip_removal.linear_estimate([(rep, w)]))
+  return ([e["value"] for e in out], [e["stderr"] for e in out],
+          out[0]["over"] if out else "")
+
+
 def default_config() -> ml_collections.ConfigDict:
   """Every option of the head-subset analysis, with the paper's defaults."""
   c = cka_runner.protocol_config()
@@ -136,11 +162,14 @@ def run(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResul
                                         desc=f"head_subsets/{vit_key}/block{block}",
                                         resume=ctx.checkpointer(tag), **settings)
       cka = rep.mean.T  # [resnet layers, subsets]
+      diff, diff_se, diff_over = local_minus_global(rep)
       metrics[tag] = dict(
           head_distance=dist.tolist(), subsets=[list(s) for s in subsets],
           subset_distance=subset_dist.tolist(),
           spearman={n: spearman(subset_dist, c) for n, c in zip(resnet_names, cka)},
-          cka_local_minus_global={n: float(c[0] - c[-1]) for n, c in zip(resnet_names, cka)})
+          cka_local_minus_global=dict(zip(resnet_names, diff)),
+          cka_local_minus_global_stderr=dict(zip(resnet_names, diff_se)),
+          cka_local_minus_global_over=diff_over)
       stem = ctx.results_stem(f"head_subsets_{tag}")
       if ctx.is_main:
         rep.save(stem, subset_distance=subset_dist, head_distance=dist)

@@ -11,6 +11,10 @@ Summary scores over every token position (not only the drawn ones):
   own_rank     mean rank of the own patch among all patches (0 = best);
   own_margin   mean of CKA(own) - max CKA(other patches) (> 0: the own patch wins);
   own_contrast mean of CKA(own) - mean CKA(other patches).
+
+own_contrast is linear in the CKA grid (`contrast_weights`), so it is saved with its standard
+error (`own_contrast_stderr`, over repeats or the minibatch jackknife, `own_contrast_over`;
+docs/method.md#error-bars-of-cka-statistics).
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import numpy as np
 from absl import logging
 
 from vit_analysis import config_lib
-from vit_analysis.analyses import base
+from vit_analysis.analyses import base, skip_removal
 from vit_analysis.input import streaming
 from vit_analysis.models import capture
 from vit_analysis.plotting import similarity as plots
@@ -148,6 +152,27 @@ def scores(matrix: np.ndarray) -> dict[str, float]:
               own_cka=float(own.mean()), tokens_scored=int(keep.sum()))
 
 
+def contrast_weights(matrix: np.ndarray) -> np.ndarray:
+  """Weights w [N, N] with sum(w * m) == scores(m)['own_contrast'] for every grid m with the NaN
+  cells of `matrix`.
+
+  Each of the n tokens with a finite own cell contributes (own - mean of its finite other cells)
+  / n: +1/n on its own cell, -1/(n n_i) on each of its n_i finite other cells, 0 elsewhere.
+  """
+  matrix = np.asarray(matrix, np.float64)
+  n = matrix.shape[0]
+  if matrix.shape != (n, n):
+    raise ValueError(f"localisation matrix must be square, got {matrix.shape}")
+  finite = np.isfinite(matrix)
+  keep = np.diag(finite).copy()
+  if not keep.any():
+    raise ValueError("no token has a finite CKA with its own patch")
+  other = finite & ~np.eye(n, dtype=bool) & keep[:, None]
+  w = -other.astype(np.float64) / np.maximum(other.sum(1, keepdims=True), 1)
+  w[np.arange(n), np.arange(n)] = keep
+  return w / keep.sum()
+
+
 def _layers(cfg: Any, key: str, model: base.LoadedModel) -> Sequence[str]:
   per_model = cfg.get("layers_per_model", None) or {}
   if key in per_model:
@@ -213,7 +238,10 @@ def run(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResul
                                         mesh=ctx.mesh, desc=f"localization/{key}/{layer}",
                                         resume=ctx.checkpointer(tag), **settings)
       rep = expand_columns(rep, g)
-      metrics[f"{key}/{layer}"] = dict(scores(rep.mean), grid=g, model=model.name)
+      contrast = skip_removal.linear_estimate([(rep, contrast_weights(rep.mean))])
+      metrics[f"{key}/{layer}"] = dict(scores(rep.mean), grid=g, model=model.name,
+                                       own_contrast_stderr=contrast["stderr"],
+                                       own_contrast_over=contrast["over"])
       stem = ctx.results_stem(f"localization_{tag}")
       if ctx.is_main:
         rep.save(stem, grid=g, tokens=np.asarray(tokens))

@@ -9,11 +9,15 @@ and after block i, and about 4% lower accuracy for a middle block.
 
 The split is summarised by `split_contrast`: mean CKA within the two diagonal blocks (layers
 before block i, layers from block i on) minus mean CKA across them, computed at the same cut for
-the unmodified model.
+the unmodified model. The contrast is linear in the CKA grid (`split_weights`), so its standard
+error, and that of its change against the unmodified model, come from `linear_estimate`: over
+repeats, or from the per-cell minibatch jackknife with one repeat
+(docs/method.md#error-bars-of-cka-statistics).
 """
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,6 +71,87 @@ def split_contrast(cka: np.ndarray, cut: int) -> dict[str, float]:
   return {"within": within, "across": across, "contrast": within - across}
 
 
+def split_weights(size: int, cut: int) -> np.ndarray:
+  """Weights w [L, L] with sum(w * cka) == split_contrast(cka, cut)['contrast'] for every cka.
+
+  Each diagonal block with more than one layer puts 1 / (number of blocks counted) / (k^2 - k)
+  on its off-diagonal cells; the across block [:cut, cut:] puts -1 / (cut (L - cut)) on each.
+  """
+  if not 0 < cut < size:
+    raise ValueError(f"cut {cut} must split {size} layers into two non-empty blocks")
+  w = np.zeros((size, size))
+  blocks = [(lo, hi) for lo, hi in ((0, cut), (cut, size)) if hi - lo > 1]
+  if not blocks:
+    raise ValueError(f"a cut at {cut} of {size} layers leaves no block of two layers")
+  for lo, hi in blocks:
+    k = hi - lo
+    w[lo:hi, lo:hi] = 1.0 / len(blocks) / (k * k - k)
+    w[np.arange(lo, hi), np.arange(lo, hi)] = 0.0
+  w[:cut, cut:] = -1.0 / (cut * (size - cut))
+  return w
+
+
+def linear_estimate(terms: Sequence[tuple[cka_runner.RepeatedCKA, np.ndarray]]
+                    ) -> dict[str, Any]:
+  """A linear statistic of CKA grids, S = sum_t sum_ab w_t[a, b] CKA_t[a, b], with its error.
+
+  The comparisons' repeats are paired: every CKA analysis draws repeat r's images from the same
+  seed and protocol (`streaming.cka_plan`), so the statistic is formed within each repeat.
+
+  Args:
+    terms: (comparison, weights [A, B]) pairs, each comparison with `values` and `stderr`
+      [R, A, B] (all with the same R and minibatch count); cells of weight 0 may be NaN.
+
+  Returns:
+    {'value': S of the mean grids (the mean over repeats of S),
+     'stderr': R >= 2: the standard deviation of the R per-repeat S (ddof=1) / sqrt(R);
+       R = 1: sum_t sum_ab |w_t[a, b]| SE_t[a, b] over the cells' leave-one-minibatch-out
+       jackknife errors, an upper bound on the jackknife error of S (Minkowski's inequality,
+       docs/method.md#error-bars-of-cka-statistics; exact for a single cell); NaN with one
+       minibatch,
+     'over': what the error is over, e.g. 'over 20 repeats'}.
+  """
+  if not terms:
+    raise ValueError("linear_estimate needs at least one (comparison, weights) term")
+  repeats = {len(rep.values) for rep, _ in terms}
+  minibatches = {rep.num_examples // rep.minibatch_size for rep, _ in terms}
+  if len(repeats) != 1 or len(minibatches) != 1:
+    raise ValueError(f"terms differ in repeats {repeats} or minibatches {minibatches}")
+  (r,), (k,) = repeats, minibatches
+  per_repeat, bound, cells = np.zeros(r), 0.0, 0
+  for rep, w in terms:
+    w = np.asarray(w, np.float64)
+    values, stderr = np.asarray(rep.values, np.float64), np.asarray(rep.stderr, np.float64)
+    if w.shape != values.shape[1:]:
+      raise ValueError(f"weights {w.shape} for a {values.shape[1:]} grid")
+    used = w != 0  # NaN cells (constant input patches) carry weight 0
+    cells += int(used.sum())
+    per_repeat += (np.where(used, values, 0.0) * w).sum((1, 2))
+    bound += float((np.where(used, stderr[0], 0.0) * np.abs(w)).sum())
+  value = float(per_repeat.mean())
+  if r >= 2:
+    return dict(value=value, stderr=float(per_repeat.std(ddof=1) / math.sqrt(r)),
+                over=f"over {r} repeats")
+  if k < 2:
+    return dict(value=value, stderr=float("nan"), over="one repeat of one minibatch: no spread")
+  if cells == 1:  # one cell: its own jackknife error, exact
+    return dict(value=value, stderr=bound, over=f"jackknife over {k} minibatches")
+  return dict(value=value, stderr=bound,
+              over=f"jackknife over {k} minibatches, cell errors added: an upper bound")
+
+
+def accuracy_drop_stderr(base: float, modified: float, num_test: int) -> float:
+  """Binomial SE of base - modified, two accuracies over the same `num_test` test images.
+
+  sqrt(a (1 - a) / n + b (1 - b) / n): adding the variances ignores the positive correlation of
+  two models scored on the same images, so it is conservative (docs/method.md#significance).
+  """
+  if num_test <= 0:
+    return float("nan")
+  var = lambda a: max(a * (1 - a), 0.0) / num_test  # noqa: E731
+  return float(math.sqrt(var(float(base)) + var(float(modified))))
+
+
 def removed_entry(entry: Any, block: int) -> ml_collections.ConfigDict:
   """A copy of a `config.models` entry with both residual adds of `block` removed."""
   entry = copy.deepcopy(entry if isinstance(entry, ml_collections.ConfigDict)
@@ -114,13 +199,13 @@ def run(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResul
   source = ctx.sources[cfg.split]
   settings = cka_runner.protocol(cfg)
   spec = representations.layer_spec(cfg.layers)
-  matrices, metrics, accuracies = {}, {}, {}
+  matrices, reps, metrics, accuracies = {}, {}, {}, {}
   for key, model in models.items():
     side = representations.model_side(model, spec, cfg.tokens)
     rep = cka_runner.cka_over_repeats(side, None, source, seed=ctx.seed, mesh=ctx.mesh,
                                       desc=f"skip_removal/{key}",
                                       resume=ctx.checkpointer(key), **settings)
-    matrices[key] = rep.mean
+    matrices[key], reps[key] = rep.mean, rep
     accuracies[key] = model.test_accuracy
     metrics[key] = {"name": model.name, "test_accuracy": model.test_accuracy,
                     "num_test": len(ctx.sources["test"]),
@@ -133,10 +218,23 @@ def run(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResul
     cut = split_index(names, b)
     key = f"{base_key}_noskip{b:02d}"
     if cut > 0:
-      metrics[key]["split"] = split_contrast(matrices[key], cut)
-      metrics[key]["split_unmodified"] = split_contrast(matrices[base_key], cut)
+      w = split_weights(len(names), cut)
+      own, unmodified = linear_estimate([(reps[key], w)]), linear_estimate([(reps[base_key], w)])
+      # The change is paired: both models' repeat r saw the same images.
+      change = linear_estimate([(reps[key], w), (reps[base_key], -w)])
+      metrics[key]["split"] = dict(split_contrast(matrices[key], cut),
+                                   contrast_stderr=own["stderr"], contrast_over=own["over"])
+      metrics[key]["split_unmodified"] = dict(
+          split_contrast(matrices[base_key], cut), contrast_stderr=unmodified["stderr"],
+          contrast_over=unmodified["over"])
+      metrics[key]["split_change"] = change
     if accuracies[key] is not None and accuracies[base_key] is not None:
       metrics[key]["accuracy_drop"] = accuracies[base_key] - accuracies[key]
+      n = metrics[key]["num_test"]
+      metrics[key]["accuracy_drop_stderr"] = accuracy_drop_stderr(
+          accuracies[base_key], accuracies[key], n)
+      metrics[key]["accuracy_drop_over"] = (
+          f"over {n} test images, binomial, the two accuracies taken as independent")
   labels = {k: (f"{k}: unmodified" if k == base_key else f"{k}: block {k[-2:]} skips removed")
             for k in models}
   figures = [ctx.save_figure(

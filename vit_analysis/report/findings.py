@@ -132,10 +132,25 @@ def _unknown(value: float, why: str = "no uncertainty saved") -> Estimate:
   return Estimate(float(value), float("nan"), why)
 
 
+def _saved(value: float, stderr: Any, over: Any, why: str) -> Estimate:
+  """An estimate whose standard error an analysis saved with what it is over (`over`); `why`
+  when it saved none."""
+  if stderr is None:
+    return _unknown(value, why)
+  return Estimate(float(value), float(stderr), str(over or "saved standard error"))
+
+
 def _difference(a: Estimate, b: Estimate) -> Estimate:
   """a - b with SE sqrt(se_a² + se_b²), treating the two as independent (docs/method.md)."""
   source = a.source if a.source == b.source else f"{a.source}; {b.source}"
   return Estimate(a.value - b.value, math.hypot(a.stderr, b.stderr), source)
+
+
+def _added(a: Estimate, b: Estimate) -> Estimate:
+  """a - b with SE se_a + se_b: an upper bound whatever their correlation (two CKA statistics
+  of the same images, whose errors are not independent; docs/method.md)."""
+  source = a.source if a.source == b.source else f"{a.source}; {b.source}"
+  return Estimate(a.value - b.value, a.stderr + b.stderr, f"{source}; the two errors added")
 
 
 def over_repeats(arrays: Mapping[str, np.ndarray] | None,
@@ -350,9 +365,23 @@ def check_head_subsets(run: SavedRun) -> list[Finding]:
   name = "head_subsets"
   exp, thr = ("CKA with ResNet lower layers falls as the heads become more global (Fig 5)",
               "Spearman rho(subset distance, CKA) < 0 for every ResNet layer")
+  thr_diff = ("CKA of the most local subset - CKA of the most global subset > 0 for every "
+              "ResNet layer")
   out = []
   for tag, m in _per_key(run.metrics.get(name, {}), "spearman").items():
     rho = {k: float(v) for k, v in m["spearman"].items()}
+    se = m.get("cka_local_minus_global_stderr")
+    if se is not None:
+      # The difference is linear in the CKA grid and carries the analysis' saved error
+      # (docs/method.md#error-bars-of-cka-statistics); a rank correlation over a few subsets has
+      # no interval.
+      diff = {k: _saved(v, se.get(k), m.get("cka_local_minus_global_over"),
+                        "no uncertainty saved for this layer")
+              for k, v in m["cka_local_minus_global"].items()}
+      text = ", ".join(f"{k} {e.value:+.3g} (rho {_fmt(rho[k])})" if k in rho else
+                       f"{k} {e.value:+.3g}" for k, e in diff.items())
+      out.append(_decided(name, f"{exp} [{tag}]", text, thr_diff, diff, 0.0))
+      continue
     n = len(m.get("subset_distance") or m.get("subsets") or ())
     text = ", ".join(f"{k} {_fmt(v)}" for k, v in rho.items())
     out.append(_decided(name, f"{exp} [{tag}]", text, thr,
@@ -519,7 +548,10 @@ def check_skip_removal(run: SavedRun) -> list[Finding]:
                                            if acc is not None else "")
       base_key = key.rsplit("_noskip", 1)[0]
       base = per.get(base_key, {})
-      if acc is not None and base.get("test_accuracy") is not None:
+      if m.get("accuracy_drop_stderr") is not None:
+        est = _saved(m["accuracy_drop"], m["accuracy_drop_stderr"], m.get("accuracy_drop_over"),
+                     "no uncertainty saved")
+      elif acc is not None and base.get("test_accuracy") is not None:
         # Both accuracies on the same test images: adding the variances ignores their positive
         # correlation, so the interval is conservative (wider than a paired one).
         est = _difference(accuracy(base["test_accuracy"], _num_test(run, base_key, base)),
@@ -535,8 +567,18 @@ def check_skip_removal(run: SavedRun) -> list[Finding]:
     thr = "within-minus-across CKA contrast exceeds the unmodified model's by > 0.05"
     if "split" in m and "split_unmodified" in m:
       a, b = float(m["split"]["contrast"]), float(m["split_unmodified"]["contrast"])
-      out.append(Finding(name, exp, f"{_fmt(a)} vs unmodified {_fmt(b)}", thr, INCONCLUSIVE,
-                         "no uncertainty saved (per-repeat split contrasts not saved)"))
+      text = f"{_fmt(a)} vs unmodified {_fmt(b)}"
+      change = m.get("split_change")
+      if change is not None:  # paired within each repeat (the same images for both models)
+        est = _saved(change["value"], change.get("stderr"), change.get("over"),
+                     "no uncertainty saved (split change)")
+      elif m["split"].get("contrast_stderr") is not None:  # the same images: errors added
+        est = _added(*(_saved(c["contrast"], c.get("contrast_stderr"),
+                              c.get("contrast_over"), "no uncertainty saved")
+                       for c in (m["split"], m["split_unmodified"])))
+      else:
+        est = _unknown(a - b, "no uncertainty saved (per-repeat split contrasts not saved)")
+      out.append(_decided(name, exp, text, thr, {key: est}, 0.05))
     else:
       out.append(_absent(name, exp, thr, "no split contrast saved"))
   return out or [_absent(name, "removing the skips of a block costs accuracy (Fig 8)",
@@ -587,10 +629,14 @@ def check_localization(run: SavedRun) -> list[Finding]:
                             "(Fig 9)"))):
     thr = "own-patch contrast (own CKA - mean other) of every CLS ViT > every compared model"
     if cls and others:
-      vals = {k: float(m["own_contrast"]) for k, (_, m) in {**cls, **others}.items()}
-      out.append(Finding(name, exp, ", ".join(f"{k} {_fmt(v)}" for k, v in vals.items()), thr,
-                         INCONCLUSIVE,
-                         "no uncertainty saved (per-repeat own-patch contrasts not saved)"))
+      est = {k: _saved(m["own_contrast"], m.get("own_contrast_stderr"),
+                       m.get("own_contrast_over"),
+                       "no uncertainty saved (per-repeat own-patch contrasts not saved)")
+             for k, (_, m) in {**cls, **others}.items()}
+      # Every model saw the same images: the errors are added (_added), not taken as independent.
+      out.append(_decided(name, exp, ", ".join(f"{k} {_fmt(e.value)}" for k, e in est.items()),
+                          thr, {f"{c} - {o}": _added(est[c], est[o])
+                                for c in cls for o in others}, 0.0))
     else:
       out.append(_absent(name, exp, thr, "needs a CLS ViT and the compared model"))
   return out
@@ -682,8 +728,26 @@ def check_probe(run: SavedRun) -> list[Finding]:
   return out
 
 
-# The per-block CKA metrics are means over repeats; the checks do not read the per-repeat grids.
+# Runs saved before `block_cka_stderr`: the per-block CKA metrics are means over repeats only.
 _NO_SPREAD_REPEATS = "no uncertainty saved (per-block CKA over repeats not in the metrics)"
+
+
+def _quarter_mean(m: Mapping[str, Any], top: bool) -> Estimate:
+  """Mean block CKA of the lowest (or top) quarter of blocks, SE from `block_cka_stderr`.
+
+  The blocks' errors are added (SE of a mean <= the mean of the SEs, whatever their
+  correlation): exact for one block, an upper bound for several.
+  """
+  c = np.asarray(m["block_cka"], np.float64)
+  q = max(1, len(c) // 4)
+  part = slice(len(c) - q, len(c)) if top else slice(0, q)
+  value = float(c[part].mean())
+  if m.get("block_cka_stderr") is None:
+    return _unknown(value, _NO_SPREAD_REPEATS)
+  se = np.asarray(m["block_cka_stderr"], np.float64)[part]
+  over = str(m.get("block_cka_over") or "saved standard errors")
+  return Estimate(value, float(se.mean()),
+                  over if q == 1 else f"{over}; {q} blocks' errors added")
 
 
 def check_dataset_scale(run: SavedRun) -> list[Finding]:
@@ -691,30 +755,27 @@ def check_dataset_scale(run: SavedRun) -> list[Finding]:
   per = _per_key(run.metrics.get(name, {}), "block_cka")
   fractions = {k: v for k, v in per.items() if "fraction" in v}
   tuned = {k: v for k, v in per.items() if "task" in v}
-  quarter = lambda c: max(1, len(c) // 4)
-  low = lambda c: float(np.mean(c[:quarter(c)]))
-  high = lambda c: float(np.mean(c[-quarter(c):]))
   out = []
   if fractions:
     key = min(fractions, key=lambda k: fractions[k]["fraction"])
-    c = fractions[key]["block_cka"]
+    low, high = _quarter_mean(fractions[key], False), _quarter_mean(fractions[key], True)
     pct = f"{100 * fractions[key]['fraction']:g}%"
-    out.append(Finding(name, f"low blocks similar even at small data (Fig 12) [{pct}]",
-                       f"{_fmt(low(c))}", "mean CKA of the lowest quarter of blocks with the "
-                       "full-data model >= 0.8, at the smallest fraction", INCONCLUSIVE,
-                       _NO_SPREAD_REPEATS))
-    out.append(Finding(name, f"upper blocks diverge more than lower ones (Fig 12) [{pct}]",
-                       f"top {_fmt(high(c))} vs lowest {_fmt(low(c))}",
-                       "mean CKA of the top quarter of blocks < the lowest quarter's",
-                       INCONCLUSIVE, _NO_SPREAD_REPEATS))
+    out.append(_decided(name, f"low blocks similar even at small data (Fig 12) [{pct}]",
+                        f"{_fmt(low.value)}", "mean CKA of the lowest quarter of blocks with the "
+                        "full-data model >= 0.8, at the smallest fraction", {key: low}, 0.8))
+    gap = _added(low, high)  # both quarters from the same images
+    out.append(_decided(name, f"upper blocks diverge more than lower ones (Fig 12) [{pct}]",
+                        f"top {_fmt(high.value)} vs lowest {_fmt(low.value)}",
+                        "mean CKA of the top quarter of blocks < the lowest quarter's",
+                        {"lowest - top": gap}, 0.0))
   else:
     out.append(_absent(name, "low blocks similar even at small data (Fig 12)",
                        "lowest-quarter mean CKA >= 0.8", "no data-fraction model"))
   for key, v in tuned.items():
-    c = v["block_cka"]
-    out.append(Finding(name, f"lower blocks preserved by fine-tuning (Fig G.1) [{v['task']}]",
-                       f"{_fmt(low(c))}", "mean CKA of the lowest quarter of blocks before vs "
-                       "after fine-tuning >= 0.8", INCONCLUSIVE, _NO_SPREAD_REPEATS))
+    low = _quarter_mean(v, False)
+    out.append(_decided(name, f"lower blocks preserved by fine-tuning (Fig G.1) [{v['task']}]",
+                        f"{_fmt(low.value)}", "mean CKA of the lowest quarter of blocks before "
+                        "vs after fine-tuning >= 0.8", {key: low}, 0.8))
   return out
 
 

@@ -480,6 +480,9 @@ class CKAResult:
   # [A, B] the largest |CKA_(-i) - CKA| over the minibatches i: how far leaving one minibatch
   # out moves the cell (one outlying minibatch can move CKA; docs/method.md#cka-pitfalls).
   max_leave_one_out: np.ndarray | None = None
+  # [k, A, B] CKA_(-i), the grid without minibatch i: the jackknife of any function of the grid
+  # (e.g. a contrast of cells) is exact from these (docs/method.md#error-bars-of-cka-statistics).
+  leave_one_out: np.ndarray | None = None
 
 
 def _fingerprint(names_a, names_b, intra, a, b) -> np.ndarray:
@@ -707,7 +710,7 @@ def result(state: CKAState) -> CKAResult:
   else:
     max_loo = np.full_like(cka, np.nan)
   return CKAResult(cka, jackknife_stderr(loo), names_a, names_b, k, int(state.num_examples),
-                   max_loo)
+                   max_loo, loo)
 
 
 # ---------------------------------------------------------------------------------------------
