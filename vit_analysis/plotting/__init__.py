@@ -20,8 +20,9 @@ plt.rcParams.update({"font.size": 8, "axes.titlesize": 9, "figure.dpi": 150})
 
 
 def heatmap(ax: matplotlib.axes.Axes, matrix: np.ndarray, *, vmin: float = 0.0, vmax: float = 1.0,
-            xlabel: str = "", ylabel: str = "", title: str = "", cmap: str | matplotlib.colors.Colormap = "magma",
-            colorbar: bool = True, origin: str = "lower") -> matplotlib.image.AxesImage:
+            xlabel: str = "", ylabel: str = "", title: str = "",
+            cmap: str | matplotlib.colors.Colormap = "magma", colorbar: bool = True,
+            origin: str = "lower") -> matplotlib.image.AxesImage:
   """Draws `matrix: [rows, cols]` with a fixed colour range (default [0, 1], as CKA) on `ax`.
 
   Rows run bottom-to-top (`origin='lower'`) so that layer 0 of both axes meets at the corner, as in

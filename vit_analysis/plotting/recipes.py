@@ -11,8 +11,9 @@ Beside the figure files it saves the recipe under the run's results (`Layout.rec
 
 The figure is drawn from the recipe as saved (encoded, then decoded), so a figure redrawn later
 from `results/` alone looks the same: `python -m vit_analysis.report` redraws every missing
-`figures/<name>.png` (local or `gs://`) with `redraw` and writes it back with `write_figure`. Only functions of `vit_analysis.plotting`
-may be named by a recipe: a results folder is data, and a recipe naming anything else is refused.
+`figures/<name>.png` (local or `gs://`) with `redraw` and writes it back with `write_figure`.
+Only functions of `vit_analysis.plotting` may be named by a recipe: a results folder is data,
+and a recipe naming anything else is refused.
 No JAX here (the report imports it).
 """
 from __future__ import annotations
