@@ -92,3 +92,26 @@ def test_measure_heatmaps_shared_scale_masked_cells_and_diverging_null():
       ax.get_title() for ax in fig.axes if ax.get_title().startswith("linear_cka\n"))
   assert "grey cells: not above the shuffle null" in fig._suptitle.get_text()  # pylint: disable=protected-access
   plt.close(fig)
+
+
+def test_measures_figure_masks_nothing_when_the_null_cannot_call_a_cell():
+  from vit_analysis.analyses import similarity  # pylint: disable=g-import-not-at-top
+  from vit_analysis.similarity import cka_runner  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  r, a, b = 1, 3, 4
+  values = rng.uniform(0.5, 1.0, (r, a, b))
+  null = lambda p: dict(null_mean=np.zeros((r, a, b)), null_std=np.full((r, a, b), 0.01),
+                        null_values=rng.uniform(0, 0.1, (p, a, b)))
+  for perms, masked in ((2, False), (400, True)):
+    rep = cka_runner.RepeatedCKA(
+        ["a0", "a1", "a2"], ["b0", "b1", "b2", "b3"], values, np.full((r, a, b), 0.01), 64, 16,
+        measures={"rbf_cka": dict(values=values, stderr=np.full((r, a, b), 0.01), **null(perms))},
+        null=null(perms))
+    args = similarity.measures_args(rep, "t", "A", "B", intra=False)
+    assert (args["above_null"] is not None) == masked
+    assert ("no cell masked: 2 null permutations cannot call any of 12 cells" in args["note"]
+            ) == (not masked)
+    fig = plots.measure_heatmaps(**args)
+    title = fig._suptitle.get_text()  # pylint: disable=protected-access
+    assert args["note"] in title and "grey cells" not in title  # every cell above the null
+    plt.close(fig)

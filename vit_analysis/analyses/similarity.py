@@ -142,10 +142,19 @@ def measures_args(rep: cka_runner.RepeatedCKA, title: str, model_a: str, model_b
   arrays = rep.arrays()
   nulls = {("linear_cka" if k == "cka_null_mean" else k[:-len("_null_mean")]): v
            for k, v in arrays.items() if k.endswith("_null_mean")}
+  above, note = null_masks(arrays, intra) or None, ""
+  found = null_discoveries(arrays, intra)
+  if found:
+    tested = next(iter(found.values()))[1]
+    perms = int(next(v for k, v in arrays.items() if k.endswith("_null_values")).shape[0])
+    need = significance.min_permutations(tested, NULL_FDR)
+    if perms < need:  # no cell could be called: masking every cell would hide the values
+      above = None
+      note = (f"no cell masked: {perms} null permutations cannot call any of {tested} cells at "
+              f"q = {NULL_FDR} (use null_permutations >= {need})")
   return dict(values=measure_values(rep), row_names=list(rep.names_a),
               col_names=list(rep.names_b), row_model=model_a, col_model=model_b,
-              above_null=null_masks(arrays, intra) or None, null_means=nulls or None,
-              fdr=NULL_FDR, title=title)
+              above_null=above, null_means=nulls or None, fdr=NULL_FDR, note=note, title=title)
 
 
 def save_figures(ctx: base.Context, rep: cka_runner.RepeatedCKA, name: str, model_a: str,

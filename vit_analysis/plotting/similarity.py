@@ -148,7 +148,7 @@ def measure_heatmaps(values: Mapping[str, np.ndarray], *, row_names: Sequence[st
                      col_names: Sequence[str], row_model: str = "", col_model: str = "",
                      above_null: Mapping[str, np.ndarray] | None = None,
                      null_means: Mapping[str, np.ndarray] | None = None, fdr: float = 0.05,
-                     title: str = "") -> matplotlib.figure.Figure:
+                     note: str = "", title: str = "") -> matplotlib.figure.Figure:
   """One heatmap per similarity measure, side by side; below them each measure's shuffle null.
 
   The measures in [0, 1] share one colour range, so that panels compare by colour; a measure with
@@ -166,6 +166,7 @@ def measure_heatmaps(values: Mapping[str, np.ndarray], *, row_names: Sequence[st
     null_means: optional {measure: [rows, cols]} mean of the measure under the shuffle null,
       drawn as a second row (measures without one leave their cell empty).
     fdr: the false-discovery rate of `above_null`, for the explanation.
+    note: a line under the title (e.g. why no cell is masked).
     title: figure title.
 
   Returns:
@@ -209,7 +210,7 @@ def measure_heatmaps(values: Mapping[str, np.ndarray], *, row_names: Sequence[st
       _masked_heatmap(ax, null, lo, hi, diverging, f"{name}: mean under the shuffle null")
       _label_axis(ax, col_names, "x", col_model)
       _label_axis(ax, row_names, "y", row_model)
-  notes = [title] if title else []
+  notes = [t for t in (title, note) if t]
   if masked_any:
     notes.append(f"grey cells: not above the shuffle null (Benjamini–Hochberg, q = {fdr:g}, "
                  "over each heatmap's cells)")
