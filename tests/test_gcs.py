@@ -1,13 +1,16 @@
 """A run on gs:// for real, against a Cloud Storage API server on localhost (tests/gcs.py).
 
-The smoke run, its rerun ("finished in an earlier run, not recomputed", models restored from the
-bucket's cache), a SIGKILL mid-run and its resume to identical arrays, the page rebuilt from the
-bucket without figures/, and `runtime.workdir`'s one write, on a local disk and on the bucket.
+Two smoke runs sharing a model cache on the bucket (orbax's checkpoints, through tensorstore), a
+SIGKILL mid-run, its rerun ("finished in an earlier run, not recomputed") and resume to
+identical arrays, the page rebuilt from the bucket without figures/ (each figure redrawn from its
+recipe), and `runtime.workdir`'s one write, on a local disk and on the bucket.
 Nothing may land in a local folder named `gs:`.
 """
 import base64
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -120,21 +123,31 @@ def test_bucket_write_is_one_object(bucket, tmp_path):
   assert not os.path.exists("gs:") and not os.path.exists(tmp_path / "gs:")
 
 
-def test_report_without_figures_says_they_are_absent(tmp_path):
+def test_report_redraws_missing_figures_and_names_those_it_cannot(tmp_path):
   import test_report  # pylint: disable=g-import-not-at-top
   run = str(tmp_path / "run")
   test_report.make_workdir(run)
   results = test_report._results(run)  # pylint: disable=protected-access
   for r in results:  # as main.run saves them, each naming its PNG under figures/
     workdir.write_text(workdir.Layout(run).result(r.name), r.to_json())
-  figures = workdir.read_json(workdir.Layout(run).result("cka_intra"))["figures"]
+  figures = [f for r in results for f in r.figures]
   assert figures and all(workdir.exists(os.path.join(run, f)) for f in figures)
   page = _read(report.rebuild(run))  # figures/ present: the PNGs inlined
   assert page.count('<img alt="') == len(results)
+  before = _figures(run)
   workdir.rmtree(os.path.join(run, "figures"))
-  page = _read(report.main(["--workdir", run]))  # was FileNotFoundError
-  assert '<img alt="' not in page
-  assert f"{figures[0]}</code> absent from the workdir" in page
+  page = _read(report.main(["--workdir", run]))  # redrawn from results/recipes/, written back
+  _assert_same_figures(before, _figures(run))
+  assert page.count('<img alt="') == len(results) and "not redrawn" not in page
+  # A missing recipe, and one naming a function outside vit_analysis.plotting: named, not run.
+  workdir.rmtree(os.path.join(run, "figures"))
+  workdir.remove(workdir.Layout(run).recipe("a"))
+  workdir.write_json(workdir.Layout(run).recipe("b"), {"plot": "os:system", "args": {}})
+  page = _read(report.main(["--workdir", run]))
+  assert '<img alt="' not in page and _figures(run) == {}
+  assert f"{figures[0]}</code> absent and not redrawn: no recipe" in page
+  assert f"{figures[1]}</code> absent and not redrawn: recipe plot &#x27;os:system&#x27; is " \
+         "not a function of vit_analysis.plotting" in page
   assert "Plotly.newPlot" in page  # the interactive figures, from results/ alone
 
 
@@ -146,42 +159,65 @@ def _read(path):
 # Whole runs on the bucket.
 
 
-# The model cache stays on a local disk here: orbax's OCDBT checkpoints make conditional
-# (if-generation-match) writes of their manifest that the emulator answers with a generation
-# tensorstore rejects ("Malformed StorageGeneration"); on Cloud Storage itself they work, and a
-# gs:// workdir keeps its models on the bucket (README, "Run an experiment").
+def _figures(run):
+  """{file name: bytes} of a run's figures/ folder (local or gs://)."""
+  folder = workdir.Layout(run).join("figures")
+  return {n: workdir.read_bytes(workdir.join(folder, n)) for n in workdir.listdir(folder)}
 
 
-def test_smoke_run_rerun_and_report_on_the_bucket(bucket, tmp_path):
-  run, cache = "gs://bucket/smoke", str(tmp_path / "models")
-  args = ["-m", "vit_analysis.main", "--config=configs/cka_intra.py:smoke", f"--workdir={run}",
-          f"--config.model_cache={cache}"]
-  proc = _run(args, bucket, cwd=REPO)
+def _assert_same_figures(before, after):
+  """The same files; each PNG decodes to an image of the same size (the redraw's look)."""
+  import matplotlib.image  # pylint: disable=g-import-not-at-top
+  assert sorted(after) == sorted(before) and before
+  for name, data in before.items():
+    if name.endswith(".png"):
+      old, new = (matplotlib.image.imread(io.BytesIO(d), format="png") for d in (data, after[name]))
+      assert new.shape == old.shape and new.std() > 0, name
+    else:
+      assert after[name][:5] == data[:5] == b"%PDF-", name
+
+
+def test_smoke_run_shared_bucket_cache_and_redrawn_figures(bucket, tmp_path):
+  """Two runs on the bucket sharing a model cache on the bucket (orbax through tensorstore), and
+  the second's page rebuilt with figures/ deleted. (A rerun's skipping on the bucket: the SIGKILL
+  test below.)"""
+  cache = "gs://bucket/models"
+  first, run = "gs://bucket/first", "gs://bucket/smoke"
+  args = lambda w: ["-m", "vit_analysis.main", "--config=configs/cka_intra.py:smoke",
+                    f"--workdir={w}", f"--config.model_cache={cache}"]
+  proc = _run(args(first), bucket, cwd=REPO)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  layout = workdir.Layout(run)
-  assert workdir.read_json(layout.result("cka_intra"))["name"] == "cka_intra"
-  for path in (layout.config, layout.models_json, layout.timings, layout.report,
-               layout.result("cka_intra_vit", ".npz"), layout.figure("cka_intra_vit")):
-    assert workdir.exists(path), path
+  assert re.search(r"\] step \d+/\d+ loss", proc.stderr)  # trained, into the bucket's cache
   models = workdir.listdir(cache)
   assert any(m.startswith("ViT-smoke_8-") for m in models), models
   vit = workdir.join(cache, next(m for m in models if m.startswith("ViT-smoke_8-")))
-  assert "ckpt" in workdir.listdir(vit)
+  assert "ckpt" in workdir.listdir(vit) and workdir.exists(workdir.join(vit, "summary.json"))
+  # Another run naming the same cache trains nothing: the models come from the bucket.
+  proc = _run(args(run), bucket, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert not re.search(r"\] step \d+/\d+ loss", proc.stderr)
+  assert "resumed from step" in proc.stderr  # restored from the bucket (orbax, tensorstore)
+  layout = workdir.Layout(run)
+  assert workdir.read_json(layout.result("cka_intra"))["name"] == "cka_intra"
+  for path in (layout.config, layout.models_json, layout.timings, layout.report,
+               layout.result("cka_intra_vit", ".npz"), layout.figure("cka_intra_vit"),
+               layout.recipe("cka_intra_vit")):
+    assert workdir.exists(path), path
   assert not workdir.exists(layout.partial("cka_intra"))
   assert not os.path.exists(os.path.join(REPO, "gs:"))
-  # The rerun: nothing recomputed, the models restored from the bucket's cache.
-  proc = _run(args, bucket, cwd=REPO)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  assert "cka_intra: finished in an earlier run, not recomputed" in proc.stderr
-  assert "step 1/" not in proc.stderr  # no training step
-  # The page from results/ alone, on the bucket, figures/ gone.
+  # The page from results/ alone, on the bucket, figures/ gone: every figure drawn again from
+  # its recipe, written back to the bucket and inlined.
+  before = _figures(run)
   workdir.rmtree(layout.join("figures"))
   workdir.remove(layout.report)
+  assert _figures(run) == {}
   proc = _run(["-m", "vit_analysis.report", f"--workdir={run}"], bucket, cwd=str(tmp_path))
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert proc.stdout.startswith("gs://bucket/smoke/report.html ")
+  _assert_same_figures(before, _figures(run))
   page = workdir.read_text(layout.report)
-  assert "Plotly.newPlot" in page and "absent from the workdir" in page
+  assert "Plotly.newPlot" in page and "not redrawn" not in page
+  assert page.count('<img alt="') == sum(n.endswith(".png") for n in before)
   assert not os.path.exists(tmp_path / "gs:") and not os.path.exists(os.path.join(REPO, "gs:"))
 
 

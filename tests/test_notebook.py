@@ -1,4 +1,5 @@
-"""notebooks/explore.ipynb runs top to bottom offline in smoke mode and shows its figures."""
+"""notebooks/explore.ipynb runs top to bottom offline in smoke mode and shows its figures and the
+saved results as one table (`vit_analysis.results.load`)."""
 import os
 
 import nbformat
@@ -11,6 +12,7 @@ def test_notebook_executes_in_smoke_mode(tmp_path, monkeypatch):
   monkeypatch.setenv("VIT_ANALYSIS_SMOKE", "1")
   monkeypatch.setenv("VIT_ANALYSIS_WORKDIR", str(tmp_path / "work"))
   monkeypatch.setenv("VIT_ANALYSIS_CHECKPOINT", "")
+  monkeypatch.setenv("VIT_ANALYSIS_DEMO", "")  # the demo's cka_intra at smoke size, run there
   nb = nbformat.read(_NOTEBOOK, as_version=4)
   client = NotebookClient(nb, timeout=900, kernel_name="python3",
                           resources={"metadata": {"path": os.path.dirname(_NOTEBOOK)}})
@@ -21,6 +23,11 @@ def test_notebook_executes_in_smoke_mode(tmp_path, monkeypatch):
   assert len(images) == 3  # CKA heatmap, attention distances, probe accuracies
   text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
   assert "block01" in text and "test accuracy" in text
+  # vit_analysis.results.load's table of the demo run: its head, then the CKA cells pivoted.
+  tables = [o.data["text/html"] for o in outputs
+            if o.output_type == "display_data" and "text/html" in o.data]
+  assert len(tables) == 1 and "linear_cka" in tables[0] and "cka_intra" in tables[0]
+  assert "layer_b" in text and "embedding" in text
 
 
 def test_notebook_is_stored_without_outputs():

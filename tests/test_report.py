@@ -8,12 +8,12 @@ import subprocess
 import sys
 import types
 
-import matplotlib.pyplot as plt
 import numpy as np
 import plotly.graph_objects as go
 import pytest
 
-from vit_analysis import plotting
+from vit_analysis.plotting import recipes
+from vit_analysis.plotting import similarity as plotting_similarity
 from vit_analysis.analyses.base import AnalysisResult
 from vit_analysis.report import figures as report_figures
 from vit_analysis.report import html as report_html
@@ -104,15 +104,15 @@ def make_workdir(workdir, *, vit_blocks=2, resnet_units=3, seed=0, resnet_names_
   return arrays
 
 
-def _figure(path):
-  fig, ax = plt.subplots()
-  plotting.heatmap(ax, np.random.default_rng(0).random((4, 4)))
-  return plotting.save_figure(fig, path)
+def _figure(workdir, name):
+  """figures/<name>.png|pdf and its recipe, as `Context.save_figure` writes them."""
+  return recipes.save(workdir, name, plotting_similarity.cka_heatmap,
+                      {"matrix": np.random.default_rng(0).random((4, 4)), "title": name})[0]
 
 
 def _results(workdir):
-  png_a = _figure(os.path.join(workdir, "figures", "a"))
-  png_b = _figure(os.path.join(workdir, "figures", "b"))
+  png_a = _figure(workdir, "a")
+  png_b = _figure(workdir, "b")
   return [
       AnalysisResult("cka_intra", "Intra-model CKA", "What it shows. What the paper found.",
                      [os.path.relpath(png_a, workdir)],

@@ -1,7 +1,9 @@
-"""vit_analysis.sweep: big_vision's hyper semantics, point names, bad sweeps, --dry_run, and a
-real two-point sweep that a rerun skips."""
+"""vit_analysis.sweep: big_vision's hyper semantics, point names, bad sweeps, --dry_run, a real
+two-point sweep that a rerun skips, its two points compared in one report, and a point's page
+rebuilt with its figures/ deleted (each figure redrawn from its recipe)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -9,6 +11,7 @@ import pytest
 import smoke_sweep
 
 from vit_analysis import sweep
+from vit_analysis.report import page as report
 
 REPO = smoke_sweep.REPO
 H = sweep.Hyper
@@ -222,3 +225,38 @@ def test_interrupted_point_resumes_and_failures_are_recorded(tmp_path):
     points = json.load(f)["points"]
   assert [(p["status"], p["error"]) for p in points] == [("failed", "ValueError: boom"),
                                                         ("finished", None)]
+
+
+def _figures(run):
+  folder = os.path.join(run, "figures")
+  return {n: os.path.getsize(os.path.join(folder, n)) for n in sorted(os.listdir(folder))}
+
+
+def test_report_compares_two_sweep_points_and_redraws_deleted_figures(tmp_path):
+  import matplotlib.image  # pylint: disable=g-import-not-at-top
+  workdir, _ = smoke_sweep.run()
+  point_a, point_b = (os.path.join(workdir, p) for p in ("seed=0", "seed=1"))
+  # --compare names another point of the same sweep, or its folder.
+  for compare in ("seed=1", point_b):
+    out = report.main(["--workdir", point_a, f"--compare={compare}",
+                       f"--out={tmp_path / 'compare.html'}"])
+    with open(out, encoding="utf-8") as f:
+      page = f.read()
+    assert "<h3>seed=0</h3>" in page and "<h3>seed=1</h3>" in page
+    assert "difference: " in page  # the same layers in both points: a - b heatmaps
+  with pytest.raises(FileNotFoundError, match=r"seed=7.*the points \['seed=0', 'seed=1'\]"):
+    report.main(["--workdir", point_a, "--compare=seed=7"])
+  # A copy of one point without figures/: the page redraws every figure from its recipe.
+  run = str(tmp_path / "run")
+  shutil.copytree(point_a, run)
+  before = _figures(run)
+  assert any(n.endswith(".png") for n in before) and any(n.endswith(".pdf") for n in before)
+  pngs = {n: matplotlib.image.imread(os.path.join(run, "figures", n)).shape
+          for n in before if n.endswith(".png")}
+  shutil.rmtree(os.path.join(run, "figures"))
+  with open(report.main(["--workdir", run]), encoding="utf-8") as f:
+    page = f.read()
+  assert sorted(_figures(run)) == sorted(before)
+  for name, shape in pngs.items():
+    assert matplotlib.image.imread(os.path.join(run, "figures", name)).shape == shape, name
+  assert page.count('<img alt="') == len(pngs) and "not redrawn" not in page

@@ -61,13 +61,12 @@ def run(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResul
   ctx.save_arrays("attention_distance_stderr", **stderrs)
   labels = {k: f"{k} ({ctx.model(k).name})" for k in keys}
   figures = [
-      ctx.save_figure(lambda: mechanisms.attention_distance_scatter(
-          {labels[k]: distances[k] for k in keys}, unit=cfg.unit,
-          uniform={labels[k]: metrics[k]["uniform_attention"] for k in keys}),
-          "attention_distance"),
-      ctx.save_figure(lambda: mechanisms.attention_distance_sorted(
-          {labels[k]: distances[k] for k in keys}, blocks=tuple(cfg.blocks or ()),
-          unit=cfg.unit), "attention_distance_sorted"),
+      ctx.save_figure("attention_distance", mechanisms.attention_distance_scatter,
+                      distances={labels[k]: distances[k] for k in keys}, unit=cfg.unit,
+                      uniform={labels[k]: metrics[k]["uniform_attention"] for k in keys}),
+      ctx.save_figure("attention_distance_sorted", mechanisms.attention_distance_sorted,
+                      distances={labels[k]: distances[k] for k in keys},
+                      blocks=tuple(cfg.blocks or ()), unit=cfg.unit),
   ]
   return base.AnalysisResult(
       name="attention_distance", title="Mean attention distance per head (Figs 3, 4, C.5, C.6)",

@@ -14,18 +14,17 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
-import io
 import json
 import os
 from collections.abc import Mapping
 from typing import Any, Callable
 
 import jax
-import matplotlib.pyplot as plt
 import ml_collections
 import numpy as np
 
 from vit_analysis.models.build import LoadedModel
+from vit_analysis.plotting import recipes
 from vit_analysis.runtime import compilation, resume
 from vit_analysis.runtime import workdir as workdir_lib
 
@@ -177,30 +176,32 @@ class Context:
       workdir_lib.save_npz(self.layout.join(rel), **arrays)
     return rel
 
-  def save_figure(self, figure: Any, name: str) -> str:
-    """Writes `figures/<name>.<fmt>` for the analysis' `figure_formats` (process 0 only).
+  def save_figure(self, name: str, plot: Callable[..., Any], /, **args: Any) -> str:
+    """Draws `plot(**args)` as `figures/<name>.<fmt>` for the analysis' `figure_formats`, and
+    saves the recipe to redraw it from results/ alone (process 0 only).
+
+    The one way an analysis writes a static figure (`vit_analysis.plotting.recipes`): `plot` is
+    a public function of a `vit_analysis.plotting` module and `args` its arguments, saved as
+    `results/recipes/<name>.npz|json`; the report redraws a missing figure from them.
 
     Args:
-      figure: a matplotlib Figure, or a function of no arguments returning one (called on
-        process 0 only, so other processes neither draw nor read result files).
       name: file name without extension.
+      plot: the plotting function (arrays in, a matplotlib Figure out).
+      **args: its keyword arguments: arrays, numbers, strings, None, lists, string-keyed dicts.
 
     Returns:
       The first format's path relative to the workdir (the same on every process).
+
+    Raises:
+      vit_analysis.plotting.recipes.RecipeError: `plot` is not a plotting function.
+      TypeError: an argument cannot be saved in a recipe.
     """
     formats = tuple((self._cfg.get("figure_formats", None) if self._cfg is not None else None)
                     or ("png", "pdf"))
-    rel = os.path.join(workdir_lib.FIGURES, f"{name}.{formats[0]}")
+    recipes.name_of(plot)  # refused on every process alike
     if self.is_main:
-      fig = figure() if callable(figure) else figure
-      for fmt in formats:  # drawn in memory, then one write per file (local or gs://)
-        buf = io.BytesIO()
-        fig.savefig(buf, bbox_inches="tight", format=fmt)
-        workdir_lib.write_bytes(self.layout.figure(name, fmt), buf.getvalue())
-      plt.close(fig)
-    elif not callable(figure):
-      plt.close(figure)
-    return rel
+      recipes.save(self.workdir, name, plot, args, formats)
+    return os.path.join(workdir_lib.FIGURES, f"{name}.{formats[0]}")
 
 
 def image_sample_config(num_images: int, batch_size: int, **options: Any) -> ml_collections.ConfigDict:

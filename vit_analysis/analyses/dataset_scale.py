@@ -211,7 +211,8 @@ def run(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResul
     if ctx.is_main:
       for label, rep in curves.items():
         rep.save(stems[label], label=label)
-    figures.append(ctx.save_figure(lambda: draw(stems, title), f"dataset_scale_{panel}"))
+    figures.append(ctx.save_figure(f"dataset_scale_{panel}", plots.per_block_lines,
+                                   **curves_args(curves, title)))
   return base.AnalysisResult(
       name="dataset_scale", title="Data scale and fine-tuning (Figs 12, G.1)",
       caption="Per-block CKA of models trained on data subsets (or fine-tuned) with the reference "
@@ -220,11 +221,10 @@ def run(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResul
       figures=figures, metrics=metrics)
 
 
-def draw(stems: dict[str, str], title: str):
-  """The per-block curves figure from saved results (label -> stem)."""
-  reps = {label: cka_runner.RepeatedCKA.load(stem) for label, stem in stems.items()}
-  curves = {label: np.diag(r.mean) for label, r in reps.items()}
-  errors = {label: np.diag(r.std) for label, r in reps.items() if len(r.values) > 1}
+def curves_args(reps: dict[str, cka_runner.RepeatedCKA], title: str) -> dict[str, Any]:
+  """The arguments of `plotting.similarity.per_block_lines`: each model's per-block CKA with the
+  reference (the diagonal), its spread over repeats, the blocks' labels."""
   names = next(iter(reps.values())).names_a if reps else []
-  labels = [layers_lib.parse(n).group for n in names]
-  return plots.per_block_lines(curves, block_labels=labels, title=title, errors=errors)
+  return dict(curves={label: np.diag(r.mean) for label, r in reps.items()},
+              block_labels=[layers_lib.parse(n).group for n in names], title=title,
+              errors={label: np.diag(r.std) for label, r in reps.items() if len(r.values) > 1})

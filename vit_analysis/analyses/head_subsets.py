@@ -29,7 +29,6 @@ from vit_analysis.analyses import base, skip_removal
 from vit_analysis.models import attention, capture, layers
 from vit_analysis.models import vit as vit_lib
 from vit_analysis.plotting import similarity as plots
-from vit_analysis.runtime import workdir as workdir_lib
 from vit_analysis.similarity import cka_runner, representations
 
 
@@ -175,20 +174,12 @@ def run(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResul
       if ctx.is_main:
         rep.save(stem, subset_distance=subset_dist, head_distance=dist)
       figures.append(ctx.save_figure(
-          lambda: draw(stem, f"{vit.name} block {block} heads vs {resnet.name}"),
-          f"head_subsets_{tag}"))
+          f"head_subsets_{tag}", plots.head_subset_lines, mean_distance=subset_dist, cka=cka,
+          layer_names=list(rep.names_b), title=f"{vit.name} block {block} heads vs {resnet.name}",
+          error=rep.std.T if len(rep.values) > 1 else None))
   return base.AnalysisResult(
       name="head_subsets", title="Head subsets vs ResNet lower layers (Fig 5)",
       caption="CKA of subsets of early-block ViT heads (x: the subset's mean attention distance) "
               "with lower ResNet unit outputs. The paper finds CKA decreasing monotonically as "
               "the heads become more global (negative Spearman correlation).",
       figures=figures, metrics=dict(settings, **metrics))
-
-
-def draw(stem: str, title: str):
-  """The figure of a saved head-subset result, without recomputation."""
-  rep = cka_runner.RepeatedCKA.load(stem)
-  distance = workdir_lib.load_npz(stem + ".npz")["subset_distance"]  # local or gs://
-  error = rep.std.T if len(rep.values) > 1 else None
-  return plots.head_subset_lines(distance, rep.mean.T, layer_names=rep.names_b, title=title,
-                                 error=error)

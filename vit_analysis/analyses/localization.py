@@ -180,15 +180,23 @@ def _layers(cfg: Any, key: str, model: base.LoadedModel) -> Sequence[str]:
   return (representations.resolve_layers(model, "blocks")[-1],)  # final block / final unit
 
 
-def draw(stem: str, title: str, tokens: Sequence[tuple[int, int]], grid: int,
-         vmax: float | None = 1.0):
-  """The maps figure of a saved result (`stem.npz`) for the chosen tokens."""
-  mean = cka_runner.RepeatedCKA.load(stem).mean.reshape(grid * grid, grid, grid)
-  maps = np.stack([mean[r * grid + c] for r, c in tokens])
+def maps_args(mean: np.ndarray, title: str, tokens: Sequence[tuple[int, int]], grid: int,
+              vmax: float | None = 1.0) -> dict[str, Any]:
+  """The arguments of `plotting.similarity.localization_maps` for the chosen tokens.
+
+  Args:
+    mean: [grid * grid, grid * grid] CKA of each token (rows) with each input patch (columns).
+    title: figure title; the count of left-out (constant, NaN) input patches is added.
+    tokens: the (row, col) grid positions drawn.
+    grid: tokens per side.
+    vmax: colour range [0, vmax] (None: the largest value).
+  """
+  mean = np.asarray(mean).reshape(grid * grid, grid, grid)
   blank = int(np.isnan(mean).all(0).sum())
   if blank:
     title = f"{title}\n{blank} of {grid * grid} input patches constant, left out (blank)"
-  return plots.localization_maps(maps, tokens, title=title, vmax=vmax)
+  return dict(maps=np.stack([mean[r * grid + c] for r, c in tokens]),
+              tokens=[list(t) for t in tokens], title=title, vmax=vmax)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -238,8 +246,9 @@ def run(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResul
       if ctx.is_main:
         rep.save(stem, grid=g, tokens=np.asarray(tokens))
       figures.append(ctx.save_figure(
-          lambda: draw(stem, f"{model.name} {layer}: CKA(token, input patch)", tokens, g,
-                       cfg.vmax), f"localization_{tag}"))
+          f"localization_{tag}", plots.localization_maps,
+          **maps_args(rep.mean, f"{model.name} {layer}: CKA(token, input patch)", tokens, g,
+                      cfg.vmax)))
   return base.AnalysisResult(
       name="localization", title="Spatial localisation (Figs 9, 10, D.1-D.3)",
       caption="CKA between one output token (red cross) and the raw input patch at every grid "

@@ -320,19 +320,19 @@ def run(ctx: Context, cfg: ml_collections.ConfigDict) -> AnalysisResult:
                  mean=c["acc_mean"], std=c["acc_std"])
             for key, s in summary.items() for m, c in s["aggregated"].items()]
   shots = f"{cfg.shots}-shot " if cfg.kind == "fewshot" else ""
-  figures = [ctx.save_figure(lambda: plots.layer_curves(
-      curves, title=f"{shots}{cfg.kind} probes, aggregated representations"), f"{NAME}_layers")]
+  figures = [ctx.save_figure(f"{NAME}_layers", plots.layer_curves, curves=curves,
+                             title=f"{shots}{cfg.kind} probes, aggregated representations")]
   token_curves = [dict(label=f"{key} ({_head(raw[key])})", layers=list(s["tokens"]),
                        mean=np.array([c["acc_mean"] for c in s["tokens"].values()]),
                        std=np.array([c["acc_std"] for c in s["tokens"].values()]))
                   for key, s in summary.items() if s["tokens"]]
   if token_curves:
-    figures.append(ctx.save_figure(lambda: plots.layer_curves(
-        token_curves, title=f"{shots}per-token probes (mean over tokens)"), f"{NAME}_tokens"))
+    figures.append(ctx.save_figure(f"{NAME}_tokens", plots.layer_curves, curves=token_curves,
+                                   title=f"{shots}per-token probes (mean over tokens)"))
     rows = [(f"{key} ({_head(raw[key])})", _pick(s["grids"], cfg.grid_layers))
             for key, s in summary.items() if s["grids"]]
     if rows:
-      figures.append(ctx.save_figure(lambda: plots.token_grids(rows), f"{NAME}_token_grids"))
+      figures.append(ctx.save_figure(f"{NAME}_token_grids", plots.token_grids, rows=rows))
   result = AnalysisResult(
       name=NAME, title="Linear probes per layer (Figs 11, 13, D.4, F.1-F.3)",
       caption=("Test accuracy of linear probes on each layer's pooled features (mean ± std over "

@@ -426,9 +426,8 @@ def run(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResul
       title = (f"{key} ({model.name}): {_MODE_TITLES[mode]} ERFs, "
                f"{int(stats['num_images'])} images")
       figures.append(ctx.save_figure(
-          lambda: mechanisms.receptive_fields({n: erfs[n] for n in layers}, summaries=area,
-                                              title=title),
-          f"receptive_field_{key}_{mode}"))
+          f"receptive_field_{key}_{mode}", mechanisms.receptive_fields,
+          erfs={n: erfs[n] for n in layers}, summaries=area, title=title))
   ctx.save_arrays("receptive_field", **arrays)
   return base.AnalysisResult(
       name="receptive_field", title="Effective receptive fields (Figs 6, C.1-C.4)",

@@ -127,20 +127,59 @@ def null_masks(arrays: Mapping[str, np.ndarray], intra: bool) -> dict[str, np.nd
           for k, p in arrays.items() if k.endswith("_null_p")}
 
 
+def heatmap_args(rep: cka_runner.RepeatedCKA, title: str, model_a: str,
+                 model_b: str) -> dict[str, Any]:
+  """The arguments of `plotting.similarity.cka_heatmap` for a comparison (mean, spread)."""
+  return dict(matrix=rep.mean, row_names=list(rep.names_a), col_names=list(rep.names_b),
+              row_model=model_a, col_model=model_b, title=title,
+              spread=rep.std if len(rep.values) > 1 else None)
+
+
+def measures_args(rep: cka_runner.RepeatedCKA, title: str, model_a: str, model_b: str,
+                  intra: bool) -> dict[str, Any]:
+  """The arguments of `plotting.similarity.measure_heatmaps`: every measure, the cells above the
+  null (BH, q = NULL_FDR) and each measure's mean under the shuffle null."""
+  arrays = rep.arrays()
+  nulls = {("linear_cka" if k == "cka_null_mean" else k[:-len("_null_mean")]): v
+           for k, v in arrays.items() if k.endswith("_null_mean")}
+  above, note = null_masks(arrays, intra) or None, ""
+  found = null_discoveries(arrays, intra)
+  if found:
+    tested = next(iter(found.values()))[1]
+    perms = int(next(v for k, v in arrays.items() if k.endswith("_null_values")).shape[0])
+    need = significance.min_permutations(tested, NULL_FDR)
+    if perms < need:  # no cell could be called: masking every cell would hide the values
+      above = None
+      note = (f"no cell masked: {perms} null permutations cannot call any of {tested} cells at "
+              f"q = {NULL_FDR} (use null_permutations >= {need})")
+  return dict(values=measure_values(rep), row_names=list(rep.names_a),
+              col_names=list(rep.names_b), row_model=model_a, col_model=model_b,
+              above_null=above, null_means=nulls or None, fdr=NULL_FDR, note=note, title=title)
+
+
+def save_figures(ctx: base.Context, rep: cka_runner.RepeatedCKA, name: str, model_a: str,
+                 model_b: str, intra: bool) -> list[str]:
+  """The static figures of one saved comparison: its CKA heatmap and, when the run computed
+  other measures, all measures side by side (`figures/<name>[_measures].png`)."""
+  title = f"{model_a} vs {model_b}"
+  figures = [ctx.save_figure(name, plots.cka_heatmap,
+                             **heatmap_args(rep, title, model_a, model_b))]
+  if rep.measures:
+    figures.append(ctx.save_figure(f"{name}_measures", plots.measure_heatmaps,
+                                   **measures_args(rep, title, model_a, model_b, intra)))
+  return figures
+
+
 def draw_measures(stem: str, title: str, model_a: str, model_b: str, intra: bool):
-  """Every measure of a saved comparison side by side (cells not above the null blank)."""
-  rep = cka_runner.RepeatedCKA.load(stem)
-  return plots.measure_heatmaps(measure_values(rep), row_names=rep.names_a,
-                                col_names=rep.names_b, row_model=model_a, col_model=model_b,
-                                above_null=null_masks(rep.arrays(), intra) or None, title=title)
+  """Every measure of a saved comparison (`.npz` + `.json`) side by side, without recomputation."""
+  return plots.measure_heatmaps(**measures_args(cka_runner.RepeatedCKA.load(stem), title,
+                                                model_a, model_b, intra))
 
 
 def draw(stem: str, title: str, model_a: str, model_b: str):
   """The heatmap figure of a saved comparison (`.npz` + `.json`), without recomputation."""
-  rep = cka_runner.RepeatedCKA.load(stem)
-  return plots.cka_heatmap(rep.mean, row_names=rep.names_a, col_names=rep.names_b,
-                           row_model=model_a, col_model=model_b, title=title,
-                           spread=rep.std if len(rep.values) > 1 else None)
+  return plots.cka_heatmap(**heatmap_args(cka_runner.RepeatedCKA.load(stem), title, model_a,
+                                          model_b))
 
 
 def _run(ctx: base.Context, cfg: ml_collections.ConfigDict,
@@ -166,14 +205,8 @@ def _run(ctx: base.Context, cfg: ml_collections.ConfigDict,
     stem = ctx.results_stem(f"{ctx.name}_{tag}")
     if ctx.is_main:
       rep.save(stem)
-    figures.append(ctx.save_figure(
-        lambda: draw(stem, f"{model_a.name} vs {label_b}", model_a.name, label_b),
-        f"{ctx.name}_{tag}"))
-    if rep.measures:
-      figures.append(ctx.save_figure(
-          lambda: draw_measures(stem, f"{model_a.name} vs {label_b}", model_a.name, label_b,
-                                key_b is None),
-          f"{ctx.name}_{tag}_measures"))
+    figures += save_figures(ctx, rep, f"{ctx.name}_{tag}", model_a.name, label_b,
+                            intra=key_b is None)
   mean, se = cka.null_bias_check(settings["minibatch_size"], *widths, seed=ctx.seed)
   check = dict(minibatch_size=settings["minibatch_size"], width_a=widths[0], width_b=widths[1],
                cka=mean, cka_stderr=se,

@@ -345,18 +345,20 @@ def run(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResul
     metrics[key] = m
     if ratio.shape[1] > 1:
       panels = {f"identity / {kind}": ratio[idx] for kind, idx in kinds.items()}
-      figures.append(ctx.save_figure(lambda: mechanisms.token_block_heatmaps(
-          panels, max_tokens=cfg.heatmap_tokens, has_cls=has_cls,
-          title=f"{key} ({model.name}): norm ratio, first tokens"), f"skip_norms_{key}_tokens"))
-      figures.append(ctx.save_figure(lambda: mechanisms.token_block_heatmaps(
-          panels, has_cls=has_cls, title=f"{key} ({model.name}): all tokens"),
-          f"skip_norms_{key}_all"))
-  figures.insert(0, ctx.save_figure(lambda: mechanisms.depth_lines(
-      ratio_lines, "||z|| / ||f(z)||", log=True, title="skip / branch norm ratio"),
-      "skip_norms_ratio"))
-  figures.insert(1, ctx.save_figure(lambda: mechanisms.depth_lines(
-      cos_lines, "cos(z, z + f(z))" if cos_key == "cos_out" else "cos(z, f(z))",
-      title="skip vs sublayer output"), "skip_norms_cosine"))
+      figures.append(ctx.save_figure(
+          f"skip_norms_{key}_tokens", mechanisms.token_block_heatmaps, panels=panels,
+          max_tokens=cfg.heatmap_tokens, has_cls=has_cls,
+          title=f"{key} ({model.name}): norm ratio, first tokens"))
+      figures.append(ctx.save_figure(
+          f"skip_norms_{key}_all", mechanisms.token_block_heatmaps, panels=panels,
+          has_cls=has_cls, title=f"{key} ({model.name}): all tokens"))
+  figures.insert(0, ctx.save_figure(
+      "skip_norms_ratio", mechanisms.depth_lines, lines=ratio_lines,
+      ylabel="||z|| / ||f(z)||", log=True, title="skip / branch norm ratio"))
+  figures.insert(1, ctx.save_figure(
+      "skip_norms_cosine", mechanisms.depth_lines, lines=cos_lines,
+      ylabel="cos(z, z + f(z))" if cos_key == "cos_out" else "cos(z, f(z))",
+      title="skip vs sublayer output"))
   ctx.save_arrays("skip_norms", **arrays)
   return base.AnalysisResult(
       name="skip_norms", title="Skip-connection norm ratios and cosines (Figs 7, E.1, E.2)",

@@ -237,9 +237,10 @@ def run(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResul
           f"over {n} test images, binomial, the two accuracies taken as independent")
   labels = {k: (f"{k}: unmodified" if k == base_key else f"{k}: block {k[-2:]} skips removed")
             for k in models}
-  figures = [ctx.save_figure(lambda: mechanisms.skip_removal_heatmaps(
-      {labels[k]: m for k, m in matrices.items()},
-      {labels[k]: a for k, a in accuracies.items()}), "skip_removal")]
+  figures = [ctx.save_figure(
+      "skip_removal", mechanisms.skip_removal_heatmaps,
+      matrices={labels[k]: m for k, m in matrices.items()},
+      accuracies={labels[k]: a for k, a in accuracies.items()})]
   return base.AnalysisResult(
       name="skip_removal", title="Removing the skip connections of one block (Fig 8)",
       caption=("Intra-model CKA of ViTs trained with both residual adds of one block removed, "

@@ -69,31 +69,27 @@ def run(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResul
   reps = cka_runner.cka_pairs_over_repeats(
       sides, pairs, ctx.sources[cfg.split], seed=ctx.seed, mesh=ctx.mesh, desc=ctx.name,
       resume=ctx.checkpointer("zoo"), memory_limit_gb=limit, **settings)
-  figures, metrics, stems, means = [], {}, {}, {}
+  figures, metrics, means = [], {}, {}
   for (a, b), rep in reps.items():
     tag = a if b is None else f"{a}_vs_{b}"
     name_a, name_b = loaded[a].name, loaded[a if b is None else b].name
     metrics[tag] = dict(similarity.summary(rep),
                         **similarity.measure_summary(rep, intra=b is None))
-    stem = stems[tag] = ctx.results_stem(f"{ctx.name}_{tag}")
+    stem = ctx.results_stem(f"{ctx.name}_{tag}")
     means[(a, b)] = rep.mean
     if ctx.is_main:
       rep.save(stem)
-    figures.append(ctx.save_figure(
-        lambda stem=stem, na=name_a, nb=name_b: similarity.draw(stem, f"{na} vs {nb}", na, nb),
-        f"{ctx.name}_{tag}"))
-    if rep.measures:
-      figures.append(ctx.save_figure(
-          lambda stem=stem, na=name_a, nb=name_b, intra=b is None: similarity.draw_measures(
-              stem, f"{na} vs {nb}", na, nb, intra), f"{ctx.name}_{tag}_measures"))
+    figures += similarity.save_figures(ctx, rep, f"{ctx.name}_{tag}", name_a, name_b,
+                                       intra=b is None)
   band = summary_matrix(means, keys)
   names = [loaded[k].name for k in keys]
   if ctx.is_main:
     ctx.save_arrays(f"{ctx.name}_summary", band_mean=band, keys=np.asarray(keys),
                     names=np.asarray(names))
   figures.append(ctx.save_figure(
-      lambda: plots.zoo_figure({t: cka_runner.RepeatedCKA.load(s).mean for t, s in stems.items()},
-                               keys, names, band), f"{ctx.name}_grid"))
+      f"{ctx.name}_grid", plots.zoo_figure,
+      means={(a if b is None else f"{a}_vs_{b}"): m for (a, b), m in means.items()},
+      keys=keys, names=names, band=band))
   logging.info("%s: diagonal-band mean CKA\n%s", ctx.name, band)
   return base.AnalysisResult(
       name=ctx.name, title="CKA zoo: every intra- and cross-model grid from one pass (Figs 1, 2)",

@@ -1,12 +1,11 @@
 """Figures: pure functions from result arrays to matplotlib Figures, one module per figure family.
 
 `similarity` (CKA heatmaps, head subsets, localisation, dataset scale), `mechanisms` (attention
-distance, receptive fields, skip norms), `probes` (layer-wise probe accuracy). This module holds the
-pieces they share: the non-interactive backend, `save_figure` and `heatmap`.
+distance, receptive fields, skip norms), `probes` (layer-wise probe accuracy); `recipes` saves a
+figure's function and arguments under the run's results so that the report can redraw it. This
+module holds the pieces they share: the figure style and `heatmap`.
 """
 from __future__ import annotations
-
-import os
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -20,22 +19,10 @@ PANEL_INCHES = 3.3
 plt.rcParams.update({"font.size": 8, "axes.titlesize": 9, "figure.dpi": 150})
 
 
-def save_figure(fig: matplotlib.figure.Figure, path_without_ext: str,
-                formats: tuple[str, ...] = ("png", "pdf")) -> str:
-  """Writes `fig` as `<path>.png` and `<path>.pdf` (each atomically), closes it, returns the PNG path."""
-  os.makedirs(os.path.dirname(path_without_ext) or ".", exist_ok=True)
-  for fmt in formats:
-    final = f"{path_without_ext}.{fmt}"
-    tmp = f"{path_without_ext}.tmp.{fmt}"
-    fig.savefig(tmp, bbox_inches="tight", format=fmt)
-    os.replace(tmp, final)
-  plt.close(fig)
-  return f"{path_without_ext}.{formats[0]}"
-
-
 def heatmap(ax: matplotlib.axes.Axes, matrix: np.ndarray, *, vmin: float = 0.0, vmax: float = 1.0,
-            xlabel: str = "", ylabel: str = "", title: str = "", cmap: str = "magma",
-            colorbar: bool = True, origin: str = "lower") -> matplotlib.image.AxesImage:
+            xlabel: str = "", ylabel: str = "", title: str = "",
+            cmap: str | matplotlib.colors.Colormap = "magma", colorbar: bool = True,
+            origin: str = "lower") -> matplotlib.image.AxesImage:
   """Draws `matrix: [rows, cols]` with a fixed colour range (default [0, 1], as CKA) on `ax`.
 
   Rows run bottom-to-top (`origin='lower'`) so that layer 0 of both axes meets at the corner, as in

@@ -1,6 +1,7 @@
 """Figures of the mechanism analyses: attention distance, receptive fields, skip norms/removal.
 
-Pure functions: arrays in, a matplotlib Figure out (save with `plotting.save_figure`).
+Pure functions: arrays in, a matplotlib Figure out (`Context.save_figure` writes it and its
+recipe, `plotting.recipes`).
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Figures of the representation-similarity analyses (Figs 1, 2, 5, 9, 10, 12, B.1, D.x, G.x, H.x).
 
-Pure functions: arrays and layer names in, a matplotlib Figure out (`save_figure` writes it). Every
-CKA colour scale is fixed to [0, 1] so that panels of different models compare by colour.
+Pure functions: arrays and layer names in, a matplotlib Figure out (`Context.save_figure` writes it
+and its recipe, `plotting.recipes`). Every CKA colour scale is fixed to [0, 1] so that panels of
+different models compare by colour.
 """
 from __future__ import annotations
 
@@ -108,57 +109,122 @@ def cka_heatmap(matrix: np.ndarray, *, row_names: Sequence[str] | None = None,
   return fig
 
 
-# Measures not in [0, 1] (docs/method.md#other-similarity-measures): RSA is a rank correlation,
-# ridge R^2 is unbounded below (None: the panel's minimum, at most 0), the Procrustes angle is in
-# [0, pi/2] radians with lower = more similar.
-_VALUE_RANGE = {"rsa": (-1.0, 1.0), "linear_predictivity": (None, 1.0),
-                "procrustes_distance": (0.0, np.pi / 2)}
+# Every measure's colour range (docs/method.md#other-similarity-measures), shared with the
+# interactive report (`report/figures.py`) so that both pages colour a value alike. Measures in
+# [0, 1] share CKA's range, so that side-by-side panels compare by colour; RSA is a rank
+# correlation, ridge R^2 is unbounded below (None: the panel's minimum, at most 0), the
+# Procrustes angle is in [0, pi/2] radians with lower = more similar.
+MEASURE_RANGE = {m: (0.0, 1.0) for m in ("linear_cka", "rbf_cka", "procrustes", "mutual_knn",
+                                         "svcca", "pwcca", "distance_correlation")}
+MEASURE_RANGE.update(rsa=(-1.0, 1.0), linear_predictivity=(None, 1.0),
+                     procrustes_distance=(0.0, np.pi / 2))
 _LOWER_IS_SIMILAR = ("procrustes_distance",)
+MASKED_COLOUR = "#bdbdbd"  # cells not above the null: grey, outside every colour map used here
+
+
+def colour_scale(measure: str, matrix: np.ndarray) -> tuple[float, float, bool]:
+  """(vmin, vmax, diverging) of a heatmap of `measure`.
+
+  A measure of known range is drawn on that range (a None end follows the data: ridge R^2's
+  minimum, at most 0); any other (e.g. a null's mean of an unknown measure) on a diverging map
+  centred at 0 with the symmetric range [-max |x|, max |x|], so that noise around 0 reads as
+  noise.
+  """
+  finite = np.asarray(matrix, np.float64)
+  finite = finite[np.isfinite(finite)]
+  if measure in MEASURE_RANGE:
+    lo, hi = MEASURE_RANGE[measure]
+    if lo is None:
+      lo = min(0.0, float(finite.min())) if finite.size else 0.0
+    if hi is None:
+      hi = max(1.0, float(finite.max())) if finite.size else 1.0
+    return lo, hi, False
+  bound = float(np.abs(finite).max()) if finite.size else 0.0
+  bound = bound or 1.0
+  return -bound, bound, True
 
 
 def measure_heatmaps(values: Mapping[str, np.ndarray], *, row_names: Sequence[str],
                      col_names: Sequence[str], row_model: str = "", col_model: str = "",
                      above_null: Mapping[str, np.ndarray] | None = None,
-                     title: str = "") -> matplotlib.figure.Figure:
-  """One heatmap per similarity measure, side by side, on one colour range [0, 1] (a measure with
-  another range, e.g. RSA's [-1, 1] or the Procrustes angle, on its own: `_VALUE_RANGE`).
+                     null_means: Mapping[str, np.ndarray] | None = None, fdr: float = 0.05,
+                     note: str = "", title: str = "") -> matplotlib.figure.Figure:
+  """One heatmap per similarity measure, side by side; below them each measure's shuffle null.
+
+  The measures in [0, 1] share one colour range, so that panels compare by colour; a measure with
+  another range (RSA, ridge R^2, the Procrustes angle) is drawn on its own (`colour_scale`). A
+  null's mean is drawn on its measure's scale, or on a diverging map centred at 0 with a
+  symmetric range when the measure's range is unknown.
 
   Args:
     values: {measure: [rows, cols]} (mean over repeats), e.g. linear CKA, RBF CKA, Procrustes.
     row_names, col_names: layer names for the tick labels.
     row_model, col_model: model names written on the axes.
     above_null: optional {measure: [rows, cols] bool}: the cells above the shuffle null
-      (Benjamini–Hochberg over the heatmap, docs/method.md#significance); the others are masked
-      (drawn blank) and the panel title counts them.
+      (Benjamini–Hochberg at q = `fdr` over the heatmap, docs/method.md#significance); the others
+      are masked (grey), each panel title counts them and the figure says what grey means.
+    null_means: optional {measure: [rows, cols]} mean of the measure under the shuffle null,
+      drawn as a second row (measures without one leave their cell empty).
+    fdr: the false-discovery rate of `above_null`, for the explanation.
+    note: a line under the title (e.g. why no cell is masked).
     title: figure title.
+
+  Returns:
+    The figure: 1 x M panels, or 2 x M with `null_means`.
   """
   if not values:
     raise ValueError("no measures to draw")
-  fig, axes = plt.subplots(1, len(values), figsize=(1.1 * PANEL_INCHES * len(values),
-                                                    PANEL_INCHES), squeeze=False)
-  for ax, (name, matrix) in zip(axes[0], values.items()):
+  shape = (len(row_names), len(col_names))
+  null_means = {k: v for k, v in (null_means or {}).items() if k in values}
+  rows = 2 if null_means else 1
+  fig, axes = plt.subplots(rows, len(values), squeeze=False,
+                           figsize=(1.1 * PANEL_INCHES * len(values), PANEL_INCHES * rows))
+  masked_any = False
+  for j, (name, matrix) in enumerate(values.items()):
+    ax = axes[0, j]
     matrix = np.asarray(matrix, np.float64)
-    if matrix.shape != (len(row_names), len(col_names)):
-      raise ValueError(f"{name}: shape {matrix.shape} for {len(row_names)} x {len(col_names)} "
-                       "names")
-    label = name
+    if matrix.shape != shape:
+      raise ValueError(f"{name}: shape {matrix.shape} for {shape[0]} x {shape[1]} names")
+    lo, hi, diverging = colour_scale(name, matrix)
+    label = name + (" (lower = more similar)" if name in _LOWER_IS_SIMILAR else "")
     if above_null is not None and name in above_null:
       keep = np.asarray(above_null[name], bool)
+      if keep.shape != shape:
+        raise ValueError(f"above_null[{name!r}]: shape {keep.shape} != {shape}")
       matrix = np.where(keep, matrix, np.nan)
-      label = f"{name} ({int((~keep).sum())} cells not above the null blank)"
-    lo, hi = _VALUE_RANGE.get(name, (0.0, 1.0))
-    if lo is None:
-      finite = matrix[np.isfinite(matrix)]
-      lo = min(0.0, float(finite.min())) if finite.size else 0.0
-    if name in _LOWER_IS_SIMILAR:
-      label += " (lower = more similar)"
-    heatmap(ax, matrix, vmin=lo, vmax=hi, title=label)
+      masked = int((~keep).sum())
+      masked_any |= masked > 0
+      label += f"\n{masked} of {keep.size} cells not above the null"
+    _masked_heatmap(ax, matrix, lo, hi, diverging, label)
     _label_axis(ax, col_names, "x", col_model)
     _label_axis(ax, row_names, "y", row_model)
-  if title:
-    fig.suptitle(title)
+    if rows == 2:
+      ax = axes[1, j]
+      if name not in null_means:
+        ax.axis("off")
+        continue
+      null = np.asarray(null_means[name], np.float64)
+      if null.shape != shape:
+        raise ValueError(f"null_means[{name!r}]: shape {null.shape} != {shape}")
+      lo, hi, diverging = colour_scale(name, null)
+      _masked_heatmap(ax, null, lo, hi, diverging, f"{name}: mean under the shuffle null")
+      _label_axis(ax, col_names, "x", col_model)
+      _label_axis(ax, row_names, "y", row_model)
+  notes = [t for t in (title, note) if t]
+  if masked_any:
+    notes.append(f"grey cells: not above the shuffle null (Benjamini–Hochberg, q = {fdr:g}, "
+                 "over each heatmap's cells)")
+  if notes:
+    fig.suptitle("\n".join(notes))
   fig.tight_layout()
   return fig
+
+
+def _masked_heatmap(ax, matrix: np.ndarray, lo: float, hi: float, diverging: bool,
+                    title: str) -> None:
+  """`heatmap` with NaN cells in `MASKED_COLOUR`; a diverging map (blue < 0 < red) if asked."""
+  cmap = plt.get_cmap("RdBu_r" if diverging else "magma").with_extremes(bad=MASKED_COLOUR)
+  heatmap(ax, matrix, vmin=lo, vmax=hi, cmap=cmap, title=title)
 
 
 def head_subset_lines(mean_distance: np.ndarray, cka: np.ndarray, *,

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from vit_analysis.models import layers
+from vit_analysis.plotting import similarity as plots
 from vit_analysis.report import interactive, reader
 from vit_analysis.runtime import workdir as workdir_lib
 
@@ -55,15 +56,6 @@ def measures(z: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray | No
   return out
 
 
-# Measures in [0, 1] share CKA's colour range, so that side-by-side panels compare.
-_MEASURE_RANGE = {m: (0.0, 1.0) for m in ("linear_cka", "rbf_cka", "procrustes", "mutual_knn",
-                                          "svcca", "pwcca", "distance_correlation")}
-# Their true ranges (docs/method.md#other-similarity-measures): rank correlation, R^2 (unbounded
-# below: the colour range follows the data there), an angle in radians (lower is more similar).
-_MEASURE_RANGE.update(rsa=(-1.0, 1.0), linear_predictivity=(None, 1.0),
-                      procrustes_distance=(0.0, 1.5707963267948966))
-
-
 def _loo(z: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   """The largest change of the cell when one minibatch is left out (max over repeats)."""
   if "max_leave_one_out" not in z:
@@ -99,21 +91,20 @@ def cka_figures(z: Mapping[str, np.ndarray], title: str, model_a: str = "",
       figs.append((f"{title}: {base}, mean under the shuffle null", interactive.cka_heatmap(
           f["mean"], names_a, names_b, title=f"{title}: {base} under the shuffle null",
           model_a=model_a, model_b=model_b, measure=f"{base} (null mean)",
-          **_null_scale(base, f["mean"]))))
+          **_colour(base, f["mean"]))))
       continue
     figs.append((f"{title}: {m}", interactive.cka_heatmap(
         f["mean"], names_a, names_b, stderr=f["stderr"], null_z=f["null_z"],
         extra=_null_p(f["null_p"]), title=f"{title}: {m}", model_a=model_a, model_b=model_b,
-        measure=m, value_range=_MEASURE_RANGE.get(m, (None, None)))))
+        measure=m, **_colour(m, f["mean"]))))
   return figs
 
 
-def _null_scale(measure: str, mean: np.ndarray) -> dict[str, Any]:
-  if measure in _MEASURE_RANGE:
-    return {"value_range": _MEASURE_RANGE[measure]}
-  finite = np.abs(np.asarray(mean, np.float64))
-  bound = float(finite[np.isfinite(finite)].max(initial=0.0)) or 1.0
-  return {"value_range": (-bound, bound), "colorscale": "RdBu"}
+def _colour(measure: str, mean: np.ndarray) -> dict[str, Any]:
+  """A measure's (or its null's) colour range as the static figure draws it
+  (`plotting.similarity.colour_scale`): its own range, or diverging and symmetric about 0."""
+  lo, hi, diverging = plots.colour_scale(measure, mean)
+  return {"value_range": (lo, hi), **({"colorscale": "RdBu"} if diverging else {})}
 
 
 def _model_name(models: Mapping[str, Mapping[str, Any]], key: str) -> str:

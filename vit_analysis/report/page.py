@@ -2,11 +2,14 @@ r"""One self-contained HTML page per workdir, rebuilt from its saved results alo
 
   python -m vit_analysis.report --workdir=runs/demo      # rewrites runs/demo/report.html
   python -m vit_analysis.report --workdir=runs/a --compare=runs/b --out=/tmp/a_vs_b.html
+  python -m vit_analysis.report --workdir=runs/sweep/seed=0 --compare=seed=1   # two sweep points
 
 The page opens with the paper's findings checked on this run (`vit_analysis.report.findings`),
 then the models, then one section per analysis: interactive figures (hover: full layer names,
 value, standard error over minibatches, spread over repeats; zoom and pan), the static PNGs the
-analysis wrote, and its metrics. `--compare` puts two runs side by side and adds difference
+analysis wrote, and its metrics. A missing PNG is drawn again from its recipe under
+`results/recipes/` and written back to `figures/` (`vit_analysis.plotting.recipes`), so the page
+is complete from `results/` alone. `--compare` puts two runs side by side and adds difference
 heatmaps for the comparisons both saved with the same layer names.
 
 Nothing here imports JAX or builds a model: the page is made from `results/*.json|npz`,
@@ -20,9 +23,13 @@ import base64
 import datetime
 import html
 import json
+import logging
+import os
+import posixpath
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from vit_analysis.plotting import recipes
 from vit_analysis.report import figures as report_figures
 from vit_analysis.report import findings, interactive, reader
 from vit_analysis.report import html as report_html
@@ -82,6 +89,12 @@ def _figures_html(run: Run, result: Mapping[str, Any], ids: _Ids) -> str:
   return "".join(parts)
 
 
+def _png_tag(relpath: str, png: bytes) -> str:
+  data = base64.b64encode(png).decode("ascii")
+  alt = html.escape(workdir_lib.basename(relpath))
+  return f'<img alt="{alt}" src="data:image/png;base64,{data}">'
+
+
 def _image_tag(workdir: str, relpath: str) -> str | None:
   """The PNG `relpath` of the run inlined as an <img>, or None when the file is absent."""
   path = workdir_lib.join(workdir, relpath)
@@ -89,27 +102,52 @@ def _image_tag(workdir: str, relpath: str) -> str | None:
     raise ValueError(f"report figures must be PNG files, got {relpath!r}")
   if not workdir_lib.exists(path):
     return None
-  data = base64.b64encode(workdir_lib.read_bytes(path)).decode("ascii")
-  alt = html.escape(workdir_lib.basename(relpath))
-  return f'<img alt="{alt}" src="data:image/png;base64,{data}">'
+  return _png_tag(relpath, workdir_lib.read_bytes(path))
+
+
+def _redrawn_tag(workdir: str, relpath: str) -> tuple[str | None, str]:
+  """A missing `figures/<name>.png` drawn again from `results/recipes/<name>` and written back
+  (every format the analysis wrote): (its <img>, '') or (None or the <img>, what went wrong)."""
+  folder, name = posixpath.split(relpath.replace(os.sep, "/"))
+  if folder != workdir_lib.FIGURES:
+    return None, "not under figures/, so it has no recipe"
+  name = name[:-len(".png")]
+  try:
+    files = recipes.redraw(workdir, name)
+  except recipes.RecipeError as e:
+    return None, str(e)
+  if "png" not in files:
+    return None, f"its recipe writes {sorted(files)}, no PNG"
+  tag = _png_tag(relpath, files["png"])
+  try:
+    written = recipes.write_figure(workdir, name, files)
+  except OSError as e:  # a read-only workdir: the page still shows the figure
+    return tag, f"redrawn from its recipe but not written back ({e})"
+  logging.info("report: redrew %s from its recipe", ", ".join(written))
+  return tag, ""
 
 
 def _static_html(run: Run, result: Mapping[str, Any]) -> str:
   pngs = list(result["figures"])
-  tags = [_image_tag(run.workdir, f) for f in pngs]
+  tags, problems = [], []
+  for f in pngs:
+    tag = _image_tag(run.workdir, f)
+    if tag is None:
+      # figures/ may be gone (not copied, deleted): each figure is drawn again from its recipe
+      # under results/ (`plotting.recipes`), written back, and inlined.
+      tag, problem = _redrawn_tag(run.workdir, f)
+      if problem:
+        problems.append(f"static figure <code>{html.escape(f)}</code> " +
+                        ("" if tag else "absent and not redrawn") + f": {html.escape(problem)}")
+    tags.append(tag)
   imgs = "".join(t for t in tags if t)
-  # figures/ may be gone (not copied, deleted): the interactive figures above come from
-  # results/ alone, so the page says which static PNGs are absent instead of failing.
-  missing = [f for f, t in zip(pngs, tags) if t is None]
   out = ""
   if imgs:
-    out += (f"<details><summary>static figures ({len(pngs) - len(missing)} PNG; PDFs next to "
-            f"them in figures/)</summary><div class='figs'>{imgs}</div></details>")
-  if missing:
-    out += ("<p class='note'>static figure" + ("s " if len(missing) > 1 else " ") +
-            ", ".join(f"<code>{html.escape(f)}</code>" for f in missing) +
-            " absent from the workdir; the interactive figures above are drawn from results/ "
-            "and show the same data.</p>")
+    out += (f"<details><summary>static figures ({sum(t is not None for t in tags)} PNG; PDFs "
+            f"next to them in figures/)</summary><div class='figs'>{imgs}</div></details>")
+  if problems:
+    out += ("<p class='note'>" + "; ".join(problems) + ". The interactive figures above are "
+            "drawn from results/ and show the same data.</p>")
   if result["metrics"]:
     out += ("<details open><summary>metrics</summary>" +
             report_html.metrics_table(result["metrics"]) + "</details>")
@@ -229,6 +267,31 @@ def write_report(workdir: str, config: Mapping[str, Any], results: Sequence[Any]
   return _write(workdir_lib.Layout(workdir).report, page)
 
 
+def _is_run(path: str) -> bool:
+  return workdir_lib.isdir(workdir_lib.Layout(path).results_dir)
+
+
+def resolve_compare(workdir: str, compare: str) -> str:
+  """The run folder `--compare` names: a workdir, or the name of another point of the sweep
+  that `workdir` belongs to (`--workdir=DIR/seed=0 --compare=seed=1`, names as in `DIR/sweep.json`).
+
+  Raises:
+    FileNotFoundError: naming the sweep's points when `compare` is neither.
+  """
+  if _is_run(compare):
+    return compare
+  sweep_dir = workdir_lib.parent(workdir_lib.absolute(workdir).rstrip("/"))
+  index = workdir_lib.read_json(workdir_lib.Layout(sweep_dir).sweep) if sweep_dir else None
+  points = {p.get("name"): p.get("workdir", p.get("name")) for p in (index or {}).get("points", [])}
+  if compare in points:
+    path = workdir_lib.join(sweep_dir, points[compare])
+    if _is_run(path):
+      return path
+  where = (f"; the sweep {sweep_dir} has the points {sorted(points)}" if index else "")
+  raise FileNotFoundError(f"--compare={compare!r} is neither a run folder (with results/) nor a "
+                          f"point of {workdir!r}'s sweep{where}")
+
+
 def rebuild(workdir: str, *, compare: str | None = None, out: str | None = None,
             title: str = "vit_analysis report") -> str:
   """Rewrites the page of `workdir` (beside `compare` if given) from saved results alone.
@@ -239,6 +302,7 @@ def rebuild(workdir: str, *, compare: str | None = None, out: str | None = None,
   """
   runs = [Run(workdir)]
   if compare:
+    compare = resolve_compare(workdir, compare)
     runs.append(Run(compare))
     if runs[0].label == runs[1].label:
       runs[0].label, runs[1].label = f"A: {runs[0].label}", f"B: {runs[1].label}"
@@ -253,7 +317,9 @@ def main(argv: Sequence[str] | None = None) -> str:
       prog="python -m vit_analysis.report",
       description="Rebuild report.html from a workdir's saved results (no model, no JAX).")
   parser.add_argument("--workdir", required=True, help="the run's workdir")
-  parser.add_argument("--compare", default=None, help="a second workdir shown side by side")
+  parser.add_argument("--compare", default=None,
+                      help="a second workdir shown side by side, or the name of another point of "
+                           "the sweep that --workdir belongs to (e.g. seed=1)")
   parser.add_argument("--out", default=None, help="output path (default: in the workdir)")
   parser.add_argument("--title", default="vit_analysis report")
   args = parser.parse_args(argv)

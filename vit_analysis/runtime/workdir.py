@@ -8,7 +8,10 @@ so that every host sees the same files). It holds:
   timings.json          seconds per stage, for a rebuilt page
   report.html           the page (`vit_analysis.report`)
   results/<name>.json   an analysis' summary; results/<stem>.npz|json its arrays
-  figures/<name>.png    static figures (and .pdf); the page is rebuilt without them
+  results/recipes/<name>.json|npz
+                        how to redraw figure <name>: a `vit_analysis.plotting` function and its
+                        arguments (`plotting.recipes`); the page redraws a missing figure
+  figures/<name>.png    static figures (and .pdf), redrawn from their recipes when missing
   partial/<analysis>/   partial state of an interrupted analysis (`runtime.resume`)
   models/               the model cache (`config.model_cache`), shared by runs that name it
   sweep.json            a sweep's index of its points (in the sweep's folder)
@@ -45,7 +48,8 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-RESULTS, FIGURES, PARTIAL, MODELS = "results", "figures", "partial", "models"
+RESULTS, FIGURES, PARTIAL, MODELS, RECIPES = (
+    "results", "figures", "partial", "models", "recipes")
 CONFIG, MODELS_JSON, TIMINGS, REPORT, SWEEP = (
     "config.json", "models.json", "timings.json", "report.html", "sweep.json")
 
@@ -296,6 +300,11 @@ class Layout:
 
   def figure(self, name: str, fmt: str = "png") -> str:
     return self.join(FIGURES, f"{name}.{fmt}")
+
+  def recipe(self, name: str, ext: str = ".json") -> str:
+    """`results/recipes/<name><ext>`: how to redraw figure `<name>` (.json: the plotting
+    function and its other arguments, written last; .npz: its array arguments)."""
+    return self.join(RESULTS, RECIPES, name + ext)
 
   def partial(self, *parts: str) -> str:
     """`partial/<analysis>/<tag>`: partial state of an interrupted analysis."""
