@@ -274,7 +274,7 @@ def test_skip_removal_accuracy_and_split():
 
 
 def test_skip_removal_split_with_saved_errors():
-  def removal(change, se, over="jackknife over 4 minibatches, cell errors added: an upper bound"):
+  def removal(change, se, over="jackknife over 4 minibatches"):
     m = _removal(0.95, 0.91, 10000)
     m["vit_noskip05"]["split_change"] = {"value": change, "stderr": se, "over": over}
     return m
@@ -284,7 +284,7 @@ def test_skip_removal_split_with_saved_errors():
   assert _shown("skip_removal", removal(0.0, 0.01), match="splits") == [N]
   f = findings.check_skip_removal(_run("skip_removal", removal(0.1, 0.05)))[1]
   assert f.interval == (f"[{0.1 - Z * 0.05:.3g}, {0.1 + Z * 0.05:.3g}] vs > 0.05 (jackknife over "
-                        "4 minibatches, cell errors added: an upper bound)")
+                        "4 minibatches)")
   assert f.measured == "0.4 vs unmodified 0.1"
   # Only the two contrasts' errors saved: added (the same images), 0.3 ± 1.96 x 0.2.
   m = _removal(0.95, 0.91, 10000)

@@ -105,22 +105,22 @@ def test_scores_closed_form():
 def test_own_contrast_error_against_numpy_jackknife():
   from test_skip_removal import jackknife, synthetic_comparison
 
-  from vit_analysis.analyses import skip_removal
+  from vit_analysis.similarity import cka_runner
   rep, ref = synthetic_comparison(np.random.default_rng(3), k=4, a=9, b=9)
   rep.values[:, :, 2] = ref["cka"][:, 2] = np.nan  # a constant input patch
   w = localization.contrast_weights(rep.mean)
   assert (np.nan_to_num(rep.mean) * w).sum() == pytest.approx(
       localization.scores(rep.mean)["own_contrast"], rel=1e-12)
   assert (w[2] == 0).all() and (w[:, 2] == 0).all()  # token 2's own patch is NaN: left out
-  est = skip_removal.linear_estimate([(rep, w)])
+  est = cka_runner.linear_estimate([(rep, w)])
   assert est["value"] == pytest.approx(localization.scores(ref["cka"])["own_contrast"], rel=1e-12)
   # Per token: own - mean of the finite others, averaged over the 8 tokens with a finite own.
   keep = [i for i in range(9) if i != 2]
   others = lambda i: [j for j in keep if j != i]  # noqa: E731
-  bound = sum(ref["se"][i, i] + ref["se"][i, others(i)].sum() / 7 for i in keep) / 8
-  assert est["stderr"] == pytest.approx(bound, rel=1e-9)
   loo = np.mean([ref["loo"][:, i, i] - ref["loo"][:, i, others(i)].mean(1) for i in keep], 0)
-  assert jackknife(loo) < est["stderr"]
+  assert est["stderr"] == pytest.approx(jackknife(loo), rel=1e-9)
+  bound = sum(ref["se"][i, i] + ref["se"][i, others(i)].sum() / 7 for i in keep) / 8
+  assert est["stderr"] < bound
 
 
 def test_end_to_end(tmp_path):
@@ -159,10 +159,14 @@ def test_constant_patches_left_out_and_scores_ignore_nan():
   positions = localization.varying_positions(src, np.arange(20), 12, 3)
   assert len(positions) == 7 and (0, 0) not in positions and (1, 1) not in positions
   assert len(localization.varying_positions(src, np.arange(20), 12, 3, min_fraction=0.05)) == 8
+  loo = np.arange(16.0).reshape(1, 4, 2, 2)  # [R, k, tokens, patches]
   rep = cka_runner.RepeatedCKA(["t0", "t1"], ["patch0_1", "patch1_1"], np.ones((1, 2, 2)),
-                               np.zeros((1, 2, 2)), 8, 4)
+                               np.zeros((1, 2, 2)), 8, 2, leave_one_out=loo)
   full = localization.expand_columns(rep, 2)
   assert np.isnan(full.values[0, :, 0]).all() and full.values[0, 0, 1] == 1.0
+  # The leave-one-minibatch-out grids move with their columns.
+  assert full.leave_one_out.shape == (1, 4, 2, 4) and np.isnan(full.leave_one_out[..., 0]).all()
+  np.testing.assert_array_equal(full.leave_one_out[..., [1, 3]], loo)
   m = np.array([[np.nan, 0.2, 0.1], [np.nan, 0.5, 0.6], [np.nan, 0.1, 0.9]])
   s = localization.scores(m)
   assert s["tokens_scored"] == 2 and s["own_is_best"] == pytest.approx(0.5)

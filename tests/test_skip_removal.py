@@ -1,5 +1,5 @@
 """Skip removal: split summary closed forms, entry rewriting, the analysis end to end; the
-standard errors of linear CKA statistics (`linear_estimate`) against float64 NumPy."""
+standard errors of linear CKA statistics (`cka_runner.linear_estimate`) against float64 NumPy."""
 import ml_collections
 import numpy as np
 import pytest
@@ -12,7 +12,8 @@ def synthetic_comparison(rng, k=5, a=4, b=4, m=16):
   """One repeat of k minibatches of made-up HSIC terms, through the package's accumulator.
 
   Returns:
-    (RepeatedCKA with values/stderr [1, a, b] from `cka.result`, the NumPy float64 reference
+    (RepeatedCKA with values/stderr [1, a, b] and leave_one_out [1, k, a, b] from `cka.result`,
+    the NumPy float64 reference
     {'cka': [a, b], 'loo': [k, a, b] leave-one-minibatch-out CKA, 'se': [a, b] its jackknife}).
   """
   sa, sb = rng.uniform(1, 2, (k, a)), rng.uniform(1, 2, (k, b))
@@ -21,7 +22,8 @@ def synthetic_comparison(rng, k=5, a=4, b=4, m=16):
   terms = cka.HSICTerms(cross, sa, sb, sa, sb, np.full(k, m))
   res = cka.result(cka.accumulate(cka.init(a, b), terms))
   rep = cka_runner.RepeatedCKA([f"a{i}" for i in range(a)], [f"b{j}" for j in range(b)],
-                               res.cka[None], res.stderr[None], k * m, m)
+                               res.cka[None], res.stderr[None], k * m, m,
+                               leave_one_out=res.leave_one_out[None])
   # Independent reference: CKA_(-i) = (C - c_i) / sqrt((A - a_i)(B - b_i)), float64.
   c, ta, tb = cross.sum(0), sa.sum(0), sb.sum(0)
   full = c / np.sqrt(np.outer(ta, tb))
@@ -36,32 +38,35 @@ def jackknife(theta_loo):
   return float(np.sqrt((k - 1) / k * ((theta_loo - theta_loo.mean()) ** 2).sum()))
 
 
-def test_linear_estimate_one_repeat_against_numpy_jackknife():
+def test_linear_estimate_one_repeat_is_the_exact_jackknife_of_the_statistic():
   rng = np.random.default_rng(0)
   rep, ref = synthetic_comparison(rng, k=5, a=6, b=6)
   np.testing.assert_allclose(rep.stderr[0], ref["se"], rtol=1e-9)
+  np.testing.assert_allclose(rep.leave_one_out[0], ref["loo"], rtol=1e-9)
   w = sr.split_weights(6, 2)
-  est = sr.linear_estimate([(rep, w)])
+  est = cka_runner.linear_estimate([(rep, w)])
   assert est["value"] == pytest.approx((w * ref["cka"]).sum(), rel=1e-12)
-  # Saved: the cells' jackknife errors added with |w|, from the per-minibatch values.
-  assert est["stderr"] == pytest.approx((np.abs(w) * ref["se"]).sum(), rel=1e-9)
-  assert est["over"] == "jackknife over 5 minibatches, cell errors added: an upper bound"
-  # It bounds the statistic's own jackknife (from the leave-one-out grids) from above.
+  # The statistic's own jackknife, from the leave-one-minibatch-out grids; smaller here than
+  # the cells' errors added with |w| (which bound it).
   exact = jackknife((ref["loo"] * w).sum((1, 2)))
-  assert exact < est["stderr"]
-  # One cell: its exact jackknife error, said so.
+  assert est["stderr"] == pytest.approx(exact, rel=1e-9)
+  assert est["over"] == "jackknife over 5 minibatches"
+  assert exact < (np.abs(w) * ref["se"]).sum()
+  # One cell: its own jackknife error.
   one = np.zeros((6, 6))
   one[2, 3] = -2.0
-  est = sr.linear_estimate([(rep, one)])
-  assert est["stderr"] == pytest.approx(jackknife(-2.0 * ref["loo"][:, 2, 3]), rel=1e-9)
-  assert est["over"] == "jackknife over 5 minibatches"
-  # Two comparisons of the same minibatches: the change's bound adds both grids' errors.
+  est = cka_runner.linear_estimate([(rep, one)])
+  assert est["stderr"] == pytest.approx(2.0 * ref["se"][2, 3], rel=1e-9)
+  # Two comparisons of the same minibatches: the change is formed per left-out minibatch.
   rep2, ref2 = synthetic_comparison(rng, k=5, a=6, b=6)
-  change = sr.linear_estimate([(rep2, w), (rep, -w)])
+  change = cka_runner.linear_estimate([(rep2, w), (rep, -w)])
   assert change["value"] == pytest.approx((w * (ref2["cka"] - ref["cka"])).sum(), rel=1e-12)
-  assert change["stderr"] == pytest.approx((np.abs(w) * (ref["se"] + ref2["se"])).sum(),
-                                           rel=1e-9)
-  assert jackknife((w * (ref2["loo"] - ref["loo"])).sum((1, 2))) < change["stderr"]
+  assert change["stderr"] == pytest.approx(
+      jackknife((w * (ref2["loo"] - ref["loo"])).sum((1, 2))), rel=1e-9)
+  # A comparison saved without its leave-one-out grids has no error to give, and says so.
+  old = cka_runner.RepeatedCKA(rep.names_a, rep.names_b, rep.values, rep.stderr, 80, 16)
+  est = cka_runner.linear_estimate([(old, w)])
+  assert np.isnan(est["stderr"]) and "without its leave-one-minibatch-out grids" in est["over"]
 
 
 def test_linear_estimate_over_repeats_is_paired():
@@ -71,15 +76,15 @@ def test_linear_estimate_over_repeats_is_paired():
   rep = lambda v: cka_runner.RepeatedCKA(list("abcde"), list("abcde"), v,  # noqa: E731
                                          np.full_like(v, 0.5), 64, 16)
   w = sr.split_weights(5, 3)
-  est = sr.linear_estimate([(rep(va), w), (rep(vb), -w)])
+  est = cka_runner.linear_estimate([(rep(va), w), (rep(vb), -w)])
   per_repeat = np.nansum(va * w, (1, 2)) - (vb * w).sum((1, 2))
   assert est["value"] == pytest.approx(per_repeat.mean(), rel=1e-12)
   assert est["stderr"] == pytest.approx(per_repeat.std(ddof=1) / np.sqrt(3), rel=1e-12)
   assert est["over"] == "over 3 repeats"
   with pytest.raises(ValueError, match="repeats"):
-    sr.linear_estimate([(rep(va), w), (rep(vb[:2]), w)])
+    cka_runner.linear_estimate([(rep(va), w), (rep(vb[:2]), w)])
   one = cka_runner.RepeatedCKA(["a"], ["b"], np.ones((1, 1, 1)), np.zeros((1, 1, 1)), 16, 16)
-  assert np.isnan(sr.linear_estimate([(one, np.ones((1, 1)))])["stderr"])
+  assert np.isnan(cka_runner.linear_estimate([(one, np.ones((1, 1)))])["stderr"])
 
 
 @pytest.mark.parametrize("size,cut", [(6, 2), (6, 1), (5, 4), (7, 3)])
@@ -149,17 +154,20 @@ def test_run_trains_through_train_fn_and_draws_heatmaps(tmp_path):
   assert m["split"]["across"] < m["split_unmodified"]["across"] - 0.1
   saved = np.load(tmp_path / "results" / "skip_removal_vit_noskip01.npz")
   unmodified = np.load(tmp_path / "results" / "skip_removal_vit.npz")
-  # One repeat of 4 minibatches: the contrasts' errors are the saved cells' jackknife errors
-  # added with the contrast's |weights|; the paired change adds both models'.
-  w = np.abs(sr.split_weights(10, sr.split_index([str(n) for n in saved["names_a"]], 1)))
-  se, se0 = (w * saved["stderr"][0]).sum(), (w * unmodified["stderr"][0]).sum()
+  # One repeat of 4 minibatches: each contrast's error is its exact jackknife from the saved
+  # leave-one-minibatch-out grids; the paired change is formed per left-out minibatch.
+  w = sr.split_weights(10, sr.split_index([str(n) for n in saved["names_a"]], 1))
+  loo, loo0 = saved["leave_one_out"][0], unmodified["leave_one_out"][0]  # [k, L, L]
+  assert loo.shape == (4, 10, 10)
+  se, se0 = jackknife((w * loo).sum((1, 2))), jackknife((w * loo0).sum((1, 2)))
   assert m["split"]["contrast_stderr"] == pytest.approx(se, rel=1e-9) and se > 0
   assert m["split_unmodified"]["contrast_stderr"] == pytest.approx(se0, rel=1e-9)
   assert m["split_change"]["value"] == pytest.approx(
       m["split"]["contrast"] - m["split_unmodified"]["contrast"], abs=1e-12)
-  assert m["split_change"]["stderr"] == pytest.approx(se + se0, rel=1e-9)
+  assert m["split_change"]["stderr"] == pytest.approx(
+      jackknife((w * (loo - loo0)).sum((1, 2))), rel=1e-9)
   assert m["split"]["contrast_over"] == m["split_change"]["over"] == (
-      "jackknife over 4 minibatches, cell errors added: an upper bound")
+      "jackknife over 4 minibatches")
   assert m["accuracy_drop_stderr"] == pytest.approx(
       np.sqrt(0.75 * 0.25 / 40 + 0.25 * 0.75 / 40), rel=1e-12)
   assert m["accuracy_drop_over"].startswith("over 40 test images")

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import ml_collections
 import numpy as np
 
-from vit_analysis.analyses import base, skip_removal
+from vit_analysis.analyses import base
 from vit_analysis.input import data as data_lib
 from vit_analysis.models import layers as layers_lib
 from vit_analysis.models import train as train_lib
@@ -140,7 +140,7 @@ def block_estimates(rep: cka_runner.RepeatedCKA) -> dict[str, Any]:
 
   Returns:
     {'block_cka': [L] diagonal of the mean grid, 'block_cka_stderr': [L] its standard errors
-     (`skip_removal.linear_estimate` of each diagonal cell: over repeats, or with one repeat the
+     (`cka_runner.linear_estimate` of each diagonal cell: over repeats, or with one repeat the
      cell's own jackknife error, exact for a single cell), 'block_cka_over': what they are over}.
   """
   size = min(np.shape(rep.values)[1:])
@@ -148,7 +148,7 @@ def block_estimates(rep: cka_runner.RepeatedCKA) -> dict[str, Any]:
   for i in range(size):
     w = np.zeros(np.shape(rep.values)[1:])
     w[i, i] = 1.0
-    out.append(skip_removal.linear_estimate([(rep, w)]))
+    out.append(cka_runner.linear_estimate([(rep, w)]))
   return dict(block_cka=np.diag(rep.mean).tolist(),
               block_cka_stderr=[e["stderr"] for e in out],
               block_cka_over=out[0]["over"] if out else "")

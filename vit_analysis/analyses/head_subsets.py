@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from vit_analysis import config_lib
-from vit_analysis.analyses import base, skip_removal
+from vit_analysis.analyses import base
 from vit_analysis.models import attention, capture, layers
 from vit_analysis.models import vit as vit_lib
 from vit_analysis.plotting import similarity as plots
@@ -96,14 +96,14 @@ def local_minus_global(rep: cka_runner.RepeatedCKA) -> tuple[list[float], list[f
 
   Returns:
     ([U] differences, [U] standard errors, what they are over), each from
-    `skip_removal.linear_estimate` with weight +1 on row 0 and -1 on row S - 1 of the column.
+    `cka_runner.linear_estimate` with weight +1 on row 0 and -1 on row S - 1 of the column.
   """
   subsets, units = np.shape(rep.values)[1:]
   out = []
   for u in range(units):
     w = np.zeros((subsets, units))
     w[0, u], w[-1, u] = 1.0, -1.0
-    out.append(skip_removal.linear_estimate([(rep, w)]))
+    out.append(cka_runner.linear_estimate([(rep, w)]))
   return ([e["value"] for e in out], [e["stderr"] for e in out],
           out[0]["over"] if out else "")
 

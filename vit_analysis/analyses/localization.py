@@ -26,7 +26,7 @@ import numpy as np
 from absl import logging
 
 from vit_analysis import config_lib
-from vit_analysis.analyses import base, skip_removal
+from vit_analysis.analyses import base
 from vit_analysis.input import streaming
 from vit_analysis.models import capture
 from vit_analysis.plotting import similarity as plots
@@ -122,8 +122,13 @@ def expand_columns(rep: cka_runner.RepeatedCKA, grid: int) -> cka_runner.Repeate
   values = np.full(rep.values.shape[:2] + (len(full),), np.nan)
   stderr = np.full_like(values, np.nan)
   values[..., cols], stderr[..., cols] = rep.values, rep.stderr
+  loo = None
+  if rep.leave_one_out is not None:
+    loo = np.full(rep.leave_one_out.shape[:3] + (len(full),), np.nan)
+    loo[..., cols] = rep.leave_one_out
   return cka_runner.RepeatedCKA(rep.names_a, full, values, stderr, rep.num_examples,
-                                rep.minibatch_size, rep.examples_counted)
+                                rep.minibatch_size, rep.examples_counted,
+                                leave_one_out=loo)
 
 
 def scores(matrix: np.ndarray) -> dict[str, float]:
@@ -238,7 +243,7 @@ def run(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResul
                                         mesh=ctx.mesh, desc=f"localization/{key}/{layer}",
                                         resume=ctx.checkpointer(tag), **settings)
       rep = expand_columns(rep, g)
-      contrast = skip_removal.linear_estimate([(rep, contrast_weights(rep.mean))])
+      contrast = cka_runner.linear_estimate([(rep, contrast_weights(rep.mean))])
       metrics[f"{key}/{layer}"] = dict(scores(rep.mean), grid=g, model=model.name,
                                        own_contrast_stderr=contrast["stderr"],
                                        own_contrast_over=contrast["over"])

@@ -10,9 +10,9 @@ and after block i, and about 4% lower accuracy for a middle block.
 The split is summarised by `split_contrast`: mean CKA within the two diagonal blocks (layers
 before block i, layers from block i on) minus mean CKA across them, computed at the same cut for
 the unmodified model. The contrast is linear in the CKA grid (`split_weights`), so its standard
-error, and that of its change against the unmodified model, come from `linear_estimate`: over
-repeats, or from the per-cell minibatch jackknife with one repeat
-(docs/method.md#error-bars-of-cka-statistics).
+error, and that of its change against the unmodified model, come from
+`cka_runner.linear_estimate`: over repeats, or the exact leave-one-minibatch-out jackknife with one
+repeat (docs/method.md#error-bars-of-cka-statistics).
 """
 from __future__ import annotations
 
@@ -89,55 +89,6 @@ def split_weights(size: int, cut: int) -> np.ndarray:
     w[np.arange(lo, hi), np.arange(lo, hi)] = 0.0
   w[:cut, cut:] = -1.0 / (cut * (size - cut))
   return w
-
-
-def linear_estimate(terms: Sequence[tuple[cka_runner.RepeatedCKA, np.ndarray]]
-                    ) -> dict[str, Any]:
-  """A linear statistic of CKA grids, S = sum_t sum_ab w_t[a, b] CKA_t[a, b], with its error.
-
-  The comparisons' repeats are paired: every CKA analysis draws repeat r's images from the same
-  seed and protocol (`streaming.cka_plan`), so the statistic is formed within each repeat.
-
-  Args:
-    terms: (comparison, weights [A, B]) pairs, each comparison with `values` and `stderr`
-      [R, A, B] (all with the same R and minibatch count); cells of weight 0 may be NaN.
-
-  Returns:
-    {'value': S of the mean grids (the mean over repeats of S),
-     'stderr': R >= 2: the standard deviation of the R per-repeat S (ddof=1) / sqrt(R);
-       R = 1: sum_t sum_ab |w_t[a, b]| SE_t[a, b] over the cells' leave-one-minibatch-out
-       jackknife errors, an upper bound on the jackknife error of S (Minkowski's inequality,
-       docs/method.md#error-bars-of-cka-statistics; exact for a single cell); NaN with one
-       minibatch,
-     'over': what the error is over, e.g. 'over 20 repeats'}.
-  """
-  if not terms:
-    raise ValueError("linear_estimate needs at least one (comparison, weights) term")
-  repeats = {len(rep.values) for rep, _ in terms}
-  minibatches = {rep.num_examples // rep.minibatch_size for rep, _ in terms}
-  if len(repeats) != 1 or len(minibatches) != 1:
-    raise ValueError(f"terms differ in repeats {repeats} or minibatches {minibatches}")
-  (r,), (k,) = repeats, minibatches
-  per_repeat, bound, cells = np.zeros(r), 0.0, 0
-  for rep, w in terms:
-    w = np.asarray(w, np.float64)
-    values, stderr = np.asarray(rep.values, np.float64), np.asarray(rep.stderr, np.float64)
-    if w.shape != values.shape[1:]:
-      raise ValueError(f"weights {w.shape} for a {values.shape[1:]} grid")
-    used = w != 0  # NaN cells (constant input patches) carry weight 0
-    cells += int(used.sum())
-    per_repeat += (np.where(used, values, 0.0) * w).sum((1, 2))
-    bound += float((np.where(used, stderr[0], 0.0) * np.abs(w)).sum())
-  value = float(per_repeat.mean())
-  if r >= 2:
-    return dict(value=value, stderr=float(per_repeat.std(ddof=1) / math.sqrt(r)),
-                over=f"over {r} repeats")
-  if k < 2:
-    return dict(value=value, stderr=float("nan"), over="one repeat of one minibatch: no spread")
-  if cells == 1:  # one cell: its own jackknife error, exact
-    return dict(value=value, stderr=bound, over=f"jackknife over {k} minibatches")
-  return dict(value=value, stderr=bound,
-              over=f"jackknife over {k} minibatches, cell errors added: an upper bound")
 
 
 def accuracy_drop_stderr(base: float, modified: float, num_test: int) -> float:
@@ -219,9 +170,9 @@ def run(ctx: base.Context, cfg: ml_collections.ConfigDict) -> base.AnalysisResul
     key = f"{base_key}_noskip{b:02d}"
     if cut > 0:
       w = split_weights(len(names), cut)
-      own, unmodified = linear_estimate([(reps[key], w)]), linear_estimate([(reps[base_key], w)])
+      own, unmodified = cka_runner.linear_estimate([(reps[key], w)]), cka_runner.linear_estimate([(reps[base_key], w)])
       # The change is paired: both models' repeat r saw the same images.
-      change = linear_estimate([(reps[key], w), (reps[base_key], -w)])
+      change = cka_runner.linear_estimate([(reps[key], w), (reps[base_key], -w)])
       metrics[key]["split"] = dict(split_contrast(matrices[key], cut),
                                    contrast_stderr=own["stderr"], contrast_over=own["over"])
       metrics[key]["split_unmodified"] = dict(

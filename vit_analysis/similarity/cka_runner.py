@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -58,6 +59,9 @@ class RepeatedCKA:
       (docs/method.md#significance).
     max_leave_one_out: [R, A, B] the largest change of linear CKA when one minibatch of the repeat
       is left out (docs/method.md#cka-pitfalls), or None.
+    leave_one_out: [R, k, A, B] linear CKA of each repeat without its minibatch i, or None (runs
+      saved before it was kept): the exact jackknife of any statistic of the grid
+      (`linear_estimate`).
   """
   names_a: list[str]
   names_b: list[str]
@@ -69,6 +73,7 @@ class RepeatedCKA:
   measures: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
   null: dict[str, np.ndarray] | None = None
   max_leave_one_out: np.ndarray | None = None
+  leave_one_out: np.ndarray | None = None
 
   @property
   def mean(self) -> np.ndarray:
@@ -84,6 +89,8 @@ class RepeatedCKA:
     out = dict(values=self.values, stderr=self.stderr, mean=self.mean, std=self.std)
     if self.max_leave_one_out is not None:
       out["max_leave_one_out"] = self.max_leave_one_out
+    if self.leave_one_out is not None:
+      out["leave_one_out"] = self.leave_one_out
     groups = [("cka", dict(values=self.values, **(self.null or {})))] if self.null else []
     for name, v in self.measures.items():
       out.update({f"{name}_values": v["values"], f"{name}_stderr": v["stderr"].mean(0),
@@ -142,12 +149,65 @@ class RepeatedCKA:
       null["null_values"] = z["cka_null_values"]
     return cls(list(z["names_a"]), list(z["names_b"]), z["values"], z["stderr"],
                meta["num_examples"], meta["minibatch_size"], z.get("examples_counted"),
-               measures, null, z.get("max_leave_one_out"))
+               measures, null, z.get("max_leave_one_out"), z.get("leave_one_out"))
 
 
 def _spread(values: np.ndarray) -> np.ndarray:
   """Standard deviation over repeats (axis 0), 0 with one repeat."""
   return values.std(0, ddof=1) if len(values) > 1 else np.zeros_like(values[0])
+
+
+def linear_estimate(terms: Sequence[tuple[RepeatedCKA, np.ndarray]]) -> dict[str, Any]:
+  """A linear statistic of CKA grids, S = sum_t sum_ab w_t[a, b] CKA_t[a, b], with its error.
+
+  The comparisons are paired: every CKA analysis draws repeat r's images, and minibatch i of
+  it, from the same seed and protocol (`streaming.cka_plan`), so S is formed within each repeat
+  and, with one repeat, within each leave-one-minibatch-out grid
+  (docs/method.md#error-bars-of-cka-statistics).
+
+  Args:
+    terms: (comparison, weights [A, B]) pairs, all with the same repeats R and minibatches k;
+      cells of weight 0 may be NaN.
+
+  Returns:
+    {'value': S of the mean grids (the mean over repeats of S),
+     'stderr': R >= 2: the standard deviation of the R per-repeat S (ddof=1) / sqrt(R);
+       R = 1: the exact jackknife over the k minibatches of S_(-i) = sum_t sum_ab w_t CKA_t,(-i)
+       (NaN with one minibatch, or for comparisons saved without their leave-one-out grids),
+     'over': what the error is over, e.g. 'over 20 repeats'}.
+  """
+  if not terms:
+    raise ValueError("linear_estimate needs at least one (comparison, weights) term")
+  repeats = {len(rep.values) for rep, _ in terms}
+  minibatches = {rep.num_examples // rep.minibatch_size for rep, _ in terms}
+  if len(repeats) != 1 or len(minibatches) != 1:
+    raise ValueError(f"the comparisons differ in repeats {sorted(repeats)} or minibatches "
+                     f"{sorted(minibatches)}: they are not paired")
+  (r,), (k,) = repeats, minibatches
+  per_repeat, loo = np.zeros(r), np.zeros(k)
+  for rep, w in terms:
+    w = np.asarray(w, np.float64)
+    values = np.asarray(rep.values, np.float64)
+    if w.shape != values.shape[1:]:
+      raise ValueError(f"weights of shape {w.shape} for a grid of shape {values.shape[1:]}")
+    used = w != 0  # NaN cells (e.g. constant input patches) carry weight 0
+    per_repeat += (np.where(used, values, 0.0) * w).sum((1, 2))
+    if r == 1 and k >= 2:
+      if rep.leave_one_out is None:
+        loo = None
+      elif loo is not None:
+        loo += (np.where(used, np.asarray(rep.leave_one_out[0], np.float64), 0.0) * w).sum((1, 2))
+  value = float(per_repeat.mean())
+  if r >= 2:
+    return dict(value=value, stderr=float(per_repeat.std(ddof=1) / math.sqrt(r)),
+                over=f"over {r} repeats")
+  if k < 2:
+    return dict(value=value, stderr=float("nan"), over="one repeat of one minibatch: no spread")
+  if loo is None:
+    return dict(value=value, stderr=float("nan"),
+                over="one repeat saved without its leave-one-minibatch-out grids: no spread")
+  return dict(value=value, stderr=float(cka.jackknife_stderr(loo)),
+              over=f"jackknife over {k} minibatches")
 
 
 Pair = tuple[str, "str | None"]  # (row side, column side); column None: intra-model
@@ -477,7 +537,8 @@ def cka_pairs_over_repeats(sides: Mapping[str, Side], pairs: Sequence[Pair], sou
   def zeros(p):
     na, nb = names[p]
     shape = (repeats, len(na), len(na if nb is None else nb))
-    return {"cka": {f: np.zeros(shape) for f in (*fields[:2], "max_leave_one_out")},
+    return {"cka": {**{f: np.zeros(shape) for f in (*fields[:2], "max_leave_one_out")},
+                    "leave_one_out": np.zeros((repeats, k) + shape[1:])},
             "counted": np.zeros((repeats,), np.int64),
             "measures": {n: {**{f: np.zeros(shape) for f in fields},
                              "null_values": np.zeros((null_permutations,) + shape[1:])}
@@ -560,6 +621,7 @@ def cka_pairs_over_repeats(sides: Mapping[str, Side], pairs: Sequence[Pair], sou
       res = cka.result(st["cka"])
       o["cka"]["values"][r], o["cka"]["stderr"][r] = res.cka, res.stderr
       o["cka"]["max_leave_one_out"][r] = res.max_leave_one_out
+      o["cka"]["leave_one_out"][r] = res.leave_one_out
       o["counted"][r] = int(res.num_examples)
       for name, result in sums[p].results(st["measures"]).items():
         om = o["measures"][name]
@@ -587,7 +649,7 @@ def cka_pairs_over_repeats(sides: Mapping[str, Side], pairs: Sequence[Pair], sou
         list(na), list(na if nb is None else nb), o["cka"]["values"], o["cka"]["stderr"],
         num_examples, minibatch_size, o["counted"], extra,
         None if null is None else {f: null[f] for f in (*fields[2:], "null_values")},
-        o["cka"]["max_leave_one_out"])
+        o["cka"]["max_leave_one_out"], o["cka"]["leave_one_out"])
   return reps
 
 
