@@ -174,16 +174,8 @@ class ModelBuilder:
       raise ValueError(f"model {key!r}: other training data needs a data_tag for the cache hash")
     sources = sources or self.sources
     t0 = time.time()
-    overrides = dict(_plain(entry.get("overrides")) or {})
-    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-    image_size = int(overrides.get("image_size", self.image_size))
     num_classes = entry.get("num_classes") or sources["test"].num_classes
-    if entry.get("module"):
-      module = _import(entry.module, "module")(**dict(_plain(entry.get("module_kwargs")) or {}))
-    else:
-      module = create_model(entry.name, num_classes, **overrides)
-    if getattr(module, "image_size", image_size) != image_size:
-      module = module.clone(image_size=image_size)
+    module, image_size = _create_module(entry, num_classes, self.image_size)
     info = describe(module, image_size)
     params, origin = None, "random init"
     if entry.get("checkpoint"):
@@ -243,16 +235,64 @@ class ModelBuilder:
       return _user_params(path, module, image_size)
     if path.startswith(config_lib.SYNTHETIC_CHECKPOINT):
       path = _write_synthetic(path, workdir_lib.join(self.cache, "synthetic"))
-    if path.endswith(".safetensors"):
-      return checkpoints.load_safetensors(path, module, image_size=image_size,
-                                          **options)["params"]
-    if path.endswith(".msgpack"):
-      return checkpoints.load_msgpack(path, module, image_size=image_size, **options)["params"]
-    return checkpoints.load_npz(path, module, image_size=image_size, **options)["params"]
+    return checkpoints.load_file(path, module, image_size=image_size, **options)["params"]
 
   def write_summaries(self, path: str) -> None:
     """Writes the built models' summaries to `path` (JSON) atomically."""
     workdir_lib.write_json(path, self.summaries)
+
+
+def _create_module(entry: Any, num_classes: int, default_image_size: int
+                   ) -> tuple[nn.Module, int]:
+  """(the entry's module at its image size, that size): registry name or a user's module."""
+  overrides = dict(_plain(entry.get("overrides")) or {})
+  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+  image_size = int(overrides.get("image_size", default_image_size))
+  if entry.get("module"):
+    module = _import(entry.module, "module")(**dict(_plain(entry.get("module_kwargs")) or {}))
+  else:
+    module = create_model(entry.name, num_classes, **overrides)
+  if getattr(module, "image_size", image_size) != image_size:
+    module = module.clone(image_size=image_size)
+  return module, image_size
+
+
+def checkpoint_problems(config: ml_collections.ConfigDict) -> list[Exception]:
+  """One ValueError per `models.<key>.checkpoint` whose contents `ModelBuilder.build` would refuse.
+
+  Each file is checked as its loader reads it (`checkpoints.check_file`: format, keys and shapes
+  against the entry's model with its `checkpoint_options`, every mismatch at once) from its
+  headers, so a multi-GB checkpoint costs milliseconds and no memory (msgpack files, which have
+  no header, are read whole). Not checked here, and left to `build`: missing files
+  (`missing_checkpoints`), synthetic specs (written by the run itself), `load_fn` checkpoints (a
+  user function that can only be checked by running it) and user modules' msgpack files; an
+  entry whose class count comes from data that does not load (`data.check_data` reports it).
+  """
+  problems: list[Exception] = []
+  test_source: list[Any] = []  # built once, and only when an entry takes its class count
+
+  def num_classes(entry: Any) -> int:
+    if entry.get("num_classes"):
+      return entry.num_classes
+    if not test_source:
+      test_source.append(data_lib.get_source(config.data, config.data.get("test_split", "test")))
+    return test_source[0].num_classes
+
+  for key, entry in (config.get("models", None) or {}).items():
+    path = entry.get("checkpoint", "")
+    if (not path or path.startswith(config_lib.SYNTHETIC_CHECKPOINT) or entry.get("load_fn")
+        or entry.get("module") or not epath.Path(path).exists()):
+      continue
+    try:
+      module, image_size = _create_module(entry, num_classes(entry), config.data.image_size)
+    except Exception:  # pylint: disable=broad-exception-caught
+      continue  # data or a model option that `build` reports (the files are what is checked)
+    options = dict(_plain(entry.get("checkpoint_options")) or {})
+    try:
+      checkpoints.check_file(path, module, image_size=image_size, **options)
+    except (ValueError, TypeError, OSError) as e:
+      problems.append(ValueError(f"models.{key}.checkpoint = {path!r}: {e}"))
+  return problems
 
 
 def _import(spec: str, what: str) -> Any:
