@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import flax
 import jax
 import ml_collections
 import numpy as np
@@ -172,11 +173,20 @@ def test_every_bad_checkpoint_is_reported_before_anything_runs(tmp_path, monkeyp
   vit = _official_npz(tmp_path / "vit.npz", "ViT-smoke_8", 32)
   vit.write_bytes(vit.read_bytes()[:1000])  # an interrupted download
   config.models.vit.checkpoint = str(vit)
+  net = tmp_path / "net.msgpack"  # a user module's params: its head of 3 classes, not 10
+  from helpers import TinyNet  # pylint: disable=import-outside-toplevel
+  shapes = jax.eval_shape(TinyNet(classes=3).init, jax.random.key(0), np.zeros((1, 32, 32, 3)))
+  net.write_bytes(flax.serialization.msgpack_serialize(
+      jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes["params"])))
+  config.models.net = config_lib.user_model("TinyNet", "helpers:TinyNet", str(net))
   monkeypatch.setattr(train_lib, "train", lambda *a, **k: pytest.fail("a model was trained"))
   with pytest.raises(errors.Problems) as e:
     main.run(config, str(tmp_path / "run"))
   assert _ending(e.value) == 1
   assert e.value.problems == [
+      f"models.net.checkpoint = '{net}': checkpoint '{net}' does not fit TinyNet: head/bias: "
+      "(3,) in the file, (10,) in the module; head/kernel: (16, 3) in the file, (16, 10) in the "
+      "module",
       f"models.resnet.checkpoint = '{tmp_path / 'resnet.npz'}': checkpoint does not fit ResNetV2 "
       f"(45 model params, 45 file arrays): shape mismatch (1): {conv}: file (3, 3, 5, 7) vs "
       "model (1, 1, 8, 8)",
@@ -189,6 +199,11 @@ def test_every_bad_checkpoint_is_reported_before_anything_runs(tmp_path, monkeyp
   _official_npz(vit, "ViT-smoke_8", 64, num_classes=1000)
   assert options.file_problems(config)  # the head: 1000 classes in the file, 10 in the model
   config.models.vit.checkpoint_options = {"fresh_head": True}
+  net.write_bytes(b"\x93NUMPY")  # a user module's file that is no msgpack at all
+  (problem,) = options.file_problems(config)
+  assert str(problem).startswith(f"models.net.checkpoint = '{net}': checkpoint '{net}' is not "
+                                 "a flax msgpack file")
+  del config.models.net
   assert options.file_problems(config) == []
 
 

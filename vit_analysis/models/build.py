@@ -21,6 +21,7 @@ import flax
 import flax.linen as nn
 import jax
 import ml_collections
+import msgpack
 import numpy as np
 from absl import logging
 from etils import epath
@@ -262,11 +263,13 @@ def checkpoint_problems(config: ml_collections.ConfigDict) -> list[Exception]:
 
   Each file is checked as its loader reads it (`checkpoints.check_file`: format, keys and shapes
   against the entry's model with its `checkpoint_options`, every mismatch at once) from its
-  headers, so a multi-GB checkpoint costs milliseconds and no memory (msgpack files, which have
-  no header, are read whole). Not checked here, and left to `build`: missing files
-  (`missing_checkpoints`), synthetic specs (written by the run itself), `load_fn` checkpoints (a
-  user function that can only be checked by running it) and user modules' msgpack files; an
-  entry whose class count comes from data that does not load (`data.check_data` reports it).
+  headers, so a multi-GB checkpoint costs milliseconds and no memory; msgpack files (official
+  layouts or a user module's params, `_user_params`) have no header and are read whole. Not
+  checked here, and left to `build`: missing files (`missing_checkpoints`), synthetic specs
+  (written by the run itself), `load_fn` checkpoints (a user function that can only be checked
+  by running it, loading the weights), and an entry whose module cannot be created (a bad
+  option, a module that does not import, data that does not load for its class count:
+  `data.check_data` reports that).
   """
   problems: list[Exception] = []
   test_source: list[Any] = []  # built once, and only when an entry takes its class count
@@ -281,15 +284,21 @@ def checkpoint_problems(config: ml_collections.ConfigDict) -> list[Exception]:
   for key, entry in (config.get("models", None) or {}).items():
     path = entry.get("checkpoint", "")
     if (not path or path.startswith(config_lib.SYNTHETIC_CHECKPOINT) or entry.get("load_fn")
-        or entry.get("module") or not epath.Path(path).exists()):
+        or not epath.Path(path).exists()):
       continue
     try:
       module, image_size = _create_module(entry, num_classes(entry), config.data.image_size)
+      family = describe(module, image_size).family
     except Exception:  # pylint: disable=broad-exception-caught
-      continue  # data or a model option that `build` reports (the files are what is checked)
+      # Whatever creating a model or a data source raises (TFDS, a user's module): `build`
+      # reports it with its context; what is checked here is the files.
+      continue
     options = dict(_plain(entry.get("checkpoint_options")) or {})
     try:
-      checkpoints.check_file(path, module, image_size=image_size, **options)
+      if family == "other":  # the same dispatch as `_load_checkpoint`
+        _user_params(path, module, image_size)
+      else:
+        checkpoints.check_file(path, module, image_size=image_size, **options)
     except (ValueError, TypeError, OSError) as e:
       problems.append(ValueError(f"models.{key}.checkpoint = {path!r}: {e}"))
   return problems
@@ -320,7 +329,15 @@ def _user_params(path: str, module: nn.Module, image_size: int) -> Any:
     raise ValueError(f"checkpoint {path!r} of a user module must be a flax msgpack params file "
                      "(flax.serialization.msgpack_serialize(params)); other formats need "
                      "load_fn='package.path:function'")
-  params = flax.serialization.msgpack_restore(epath.Path(path).read_bytes())
+  data = epath.Path(path).read_bytes()
+  try:
+    params = flax.serialization.msgpack_restore(data)
+  except (msgpack.UnpackException, ValueError, TypeError) as e:
+    raise ValueError(f"checkpoint {path!r} is not a flax msgpack file "
+                     f"({type(e).__name__}: {e})") from None
+  if not isinstance(params, dict):
+    raise ValueError(f"checkpoint {path!r} holds a {type(params).__name__}, not a dict of "
+                     "parameters")
   params = params.get("params", params)
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.float32)
   init = jax.eval_shape(lambda x: module.init(jax.random.key(0), x), images)["params"]
