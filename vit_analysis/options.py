@@ -127,9 +127,8 @@ def file_problems(config: ml_collections.ConfigDict) -> list[Exception]:
   then the data's (`check_data`)."""
   problems: list[Exception] = [FileNotFoundError(p) for p in build.missing_checkpoints(
       config.get("models", None) or {})]
-  if config.get("data", None) is not None:
+  if config.get("data", None) is not None:  # the models' image size and class count are there
     problems.extend(build.checkpoint_problems(config))
-  if config.get("data", None) is not None:
     problems.extend(data_lib.check_data(config.data))
   return problems
 

@@ -20,6 +20,11 @@ Handled on the way (all visible in `load_npz`'s arguments):
 timm state dicts saved with safetensors load through `load_safetensors` (key map in
 vit_analysis.models.checkpoints_timm); Flax msgpack params files through `load_msgpack`. Every path
 is opened with `etils.epath`, so `gs://...` works wherever epath has a backend for it.
+
+`load_file` picks the loader by extension; `check_file` raises what it would before a run
+(`build.checkpoint_problems`) without reading arrays: npz and safetensors shapes come from their
+headers as zero-memory `stand_in`s and go through the loaders' own mapping (`fit_npz`,
+`fit_safetensors`) with `shapes_only=True`.
 """
 from __future__ import annotations
 
