@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import flax
 import jax
 import ml_collections
 import numpy as np
@@ -20,6 +21,7 @@ from PIL import Image
 
 from vit_analysis import analyses, config_lib, main, models, options
 from vit_analysis.input import data, streaming
+from vit_analysis.models import checkpoints
 from vit_analysis.models import train as train_lib
 from vit_analysis.runtime import errors, sharding
 
@@ -152,6 +154,57 @@ def test_invalid_config_leaves_no_config_json(tmp_path):
     main.run(config, str(workdir))
   assert errors.is_expected(e.value) and _ending(e.value) == 1
   assert not os.path.exists(workdir)
+
+
+def _official_npz(path, name, image_size, num_classes=10, **shapes):
+  """An npz of `name`'s parameters (zeros) in the official layout, with some `shapes` changed."""
+  keys = checkpoints.param_shapes(models.create_model(name, num_classes), image_size)
+  np.savez(path, **{k: np.zeros(shapes.get(k, s.shape), np.float32) for k, s in keys.items()})
+  return path
+
+
+def test_every_bad_checkpoint_is_reported_before_anything_runs(tmp_path, monkeypatch):
+  config = config_lib.base_config("smoke")  # 'resnet' (R-smoke) and 'vit' (ViT-smoke_8)
+  config.model_cache = str(tmp_path / "cache")
+  config.models.resnet.num_classes = None  # from the data, as `build` takes it
+  conv = "resnet/block1/unit01/a/standardized_conv2d/kernel"
+  config.models.resnet.checkpoint = str(_official_npz(tmp_path / "resnet.npz", "R-smoke", 32,
+                                                      **{conv: (3, 3, 5, 7)}))
+  vit = _official_npz(tmp_path / "vit.npz", "ViT-smoke_8", 32)
+  vit.write_bytes(vit.read_bytes()[:1000])  # an interrupted download
+  config.models.vit.checkpoint = str(vit)
+  net = tmp_path / "net.msgpack"  # a user module's params: its head of 3 classes, not 10
+  from helpers import TinyNet  # pylint: disable=import-outside-toplevel
+  shapes = jax.eval_shape(TinyNet(classes=3).init, jax.random.key(0), np.zeros((1, 32, 32, 3)))
+  net.write_bytes(flax.serialization.msgpack_serialize(
+      jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes["params"])))
+  config.models.net = config_lib.user_model("TinyNet", "helpers:TinyNet", str(net))
+  monkeypatch.setattr(train_lib, "train", lambda *a, **k: pytest.fail("a model was trained"))
+  with pytest.raises(errors.Problems) as e:
+    main.run(config, str(tmp_path / "run"))
+  assert _ending(e.value) == 1
+  assert e.value.problems == [
+      f"models.net.checkpoint = '{net}': checkpoint '{net}' does not fit TinyNet: head/bias: "
+      "(3,) in the file, (10,) in the module; head/kernel: (16, 3) in the file, (16, 10) in the "
+      "module",
+      f"models.resnet.checkpoint = '{tmp_path / 'resnet.npz'}': checkpoint does not fit ResNetV2 "
+      f"(45 model params, 45 file arrays): shape mismatch (1): {conv}: file (3, 3, 5, 7) vs "
+      "model (1, 1, 8, 8)",
+      f"models.vit.checkpoint = '{vit}': {vit} is not an .npz checkpoint: expected a zip archive "
+      "of .npy arrays with '/'-joined parameter names (numpy.savez; the vit_jax, BiT and "
+      "big_vision releases); a zip that numpy cannot read as arrays (File is not a zip file)"]
+  assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "cache")
+  # Fixed files pass; a file of another image size (resized posemb) and head (fresh_head) too.
+  _official_npz(tmp_path / "resnet.npz", "R-smoke", 32)
+  _official_npz(vit, "ViT-smoke_8", 64, num_classes=1000)
+  assert options.file_problems(config)  # the head: 1000 classes in the file, 10 in the model
+  config.models.vit.checkpoint_options = {"fresh_head": True}
+  net.write_bytes(b"\x93NUMPY")  # a user module's file that is no msgpack at all
+  (problem,) = options.file_problems(config)
+  assert str(problem).startswith(f"models.net.checkpoint = '{net}': checkpoint '{net}' is not "
+                                 "a flax msgpack file")
+  del config.models.net
+  assert options.file_problems(config) == []
 
 
 def test_sigterm_saves_says_how_to_resume_and_the_rerun_finishes(tmp_path, model_cache):

@@ -179,8 +179,9 @@ def _stage() -> str:
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[base.AnalysisResult]:
   """Runs the experiment `config` in `workdir`; returns the analyses' results in order.
 
-  First every check that needs no model: the config's keys and options, the checkpoint files,
-  the data (`data.check_decode`) and the workdir, all problems reported together; nothing is
+  First every check that needs no trained model: the config's keys and options, the checkpoint
+  files (each one's format, keys and shapes against its model, from the files' headers), the
+  data (`data.check_decode`) and the workdir, all problems reported together; nothing is
   written before they pass. A rerun in the same workdir reuses trained models, skips analyses
   whose results are saved and resumes interrupted ones from their partial state
   (`workdir/partial`).

@@ -122,10 +122,13 @@ def check_files(config: ml_collections.ConfigDict) -> None:
 
 
 def file_problems(config: ml_collections.ConfigDict) -> list[Exception]:
-  """Every problem `check_files` finds: missing checkpoints, then the data's (`check_data`)."""
+  """Every problem `check_files` finds: missing checkpoints, checkpoints whose contents do not
+  fit their models (`build.checkpoint_problems`: format, keys, shapes; from the files' headers),
+  then the data's (`check_data`)."""
   problems: list[Exception] = [FileNotFoundError(p) for p in build.missing_checkpoints(
       config.get("models", None) or {})]
-  if config.get("data", None) is not None:
+  if config.get("data", None) is not None:  # the models' image size and class count are there
+    problems.extend(build.checkpoint_problems(config))
     problems.extend(data_lib.check_data(config.data))
   return problems
 

@@ -21,6 +21,7 @@ import flax
 import flax.linen as nn
 import jax
 import ml_collections
+import msgpack
 import numpy as np
 from absl import logging
 from etils import epath
@@ -174,16 +175,8 @@ class ModelBuilder:
       raise ValueError(f"model {key!r}: other training data needs a data_tag for the cache hash")
     sources = sources or self.sources
     t0 = time.time()
-    overrides = dict(_plain(entry.get("overrides")) or {})
-    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-    image_size = int(overrides.get("image_size", self.image_size))
     num_classes = entry.get("num_classes") or sources["test"].num_classes
-    if entry.get("module"):
-      module = _import(entry.module, "module")(**dict(_plain(entry.get("module_kwargs")) or {}))
-    else:
-      module = create_model(entry.name, num_classes, **overrides)
-    if getattr(module, "image_size", image_size) != image_size:
-      module = module.clone(image_size=image_size)
+    module, image_size = _create_module(entry, num_classes, self.image_size)
     info = describe(module, image_size)
     params, origin = None, "random init"
     if entry.get("checkpoint"):
@@ -243,16 +236,72 @@ class ModelBuilder:
       return _user_params(path, module, image_size)
     if path.startswith(config_lib.SYNTHETIC_CHECKPOINT):
       path = _write_synthetic(path, workdir_lib.join(self.cache, "synthetic"))
-    if path.endswith(".safetensors"):
-      return checkpoints.load_safetensors(path, module, image_size=image_size,
-                                          **options)["params"]
-    if path.endswith(".msgpack"):
-      return checkpoints.load_msgpack(path, module, image_size=image_size, **options)["params"]
-    return checkpoints.load_npz(path, module, image_size=image_size, **options)["params"]
+    return checkpoints.load_file(path, module, image_size=image_size, **options)["params"]
 
   def write_summaries(self, path: str) -> None:
     """Writes the built models' summaries to `path` (JSON) atomically."""
     workdir_lib.write_json(path, self.summaries)
+
+
+def _create_module(entry: Any, num_classes: int, default_image_size: int
+                   ) -> tuple[nn.Module, int]:
+  """(the entry's module at its image size, that size): registry name or a user's module."""
+  overrides = dict(_plain(entry.get("overrides")) or {})
+  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+  image_size = int(overrides.get("image_size", default_image_size))
+  if entry.get("module"):
+    module = _import(entry.module, "module")(**dict(_plain(entry.get("module_kwargs")) or {}))
+  else:
+    module = create_model(entry.name, num_classes, **overrides)
+  if getattr(module, "image_size", image_size) != image_size:
+    module = module.clone(image_size=image_size)
+  return module, image_size
+
+
+def checkpoint_problems(config: ml_collections.ConfigDict) -> list[Exception]:
+  """One ValueError per `models.<key>.checkpoint` whose contents `ModelBuilder.build` would refuse.
+
+  Each file is checked as its loader reads it (`checkpoints.check_file`: format, keys and shapes
+  against the entry's model with its `checkpoint_options`, every mismatch at once) from its
+  headers, so a multi-GB checkpoint costs milliseconds and no memory; msgpack files (official
+  layouts or a user module's params, `_user_params`) have no header and are read whole. Not
+  checked here, and left to `build`: missing files (`missing_checkpoints`), synthetic specs
+  (written by the run itself), `load_fn` checkpoints (a user function that can only be checked
+  by running it, loading the weights), and an entry whose module cannot be created (a bad
+  option, a module that does not import, data that does not load for its class count:
+  `data.check_data` reports that).
+  """
+  problems: list[Exception] = []
+  test_source: list[Any] = []  # built once, and only when an entry takes its class count
+
+  def num_classes(entry: Any) -> int:
+    if entry.get("num_classes"):
+      return entry.num_classes
+    if not test_source:
+      test_source.append(data_lib.get_source(config.data, config.data.get("test_split", "test")))
+    return test_source[0].num_classes
+
+  for key, entry in (config.get("models", None) or {}).items():
+    path = entry.get("checkpoint", "")
+    if (not path or path.startswith(config_lib.SYNTHETIC_CHECKPOINT) or entry.get("load_fn")
+        or not epath.Path(path).exists()):
+      continue
+    try:
+      module, image_size = _create_module(entry, num_classes(entry), config.data.image_size)
+      family = describe(module, image_size).family
+    except Exception:  # pylint: disable=broad-exception-caught
+      # Whatever creating a model or a data source raises (TFDS, a user's module): `build`
+      # reports it with its context; what is checked here is the files.
+      continue
+    options = dict(_plain(entry.get("checkpoint_options")) or {})
+    try:
+      if family == "other":  # the same dispatch as `_load_checkpoint`
+        _user_params(path, module, image_size)
+      else:
+        checkpoints.check_file(path, module, image_size=image_size, **options)
+    except (ValueError, TypeError, OSError) as e:
+      problems.append(ValueError(f"models.{key}.checkpoint = {path!r}: {e}"))
+  return problems
 
 
 def _import(spec: str, what: str) -> Any:
@@ -280,7 +329,15 @@ def _user_params(path: str, module: nn.Module, image_size: int) -> Any:
     raise ValueError(f"checkpoint {path!r} of a user module must be a flax msgpack params file "
                      "(flax.serialization.msgpack_serialize(params)); other formats need "
                      "load_fn='package.path:function'")
-  params = flax.serialization.msgpack_restore(epath.Path(path).read_bytes())
+  data = epath.Path(path).read_bytes()
+  try:
+    params = flax.serialization.msgpack_restore(data)
+  except (msgpack.UnpackException, ValueError, TypeError) as e:
+    raise ValueError(f"checkpoint {path!r} is not a flax msgpack file "
+                     f"({type(e).__name__}: {e})") from None
+  if not isinstance(params, dict):
+    raise ValueError(f"checkpoint {path!r} holds a {type(params).__name__}, not a dict of "
+                     "parameters")
   params = params.get("params", params)
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.float32)
   init = jax.eval_shape(lambda x: module.init(jax.random.key(0), x), images)["params"]

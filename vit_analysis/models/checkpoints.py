@@ -20,9 +20,15 @@ Handled on the way (all visible in `load_npz`'s arguments):
 timm state dicts saved with safetensors load through `load_safetensors` (key map in
 vit_analysis.models.checkpoints_timm); Flax msgpack params files through `load_msgpack`. Every path
 is opened with `etils.epath`, so `gs://...` works wherever epath has a backend for it.
+
+`load_file` picks the loader by extension; `check_file` raises what it would before a run
+(`build.checkpoint_problems`) without reading arrays: npz and safetensors shapes come from their
+headers as zero-memory `stand_in`s and go through the loaders' own mapping (`fit_npz`,
+`fit_safetensors`) with `shapes_only=True`.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -143,18 +149,48 @@ def resize_posemb(posemb: np.ndarray, num_tokens: int, num_prefix_tokens: int) -
     ValueError: when either grid is not square or shapes are not [1, T, D].
   """
   posemb = np.asarray(posemb)
-  if posemb.ndim != 3 or posemb.shape[0] != 1:
-    raise ValueError(f'position embedding must be [1, T, D], got shape {posemb.shape}')
+  g_old, g_new = _posemb_grids(posemb.shape, num_tokens, num_prefix_tokens)
   prefix, grid = posemb[:, :num_prefix_tokens], posemb[0, num_prefix_tokens:]
-  g_old, g_new = math.isqrt(len(grid)), math.isqrt(num_tokens - num_prefix_tokens)
-  if g_old**2 != len(grid) or g_new**2 != num_tokens - num_prefix_tokens:
-    raise ValueError(
-        f'position embeddings resize only square grids: {len(grid)} -> '
-        f'{num_tokens - num_prefix_tokens} grid tokens (after {num_prefix_tokens} prefix tokens)')
   grid = grid.reshape(g_old, g_old, -1).astype(np.float64)
   zoom = (g_new / g_old, g_new / g_old, 1)
   grid = scipy.ndimage.zoom(grid, zoom, order=1).reshape(1, g_new * g_new, -1)
   return np.concatenate([prefix, grid.astype(posemb.dtype)], axis=1)
+
+
+def _posemb_grids(shape: tuple[int, ...], num_tokens: int,
+                  num_prefix_tokens: int) -> tuple[int, int]:
+  """(old, new) side of the square grids of a [1, T, D] position embedding resized to T_new.
+
+  Raises:
+    ValueError: when either grid is not square or the shape is not [1, T, D].
+  """
+  if len(shape) != 3 or shape[0] != 1:
+    raise ValueError(f'position embedding must be [1, T, D], got shape {tuple(shape)}')
+  old, new = shape[1] - num_prefix_tokens, num_tokens - num_prefix_tokens
+  g_old, g_new = math.isqrt(max(old, 0)), math.isqrt(max(new, 0))
+  if g_old**2 != old or g_new**2 != new:
+    raise ValueError(
+        f'position embeddings resize only square grids: {old} -> {new} grid tokens (after '
+        f'{num_prefix_tokens} prefix tokens)')
+  return g_old, g_new
+
+
+def _resized_posemb(posemb: np.ndarray, num_tokens: int, num_prefix_tokens: int,
+                    shapes_only: bool) -> np.ndarray:
+  """`resize_posemb`, or with `shapes_only` its checks and a stand-in of the new shape."""
+  if not shapes_only:
+    return resize_posemb(posemb, num_tokens, num_prefix_tokens)
+  _posemb_grids(posemb.shape, num_tokens, num_prefix_tokens)
+  return stand_in((1, num_tokens, posemb.shape[2]), posemb.dtype)
+
+
+def stand_in(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+  """A read-only array of `shape` and `dtype` that takes no memory (one zero, broadcast).
+
+  The fit checks run on these in place of a checkpoint's arrays, so that checking a multi-GB
+  file before a run reads only its headers.
+  """
+  return np.broadcast_to(np.zeros((), dtype), tuple(shape))
 
 
 def param_shapes(model: nn.Module,
@@ -191,9 +227,35 @@ def load_npz(source: NpzSource, model: nn.Module, *, image_size: int | None = No
     ValueError: listing every missing key, unexpected key, shape mismatch and non-finite array,
       with hints (classifier, pre_logits, head width, resolution).
   """
-  flat = read_npz(source)
+  flat, expected = fit_npz(read_npz(source), model, image_size=image_size,
+                           fresh_head=fresh_head, drop_pre_logits=drop_pre_logits,
+                           resize_posemb_ok=resize_posemb_ok)
+  params = {k: jnp.asarray(flat[k], dtype=e.dtype) for k, e in expected.items()}
+  return {'params': flax.traverse_util.unflatten_dict(params, sep='/')}
+
+
+def fit_npz(flat: dict[str, np.ndarray], model: nn.Module, *, image_size: int | None = None,
+            fresh_head: bool = False, drop_pre_logits: bool = False,
+            resize_posemb_ok: bool = True, shapes_only: bool = False
+            ) -> tuple[dict[str, np.ndarray], dict[str, jax.ShapeDtypeStruct]]:
+  """`load_npz`'s mapping and checks on read arrays: {key: array} in the model's names.
+
+  Args:
+    flat: {'/'-joined key: array} as `read_npz` (or `read_npz_shapes`) returns it.
+    model, image_size, fresh_head, drop_pre_logits, resize_posemb_ok: as for `load_npz`.
+    shapes_only: `flat` holds `stand_in`s (`read_npz_shapes`): values are neither computed
+      (a resized position embedding is a stand-in too) nor checked for being finite.
+
+  Returns:
+    (flat params, renamed and fixed, keyed like the model; the model's {key: ShapeDtypeStruct}).
+
+  Raises:
+    ValueError: listing every missing key, unexpected key, shape mismatch and non-finite array.
+  """
   if checkpoints_big_vision.is_big_vision(flat):
     flat = checkpoints_big_vision.to_vit_jax(flat)
+  else:
+    flat = dict(flat)
   expected = param_shapes(model, image_size)
   hints = []
 
@@ -215,7 +277,8 @@ def load_npz(source: NpzSource, model: nn.Module, *, image_size: int | None = No
     old, new = flat[POSEMB_KEY].shape, expected[POSEMB_KEY].shape
     if old != new and len(old) == len(new) == 3 and old[2] == new[2]:
       if resize_posemb_ok:
-        flat[POSEMB_KEY] = resize_posemb(flat[POSEMB_KEY], new[1], _posemb_prefix(model))
+        flat[POSEMB_KEY] = _resized_posemb(flat[POSEMB_KEY], new[1], _posemb_prefix(model),
+                                           shapes_only)
       else:
         hints.append(f'position embedding has {old[1]} tokens in the file and {new[1]} in the '
                      'model (another image size): pass resize_posemb_ok=True or set image_size')
@@ -239,7 +302,7 @@ def load_npz(source: NpzSource, model: nn.Module, *, image_size: int | None = No
       del flat[k]
     for k, e in expected.items():
       if k.startswith(_HEAD_PREFIXES):
-        flat[k] = np.zeros(e.shape, e.dtype)
+        flat[k] = stand_in(e.shape, e.dtype)  # a zero head: jnp.asarray copies it
   else:
     head = [k for k in flat if k.startswith(_HEAD_PREFIXES) and k.endswith('bias')]
     for k in head:
@@ -255,9 +318,9 @@ def load_npz(source: NpzSource, model: nn.Module, *, image_size: int | None = No
   if any('/token_mixing/' in k for k in mismatched):
     hints.append('Mixer token-mixing shapes differ: the token count (image size / patch) is '
                  'fixed by the checkpoint; use its image size')
-  _check_fit(model, flat, {k: tuple(e.shape) for k, e in expected.items()}, hints)
-  params = {k: jnp.asarray(flat[k], dtype=e.dtype) for k, e in expected.items()}
-  return {'params': flax.traverse_util.unflatten_dict(params, sep='/')}
+  _check_fit(model, flat, {k: tuple(e.shape) for k, e in expected.items()}, hints,
+             check_values=not shapes_only)
+  return flat, expected
 
 
 def _posemb_prefix(model: nn.Module) -> int:
@@ -268,14 +331,20 @@ def _posemb_prefix(model: nn.Module) -> int:
 
 
 def _check_fit(model: nn.Module, flat: Mapping[str, np.ndarray],
-               expected: Mapping[str, tuple[int, ...]], hints: list[str]) -> None:
-  """Raises one ValueError naming every missing, unexpected, mis-shaped and non-finite array."""
+               expected: Mapping[str, tuple[int, ...]], hints: list[str],
+               check_values: bool = True) -> None:
+  """Raises one ValueError naming every missing, unexpected, mis-shaped and non-finite array.
+
+  With `check_values=False` (stand-ins) only dtypes are checked: `np.isfinite` of a broadcast
+  stand-in would allocate its full size.
+  """
   missing = sorted(set(expected) - set(flat))
   unexpected = sorted(set(flat) - set(expected))
   common = set(flat) & set(expected)
   mismatched = sorted(k for k in common if tuple(flat[k].shape) != tuple(expected[k]))
   bad_values = sorted(k for k in common - set(mismatched)
-                      if flat[k].dtype.kind not in 'fiu' or not np.all(np.isfinite(flat[k])))
+                      if flat[k].dtype.kind not in 'fiu'
+                      or check_values and not np.all(np.isfinite(flat[k])))
   if missing or unexpected or mismatched or bad_values or hints:
     lines = [(f'checkpoint does not fit {type(model).__name__} '
               f'({len(expected)} model params, {len(flat)} file arrays):')]
@@ -321,13 +390,34 @@ def load_safetensors(path: PathLike, model: nn.Module, *, image_size: int | None
     ValueError: listing every missing, unexpected and mis-shaped tensor by its timm name, with
       the option that fixes the usual causes.
   """
-  state = read_safetensors(path)
   size = image_size or model.image_size
-  entries = checkpoints_timm.layout(model, size)
+  state, entries = fit_safetensors(read_safetensors(path), model, image_size=size,
+                                   fresh_head=fresh_head, resize_posemb_ok=resize_posemb_ok)
+  flat = checkpoints_timm.to_flax(state, entries)
+  shapes = param_shapes(model, size)
+  if set(flat) != set(shapes):  # The key map and the model disagree: a bug here, not the file.
+    raise AssertionError(f'timm key map out of date: {sorted(set(flat) ^ set(shapes))[:6]}')
+  params = {k: jnp.asarray(flat[k], dtype=e.dtype) for k, e in shapes.items()}
+  return {'params': flax.traverse_util.unflatten_dict(params, sep='/')}
+
+
+def fit_safetensors(state: dict[str, np.ndarray], model: nn.Module, *, image_size: int,
+                    fresh_head: bool = False, resize_posemb_ok: bool = True,
+                    shapes_only: bool = False) -> tuple[dict[str, np.ndarray], list[Any]]:
+  """`load_safetensors`' checks on a read state dict (or its `stand_in`s, with `shapes_only`).
+
+  Returns:
+    (the state dict with head and position embedding fixed, `checkpoints_timm.layout` entries).
+
+  Raises:
+    ValueError: listing every missing, unexpected and mis-shaped tensor by its timm name.
+  """
+  entries = checkpoints_timm.layout(model, image_size)
   expected = {k: shape for k, shape, _ in entries}
+  state = dict(state)  # the caller's dict stays as read
   if fresh_head:
     state = {k: v for k, v in state.items() if not k.startswith('head.')}
-    state.update({k: np.zeros(shape, np.float32) for k, shape in expected.items()
+    state.update({k: stand_in(shape, np.float32) for k, shape in expected.items()
                   if k.startswith('head.')})
   hints = checkpoints_timm.hints(state, model, expected)
   pos = state.get('pos_embed')
@@ -335,19 +425,14 @@ def load_safetensors(path: PathLike, model: nn.Module, *, image_size: int | None
     new = expected['pos_embed']
     if pos.ndim == 3 and pos.shape[2] == new[2] and resize_posemb_ok:
       try:
-        state['pos_embed'] = resize_posemb(pos, new[1], _posemb_prefix(model))
+        state['pos_embed'] = _resized_posemb(pos, new[1], _posemb_prefix(model), shapes_only)
       except ValueError as e:  # Usually a prefix-token mismatch, reported with the keys below.
         hints.append(f'pos_embed {tuple(pos.shape)} cannot be resized to {new}: {e}')
     elif pos.ndim == 3 and pos.shape[2] == new[2]:
       hints.append(f'pos_embed has {pos.shape[1]} tokens in the file and {new[1]} in the model '
                    '(another image size): pass resize_posemb_ok=True or set image_size')
-  _check_fit(model, state, expected, hints)
-  flat = checkpoints_timm.to_flax(state, entries)
-  shapes = param_shapes(model, size)
-  if set(flat) != set(shapes):  # The key map and the model disagree: a bug here, not the file.
-    raise AssertionError(f'timm key map out of date: {sorted(set(flat) ^ set(shapes))[:6]}')
-  params = {k: jnp.asarray(flat[k], dtype=e.dtype) for k, e in shapes.items()}
-  return {'params': flax.traverse_util.unflatten_dict(params, sep='/')}
+  _check_fit(model, state, expected, hints, check_values=not shapes_only)
+  return state, entries
 
 
 def read_msgpack(path: PathLike) -> dict[str, np.ndarray]:
@@ -374,6 +459,149 @@ def read_msgpack(path: PathLike) -> dict[str, np.ndarray]:
 def load_msgpack(path: PathLike, model: nn.Module, **kwargs: Any) -> dict[str, Any]:
   """`load_npz` for a Flax msgpack params file; takes the same keyword arguments."""
   return load_npz(read_msgpack(path), model, **kwargs)
+
+
+def read_npz_shapes(path: PathLike) -> dict[str, np.ndarray]:
+  """`read_npz` from the members' `.npy` headers alone: {key: `stand_in` of its shape, dtype}.
+
+  Each member is checked to hold as many bytes as its header says. The compressed data is never
+  read, so a corruption inside it (a CRC error) shows only when `read_npz` reads the file.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: as `read_npz`, for a file that is not an npz of arrays or a truncated member.
+  """
+  p = epath.Path(path)
+  if not p.exists():
+    raise FileNotFoundError(f'checkpoint file not found: {path}')
+  flat = {}
+  with p.open('rb') as f:
+    head = f.read(16)
+    if not head.startswith(b'PK'):
+      raise _not_npz(path, _kind(head))
+    f.seek(0)
+    try:
+      with zipfile.ZipFile(f) as z:
+        infos = z.infolist()
+        if any(i.filename.endswith('.pkl') for i in infos):
+          raise _not_npz(path, 'it is a PyTorch zip checkpoint (torch.save): save the state '
+                         'dict with safetensors and use checkpoints.load_safetensors')
+        odd = sorted(i.filename for i in infos if not i.filename.endswith('.npy'))
+        if odd:
+          raise _not_npz(path, f'members that are not .npy arrays: {odd[:5]}')
+        for info in infos:
+          with z.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                           np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(member)
+            size = member.tell() + math.prod(shape) * dtype.itemsize
+          if dtype.hasobject:  # what np.load(allow_pickle=False) refuses
+            raise ValueError(f'{info.filename} holds Python objects')
+          if info.file_size != size:
+            raise ValueError(f'{info.filename} holds {info.file_size} bytes, its header '
+                             f'({dtype} {shape}) {size}: the file is truncated or corrupt')
+          flat[info.filename[:-len('.npy')]] = stand_in(shape, dtype)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+      if str(e).startswith(f'{path} is not an .npz'):
+        raise
+      raise _not_npz(path, f'a zip that numpy cannot read as arrays ({e})') from None
+  return read_npz(flat)  # the prefix, as for the arrays
+
+
+# safetensors' dtype names that `safetensors.numpy` reads (BF16 and FP8 it cannot).
+_SAFETENSORS_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'I64': np.int64,
+                       'U64': np.uint64, 'I32': np.int32, 'U32': np.uint32, 'I16': np.int16,
+                       'U16': np.uint16, 'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_,
+                       'C64': np.complex64}
+
+
+def read_safetensors_shapes(path: PathLike) -> dict[str, np.ndarray]:
+  """`read_safetensors` from the file's JSON header alone: {name: `stand_in`}.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: a header that does not parse, a dtype NumPy cannot hold, or tensor data that
+      does not lie inside the file (truncated).
+  """
+  p = epath.Path(path)
+  if not p.exists():
+    raise FileNotFoundError(f'checkpoint file not found: {path}')
+  with p.open('rb') as f:
+    head = f.read(8)
+    f.seek(0, os.SEEK_END)
+    data_size = f.tell() - 8
+    n = struct.unpack('<Q', head)[0] if len(head) == 8 else -1
+    try:
+      if not 0 < n <= min(data_size, 100 << 20):  # safetensors caps the header at 100 MB
+        raise ValueError('no header')
+      f.seek(8)
+      header = json.loads(f.read(n))
+      if not isinstance(header, dict):
+        raise ValueError('no header')
+    except (ValueError, UnicodeDecodeError):
+      f.seek(0)
+      raise ValueError(f'{path} is not a safetensors file readable with NumPy (no JSON header); '
+                       f'{_kind(f.read(16))}') from None
+  state = {}
+  for name, t in header.items():
+    if name == '__metadata__':
+      continue
+    dtype = _SAFETENSORS_DTYPES.get(t.get('dtype'))
+    if dtype is None:
+      raise ValueError(f'{path}: tensor {name!r} has dtype {t.get("dtype")!r}, which '
+                       'safetensors.numpy cannot read (save it as F32/F16)')
+    shape, (begin, end) = tuple(t['shape']), t['data_offsets']
+    if end - begin != math.prod(shape) * np.dtype(dtype).itemsize or end > data_size - n:
+      raise ValueError(f'{path} is not a safetensors file readable with NumPy: tensor {name!r} '
+                       f'({t["dtype"]} {list(shape)}) at bytes {begin}..{end} of '
+                       f'{data_size - n} (truncated or corrupt)')
+    state[name] = stand_in(shape, dtype)
+  return state
+
+
+def _format(path: PathLike) -> str:
+  """'safetensors', 'msgpack' or 'npz': by the extension, as `load_file` reads it."""
+  path = os.fspath(path)
+  return next((kind for kind in ('safetensors', 'msgpack') if path.endswith(f'.{kind}')), 'npz')
+
+
+def load_file(path: PathLike, model: nn.Module, *, image_size: int | None = None,
+              **options: Any) -> dict[str, Any]:
+  """`load_safetensors`, `load_msgpack` or `load_npz`, by the file's extension.
+
+  Args:
+    path: the checkpoint.
+    model: the model it is for.
+    image_size: input size the params are built for.
+    **options: the loader's keyword arguments (`config.models.<key>.checkpoint_options`).
+  """
+  loader = {'safetensors': load_safetensors, 'msgpack': load_msgpack,
+            'npz': load_npz}[_format(path)]
+  return loader(path, model, image_size=image_size, **options)
+
+
+def check_file(path: PathLike, model: nn.Module, *, image_size: int | None = None,
+               **options: Any) -> None:
+  """Raises what `load_file(path, model, ...)` would, reading no array data if it can.
+
+  npz and safetensors files are read from their headers (`read_npz_shapes`,
+  `read_safetensors_shapes`) and go through the loaders' own mapping and checks on `stand_in`s,
+  so a multi-GB checkpoint is checked in milliseconds and is read once, by the loader. A msgpack
+  file has no header (its array sizes are inside the one serialised tree), so it is read whole
+  here and again by `load_msgpack`, one after the other.
+
+  Raises:
+    FileNotFoundError, ValueError, TypeError: as the loader would.
+  """
+  kind = _format(path)
+  if kind == 'safetensors':
+    fit_safetensors(read_safetensors_shapes(path), model,
+                    image_size=image_size or model.image_size, shapes_only=True, **options)
+  elif kind == 'msgpack':
+    fit_npz(read_msgpack(path), model, image_size=image_size, **options)
+  else:
+    fit_npz(read_npz_shapes(path), model, image_size=image_size, shapes_only=True, **options)
 
 
 def save_npz(params: Mapping[str, Any], path: str | os.PathLike) -> None:
