@@ -521,7 +521,7 @@ def test_every_measure_from_the_same_pass_on_1_and_4_devices():
   side = _side(_loaded(Transforms(), 8), LAYERS)
   common = dict(num_examples=64, minibatch_size=16, repeats=1, seed=1, null_permutations=4,
                 measures=("linear_cka",) + NEW, measure_options={"linear_predictivity": {
-                    "alphas": (0.01, 1.0)}})
+                    "alphas": (0.01, 1.0)}, "rsa": {"distance": "correlation"}})
   runs = [cka_runner.cka_over_repeats(side, None, _source(), mesh=sharding.make_mesh(devices),
                                       **common).arrays()
           for devices in (jax.devices()[:1], jax.devices())]
