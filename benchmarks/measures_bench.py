@@ -129,9 +129,11 @@ def table(a: int, b: int, m: int, reps: int, perms: int, null_for=("linear_cka",
   return out
 
 
-def vit_step(model_name: str, m: int, image_size: int, reps: int) -> None:
+def vit_step(model_name: str, m: int, image_size: int, reps: int, steps: int = 3) -> None:
   """Seconds per step of the analyses' intra-model step on `model_name`'s fine preset (random
-  weights, one minibatch of m images): linear CKA alone vs every measure on."""
+  weights, one minibatch of m images): linear CKA alone, every measure on (default options), and
+  every measure with PWCCA's Gram-only weights (the share of Morcos et al.'s L1 weights); the
+  first `steps` of these."""
   # pylint: disable=g-import-not-at-top
   from vit_analysis import models
   from vit_analysis.models.build import LoadedModel
@@ -148,20 +150,24 @@ def vit_step(model_name: str, m: int, image_size: int, reps: int) -> None:
   images = jax.random.uniform(jax.random.key(1), (1, m) + shape, minval=-1, maxval=1)
   mask = jnp.ones((1,))
   opts = {"mutual_knn": {"k": min(10, m - 1)}}
-  every = tuple((n, tuple(sorted(measures.resolve_options(n, **opts.get(n, {})).items())))
-                for n in measures.MEASURES)
+
+  def spec(**more):
+    return tuple((n, tuple(sorted(measures.resolve_options(
+        n, **opts.get(n, {}), **more.get(n, {})).items()))) for n in measures.MEASURES)
   a = len(side.names)
   print(f"\n== {model_name} fine preset, {a} layers at {image_size} px ({a * a} pairs, "
         f"intra-model), one minibatch of m = {m}, random weights, median of {reps} reps ==")
   base = None
-  for label, spec in (("linear CKA alone", ()), ("every measure on", every)):
-    step = cka_runner.make_step({"a": side}, [("a", None)], extra_measures=spec, mesh=mesh)
+  runs = (("linear CKA alone", ()), ("every measure on", spec()),
+          ("every measure, PWCCA weights='l2'", spec(pwcca={"weights": "l2"})))
+  for label, extra in runs[:steps]:
+    step = cka_runner.make_step({"a": side}, [("a", None)], extra_measures=extra, mesh=mesh)
     t = time.perf_counter()
     jax.block_until_ready(step((variables,), (images,), mask, None))
     compile_s = time.perf_counter() - t
     sec, _ = timed(step, (variables,), (images,), mask, None, reps=reps)
     base = sec if base is None else base
-    print(f"{model_name} fine step, {label:<18} {sec:9.2f} s / step ({sec / base:5.1f}x; "
+    print(f"{model_name} fine step, {label:<35} {sec:9.2f} s / step ({sec / base:5.1f}x; "
           f"first call incl. compile {compile_s:.0f} s)")
 
 
@@ -226,6 +232,8 @@ def main() -> None:
   parser.add_argument("--step_model", default="ViT-B_16")
   parser.add_argument("--step_m", type=int, default=8, help="images in the ViT step's minibatch")
   parser.add_argument("--step_only", action="store_true", help="only the ViT step times")
+  parser.add_argument("--step_variants", type=int, default=3,
+                      help="linear CKA alone, + every measure, + every measure with L2 PWCCA")
   parser.add_argument("--smoke", action="store_true",
                       help="seconds: 2 x 2 layers, m = 16 (no big m), 1 rep, P = 2, small null, "
                            "the step on ViT-smoke_8 at 32 px")
@@ -234,12 +242,12 @@ def main() -> None:
   if args.smoke:
     args.m, args.big_m, args.layers_a, args.layers_b, args.reps, args.perms = 16, 0, 2, 2, 1, 2
     null_sizes, gram_p = {"m": 16, "p": 32, "minibatches": 2, "perms": 4}, 1024
-    args.step_model, args.step_m, step_size = "ViT-smoke_8", 4, 32
+    args.step_model, args.step_m, step_size, args.step_variants = "ViT-smoke_8", 4, 32, 2
   if args.null_only:
     null_demo(**null_sizes)
     return
   if args.step_only:
-    vit_step(args.step_model, args.step_m, step_size, args.reps)
+    vit_step(args.step_model, args.step_m, step_size, args.reps, args.step_variants)
     return
   print(f"backend: {jax.default_backend()}, devices: {jax.devices()}")
   table(args.layers_a, args.layers_b, args.m, args.reps, args.perms)
@@ -250,7 +258,7 @@ def main() -> None:
     return
   gram_cost(args.m, args.reps, gram_p)
   null_demo(**null_sizes)
-  vit_step(args.step_model, args.step_m, step_size, args.reps)
+  vit_step(args.step_model, args.step_m, step_size, args.reps, args.step_variants)
 
 
 if __name__ == "__main__":
