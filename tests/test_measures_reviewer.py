@@ -555,3 +555,16 @@ def test_side_by_side_figure_uses_each_measures_range():
   assert clims[:3] == [(0.0, 1.0), (-1.0, 1.0), (0.0, np.pi / 2)]
   assert clims[3] == (pytest.approx(-1.4), 1.0)
   assert "lower = more similar" in fig.axes[2].get_title()
+
+
+def test_pwcca_l1_weights_in_chunks_of_side_b(monkeypatch):
+  """The L1 weights of several layers b per GEMM (padded last chunk) equal one at a time."""
+  xs = [data(90, 24, 6, 9)[0], data(91, 24, 11, 9)[0], data(92, 24, 12, 9)[1]]
+  whole = run("pwcca", [xs], [xs]).value
+  monkeypatch.setattr(measures, "_L1_CHUNK_BYTES", 4 * 12 * 24 * 2)  # 2 layers b per chunk
+  measures._terms_jit.clear_cache()  # pylint: disable=protected-access
+  chunked = run("pwcca", [xs], [xs]).value
+  measures._terms_jit.clear_cache()  # pylint: disable=protected-access
+  np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-6)
+  ref = np.array([[ref_pwcca(x, y) for y in xs] for x in xs])
+  np.testing.assert_allclose(chunked, ref, atol=1e-4)

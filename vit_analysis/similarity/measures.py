@@ -745,11 +745,27 @@ def _first(n_min: jax.Array, size: int) -> jax.Array:
   return (jnp.arange(size) < n_min).astype(jnp.float32)
 
 
+# Bytes of the [p, c n] product one chunk of PWCCA's L1 weights may hold (c layers of side b).
+_L1_CHUNK_BYTES = 1 << 28
+
+
 def _l1_weights(x: jax.Array, h: jax.Array) -> jax.Array:
   """Morcos et al.'s projection weights: x [t, p] centred neurons, h [B, t, n] unit variates ->
-  [B, n] sum_j |<h_i, x_j>| = |X^T h_i|_1. One [p, n] product at a time (lax.map over B)."""
-  return jax.lax.map(lambda hb: jnp.sum(jnp.abs(jnp.einsum(
-      "tp,tn->pn", x, hb, precision=_HIGHEST)), axis=0), h)
+  [B, n] sum_j |<h_i, x_j>| = |X^T h_i|_1.
+
+  The variates of c layers b at a time form one [t, c n] matrix, so X is read once per chunk
+  (one GEMM instead of c thin ones; c = 1 when a single [p, n] product already fills
+  `_L1_CHUNK_BYTES`), lax.map over the chunks.
+  """
+  b, t, n = h.shape
+  p = x.shape[1]
+  c = int(max(1, min(b, _L1_CHUNK_BYTES // max(4 * p * n, 1))))
+  pad = -b % c
+  hc = jnp.concatenate([h, jnp.zeros((pad, t, n), h.dtype)]) if pad else h
+  hc = hc.reshape(-1, c, t, n)
+  out = jax.lax.map(lambda hb: jnp.sum(jnp.abs(jnp.einsum(
+      "tp,ctn->cpn", x, hb, precision=_HIGHEST)), axis=1), hc)
+  return out.reshape(-1, n)[:b]
 
 
 def _cca_pair(ua, sa, ra, ub, rb, weighted: bool, xa: jax.Array | None = None) -> jax.Array:
