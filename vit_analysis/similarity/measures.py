@@ -1454,11 +1454,10 @@ def result(state: MeasureState) -> MeasureResult:
                        dict(state.options))
 
 
-__all__ = ["MEASURES", "OPTIONS", "MeasureResult", "MeasureState", "accumulate", "cca_bases",
-           "distance_correlation", "distance_kernels", "fold_indices", "gram_factors",
-           "higher_is_similar", "init", "knn_indicators", "linear_cka", "linear_predictivity",
-           "merge", "minibatch_terms", "mutual_knn", "needs", "null_permutations", "pattern_moments",
-           "procrustes",
-           "procrustes_distance", "pwcca", "rbf_cka", "rbf_kernels", "rdm_standardised",
-           "resolve_options", "result", "rsa", "svcca", "terms", "value_range", "centred_features"]
-
+__all__ = ["MEASURES", "MeasureResult", "MeasureState", "OPTIONS", "accumulate", "cca_bases",
+           "centred_features", "distance_correlation", "distance_kernels", "fold_indices",
+           "gram_factors", "higher_is_similar", "init", "knn_indicators", "linear_cka",
+           "linear_predictivity", "merge", "minibatch_terms", "mutual_knn", "needs",
+           "null_permutations", "pattern_moments", "procrustes", "procrustes_distance",
+           "pwcca", "rbf_cka", "rbf_kernels", "rdm_standardised", "resolve_options",
+           "result", "rsa", "svcca", "terms", "value_range"]
