@@ -1,9 +1,11 @@
-"""Minibatch CKA is the same on 1, 2 and 4 devices and on 2 processes (docs/method.md#the-minibatch-estimator).
+"""Minibatch CKA (and every other measure) is the same on 1, 2 and 4 devices and on 2 processes
+(docs/method.md#the-minibatch-estimator).
 
 conftest.py gives this process 4 simulated CPU devices; meshes over the first 1, 2 and 4 of them
 are three device counts without a subprocess each. The 2-process run (jax.distributed, gloo CPU
 collectives) needs subprocesses: tests/cka_distributed_worker.py.
 """
+import functools
 import os
 import re
 import sys
@@ -12,11 +14,11 @@ import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
-from cka_distributed_worker import make_features
+from cka_distributed_worker import MEASURE_OPTIONS, make_features, measure_results
 from test_cka import ref_minibatch_cka
 
 from vit_analysis.runtime import sharding
-from vit_analysis.similarity import cka
+from vit_analysis.similarity import cka, measures
 
 TOL = 1e-6
 
@@ -69,6 +71,30 @@ def test_same_result_on_1_2_4_devices_without_collectives():
   np.testing.assert_array_equal(cka.result(per).cka, results[0])
 
 
+@functools.lru_cache(maxsize=None)
+def _four_device_measures():
+  return measure_results(sharding.make_mesh(jax.devices()))
+
+
+def test_every_measure_through_the_step_on_4_devices():
+  """The analyses' step (cka_runner.make_step) with every measure and a null on 4 devices: the
+  measures that read features or pattern moments match the full-batch functions per minibatch
+  (side a's features, not b's, reach PWCCA). 1 vs 4 devices through a whole analysis:
+  test_measures_reviewer.py::test_every_measure_from_the_same_pass_on_1_and_4_devices."""
+  four = _four_device_measures()
+  assert len(four) == 3 * 2 * len(measures.MEASURES)
+  feats_a, feats_b = make_features()
+  for name in ("pwcca", "rsa", "svcca"):
+    f, opts = getattr(measures, name), MEASURE_OPTIONS.get(name, {})
+    want = [np.mean([f(x[i], feats_b[0][i], **opts) for i in range(len(x))]) for x in feats_a]
+    np.testing.assert_allclose(four[f"ab/{name}/value"][:, 0], want, rtol=0, atol=2e-5)
+  # Intra-model: PWCCA weighted by the row layer (asymmetric), RSA symmetric.
+  x, y = feats_a[0], feats_a[1]
+  want = np.mean([measures.pwcca(y[i], x[i], **MEASURE_OPTIONS["pwcca"]) for i in range(len(x))])
+  np.testing.assert_allclose(four["a/pwcca/value"][1, 0], want, rtol=0, atol=2e-5)
+  assert four["a/pwcca/null"].shape == (2, 2, 2)
+
+
 def test_two_processes_jax_distributed(tmp_path):
   ref = _reference()
   here = os.path.dirname(os.path.abspath(__file__))
@@ -83,3 +109,9 @@ def test_two_processes_jax_distributed(tmp_path):
     np.testing.assert_allclose(out["cka"], ref, rtol=0, atol=TOL)
   np.testing.assert_array_equal(outs[0]["cka"], outs[1]["cka"])
   np.testing.assert_array_equal(outs[0]["stderr"], outs[1]["stderr"])
+  # Every other measure and its null through the analyses' step: both processes hold the same
+  # numbers, those of 1 process x 4 devices.
+  four = _four_device_measures()
+  for key, v in four.items():
+    np.testing.assert_array_equal(outs[0][key], outs[1][key], err_msg=key)
+    np.testing.assert_allclose(outs[0][key], v, rtol=1e-6, atol=1e-7, err_msg=key)

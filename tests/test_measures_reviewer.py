@@ -50,17 +50,39 @@ def ref_svcca(x, y, keep=0.99):
   return rho.mean()
 
 
-def ref_pwcca(x, y, keep=0.99):
-  """Projection weighting with the variance of x each canonical variate h_i holds, |X^T h_i|^2."""
+def ref_pwcca_l2(x, y, keep=0.99):
+  """The Gram-only variant: weights = the variance of x each canonical variate h_i holds."""
   xr = ref_truncate(x, keep)
   rho, h = ref_cca(xr, ref_truncate(y, keep))
   alpha = np.sum((xr.T @ h) ** 2, axis=0)
   return np.sum(alpha * rho) / alpha.sum()
 
 
+def ref_pwcca(x, y, keep=0.99):
+  """Morcos et al. 2018: CCA from the covariance matrices (Hotelling's definition, not QR), the
+  canonical variates h_i = X_r a_i of x scaled to unit norm, alpha_i = sum_j |<h_i, x_j>| over
+  the centred neurons x_j of x, normalised; PWCCA = sum_i alpha_i rho_i."""
+  xr, yr = ref_truncate(x, keep), ref_truncate(y, keep)
+  sxx, syy, sxy = xr.T @ xr, yr.T @ yr, xr.T @ yr
+
+  def inv_sqrt(s):
+    w, v = np.linalg.eigh(s)
+    return v @ np.diag(w ** -0.5) @ v.T
+  a, rho, _ = np.linalg.svd(inv_sqrt(sxx) @ sxy @ inv_sqrt(syy))
+  n = min(xr.shape[1], yr.shape[1])
+  h = xr @ inv_sqrt(sxx) @ a[:, :n]
+  h /= np.linalg.norm(h, axis=0)
+  alpha = np.abs(h.T @ centred(x)).sum(1)
+  alpha /= alpha.sum()
+  return np.sum(alpha * rho[:n])
+
+
 def ref_rsa(x, y, distance="euclidean", compare="spearman"):
-  dx = scipy.spatial.distance.pdist(centred(x), distance)
-  dy = scipy.spatial.distance.pdist(centred(y), distance)
+  # Correlation distance: 1 - Pearson r of two examples' patterns as given (not column-centred).
+  prep = (lambda z: np.asarray(z, np.float64).reshape(len(z), -1)) if distance == "correlation" \
+      else centred
+  dx = scipy.spatial.distance.pdist(prep(x), distance)
+  dy = scipy.spatial.distance.pdist(prep(y), distance)
   f = scipy.stats.spearmanr if compare == "spearman" else scipy.stats.pearsonr
   return f(dx, dy)[0]
 
@@ -141,9 +163,10 @@ def ref_heldout_procrustes(x, y, k=2, rtol=1e-6):
   return np.mean(out)
 
 
-def ref_heldout_cca(x, y, keep, weighted, k=2, rtol=1e-6):
+def ref_heldout_cca(x, y, keep, weighted, k=2, rtol=1e-6, weights="l1"):
   """CCA fitted on the training rows of the truncated features, correlations of the test rows'
-  variates (PWCCA: weights = training variance of x along each variate)."""
+  variates (PWCCA: weights = sum_j |<h_i, x_j>| of the training variates h_i against the training
+  rows of x's centred neurons, or with 'l2' the training variance of x along each variate)."""
   xr, yr = ref_truncate(x, keep), ref_truncate(y, keep)
   out = []
   for tr, te in folds(len(x), k):
@@ -159,8 +182,11 @@ def ref_heldout_cca(x, y, keep, weighted, k=2, rtol=1e-6):
     corr = np.array([np.corrcoef(ha[:, i], hb[:, i])[0, 1] for i in range(n)])
     if not weighted:
       out.append(corr.mean())
-    else:
+    elif weights == "l2":
       alpha = np.sum((xr[tr].T @ (qx @ p[:, :n])) ** 2, axis=0)
+      out.append(np.sum(alpha * corr) / alpha.sum())
+    else:
+      alpha = np.abs((qx @ p[:, :n]).T @ centred(x)[tr]).sum(1)
       out.append(np.sum(alpha * corr) / alpha.sum())
   return np.mean(out)
 
@@ -182,7 +208,23 @@ def data(seed, m=32, p1=8, p2=12, noise=0.7):
   return x, y
 
 
-grams, run = helpers.measure_grams, helpers.run_measure
+grams = helpers.measure_grams
+
+
+def run(measure, feats_a, feats_b=None, perms=None, **options):
+  """`measure` over minibatches ([minibatch][layer] feature lists) -> MeasureResult, with the
+  features and pattern moments the analyses' step passes where the measure needs them."""
+  a = len(feats_a[0])
+  b = None if feats_b is None else len(feats_b[0])
+  state = measures.init(measure, a, b, num_perms=0 if perms is None else len(perms), **options)
+  for i, fa in enumerate(feats_a):
+    fa = [np.asarray(f, np.float32) for f in fa]
+    fb = None if feats_b is None else [np.asarray(f, np.float32) for f in feats_b[i]]
+    state = measures.accumulate(state, measures.minibatch_terms(
+        measure, grams(fa), None if fb is None else grams(fb), perms=perms, feats_a=fa,
+        moments_a=measures.pattern_moments(fa),
+        moments_b=None if fb is None else measures.pattern_moments(fb), **options))
+  return measures.result(state)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -195,8 +237,14 @@ def test_full_batch_against_references(p1, p2):
   tol = 2e-5 if p1 < 32 else 1e-4  # float32 Grams
   for keep in (0.99, 0.8):
     assert measures.svcca(x, y, keep) == pytest.approx(ref_svcca(x, y, keep), abs=tol)
-    assert measures.pwcca(x, y, keep) == pytest.approx(ref_pwcca(x, y, keep), abs=tol)
-  for distance in ("euclidean", "cosine"):
+    # p > n: r_x + r_y > n - 1, so several canonical correlations are exactly 1 and their
+    # variates any orthonormal basis of the shared subspace; the L1 weights depend on that basis
+    # (the L2 weights do not), so float32 and float64 may pick different ones.
+    assert measures.pwcca(x, y, keep) == pytest.approx(ref_pwcca(x, y, keep),
+                                                       abs=tol if p1 < 32 else 2e-3)
+    assert measures.pwcca(x, y, keep, weights="l2") == pytest.approx(
+        ref_pwcca_l2(x, y, keep), abs=tol)
+  for distance in ("euclidean", "cosine", "correlation"):
     for compare in ("spearman", "pearson"):
       assert measures.rsa(x, y, distance, compare) == pytest.approx(
           ref_rsa(x, y, distance, compare), abs=2e-5)
@@ -235,6 +283,8 @@ def test_heldout_against_references(m, p):
         ref_heldout_cca(x, y, keep, False), abs=2e-4)
     assert measures.pwcca(x, y, keep, heldout="kfold") == pytest.approx(
         ref_heldout_cca(x, y, keep, True), abs=2e-4)
+    assert measures.pwcca(x, y, keep, heldout="kfold", weights="l2") == pytest.approx(
+        ref_heldout_cca(x, y, keep, True, weights="l2"), abs=2e-4)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,6 +304,12 @@ def test_invariances(measure):
   f = getattr(measures, measure)
   base = f(x, y)
   for name, xt in _transforms(x, r).items():
+    if measure == "pwcca" and name == "orthogonal":
+      # Morcos et al.'s L1 weights sum |<h_i, x_j>| over x's neurons: a rotation of the neurons
+      # changes them (the L2 variant's variance weights do not).
+      assert abs(f(xt, y) - base) > 1e-4
+      assert f(xt, y, weights="l2") == pytest.approx(f(x, y, weights="l2"), abs=5e-5)
+      continue
     assert f(xt, y) == pytest.approx(base, abs=5e-5), name
     if measure not in ("pwcca", "linear_predictivity"):  # symmetric in its arguments
       assert f(y, xt) == pytest.approx(base, abs=5e-5), name
@@ -271,7 +327,7 @@ def test_cca_invariant_to_invertible_maps_and_others_are_not():
   # Without truncation (keep=1) the canonical correlations see only the column spaces.
   assert measures.svcca(x @ g, y @ h, keep=1.0) == pytest.approx(
       measures.svcca(x, y, keep=1.0), abs=5e-5)
-  # PWCCA's weights are x's variances: invariant to invertible maps of y only.
+  # PWCCA's weights come from x alone: invariant to invertible maps of y only.
   assert measures.pwcca(x, y @ h, keep=1.0) == pytest.approx(
       measures.pwcca(x, y, keep=1.0), abs=5e-5)
   assert abs(measures.pwcca(x @ g, y, keep=1.0) - measures.pwcca(x, y, keep=1.0)) > 1e-3
@@ -314,7 +370,7 @@ def test_constant_layer_named(measure):
   state = measures.init(measure, ["p", "q"], ["r"], **OPTS.get(measure, {}))
   with pytest.raises(ValueError, match=r"constant.*'q'"):
     measures.result(measures.accumulate(state, measures.minibatch_terms(
-        measure, grams(a), grams(b), **OPTS.get(measure, {}))))
+        measure, grams(a), grams(b), feats_a=a, **OPTS.get(measure, {}))))
   with pytest.raises(ValueError, match="constant"):
     getattr(measures, measure)(b[0], a[1])
 
@@ -335,8 +391,15 @@ def test_rank_deficient_layers(measure):
 
 def test_options_checked():
   x, y = data(33)
-  with pytest.raises(ValueError, match="correlation.*cosine"):
-    measures.rsa(x, y, distance="correlation")
+  with pytest.raises(ValueError, match="distance must be one of.*correlation"):
+    measures.rsa(x, y, distance="cityblock")
+  with pytest.raises(ValueError, match="weights must be 'l1'"):
+    measures.pwcca(x, y, weights="l3")
+  with pytest.raises(ValueError, match="needs feats_a"):
+    measures.minibatch_terms("pwcca", grams([x]), grams([y]))
+  with pytest.raises(ValueError, match="needs moments_b"):
+    measures.minibatch_terms("rsa", grams([x]), grams([y]), distance="correlation",
+                             moments_a=measures.pattern_moments([x]))
   with pytest.raises(ValueError, match="compare"):
     measures.rsa(x, y, compare="kendall")
   with pytest.raises(ValueError, match="heldout"):
@@ -357,20 +420,33 @@ def test_options_checked():
 # The minibatch path: one minibatch = full batch, means and jackknife, null, intra, resume.
 
 
-@pytest.mark.parametrize("measure", NEW)
-def test_one_minibatch_equals_full_batch_and_null(measure):
-  opts = OPTS.get(measure, {})
+# Every measure at its test options, and the options that change what the step computes.
+VARIANTS = [(m, OPTS.get(m, {})) for m in NEW] + [
+    ("pwcca", {"weights": "l2"}), ("rsa", {"distance": "correlation"}),
+    ("rsa", {"distance": "correlation", "compare": "pearson"})]
+
+
+def ref_of(measure, opts):
+  if measure == "pwcca" and opts.get("weights") == "l2":
+    return ref_pwcca_l2
+  if measure == "rsa" and opts:
+    return lambda x, y: ref_rsa(x, y, **opts)
+  return REF[measure]
+
+
+@pytest.mark.parametrize("measure,opts", VARIANTS)
+def test_one_minibatch_equals_full_batch_and_null(measure, opts):
   xs = [data(40, 32, 8, 12)[0], data(41, 32, 20, 12)[0]]
   ys = [data(40, 32, 8, 12)[1]]
   perms = measures.null_permutations(0, 3, 32)
   res = run(measure, [xs], [ys], perms=perms, **opts)
   f = getattr(measures, measure)
-  full = np.array([[f(x, y, **({"debiased": True} if measure == "distance_correlation" else opts))
-                    for y in ys] for x in xs])
-  ref = np.array([[REF[measure](x, y) for y in ys] for x in xs])
+  full = np.array([[f(x, y, **opts) for y in ys] for x in xs])
+  ref_f = ref_of(measure, opts)
+  ref = np.array([[ref_f(x, y) for y in ys] for x in xs])
   np.testing.assert_allclose(full, ref, atol=1e-4)
   np.testing.assert_allclose(res.value, full, atol=2e-5)
-  want = np.array([[[REF[measure](x, ys[0][p])] for x in xs] for p in perms])  # [P, A, 1]
+  want = np.array([[[ref_f(x, ys[0][p])] for x in xs] for p in perms])  # [P, A, 1]
   np.testing.assert_allclose(res.null, want, atol=2e-4)
   np.testing.assert_allclose(res.z, (res.value - res.null_mean) / res.null.std(0, ddof=1))
 
@@ -401,10 +477,9 @@ def test_distance_correlation_sums_minibatch_terms():
   assert np.isfinite(res.stderr).all()
 
 
-@pytest.mark.parametrize("measure", NEW)
-def test_intra_model(measure):
+@pytest.mark.parametrize("measure,opts", VARIANTS)
+def test_intra_model(measure, opts):
   xs = [data(70, 24, 6, 9)[0], data(71, 24, 30, 9)[0], data(72, 24, 12, 9)[1]]
-  opts = OPTS.get(measure, {})
   intra = run(measure, [xs], **opts)
   cross = run(measure, [xs], [xs], **opts)
   np.testing.assert_allclose(intra.value, cross.value, atol=2e-5)
@@ -446,7 +521,7 @@ def test_every_measure_from_the_same_pass_on_1_and_4_devices():
   side = _side(_loaded(Transforms(), 8), LAYERS)
   common = dict(num_examples=64, minibatch_size=16, repeats=1, seed=1, null_permutations=4,
                 measures=("linear_cka",) + NEW, measure_options={"linear_predictivity": {
-                    "alphas": (0.01, 1.0)}})
+                    "alphas": (0.01, 1.0)}, "rsa": {"distance": "correlation"}})
   runs = [cka_runner.cka_over_repeats(side, None, _source(), mesh=sharding.make_mesh(devices),
                                       **common).arrays()
           for devices in (jax.devices()[:1], jax.devices())]
@@ -454,13 +529,16 @@ def test_every_measure_from_the_same_pass_on_1_and_4_devices():
   for key, v in runs[0].items():
     np.testing.assert_allclose(v, runs[1][key], rtol=1e-5, atol=1e-5, err_msg=key)
   arrays = runs[1]
-  i, r = LAYERS.index("identity"), LAYERS.index("rotated")
+  i, r, s = LAYERS.index("identity"), LAYERS.index("rotated"), LAYERS.index("scaled")
   for name in NEW:
     assert f"{name}_null_p" in arrays and arrays[f"{name}_stderr"].shape == (4, 4), name
     if name == "linear_predictivity":  # 48 features from 8 training rows: R^2 < 1 even for a copy
       continue
     want = 0.0 if name == "procrustes_distance" else 1.0
-    assert arrays[f"{name}_mean"][i, r] == pytest.approx(want, abs=2e-3), name
+    # RSA's correlation distance (1 - Pearson r across features) is not rotation-invariant.
+    assert arrays[f"{name}_mean"][i, s if name == "rsa" else r] == pytest.approx(
+        want, abs=2e-3), name
+  assert arrays["rsa_mean"][i, r] < 0.999
   null, mean = arrays["procrustes_distance_null_values"], arrays["procrustes_distance_mean"]
   np.testing.assert_array_equal(arrays["procrustes_distance_null_p"],
                                 (1 + (null <= mean).sum(0)) / 5)
@@ -477,3 +555,16 @@ def test_side_by_side_figure_uses_each_measures_range():
   assert clims[:3] == [(0.0, 1.0), (-1.0, 1.0), (0.0, np.pi / 2)]
   assert clims[3] == (pytest.approx(-1.4), 1.0)
   assert "lower = more similar" in fig.axes[2].get_title()
+
+
+def test_pwcca_l1_weights_in_chunks_of_side_b(monkeypatch):
+  """The L1 weights of several layers b per GEMM (padded last chunk) equal one at a time."""
+  xs = [data(90, 24, 6, 9)[0], data(91, 24, 11, 9)[0], data(92, 24, 12, 9)[1]]
+  whole = run("pwcca", [xs], [xs]).value
+  monkeypatch.setattr(measures, "_L1_CHUNK_BYTES", 4 * 12 * 24 * 2)  # 2 layers b per chunk
+  measures._terms_jit.clear_cache()  # pylint: disable=protected-access
+  chunked = run("pwcca", [xs], [xs]).value
+  measures._terms_jit.clear_cache()  # pylint: disable=protected-access
+  np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-6)
+  ref = np.array([[ref_pwcca(x, y) for y in xs] for x in xs])
+  np.testing.assert_allclose(chunked, ref, atol=1e-4)

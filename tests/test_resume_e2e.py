@@ -1,4 +1,5 @@
-"""Killed with SIGKILL mid-stream and rerun, a run gives bit-identical results."""
+"""Killed with SIGKILL mid-stream and rerun, a run gives bit-identical results (CKA and other
+similarity measures with their null: one of each kind of saved state)."""
 import json
 import os
 import subprocess
@@ -41,8 +42,12 @@ def test_sigkill_mid_repeat_then_rerun_is_bit_identical(tmp_path, model_cache):
   a, b = (np.load(w / "results" / "attention_distance.npz") for w in (whole, killed))
   np.testing.assert_array_equal(a["vit"], b["vit"])
   a, b = (np.load(w / "results" / "cka_intra_vit.npz") for w in (whole, killed))
-  for key in ("values", "stderr", "examples_counted"):
-    np.testing.assert_array_equal(a[key], b[key])
+  assert sorted(a.files) == sorted(b.files)
+  for name in ("values", "stderr", "examples_counted", "pwcca_null_p", "rsa_stderr",
+               "distance_correlation_null_values"):
+    assert name in a.files, (name, a.files)
+  for key in a.files:  # CKA and every measure's values, errors and null, bit for bit
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
   np.testing.assert_array_equal(b["examples_counted"], [256, 256, 256])  # none twice or lost
   with open(killed / "results" / "attention_distance.json") as f:
     assert json.load(f)["metrics"]["vit"]["num_images"] == 64

@@ -80,13 +80,19 @@ def measure_summary(rep: cka_runner.RepeatedCKA, intra: bool) -> dict[str, Any]:
     out["measure_mean"] = {n: float(v.mean()) for n, v in values.items()}
     # Agreement is about which cells are more alike: a distance enters with its sign flipped.
     alike = {n: v if measures_lib.higher_is_similar(n) else -v for n, v in values.items()}
-    out["measure_agreement"] = {f"{a} ~ {b}": rho for (a, b), rho in
-                                agreement.rank_agreement(alike, intra=intra).items()}
-    out["measure_disagreements"] = agreement.disagreements(
-        alike, rep.names_a, rep.names_b, top=5, intra=intra)
-    for d in out["measure_disagreements"]:  # the values as measured, not sign-flipped
-      d["value"] = {n: v if measures_lib.higher_is_similar(n) else -v
-                    for n, v in d["value"].items()}
+    rows, cols = rep.mean.shape
+    cells = rows * (rows - 1) // 2 if intra else rows * cols
+    if cells < 3:  # a rank correlation needs 3 cells (2 layers intra-model have 1)
+      out["measure_agreement"] = (f"not computed: {cells} cell(s), a rank correlation needs "
+                                  "at least 3")
+    else:
+      out["measure_agreement"] = {f"{a} ~ {b}": rho for (a, b), rho in
+                                  agreement.rank_agreement(alike, intra=intra).items()}
+      out["measure_disagreements"] = agreement.disagreements(
+          alike, rep.names_a, rep.names_b, top=5, intra=intra)
+      for d in out["measure_disagreements"]:  # the values as measured, not sign-flipped
+        d["value"] = {n: v if measures_lib.higher_is_similar(n) else -v
+                      for n, v in d["value"].items()}
   above, tested = {}, 0
   for name, found in null_discoveries(arrays, intra).items():
     above[name], tested = found

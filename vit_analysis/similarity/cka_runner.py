@@ -230,7 +230,8 @@ def make_step(sides: Mapping[str, Side], pairs: Sequence[Pair], *,
       `key_a` (each Gram used once).
     gram_precision: the Grams' matmul precision on GPU/TPU (`cka.minibatch_terms`).
     extra_measures: ((measure, sorted options), ...) of `vit_analysis.similarity.measures` computed from the
-      same centred Grams in the same step (empty: linear CKA alone, the paper's path).
+      same centred Grams in the same step (empty: linear CKA alone, the paper's path); those that
+      `measures.needs` features (PWCCA) or `pattern_moments` (correlation RSA) get them too.
     mesh: the device mesh (needed with `extra_measures`: they run per device, see below).
 
   Returns:
@@ -272,30 +273,38 @@ def _make_step(sides: Sequence[Side], pairs: Sequence[tuple[int, int | None]],
       return [(cka.minibatch_terms(feats[a], None if b is None else feats[b], mask=mask,
                                    gram_precision=gram_precision), {})]
     g = [grams(f) for f in feats]  # every side's Grams once, shared by all its pairs
+    # RSA's correlation distance: each side's per-example moments once ([s, A, 3, m], O(m p)).
+    mom = [jax.vmap(lambda *xs: measures_lib.pattern_moments(xs))(*f) if "moments" in need
+           else None for f in feats]
     count = jnp.where(mask > 0, feats[0][0].shape[1], 0).astype(jnp.int32)
     out = []
     for a, b in pairs:
       ga, gb = g[a], None if b is None else g[b]
       cross, sa, sb, ca, cb = jax.vmap(cka.terms_from_grams)(ga, gb)
-      out.append((cka.HSICTerms(cross, sa, sb, ca, cb, count),
-                  measure_terms(ga, gb, perms) if extra_measures else {}))
+      extra = {}
+      if extra_measures:  # PWCCA's L1 weights read side a's features (docs/method.md)
+        extra = measure_terms(ga, gb, perms, feats[a] if "features" in need else None,
+                              mom[a], None if b is None else mom[b])
+      out.append((cka.HSICTerms(cross, sa, sb, ca, cb, count), extra))
     return out
 
   spec = {n: dict(o) for n, o in extra_measures}
+  need = {k for n, o in spec.items() for k in measures_lib.needs(n, **o)}
 
-  def measure_terms(ga, gb, perms):
+  def measure_terms(ga, gb, perms, fa, ma, mb):
     # Per device (shard_map): the partitioner would all-gather the Grams around the measures'
     # eigh / sort custom calls, and XLA:CPU can deadlock on collectives between asynchronously
     # dispatched steps. Each minibatch is whole on its device, so nothing is exchanged.
-    args = [a for a in (ga, gb, perms) if a is not None]
-    specs = [P(sharding.DATA_AXIS)] * (1 + (gb is not None)) + [P()] * (perms is not None)
+    sharded = {"ga": ga, "gb": gb, "fa": fa, "ma": ma, "mb": mb}
+    sharded = {k: v for k, v in sharded.items() if v is not None}
+    args, specs = [sharded], [jax.tree.map(lambda _: P(sharding.DATA_AXIS), sharded)]
+    if perms is not None:
+      args.append(perms)
+      specs.append(P())
 
-    def local(*xs):
-      xs = list(xs)
-      a = xs.pop(0)
-      b = xs.pop(0) if gb is not None else None
-      p = xs.pop(0) if perms is not None else None
-      return measures_lib.terms(spec, a, b, perms=p, stacked=True)
+    def local(xs, p=None):
+      return measures_lib.terms(spec, xs["ga"], xs.get("gb"), perms=p, feats_a=xs.get("fa"),
+                                moments_a=xs.get("ma"), moments_b=xs.get("mb"), stacked=True)
 
     # check_vma off: the measures' loops start from unsharded constants (a bisection's bounds).
     return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs),

@@ -14,8 +14,11 @@ Ten measures of how alike two representations x: [n, p1], y: [n, p2] of the same
   excluded) that the two representations share, averaged over examples.
 * `svcca`, `pwcca`: SVD truncation to a variance fraction (the Gram's top eigenvectors U_r), then
   CCA: the canonical correlations are the singular values of U_r,x^T U_r,y; mean (SVCCA) or
-  weighted by side a's variance along each variate (PWCCA, Gram form of Morcos et al. 2018).
-* `rsa`: Euclidean or cosine RDMs from the Gram, compared by Spearman or Pearson over i < j.
+  weighted by Morcos et al. 2018's projection weights alpha_i = sum_j |<h_i, x_j>| over side a's
+  neurons (PWCCA; needs side a's features, not only its Gram), or with weights='l2' by side a's
+  variance along each variate (a Gram-only variant).
+* `rsa`: Euclidean, cosine or correlation RDMs, compared by Spearman or Pearson over i < j
+  (correlation distance needs each example's feature mean: `pattern_moments`).
 * `linear_predictivity`: held-out R^2 of ridge from a to b (kernel ridge on Gram blocks, lambda
   by leave-one-out).
 * `distance_correlation`: dCor^2, CKA with the kernel -D (D the Euclidean distances).
@@ -25,7 +28,8 @@ Procrustes, the CCA family and ridge take heldout='kfold' (folds within each min
 k - 1 and scored on the other, from Gram sub-blocks). docs/method.md#other-similarity-measures
 derives every formula.
 
-Everything is computable from the column-centred linear Gram K = C X X^T C of each layer:
+Everything but PWCCA's L1 weights and RSA's correlation distance is computable from the
+column-centred linear Gram K = C X X^T C of each layer:
   d2_ij = K_ii + K_jj - 2 K_ij;   cos_ij = K_ij / sqrt(K_ii K_jj);
   |X^T Y|_* = |F_x^T F_y|_*  for any factor K_x = F_x F_x^T (X = F_x W with W^T W a projector, and
   the nuclear norm ignores orthonormal factors), here F = U sqrt(S) from eigh(K) once per layer.
@@ -46,13 +50,16 @@ Use inside the jitted step that builds the Grams (k minibatches, axis 0 possibly
   perms = jnp.asarray(null_permutations(seed, P, m))          # once, replicated
   ga, gb = <centred Grams [k, A, m, m], [k, B, m, m]>
   out = terms({"rbf_cka": {}, "procrustes": {}}, ga, gb, perms=perms, stacked=True)
+and where `needs(...)` says so, also side a's features (`feats_a`, PWCCA) and both sides'
+`pattern_moments` [k, A, 3, m] (`moments_a`, `moments_b`, correlation-distance RSA).
 and on the host, per measure: state = init(name, names_a, names_b, num_perms=P, **options);
 state = accumulate(state, out[name], mask=<[k] valid minibatches>); result(state).
 
 Cost per minibatch (benchmarks/measures_bench.py): RBF, kNN, RSA, distance correlation and their
 nulls are O(A B m^2) like linear CKA; Procrustes, its angle, SVCCA and PWCCA are
-O((A + B) m^3 + A B m^3) (and P times that with a null), ridge O(A B L m^3) for L alphas: those
-are the measures to budget for.
+O((A + B) m^3 + A B m^3) (and P times that with a null), ridge O(A B L m^3) for L alphas; PWCCA's
+L1 projection weights add O(m^2 p_a) per pair (B times the FLOPs of side a's Grams): those are
+the measures to budget for.
 """
 from __future__ import annotations
 
@@ -82,7 +89,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
                    "heldout": "none", "folds": 2},
     "mutual_knn": {"k": 10},
     "svcca": {"keep": 0.99, "rank_rtol": 1e-6, "heldout": "none", "folds": 2},
-    "pwcca": {"keep": 0.99, "rank_rtol": 1e-6, "heldout": "none", "folds": 2},
+    "pwcca": {"keep": 0.99, "rank_rtol": 1e-6, "heldout": "none", "folds": 2, "weights": "l1"},
     "rsa": {"distance": "euclidean", "compare": "spearman"},
     "linear_predictivity": {"alphas": (1e-3, 1e-2, 1e-1, 1.0, 10.0), "heldout": "kfold",
                             "folds": 2},
@@ -99,6 +106,24 @@ _HIGHER_IS_SIMILAR = {name: name != "procrustes_distance" for name in _KIND}
 # Asymmetric measures (a's variance weights, a predicts b): intra-model grids are not symmetrised.
 _ASYMMETRIC = ("pwcca", "linear_predictivity")
 _FITTED = ("procrustes", "procrustes_distance", "svcca", "pwcca", "linear_predictivity")
+
+
+RSA_DISTANCES = ("euclidean", "cosine", "correlation")
+
+
+def needs(measure: str, **options: Any) -> tuple[str, ...]:
+  """What `minibatch_terms` needs besides the centred Grams, with these options.
+
+  'features': side a's features (`feats_a`: PWCCA's L1 projection weights sum |<h_i, x_j>| over
+  side a's neurons, which no Gram holds); 'moments': both sides' `pattern_moments` (RSA with the
+  correlation distance: each example's mean over features, which the column-centred Gram lost).
+  """
+  opts = resolve_options(measure, **options)
+  if measure == "pwcca" and opts["weights"] == "l1":
+    return ("features",)
+  if measure == "rsa" and opts["distance"] == "correlation":
+    return ("moments",)
+  return ()
 
 
 def higher_is_similar(measure: str) -> bool:
@@ -149,14 +174,12 @@ def resolve_options(measure: str, **options: Any) -> dict[str, Any]:
     raise ValueError(f"{measure}: keep (variance fraction) must be in (0, 1], got {out['keep']!r}")
   if measure in ("svcca", "pwcca") and not 0 <= float(out["rank_rtol"]) < 1:
     raise ValueError(f"{measure}: rank_rtol must be in [0, 1), got {out['rank_rtol']!r}")
+  if measure == "pwcca" and out["weights"] not in ("l1", "l2"):
+    raise ValueError(f"pwcca: weights must be 'l1' (Morcos et al.'s projection weights, from the "
+                     f"features) or 'l2' (side a's variance, Gram only), got {out['weights']!r}")
   if measure == "rsa":
-    if out["distance"] not in ("euclidean", "cosine"):
-      hint = (" ('correlation' distance needs each example's mean over features, which the "
-              "column-centred Gram does not hold; 'cosine' is 1 - correlation of the "
-              "column-centred patterns without that mean)" if out["distance"] == "correlation"
-              else "")
-      raise ValueError(f"rsa: distance must be 'euclidean' or 'cosine', got "
-                       f"{out['distance']!r}{hint}")
+    if out["distance"] not in RSA_DISTANCES:
+      raise ValueError(f"rsa: distance must be one of {RSA_DISTANCES}, got {out['distance']!r}")
     if out["compare"] not in ("spearman", "pearson"):
       raise ValueError(f"rsa: compare must be 'spearman' or 'pearson', got {out['compare']!r}")
   if measure == "linear_predictivity":
@@ -187,7 +210,7 @@ def resolve_options(measure: str, **options: Any) -> dict[str, Any]:
 
 
 def _host_features(x: Any, name: str, min_n: int = 4) -> np.ndarray:
-  """[n, ...] -> float64 [n, p], column-centred; clear errors for bad input."""
+  """[n, ...] -> float64 [n, p] as given (not centred); clear errors for bad input."""
   x = np.asarray(x)
   if x.ndim < 2:
     raise ValueError(f"{name} must be [n, ...] features (n examples), got shape {x.shape}")
@@ -198,29 +221,39 @@ def _host_features(x: Any, name: str, min_n: int = 4) -> np.ndarray:
     raise ValueError(f"{name} needs at least {min_n} examples and 1 feature, got {x.shape}")
   if not np.isfinite(x).all():
     raise ValueError(f"{name} contains NaN/Inf ({np.size(x) - np.isfinite(x).sum()} values)")
-  return x - x.mean(0, keepdims=True)
+  return x
 
 
 def _check_pair(x: Any, y: Any, min_n: int = 4) -> tuple[np.ndarray, np.ndarray]:
+  """Validated float64 [n, p] features of both sides, as given (not centred)."""
   x, y = _host_features(x, "x", min_n), _host_features(y, "y", min_n)
   if x.shape[0] != y.shape[0]:
     raise ValueError(f"x and y must hold the same examples: {x.shape[0]} vs {y.shape[0]} rows")
   for name, v in (("x", x), ("y", y)):
-    if not np.any(v):
+    if not np.any(v - v.mean(0, keepdims=True)):
       raise ValueError(f"{name} is constant over the examples (similarity undefined)")
   return x, y
 
 
 def _full_batch(measure: str, x: Any, y: Any, **options: Any) -> float:
-  """One minibatch of the per-minibatch path: the n examples' centred Grams, the measure's
-  `minibatch_terms`, and `result` of a state holding that one minibatch."""
+  """One minibatch of the per-minibatch path: the n examples' centred Grams (and the features or
+  `pattern_moments` where `needs` says so), the measure's `minibatch_terms`, and `result` of a
+  state holding that one minibatch."""
   opts = resolve_options(measure, **options)
   x, y = _check_pair(x, y)
   if measure == "mutual_knn" and opts["k"] >= x.shape[0]:
     raise ValueError(f"mutual_knn needs k < n, got k = {opts['k']}, n = {x.shape[0]}")
   # Centred in float64 here (a large offset survives), then float32 Grams as on device.
-  grams = [cka.centred_grams([v.astype(np.float32)]) for v in (x, y)]
-  state = accumulate(init(measure, 1, 1, **opts), minibatch_terms(measure, *grams, **opts))
+  xc, yc = (v - v.mean(0, keepdims=True) for v in (x, y))
+  grams = [cka.centred_grams([v.astype(np.float32)]) for v in (xc, yc)]
+  extra = {}
+  if "features" in needs(measure, **opts):
+    extra["feats_a"] = [xc.astype(np.float32)]
+  if "moments" in needs(measure, **opts):  # from the features as given: their means matter
+    extra["moments_a"], extra["moments_b"] = (pattern_moments([v.astype(np.float32)])
+                                              for v in (x, y))
+  state = accumulate(init(measure, 1, 1, **opts),
+                     minibatch_terms(measure, *grams, **extra, **opts))
   return float(result(state).value[0, 0])
 
 
@@ -309,26 +342,47 @@ def svcca(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike, keep: float = 0.99,
 
 
 def pwcca(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike, keep: float = 0.99,
-          heldout: str = "none", folds: int = 2, rank_rtol: float = 1e-6) -> float:
-  """Full-batch projection-weighted CCA (Morcos et al. 2018), Gram form; asymmetric (weights: x).
+          heldout: str = "none", folds: int = 2, rank_rtol: float = 1e-6,
+          weights: str = "l1") -> float:
+  """Full-batch projection-weighted CCA (Morcos et al. 2018); asymmetric (weights from x).
 
-  The canonical correlations rho_i of `svcca`'s truncated representations, weighted by how much
-  of side x's variance its canonical variate h_i accounts for, alpha_i = |X^T h_i|_2^2 = h_i^T K_x
-  h_i: sum_i alpha_i rho_i / sum_i alpha_i. Morcos et al. weight by the L1 norm sum_j |<h_i, x_j>|
-  over neurons instead, which needs the features (docs/method.md#other-similarity-measures). One
-  minibatch of the `pwcca` terms; arguments as `svcca`.
+  The canonical correlations rho_i of `svcca`'s truncated representations (i < min(r_x, r_y)),
+  weighted by how much side x's neurons project on its canonical variate h_i (unit norm, in
+  example space): alpha_i = sum_j |<h_i, x_j>| over the centred neuron columns x_j of x, then
+  sum_i alpha_i rho_i / sum_i alpha_i. Morcos et al.'s code takes the side with fewer neurons;
+  here it is always x (call pwcca(y, x) for the other). weights='l2' is a Gram-only variant,
+  alpha_i = |X^T h_i|_2^2 = h_i^T K_x h_i (x's variance along h_i), invariant to rotations of x's
+  neurons where the L1 weights are not (docs/method.md#other-similarity-measures). One minibatch
+  of the `pwcca` terms.
+
+  Args:
+    x: [n, ...] features (n >= 4), flattened per example; the weighted side.
+    y: [n, ...] features of the same examples.
+    keep: variance fraction kept per side, in (0, 1] (1: plain CCA of the non-null directions).
+    heldout: 'none' or 'kfold' (as `svcca`; the weights then come from the training rows).
+    folds: k for heldout='kfold'.
+    rank_rtol: eigenvalues below this fraction of the largest are dropped.
+    weights: 'l1' (Morcos et al.) or 'l2' (variance, from the Gram only).
   """
   return _full_batch("pwcca", x, y, keep=keep, heldout=heldout, folds=folds,
-                     rank_rtol=rank_rtol)
+                     rank_rtol=rank_rtol, weights=weights)
 
 
 def rsa(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike, distance: str = "euclidean",
         compare: str = "spearman") -> float:
   """Full-batch representational similarity analysis (Kriegeskorte et al. 2008), in [-1, 1].
 
-  RDMs of the centred features, Euclidean (sqrt(K_ii + K_jj - 2 K_ij)) or cosine
-  (1 - K_ij / sqrt(K_ii K_jj)) distances, compared over the n(n-1)/2 pairs i < j by Spearman's rho
-  (average ranks for ties) or Pearson's r. One minibatch of the `rsa` terms.
+  RDMs over the n examples: Euclidean (sqrt(K_ii + K_jj - 2 K_ij)) or cosine
+  (1 - K_ij / sqrt(K_ii K_jj)) distance of the column-centred features, or correlation distance
+  1 - corr(x_i, x_j) of the activation patterns as given (each example's features centred on
+  their own mean, from the Gram and `pattern_moments`); compared over the n(n-1)/2 pairs i < j by
+  Spearman's rho (average ranks for ties) or Pearson's r. One minibatch of the `rsa` terms.
+
+  Args:
+    x: [n, ...] features (n >= 4), flattened per example.
+    y: [n, ...] features of the same examples.
+    distance: 'euclidean', 'cosine' or 'correlation'.
+    compare: 'spearman' or 'pearson'.
   """
   return _full_batch("rsa", x, y, distance=distance, compare=compare)
 
@@ -691,8 +745,33 @@ def _first(n_min: jax.Array, size: int) -> jax.Array:
   return (jnp.arange(size) < n_min).astype(jnp.float32)
 
 
-def _cca_pair(ua, sa, ra, ub, rb, weighted: bool) -> jax.Array:
-  """SVCCA / PWCCA of one layer a against every layer b (ub [B, m, m], rb [B]) -> [B]."""
+# Bytes of the [p, c n] product one chunk of PWCCA's L1 weights may hold (c layers of side b).
+_L1_CHUNK_BYTES = 1 << 28
+
+
+def _l1_weights(x: jax.Array, h: jax.Array) -> jax.Array:
+  """Morcos et al.'s projection weights: x [t, p] centred neurons, h [B, t, n] unit variates ->
+  [B, n] sum_j |<h_i, x_j>| = |X^T h_i|_1.
+
+  The variates of c layers b at a time form one [t, c n] matrix, so X is read once per chunk
+  (one GEMM instead of c thin ones; c = 1 when a single [p, n] product already fills
+  `_L1_CHUNK_BYTES`), lax.map over the chunks.
+  """
+  b, t, n = h.shape
+  p = x.shape[1]
+  c = int(max(1, min(b, _L1_CHUNK_BYTES // max(4 * p * n, 1))))
+  pad = -b % c
+  hc = jnp.concatenate([h, jnp.zeros((pad, t, n), h.dtype)]) if pad else h
+  hc = hc.reshape(-1, c, t, n)
+  out = jax.lax.map(lambda hb: jnp.sum(jnp.abs(jnp.einsum(
+      "tp,ctn->cpn", x, hb, precision=_HIGHEST)), axis=1), hc)
+  return out.reshape(-1, n)[:b]
+
+
+def _cca_pair(ua, sa, ra, ub, rb, weighted: bool, xa: jax.Array | None = None) -> jax.Array:
+  """SVCCA / PWCCA of one layer a against every layer b (ub [B, m, m], rb [B]) -> [B].
+
+  xa: side a's centred features [m, p] for the L1 weights (None: the Gram-only L2 weights)."""
   mat = jnp.einsum("mi,bmj->bij", ua, ub, precision=_HIGHEST)
   n_min = jnp.minimum(ra, rb)  # [B]
   m = ua.shape[0]
@@ -701,8 +780,11 @@ def _cca_pair(ua, sa, ra, ub, rb, weighted: bool) -> jax.Array:
     first = jax.vmap(_first, (0, None))(n_min, m)
     return jnp.sum(rho * first, -1) / jnp.maximum(n_min, 1)
   p, rho, _ = _svd(mat)
-  # alpha_i = |X^T h_i|^2 = p_i^T S_a p_i for the variate h_i = U_a p_i (side a's variance it holds)
-  alpha = jnp.einsum("k,bki->bi", sa, p * p, precision=_HIGHEST)
+  if xa is None:
+    # alpha_i = |X^T h_i|^2 = p_i^T S_a p_i for the variate h_i = U_a p_i (side a's variance)
+    alpha = jnp.einsum("k,bki->bi", sa, p * p, precision=_HIGHEST)
+  else:  # alpha_i = |X^T h_i|_1 with the unit variates h_i = U_a p_i (orthonormal columns)
+    alpha = _l1_weights(xa, jnp.einsum("mk,bki->bmi", ua, p, precision=_HIGHEST))
   alpha = alpha * jax.vmap(_first, (0, None))(n_min, m)
   return jnp.sum(alpha * rho, -1) / jnp.sum(alpha, -1)
 
@@ -734,9 +816,10 @@ def _test_correlations(ha: jax.Array, hb: jax.Array) -> jax.Array:
   return jnp.where(den > 0, jnp.sum(ha * hb, 0) / jnp.where(den > 0, den, 1), 0)
 
 
-def _cca_heldout_pair(fa, fb, weighted: bool) -> jax.Array:
+def _cca_heldout_pair(fa, fb, weighted: bool, xa_train: jax.Array | None = None) -> jax.Array:
   """Held-out SVCCA / PWCCA of one fold: canonical directions fitted on the training rows, the
-  correlations of the test rows' variates along them. fa, fb: `_cca_fold_side` of each side."""
+  correlations of the test rows' variates along them. fa, fb: `_cca_fold_side` of each side;
+  xa_train: side a's centred features' training rows [t, p] for the L1 weights (None: L2)."""
   qa, za, kqa, ra = fa
   qb, zb, _, rb = fb
   p, _, rt = _svd(jnp.einsum("ti,tj->ij", qa, qb, precision=_HIGHEST))
@@ -744,17 +827,36 @@ def _cca_heldout_pair(fa, fb, weighted: bool) -> jax.Array:
   first = _first(jnp.minimum(ra, rb), corr.shape[0])
   if not weighted:
     return jnp.sum(corr * first) / jnp.maximum(jnp.sum(first), 1)
-  alpha = jnp.einsum("ki,kl,li->i", p, kqa, p, precision=_HIGHEST) * first
+  if xa_train is None:
+    alpha = jnp.einsum("ki,kl,li->i", p, kqa, p, precision=_HIGHEST)
+  else:  # the training variates Q_a p_i (unit norm) against the training rows of the neurons
+    alpha = _l1_weights(xa_train, (qa @ p)[None])[0]
+  alpha = alpha * first
   return jnp.sum(alpha * corr) / jnp.sum(alpha)
 
 
-def _cca_terms(grams_a, grams_b, perms, weighted, keep, rank_rtol, heldout, folds):
+def centred_features(feats: Sequence[jax.Array]) -> list[jax.Array]:
+  """A arrays [m, ...] -> float32 [m, p] with zero column means (PWCCA's neuron columns x_j)."""
+  out = []
+  for x in feats:
+    x = jnp.asarray(x).reshape(jnp.shape(x)[0], -1).astype(jnp.float32)
+    out.append(x - jnp.mean(x, axis=0, keepdims=True))
+  return out
+
+
+def _cca_terms(grams_a, grams_b, perms, weighted, keep, rank_rtol, heldout, folds, feats_a=None):
   ua, sa, ra = cca_bases(grams_a, keep, rank_rtol)
   ub, sb, rb = (ua, sa, ra) if grams_b is None else cca_bases(grams_b, keep, rank_rtol)
   m = grams_a.shape[-1]
+  # L1 weights: the layers of side a have different widths p, so the rows of the grid are a
+  # Python loop over them (one [p, n] product per pair inside) instead of one lax.map.
+  xs = None if feats_a is None else centred_features(feats_a)
   if heldout == "none":
     def grid(ub_):
-      return jax.lax.map(lambda x: _cca_pair(*x, ub_, rb, weighted), (ua, sa, ra))
+      if xs is None:
+        return jax.lax.map(lambda x: _cca_pair(*x, ub_, rb, weighted), (ua, sa, ra))
+      return jnp.stack([_cca_pair(ua[i], sa[i], ra[i], ub_, rb, True, x)
+                        for i, x in enumerate(xs)])
   else:
     splits = fold_indices(m, folds)
     side = lambda u, s: [jax.vmap(lambda uu, ss: _cca_fold_side(uu, ss, tr, te, rank_rtol))(u, s)
@@ -763,8 +865,13 @@ def _cca_terms(grams_a, grams_b, perms, weighted, keep, rank_rtol, heldout, fold
 
     def grid(ub_):
       fit_b = side(ub_, sb)
-      per_fold = [jax.lax.map(lambda fa1: jax.vmap(lambda fb1: _cca_heldout_pair(
-          fa1, fb1, weighted))(fb), fa) for fa, fb in zip(fit_a, fit_b)]
+      if xs is None:
+        per_fold = [jax.lax.map(lambda fa1: jax.vmap(lambda fb1: _cca_heldout_pair(
+            fa1, fb1, weighted))(fb), fa) for fa, fb in zip(fit_a, fit_b)]
+      else:
+        per_fold = [jnp.stack([jax.vmap(lambda fb1, i=i, x=x, tr=tr: _cca_heldout_pair(
+            jax.tree.map(lambda v: v[i], fa), fb1, True, x[tr]))(fb) for i, x in enumerate(xs)])
+            for (tr, _), fa, fb in zip(splits, fit_a, fit_b)]
       return sum(per_fold) / len(per_fold)
   out = {"value": grid(ub)}
   if perms is not None:  # the basis of L[pi][:, pi] is U_b[pi]: permute its rows
@@ -875,17 +982,62 @@ def _average_ranks(v: jax.Array) -> jax.Array:
   return (lo + hi + 1).astype(jnp.float32) / 2
 
 
-def rdm_standardised(grams: jax.Array, distance: str, compare: str) -> jax.Array:
+def pattern_moments(feats: Sequence[jax.Array]) -> jax.Array:
+  """What RSA's correlation distance needs besides the column-centred Gram: [A, 3, m] float32.
+
+  With c the column means of X [m, p], X~ = X - 1 c^T (the Gram's features, G = X~ X~^T),
+  mu~_i = mean_f X~_if, cbar = mean_f c_f and d = c - cbar 1 (the mean pattern, centred over
+  features), example i's pattern centred on its own mean is r_i = x_i - mean(x_i) 1 =
+  (x~_i - mu~_i 1) + d, and since <1, d> = 0:
+    <r_i, r_j> = G_ij - p mu~_i mu~_j + e_i + e_j + |d|^2,   e_i = <x~_i, d>.
+  Rows: u = sqrt(p) mu~, e, and |d|^2 repeated m times (so <r_i, r_j> = G - u u^T + e 1^T + 1 e^T
+  + |d|^2). All are small next to the Gram: one more pass over the features, O(m p) per layer.
+
+  Args:
+    feats: A arrays [m, ...] of the same m examples, as captured (not centred).
+
+  Returns:
+    [A, 3, m] per-example moments, rows (u, e, |d|^2).
+  """
+  out = []
+  for x in feats:
+    x = jnp.asarray(x).reshape(jnp.shape(x)[0], -1).astype(jnp.float32)
+    m, p = x.shape
+    c = jnp.mean(x, axis=0)
+    xt = x - c[None]
+    d = c - jnp.mean(c)
+    e = jnp.einsum("mp,p->m", xt, d, precision=_HIGHEST)
+    out.append(jnp.stack([jnp.sqrt(jnp.float32(p)) * jnp.mean(xt, axis=1), e,
+                          jnp.full((m,), jnp.sum(d * d), jnp.float32)]))
+  return jnp.stack(out)
+
+
+def _row_centred_gram(g: jax.Array, moments: jax.Array) -> jax.Array:
+  """<r_i, r_j> [m, m] of one layer from its centred Gram and `pattern_moments` [3, m]."""
+  u, e, dd = moments
+  return g - u[:, None] * u[None, :] + e[:, None] + e[None, :] + dd[0]
+
+
+def rdm_standardised(grams: jax.Array, distance: str, compare: str,
+                     moments: jax.Array | None = None) -> jax.Array:
   """[A, m, m] symmetric matrices holding each layer's standardised upper-triangle RDM entries.
 
-  RDM_ij: Euclidean distance sqrt(K_ii + K_jj - 2 K_ij), or the cosine distance
-  1 - K_ij / sqrt(K_ii K_jj) of the column-centred patterns. compare='spearman' replaces the
+  RDM_ij: Euclidean distance sqrt(K_ii + K_jj - 2 K_ij), the cosine distance
+  1 - K_ij / sqrt(K_ii K_jj) of the column-centred patterns, or the correlation distance
+  1 - R_ij / sqrt(R_ii R_jj) with R the Gram of the patterns centred on their own means (from
+  `moments` [A, 3, m], `pattern_moments`; an example with a constant pattern has correlation 0 to
+  every other). compare='spearman' replaces the
   m(m-1)/2 entries i < j by their average ranks; the entries are then centred and scaled to unit
   norm, mirrored below the diagonal (zero diagonal), so <R_a, R_b> / 2 is Pearson's r over the
   upper triangle, and the RDM of L[pi][:, pi] is R_b[pi][:, pi].
   """
   m = grams.shape[-1]
   iu = np.triu_indices(m, 1)
+  if distance == "correlation":
+    if moments is None or jnp.shape(moments) != (grams.shape[0], 3, m):
+      raise ValueError(f"rsa with distance='correlation' needs pattern_moments [A, 3, {m}] of "
+                       f"every layer, got {None if moments is None else jnp.shape(moments)}")
+    grams = jax.vmap(_row_centred_gram)(grams, moments)
 
   def one(g):
     d = jnp.diagonal(g)
@@ -906,9 +1058,9 @@ def rdm_standardised(grams: jax.Array, distance: str, compare: str) -> jax.Array
   return jax.vmap(one)(grams)
 
 
-def _rsa_terms(grams_a, grams_b, perms, distance, compare):
-  ra = rdm_standardised(grams_a, distance, compare)
-  rb = ra if grams_b is None else rdm_standardised(grams_b, distance, compare)
+def _rsa_terms(grams_a, grams_b, perms, distance, compare, moments_a=None, moments_b=None):
+  ra = rdm_standardised(grams_a, distance, compare, moments_a)
+  rb = ra if grams_b is None else rdm_standardised(grams_b, distance, compare, moments_b)
   value, null = _pair_products(ra, rb, perms)
   out = {"value": value / 2}
   if null is not None:
@@ -943,7 +1095,9 @@ def _dcor_terms(grams_a, grams_b, perms, debiased):
 
 
 def minibatch_terms(measure: str, grams_a: jax.Array, grams_b: jax.Array | None = None, *,
-                    perms: jax.Array | None = None, **options: Any) -> dict[str, jax.Array]:
+                    perms: jax.Array | None = None, feats_a: Sequence[jax.Array] | None = None,
+                    moments_a: jax.Array | None = None, moments_b: jax.Array | None = None,
+                    **options: Any) -> dict[str, jax.Array]:
   """Per-minibatch terms of one measure from centred linear Grams; pure, call it inside your jit.
 
   Args:
@@ -951,6 +1105,11 @@ def minibatch_terms(measure: str, grams_a: jax.Array, grams_b: jax.Array | None 
     grams_a: [A, m, m] column-centred linear Grams C X X^T C of side a (one minibatch).
     grams_b: [B, m, m] of the same examples, or None for intra-model (each Gram used once).
     perms: optional [P, m] int permutations (`null_permutations`) for the shuffle null.
+    feats_a: side a's A features [m, ...] (those of the Grams), where `needs` says 'features'
+      (PWCCA's L1 weights); ignored otherwise.
+    moments_a: [A, 3, m] `pattern_moments` of side a where `needs` says 'moments' (RSA's
+      correlation distance); ignored otherwise.
+    moments_b: [B, 3, m] of side b (None for intra-model).
     **options: the measure's options (`OPTIONS`; static: they change the program).
 
   Returns:
@@ -961,14 +1120,38 @@ def minibatch_terms(measure: str, grams_a: jax.Array, grams_b: jax.Array | None 
     vmap over a leading minibatch axis adds it to every leaf; `accumulate` flattens leading axes.
   """
   opts = resolve_options(measure, **options)
-  _check_grams(grams_a, grams_b, perms)
+  a, m = _check_grams(grams_a, grams_b, perms)
+  need = needs(measure, **opts)
+  if "features" in need:
+    if feats_a is None or len(feats_a) != a or any(
+        jnp.ndim(x) < 2 or jnp.shape(x)[0] != m for x in feats_a):
+      raise ValueError(f"{measure} with {dict(opts)} needs feats_a: side a's {a} features "
+                       f"[{m}, ...] (those of grams_a), got "
+                       f"{None if feats_a is None else [jnp.shape(x) for x in feats_a]}")
+    feats_a = list(feats_a)
+  else:
+    feats_a = None
+  if "moments" in need:
+    b = a if grams_b is None else jnp.shape(grams_b)[0]
+    for name, mo, n in (("moments_a", moments_a, a), ("moments_b", moments_b, b)):
+      if name == "moments_b" and grams_b is None:
+        continue
+      if mo is None or jnp.shape(mo) != (n, 3, m):
+        raise ValueError(f"{measure} with {dict(opts)} needs {name}: pattern_moments [{n}, 3, "
+                         f"{m}], got {None if mo is None else jnp.shape(mo)}")
+  else:
+    moments_a = moments_b = None
+  if grams_b is None:
+    moments_b = None
   # Jitted with static options: inside the caller's jit it is inlined; called eagerly (tests,
   # notebooks) it compiles once per shape instead of dispatching op by op.
-  return _terms_jit(measure, tuple(sorted(opts.items())), grams_a, grams_b, perms)
+  return _terms_jit(measure, tuple(sorted(opts.items())), grams_a, grams_b, perms, feats_a,
+                    moments_a, moments_b)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _terms_jit(measure, opts, grams_a, grams_b, perms):
+def _terms_jit(measure, opts, grams_a, grams_b, perms, feats_a=None, moments_a=None,
+               moments_b=None):
   opts = dict(opts)
   m = grams_a.shape[-1]
   grams_a = jnp.asarray(grams_a, jnp.float32)
@@ -991,9 +1174,10 @@ def _terms_jit(measure, opts, grams_a, grams_b, perms):
       out = {k: jnp.arccos(jnp.clip(v, -1.0, 1.0)) for k, v in out.items()}
   elif measure in ("svcca", "pwcca"):
     out = _cca_terms(grams_a, grams_b, perms, measure == "pwcca", float(opts["keep"]),
-                     float(opts["rank_rtol"]), opts["heldout"], int(opts["folds"]))
+                     float(opts["rank_rtol"]), opts["heldout"], int(opts["folds"]), feats_a)
   elif measure == "rsa":
-    out = _rsa_terms(grams_a, grams_b, perms, opts["distance"], opts["compare"])
+    out = _rsa_terms(grams_a, grams_b, perms, opts["distance"], opts["compare"], moments_a,
+                     moments_b)
   elif measure == "linear_predictivity":
     out = _ridge_terms(grams_a, grams_b, perms, tuple(opts["alphas"]), opts["heldout"],
                        int(opts["folds"]))
@@ -1007,6 +1191,8 @@ def _terms_jit(measure, opts, grams_a, grams_b, perms):
 
 def terms(measures: Sequence[str] | Mapping[str, Mapping[str, Any]], grams_a: jax.Array,
           grams_b: jax.Array | None = None, *, perms: jax.Array | None = None,
+          feats_a: Sequence[jax.Array] | None = None, moments_a: jax.Array | None = None,
+          moments_b: jax.Array | None = None,
           stacked: bool = False) -> dict[str, dict[str, jax.Array]]:
   """`minibatch_terms` of several measures from the same Grams: {measure: terms}.
 
@@ -1016,14 +1202,20 @@ def terms(measures: Sequence[str] | Mapping[str, Mapping[str, Any]], grams_a: ja
       which may be sharded: every minibatch stays where it is).
     grams_b: the same for side b, or None (intra-model).
     perms: [P, m] permutations, the same for every minibatch.
-    stacked: whether axis 0 of the Grams is the minibatch axis.
+    feats_a: side a's A features [m, ...] ([k, m, ...] stacked), for measures that `needs`
+      them (PWCCA's L1 weights).
+    moments_a: [A, 3, m] ([k, A, 3, m] stacked) `pattern_moments` of side a, where needed.
+    moments_b: the same for side b (None: intra-model).
+    stacked: whether axis 0 of the Grams (and features, moments) is the minibatch axis.
   """
   specs = ({str(n): {} for n in measures} if not isinstance(measures, Mapping)
            else {str(n): dict(o) for n, o in measures.items()})
 
-  def one(ga, gb):
-    return {n: minibatch_terms(n, ga, gb, perms=perms, **o) for n, o in specs.items()}
-  return jax.vmap(one)(grams_a, grams_b) if stacked else one(grams_a, grams_b)
+  def one(ga, gb, fa, ma, mb):
+    return {n: minibatch_terms(n, ga, gb, perms=perms, feats_a=fa, moments_a=ma, moments_b=mb,
+                               **o) for n, o in specs.items()}
+  args = (grams_a, grams_b, None if feats_a is None else list(feats_a), moments_a, moments_b)
+  return jax.vmap(one)(*args) if stacked else one(*args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1262,10 +1454,10 @@ def result(state: MeasureState) -> MeasureResult:
                        dict(state.options))
 
 
-__all__ = ["MEASURES", "OPTIONS", "MeasureResult", "MeasureState", "accumulate", "cca_bases",
-           "distance_correlation", "distance_kernels", "fold_indices", "gram_factors",
-           "higher_is_similar", "init", "knn_indicators", "linear_cka", "linear_predictivity",
-           "merge", "minibatch_terms", "mutual_knn", "null_permutations", "procrustes",
-           "procrustes_distance", "pwcca", "rbf_cka", "rbf_kernels", "rdm_standardised",
-           "resolve_options", "result", "rsa", "svcca", "terms", "value_range"]
-
+__all__ = ["MEASURES", "MeasureResult", "MeasureState", "OPTIONS", "accumulate", "cca_bases",
+           "centred_features", "distance_correlation", "distance_kernels", "fold_indices",
+           "gram_factors", "higher_is_similar", "init", "knn_indicators", "linear_cka",
+           "linear_predictivity", "merge", "minibatch_terms", "mutual_knn", "needs",
+           "null_permutations", "pattern_moments", "procrustes", "procrustes_distance",
+           "pwcca", "rbf_cka", "rbf_kernels", "rdm_standardised", "resolve_options",
+           "result", "rsa", "svcca", "terms", "value_range"]
