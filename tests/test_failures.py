@@ -201,8 +201,8 @@ def test_every_bad_checkpoint_is_reported_before_anything_runs(tmp_path, monkeyp
   config.models.vit.checkpoint_options = {"fresh_head": True}
   net.write_bytes(b"\x93NUMPY")  # a user module's file that is no msgpack at all
   (problem,) = options.file_problems(config)
-  assert str(problem).startswith(f"models.net.checkpoint = '{net}': checkpoint '{net}' is not "
-                                 "a flax msgpack file")
+  assert str(problem).startswith(f"models.net.checkpoint = '{net}': {net} is not a Flax "
+                                 "msgpack file")
   del config.models.net
   assert options.file_problems(config) == []
 

@@ -21,7 +21,6 @@ import flax
 import flax.linen as nn
 import jax
 import ml_collections
-import msgpack
 import numpy as np
 from absl import logging
 from etils import epath
@@ -329,20 +328,10 @@ def _user_params(path: str, module: nn.Module, image_size: int) -> Any:
     raise ValueError(f"checkpoint {path!r} of a user module must be a flax msgpack params file "
                      "(flax.serialization.msgpack_serialize(params)); other formats need "
                      "load_fn='package.path:function'")
-  data = epath.Path(path).read_bytes()
-  try:
-    params = flax.serialization.msgpack_restore(data)
-  except (msgpack.UnpackException, ValueError, TypeError) as e:
-    raise ValueError(f"checkpoint {path!r} is not a flax msgpack file "
-                     f"({type(e).__name__}: {e})") from None
-  if not isinstance(params, dict):
-    raise ValueError(f"checkpoint {path!r} holds a {type(params).__name__}, not a dict of "
-                     "parameters")
-  params = params.get("params", params)
+  have = checkpoints.read_msgpack(path)  # flat {'/'-joined key: array}, 'params' unwrapped
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.float32)
   init = jax.eval_shape(lambda x: module.init(jax.random.key(0), x), images)["params"]
   want = flax.traverse_util.flatten_dict(init, sep="/")
-  have = flax.traverse_util.flatten_dict(params, sep="/")
   problems = [f"missing {k} {v.shape}" for k, v in want.items() if k not in have]
   problems += [f"unexpected {k}" for k in have if k not in want]
   problems += [f"{k}: {np.shape(have[k])} in the file, {v.shape} in the module"
@@ -350,7 +339,7 @@ def _user_params(path: str, module: nn.Module, image_size: int) -> Any:
   if problems:
     raise ValueError(f"checkpoint {path!r} does not fit {type(module).__name__}: "
                      + "; ".join(problems))
-  return params
+  return flax.traverse_util.unflatten_dict(have, sep="/")
 
 
 def _write_synthetic(spec: str, folder: str) -> str:
