@@ -22,6 +22,15 @@ from vit_analysis.runtime import sharding
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Wall-clock and throughput fields differ between any two runs.
 _TIMING = {"seconds", "examples_per_s", "first_batch_seconds", "train_seconds"}
+# Standard errors over images come from float32 sums and sums of squares reduced on the devices:
+# s^2 = (sum x^2 - (sum x)^2 / n) / (n - 1) multiplies the reduction order's rounding by
+# (mean^2 + s^2) / s^2 (~10 for attention distances, 2e-5 relative between 1 and 2 processes),
+# still far below an SE's own sampling error (1 / sqrt(2 (n - 1)), ~3% at n = 500).
+_SE_RTOL = 1e-3
+
+
+def _rtol(where):
+  return _SE_RTOL if "stderr" in where else 1e-5
 
 
 def _demo_smoke():
@@ -43,7 +52,7 @@ def _compare(a, b, where):
     for i, (x, y) in enumerate(zip(a, b)):
       _compare(x, y, f"{where}[{i}]")
   elif isinstance(a, (int, float)) and not isinstance(a, bool):
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=where)
+    np.testing.assert_allclose(b, a, rtol=_rtol(where), atol=1e-6, err_msg=where)
   else:
     assert a == b, where
 
@@ -76,7 +85,8 @@ def test_two_processes_reproduce_one_process(tmp_path, model_cache):
       assert sorted(a.files) == sorted(b.files), rel
       for k in a.files:
         if a[k].dtype.kind in "fc":
-          np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=f"{rel}:{k}")
+          np.testing.assert_allclose(b[k], a[k], rtol=_rtol(f"{rel}:{k}"), atol=1e-6,
+                                         err_msg=f"{rel}:{k}")
         else:
           np.testing.assert_array_equal(b[k], a[k], err_msg=f"{rel}:{k}")
     else:
