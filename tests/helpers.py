@@ -134,3 +134,11 @@ def run_measure(measure, feats_a, feats_b=None, perms=None, **options):
     state = measures.accumulate(state, measures.minibatch_terms(
         measure, measure_grams(fa), gb, perms=perms, **options))
   return measures.result(state)
+
+
+def skip_unless_ci(reason: str) -> None:
+  """Skips a test whose system dependency is missing here; fails instead under CI (`.ci/run` sets
+  CI=true and installs Chromium and the Cloud Storage emulator), so CI never passes by skipping."""
+  if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+    pytest.fail(f"CI: {reason}")
+  pytest.skip(reason)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import gcs
+import helpers
 import numpy as np
 import pytest
 
@@ -29,12 +30,12 @@ def bucket():
   """The emulator's environment, also set in this process; skipped only where it cannot start."""
   reason = gcs.missing()
   if reason:
-    pytest.skip(reason)
+    helpers.skip_unless_ci(reason)
   try:
     server = gcs.emulator()
     _, env = server.__enter__()
   except RuntimeError as e:
-    pytest.skip(f"the Cloud Storage emulator did not start: {e}")
+    helpers.skip_unless_ci(f"the Cloud Storage emulator did not start: {e}")
   old = {k: os.environ.get(k) for k in env}
   os.environ.update(env)
   import fsspec  # pylint: disable=g-import-not-at-top

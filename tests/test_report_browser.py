@@ -1,13 +1,14 @@
 """report.html in a real browser: headless Chromium, no console errors, no network, hover works.
 
 Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs them) and selenium; skipped
-with the reason when they are absent. Selenium is pointed at /usr/bin/chromedriver, so its
-driver manager downloads nothing. One browser session serves every test of this module.
+with the reason when they are absent (failed under CI=true, where `.ci/run` installs them).
+Selenium is pointed at /usr/bin/chromedriver, so its driver manager downloads nothing. One browser session serves every test of this module.
 """
 import json
 import os
 import shutil
 
+import helpers
 import numpy as np
 import pytest
 import test_report  # tests/ is on sys.path under pytest's default import mode
@@ -24,8 +25,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.fixture(scope="module")
 def browser():
   if CHROMIUM is None or not os.path.exists(CHROMEDRIVER):
-    pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium "
-                "chromium-driver); .ci/run installs them")
+    helpers.skip_unless_ci("needs Debian's chromium and chromium-driver (apt-get install "
+                           "chromium chromium-driver); .ci/run installs them")
   options = webdriver.ChromeOptions()
   options.binary_location = CHROMIUM
   for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
