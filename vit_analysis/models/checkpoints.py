@@ -28,6 +28,7 @@ headers as zero-memory `stand_in`s and go through the loaders' own mapping (`fit
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -35,7 +36,7 @@ import re
 import struct
 import tempfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import flax
@@ -85,6 +86,25 @@ def _not_npz(path: Any, why: str) -> ValueError:
       f'{why}')
 
 
+@contextlib.contextmanager
+def _open_zip(path: PathLike) -> Iterator[Any]:
+  """The checkpoint file opened for reading, at offset 0, once its first bytes say it is a zip.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: not a zip (the message says what it seems to be: `_kind`).
+  """
+  p = epath.Path(path)
+  if not p.exists():
+    raise FileNotFoundError(f'checkpoint file not found: {path}')
+  with p.open('rb') as f:
+    head = f.read(16)
+    if not head.startswith(b'PK'):
+      raise _not_npz(path, _kind(head))
+    f.seek(0)
+    yield f
+
+
 def read_npz(source: NpzSource) -> dict[str, np.ndarray]:
   """Reads an npz file (or takes a mapping) into {key: array}, stripping 'opt/target/'.
 
@@ -102,14 +122,7 @@ def read_npz(source: NpzSource) -> dict[str, np.ndarray]:
   if isinstance(source, Mapping):
     flat = {k: np.asarray(v) for k, v in source.items()}
   else:
-    path = epath.Path(source)
-    if not path.exists():
-      raise FileNotFoundError(f'checkpoint file not found: {source}')
-    with path.open('rb') as f:
-      head = f.read(16)
-      if not head.startswith(b'PK'):
-        raise _not_npz(source, _kind(head))
-      f.seek(0)
+    with _open_zip(source) as f:
       try:
         with np.load(f, allow_pickle=False) as z:
           torch_zip = any(n.endswith('.pkl') for n in z.zip.namelist())
@@ -471,15 +484,8 @@ def read_npz_shapes(path: PathLike) -> dict[str, np.ndarray]:
     FileNotFoundError: no such file.
     ValueError: as `read_npz`, for a file that is not an npz of arrays or a truncated member.
   """
-  p = epath.Path(path)
-  if not p.exists():
-    raise FileNotFoundError(f'checkpoint file not found: {path}')
   flat = {}
-  with p.open('rb') as f:
-    head = f.read(16)
-    if not head.startswith(b'PK'):
-      raise _not_npz(path, _kind(head))
-    f.seek(0)
+  with _open_zip(path) as f:
     try:
       with zipfile.ZipFile(f) as z:
         infos = z.infolist()
