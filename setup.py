@@ -10,6 +10,8 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["vit_analysis", "vit_analysis.*"]),
+    # The CPU Gram handler's source, compiled on first use (vit_analysis/similarity/cpu_gram.py).
+    package_data={"vit_analysis.similarity": ["cpu_gram.cc"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.6",
@@ -44,6 +46,9 @@ setuptools.setup(
         # The results table: every run's heatmap cells and metrics as one DataFrame
         # (vit_analysis/results.py).
         "pandas>=2",
+        # Finds the OpenBLAS that SciPy loaded, whose SYRK computes the CPU Grams
+        # (vit_analysis/similarity/cpu_gram.py): its one job, done portably.
+        "threadpoolctl>=3.1",
     ],
     extras_require={
         "dev": [
@@ -64,6 +69,6 @@ setuptools.setup(
         # wheel is enough. cka-pytorch also pulls torchvision, which must match torch's version
         # (a mismatched one fails at import: "operator torchvision::nms does not exist"; the
         # benchmark needs no torchvision, so uninstalling it also works).
-        "bench": ["torch", "torch-cka", "cka-pytorch", "threadpoolctl"],
+        "bench": ["torch", "torch-cka", "cka-pytorch"],
     },
 )

@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_analysis.similarity import cka
+from vit_analysis.similarity import cka, cpu_gram
 
 VIT = [(65, 192)] * 12
 RESNET = [(32, 32, 32)] * 4 + [(16, 16, 64)] * 4 + [(8, 8, 128)] * 4 + [(4, 4, 256)] * 4
@@ -224,6 +224,7 @@ def _peer_runs(vit_np, resnet_np, k: int, torch_cka_minibatches: int):
 
 
 SYRK = "NumPy x @ x.T Grams alone (SYRK)"
+XLA_GRAMS = "ours: Grams on XLA's GEMM (no SYRK)"
 EPOCH = "cka-pytorch, 1 epoch"
 
 
@@ -248,12 +249,15 @@ def bench_peers(m: int, k: int, reps: int, torch_cka_minibatches: int) -> None:
   ref = reference_cka(vit_np, resnet_np)
   host = [x.reshape(m, -1) for x in vit_np + resnet_np]
   ours = lambda: cka.minibatch_cka([(vit, resnet)] * k)
-  # Our Grams alone: every layer's centred Gram (what `minibatch_terms` computes before HSIC).
+  # Our Grams alone: every layer's centred Gram (what `minibatch_terms` computes before HSIC);
+  # on CPU the SYRK custom call, beside XLA's GEMM path that it replaced (row blocks).
   grams = lambda: [jax.block_until_ready(cka.centred_grams(vit + resnet)) for _ in range(k)]
+  xla_grams = lambda: [jax.block_until_ready(_xla_grams(vit + resnet)) for _ in range(k)]
   syrk = lambda: [[x @ x.T for x in host] for _ in range(k)]
   runs, unavailable, torch = _peer_runs(vit_np, resnet_np, k, torch_cka_minibatches)
   contenders = {"ours: cka.minibatch_cka": (ours, k, None),
                 "ours: centred Grams alone": (grams, k, None),
+                XLA_GRAMS: (xla_grams, k, None),
                 SYRK: (syrk, k, None), **runs}
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # peers warn about read-only arrays, unnamed models
@@ -265,6 +269,10 @@ def bench_peers(m: int, k: int, reps: int, torch_cka_minibatches: int) -> None:
       for name, (run, _, only) in contenders.items():
         if only is not None and rep >= only:
           continue
+        if only is None:
+          # An untimed run first: threads the previous contender left spinning (OpenBLAS's
+          # wait ~0.1 s before they sleep, XLA's pool) would otherwise slow this one.
+          run()
         outs[name], w, c = timed(run)
         wall[name].append(w)
         cpu[name].append(c)
@@ -292,7 +300,7 @@ def bench_peers(m: int, k: int, reps: int, torch_cka_minibatches: int) -> None:
     if only is not None:
       note.append(f"{min(only, reps)} rep")
     out = outs[name]
-    dev = ("-" if name in (SYRK, "ours: centred Grams alone")
+    dev = ("-" if name in (SYRK, "ours: centred Grams alone", XLA_GRAMS)
            else f"{np.abs(np.asarray(out) - ref).max():.1e}")
     vs_syrk = f"{ratio(wall, name, SYRK)} ({ratio(cpu, name, SYRK)})"
     vs_epoch = f"{ratio(wall, name, EPOCH)} ({ratio(cpu, name, EPOCH)})"
@@ -301,6 +309,36 @@ def bench_peers(m: int, k: int, reps: int, torch_cka_minibatches: int) -> None:
           f"{vs_epoch:>17s} {dev:>10s}" + (f"   ({', '.join(note)})" if note else ""))
   for name, why in unavailable.items():
     print(f"  {name:34s} {'unavailable':>7s}   ({why}; pip install -e '.[bench]')")
+  print(f"  Gram path on CPU: {'SYRK custom call' if cpu_gram.available() else 'XLA GEMM'}; "
+        f"{call_overhead(m)}")
+
+
+def _xla_grams(feats):
+  return jnp.stack([cka._xla_centred_gram(x.reshape(x.shape[0], -1), jax.lax.Precision.HIGHEST)
+                    for x in feats])
+
+
+_xla_grams = jax.jit(_xla_grams)
+
+
+def call_overhead(m: int, layers: int = 28, reps: int = 200) -> str:
+  """Per-layer cost of the SYRK custom call itself: one jitted program of `layers` Grams of
+  [m, 8] features (centring and SYRK next to nothing), against the same program on XLA's GEMM."""
+  if not cpu_gram.available():
+    return "custom call overhead not measured (handler unavailable)"
+  xs = [jnp.ones((m, 8), jnp.float32) + i for i in range(layers)]
+  progs = {"syrk": jax.jit(lambda v: [cpu_gram.centred_grams(x) for x in v]),
+           "xla": jax.jit(lambda v: [cka._xla_centred_gram(x, jax.lax.Precision.HIGHEST)
+                                     for x in v])}
+  per_layer = {}
+  for name, prog in progs.items():
+    jax.block_until_ready(prog(xs))
+    t = time.perf_counter()
+    for _ in range(reps):
+      jax.block_until_ready(prog(xs))
+    per_layer[name] = (time.perf_counter() - t) / reps / layers * 1e6
+  return (f"a [{m}, 8] layer's Gram costs {per_layer['syrk']:.0f} us through the custom call, "
+          f"{per_layer['xla']:.0f} us on XLA's GEMM (per layer, {layers} in one program)")
 
 
 def main() -> None:

@@ -21,7 +21,8 @@ CASES = {
     # Both tables; the peers are optional (torch): each is printed as measured or unavailable.
     "cka_bench": (["--smoke"], ["ours/XLA wall", "ours cross ViT x ResNet", "ours intra",
                                 "max |dCKA|", "ours: cka.minibatch_cka", "cka-pytorch, 1 epoch",
-                                "torch-cka"]),
+                                "torch-cka", "ours: Grams on XLA's GEMM",
+                                "Gram path on CPU: SYRK custom call", "through the custom call"]),
     "input_bench": (["--smoke"], ["CPU ms/image", "Stream, 2 workers, to device",
                                   "fine-preset CKA step", "workers"]),
     "measures_bench": (["--smoke"], ["x linear_cka", "procrustes (method=newton_schulz)",

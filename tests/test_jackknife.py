@@ -192,7 +192,8 @@ def test_max_leave_one_out_change_finds_an_outlying_minibatch():
   for i in range(3):
     for j in range(3):
       ref = ref_max_leave_one_out(ref_terms(layers[i], layers[j]))
-      np.testing.assert_allclose(res.max_leave_one_out[i, j], ref, rtol=RTOL, atol=1e-7)
+      # atol: float32 rounding of per-minibatch ratios near 1 (layer against itself: ref 0).
+      np.testing.assert_allclose(res.max_leave_one_out[i, j], ref, rtol=RTOL, atol=3e-7)
   intra = cka.result(cka.update(cka.init(3), layers, stacked=True))
   assert (np.diagonal(intra.max_leave_one_out) == 0).all()
   # The outlier moves the (0, 2) cell by more than its standard error.

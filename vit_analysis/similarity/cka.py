@@ -47,6 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from vit_analysis.similarity import cpu_gram
+
 Features = Sequence[jax.typing.ArrayLike] | Mapping[str, jax.typing.ArrayLike]
 _HIGHEST = jax.lax.Precision.HIGHEST
 # A layer whose self-HSIC is below this fraction of (trace of its centred Gram)^2 is constant up
@@ -95,10 +97,19 @@ def _centred_gram(x: jax.Array, precision: jax.lax.Precision) -> jax.Array:
   """C X X^T C of one layer x: [m, ...] -> [m, m] (see `gram_linear`); traceable, not jitted."""
   x = jnp.reshape(x, (x.shape[0], -1))
   dtype = jnp.promote_types(x.dtype, jnp.float32)
+  if jax.default_backend() == "cpu" and dtype == jnp.float32 and cpu_gram.available():
+    return cpu_gram.centred_grams(x.astype(dtype))  # SYRK, one triangle (cpu_gram.py)
+  return _xla_centred_gram(x, precision)
+
+
+def _xla_centred_gram(x: jax.Array, precision: jax.lax.Precision) -> jax.Array:
+  """C X X^T C of x: [m, p] with XLA's GEMM (accelerators; CPU without the SYRK handler)."""
+  dtype = jnp.promote_types(x.dtype, jnp.float32)
   n, p = x.shape
   cpu = jax.default_backend() == "cpu"
-  # A Gram is symmetric: on CPU only the blocks (i, j), i >= j, of a b x b grid of row blocks are
-  # computed; the rest is their transpose. GPU/TPU: one GEMM (see `centred_grams`).
+  # Without SYRK (float64, or no compiler): a Gram is symmetric, so on CPU only the blocks
+  # (i, j), i >= j, of a b x b grid of row blocks are computed; the rest is their transpose.
+  # GPU/TPU: one GEMM (see `centred_grams`).
   bounds = _block_bounds(n) if cpu else [0, n]
   pairs = [(i, j) for i in range(len(bounds) - 1) for j in range(i + 1)]
 
@@ -141,17 +152,15 @@ def gram_linear(x: jax.Array, *, gram_precision: str = "highest") -> jax.Array:
   Centring changes no HSIC estimator (they annihilate row/column offsets) but keeps large feature
   offsets (residual streams, post-ReLU maps) from cancelling catastrophically in float32.
 
-  Speed (measured on XLA:CPU, benchmarks/cka_bench.py): `mean(x, 0)` is a strided column
-  reduction as slow as the GEMM itself, and separate mean and centring passes over [m, p] each
-  cost ~10-30% of the GEMM at m = 256. So the Gram is summed over column chunks of ~2 MB: per
-  chunk, the column means are a GEMV (1^T X / m), and the centred copy is still in cache when the
-  GEMM reads it -- one pass over the features. (Shifting by the first row instead lets XLA fuse
-  the subtraction into the GEMM, which measured 15-25% slower.) Chunked float32 summation is
-  also a little more accurate. The Gram is symmetric, so on CPU only the row blocks on and below
-  the diagonal are multiplied (b = clip(m // 64, 1, 8) blocks: (b+1)/(2b) of the FLOPs, 5/8 at
-  m = 256, 9/16 from m = 512 on); GPU/TPU run one GEMM with the centring fused. OpenBLAS's SYRK
-  (one triangle) called through `jax.pure_callback` was measured against this on XLA:CPU and was
-  not faster end to end, so every backend stays on XLA's GEMM (docs/method.md#numerics-and-checks).
+  Where it is computed (docs/method.md#numerics-and-checks, benchmarks/cka_bench.py --peers):
+  on CPU, float32 Grams are OpenBLAS's SYRK through an XLA custom call (`cpu_gram.py`): one
+  triangle, half the FLOPs of a GEMM, the features centred per column chunk in cache with float64
+  means, and XLA runs the layers' calls concurrently. GPU/TPU run one GEMM with the centring
+  fused. Where the SYRK handler is unavailable (float64 features, no C++ compiler), XLA's GEMM
+  is summed over column chunks of ~2 MB (per chunk the column means are a GEMV 1^T X / m and the
+  centred copy is still in cache when the GEMM reads it; a separate `mean(x, 0)` is a strided
+  reduction as slow as the GEMM), and only the row blocks on and below the diagonal are
+  multiplied (b = clip(m // 64, 1, 8) blocks: (b+1)/(2b) of the FLOPs).
 
   Args:
     x: [n, ...] features (flattened per example); float16/bfloat16/int are computed in float32.
@@ -278,7 +287,7 @@ def centred_grams(feats: Features, *, gram_precision: str = "highest") -> jax.Ar
 
   The Grams that every Gram-based similarity measure of a minibatch starts from: call it inside
   your own jitted step and share the result (`terms_from_grams` turns it into HSIC terms).
-  On CPU only the row blocks on and below the diagonal are multiplied (see `gram_linear`).
+  On CPU each Gram is one SYRK (one triangle; see `gram_linear`).
 
   Args:
     feats: A arrays [m, ...] of the same m examples (sequence, or dict in its own order);
