@@ -124,3 +124,16 @@ def test_compiled_once_per_source_and_jaxlib(tmp_path, monkeypatch):
   stamp = first.stat().st_mtime_ns
   assert cpu_gram._build() == first and first.stat().st_mtime_ns == stamp
   assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary left behind
+
+
+def test_blas_threads_are_given_back():
+  import threadpoolctl  # noqa: PLC0415
+  # Each call runs SYRK on one thread; the BLAS's count must be what it was once they are done,
+  # whatever calls overlapped (12 layers in one program run concurrently on XLA's pool).
+  xs = [np.random.default_rng(i).normal(size=(48, 700)).astype(np.float32) for i in range(12)]
+  with threadpoolctl.threadpool_limits(limits=3, user_api="blas"):
+    for _ in range(4):
+      jax.block_until_ready(cka.centred_grams(xs))
+    counts = {i["filepath"]: i["num_threads"] for i in threadpoolctl.threadpool_info()
+              if i["internal_api"] == "openblas"}
+  assert counts and set(counts.values()) == {3}, counts

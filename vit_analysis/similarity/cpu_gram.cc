@@ -8,15 +8,15 @@
 // bits whatever the batch, device or thread it is computed on. Why and what it costs:
 // docs/method.md#numerics-and-checks.
 //
-// The SYRK is scipy.linalg.cython_blas.ssyrk (Fortran interface, 32-bit ints, column-major);
-// Python passes its address, and that of SciPy's OpenBLAS's openblas_set_num_threads_local, once
-// through vit_analysis_set_blas.
+// The SYRK is ssyrk of the OpenBLAS that SciPy loaded (Fortran interface, 32-bit ints,
+// column-major); Python passes its address, and that of the same library's
+// openblas_set_num_threads_local, once through vit_analysis_set_blas.
 
 #include <algorithm>
 #include <atomic>
 #include <climits>
-#include <cstdlib>
 #include <cstdint>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -30,13 +30,38 @@ using Ssyrk = void (*)(const char* uplo, const char* trans, const int* n, const 
                        const float* alpha, const float* a, const int* lda, const float* beta,
                        float* c, const int* ldc);
 
-// OpenBLAS's openblas_set_num_threads_local: each call runs SYRK on its own thread, because XLA
-// already runs the Grams of independent layers concurrently on its thread pool; OpenBLAS's own
-// threads on top of those oversubscribe the cores (measured 8-25x slower on 2 cores).
-using SetLocalThreads = int (*)(int);
+// OpenBLAS's openblas_set_num_threads_local(n): sets the library's thread count (for every thread
+// of a pthreads build) and returns the previous one.
+using SetThreads = int (*)(int);
 
 std::atomic<Ssyrk> g_ssyrk{nullptr};
-std::atomic<SetLocalThreads> g_set_local_threads{nullptr};
+std::atomic<SetThreads> g_set_threads{nullptr};
+
+// SYRK runs on one thread per call while any of these calls is running, because XLA already runs
+// the Grams of independent layers concurrently on its thread pool: OpenBLAS's own threads on top
+// of those oversubscribe the cores (measured 8-25x slower on 2 cores). The first call to enter
+// sets one thread, the last to leave restores the count it found, so concurrent calls never
+// restore each other's setting; SciPy's other callers get their threads back between steps.
+class OneBlasThread {
+ public:
+  explicit OneBlasThread(SetThreads set_threads) : set_threads_(set_threads) {
+    std::lock_guard<std::mutex> hold(mutex_);
+    if (active_++ == 0) saved_ = set_threads_(1);
+  }
+  ~OneBlasThread() {
+    std::lock_guard<std::mutex> hold(mutex_);
+    if (--active_ == 0) set_threads_(saved_);
+  }
+
+ private:
+  static std::mutex mutex_;
+  static int active_;
+  static int saved_;
+  SetThreads set_threads_;
+};
+std::mutex OneBlasThread::mutex_;
+int OneBlasThread::active_ = 0;
+int OneBlasThread::saved_ = 0;
 
 // Floats per centred chunk (512 KB): the chunk read for the means and its centred copy both stay
 // in a 1 MB L2 until SYRK packs the copy (2^17 to 2^20 measured within 10%, 2^17 fastest).
@@ -104,8 +129,8 @@ void CentredGram(const float* x, int64_t m, int64_t p, float* gram,
 
 ffi::Error CentredGramsImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> gram) {
   const Ssyrk ssyrk = g_ssyrk.load();
-  const SetLocalThreads set_local_threads = g_set_local_threads.load();
-  if (ssyrk == nullptr || set_local_threads == nullptr) {
+  const SetThreads set_threads = g_set_threads.load();
+  if (ssyrk == nullptr || set_threads == nullptr) {
     return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
                       "vit_analysis cpu_gram: no SYRK registered (vit_analysis_set_blas)");
   }
@@ -126,7 +151,7 @@ ffi::Error CentredGramsImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32>
   thread_local std::vector<double> mean;
   thread_local std::vector<float> hi, lo;
   thread_local std::vector<float> chunk_buffer;
-  const int previous_threads = set_local_threads(1);
+  OneBlasThread one_thread(set_threads);
   const float* in = x.typed_data();
   float* out = gram->typed_data();
   for (int64_t b = 0; b < batch; ++b) {
@@ -136,7 +161,6 @@ ffi::Error CentredGramsImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32>
     }
     CentredGram(in + b * m * p, m, p, out + b * m * m, mean, hi, lo, chunk_buffer, ssyrk);
   }
-  set_local_threads(previous_threads);
   return ffi::Error::Success();
 }
 
@@ -147,7 +171,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VitAnalysisCentredGrams, CentredGramsImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-extern "C" void vit_analysis_set_blas(void* ssyrk, void* set_local_threads) {
-  g_set_local_threads.store(reinterpret_cast<SetLocalThreads>(set_local_threads));
+extern "C" void vit_analysis_set_blas(void* ssyrk, void* set_threads) {
+  g_set_threads.store(reinterpret_cast<SetThreads>(set_threads));
   g_ssyrk.store(reinterpret_cast<Ssyrk>(ssyrk));
 }
