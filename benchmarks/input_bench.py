@@ -23,17 +23,15 @@ Usage:
 tests/test_benchmarks.py so that the script cannot rot): 8 small JPEGs, 32 px, 1 repetition, the
 smoke ViT; every path is still measured and printed.
 
-Measured 2026-12-01 on the 2-core development machine while 5 other jobs shared it (load
-average 8-9, so this process got about a third of a core: wall rates are far below what the
-cores can do, and CPU ms per image is the steady figure):
-  decode only (file + PIL), main thread       308 images/s   1.08 CPU ms/image
-  (a main-thread loop with the NumPy resize used before OpenCV: 79 images/s, 4.0-5.1 CPU ms)
-  Stream, 1 worker, to device                 215 images/s   1.81 CPU ms/image
-  Stream, 2 workers, to device                239 images/s   1.55 CPU ms/image
-  ViT-B_16 fine-preset CKA step (74 layers, m=8): 0.7 images/s on this CPU (compile 25 s)
-An idle core runs 1000 / 1.81 = 550 images/s of the Stream (the old path ~200-250), so two idle
-cores give ~1,100 images/s with 2 workers; a TPU-VM host needs ceil(N / 550) worker threads
-(+1 core for the main thread) for N images/s of device throughput: 5 for 2,500/s, 10 for 5,000/s.
+Measured 2026-12-07 on this project's 2-core CPU VM, quiet (384 JPEGs, median of 3):
+  decode only (file + PIL), main thread       1298 images/s   0.77 CPU ms/image
+  decode + preprocess_image, main thread       550 images/s   2.37 CPU ms/image
+  Stream, 1 worker, to device                  834 images/s   1.76 CPU ms/image
+  Stream, 2 workers, to device                1412 images/s   1.35 CPU ms/image (2.57x the loop)
+  ViT-B_16 fine-preset CKA step (74 layers, m=8): 4.2 images/s on this CPU (compile 3 s)
+One core runs 1000 / 1.76 = 570 images/s of the Stream, so a TPU-VM host needs ceil(N / 570)
+worker threads (+1 core for the main thread) for N images/s of device throughput: 5 for 2,500/s,
+9 for 5,000/s. (On 2026-12-01, with 5 other jobs sharing the machine, the Stream gave 215-239/s.)
 """
 from __future__ import annotations
 

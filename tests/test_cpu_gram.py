@@ -3,6 +3,7 @@ docs/method.md#numerics-and-checks), against float64 NumPy from the definition C
 import logging
 import re
 import shutil
+import tempfile
 
 import helpers
 import jax
@@ -127,7 +128,7 @@ def test_compiled_once_per_source_and_jaxlib(tmp_path, monkeypatch):
 
 
 def test_blas_threads_are_given_back():
-  import threadpoolctl  # noqa: PLC0415
+  import threadpoolctl
   # Each call runs SYRK on one thread; the BLAS's count must be what it was once they are done,
   # whatever calls overlapped (12 layers in one program run concurrently on XLA's pool).
   xs = [np.random.default_rng(i).normal(size=(48, 700)).astype(np.float32) for i in range(12)]
@@ -137,3 +138,16 @@ def test_blas_threads_are_given_back():
     counts = {i["filepath"]: i["num_threads"] for i in threadpoolctl.threadpool_info()
               if i["internal_api"] == "openblas"}
   assert counts and set(counts.values()) == {3}, counts
+
+
+def test_cache_folder_falls_back_when_home_cannot_be_written(tmp_path, monkeypatch):
+  monkeypatch.delenv("VIT_ANALYSIS_CACHE", raising=False)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  assert cpu_gram.cache_dir() == tmp_path / "cache" / "vit_analysis" / "cpu_gram"
+  blocked = tmp_path / "file"
+  blocked.write_text("not a folder")
+  monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+  fallback = cpu_gram.cache_dir()
+  assert fallback.name == "cpu_gram" and str(fallback).startswith(tempfile.gettempdir())
+  monkeypatch.setenv("VIT_ANALYSIS_CACHE", str(tmp_path / "mine"))
+  assert cpu_gram.cache_dir() == tmp_path / "mine" / "cpu_gram"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import logging
 import os
 import pathlib
 import shutil
@@ -28,9 +27,10 @@ import threading
 
 import jax
 import jax.numpy as jnp
+from absl import logging
+from jax._src import custom_partitioning_sharding_rule as sharding_rule
 from jax.extend import core as jax_core
 from jax.interpreters import batching, mlir
-from jax._src import custom_partitioning_sharding_rule as sharding_rule
 
 _TARGET = "vit_analysis_centred_grams"
 _SOURCE = pathlib.Path(__file__).with_name("cpu_gram.cc")
@@ -42,10 +42,21 @@ _state: dict[str, object] = {}  # "ok": bool, "why": str, "lib": ctypes.CDLL (ke
 
 
 def cache_dir() -> pathlib.Path:
-  """Where compiled handlers live: $VIT_ANALYSIS_CACHE, else ~/.cache/vit_analysis."""
-  root = os.environ.get("VIT_ANALYSIS_CACHE") or os.path.join(
-      os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vit_analysis")
-  return pathlib.Path(root) / "cpu_gram"
+  """Where compiled handlers live: $VIT_ANALYSIS_CACHE, else ~/.cache/vit_analysis (or, where
+  that cannot be written, a folder of this user's in the system's temporary directory)."""
+  explicit = os.environ.get("VIT_ANALYSIS_CACHE")
+  if explicit:
+    return pathlib.Path(explicit) / "cpu_gram"
+  default = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                         "vit_analysis", "cpu_gram")
+  try:
+    default.mkdir(parents=True, exist_ok=True)
+    if os.access(default, os.W_OK):
+      return default
+  except OSError:
+    pass
+  user = os.getuid() if hasattr(os, "getuid") else os.getlogin()
+  return pathlib.Path(tempfile.gettempdir(), f"vit_analysis-{user}", "cpu_gram")
 
 
 def _compiler() -> str:
@@ -59,7 +70,7 @@ def _compiler() -> str:
 def _build() -> pathlib.Path:
   """Compiles cpu_gram.cc once per (source, jaxlib, Python ABI); concurrent builders race to an
   atomic rename, so a reader never sees half a library."""
-  import jaxlib  # noqa: PLC0415 (the installed jaxlib's headers and version key the build)
+  import jaxlib
   source = _SOURCE.read_bytes()
   key = hashlib.sha256(source + jaxlib.__version__.encode() + sys.platform.encode()
                        ).hexdigest()[:16]
@@ -85,8 +96,8 @@ def _build() -> pathlib.Path:
 def _openblas() -> tuple[int, int]:
   """Addresses of ssyrk (Fortran interface, 32-bit ints) and openblas_set_num_threads_local in
   the OpenBLAS that SciPy loaded (found by threadpoolctl; NumPy's own is ILP64, so not used)."""
-  import scipy.linalg  # noqa: F401, PLC0415 (loads SciPy's BLAS)
-  import threadpoolctl  # noqa: PLC0415
+  import scipy.linalg  # noqa: F401 (loads SciPy's BLAS)
+  import threadpoolctl
   seen = []
   for info in threadpoolctl.threadpool_info():
     if info.get("internal_api") != "openblas":
