@@ -104,6 +104,13 @@ def _openblas() -> tuple[int, int]:
       continue
     seen.append(f"{info['filepath']} ({info.get('version')})")
     lib = ctypes.CDLL(info["filepath"])
+    config = next((getattr(lib, name) for name in ("scipy_openblas_get_config",
+                                                   "openblas_get_config") if hasattr(lib, name)),
+                  None)
+    if config is not None:
+      config.restype = ctypes.c_char_p
+      if b"USE64BITINT" in (config() or b""):  # 64-bit BLAS ints: not the ABI cpu_gram.cc calls
+        continue
     syrk = next((getattr(lib, name) for name in ("scipy_ssyrk_", "ssyrk_")
                  if hasattr(lib, name)), None)
     local = getattr(lib, "openblas_set_num_threads_local", None)
