@@ -173,8 +173,7 @@ def vit_step(model_name: str, m: int, image_size: int, reps: int, steps: int = 3
 
 def gram_cost(m: int, reps: int, p: int = 197 * 768, layers: int = 12) -> None:
   """Seconds per [m, p] -> [m, m] Gram (p = 151,296: one ViT-B/16 token layer), `layers` of them
-  in one program as a step computes them (on CPU XLA runs the layers' SYRK calls concurrently;
-  programs of fewer than ~8 operations it runs one at a time)."""
+  in one program as a step computes them (on CPU XLA runs the layers' SYRK calls concurrently)."""
   xs = [jax.random.normal(jax.random.key(i), (m, p)) for i in range(layers)]
   sec, _ = timed(cka.centred_grams, xs, reps=reps)
   what = "one ViT-B/16 token layer" if p == 197 * 768 else "one layer"

@@ -29,10 +29,11 @@ def ref_centred_gram(x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("m, p, offset", [(7, 3, 0.0), (64, 300, 1e4), (130, 70_000, 10.0),
-                                          (5, 1, -3.0)])
+                                          (5, 1, -3.0), (64, 3000, 1e3), (64, 5000, 0.0)])
 def test_equals_float64_definition_whatever_the_offset(m, p, offset):
-  # p = 70,000 spans several column chunks (a chunk is 2^17 / m columns); offset 1e4 on unit
-  # features is a residual stream's: centring before the product keeps all of its signal.
+  # A chunk is 2^17 / m columns: p = 3,000 and 5,000 at m = 64 are 2 and 3 chunks (as many
+  # partial Grams), p = 70,000 at m = 130 is 70 chunks in 4 parts. Offset 1e4 on unit features
+  # is a residual stream's: centring before the product keeps all of its signal.
   rng = np.random.default_rng(m + p)
   x = (rng.normal(size=(m, p)) + offset + rng.uniform(0, 4, size=p)).astype(np.float32)
   gram = np.asarray(jax.jit(cpu_gram.centred_grams)(x))

@@ -4,8 +4,9 @@
 // of leading batch dimensions), mu the column means. SYRK computes one triangle of the Gram, half
 // the FLOPs of a GEMM; the other triangle is copied. The features are centred one column chunk
 // at a time into a buffer that stays in cache while SYRK reads it, so centring costs no extra
-// pass over memory. Chunk Grams are summed in a fixed order (beta = 1), so a Gram is the same
-// bits whatever the batch, device or thread it is computed on. Why and what it costs:
+// pass over memory. Chunk Grams are summed in a fixed order (beta = 1, in up to four partial
+// Grams that XLA's thread pool may run in parallel, added in order), so a Gram is the same bits
+// whatever the batch, device or threads it is computed on. Why and what it costs:
 // docs/method.md#numerics-and-checks.
 //
 // The SYRK is ssyrk of the OpenBLAS that SciPy loaded (Fortran interface, 32-bit ints,
@@ -16,8 +17,10 @@
 #include <atomic>
 #include <climits>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -51,6 +54,11 @@ class OneBlasThread {
   ~OneBlasThread() {
     std::lock_guard<std::mutex> hold(mutex_);
     if (--active_ == 0) set_threads_(saved_);
+  }
+  // Whether this is the only Gram call running (XLA is not running layers side by side).
+  static bool Alone() {
+    std::lock_guard<std::mutex> hold(mutex_);
+    return active_ == 1;
   }
 
  private:
@@ -102,32 +110,84 @@ int64_t Stride(int64_t width) {
   return 16 * (lines % 2 == 0 ? lines + 1 : lines);
 }
 
-// gram [m, m] = centred x [m, p] times its transpose.
-void CentredGram(const float* x, int64_t m, int64_t p, float* gram,
-                 std::vector<double>& mean, std::vector<float>& hi, std::vector<float>& lo,
-                 std::vector<float>& chunk_buffer, Ssyrk ssyrk) {
-  const int64_t chunk = std::min(p, std::max(kMinChunkColumns, kChunkElements / m));
+// A Gram is the sum of kParts partial Grams, part t summing the SYRKs of the t-th run of
+// consecutive column chunks (a quarter of them); the parts are then added in order. The split is fixed (it depends on the
+// shapes only), so the bits do not depend on which threads ran the parts. While other Gram calls
+// run (XLA runs the layers of a step side by side) the calling thread runs every part itself: a
+// caller waiting for a part taken by a busy pool thread would hold its core idle (measured
+// 10-19% slower). A Gram computed alone (one layer, or a program too small for XLA to run
+// layers concurrently) offers its parts to XLA's thread pool, and runs ~1.9x faster on 2 cores.
+constexpr int kParts = 4;
+
+// partial [m, m] (lower triangle, column-major) = sum of the SYRKs of chunks [first, last).
+void PartialGram(const float* x, int64_t m, int64_t p, int64_t chunk, int64_t first,
+                 int64_t last, float* partial, Ssyrk ssyrk) {
+  thread_local std::vector<double> mean;
+  thread_local std::vector<float> hi, lo, chunk_buffer;
   chunk_buffer.resize(static_cast<size_t>(m * Stride(chunk)));
   mean.resize(static_cast<size_t>(chunk));
   hi.resize(static_cast<size_t>(chunk));
   lo.resize(static_cast<size_t>(chunk));
   const int n = static_cast<int>(m);
   const float one = 1.0f, zero = 0.0f;
-  for (int64_t c0 = 0; c0 < p; c0 += chunk) {
+  bool first_chunk = true;
+  for (int64_t c0 = first * chunk; c0 < std::min(p, last * chunk); c0 += chunk) {
     const int64_t width = std::min(chunk, p - c0);
     const int64_t ld = Stride(width);
     CentreChunk(x + c0, m, p, width, ld, mean.data(), hi.data(), lo.data(), chunk_buffer.data());
     // Row-major [m, ld] is column-major A = [ld, m] (first `width` rows used); G = A^T A ('T'),
-    // lower triangle in column-major order, i.e. gram[i * m + j] for j >= i.
+    // lower triangle in column-major order, i.e. partial[i * m + j] for j >= i.
     const int k = static_cast<int>(width), lda = static_cast<int>(ld);
-    ssyrk("L", "T", &n, &k, &one, chunk_buffer.data(), &lda, c0 == 0 ? &zero : &one, gram, &n);
+    ssyrk("L", "T", &n, &k, &one, chunk_buffer.data(), &lda, first_chunk ? &zero : &one,
+          partial, &n);
+    first_chunk = false;
+  }
+}
+
+// What the parts of one Gram share; helpers that start after the Gram is done find no part left
+// and touch nothing else.
+struct GramParts {
+  std::atomic<int> next{0};
+  std::atomic<int> done{0};
+  int num_parts = 0;
+  std::vector<float> partials;  // [num_parts - 1, m, m]; part 0 writes the Gram itself
+};
+
+// gram [m, m] = centred x [m, p] times its transpose.
+void CentredGram(const float* x, int64_t m, int64_t p, float* gram, Ssyrk ssyrk,
+                 ffi::ThreadPool& pool) {
+  const int64_t chunk = std::min(p, std::max(kMinChunkColumns, kChunkElements / m));
+  const int64_t num_chunks = (p + chunk - 1) / chunk;
+  auto parts = std::make_shared<GramParts>();
+  parts->num_parts = static_cast<int>(std::min<int64_t>(kParts, num_chunks));
+  parts->partials.resize(static_cast<size_t>((parts->num_parts - 1) * m * m));
+  const int num_parts = parts->num_parts;
+  auto run = [parts, x, m, p, chunk, num_chunks, gram, ssyrk]() {
+    for (int t = parts->next++; t < parts->num_parts; t = parts->next++) {
+      float* out = t == 0 ? gram : parts->partials.data() + (t - 1) * m * m;
+      PartialGram(x, m, p, chunk, t * num_chunks / parts->num_parts,
+                  (t + 1) * num_chunks / parts->num_parts, out, ssyrk);
+      parts->done++;
+    }
+  };
+  if (OneBlasThread::Alone()) {
+    for (int t = 1; t < num_parts; ++t) pool.Schedule([run]() { run(); });
+  }
+  run();
+  while (parts->done.load() < num_parts) std::this_thread::yield();
+  for (int t = 1; t < num_parts; ++t) {  // in order: the same bits whoever ran which part
+    const float* partial = parts->partials.data() + (t - 1) * m * m;
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t j = i; j < m; ++j) gram[i * m + j] += partial[i * m + j];
+    }
   }
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t j = i + 1; j < m; ++j) gram[j * m + i] = gram[i * m + j];
   }
 }
 
-ffi::Error CentredGramsImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> gram) {
+ffi::Error CentredGramsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                            ffi::ResultBuffer<ffi::F32> gram) {
   const Ssyrk ssyrk = g_ssyrk.load();
   const SetThreads set_threads = g_set_threads.load();
   if (ssyrk == nullptr || set_threads == nullptr) {
@@ -148,9 +208,6 @@ ffi::Error CentredGramsImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32>
   int64_t batch = 1;
   for (size_t d = 0; d + 2 < dims.size(); ++d) batch *= dims[d];
   if (m == 0) return ffi::Error::Success();
-  thread_local std::vector<double> mean;
-  thread_local std::vector<float> hi, lo;
-  thread_local std::vector<float> chunk_buffer;
   OneBlasThread one_thread(set_threads);
   const float* in = x.typed_data();
   float* out = gram->typed_data();
@@ -159,7 +216,7 @@ ffi::Error CentredGramsImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32>
       std::fill(out + b * m * m, out + (b + 1) * m * m, 0.0f);
       continue;
     }
-    CentredGram(in + b * m * p, m, p, out + b * m * m, mean, hi, lo, chunk_buffer, ssyrk);
+    CentredGram(in + b * m * p, m, p, out + b * m * m, ssyrk, pool);
   }
   return ffi::Error::Success();
 }
@@ -168,6 +225,7 @@ ffi::Error CentredGramsImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32>
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VitAnalysisCentredGrams, CentredGramsImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
