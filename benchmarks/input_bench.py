@@ -23,15 +23,16 @@ Usage:
 tests/test_benchmarks.py so that the script cannot rot): 8 small JPEGs, 32 px, 1 repetition, the
 smoke ViT; every path is still measured and printed.
 
-Measured 2026-12-07 on this project's 2-core CPU VM, quiet (384 JPEGs, median of 3):
-  decode only (file + PIL), main thread       1298 images/s   0.77 CPU ms/image
-  decode + preprocess_image, main thread       550 images/s   2.37 CPU ms/image
-  Stream, 1 worker, to device                  834 images/s   1.76 CPU ms/image
-  Stream, 2 workers, to device                1412 images/s   1.35 CPU ms/image (2.57x the loop)
-  ViT-B_16 fine-preset CKA step (74 layers, m=8): 4.2 images/s on this CPU (compile 3 s)
-One core runs 1000 / 1.76 = 570 images/s of the Stream, so a TPU-VM host needs ceil(N / 570)
-worker threads (+1 core for the main thread) for N images/s of device throughput: 5 for 2,500/s,
-9 for 5,000/s. (On 2026-12-01, with 5 other jobs sharing the machine, the Stream gave 215-239/s.)
+Measured 2026-12-07 on this project's 2-core CPU VM, quiet (384 JPEGs, median of 3; two runs):
+  decode only (file + PIL), main thread       1239-1298 images/s   0.77-0.81 CPU ms/image
+  decode + preprocess_image, main thread        550-564 images/s   2.35-2.37 CPU ms/image
+  Stream, 1 worker, to device                   637-834 images/s   1.76-2.24 CPU ms/image
+  Stream, 2 workers, to device                1189-1412 images/s   1.35-1.58 CPU ms/image
+  ViT-B_16 fine-preset CKA step (74 layers, m=8): 3.3-4.2 images/s on this CPU (compile 3-4 s)
+One core runs 1000 / 2.24 = 450 images/s of the Stream (570 in the faster run), so a TPU-VM host
+needs ceil(N / 450) worker threads (+1 core for the main thread) for N images/s of device
+throughput: 6 for 2,500/s, 12 for 5,000/s. (On 2026-12-01, with 5 other jobs sharing the
+machine, the Stream gave 215-239/s.)
 """
 from __future__ import annotations
 

@@ -17,8 +17,8 @@ of the v3-8's 420 TFLOP/s bf16 peak for the forward and of one-sixth of it for t
 pair terms at gram_precision='highest' (six bf16 passes), as README.md's single-model projection.
 
 Measured (2-core CPU VM, quiet, 1 device, random weights, 16 images, m = 8, fine, the Grams on
-the SYRK custom call): zoo 12.5 s, separate 37.1 s (2.97x; 3x fewer forwards), max |zoo -
-separate| CKA 0.0. Projected TPU v3-8, the six paper models (21 grids): zoo 1.45 h, separate
+the SYRK custom call; two runs): zoo 12.5-12.9 s, separate 37.1-38.5 s (2.97-2.99x; 3x fewer
+forwards), max |zoo - separate| CKA 0.0. Projected TPU v3-8, the six paper models (21 grids): zoo 1.45 h, separate
 analyses 8.67 h (5.99x).
 
 Usage:
