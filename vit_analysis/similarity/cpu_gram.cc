@@ -111,12 +111,13 @@ int64_t Stride(int64_t width) {
 }
 
 // A Gram is the sum of kParts partial Grams, part t summing the SYRKs of the t-th run of
-// consecutive column chunks (a quarter of them); the parts are then added in order. The split is fixed (it depends on the
-// shapes only), so the bits do not depend on which threads ran the parts. While other Gram calls
-// run (XLA runs the layers of a step side by side) the calling thread runs every part itself: a
-// caller waiting for a part taken by a busy pool thread would hold its core idle (measured
-// 10-19% slower). A Gram computed alone (one layer, or a program too small for XLA to run
-// layers concurrently) offers its parts to XLA's thread pool, and runs ~1.9x faster on 2 cores.
+// consecutive column chunks (a quarter of them); the parts are then added in order. The split is
+// fixed (it depends on the shapes only), so the bits do not depend on which threads ran them.
+// While other Gram calls run (XLA runs the layers of a step side by side) the calling thread
+// runs every part itself: a caller waiting for a part taken by a busy pool thread would hold its
+// core idle (measured 10-19% slower). A Gram computed alone (one layer, or a program too small
+// for XLA to run layers concurrently) offers its parts to XLA's thread pool: ~1.7x faster on 2
+// cores.
 constexpr int kParts = 4;
 
 // partial [m, m] (lower triangle, column-major) = sum of the SYRKs of chunks [first, last).
