@@ -13,9 +13,11 @@ Grams: only the row blocks on and below the diagonal are multiplied.
 Table 2 (--peers; needs `pip install -e ".[bench]"`): the same arrays through cka-pytorch (one
 epoch, and its default of 10), torch-cka, and NumPy's `x @ x.T` (OpenBLAS SYRK: one triangle, half
 the FLOPs) Grams alone, with the max |CKA - float64 reference| of each. "ours: centred Grams alone"
-is `cka.centred_grams` of every layer (centring and the symmetric Grams, no HSIC), so the Gram's
-cost stands beside NumPy's SYRK and cka-pytorch's one epoch: wall and CPU time, and the median
-per-repetition ratios to each ("vs SYRK", "vs 1 epoch"; CPU-time ratios in parentheses).
+is `cka.centred_grams` of every layer (centring and the symmetric Grams, no HSIC; on CPU the SYRK
+custom call of vit_analysis/similarity/cpu_gram.py), printed beside the same Grams on XLA's GEMM
+(the fallback path), so the Gram's cost stands beside NumPy's SYRK and cka-pytorch's one epoch:
+wall and CPU time, and the median per-repetition ratios to each ("vs SYRK", "vs 1 epoch";
+CPU-time ratios in parentheses). The last line gives the custom call's own cost per layer.
 torch-cka recomputes every layer-b Gram for every layer a (12x the Gram work), so it runs on fewer
 minibatches and its time is scaled to k.
 
@@ -27,15 +29,17 @@ Usage:
   python benchmarks/cka_bench.py --smoke
   # OpenBLAS at its native kernel (this machine's environment may pin an old one):
   env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/cka_bench.py --peers
-  # one thread each (XLA, OpenBLAS, torch): per-core work, steady on a loaded machine:
+  # one thread each for OpenBLAS and torch (XLA still runs independent layers side by side):
   OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 XLA_FLAGS="--xla_cpu_multi_thread_eigen=false \
       intra_op_parallelism_threads=1" python benchmarks/cka_bench.py --peers
 
 Method: the contenders alternate within each repetition, so load changes on a shared machine hit
-all alike; the printed times are medians over repetitions and each ratio is the median of the
-per-repetition ratios. CPU time (all threads of this process) is printed too: on a machine shared
-with other jobs it is steadier than wall time. Every minibatch holds the same feature arrays:
-their values do not change the arithmetic, and at m = 256 one minibatch already takes 400 MB.
+all alike, and each timed run follows an untimed one of the same contender (threads the previous
+one left spinning would slow it); the printed times are medians over repetitions and each ratio
+is the median of the per-repetition ratios. CPU time (all threads of this process) is printed
+too: on a machine shared with other jobs it is steadier than wall time. Every minibatch holds the
+same feature arrays: their values do not change the arithmetic, and at m = 256 one minibatch
+already takes 400 MB.
 """
 from __future__ import annotations
 
